@@ -1,0 +1,298 @@
+"""Client configuration: a pure parse of a mapping into frozen dataclasses, plus file loading.
+
+:func:`parse_config` takes the mapping read from TOML and returns a :class:`Config` or raises
+:class:`ConfigError` naming the key (``gps.source``) and what was expected. :func:`load_config`
+is the only function here that touches a file. ``config.example.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A configuration key has a bad value. ``str(error)`` is one line naming the key."""
+
+    def __init__(self, key: str, expected: str, got: object = ..., *, source: str | None = None):
+        where = f"{source}: " if source else ""
+        got_text = "" if got is ... else f", got {got!r}"
+        super().__init__(f"{where}{key}: expected {expected}{got_text}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """``[broker]``: where the broker is and how to reconnect (seconds)."""
+
+    url: str = "ws://127.0.0.1:8765"
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class GpsConfig:
+    """``[gps]``: the position source. ``source`` is ``gpsd``, ``nmea`` or ``fixed``."""
+
+    source: str = "gpsd"
+    host: str = "127.0.0.1"
+    port: int = 2947
+    path: Path | None = None
+    rate: float = 1.0
+    loop: bool = True
+    latitude: float | None = None
+    longitude: float | None = None
+    accuracy_m: float = 5.0
+    stale_after_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """``[protocol]``: FANNY parameters (metres, days, hours UTC, seconds)."""
+
+    radius_m: float = 10.0
+    token_lifetime_days: int = 15
+    deletion_hour_utc: int = 4
+    position_interval_s: float = 5.0
+    poll_interval_s: float = 300.0
+    handshake_timeout_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One STUN or TURN server (W3C RTCIceServer)."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+
+@dataclass(frozen=True)
+class WebRtcConfig:
+    """``[webrtc]``: ICE servers (default none) and the host addresses offered as candidates."""
+
+    ice_servers: tuple[IceServer, ...] = ()
+    host_addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``[storage]``: where the token store lives (default: the platformdirs user data dir)."""
+
+    data_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole client configuration."""
+
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    gps: GpsConfig = field(default_factory=GpsConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+class _Section:
+    """Typed reads from one TOML table; every error names ``section.key``."""
+
+    def __init__(self, data: Mapping[str, Any], name: str, known: set[str]) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(name, "a table", data)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{name}.{unknown[0]}", f"one of the known keys {sorted(known)}")
+        self.data, self.name = data, name
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def number(self, key: str, default: float, *, low: float | None = None,
+               high: float | None = None, positive: bool = False) -> float:
+        value = self.data.get(key, default)
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value)):
+            raise ConfigError(self.key(key), "a finite number", value)
+        if positive and value <= 0:
+            raise ConfigError(self.key(key), "a number > 0", value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(self.key(key), f"a number in [{low}, {high}]", value)
+        return float(value)
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(self.key(key), f"an integer in [{low}, {high}]", value)
+        return value
+
+    def string(self, key: str, default: str | None) -> str | None:
+        value = self.data.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(self.key(key), "a string", value)
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(key), "true or false", value)
+        return value
+
+
+def _broker(data: Mapping[str, Any]) -> BrokerConfig:
+    s = _Section(data, "broker", {"url", "reconnect_min_s", "reconnect_max_s"})
+    url = s.string("url", BrokerConfig.url) or ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError("broker.url", "a ws:// or wss:// URL with a host", url)
+    low = s.number("reconnect_min_s", BrokerConfig.reconnect_min_s, positive=True)
+    high = s.number("reconnect_max_s", BrokerConfig.reconnect_max_s, positive=True)
+    if high < low:
+        raise ConfigError("broker.reconnect_max_s", f"a number >= reconnect_min_s ({low})", high)
+    return BrokerConfig(url=url, reconnect_min_s=low, reconnect_max_s=high)
+
+
+def _gps(data: Mapping[str, Any], base: Path | None) -> GpsConfig:
+    s = _Section(data, "gps", {"source", "host", "port", "path", "rate", "loop", "latitude",
+                               "longitude", "accuracy_m", "stale_after_s"})
+    source = s.string("source", GpsConfig.source)
+    if source not in ("gpsd", "nmea", "fixed"):
+        raise ConfigError("gps.source", 'one of "gpsd", "nmea", "fixed"', source)
+    path_text = s.string("path", None)
+    path = None
+    if path_text is not None:
+        path = Path(path_text).expanduser()
+        if base is not None and not path.is_absolute():
+            path = base / path
+    if source == "nmea" and path is None:
+        raise ConfigError("gps.path", 'the path of an NMEA log when source = "nmea"')
+    lat = data.get("latitude")
+    lon = data.get("longitude")
+    if source == "fixed" and (lat is None or lon is None):
+        missing = "gps.latitude" if lat is None else "gps.longitude"
+        raise ConfigError(missing, 'a WGS84 value in degrees when source = "fixed"')
+    return GpsConfig(
+        source=source,
+        host=s.string("host", GpsConfig.host) or GpsConfig.host,
+        port=s.integer("port", GpsConfig.port, 1, 65535),
+        path=path,
+        rate=s.number("rate", GpsConfig.rate, positive=True, high=1000.0),
+        loop=s.boolean("loop", GpsConfig.loop),
+        latitude=None if lat is None else s.number("latitude", 0.0, low=-90.0, high=90.0),
+        longitude=None if lon is None else s.number("longitude", 0.0, low=-180.0, high=180.0),
+        accuracy_m=s.number("accuracy_m", GpsConfig.accuracy_m, low=0.0, high=100_000.0),
+        stale_after_s=s.number("stale_after_s", GpsConfig.stale_after_s, positive=True),
+    )
+
+
+def _protocol(data: Mapping[str, Any]) -> ProtocolConfig:
+    s = _Section(data, "protocol", {"radius_m", "token_lifetime_days", "deletion_hour_utc",
+                                    "position_interval_s", "poll_interval_s",
+                                    "handshake_timeout_s"})
+    d = ProtocolConfig
+    return ProtocolConfig(
+        radius_m=s.number("radius_m", d.radius_m, positive=True, high=10_000.0),
+        token_lifetime_days=s.integer("token_lifetime_days", d.token_lifetime_days, 1, 365),
+        deletion_hour_utc=s.integer("deletion_hour_utc", d.deletion_hour_utc, 0, 23),
+        position_interval_s=s.number("position_interval_s", d.position_interval_s,
+                                     low=0.05, high=3600.0),
+        poll_interval_s=s.number("poll_interval_s", d.poll_interval_s, low=0.1, high=86_400.0),
+        handshake_timeout_s=s.number("handshake_timeout_s", d.handshake_timeout_s,
+                                     low=0.5, high=600.0),
+    )
+
+
+def _ice_server(item: object, index: int) -> IceServer:
+    key = f"webrtc.ice_servers[{index}]"
+    if not isinstance(item, Mapping):
+        raise ConfigError(key, "a table { urls = [...], username = ..., credential = ... }", item)
+    s = _Section(item, key, {"urls", "username", "credential"})
+    urls = item.get("urls")
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise ConfigError(f"{key}.urls", "a list of stun:/turn:/turns: URLs", urls)
+    for url in urls:
+        if url.split(":", 1)[0] not in ("stun", "stuns", "turn", "turns"):
+            raise ConfigError(f"{key}.urls", "URLs starting with stun:, turn: or turns:", url)
+    return IceServer(tuple(urls), s.string("username", None), s.string("credential", None))
+
+
+def _webrtc(data: Mapping[str, Any]) -> WebRtcConfig:
+    _Section(data, "webrtc", {"ice_servers", "host_addresses"})
+    servers = data.get("ice_servers", [])
+    if not isinstance(servers, list):
+        raise ConfigError("webrtc.ice_servers", "a list of tables", servers)
+    addresses = data.get("host_addresses", [])
+    if not isinstance(addresses, list):
+        raise ConfigError("webrtc.host_addresses", 'a list of IP addresses like ["127.0.0.1"]',
+                          addresses)
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except (ValueError, TypeError):
+            raise ConfigError("webrtc.host_addresses", "IP addresses", address) from None
+    return WebRtcConfig(tuple(_ice_server(item, i) for i, item in enumerate(servers)),
+                        tuple(addresses))
+
+
+def _storage(data: Mapping[str, Any], base: Path | None) -> StorageConfig:
+    s = _Section(data, "storage", {"data_dir"})
+    text = s.string("data_dir", None)
+    if text is None:
+        return StorageConfig()
+    path = Path(text).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    return StorageConfig(data_dir=path)
+
+
+def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
+    """Build a :class:`Config` from a mapping (as read from TOML). Pure.
+
+    Args:
+        data: the TOML document as a mapping; missing tables and keys take their defaults.
+        base_dir: relative paths (``gps.path``, ``storage.data_dir``) are resolved against it.
+
+    Raises:
+        ConfigError: an unknown table or key, or a value of the wrong type or range.
+    """
+    sections = {"broker", "gps", "protocol", "webrtc", "storage"}
+    unknown = sorted(set(data) - sections)
+    if unknown:
+        raise ConfigError(unknown[0], f"one of the tables {sorted(sections)}")
+    return Config(
+        broker=_broker(data.get("broker", {})),
+        gps=_gps(data.get("gps", {}), base_dir),
+        protocol=_protocol(data.get("protocol", {})),
+        webrtc=_webrtc(data.get("webrtc", {})),
+        storage=_storage(data.get("storage", {}), base_dir),
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read and parse a TOML config file.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, not valid TOML, or has a bad value;
+            the message starts with the file name.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("file", "a readable TOML file", source=str(path)) from exc
+    except UnicodeDecodeError:
+        raise ConfigError("file", "UTF-8 text", source=str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("file", f"valid TOML ({exc})", source=str(path)) from None
+    try:
+        return parse_config(data, base_dir=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, str(exc).split(": expected ", 1)[1], source=str(path)) from None

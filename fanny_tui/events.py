@@ -1,0 +1,181 @@
+"""Domain events the engine emits; the Textual UI and ``--headless`` both consume them.
+
+Every event is a frozen dataclass with a wire-style ``event`` name. :func:`to_json_dict` turns
+one into the JSON object that ``fanny-tui --headless`` prints (one per line on stdout).
+
+No event carries a session ID, contact ID or the peer's session ID (privacy invariants 1 and 3):
+peers are named by a small in-memory ordinal (``peer``), unique for the life of the process.
+Positions appear only in :class:`GpsFix`, which is shown, never written to disk by the kit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class; ``event`` is the name used in JSON output."""
+
+    event: ClassVar[str] = "event"
+
+
+@dataclass(frozen=True)
+class SessionStarted(Event):
+    """A new session began: fresh session ID and contact ID (paper 3, step 1)."""
+
+    event: ClassVar[str] = "session_started"
+
+
+@dataclass(frozen=True)
+class BrokerConnected(Event):
+    """The session connection to the broker is up (hello answered)."""
+
+    event: ClassVar[str] = "broker_connected"
+    url: str
+    radius_m: float
+
+
+@dataclass(frozen=True)
+class BrokerDisconnected(Event):
+    """The session connection is down; the engine retries after ``retry_in_s`` seconds."""
+
+    event: ClassVar[str] = "broker_disconnected"
+    reason: str
+    retry_in_s: float
+
+
+@dataclass(frozen=True)
+class GpsFix(Event):
+    """A position fix: WGS84 degrees, accuracy in metres (95 %), gpsd mode 2 (2D) or 3 (3D)."""
+
+    event: ClassVar[str] = "gps_fix"
+    latitude: float
+    longitude: float
+    accuracy_m: float | None
+    mode: int
+    satellites_used: int | None = None
+    satellites_visible: int | None = None
+    time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class GpsLost(Event):
+    """No usable fix any more (no fix, gpsd gone, stale data); the broker is told."""
+
+    event: ClassVar[str] = "gps_lost"
+    reason: str
+
+
+@dataclass(frozen=True)
+class MatchFound(Event):
+    """The broker reported another device within radius (paper 3, step 3)."""
+
+    event: ClassVar[str] = "match"
+    peer: int
+    role: str
+
+
+@dataclass(frozen=True)
+class HandshakeProgress(Event):
+    """The witness exchange with ``peer`` moved to ``state``.
+
+    States: ``connecting`` (SDP offer/answer, ICE), ``exchanging`` (data channel open),
+    ``stored`` (token held), ``failed``.
+    """
+
+    event: ClassVar[str] = "handshake"
+    peer: int
+    state: str
+
+
+@dataclass(frozen=True)
+class HandshakeFailed(Event):
+    """The witness exchange with ``peer`` failed; nothing was stored by it."""
+
+    event: ClassVar[str] = "handshake_failed"
+    peer: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TokenStored(Event):
+    """A witness token is in the store (paper 3, steps 5-6). ``new`` False: it already was."""
+
+    event: ClassVar[str] = "token_stored"
+    peer: int
+    token: str
+    expires_at: datetime
+    new: bool = True
+
+
+@dataclass(frozen=True)
+class TokensExpired(Event):
+    """``count`` expired tokens were deleted from the store (paper 3, step 6)."""
+
+    event: ClassVar[str] = "tokens_expired"
+    count: int
+
+
+@dataclass(frozen=True)
+class PositiveDeclared(Event):
+    """The broker acknowledged the upload of ``count`` tokens; they are deleted locally."""
+
+    event: ClassVar[str] = "positive_declared"
+    count: int
+
+
+@dataclass(frozen=True)
+class PositivePending(Event):
+    """A positive upload is not acknowledged yet; its ``count`` tokens are kept and retried."""
+
+    event: ClassVar[str] = "positive_pending"
+    count: int
+    reason: str
+    retry_in_s: float
+
+
+@dataclass(frozen=True)
+class PositivesPolled(Event):
+    """A poll of positive tokens finished; ``received`` tokens were compared locally."""
+
+    event: ClassVar[str] = "positives_polled"
+    received: int
+
+
+@dataclass(frozen=True)
+class ExposureAlert(Event):
+    """``count`` stored tokens were declared positive: the tester was exposed (paper 4, step 4).
+
+    The matched tokens are deleted from the store.
+    """
+
+    event: ClassVar[str] = "exposure_alert"
+    count: int
+
+
+@dataclass(frozen=True)
+class EngineError(Event):
+    """Something failed that the tester should know about (storage full, bad broker reply)."""
+
+    event: ClassVar[str] = "error"
+    message: str
+
+
+def to_json_dict(event: Event, now: datetime | None = None) -> dict[str, Any]:
+    """The JSON object for one event: ``{"event": name, "at": ISO 8601 UTC, ...fields}``.
+
+    Datetimes become ISO 8601 UTC text ending in ``Z``.
+    """
+    out: dict[str, Any] = {"event": event.event, "at": _iso(now or datetime.now(UTC))}
+    for field in dataclasses.fields(event):
+        value = getattr(event, field.name)
+        out[field.name] = _iso(value) if isinstance(value, datetime) else value
+    return out

@@ -1,0 +1,281 @@
+"""Every FANNY wire message: typed, frozen, validated on decode.
+
+Messages are JSON objects with a ``type`` discriminator, encoded and validated with msgspec.
+Three channels carry them (docs/protocol.md has the full table):
+
+* **session** connection, client <-> broker, opened with :class:`Hello`: positions, matches and
+  signaling (paper section 3, steps 2-3). Carries the session ID, never a contact ID or token.
+* **anonymous** connection, client <-> broker, opened with :class:`PositiveUpload` or
+  :class:`PositivesPoll`: carries no session ID (paper section 4, steps 2-4).
+* **data channel**, peer <-> peer (WebRTC, RFC 8831): contact IDs, the token and its ack
+  (paper section 3, steps 4-5). Never through the broker.
+
+Units: latitude/longitude in WGS84 decimal degrees, distances and accuracy in metres, durations
+in seconds, instants as RFC 3339 / ISO 8601 UTC text (``2026-12-14T04:00:00Z``).
+
+Decoding unknown types, unknown fields, wrong types or out-of-range values raises
+:class:`~fanny_tui.protocol.errors.MessageError` naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+import msgspec.structs
+from msgspec import Meta
+
+from .errors import MessageError
+from .expiry import is_on_the_hour
+
+PROTOCOL_VERSION = 1
+
+UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+TOKEN_PATTERN = r"^[0-9a-f]{64}$"
+
+SessionId = Annotated[str, Meta(pattern=UUID4_PATTERN, description="UUIDv4, canonical text")]
+ContactId = Annotated[str, Meta(pattern=UUID4_PATTERN, description="UUIDv4, canonical text")]
+UploadId = Annotated[str, Meta(pattern=UUID4_PATTERN, description="UUIDv4, fresh per declaration")]
+Token = Annotated[str, Meta(pattern=TOKEN_PATTERN, description="64 lowercase hex characters")]
+Latitude = Annotated[float, Meta(ge=-90.0, le=90.0, description="WGS84 degrees")]
+Longitude = Annotated[float, Meta(ge=-180.0, le=180.0, description="WGS84 degrees")]
+AccuracyM = Annotated[float, Meta(ge=0.0, le=100_000.0, description="metres, 95 %")]
+RadiusM = Annotated[float, Meta(gt=0.0, le=10_000.0, description="metres")]
+UtcInstant = Annotated[datetime, Meta(tz=True, description="RFC 3339, UTC")]
+Sdp = Annotated[str, Meta(min_length=1, max_length=32_768)]
+Reason = Annotated[str, Meta(max_length=200)]
+Cursor = Annotated[int, Meta(ge=0, le=2**62)]
+Count = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(ge=0.0)]
+Role = Literal["initiator", "responder"]
+SdpType = Literal["offer", "answer"]
+
+
+class _Message(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", kw_only=True
+):
+    """Base of every message; ``type`` is the tag."""
+
+
+# --- session connection (paper section 3, steps 1-3) ---------------------------------------
+
+
+class Hello(_Message, tag="hello"):
+    """Client -> broker, first message of a session connection (step 1-2).
+
+    ``radius_m``: the distance under which this device wants a witness; the broker matches
+    two sessions within the smaller of their radii (capped by the broker's maximum).
+    """
+
+    session_id: SessionId
+    radius_m: RadiusM
+    protocol: Annotated[int, Meta(ge=1)] = PROTOCOL_VERSION
+
+
+class Welcome(_Message, tag="welcome"):
+    """Broker -> client, answer to :class:`Hello`: the effective parameters."""
+
+    radius_m: RadiusM
+    position_timeout_s: Seconds
+    protocol: int = PROTOCOL_VERSION
+
+
+class Position(_Message, tag="position"):
+    """Client -> broker: latest position (step 2). Never stored, never logged by the broker."""
+
+    latitude: Latitude
+    longitude: Longitude
+    accuracy_m: AccuracyM | None = None
+
+
+class PositionLost(_Message, tag="position_lost"):
+    """Client -> broker: the GPS fix is lost; drop my position now (no stale position)."""
+
+
+class Match(_Message, tag="match"):
+    """Broker -> both clients: another session is within radius (step 3).
+
+    ``role``: ``initiator`` opens the data channel and crafts the token; ``responder`` answers.
+    Deterministic: the lexicographically smaller session ID is the initiator.
+    """
+
+    peer_session_id: SessionId
+    role: Role
+
+
+class Signal(_Message, tag="signal"):
+    """Signaling relayed by the broker between matched sessions (step 3, WebRTC JSEP).
+
+    Client -> broker: ``peer_session_id`` is the destination. Broker -> client: it is the
+    source. ``sdp`` is opaque to the broker (RFC 8866 text with every ICE candidate: aiortc
+    does not trickle).
+    """
+
+    peer_session_id: SessionId
+    sdp_type: SdpType
+    sdp: Sdp
+
+
+# --- anonymous connection (paper section 4) ------------------------------------------------
+
+
+class PositiveToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One token of a positive declaration with its expiry (section 4, step 2)."""
+
+    token: Token
+    expires_at: UtcInstant
+
+    def __post_init__(self) -> None:
+        if not is_on_the_hour(self.expires_at):
+            raise ValueError("expires_at must be on a UTC hour (HH:00:00)")
+        if self.expires_at.utcoffset() != UTC.utcoffset(None):
+            msgspec.structs.force_setattr(self, "expires_at", self.expires_at.astimezone(UTC))
+
+
+class PositiveUpload(_Message, tag="positive_upload"):
+    """Anonymous client -> broker: the tokens of a positive declaration (section 4, step 2).
+
+    ``upload_id`` is a fresh random UUIDv4 per declaration, unrelated to any session ID; a
+    retry reuses it so the broker answers it idempotently.
+    """
+
+    upload_id: UploadId
+    tokens: list[PositiveToken]
+
+
+class PositiveAck(_Message, tag="positive_ack"):
+    """Broker -> client: the upload is durably committed; the device may delete its tokens."""
+
+    upload_id: UploadId
+    count: Count
+
+
+class PositivesPoll(_Message, tag="positives_poll"):
+    """Anonymous client -> broker: positive tokens published after ``cursor`` (step 3)."""
+
+    cursor: Cursor = 0
+
+
+class Positives(_Message, tag="positives"):
+    """Broker -> client: positive tokens after the poll's cursor (section 4, step 4).
+
+    ``cursor``: pass it in the next poll. ``more``: another poll now would return more.
+    """
+
+    cursor: Cursor
+    tokens: list[PositiveToken]
+    more: bool = False
+
+
+class Error(_Message, tag="error"):
+    """Broker -> client: a request was refused. ``field`` names the failing field if any."""
+
+    code: Annotated[str, Meta(max_length=64)]
+    message: Reason
+    field: str | None = None
+
+
+# --- data channel, peer to peer (paper section 3, steps 4-5) -------------------------------
+
+
+class ContactIdMessage(_Message, tag="contact_id"):
+    """Peer -> peer: my contact ID. Both peers send it once the channel is open (step 4)."""
+
+    contact_id: ContactId
+
+
+class TokenOffer(_Message, tag="token"):
+    """Initiator -> responder: the token it crafted (step 4-5)."""
+
+    token: Token
+
+
+class TokenAck(_Message, tag="ack"):
+    """Responder -> initiator: the token is stored (or already was) on my side (step 5)."""
+
+    token: Token
+
+
+class Abort(_Message, tag="abort"):
+    """Either peer: the exchange is abandoned, with a short reason."""
+
+    reason: Reason
+
+
+ClientToBroker = Hello | Position | PositionLost | Signal | PositiveUpload | PositivesPoll
+BrokerToClient = Welcome | Match | Signal | PositiveAck | Positives | Error
+PeerMessage = ContactIdMessage | TokenOffer | TokenAck | Abort
+
+_encoder = msgspec.json.Encoder()
+_client_decoder = msgspec.json.Decoder(ClientToBroker)
+_broker_decoder = msgspec.json.Decoder(BrokerToClient)
+_peer_decoder = msgspec.json.Decoder(PeerMessage)
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `([^`]*)`")
+_FIELD_RE = re.compile(r" - at `\$((?:\.[A-Za-z_]\w*|\[\d+\])*)`$")
+
+
+def encode(message: msgspec.Struct) -> str:
+    """Encode a message as compact JSON text (one WebSocket text frame)."""
+    return _encoder.encode(message).decode("utf-8")
+
+
+def _decode(decoder: msgspec.json.Decoder, data: str | bytes, channel: str):  # type: ignore[no-untyped-def]
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        found = _FIELD_RE.search(text)
+        field = found.group(1).lstrip(".") if found else None
+        if text.startswith("Invalid value") and "`$.type`" in text:
+            raise MessageError(f"unknown {channel} message type", field="type",
+                               code="unknown_type") from None
+        unknown = _UNKNOWN_RE.match(text)
+        if unknown:
+            name = unknown.group(1)
+            raise MessageError(text, field=f"{field}.{name}" if field else name,
+                               code="unknown_field") from None
+        raise MessageError(text, field=field) from None
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise MessageError("not valid UTF-8") from None
+
+
+def decode_client_message(data: str | bytes) -> ClientToBroker:
+    """Decode a message the broker received from a client.
+
+    Raises:
+        MessageError: invalid JSON, unknown type or field, wrong type or value (``field`` set).
+    """
+    return _decode(_client_decoder, data, "client")  # type: ignore[no-any-return]
+
+
+def decode_broker_message(data: str | bytes) -> BrokerToClient:
+    """Decode a message a client received from the broker.
+
+    Raises:
+        MessageError: as :func:`decode_client_message`.
+    """
+    return _decode(_broker_decoder, data, "broker")  # type: ignore[no-any-return]
+
+
+def decode_peer_message(data: str | bytes) -> PeerMessage:
+    """Decode a message received from a peer over the data channel.
+
+    Raises:
+        MessageError: as :func:`decode_client_message`.
+    """
+    return _decode(_peer_decoder, data, "peer")  # type: ignore[no-any-return]
+
+
+def message_type(message: msgspec.Struct) -> str:
+    """The wire ``type`` tag of a message instance."""
+    return str(type(message).__struct_config__.tag)
+
+
+ALL_MESSAGES: tuple[type[_Message], ...] = (
+    Hello, Welcome, Position, PositionLost, Match, Signal, PositiveUpload, PositiveAck,
+    PositivesPoll, Positives, Error, ContactIdMessage, TokenOffer, TokenAck, Abort,
+)
