@@ -1,0 +1,268 @@
+"""The device's SQLite token store (paper section 3, steps 5-6 and section 4).
+
+One file, ``tokens.sqlite3`` in the data directory, holding:
+
+* ``tokens``: witness tokens with their expiry (Unix seconds, always on the deletion hour) and,
+  while a positive declaration waits for the broker's acknowledgement, the random ``upload_id``
+  of that declaration (privacy invariant 6: tokens are deleted only after the ack);
+* ``meta``: the positive-poll cursor;
+* ``alerts``: exposure alerts already raised (UTC instant and count), so a restart still shows
+  them.
+
+Never stored: session IDs, contact IDs, positions, peer identities, the time of a contact.
+The schema version is in ``PRAGMA user_version``. Writes are durable (WAL, ``synchronous=FULL``)
+before a method returns. Every SQLite or file system failure (disk full, read-only directory,
+corrupt file) is raised as :class:`StoreError` with a one-line message naming the file; a failed
+write changes nothing (one transaction per method).
+
+Thread-safe: one connection guarded by a lock, so the aiortc adapter may call :meth:`add` from a
+worker thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .protocol.tokens import is_token
+
+SCHEMA_VERSION = 1
+FILE_NAME = "tokens.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    token TEXT PRIMARY KEY CHECK (length(token) = 64),
+    expires_at INTEGER NOT NULL,
+    upload_id TEXT
+);
+CREATE INDEX IF NOT EXISTS tokens_upload ON tokens (upload_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    noticed_at INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The token store could not be read or written; ``str()`` is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class StoredToken:
+    """A token in the store. ``pending``: part of a positive upload not acknowledged yet."""
+
+    token: str
+    expires_at: datetime
+    pending: bool = False
+
+
+@dataclass(frozen=True)
+class Alert:
+    """An exposure alert already raised: when it was noticed (UTC) and how many tokens."""
+
+    noticed_at: datetime
+    count: int
+
+
+def _ts(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError("datetime must be aware (UTC)")
+    return int(moment.timestamp())
+
+
+def _dt(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+class TokenStore:
+    """The token store in ``path`` (created with its parent directory when missing).
+
+    Raises:
+        StoreError: the file cannot be created or opened, or is not a token store.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the token store {path}: {exc}") from None
+        try:
+            with self._write():
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(f"{path} has schema version {version}, newer than this "
+                                     f"kit's {SCHEMA_VERSION}: upgrade fanny-tui")
+                self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA +
+                                       f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+        except StoreError:
+            self._db.close()
+            raise
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"cannot use the token store {path}: {exc}") from None
+
+    @classmethod
+    def in_dir(cls, data_dir: Path) -> TokenStore:
+        """Open ``data_dir/tokens.sqlite3``."""
+        return cls(Path(data_dir) / FILE_NAME)
+
+    def close(self) -> None:
+        """Close the database (idempotent)."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"token store {self.path}: {exc}") from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._write():
+            self._db.execute("BEGIN IMMEDIATE")
+            yield self._db
+            self._db.execute("COMMIT")
+
+    # -- tokens --------------------------------------------------------------------------
+
+    def add(self, token: str, expires_at: datetime) -> bool:
+        """Store a witness token (paper 3, step 5). An existing token is not stored twice.
+
+        Args:
+            token: 64 lowercase hex characters.
+            expires_at: aware expiry, already rounded to the deletion hour.
+
+        Returns:
+            True when the token is new, False when it was already in the store.
+
+        Raises:
+            ValueError: malformed token or naive datetime.
+            StoreError: the write failed (nothing changed).
+        """
+        if not is_token(token):
+            raise ValueError("token must be 64 lowercase hex characters")
+        expires = _ts(expires_at)
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO tokens (token, expires_at) VALUES (?, ?)", (token, expires))
+            return cursor.rowcount == 1
+
+    def tokens(self) -> list[StoredToken]:
+        """Every stored token, soonest expiry first."""
+        with self._write():
+            rows = self._db.execute(
+                "SELECT token, expires_at, upload_id FROM tokens ORDER BY expires_at, token"
+            ).fetchall()
+        return [StoredToken(t, _dt(e), u is not None) for t, e, u in rows]
+
+    def count(self) -> int:
+        """Number of stored tokens."""
+        with self._write():
+            return int(self._db.execute("SELECT count(*) FROM tokens").fetchone()[0])
+
+    def sweep_expired(self, now: datetime) -> int:
+        """Delete tokens whose expiry is at or before ``now`` (paper 3, step 6; 4, last note).
+
+        Returns:
+            The number of tokens deleted.
+        """
+        with self._transaction() as db:
+            return db.execute("DELETE FROM tokens WHERE expires_at <= ?", (_ts(now),)).rowcount
+
+    # -- positive declaration (paper 4, step 2; invariant 6) --------------------------------
+
+    def begin_upload(self, upload_id: str) -> list[StoredToken]:
+        """Mark every token not already pending as part of the positive upload ``upload_id``.
+
+        Nothing is deleted: :meth:`complete_upload` does that once the broker acknowledged.
+
+        Returns:
+            The tokens now pending under ``upload_id`` (may be empty).
+        """
+        with self._transaction() as db:
+            db.execute("UPDATE tokens SET upload_id = ? WHERE upload_id IS NULL", (upload_id,))
+            rows = db.execute("SELECT token, expires_at FROM tokens WHERE upload_id = ? "
+                              "ORDER BY token", (upload_id,)).fetchall()
+        return [StoredToken(t, _dt(e), True) for t, e in rows]
+
+    def pending_uploads(self) -> dict[str, list[StoredToken]]:
+        """Positive uploads not acknowledged yet: ``upload_id -> tokens``."""
+        with self._write():
+            rows = self._db.execute("SELECT upload_id, token, expires_at FROM tokens WHERE "
+                                    "upload_id IS NOT NULL ORDER BY upload_id, token").fetchall()
+        out: dict[str, list[StoredToken]] = {}
+        for upload_id, token, expires in rows:
+            out.setdefault(upload_id, []).append(StoredToken(token, _dt(expires), True))
+        return out
+
+    def complete_upload(self, upload_id: str) -> int:
+        """The broker acknowledged ``upload_id``: delete its tokens (paper 4, step 2).
+
+        Returns:
+            The number of tokens deleted.
+        """
+        with self._transaction() as db:
+            return db.execute("DELETE FROM tokens WHERE upload_id = ?", (upload_id,)).rowcount
+
+    # -- exposure (paper 4, step 4) ---------------------------------------------------------
+
+    def match_positives(self, tokens: Iterable[str], now: datetime) -> int:
+        """Compare positive tokens with the store; delete the matches and record an alert.
+
+        Tokens of this device's own pending upload are not compared (they are this device's
+        own declaration coming back).
+
+        Returns:
+            The number of stored tokens that matched (0: no exposure).
+        """
+        wanted = [t for t in tokens if is_token(t)]
+        if not wanted:
+            return 0
+        with self._transaction() as db:
+            matched = 0
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                matched += db.execute(
+                    f"DELETE FROM tokens WHERE upload_id IS NULL AND token IN ({marks})", chunk
+                ).rowcount
+            if matched:
+                db.execute("INSERT INTO alerts (noticed_at, count) VALUES (?, ?)",
+                           (_ts(now), matched))
+        return matched
+
+    def alerts(self) -> list[Alert]:
+        """Exposure alerts raised so far, oldest first."""
+        with self._write():
+            rows = self._db.execute(
+                "SELECT noticed_at, count FROM alerts ORDER BY id").fetchall()
+        return [Alert(_dt(at), count) for at, count in rows]
+
+    def poll_cursor(self) -> int:
+        """The cursor to send with the next positives poll (0 at first)."""
+        with self._write():
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'poll_cursor'").fetchone()
+        return int(row[0]) if row else 0
+
+    def set_poll_cursor(self, cursor: int) -> None:
+        """Remember the cursor the broker returned."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('poll_cursor', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(cursor),))
