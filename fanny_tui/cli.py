@@ -139,7 +139,13 @@ def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str) -> 
 
 
 def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
-    store = TokenStore.in_dir(data_dir)
+    if not (data_dir / "tokens.sqlite3").exists():
+        if as_json:
+            print("[]")
+        else:
+            print(f"no token store in {data_dir}")
+        return EXIT_OK
+    store = TokenStore.in_dir(data_dir, read_only=True)
     try:
         tokens = store.tokens()
     finally:

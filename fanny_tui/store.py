@@ -84,19 +84,33 @@ def _dt(seconds: int) -> datetime:
 class TokenStore:
     """The token store in ``path`` (created with its parent directory when missing).
 
+    Args:
+        path: the SQLite file.
+        read_only: open an existing store without ever writing (``fanny-tui tokens``); every
+            write then raises :class:`StoreError`.
+
     Raises:
         StoreError: the file cannot be created or opened, or is not a token store.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            if read_only:
+                self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                           check_same_thread=False, isolation_level=None)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the token store {path}: {exc}") from None
         try:
+            if read_only:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version != SCHEMA_VERSION:
+                    raise StoreError(f"{path} is not a token store of schema {SCHEMA_VERSION}")
+                return
             with self._write():
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
@@ -114,9 +128,9 @@ class TokenStore:
             raise StoreError(f"cannot use the token store {path}: {exc}") from None
 
     @classmethod
-    def in_dir(cls, data_dir: Path) -> TokenStore:
+    def in_dir(cls, data_dir: Path, *, read_only: bool = False) -> TokenStore:
         """Open ``data_dir/tokens.sqlite3``."""
-        return cls(Path(data_dir) / FILE_NAME)
+        return cls(Path(data_dir) / FILE_NAME, read_only=read_only)
 
     def close(self) -> None:
         """Close the database (idempotent)."""
