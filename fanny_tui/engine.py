@@ -350,11 +350,13 @@ class Engine:
 
     async def _upload_loop(self) -> None:
         assert self._store is not None
-        delays = backoff(1.0, 60.0)()
+        broker = self.config.broker
+        retry_delays = backoff(broker.reconnect_min_s, broker.reconnect_max_s)
+        delays = retry_delays()
         while True:
             pending = self._store.pending_uploads()
             if not pending:
-                delays = backoff(1.0, 60.0)()
+                delays = retry_delays()
                 await self._upload_wakeup.wait()
                 self._upload_wakeup.clear()
                 continue
