@@ -1,0 +1,310 @@
+"""The broker's in-memory state: who is where, who was matched, who may signal whom.
+
+Pure: no asyncio, no sockets, no files, no clock of its own. Every method that depends on time
+takes ``now``, in seconds of a monotonic clock (``time.monotonic()`` in the server).
+
+What it holds, all in memory and only for as long as needed (paper section 3, step 2: "this
+position is not stored by the server and does not feed any positions history"):
+
+* per connected session: its effective radius and a connection *epoch* (to tell a reconnect
+  from the connection it replaces);
+* per session with a fix: the latest position only (WGS84 degrees, accuracy in metres) in a
+  :class:`~fanny_tui.protocol.proximity.ProximityGrid`, dropped on ``position_lost``, on
+  disconnect, or ``position_timeout_s`` seconds after its last update;
+* per matched pair of session IDs: the instant of the last match, kept for
+  ``max(cooldown_s, route_ttl_s)`` seconds. It enforces "one match per pair per cooldown" and
+  is the signaling route of the pair (paper section 3, step 3).
+
+Matching (paper section 3, step 3): when a session reports a position, the grid yields its
+neighbours (never a scan of every session); two sessions match when their great-circle
+distance is at most the smaller of their radii, each radius being
+``min(hello.radius_m, radius_max_m)``. The lexicographically smaller session ID gets the role
+``initiator`` (it opens the data channel and crafts the token), the other ``responder``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from fanny_tui.protocol.errors import LocalProtocolError
+from fanny_tui.protocol.proximity import ProximityGrid
+
+from . import Refusal
+
+Role = Literal["initiator", "responder"]
+
+
+@dataclass(frozen=True)
+class MatchNotice:
+    """Tell ``session_id`` that ``peer_session_id`` is within radius (a ``match`` message).
+
+    Attributes:
+        session_id: the session to notify.
+        peer_session_id: the other session of the pair.
+        role: the role of ``session_id`` in the handshake: the lexicographically smaller ID
+            of the pair is ``"initiator"``, the other ``"responder"``.
+    """
+
+    session_id: str
+    peer_session_id: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class Connected:
+    """The outcome of :meth:`BrokerState.connect`.
+
+    Attributes:
+        epoch: identifies this connection of the session; pass it to
+            :meth:`BrokerState.disconnect` and :meth:`BrokerState.is_current`.
+        radius_m: the effective radius in metres, ``min(requested, radius_max_m)``.
+        replaced: True when an older connection of the same session ID was replaced.
+    """
+
+    epoch: int
+    radius_m: float
+    replaced: bool
+
+
+@dataclass
+class _Session:
+    radius_m: float
+    epoch: int
+
+
+@dataclass(frozen=True)
+class _Fix:
+    latitude: float
+    longitude: float
+    accuracy_m: float | None
+    updated: float
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a < b else (b, a)
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+class BrokerState:
+    """Sessions, positions, match cooldowns and signaling routes of one broker.
+
+    Args:
+        radius_max_m: the largest matching radius in metres; also the grid cell size.
+        cooldown_s: seconds during which a pair that matched is not matched again.
+        position_timeout_s: seconds after which a position without update is dropped.
+        route_ttl_s: seconds after a match during which the pair may exchange ``signal``
+            messages; defaults to ``cooldown_s``.
+
+    Raises:
+        ValueError: a parameter is not a positive finite number.
+    """
+
+    def __init__(
+        self,
+        radius_max_m: float,
+        cooldown_s: float,
+        position_timeout_s: float,
+        route_ttl_s: float | None = None,
+    ) -> None:
+        self.radius_max_m = _positive("radius_max_m", radius_max_m)
+        self.cooldown_s = _positive("cooldown_s", cooldown_s)
+        self.position_timeout_s = _positive("position_timeout_s", position_timeout_s)
+        self.route_ttl_s = _positive(
+            "route_ttl_s", self.cooldown_s if route_ttl_s is None else route_ttl_s
+        )
+        self._grid: ProximityGrid[str] = ProximityGrid(self.radius_max_m)
+        self._sessions: dict[str, _Session] = {}
+        self._fixes: dict[str, _Fix] = {}
+        self._matched: dict[tuple[str, str], float] = {}
+        self._epochs = 0
+
+    # --- sessions ------------------------------------------------------------------------
+
+    @property
+    def session_count(self) -> int:
+        """Number of connected sessions."""
+        return len(self._sessions)
+
+    @property
+    def position_count(self) -> int:
+        """Number of sessions with a current position."""
+        return len(self._fixes)
+
+    @property
+    def pair_count(self) -> int:
+        """Number of remembered matched pairs (cooldowns and routes)."""
+        return len(self._matched)
+
+    def connect(self, session_id: str, radius_m: float, now: float) -> Connected:
+        """Register a session connection (the ``hello`` of paper section 3, step 1-2).
+
+        A second connection with the same session ID replaces the first (a reconnect): the
+        older epoch becomes stale and its position is dropped; cooldowns and routes of the
+        session are kept.
+
+        Args:
+            session_id: the session ID (validated UUIDv4 text).
+            radius_m: the radius requested in ``hello``, metres, > 0.
+            now: monotonic seconds (unused today; kept for a uniform calling contract).
+
+        Returns:
+            The new :class:`Connected` record.
+
+        Raises:
+            ValueError: ``radius_m`` is not a positive finite number.
+        """
+        radius = min(_positive("radius_m", radius_m), self.radius_max_m)
+        replaced = session_id in self._sessions
+        if replaced:
+            self.drop_position(session_id)
+        self._epochs += 1
+        self._sessions[session_id] = _Session(radius_m=radius, epoch=self._epochs)
+        return Connected(epoch=self._epochs, radius_m=radius, replaced=replaced)
+
+    def is_current(self, session_id: str, epoch: int) -> bool:
+        """True when ``epoch`` is the live connection of ``session_id``."""
+        session = self._sessions.get(session_id)
+        return session is not None and session.epoch == epoch
+
+    def is_connected(self, session_id: str) -> bool:
+        """True when ``session_id`` has a live connection."""
+        return session_id in self._sessions
+
+    def disconnect(self, session_id: str, epoch: int) -> bool:
+        """Forget a session connection and its position.
+
+        Args:
+            session_id: the session ID.
+            epoch: the epoch returned by :meth:`connect` for this connection. A stale epoch
+                (the connection was replaced by a reconnect) changes nothing.
+
+        Returns:
+            True when the session was removed.
+        """
+        if not self.is_current(session_id, epoch):
+            return False
+        del self._sessions[session_id]
+        self.drop_position(session_id)
+        return True
+
+    # --- positions and matching ----------------------------------------------------------
+
+    def update_position(
+        self,
+        session_id: str,
+        latitude: float,
+        longitude: float,
+        accuracy_m: float | None,
+        now: float,
+    ) -> list[MatchNotice]:
+        """Replace the session's position and match it against its neighbours (steps 2-3).
+
+        Neighbours come from the grid, never from a scan of every session. A neighbour
+        matches when the haversine distance is at most ``min(radius of each session)`` and
+        the pair has not matched in the last ``cooldown_s`` seconds; a neighbour whose
+        position is older than ``position_timeout_s`` is ignored. Each new match opens the
+        signaling route of the pair for ``route_ttl_s`` seconds.
+
+        Args:
+            session_id: a connected session.
+            latitude: WGS84 degrees, -90..90.
+            longitude: WGS84 degrees, -180..180.
+            accuracy_m: reported accuracy in metres, or ``None``; kept with the fix only.
+            now: monotonic seconds.
+
+        Returns:
+            Two :class:`MatchNotice` per new match (one for each side), ordered by distance.
+
+        Raises:
+            LocalProtocolError: ``session_id`` is not connected.
+            ValueError: a coordinate is out of range or not finite.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise LocalProtocolError("update_position for a session that is not connected")
+        self._grid.put(session_id, latitude, longitude)
+        self._fixes[session_id] = _Fix(latitude, longitude, accuracy_m, now)
+        found = sorted(
+            (distance, other)
+            for other, distance in self._grid.near(latitude, longitude, session.radius_m)
+            if other != session_id
+        )
+        notices: list[MatchNotice] = []
+        for distance, other in found:
+            fix = self._fixes[other]
+            if now - fix.updated > self.position_timeout_s:
+                continue
+            if distance > min(session.radius_m, self._sessions[other].radius_m):
+                continue
+            pair = _pair(session_id, other)
+            last = self._matched.get(pair)
+            if last is not None and now - last < self.cooldown_s:
+                continue
+            self._matched[pair] = now
+            initiator, responder = pair
+            notices.append(MatchNotice(session_id, other,
+                                       "initiator" if session_id == initiator else "responder"))
+            notices.append(MatchNotice(other, session_id,
+                                       "initiator" if other == initiator else "responder"))
+        return notices
+
+    def drop_position(self, session_id: str) -> bool:
+        """Forget the session's position (``position_lost``). Returns True if it had one."""
+        self._grid.remove(session_id)
+        return self._fixes.pop(session_id, None) is not None
+
+    def has_position(self, session_id: str) -> bool:
+        """True when the session has a current position (for tests and health counts)."""
+        return session_id in self._fixes
+
+    # --- signaling -----------------------------------------------------------------------
+
+    def check_route(self, source: str, destination: str, now: float) -> None:
+        """Check that ``source`` may relay a ``signal`` to ``destination`` (step 3).
+
+        Args:
+            source: the sending session (connected).
+            destination: the ``peer_session_id`` of the signal.
+            now: monotonic seconds.
+
+        Raises:
+            Refusal: ``not_matched`` when the pair did not match in the last ``route_ttl_s``
+                seconds; ``peer_unavailable`` when the destination is not connected. Both name
+                the field ``peer_session_id``.
+        """
+        last = self._matched.get(_pair(source, destination))
+        if source == destination or last is None or now - last > self.route_ttl_s:
+            raise Refusal("no recent match with this peer: signal refused",
+                          code="not_matched", field="peer_session_id")
+        if destination not in self._sessions:
+            raise Refusal("the peer is not connected", code="peer_unavailable",
+                          field="peer_session_id")
+
+    # --- housekeeping --------------------------------------------------------------------
+
+    def expire(self, now: float) -> int:
+        """Drop positions older than ``position_timeout_s`` and forgotten pairs.
+
+        Args:
+            now: monotonic seconds.
+
+        Returns:
+            The number of positions dropped.
+        """
+        stale = [s for s, fix in self._fixes.items()
+                 if now - fix.updated > self.position_timeout_s]
+        for session_id in stale:
+            self.drop_position(session_id)
+        keep_s = max(self.cooldown_s, self.route_ttl_s)
+        for pair in [p for p, at in self._matched.items() if now - at > keep_s]:
+            del self._matched[pair]
+        return len(stale)

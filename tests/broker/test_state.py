@@ -1,0 +1,272 @@
+"""broker.state: matching, cooldowns, roles, position expiry, signaling routes, reconnects."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fanny_tui.protocol.proximity as proximity
+from broker import Refusal
+from broker.state import BrokerState, MatchNotice
+from fanny_tui.protocol.errors import LocalProtocolError
+from fanny_tui.protocol.proximity import METRES_PER_DEGREE, haversine_m
+
+LAT, LON = 48.8566, 2.3522
+A = "11111111-1111-4111-8111-111111111111"
+B = "22222222-2222-4222-8222-222222222222"
+C = "33333333-3333-4333-8333-333333333333"
+D = "44444444-4444-4444-8444-444444444444"
+
+
+def north(metres: float, lat: float = LAT) -> float:
+    """Latitude ``metres`` north of ``lat``."""
+    return lat + metres / METRES_PER_DEGREE
+
+
+def make(**kw: float) -> BrokerState:
+    params = {"radius_max_m": 100.0, "cooldown_s": 300.0, "position_timeout_s": 60.0}
+    params.update(kw)
+    return BrokerState(**params)
+
+
+def connect_all(state: BrokerState, *sessions: tuple[str, float], now: float = 0.0) -> None:
+    for session_id, radius in sessions:
+        state.connect(session_id, radius, now)
+
+
+def pairs(notices: list[MatchNotice]) -> set[tuple[str, str, str]]:
+    return {(n.session_id, n.peer_session_id, n.role) for n in notices}
+
+
+def test_two_sessions_within_radius_match_both_sides_with_deterministic_roles():
+    state = make()
+    connect_all(state, (B, 20.0), (A, 20.0))
+    assert state.update_position(B, LAT, LON, 5.0, 0.0) == []
+    notices = state.update_position(A, north(10), LON, None, 1.0)
+    # A < B lexicographically: A is the initiator whoever reported last.
+    assert pairs(notices) == {(A, B, "initiator"), (B, A, "responder")}
+
+
+def test_matching_uses_the_smaller_radius_and_caps_at_radius_max():
+    state = make(radius_max_m=30.0)
+    connect_all(state, (A, 50.0), (B, 10.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    assert state.update_position(B, north(20), LON, None, 0.0) == []   # 20 m > min(30, 10)
+    assert len(state.update_position(B, north(9), LON, None, 1.0)) == 2
+    capped = state.connect(C, 5000.0, 0.0)
+    assert capped.radius_m == 30.0
+    state.update_position(C, north(25), LON, None, 2.0)   # A sees 25 <= 30, B 16 > 10
+    assert state.position_count == 3
+
+
+def test_no_match_beyond_radius():
+    state = make()
+    connect_all(state, (A, 50.0), (B, 50.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    assert state.update_position(B, north(50.5), LON, None, 0.0) == []
+    assert len(state.update_position(B, north(49.5), LON, None, 0.0)) == 2
+
+
+def test_three_sessions_each_pair_matches_once():
+    state = make()
+    connect_all(state, (A, 30.0), (B, 30.0), (C, 30.0), (D, 30.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    first = state.update_position(B, north(10), LON, None, 0.0)
+    second = state.update_position(C, north(20), LON, None, 0.0)
+    far = state.update_position(D, north(500), LON, None, 0.0)
+    assert pairs(first) == {(A, B, "initiator"), (B, A, "responder")}
+    assert pairs(second) == {(A, C, "initiator"), (C, A, "responder"),
+                             (B, C, "initiator"), (C, B, "responder")}
+    assert [n.peer_session_id for n in second if n.session_id == C] == [B, A]  # by distance
+    assert far == []
+
+
+def test_cooldown_one_match_per_pair():
+    state = make(cooldown_s=300.0, position_timeout_s=1000.0)
+    connect_all(state, (A, 30.0), (B, 30.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    assert len(state.update_position(B, north(5), LON, None, 0.0)) == 2
+    assert state.update_position(B, north(6), LON, None, 100.0) == []
+    assert state.update_position(A, LAT, LON, None, 299.9) == []
+    assert len(state.update_position(A, LAT, LON, None, 300.0)) == 2
+
+
+def test_position_lost_and_disconnect_drop_the_position():
+    state = make()
+    connect_all(state, (A, 30.0), (B, 30.0), (C, 30.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    assert state.drop_position(A) is True
+    assert state.drop_position(A) is False
+    assert state.update_position(B, north(5), LON, None, 0.0) == []
+    epoch_b = state.connect(D, 30.0, 0.0).epoch
+    state.update_position(D, north(50), LON, None, 0.0)
+    assert state.disconnect(D, epoch_b) is True
+    assert not state.has_position(D) and not state.is_connected(D)
+    assert state.update_position(C, north(50), LON, None, 0.0) == []
+    assert state.position_count == 2 and state.session_count == 3
+
+
+def test_stale_position_is_ignored_then_expired():
+    state = make(position_timeout_s=60.0)
+    connect_all(state, (A, 30.0), (B, 30.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    assert state.update_position(B, north(5), LON, None, 60.5) == []   # A is stale
+    assert state.has_position(A)
+    assert state.expire(61.0) == 1
+    assert not state.has_position(A) and state.has_position(B)
+    assert state.position_count == 1
+
+
+def test_expire_forgets_pairs_after_cooldown_and_route_ttl():
+    state = make(cooldown_s=10.0, route_ttl_s=20.0, position_timeout_s=1000.0)
+    connect_all(state, (A, 30.0), (B, 30.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    state.update_position(B, north(5), LON, None, 0.0)
+    state.expire(20.0)
+    assert state.pair_count == 1
+    state.check_route(A, B, 20.0)
+    state.expire(20.1)
+    assert state.pair_count == 0
+
+
+def test_routes_only_between_matched_sessions_and_only_for_route_ttl():
+    state = make(cooldown_s=300.0, position_timeout_s=1000.0)
+    connect_all(state, (A, 30.0), (B, 30.0), (C, 30.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    state.update_position(B, north(5), LON, None, 0.0)
+    state.check_route(A, B, 1.0)
+    state.check_route(B, A, 300.0)
+    for source, destination, at in ((A, C, 1.0), (C, A, 1.0), (A, A, 1.0), (A, B, 300.5)):
+        with pytest.raises(Refusal) as refused:
+            state.check_route(source, destination, at)
+        assert refused.value.code == "not_matched"
+        assert refused.value.field == "peer_session_id"
+
+
+def test_route_to_a_disconnected_peer_is_refused():
+    state = make()
+    connect_all(state, (A, 30.0))
+    epoch_b = state.connect(B, 30.0, 0.0).epoch
+    state.update_position(A, LAT, LON, None, 0.0)
+    state.update_position(B, north(5), LON, None, 0.0)
+    state.disconnect(B, epoch_b)
+    with pytest.raises(Refusal) as refused:
+        state.check_route(A, B, 1.0)
+    assert refused.value.code == "peer_unavailable"
+
+
+def test_reconnect_replaces_the_first_connection():
+    state = make()
+    first = state.connect(A, 30.0, 0.0)
+    state.update_position(A, LAT, LON, None, 0.0)
+    second = state.connect(A, 20.0, 1.0)
+    assert second.replaced and not first.replaced
+    assert not state.has_position(A)               # the old connection's position is gone
+    assert state.disconnect(A, first.epoch) is False   # the old handler ending changes nothing
+    assert state.is_current(A, second.epoch) and state.session_count == 1
+    assert state.disconnect(A, second.epoch) is True
+    assert state.session_count == 0
+
+
+def test_rejected_inputs_change_nothing():
+    state = make()
+    with pytest.raises(LocalProtocolError):
+        state.update_position(A, LAT, LON, None, 0.0)
+    state.connect(A, 30.0, 0.0)
+    for lat, lon in ((91.0, 0.0), (0.0, 181.0), (math.nan, 0.0), (0.0, math.inf)):
+        with pytest.raises(ValueError):
+            state.update_position(A, lat, lon, None, 0.0)
+    assert state.position_count == 0
+    for radius in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="radius_m"):
+            state.connect(B, radius, 0.0)
+    assert state.session_count == 1
+    for name in ("radius_max_m", "cooldown_s", "position_timeout_s", "route_ttl_s"):
+        with pytest.raises(ValueError, match=name):
+            make(**{name: 0.0})
+
+
+def test_neighbours_come_from_the_grid_not_a_scan(monkeypatch):
+    """With 2 000 sessions spread over a town, one update computes a handful of distances."""
+    state = make(radius_max_m=50.0, position_timeout_s=1e9)
+    for i in range(2000):
+        session_id = f"{i:08d}-0000-4000-8000-000000000000"
+        state.connect(session_id, 50.0, 0.0)
+        state.update_position(session_id, north(200.0 * (i // 50)), LON + 0.003 * (i % 50),
+                              None, 0.0)
+    calls = 0
+    real = proximity.haversine_m
+
+    def counting(*args: float) -> float:
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    monkeypatch.setattr(proximity, "haversine_m", counting)
+    state.connect(A, 50.0, 0.0)
+    state.update_position(A, north(200.0 * 7), LON + 0.003 * 7, None, 1.0)
+    print(f"distances computed for one update among 2001 sessions: {calls}")
+    assert 1 <= calls <= 20
+
+
+def test_state_module_is_pure():
+    code = ("import sys, broker.state; bad = {'asyncio', 'socket', 'sqlite3', 'websockets', "
+            "'textual', 'aiortc'} & set(sys.modules); print(sorted(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
+# --- property: the grid-based matching equals a brute-force haversine check ---------------
+
+CENTRES = [(LAT, LON), (0.0, 0.0), (89.9993, 10.0), (-89.9995, -120.0), (0.3, 179.9996),
+           (-33.9, -179.9993), (64.1, 179.9999), (45.0, -180.0)]
+
+
+def _place(centre: tuple[float, float], dn: float, de: float) -> tuple[float, float]:
+    lat = min(90.0, max(-90.0, centre[0] + dn / METRES_PER_DEGREE))
+    scale = max(math.cos(math.radians(lat)), 1e-6)
+    lon = centre[1] + de / (METRES_PER_DEGREE * scale)
+    lon = (lon + 180.0) % 360.0 - 180.0
+    return lat, lon
+
+
+offsets = st.floats(-250.0, 250.0, allow_nan=False)
+scenario = st.tuples(
+    st.sampled_from(CENTRES),
+    st.lists(st.floats(1.0, 120.0), min_size=2, max_size=12),     # radius per session
+    st.lists(st.tuples(st.integers(0, 11), offsets, offsets), min_size=1, max_size=40),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario)
+def test_grid_matching_equals_brute_force(case):
+    centre, radii, moves = case
+    state = BrokerState(radius_max_m=100.0, cooldown_s=1e9, position_timeout_s=1e9)
+    ids = [f"s{i:02d}" for i in range(len(radii))]
+    for session_id, radius in zip(ids, radii, strict=True):
+        state.connect(session_id, radius, 0.0)
+    effective = {s: min(r, 100.0) for s, r in zip(ids, radii, strict=True)}
+    where: dict[str, tuple[float, float]] = {}
+    matched: set[tuple[str, str]] = set()
+    for step, (index, dn, de) in enumerate(moves):
+        me = ids[index % len(ids)]
+        lat, lon = _place(centre, dn, de)
+        got = pairs(state.update_position(me, lat, lon, None, float(step)))
+        where[me] = (lat, lon)
+        expected: set[tuple[str, str, str]] = set()
+        for other, (olat, olon) in where.items():
+            pair = (min(me, other), max(me, other))
+            if other == me or pair in matched:
+                continue
+            if haversine_m(lat, lon, olat, olon) <= min(effective[me], effective[other]):
+                matched.add(pair)
+                expected.add((me, other, "initiator" if me == pair[0] else "responder"))
+                expected.add((other, me, "initiator" if other == pair[0] else "responder"))
+        assert got == expected
