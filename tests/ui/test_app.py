@@ -1,0 +1,360 @@
+"""The Textual UI around a real engine: real SQLite store, broker URL on a dead loopback port.
+
+Each test builds a real :class:`~fanny_tui.engine.Engine` whose broker URL points at a loopback
+port that is bound but not listening (connections are refused, so the broker stays
+disconnected), with a position source fed by the test, and drives the app with Textual's Pilot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from textual.command import CommandList, CommandPalette
+from textual.geometry import Region
+from textual.message import Message
+from textual.pilot import Pilot
+from textual.widget import Widget
+
+from fanny_tui.config import Config, parse_config
+from fanny_tui.engine import Engine
+from fanny_tui.events import (
+    BrokerDisconnected,
+    EngineError,
+    Event,
+    ExposureAlert,
+    GpsFix,
+    GpsLost,
+    HandshakeFailed,
+    HandshakeProgress,
+    MatchFound,
+    PositivePending,
+    TokenStored,
+)
+from fanny_tui.protocol.expiry import expiry_for
+from fanny_tui.store import TokenStore
+from fanny_tui.ui import EngineEvent, FannyApp, make_app
+from fanny_tui.ui.screens import ConfirmDeclareScreen
+from fanny_tui.ui.widgets import format_countdown
+
+SIZE = (120, 40)
+TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
+FIX = GpsFix(latitude=44.0688172, longitude=-1.2345678, accuracy_m=4.2, mode=3,
+             satellites_used=8, satellites_visible=12)
+MARKUP = "peer[/] [bold]x[/bold"
+"""Remote text that raises MarkupError if anything renders it as console markup."""
+
+
+class QueueSource:
+    """A position source that yields whatever the test puts in it (a test input)."""
+
+    def __init__(self, *items: GpsFix | GpsLost) -> None:
+        self.queue: asyncio.Queue[GpsFix | GpsLost] = asyncio.Queue()
+        for item in items:
+            self.queue.put_nowait(item)
+
+    async def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
+        while True:
+            yield await self.queue.get()
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port that is bound but not listening: connecting is refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def config(dead_port: int) -> Config:
+    return parse_config({
+        "broker": {"url": f"ws://127.0.0.1:{dead_port}", "reconnect_min_s": 0.1,
+                   "reconnect_max_s": 0.5},
+        "gps": {"source": "fixed", "latitude": 44.0, "longitude": -1.0},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+    })
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A data directory whose store holds the three TOKENS, expiring 5, 10 and 15 days on."""
+    store = TokenStore.in_dir(tmp_path)
+    now = datetime.now(UTC)
+    for days, token in zip((5, 10, 15), TOKENS, strict=True):
+        store.add(token, expiry_for(now - timedelta(days=15 - days)))
+    store.close()
+    return tmp_path
+
+
+def build(config: Config, data_dir: Path, *items: GpsFix | GpsLost) -> tuple[FannyApp, Engine]:
+    engine = Engine(config, data_dir, source=QueueSource(*items))
+    return make_app(engine, title="FANNY test"), engine
+
+
+async def wait_until(pilot: Pilot[None], predicate: Callable[[], object], what: str,
+                     timeout: float = 15.0) -> None:
+    """Let the app run until ``predicate()`` is true (fail naming ``what`` after timeout)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def rendered(widget: Widget) -> str:
+    """What ``widget`` shows on screen, as plain text (borders included)."""
+    region = Region(0, 0, widget.size.width, widget.size.height)
+    return "\n".join(strip.text for strip in widget.render_lines(region))
+
+
+def log_text(app: FannyApp) -> str:
+    return "\n".join(app.main_screen.log_view.plain_lines)
+
+
+def pending_in_store(data_dir: Path) -> dict[str, list[str]]:
+    store = TokenStore.in_dir(data_dir)
+    try:
+        return {k: [t.token for t in v] for k, v in store.pending_uploads().items()}
+    finally:
+        store.close()
+
+
+def count_in_store(data_dir: Path) -> int:
+    store = TokenStore.in_dir(data_dir)
+    try:
+        return store.count()
+    finally:
+        store.close()
+
+
+async def started(pilot: Pilot[None], app: FannyApp) -> None:
+    await wait_until(pilot, lambda: app.main_screen.tokens.row_count == len(TOKENS),
+                     "the stored tokens in the table")
+
+
+# -- start-up ---------------------------------------------------------------------------
+
+
+async def test_start_shows_session_tokens_broker_and_gps(config, data_dir):
+    app, engine = build(config, data_dir, FIX)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        main = app.main_screen
+        await wait_until(pilot, lambda: main.session.fix is not None, "the first fix")
+        await pilot.pause()
+
+        session = rendered(main.session)
+        assert engine.session_short in session
+        assert "disconnected" in session and not engine.broker_connected
+        assert "3D fix" in session
+        assert "8 used / 12 visible" in session
+        assert "44.068817" in session and "-1.234568" in session   # 6 decimals, not 2
+        assert "4.2 m" in session
+
+        table = main.tokens
+        for token in TOKENS:
+            assert table.get_cell(token, "token").plain == token[:8] + "…"
+            assert table.get_cell(token, "upload").plain == ""
+            expires = table.get_cell(token, "expires").plain
+            assert re.fullmatch(r"\d{4}-\d\d-\d\d 04:00 UTC", expires)
+            assert re.fullmatch(r"\d+d \d\dh \d\dm \d\ds", table.get_cell(token, "left").plain)
+        shown = rendered(table)
+        assert "1a2b3c4d…" in shown and "Tokens (3)" in shown
+        # Rows are sorted soonest expiry first.
+        assert [table.get_row_at(i)[0].plain for i in range(3)] == [
+            t[:8] + "…" for t in TOKENS]
+        # The countdown is live: it changes within a couple of seconds.
+        first = table.get_cell(TOKENS[0], "left").plain
+        await wait_until(pilot, lambda: table.get_cell(TOKENS[0], "left").plain != first,
+                         "the countdown to tick")
+        assert "session_started" in log_text(app)
+        # Positions never go into the event log.
+        assert "44.06" not in log_text(app)
+
+
+def test_countdown_format():
+    assert format_countdown(14 * 86_400 + 18 * 3_600 + 3 * 60 + 12.9) == "14d 18h 03m 12s"
+    assert format_countdown(59) == "0d 00h 00m 59s"
+    assert format_countdown(0) == "expired"
+
+
+async def test_store_error_exits_with_a_clear_message(config, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("not a directory")
+    app, _ = build(config, not_a_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.error is not None, "the start-up error")
+    assert app.return_code == 1
+    assert app.error is not None and "cannot open the token store" in app.error
+    assert "Traceback" not in app.error
+
+
+async def test_q_stops_the_engine_and_quits(config, data_dir):
+    app, engine = build(config, data_dir, FIX)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        worker = app.engine_worker
+        assert worker is not None
+        await pilot.press("q")
+        await wait_until(pilot, lambda: worker.is_finished, "the engine worker to finish")
+    assert app.return_code == 0 and app.error is None
+    assert worker.state.name == "SUCCESS"       # engine.run() returned: the store is closed
+    assert count_in_store(data_dir) == len(TOKENS)
+
+
+# -- declare positive ---------------------------------------------------------------------
+
+
+async def test_declare_key_then_cancel_declares_nothing(config, data_dir):
+    app, _ = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await pilot.press("d")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDeclareScreen),
+                         "the confirmation dialog")
+        dialog = app.screen
+        assert isinstance(dialog, ConfirmDeclareScreen)
+        assert dialog.question == (
+            "Upload all 3 tokens and delete them from this device once the broker has them?")
+        depth = len(app.screen_stack)
+        await pilot.press("d")              # inert while the dialog is open
+        await pilot.pause()
+        assert len(app.screen_stack) == depth
+        await pilot.click("#cancel")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmDeclareScreen),
+                         "the dialog to close")
+        await pilot.pause()
+        assert "cancelled" in log_text(app)
+        assert "positive_pending" not in log_text(app)
+        assert pending_in_store(data_dir) == {}
+        assert all(app.main_screen.tokens.get_cell(t, "upload").plain == "" for t in TOKENS)
+    assert count_in_store(data_dir) == len(TOKENS)
+
+
+async def test_declare_from_palette_then_confirm_keeps_tokens_pending(config, data_dir):
+    app, _ = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await pilot.press("ctrl+p")
+        await wait_until(pilot, lambda: isinstance(app.screen, CommandPalette), "the palette")
+        await pilot.press(*"declare")
+
+        def offered() -> bool:
+            results = app.screen.query(CommandList)
+            return bool(results) and results.first().option_count > 0 and (
+                "Declare positive" in str(results.first().get_option_at_index(0).prompt))
+
+        await wait_until(pilot, offered, "the Declare positive command")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDeclareScreen),
+                         "the confirmation dialog")
+        await pilot.click("#declare")
+        # The broker is down: the upload fails, the tokens are kept and marked pending.
+        await wait_until(pilot, lambda: "positive_pending" in log_text(app),
+                         "a positive_pending line in the log")
+        pending = pending_in_store(data_dir)
+        assert len(pending) == 1 and sorted(next(iter(pending.values()))) == sorted(TOKENS)
+        assert count_in_store(data_dir) == len(TOKENS)
+        await wait_until(pilot, lambda: all(
+            app.main_screen.tokens.get_cell(t, "upload").plain for t in TOKENS),
+            "the pending markers")
+        assert "3 pending upload" in rendered(app.main_screen.tokens)
+        assert "3 tokens marked for upload" in log_text(app)
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+async def test_exposure_banner_appears_on_alert(config, data_dir):
+    app, engine = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        banner = app.main_screen.banner
+        assert not banner.display
+        engine.emit(ExposureAlert(count=2))
+        await wait_until(pilot, lambda: banner.display, "the exposure banner")
+        await pilot.pause()
+        text = rendered(banner)
+        assert "EXPOSURE ALERT" in text and "2 tokens" in text
+        assert "exposure_alert" in log_text(app)
+
+
+async def test_exposure_banner_shown_at_start_for_past_alerts(config, data_dir):
+    store = TokenStore.in_dir(data_dir)
+    assert store.match_positives([TOKENS[0]], datetime.now(UTC)) == 1   # records an alert
+    store.close()
+    app, _ = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.main_screen.banner.display, "the exposure banner")
+        await pilot.pause()
+        assert "1 token stored on this device was declared positive" in rendered(
+            app.main_screen.banner)
+        assert app.main_screen.tokens.row_count == len(TOKENS) - 1
+
+
+async def test_remote_text_is_never_markup(config, data_dir):
+    app, engine = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        engine.emit(BrokerDisconnected(reason=MARKUP, retry_in_s=0.5))
+        engine.emit(MatchFound(peer=1, role="offerer"))
+        engine.emit(HandshakeProgress(peer=1, state="connecting"))
+        engine.emit(HandshakeFailed(peer=1, reason=MARKUP))
+        engine.emit(GpsLost(reason=MARKUP))
+        engine.emit(EngineError(message=MARKUP))
+        engine.emit(PositivePending(count=1, reason=MARKUP, retry_in_s=1.0))
+        matches = app.main_screen.matches
+        await wait_until(pilot, lambda: "positive_pending" in log_text(app), "the events")
+        await pilot.pause()
+        assert matches.get_cell("1", "reason").plain == MARKUP
+        assert matches.get_cell("1", "state").plain == "failed"
+        assert MARKUP in rendered(matches)
+        session = rendered(app.main_screen.session)
+        assert "peer[/]" in session and "no fix" in session
+        assert log_text(app).count(MARKUP) == 4
+        assert app.is_running and app.error is None
+
+
+async def test_floods_are_merged_and_tables_follow(config, data_dir):
+    dispatched: list[Event] = []
+
+    def hook(message: Message) -> None:
+        if isinstance(message, EngineEvent):
+            dispatched.append(message.event)
+
+    app, engine = build(config, data_dir)
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        await started(pilot, app)
+        before = sum(isinstance(e, GpsFix) for e in dispatched)
+        for i in range(300):                    # 300 fixes queued at once
+            engine.emit(GpsFix(latitude=44.0 + i * 1e-6, longitude=-1.0, accuracy_m=3.0,
+                               mode=2, satellites_used=5, satellites_visible=9))
+        for peer in range(1, 51):               # 50 matches, each through its handshake
+            engine.emit(MatchFound(peer=peer, role="answerer"))
+            for state in ("connecting", "exchanging", "stored"):
+                engine.emit(HandshakeProgress(peer=peer, state=state))
+        new_token = "f" * 64
+        engine.emit(TokenStored(peer=50, token=new_token,
+                                expires_at=expiry_for(datetime.now(UTC))))
+        main = app.main_screen
+        await wait_until(pilot, lambda: main.tokens.row_count == len(TOKENS) + 1,
+                         "the new token")
+        fixes = sum(isinstance(e, GpsFix) for e in dispatched) - before
+        print(f"300 queued GPS fixes were dispatched as {fixes} message(s)")
+        assert fixes <= 2
+        assert main.session.fix is not None and main.session.fix.latitude == 44.0 + 299e-6
+        assert "44.000299" in rendered(main.session) and "2D fix" in rendered(main.session)
+        assert main.matches.row_count == 50
+        assert all(main.matches.get_cell(str(p), "state").plain == "stored"
+                   for p in range(1, 51))
+        assert main.tokens.get_cell(new_token, "token").plain == "ffffffff…"
