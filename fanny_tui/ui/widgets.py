@@ -382,9 +382,8 @@ class ExposureBanner(Static):
             return
         self.total += count
         verb = "was" if self.total == 1 else "were"
-        self.update(Text(
-            f"⚠ EXPOSURE ALERT: {_plural(self.total, 'token')} stored on this device {verb} "
-            "declared positive. You were near someone who later declared positive."))
+        self.update(Text(f"⚠ EXPOSURE ALERT: {_plural(self.total, 'stored token')} {verb} "
+                         "declared positive: you may have been exposed."))
         self.add_class("-visible")
 
 
