@@ -18,9 +18,10 @@ import random
 import ssl
 from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import websockets
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection, connect, process_exception
 
 from .events import BrokerConnected, BrokerDisconnected, Event
 from .protocol.errors import MessageError, RemoteProtocolError
@@ -63,10 +64,13 @@ def backoff(min_s: float, max_s: float) -> Callable[[], Generator[float]]:
     return delays
 
 
-def _connect(url: str, ssl_context: ssl.SSLContext | None, **kwargs: object) -> connect:
-    extra: dict[str, object] = {"ssl": ssl_context} if url.startswith("wss:") else {}
-    return connect(url, proxy=None, compression=None, max_size=MAX_FRAME_BYTES,
-                   user_agent_header=USER_AGENT, open_timeout=10, **extra, **kwargs)
+def _connect(url: str, ssl_context: ssl.SSLContext | None, **kwargs: Any) -> connect:
+    options: dict[str, Any] = {"proxy": None, "compression": None, "max_size": MAX_FRAME_BYTES,
+                               "user_agent_header": USER_AGENT, "open_timeout": 10}
+    if url.startswith("wss:"):
+        options["ssl"] = ssl_context
+    options.update(kwargs)
+    return connect(url, **options)
 
 
 class BrokerLink:
@@ -116,9 +120,16 @@ class BrokerLink:
             return False
         return True
 
+    def _on_connect_error(self, exc: Exception) -> Exception | None:
+        """Report a failed connection attempt, then let websockets decide whether to retry."""
+        verdict = process_exception(exc)
+        if verdict is None:
+            self._on_event(BrokerDisconnected(reason=_describe(exc), retry_in_s=self._min))
+        return verdict
+
     async def run(self) -> None:
         """Connect, say hello, dispatch messages; reconnect forever. Cancel to stop."""
-        async for ws in _connect(self.url, self._ssl,
+        async for ws in _connect(self.url, self._ssl, process_exception=self._on_connect_error,
                                  reconnect_delays=backoff(self._min, self._max)):
             reason = "closed by the broker"
             try:
@@ -147,6 +158,11 @@ class BrokerLink:
             finally:
                 self._ws = None
             self._on_event(BrokerDisconnected(reason=reason, retry_in_s=self._min))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class AnonymousChannel:
