@@ -1,0 +1,546 @@
+"""The aiortc adapter that runs one witness exchange over a WebRTC data channel (paper 3, step 5).
+
+:func:`run_witness` joins three things:
+
+* the broker, through a :class:`Signaling` object that carries exactly one SDP offer and one SDP
+  answer (aiortc gathers every ICE candidate inside ``setLocalDescription()``: no trickle ICE);
+* an ``RTCPeerConnection`` with one data channel labelled :data:`CHANNEL_LABEL`, opened by the
+  initiator (RFC 8831, DCEP RFC 8832);
+* the sans-I/O state machine :class:`~fanny_tui.protocol.handshake.WitnessHandshake`, fed with
+  what happens on the channel and drained of the frames to send and the token to store.
+
+``aiortc`` (which imports PyAV, ~55 MiB) is imported only when an exchange starts: importing this
+module costs nothing.
+
+Restricting the ICE host candidates (``webrtc.host_addresses``)
+----------------------------------------------------------------
+aioice has no option for it: ``aioice.ice.get_host_addresses()`` enumerates every interface
+(always leaving out 127.0.0.1 and ``::1``) and is looked up as a module global each time
+candidates are gathered. :func:`install_host_address_filter` replaces it, once per process, with
+a wrapper that reads the context variable behind :func:`restrict_host_addresses`:
+
+* variable unset (``None``): the original function, untouched behaviour;
+* variable set: exactly the configured addresses (IPv4 ones when aioice asks for IPv4, IPv6 ones
+  when it asks for IPv6), loopback included.
+
+:func:`run_witness` sets the variable only around its own ``setLocalDescription()`` call, where
+aiortc gathers. asyncio tasks copy the context when they are created, so the restriction is
+scoped to that exchange: another exchange or any other aioice user in the same process keeps its
+own setting. After gathering, the local SDP is checked: an ``a=candidate`` line whose address is
+outside ``host_addresses`` (relay candidates from a configured TURN server excepted) fails the
+exchange with ``candidate_outside_allowed`` before anything is sent to the broker. An empty
+``host_addresses`` means no restriction (every interface, aioice's default).
+
+Timing and closing
+------------------
+One overall timer of ``timeout_s`` seconds covers signaling, ICE, DTLS, SCTP and the exchange:
+aiortc notices a vanished peer only after ~30 s (and reports ``closed``, not ``failed``), and with
+no usable candidate pair its state never changes at all. When the timer fires the machine's
+``timeout()`` is called, its ``abort`` frame is flushed if the channel is still open, and
+``HandshakeFailed("timeout")`` is returned. One exception keeps results truthful: when a
+``store_token`` call is already running in its thread, it is awaited and its outcome decides,
+so ``HandshakeFailed`` always means that this exchange stored nothing on this side.
+
+The last frame is delivered before closing: the initiator closes as soon as it completes (it has
+nothing left to send); the responder, once completed, waits up to :data:`LINGER_S` seconds for
+the initiator to close first, so that its ``ack`` has arrived. Frames still queued on the channel
+are given up to :data:`FLUSH_S` seconds to leave. The peer connection is always closed before
+:func:`run_witness` returns or raises.
+
+Partial outcomes
+----------------
+The responder stores first and acknowledges; the initiator stores on the ack (paper 3, step 5).
+If the initiator's store fails (or the ack is lost), the responder keeps its token and the
+initiator has none. This is acceptable: a token held by one side only is harmless. It cannot be
+matched to anyone, it reveals nothing and it expires like any other.
+
+Privacy
+-------
+Contact IDs travel only on the data channel, never through :class:`Signaling`. Nothing here logs a
+contact ID, a session ID, a token or an SDP: only ``role`` and state names, at DEBUG level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from .config import WebRtcConfig
+from .protocol.handshake import (
+    HandshakeCompleted,
+    HandshakeFailed,
+    HandshakeState,
+    StoreToken,
+    WitnessHandshake,
+)
+
+if TYPE_CHECKING:
+    from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
+
+__all__ = [
+    "CHANNEL_LABEL",
+    "FLUSH_S",
+    "LINGER_S",
+    "Signaling",
+    "candidates_outside",
+    "install_host_address_filter",
+    "restrict_host_addresses",
+    "run_witness",
+]
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_LABEL = "fanny-witness"
+"""Label of the data channel the initiator opens."""
+
+LINGER_S = 2.0
+"""Seconds a completed responder waits for the initiator to close (its ack must arrive)."""
+
+FLUSH_S = 0.5
+"""Seconds given to frames still queued on the data channel before the connection closes."""
+
+_POLL_S = 0.005
+
+_allowed_host_addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "fanny_ice_host_addresses", default=None
+)
+
+
+class Signaling(Protocol):
+    """The path to the peer through the broker: one offer, one answer (WebRTC JSEP, RFC 8829).
+
+    Implementations may raise any exception when the broker link fails; :func:`run_witness`
+    then fails the exchange with ``signaling_failed``.
+    """
+
+    async def send(self, sdp_type: str, sdp: str) -> None:
+        """Send ``sdp`` (``"offer"`` or ``"answer"``) to the peer, via the broker."""
+        ...
+
+    async def receive(self) -> tuple[str, str]:
+        """Wait for the next ``(sdp_type, sdp)`` from the peer."""
+        ...
+
+
+class _Abandon(Exception):
+    """Internal: the exchange stops before the data channel carried anything."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -- ICE host address restriction -------------------------------------------------------------
+
+
+def install_host_address_filter() -> None:
+    """Replace ``aioice.ice.get_host_addresses`` with the context-aware wrapper, once.
+
+    Idempotent. While no :func:`restrict_host_addresses` scope is active the wrapper calls the
+    original function, so installing it changes nothing by itself. Imports aioice.
+    """
+    from aioice import ice
+
+    current = ice.get_host_addresses
+    if getattr(current, "_fanny_filter", False):
+        return
+    original: Callable[[bool, bool], list[str]] = current
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        allowed = _allowed_host_addresses.get()
+        if allowed is None:
+            return original(use_ipv4, use_ipv6)
+        wanted = {4: use_ipv4, 6: use_ipv6}
+        return [a for a in allowed if wanted[ipaddress.ip_address(a).version]]
+
+    get_host_addresses._fanny_filter = True  # type: ignore[attr-defined]
+    get_host_addresses.__wrapped__ = original  # type: ignore[attr-defined]
+    get_host_addresses.__doc__ = (
+        "aioice's get_host_addresses, restricted by fanny_tui.peer.restrict_host_addresses()."
+    )
+    ice.get_host_addresses = get_host_addresses
+
+
+def _canonical_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
+    canonical: list[str] = []
+    for address in addresses:
+        try:
+            canonical.append(str(ipaddress.ip_address(address)))
+        except ValueError:
+            raise ValueError(f"host_addresses: {address!r} is not an IP address") from None
+    return tuple(canonical)
+
+
+@contextlib.contextmanager
+def restrict_host_addresses(addresses: Iterable[str]) -> Iterator[tuple[str, ...]]:
+    """Within this block (and tasks created in it), aioice offers only ``addresses`` as hosts.
+
+    Call :func:`install_host_address_filter` first for it to have any effect.
+
+    Args:
+        addresses: IP addresses (text) to bind host candidates to; empty means no restriction.
+
+    Yields:
+        The addresses in canonical text, as they will appear in candidates.
+
+    Raises:
+        ValueError: an address is not an IP address.
+    """
+    allowed = _canonical_addresses(addresses)
+    token = _allowed_host_addresses.set(allowed if allowed else None)
+    try:
+        yield allowed
+    finally:
+        _allowed_host_addresses.reset(token)
+
+
+def candidates_outside(sdp: str, allowed: Iterable[str]) -> list[str]:
+    """The addresses of the SDP's ``a=candidate`` lines (RFC 8839) that are not allowed.
+
+    Relay candidates (``typ relay``, from a configured TURN server) are always allowed; host,
+    server-reflexive and peer-reflexive ones must use an address of ``allowed``.
+
+    Args:
+        sdp: session description text.
+        allowed: allowed IP addresses (text).
+
+    Returns:
+        The offending addresses in order (``"?"`` for a line that cannot be parsed); empty when
+        every candidate is allowed.
+    """
+    allowed_ips = {ipaddress.ip_address(a) for a in allowed}
+    bad: list[str] = []
+    for line in sdp.splitlines():
+        if not line.startswith("a=candidate:"):
+            continue
+        fields = line[len("a=candidate:"):].split()
+        if len(fields) < 8 or fields[6] != "typ":
+            bad.append("?")
+            continue
+        address, kind = fields[4], fields[7]
+        if kind == "relay":
+            continue
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            bad.append(address)
+            continue
+        if ip not in allowed_ips:
+            bad.append(address)
+    return bad
+
+
+def _rtc_configuration(webrtc: WebRtcConfig) -> RTCConfiguration:
+    """An explicit configuration: the configured ICE servers only (never aiortc's default)."""
+    from aiortc import RTCConfiguration, RTCIceServer
+
+    servers = [
+        RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+        for s in webrtc.ice_servers
+    ]
+    return RTCConfiguration(iceServers=servers)
+
+
+def _describe(exc: BaseException) -> str:
+    """Short text for an exception: its class, plus strerror for OS errors (no paths, no IDs)."""
+    name = type(exc).__name__
+    strerror = getattr(exc, "strerror", None)
+    return f"{name} ({strerror})" if isinstance(strerror, str) and strerror else name
+
+
+# -- one exchange ------------------------------------------------------------------------------
+
+
+class _Exchange:
+    """Glue between one RTCPeerConnection / data channel and one WitnessHandshake."""
+
+    def __init__(
+        self,
+        machine: WitnessHandshake,
+        pc: RTCPeerConnection,
+        store_token: Callable[[str], bool],
+        on_progress: Callable[[str], None],
+    ) -> None:
+        self.machine = machine
+        self.pc = pc
+        self.channel: RTCDataChannel | None = None
+        self.inputs: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.result: HandshakeCompleted | HandshakeFailed | None = None
+        self.store_task: asyncio.Task[bool] | None = None
+        self._store_token = store_token
+        self._on_progress = on_progress
+        self._exchanging = False
+        self._last_state = machine.state
+        pc.on("connectionstatechange", self._on_connection_state)
+
+    # callbacks from aiortc (synchronous, on the event loop)
+
+    def _on_connection_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self.inputs.put_nowait(("closed", None))
+
+    def attach(self, channel: RTCDataChannel) -> None:
+        """Use ``channel`` for the exchange (the first one with our label)."""
+        if self.channel is not None or channel.label != CHANNEL_LABEL:
+            return
+        self.channel = channel
+        channel.on("open", lambda: self.inputs.put_nowait(("open", None)))
+        channel.on("message", lambda data: self.inputs.put_nowait(("message", data)))
+        channel.on("close", lambda: self.inputs.put_nowait(("closed", None)))
+        if channel.readyState == "open":
+            self.inputs.put_nowait(("open", None))
+
+    # driving the machine
+
+    def _log_state(self) -> None:
+        state = self.machine.state
+        if state is not self._last_state:
+            logger.debug("witness %s: %s -> %s", self.machine.role, self._last_state.value,
+                         state.value)
+            self._last_state = state
+
+    def feed(self, kind: str, data: Any) -> None:
+        """Give one input to the machine."""
+        if kind == "open":
+            if not self._exchanging:
+                self._exchanging = True
+                self._on_progress("exchanging")
+            # The peer's first frame may already have opened the machine.
+            if self.machine.state is HandshakeState.IDLE:
+                self.machine.channel_open()
+        elif kind == "message":
+            self.machine.receive_data(data)
+        elif kind == "closed":
+            self.machine.channel_closed()
+        self._log_state()
+
+    def send_pending(self) -> None:
+        """Send the machine's frames if the channel is open; drop them otherwise."""
+        channel = self.channel
+        for frame in self.machine.data_to_send():
+            if channel is None or channel.readyState != "open":
+                continue
+            try:
+                channel.send(frame)
+            except ValueError:  # over the peer's max-message-size: cannot happen for ours
+                logger.debug("witness %s: frame not sent (too large)", self.machine.role)
+
+    async def pump(self) -> None:
+        """Send frames and act on events until the machine waits for input again."""
+        while True:
+            self.send_pending()
+            events = self.machine.events()
+            if not events:
+                return
+            for event in events:
+                if isinstance(event, StoreToken):
+                    await self.store(event.token)
+                else:
+                    self.result = event
+
+    async def store(self, token: str) -> None:
+        """Run ``store_token`` in a thread and report the outcome to the machine."""
+        self.store_task = asyncio.ensure_future(asyncio.to_thread(self._store_token, token))
+        await asyncio.wait({self.store_task})  # not cancelled with us: see on_timeout()
+        self.report_store()
+
+    def report_store(self) -> None:
+        """Feed the finished store call's outcome to the machine (if it still waits for it)."""
+        task = self.store_task
+        assert task is not None and task.done()
+        if self.machine.state is not HandshakeState.STORING:
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.debug("witness %s: store failed (%s)", self.machine.role, type(exc).__name__)
+            self.machine.store_failed(_describe(exc))
+        else:
+            self.machine.token_stored(bool(task.result()))
+        self._log_state()
+
+    async def drive(self) -> None:
+        """Feed inputs until the exchange reaches a terminal state."""
+        while self.result is None:
+            kind, data = await self.inputs.get()
+            self.feed(kind, data)
+            await self.pump()
+
+    async def on_timeout(self) -> None:
+        """The overall timer fired: fail the exchange, unless a store call is already running."""
+        if self.machine.state is HandshakeState.STORING and self.store_task is not None:
+            await asyncio.wait({self.store_task})
+            self.report_store()
+        else:
+            self.machine.timeout()
+            self._log_state()
+        self.send_pending()
+        for event in self.machine.events():
+            if not isinstance(event, StoreToken):
+                self.result = event
+
+    async def finish(self) -> None:
+        """Let the last frames leave, and let a completed responder's ack arrive."""
+        channel = self.channel
+        if channel is None or channel.readyState != "open":
+            return
+        deadline = time.monotonic() + FLUSH_S
+        while channel.bufferedAmount > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_S)
+        if self.machine.role == "responder" and isinstance(self.result, HandshakeCompleted):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LINGER_S):
+                    while True:
+                        kind, data = await self.inputs.get()
+                        if kind == "closed":
+                            return
+                        self.feed(kind, data)  # terminal: ignored by the machine
+                        self.machine.data_to_send()
+                        self.machine.events()
+
+    async def settle_store(self) -> None:
+        """Wait for a store call still running in its thread (never leave it behind)."""
+        task = self.store_task
+        if task is not None and not task.done():
+            await asyncio.wait({task})
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+async def _set_local(pc: RTCPeerConnection, description: Any, allowed: tuple[str, ...]) -> str:
+    """setLocalDescription() with host candidates restricted; returns the local SDP."""
+    with restrict_host_addresses(allowed):
+        await pc.setLocalDescription(description)
+    sdp: str = pc.localDescription.sdp
+    if allowed and candidates_outside(sdp, allowed):
+        raise _Abandon("candidate_outside_allowed")
+    return sdp
+
+
+async def _receive(signaling: Signaling, expected: str) -> str:
+    try:
+        sdp_type, sdp = await signaling.receive()
+    except Exception as exc:  # the broker link is someone else's: any failure ends this exchange
+        raise _Abandon(f"signaling_failed: {type(exc).__name__}") from None
+    if sdp_type != expected:
+        raise _Abandon("unexpected_signal")
+    return sdp
+
+
+async def _send(signaling: Signaling, sdp_type: str, sdp: str) -> None:
+    try:
+        await signaling.send(sdp_type, sdp)
+    except Exception as exc:
+        raise _Abandon(f"signaling_failed: {type(exc).__name__}") from None
+
+
+async def _set_remote(pc: RTCPeerConnection, sdp: str, sdp_type: str) -> None:
+    from aiortc import RTCSessionDescription
+
+    if not any(line.startswith("m=application ") for line in sdp.splitlines()):
+        raise _Abandon("bad_sdp")  # no data channel section: this exchange could never start
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=sdp_type))
+    except Exception:  # remote text parsed by aiortc: any parse or validation error
+        raise _Abandon("bad_sdp") from None
+
+
+async def _negotiate(
+    role: str, pc: RTCPeerConnection, exchange: _Exchange, signaling: Signaling,
+    allowed: tuple[str, ...],
+) -> None:
+    """One offer, one answer (no trickle ICE: each SDP holds every candidate)."""
+    if role == "initiator":
+        exchange.attach(pc.createDataChannel(CHANNEL_LABEL))
+        offer = await pc.createOffer()
+        await _send(signaling, "offer", await _set_local(pc, offer, allowed))
+        await _set_remote(pc, await _receive(signaling, "answer"), "answer")
+    else:
+        pc.on("datachannel", exchange.attach)
+        await _set_remote(pc, await _receive(signaling, "offer"), "offer")
+        answer = await pc.createAnswer()
+        await _send(signaling, "answer", await _set_local(pc, answer, allowed))
+
+
+async def run_witness(
+    *,
+    role: Literal["initiator", "responder"],
+    contact_id: str,
+    signaling: Signaling,
+    webrtc: WebRtcConfig,
+    store_token: Callable[[str], bool],
+    timeout_s: float,
+    on_progress: Callable[[str], None] = lambda s: None,
+) -> HandshakeCompleted | HandshakeFailed:
+    """Run one witness exchange with a matched peer (paper section 3, steps 3-5).
+
+    The initiator opens the data channel and sends the offer; the responder answers. Over the
+    channel both send their contact ID, the initiator crafts the token, the responder checks and
+    stores it and acks, then the initiator stores it.
+
+    Args:
+        role: ``"initiator"`` or ``"responder"``, as given by the broker's match.
+        contact_id: this device's contact ID (canonical UUIDv4). Sent only on the data channel.
+        signaling: carries the offer and the answer through the broker.
+        webrtc: ICE servers (none by default: never a public STUN server) and the host
+            addresses allowed for ICE candidates (see the module docstring).
+        store_token: stores a token and returns True if it was new, False if already stored;
+            it runs in a worker thread; any exception it raises (``StoreError``, ``OSError``,
+            ...) fails the exchange with ``store_failed: <ExceptionClass>``.
+        timeout_s: seconds for the whole exchange, from the first signal to the ack. A
+            completed responder may then wait up to :data:`LINGER_S` more for the peer to close,
+            and queued frames up to :data:`FLUSH_S`.
+        on_progress: called with ``"connecting"`` before the offer/answer and ``"exchanging"``
+            when the data channel opens. Must not raise.
+
+    Returns:
+        :class:`HandshakeCompleted` (``new`` False when the token was already stored) or
+        :class:`HandshakeFailed` with a reason such as ``timeout``, ``channel_closed``,
+        ``peer_aborted: ...``, ``store_failed: ...``, ``token_mismatch``, ``bad_sdp``,
+        ``unexpected_signal``, ``signaling_failed: ...`` or ``candidate_outside_allowed``.
+        A failed exchange stored nothing on this side.
+
+    Raises:
+        ValueError: bad role, contact ID, timeout or host address.
+        asyncio.CancelledError: the caller cancelled; the connection is closed first.
+    """
+    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    machine = WitnessHandshake(role, contact_id)
+    allowed = _canonical_addresses(webrtc.host_addresses)
+
+    from aiortc import RTCPeerConnection
+
+    install_host_address_filter()
+    pc = RTCPeerConnection(configuration=_rtc_configuration(webrtc))
+    exchange = _Exchange(machine, pc, store_token, on_progress)
+    abandoned: str | None = None
+    logger.debug("witness %s: start", role)
+    try:
+        on_progress("connecting")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await _negotiate(role, pc, exchange, signaling, allowed)
+                await exchange.drive()
+        except TimeoutError:
+            logger.debug("witness %s: timeout", role)
+            await exchange.on_timeout()
+        except _Abandon as stop:
+            logger.debug("witness %s: abandoned", role)
+            abandoned = stop.reason
+        if abandoned is None:
+            await exchange.finish()
+    finally:
+        await exchange.settle_store()
+        await pc.close()
+        logger.debug("witness %s: closed", role)
+    if abandoned is not None:
+        return HandshakeFailed(reason=abandoned)
+    assert exchange.result is not None
+    return exchange.result
