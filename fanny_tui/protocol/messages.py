@@ -213,6 +213,8 @@ _client_decoder = msgspec.json.Decoder(ClientToBroker)
 _broker_decoder = msgspec.json.Decoder(BrokerToClient)
 _peer_decoder = msgspec.json.Decoder(PeerMessage)
 _UNKNOWN_RE = re.compile(r"^Object contains unknown field `([^`]*)`")
+_MISSING_RE = re.compile(r"^Object missing required field `([^`]*)`")
+_OWN_CHECK_RE = re.compile(r"^([a-z_][a-z0-9_]*) must ")  # our __post_init__ checks: "<field> must"
 _FIELD_RE = re.compile(r" - at `\$((?:\.[A-Za-z_]\w*|\[\d+\])*)`$")
 
 
@@ -236,6 +238,11 @@ def _decode(decoder: msgspec.json.Decoder, data: str | bytes, channel: str):  # 
             name = unknown.group(1)
             raise MessageError(text, field=f"{field}.{name}" if field else name,
                                code="unknown_field") from None
+        # A missing field, or one of our own checks, names the field itself, not its object.
+        named = _MISSING_RE.match(text) or _OWN_CHECK_RE.match(text)
+        if named:
+            name = named.group(1)
+            field = f"{field}.{name}" if field else name
         raise MessageError(text, field=field) from None
     except msgspec.DecodeError as exc:
         raise MessageError(f"not valid JSON: {exc}") from None
