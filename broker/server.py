@@ -1,0 +1,627 @@
+"""The broker's WebSocket server: decode -> state / board -> encode (paper sections 3 and 4).
+
+One endpoint; the first accepted message of a connection decides its kind:
+
+* ``hello`` -> a **session** connection (answered with ``welcome``), then ``position``,
+  ``position_lost`` and ``signal``; the broker sends ``match`` and relayed ``signal``.
+* ``positive_upload`` or ``positives_poll`` -> an **anonymous** connection, which never
+  carries a session ID: ``hello`` is refused on it, and uploads and polls are refused on a
+  session connection, so a positive upload can never be linked to a session.
+
+Every refusal is an ``error`` message ``{code, message, field}``; the connection stays open
+(an oversized frame is the exception: websockets closes it with 1009). Each connection has
+its own bounded outgoing queue, so a client that stops reading is closed (1008) instead of
+slowing down the others.
+
+Privacy: session IDs and positions live in :class:`~broker.state.BrokerState` (memory only).
+Logs carry counts only: never a session ID, a position, a token or a client address (the
+websockets library logger is limited to WARNING and above, because its DEBUG output contains
+frames and headers). ``GET /healthz`` answers ``{"status": "ok", ...counts}``.
+
+Use :func:`start_broker` (an async context manager); ``python -m broker serve`` runs it until
+SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from fanny_tui.protocol.errors import MessageError
+from fanny_tui.protocol.messages import (
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Match,
+    Position,
+    PositionLost,
+    PositiveAck,
+    Positives,
+    PositivesPoll,
+    PositiveUpload,
+    Signal,
+    Welcome,
+    decode_client_message,
+    encode,
+)
+
+from . import Refusal
+from .positives import DEFAULT_MAX_EXPIRY_AHEAD, BoardError, PositiveBoard, SqlitePositiveBoard
+from .state import BrokerState
+
+logger = logging.getLogger("broker.server")
+
+Recorder = Callable[[str, str], None]
+"""``recorder(kind, raw)``: called with every frame received; kind is ``"session"``,
+``"anonymous"`` or ``"unknown"`` (the connection's kind is not decided yet)."""
+
+_REASON_MAX = 200
+_CLOSE_REPLACED = 4000
+_CLOSE_TOO_SLOW = 1008
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def _check_number(name: str, value: object, *, low: float = 0.0, high: float = math.inf,
+                  low_open: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"BrokerSettings.{name}: expected a finite number, got {value!r}")
+    if (value <= low if low_open else value < low) or value > high:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        top = "" if high == math.inf else f" and <= {high:g}"
+        raise ValueError(f"BrokerSettings.{name}: expected a number {bound}{top}, got {value!r}")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"BrokerSettings.{name}: expected an integer in [{low}, {high}], "
+                         f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Everything the broker needs to run. Validated when built.
+
+    Attributes:
+        host: address to bind (``127.0.0.1``; ``::1`` or ``0.0.0.0`` behind a reverse proxy).
+        port: TCP port; 0 picks a free one (see :attr:`RunningBroker.port`).
+        db_path: the SQLite file of the positive-token board.
+        radius_max_m: the largest matching radius, metres (also the grid cell size).
+        cooldown_s: seconds before the same pair of sessions can match again.
+        position_timeout_s: seconds after which a position without update is dropped.
+        route_ttl_s: seconds after a match during which the pair may signal (None: cooldown_s).
+        poll_limit: the most tokens in one ``positives`` answer.
+        max_message_bytes: the largest frame accepted; larger ones close the connection (1009).
+        max_expiry_ahead_s: how far ahead an uploaded expiry may be, seconds (default 16 days:
+            the 15-day lifetime plus the rounding to the deletion hour).
+        housekeeping_interval_s: seconds between two expiries of stale positions.
+        purge_interval_s: seconds between two purges of expired positive tokens.
+        first_message_timeout_s: a connection that sends no valid first message in this many
+            seconds is closed.
+        ping_interval_s / ping_timeout_s: WebSocket keepalive, seconds (None disables).
+        outbox_size: messages queued for one client before it counts as too slow and is closed.
+
+    Raises:
+        ValueError: a value is out of range; the message names the attribute.
+    """
+
+    host: str
+    port: int
+    db_path: str | Path
+    radius_max_m: float = 100.0
+    cooldown_s: float = 300.0
+    position_timeout_s: float = 60.0
+    route_ttl_s: float | None = None
+    poll_limit: int = 1000
+    max_message_bytes: int = 64 * 1024
+    max_expiry_ahead_s: float = DEFAULT_MAX_EXPIRY_AHEAD.total_seconds()
+    housekeeping_interval_s: float = 5.0
+    purge_interval_s: float = 60.0
+    first_message_timeout_s: float = 30.0
+    ping_interval_s: float | None = 20.0
+    ping_timeout_s: float | None = 20.0
+    outbox_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"BrokerSettings.host: expected a host name or address, "
+                             f"got {self.host!r}")
+        _check_int("port", self.port, 0, 65535)
+        if not isinstance(self.db_path, str | Path) or not str(self.db_path):
+            raise ValueError(f"BrokerSettings.db_path: expected a file path, got {self.db_path!r}")
+        _check_number("radius_max_m", self.radius_max_m, high=10_000.0)
+        _check_number("cooldown_s", self.cooldown_s)
+        _check_number("position_timeout_s", self.position_timeout_s)
+        if self.route_ttl_s is not None:
+            _check_number("route_ttl_s", self.route_ttl_s)
+        _check_int("poll_limit", self.poll_limit, 1, 100_000)
+        _check_int("max_message_bytes", self.max_message_bytes, 1024, 16 * 1024 * 1024)
+        _check_number("max_expiry_ahead_s", self.max_expiry_ahead_s)
+        _check_number("housekeeping_interval_s", self.housekeeping_interval_s)
+        _check_number("purge_interval_s", self.purge_interval_s)
+        _check_number("first_message_timeout_s", self.first_message_timeout_s)
+        if self.ping_interval_s is not None:
+            _check_number("ping_interval_s", self.ping_interval_s)
+        if self.ping_timeout_s is not None:
+            _check_number("ping_timeout_s", self.ping_timeout_s)
+        _check_int("outbox_size", self.outbox_size, 1, 1_000_000)
+
+
+# --- logging -------------------------------------------------------------------------------
+
+
+class _LibraryLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The websockets library's logger, limited to WARNING and above.
+
+    Its DEBUG lines contain every frame (session IDs, positions, tokens) and every request
+    header; its INFO lines are one per connection. The broker logs its own counts instead.
+    """
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 (logging API name)
+        return level >= logging.WARNING and self.logger.isEnabledFor(level)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        return msg, kwargs
+
+
+def _log_internal_error(what: str, exc: BaseException) -> None:
+    """Log an unexpected exception without its message (it could quote client data)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    logger.error("internal error %s: %s (message withheld)\n%s", what, type(exc).__name__, frames)
+
+
+# --- per-connection plumbing ---------------------------------------------------------------
+
+
+class _Client:
+    """One WebSocket connection: its kind, its session (if any) and its outgoing queue.
+
+    Every message to the client goes through one queue drained by one writer task, so the
+    client receives them in the order the broker decided them. Answers to the client's own
+    requests (:meth:`reply`) wait while the queue is half full: a client that sends faster
+    than it reads only slows itself down. Messages from other clients' activity
+    (:meth:`post`: matches, relayed signals) never wait: if the queue is full, this client does
+    not read and is closed, so it cannot stall the sender.
+    """
+
+    def __init__(self, ws: ServerConnection, outbox_size: int, tasks: set[asyncio.Task[Any]]):
+        self.ws = ws
+        self.kind = "unknown"
+        self.session_id: str | None = None
+        self.epoch = 0
+        self.replaced = False
+        self.closing = False
+        self._tasks = tasks
+        self._limit = outbox_size
+        self._soft_limit = max(1, outbox_size // 2)
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._space = asyncio.Event()
+        self._dead = False
+        self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                text = await self._queue.get()
+                self._space.set()
+                await self.ws.send(text)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._dead = True
+            self._space.set()
+
+    async def reply(self, message: Any) -> None:
+        """Queue an answer to this client's own request; waits while the queue is half full."""
+        while self._queue.qsize() >= self._soft_limit and not self._dead:
+            self._space.clear()
+            await self._space.wait()
+        if not self._dead:
+            self._queue.put_nowait(encode(message))
+
+    def post(self, message: Any) -> None:
+        """Queue a message caused by another client, without waiting; a full queue closes it."""
+        if self.closing or self._dead:
+            return
+        if self._queue.qsize() >= self._limit:
+            logger.warning("closing a client that does not read its messages (queue full)")
+            self.closing = True
+            self._spawn(self._close_slow())
+            return
+        self._queue.put_nowait(encode(message))
+
+    async def _close_slow(self) -> None:
+        # Its close frame would wait behind everything the client does not read: give the
+        # closing handshake a moment, then drop the TCP connection.
+        try:
+            await asyncio.wait_for(self.ws.close(_CLOSE_TOO_SLOW, "too slow: queue full"), 1.0)
+        except TimeoutError:
+            self.ws.transport.abort()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Start closing the connection in the background."""
+        self._spawn(self.ws.close(code, reason))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def finish(self) -> None:
+        """Stop the writer (the connection is over)."""
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await self._writer
+
+
+def _error(code: str, message: str, field: str | None) -> Error:
+    if len(message) > _REASON_MAX:
+        message = message[: _REASON_MAX - 3] + "..."
+    return Error(code=code[:64], message=message, field=field)
+
+
+def _classify(message: Any) -> str:
+    if isinstance(message, Hello):
+        return "session"
+    if isinstance(message, PositiveUpload | PositivesPoll):
+        return "anonymous"
+    return "unknown"
+
+
+# --- the broker ----------------------------------------------------------------------------
+
+
+class _Broker:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        board: PositiveBoard,
+        recorder: Recorder | None,
+        wall_clock: Callable[[], datetime],
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.board = board
+        self.recorder = recorder
+        self.wall_clock = wall_clock
+        self.monotonic = monotonic
+        self.state = BrokerState(settings.radius_max_m, settings.cooldown_s,
+                                 settings.position_timeout_s, settings.route_ttl_s)
+        self.clients: dict[str, _Client] = {}
+        self.connections = 0
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "connections": self.connections,
+            "sessions": self.state.session_count,
+            "positions": self.state.position_count,
+        }
+
+    # --- HTTP ----------------------------------------------------------------------------
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path != "/healthz":
+            return None
+        body = json.dumps({"status": "ok", **self.counts()}) + "\n"
+        response = connection.respond(HTTPStatus.OK, body)
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
+
+    # --- connections ---------------------------------------------------------------------
+
+    async def handle(self, ws: ServerConnection) -> None:
+        client = _Client(ws, self.settings.outbox_size, self.tasks)
+        self.connections += 1
+        logger.info("connection opened (%d open)", self.connections)
+        try:
+            await self._serve(client)
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # one bad client never harms the others
+            _log_internal_error("in a connection", exc)
+        finally:
+            if client.session_id is not None:
+                if self.state.disconnect(client.session_id, client.epoch):
+                    logger.info("session ended (%d sessions)", self.state.session_count)
+                if self.clients.get(client.session_id) is client:
+                    del self.clients[client.session_id]
+            await client.finish()
+            self.connections -= 1
+            logger.info("connection closed (%d open)", self.connections)
+
+    async def _serve(self, client: _Client) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.first_message_timeout_s
+        while not client.replaced:
+            if client.kind == "unknown":
+                try:
+                    raw = await asyncio.wait_for(client.ws.recv(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    logger.info("closing a connection that sent no valid first message")
+                    await client.ws.close(1008, "no valid first message")
+                    return
+            else:
+                raw = await client.ws.recv()
+            if client.replaced:
+                return
+            try:
+                await self._on_frame(client, raw)
+            except ConnectionClosed:
+                raise
+            except Exception as exc:
+                _log_internal_error("while handling a message", exc)
+                await client.reply(
+                    _error("internal_error", "the broker failed on this message", None))
+
+    def _record(self, kind: str, raw: str | bytes) -> None:
+        if self.recorder is None:
+            return
+        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        try:
+            self.recorder(kind, text)
+        except Exception as exc:
+            _log_internal_error("in the recorder", exc)
+
+    async def _on_frame(self, client: _Client, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            self._record(client.kind, raw)
+            await client.reply(
+                _error("bad_message", "binary frames are not accepted: send JSON text", None))
+            return
+        try:
+            message = decode_client_message(raw)
+        except MessageError as exc:
+            self._record(client.kind, raw)
+            # Only the code: a field name comes from the client and could be anything.
+            logger.debug("refused a message: %s", exc.code)
+            await client.reply(_error(exc.code, str(exc), exc.field))
+            return
+        self._record(client.kind if client.kind != "unknown" else _classify(message), raw)
+        try:
+            if client.kind == "session":
+                await self._on_session_message(client, message)
+            elif client.kind == "anonymous":
+                await self._on_anonymous_message(client, message)
+            else:
+                await self._on_first_message(client, message)
+        except Refusal as exc:
+            logger.debug("refused a message: %s", exc.code)
+            await client.reply(_error(exc.code, str(exc), exc.field))
+
+    async def _on_first_message(self, client: _Client, message: Any) -> None:
+        if isinstance(message, Hello):
+            await self._hello(client, message)
+        elif isinstance(message, PositiveUpload | PositivesPoll):
+            client.kind = "anonymous"
+            logger.info("anonymous connection")
+            await self._on_anonymous_message(client, message)
+        else:
+            raise Refusal("send hello first (or open an anonymous connection for positives)",
+                          code="hello_required", field="type")
+
+    async def _hello(self, client: _Client, hello: Hello) -> None:
+        if hello.protocol != PROTOCOL_VERSION:
+            raise Refusal(f"unsupported protocol version; this broker speaks {PROTOCOL_VERSION}",
+                          code="unsupported_protocol", field="protocol")
+        connected = self.state.connect(hello.session_id, hello.radius_m, self.monotonic())
+        if connected.replaced:
+            old = self.clients.get(hello.session_id)
+            if old is not None and old is not client:
+                old.replaced = True
+                old.close_soon(_CLOSE_REPLACED, "replaced by a newer connection")
+            logger.info("session reconnected (old connection replaced)")
+        client.kind = "session"
+        client.session_id = hello.session_id
+        client.epoch = connected.epoch
+        self.clients[hello.session_id] = client
+        await client.reply(Welcome(radius_m=connected.radius_m,
+                            position_timeout_s=self.settings.position_timeout_s))
+        logger.info("session started (%d sessions)", self.state.session_count)
+
+    async def _on_session_message(self, client: _Client, message: Any) -> None:
+        session_id = client.session_id
+        assert session_id is not None
+        if isinstance(message, Position):
+            notices = self.state.update_position(session_id, message.latitude,
+                                                 message.longitude, message.accuracy_m,
+                                                 self.monotonic())
+            for notice in notices:
+                target = self.clients.get(notice.session_id)
+                if target is not None:
+                    target.post(Match(peer_session_id=notice.peer_session_id, role=notice.role))
+            if notices:
+                logger.info("match (%d sessions with a position)", self.state.position_count)
+        elif isinstance(message, PositionLost):
+            self.state.drop_position(session_id)
+        elif isinstance(message, Signal):
+            self.state.check_route(session_id, message.peer_session_id, self.monotonic())
+            target = self.clients.get(message.peer_session_id)
+            if target is None:
+                raise Refusal("the peer is not connected", code="peer_unavailable",
+                              field="peer_session_id")
+            target.post(Signal(peer_session_id=session_id, sdp_type=message.sdp_type,
+                               sdp=message.sdp))
+            logger.debug("signal relayed (%s)", message.sdp_type)
+        elif isinstance(message, Hello):
+            raise Refusal("hello was already sent on this connection", code="already_hello",
+                          field="type")
+        else:
+            raise Refusal("positive uploads and polls are refused on a session connection: "
+                          "open a separate anonymous connection", code="wrong_connection",
+                          field="type")
+
+    async def _on_anonymous_message(self, client: _Client, message: Any) -> None:
+        if isinstance(message, PositiveUpload):
+            try:
+                count = await asyncio.to_thread(self.board.add, message.upload_id,
+                                                message.tokens, self.wall_clock())
+            except BoardError as exc:
+                logger.error("positive board failure on upload: %s", exc)
+                raise Refusal("the broker could not store the upload; retry later",
+                              code="unavailable", field=None) from None
+            # Sent only now: the tokens are committed (paper section 4, step 2: the device
+            # deletes its tokens when it receives this ack).
+            await client.reply(PositiveAck(upload_id=message.upload_id, count=count))
+            logger.info("positive upload committed (%d tokens)", count)
+        elif isinstance(message, PositivesPoll):
+            try:
+                tokens, cursor, more = await asyncio.to_thread(
+                    self.board.since, message.cursor, self.settings.poll_limit, self.wall_clock())
+            except BoardError as exc:
+                logger.error("positive board failure on poll: %s", exc)
+                raise Refusal("the broker could not read the board; retry later",
+                              code="unavailable", field=None) from None
+            await client.reply(Positives(cursor=cursor, tokens=tokens, more=more))
+            logger.info("positives poll answered (%d tokens)", len(tokens))
+        else:
+            raise Refusal("this is an anonymous connection (positives only): session messages "
+                          "need their own connection opened with hello",
+                          code="wrong_connection", field="type")
+
+    # --- housekeeping --------------------------------------------------------------------
+
+    async def housekeeping(self) -> None:
+        """Expire stale positions every interval; purge expired positives now and then."""
+        next_purge = -math.inf
+        while True:
+            try:
+                now = self.monotonic()
+                dropped = self.state.expire(now)
+                if dropped:
+                    logger.info("dropped %d stale positions", dropped)
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + self.settings.purge_interval_s
+                    purged = await asyncio.to_thread(self.board.purge_expired, self.wall_clock())
+                    if purged:
+                        logger.info("purged %d expired positive tokens", purged)
+            except BoardError as exc:
+                logger.error("positive board failure on purge: %s", exc)
+            except Exception as exc:
+                _log_internal_error("in housekeeping", exc)
+            await asyncio.sleep(self.settings.housekeeping_interval_s)
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+class RunningBroker:
+    """A started broker (from :func:`start_broker`).
+
+    Attributes:
+        settings: the settings it runs with.
+        host: the bound host as given in the settings.
+        port: the bound TCP port (the real one when the settings said 0).
+        url: ``ws://HOST:PORT`` to connect to.
+        board: the positive-token board in use (for inspection; the server owns its calls).
+    """
+
+    def __init__(self, broker: _Broker, server: Server, port: int) -> None:
+        self._broker = broker
+        self._server = server
+        self.settings = broker.settings
+        self.host = broker.settings.host
+        self.port = port
+        self.board = broker.board
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"ws://{host}:{port}"
+
+    def counts(self) -> dict[str, int]:
+        """Open connections, connected sessions, sessions with a position (no IDs)."""
+        return self._broker.counts()
+
+
+@asynccontextmanager
+async def start_broker(
+    settings: BrokerSettings,
+    *,
+    recorder: Recorder | None = None,
+    board: PositiveBoard | None = None,
+    wall_clock: Callable[[], datetime] | None = None,
+    monotonic: Callable[[], float] | None = None,
+) -> AsyncIterator[RunningBroker]:
+    """Start the broker; stop it cleanly when the ``async with`` block ends.
+
+    The socket is bound when the block is entered. On exit the server stops accepting,
+    closes every connection (1001), waits for the handlers, stops housekeeping and closes the
+    board (if it opened it).
+
+    Args:
+        settings: see :class:`BrokerSettings`.
+        recorder: called as ``recorder(kind, raw)`` with every frame received (tests use it to
+            prove the broker never sees a contact ID). Must not block.
+        board: a :class:`~broker.positives.PositiveBoard` to use instead of opening
+            ``settings.db_path``; the caller keeps ownership (it is not closed here).
+        wall_clock: returns the current aware UTC time (default ``datetime.now(UTC)``);
+            used for token expiry.
+        monotonic: returns monotonic seconds (default ``time.monotonic``); used for
+            positions, cooldowns and routes.
+
+    Yields:
+        The :class:`RunningBroker`.
+
+    Raises:
+        BoardError: the board file cannot be opened.
+        OSError: the address cannot be bound (in use, not local...).
+    """
+    own_board = board is None
+    if board is None:
+        board = await asyncio.to_thread(
+            SqlitePositiveBoard, settings.db_path,
+            max_expiry_ahead=timedelta(seconds=settings.max_expiry_ahead_s))
+    broker = _Broker(settings, board, recorder, wall_clock or (lambda: datetime.now(UTC)),
+                     monotonic or time.monotonic)
+    try:
+        server = await serve(
+            broker.handle,
+            settings.host,
+            settings.port,
+            compression=None,
+            max_size=settings.max_message_bytes,
+            max_queue=16,
+            process_request=broker.process_request,
+            ping_interval=settings.ping_interval_s,
+            ping_timeout=settings.ping_timeout_s,
+            logger=_LibraryLogger(logging.getLogger("broker.websockets"), {}),
+        )
+    except BaseException:
+        if own_board:
+            await asyncio.to_thread(board.close)
+        raise
+    port = int(server.sockets[0].getsockname()[1])
+    housekeeping = asyncio.create_task(broker.housekeeping())
+    logger.info("broker started (radius_max_m=%g cooldown_s=%g position_timeout_s=%g)",
+                settings.radius_max_m, settings.cooldown_s, settings.position_timeout_s)
+    try:
+        yield RunningBroker(broker, server, port)
+    finally:
+        server.close()
+        await server.wait_closed()
+        housekeeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await housekeeping
+        for task in list(broker.tasks):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+        if own_board:
+            await asyncio.to_thread(board.close)
+        logger.info("broker stopped")
