@@ -35,10 +35,16 @@ PROTOCOL_VERSION = 1
 UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 TOKEN_PATTERN = r"^[0-9a-f]{64}$"
 
-SessionId = Annotated[str, Meta(pattern=UUID4_PATTERN, description="UUIDv4, canonical text")]
-ContactId = Annotated[str, Meta(pattern=UUID4_PATTERN, description="UUIDv4, canonical text")]
-UploadId = Annotated[str, Meta(pattern=UUID4_PATTERN, description="UUIDv4, fresh per declaration")]
-Token = Annotated[str, Meta(pattern=TOKEN_PATTERN, description="64 lowercase hex characters")]
+# The exact lengths matter: Python's "$" also matches before a trailing newline.
+_UUID_LEN = {"min_length": 36, "max_length": 36}
+SessionId = Annotated[str, Meta(pattern=UUID4_PATTERN, **_UUID_LEN,
+                                description="UUIDv4, canonical text")]
+ContactId = Annotated[str, Meta(pattern=UUID4_PATTERN, **_UUID_LEN,
+                                description="UUIDv4, canonical text")]
+UploadId = Annotated[str, Meta(pattern=UUID4_PATTERN, **_UUID_LEN,
+                               description="UUIDv4, fresh per declaration")]
+Token = Annotated[str, Meta(pattern=TOKEN_PATTERN, min_length=64, max_length=64,
+                            description="64 lowercase hex characters")]
 Latitude = Annotated[float, Meta(ge=-90.0, le=90.0, description="WGS84 degrees")]
 Longitude = Annotated[float, Meta(ge=-180.0, le=180.0, description="WGS84 degrees")]
 AccuracyM = Annotated[float, Meta(ge=0.0, le=100_000.0, description="metres, 95 %")]

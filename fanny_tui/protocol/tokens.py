@@ -22,6 +22,7 @@ TOKEN_HEX_LENGTH = 64
 
 _UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 _TOKEN_RE = re.compile(r"^[0-9a-f]{64}$")
+# Used with fullmatch(): with match(), "$" would also accept a trailing newline.
 
 
 def new_id(random16: bytes) -> str:
@@ -43,12 +44,12 @@ def new_id(random16: bytes) -> str:
 
 def is_uuid4(text: str) -> bool:
     """True when ``text`` is a canonical lowercase hyphenated UUIDv4."""
-    return isinstance(text, str) and _UUID4_RE.match(text) is not None
+    return isinstance(text, str) and _UUID4_RE.fullmatch(text) is not None
 
 
 def is_token(text: str) -> bool:
     """True when ``text`` is 64 lowercase hex characters."""
-    return isinstance(text, str) and _TOKEN_RE.match(text) is not None
+    return isinstance(text, str) and _TOKEN_RE.fullmatch(text) is not None
 
 
 def craft_token(contact_id_a: str, contact_id_b: str) -> str:
