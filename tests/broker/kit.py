@@ -16,6 +16,7 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 
 from broker.server import BrokerSettings, RunningBroker, start_broker
+from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import (
     BrokerToClient,
     Error,
@@ -73,6 +74,11 @@ class FakeWall:
 
 WALL_NOW = datetime(2026, 3, 1, 10, 30, tzinfo=UTC)
 EXPIRY = datetime(2026, 3, 14, 4, 0, tzinfo=UTC)
+
+
+def real_expiry() -> datetime:
+    """The expiry a device would give a token witnessed now (real clock)."""
+    return expiry_for(datetime.now(UTC))
 
 
 def positive(n: int, expires_at: datetime = EXPIRY) -> PositiveToken:

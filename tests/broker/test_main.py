@@ -1,0 +1,228 @@
+"""broker.__main__ (the fanny-broker command) and the systemd unit shipped with it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+from broker.__main__ import build_parser, main
+from fanny_tui.protocol.messages import (
+    Match,
+    PositiveAck,
+    Positives,
+    PositivesPoll,
+    PositiveUpload,
+)
+
+from .kit import LAT, LON, Client, healthz, new_id, north, positive, real_expiry, token
+
+UNIT = Path(str(files("broker") / "fanny-broker.service"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command() -> list[str]:
+    """The installed console script, or the module when the script is not installed."""
+    script = Path(sys.executable).with_name("fanny-broker")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "broker"]
+
+
+async def start(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start ``fanny-broker serve ARGS``; return it and its URL once it says it listens."""
+    process = await asyncio.create_subprocess_exec(
+        *command(), "serve", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    found = re.fullmatch(r"listening on (ws://127\.0\.0\.1:\d+)\n", line)
+    assert found, f"unexpected first line {line!r}"
+    return process, found.group(1)
+
+
+async def stop(process: asyncio.subprocess.Process, signum: int) -> tuple[int, str, float]:
+    """Send ``signum``; return the exit status, stderr and how long the stop took."""
+    began = time.monotonic()
+    process.send_signal(signum)
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    except TimeoutError:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return int(process.returncode or 0), err.decode(), time.monotonic() - began
+
+
+async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path):
+    db = tmp_path / "board.sqlite3"
+    port = free_port()
+    process, url = await start("--host", "127.0.0.1", "--port", str(port), "--db", str(db),
+                               "--log-level", "DEBUG", "--radius-max-m", "50")
+    try:
+        assert url == f"ws://127.0.0.1:{port}"
+        status, body = await healthz(port)
+        assert status == 200 and body["status"] == "ok"
+        async with Client.open(url) as a, Client.open(url) as b:
+            assert (await a.hello(radius_m=500.0)).radius_m == 50.0
+            await b.hello()
+            await a.at(0)
+            await a.barrier()
+            await b.at(3, lon=LON + 0.00002)
+            await b.expect(Match)
+            session_ids = [a.session_id, b.session_id]
+        async with Client.open(url) as anon:
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(5, real_expiry())]))
+            assert (await anon.expect(PositiveAck)).count == 1
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    code, err, took = await stop(process, signal.SIGTERM)
+    print(f"SIGTERM to exit: {took:.3f} s")
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "listening on" in err and "positive upload committed (1 tokens)" in err
+    for private in [*session_ids, token(5), f"{LAT}", f"{north(3):.5f}", f"{LON:.5f}"]:
+        assert private not in err, "a session ID, token or position reached the log"
+
+    # Restart on a fresh port: the token committed before SIGTERM is still published.
+    process, url = await start("--port", "0", "--db", str(db))
+    try:
+        async with Client.open(url) as anon:
+            await anon.send(PositivesPoll())
+            assert [t.token for t in (await anon.expect(Positives)).tokens] == [token(5)]
+    finally:
+        code, err, _ = await stop(process, signal.SIGINT)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["serve", "--port", "70000", "--db", "x"], "--port"),
+    (["serve", "--port", "http", "--db", "x"], "--port"),
+    (["serve", "--db", "x", "--radius-max-m", "-5"], "--radius-max-m"),
+    (["serve", "--db", "x", "--radius-max-m", "20000"], "--radius-max-m"),
+    (["serve", "--db", "x", "--cooldown-s", "nan"], "--cooldown-s"),
+    (["serve", "--db", "x", "--position-timeout-s", "0"], "--position-timeout-s"),
+    (["serve", "--db", "x", "--log-level", "loud"], "--log-level"),
+    (["serve", "--db", "x", "--bogus"], "--bogus"),
+    (["serve"], "--db"),
+    (["launch"], "launch"),
+    ([], "serve"),
+])
+def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("fanny-broker: error: ") and needle in err
+
+
+def test_unusable_database_path_one_line_exit_2(tmp_path, capsys):
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"not a database " * 200)
+    for db in (tmp_path / "no" / "such" / "dir" / "b.sqlite3", tmp_path, junk):
+        assert main(["serve", "--port", "0", "--db", str(db), "--log-level", "ERROR"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot open the positive board" in err, err
+
+
+def test_address_in_use_one_line_exit_1(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--port", str(port), "--db", str(tmp_path / "b.sqlite3"),
+                     "--log-level", "ERROR"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1 port {port}" in err
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0
+    assert "serve" in capsys.readouterr().out
+    assert main(["serve", "--help"]) == 0
+    assert "--position-timeout-s" in capsys.readouterr().out
+
+
+def test_console_script_bad_arguments_print_no_traceback(tmp_path):
+    done = subprocess.run([*command(), "serve", "--db", str(tmp_path / "x" / "y" / "z.db")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+# --- the systemd unit ------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit as {section: {key: [values...]}} (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = sections.setdefault(stripped[1:-1], {})
+            continue
+        assert current is not None and "=" in stripped, f"line {number}: {line!r}"
+        key, _, value = stripped.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_unit_has_the_hardening_and_the_documented_command():
+    unit = parse_unit(UNIT.read_text(encoding="utf-8"))
+    service = unit["Service"]
+    one = {key: values[-1] for key, values in service.items()}
+    assert one["ExecStart"] == ("fanny-broker serve --host 127.0.0.1 --port 8765 "
+                                "--db /var/lib/fanny-broker/positives.sqlite3")
+    expected = {
+        "DynamicUser": "yes", "StateDirectory": "fanny-broker", "Restart": "on-failure",
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+        "PrivateTmp": "yes", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    }
+    assert {key: one.get(key) for key in expected} == expected
+    assert "@system-service" in service["SystemCallFilter"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    # The command line is one our own parser accepts, and the DB is in the StateDirectory.
+    argv = shlex.split(one["ExecStart"])
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.host, args.port) == ("serve", "127.0.0.1", 8765)
+    assert Path(args.db).parent == Path("/var/lib") / one["StateDirectory"]
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not available here: only the parser test checked the unit")
+    # verify checks that ExecStart's program exists; point it at the installed script.
+    copy = tmp_path / "fanny-broker.service"
+    copy.write_text(UNIT.read_text(encoding="utf-8").replace(
+        "ExecStart=fanny-broker ", f"ExecStart={command()[0]} " if len(command()) == 1
+        else f"ExecStart={sys.executable} -m broker "), encoding="utf-8")
+    done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                          timeout=60)
+    complaints = [line for line in (done.stdout + done.stderr).splitlines()
+                  if "fanny-broker.service" in line]
+    assert done.returncode == 0 and complaints == [], done.stdout + done.stderr
+    security = subprocess.run([analyze, "security", "--offline=yes", str(copy)],
+                              capture_output=True, text=True, timeout=60)
+    level = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+    if level:
+        print(f"systemd-analyze security exposure: {level.group(1)} (0 best, 10 worst)")
+        assert float(level.group(1)) <= 3.0
