@@ -199,7 +199,8 @@ class SqlitePositiveBoard:
     """:class:`PositiveBoard` in one SQLite file (WAL, ``synchronous=FULL``).
 
     Args:
-        path: the database file; created (with its schema) if missing.
+        path: the database file; created (with its schema and, mode 0700, its missing parent
+            directories) if missing.
         max_expiry_ahead: the allowed expiry window, see :func:`check_upload`.
 
     Raises:
@@ -219,6 +220,11 @@ class SqlitePositiveBoard:
         self.max_expiry_ahead = max_expiry_ahead
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise BoardError(f"cannot open the positive board {self.path}: cannot create its "
+                             f"directory: {exc.strerror or exc}") from None
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=5.0

@@ -132,7 +132,7 @@ def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
 def test_unusable_database_path_one_line_exit_2(tmp_path, capsys):
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"not a database " * 200)
-    for db in (tmp_path / "no" / "such" / "dir" / "b.sqlite3", tmp_path, junk):
+    for db in (junk / "under" / "a-file.sqlite3", tmp_path, junk):
         assert main(["serve", "--port", "0", "--db", str(db), "--log-level", "ERROR"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "cannot open the positive board" in err, err
@@ -158,6 +158,7 @@ def test_help_exits_0(capsys):
 
 
 def test_console_script_bad_arguments_print_no_traceback(tmp_path):
+    (tmp_path / "x").write_text("a file where a directory should be")
     done = subprocess.run([*command(), "serve", "--db", str(tmp_path / "x" / "y" / "z.db")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -179,6 +179,12 @@ def test_bad_arguments(board):
             board.since(cursor, limit, NOW)
 
 
+def test_missing_directories_are_created(tmp_path):
+    path = tmp_path / "state" / "fanny" / "positives.sqlite3"
+    SqlitePositiveBoard(path).close()
+    assert path.exists() and (path.parent.stat().st_mode & 0o777) == 0o700
+
+
 def test_data_survives_reopen(path):
     board = SqlitePositiveBoard(path)
     board.add(U1, [tok(1), tok(2)], NOW)
@@ -233,8 +239,10 @@ def test_concurrent_adds_from_threads(board):
 
 
 def test_unusable_files_raise_board_error(tmp_path):
-    with pytest.raises(BoardError, match="cannot open"):
-        SqlitePositiveBoard(tmp_path / "missing-dir" / "x.sqlite3")
+    plain = tmp_path / "plain-file"
+    plain.write_text("a file, not a directory")
+    with pytest.raises(BoardError, match="cannot create its directory"):
+        SqlitePositiveBoard(plain / "sub" / "x.sqlite3")
     with pytest.raises(BoardError, match="cannot open"):
         SqlitePositiveBoard(tmp_path)                                 # a directory
     junk = tmp_path / "junk.sqlite3"
