@@ -314,7 +314,6 @@ class Engine:
 
         try:
             async with self._handshake_slots:
-                progress("connecting")
                 result = await peer.run_witness(
                     role=exchange.role, contact_id=self._contact_id,  # type: ignore[arg-type]
                     signaling=exchange.signaling, webrtc=self.config.webrtc,

@@ -1,0 +1,230 @@
+"""fanny-tui's command line as a field tester uses it: real processes on loopback.
+
+A ``fanny-broker serve`` process, two ``fanny-tui --headless`` processes with fixed positions 2 m
+apart, then ``fanny-tui declare-positive`` and ``fanny-tui tokens --json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .helpers import LAT, LON, METRE_LAT
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_config(path: Path, port: int, latitude: float) -> Path:
+    path.write_text(f"""
+[broker]
+url = "ws://127.0.0.1:{port}"
+reconnect_min_s = 0.2
+reconnect_max_s = 1.0
+
+[gps]
+source = "fixed"
+latitude = {latitude}
+longitude = {LON}
+accuracy_m = 3.0
+
+[protocol]
+radius_m = 10.0
+position_interval_s = 0.3
+poll_interval_s = 1.0
+handshake_timeout_s = 10.0
+
+[webrtc]
+host_addresses = ["127.0.0.1"]
+""")
+    return path
+
+
+class JsonLines:
+    """A subprocess printing one JSON event per line, read asynchronously."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.events: list[dict] = []
+
+    async def wait_for(self, name: str, timeout: float = 30.0) -> dict:
+        async def scan() -> dict:
+            for event in self.events:
+                if event["event"] == name:
+                    return event
+            assert self.process.stdout is not None
+            while True:
+                line = await self.process.stdout.readline()
+                if not line:
+                    raise AssertionError(f"process ended before {name}; saw "
+                                         f"{[e['event'] for e in self.events]}")
+                event = json.loads(line)
+                self.events.append(event)
+                if event["event"] == name:
+                    return event
+        return await asyncio.wait_for(scan(), timeout)
+
+    def names(self) -> set[str]:
+        return {e["event"] for e in self.events}
+
+
+async def _spawn(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def _stop(process: asyncio.subprocess.Process) -> int:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(process.wait(), 15)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+
+
+def _healthz(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        return response.status
+
+
+async def _wait_healthy(port: int) -> None:
+    for _ in range(100):
+        try:
+            if await asyncio.to_thread(_healthz, port) == 200:
+                return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("the broker never answered /healthz")
+
+
+async def test_headless_devices_declare_positive_and_alert(tmp_path):
+    port = _free_port()
+    broker = await _spawn(str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
+                          str(port), "--db", str(tmp_path / "broker.sqlite3"))
+    devices: list[asyncio.subprocess.Process] = []
+    try:
+        await _wait_healthy(port)
+        config_a = _write_config(tmp_path / "a.toml", port, LAT)
+        config_b = _write_config(tmp_path / "b.toml", port, LAT + 2 * METRE_LAT)
+        for name, config in (("a", config_a), ("b", config_b)):
+            devices.append(await _spawn(str(BIN / "fanny-tui"), "--headless", "--config",
+                                        str(config), "--data-dir", str(tmp_path / name)))
+        a, b = JsonLines(devices[0]), JsonLines(devices[1])
+        for device in (a, b):
+            await device.wait_for("session_started")
+            await device.wait_for("broker_connected")
+            fix = await device.wait_for("gps_fix")
+            assert {"latitude", "longitude", "accuracy_m"} <= set(fix)
+            assert fix["accuracy_m"] == 3.0
+            match = await device.wait_for("match")
+            assert match["role"] in ("initiator", "responder")
+            stored = await device.wait_for("token_stored")
+            assert stored["expires_at"].endswith("T04:00:00Z")
+        token = (await a.wait_for("token_stored"))["token"]
+        assert (await b.wait_for("token_stored"))["token"] == token
+
+        listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "a",
+                                  "--json"], capture_output=True, text=True, check=True)
+        assert [t["token"] for t in json.loads(listing.stdout)] == [token]
+
+        # A stops, then declares positive from the command line (no UI, no session).
+        assert await _stop(devices[0]) == 0
+        declared = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config_a,
+                                   "--data-dir", tmp_path / "a", "--timeout", "20"],
+                                  capture_output=True, text=True, timeout=60)
+        assert declared.returncode == 0, declared.stderr
+        assert "1 tokens acknowledged" in declared.stdout
+        after = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "a",
+                                "--json"], capture_output=True, text=True, check=True)
+        assert json.loads(after.stdout) == []
+
+        alert = await b.wait_for("exposure_alert", timeout=20)
+        assert alert["count"] == 1
+        remaining = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "b",
+                                    "--json"], capture_output=True, text=True, check=True)
+        assert json.loads(remaining.stdout) == []
+
+        # The broker goes away: B reports it.
+        assert await _stop(broker) == 0
+        await b.wait_for("broker_disconnected", timeout=20)
+    finally:
+        for process in [*devices, broker]:
+            if process.returncode is None:
+                await _stop(process)
+    for process in devices:
+        stderr = (await process.stderr.read()).decode()
+        assert "Traceback" not in stderr, stderr
+
+
+def test_declare_positive_with_broker_down_keeps_tokens(tmp_path):
+    from datetime import UTC, datetime
+
+    from fanny_tui.store import TokenStore
+
+    store = TokenStore.in_dir(tmp_path / "d")
+    store.add("ab" * 32, datetime(2026, 12, 20, 4, tzinfo=UTC))
+    store.close()
+    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    result = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                             "--data-dir", tmp_path / "d", "--timeout", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "1 tokens are kept" in result.stderr
+    assert "Traceback" not in result.stderr
+    listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "d",
+                              "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(listing.stdout) == [{"token": "ab" * 32,
+                                           "expires_at": "2026-12-20T04:00:00Z",
+                                           "pending_upload": True}]
+
+
+@pytest.mark.parametrize(("content", "key"), [
+    ('[gps]\nsource = "glonass"\n', "gps.source"),
+    ('[protocol]\nradius_m = -3\n', "protocol.radius_m"),
+    ('[webrtc]\nhost_addresses = ["not-an-ip"]\n', "webrtc.host_addresses"),
+    ("[broker\n", "file"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, content, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    result = subprocess.run([BIN / "fanny-tui", "--headless", "--config", path,
+                             "--data-dir", tmp_path], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0] and "bad.toml" in lines[0]
+
+
+def test_unusable_data_dir_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    result = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
+                             "--data-dir", blocker / "sub"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "token store" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tokens_on_empty_dir(tmp_path):
+    result = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path, "--json"],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == []
