@@ -9,9 +9,17 @@ One endpoint; the first accepted message of a connection decides its kind:
   session connection, so a positive upload can never be linked to a session.
 
 Every refusal is an ``error`` message ``{code, message, field}``; the connection stays open
-(an oversized frame is the exception: websockets closes it with 1009). Each connection has
-its own bounded outgoing queue, so a client that stops reading is closed (1008) instead of
-slowing down the others.
+(an oversized frame is the exception: websockets closes it with 1009). Refusal codes:
+``bad_message``, ``unknown_type``, ``unknown_field`` (decoding, see
+:func:`~fanny_tui.protocol.messages.decode_client_message`), ``hello_required``,
+``already_hello``, ``unsupported_protocol``, ``wrong_connection``, ``not_matched``,
+``peer_unavailable``, ``expiry_out_of_window``, ``duplicate_token``, ``upload_conflict``,
+``unavailable`` (the board failed: retry later) and ``internal_error``.
+
+Each connection has one ordered outgoing queue. Answers to its own requests wait while the
+queue is half full (a client that sends faster than it reads only slows itself); messages
+caused by other clients (``match``, relayed ``signal``) never wait, and a client whose queue
+is full is closed (1008) instead of slowing down the others.
 
 Privacy: session IDs and positions live in :class:`~broker.state.BrokerState` (memory only).
 Logs carry counts only: never a session ID, a position, a token or a client address (the
@@ -602,6 +610,7 @@ async def start_broker(
             ping_interval=settings.ping_interval_s,
             ping_timeout=settings.ping_timeout_s,
             logger=_LibraryLogger(logging.getLogger("broker.websockets"), {}),
+            server_header="fanny-broker",
         )
     except BaseException:
         if own_board:
