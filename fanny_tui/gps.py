@@ -1,0 +1,788 @@
+"""Position sources: gpsd, NMEA log replay, a fixed point and a simulated walker (paper 3, step 2).
+
+gpsd is read through its own streaming JSON interface (``?WATCH``) with asyncio instead of
+gpsd-py3, whose ``?POLL`` turns partial epochs into (0, 0), blocks on connect and raises
+IndexError on an empty TPV list.
+
+Every source has one method, :meth:`PositionSource.stream`: an async iterator of
+:class:`~fanny_tui.events.GpsFix` and :class:`~fanny_tui.events.GpsLost` that runs until the
+consumer stops iterating (or its task is cancelled). Device, file and network trouble never
+raises out of it: the source yields one ``GpsLost(reason)`` and keeps retrying.
+
+Rules shared by every source:
+
+* A :class:`GpsFix` is only ever built from a real position: finite WGS84 latitude and longitude
+  in range, and never exactly (0, 0) ("null island", what broken clients report for "no
+  position"; a town of devices sent there would all meet each other).
+* ``GpsLost`` is yielded once when the fix goes away and not repeated while it stays away; a
+  source that has no fix ``stale_after_s`` seconds after it starts also yields one, so the UI
+  can show "no fix".
+* Nothing here logs or stores a position (privacy: positions are shown, never written).
+
+The gpsd side is split in two: :class:`GpsdDecoder` (bytes in, JSON objects out) and
+:class:`GpsdFixTracker` (gpsd objects in, fixes out) are pure and need no event loop;
+:class:`GpsdSource` only adds the socket, the timers and the reconnect loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import pynmea2
+
+from .config import GpsConfig
+from .events import GpsFix, GpsLost
+from .protocol.proximity import EARTH_RADIUS_M
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FixedSource",
+    "GpsdDecoder",
+    "GpsdFixTracker",
+    "GpsdSource",
+    "NMEA_UERE_M",
+    "NmeaReplaySource",
+    "PositionSource",
+    "WalkSource",
+    "make_source",
+    "parse_nmea_log",
+    "usable_position",
+]
+
+#: The command that starts gpsd's JSON stream (gpsd_json(5), "?WATCH").
+WATCH_COMMAND = b'?WATCH={"enable":true,"json":true};\n'
+
+#: Metres of position error per unit of HDOP used by the NMEA replay: ``accuracy_m = hdop * 5``.
+#: A rough 95 % horizontal figure (twice a typical 2.5 m user range error); NMEA logs carry no
+#: better estimate in the standard sentences.
+NMEA_UERE_M = 5.0
+
+
+@runtime_checkable
+class PositionSource(Protocol):
+    """Anything the engine can take positions from."""
+
+    def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
+        """Yield fixes and losses until the consumer stops; never raise for device trouble."""
+        ...
+
+
+# -- shared checks ----------------------------------------------------------------------
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a float if it is a finite real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def usable_position(latitude: object, longitude: object) -> tuple[float, float] | None:
+    """Validate a position before it may become a :class:`GpsFix`.
+
+    Args:
+        latitude: WGS84 degrees, north positive.
+        longitude: WGS84 degrees, east positive.
+
+    Returns:
+        ``(latitude, longitude)`` as floats, or None if either is missing, not a finite number,
+        out of range (|lat| > 90, |lon| > 180), or the position is exactly (0, 0).
+    """
+    lat, lon = _finite(latitude), _finite(longitude)
+    if lat is None or lon is None or abs(lat) > 90.0 or abs(lon) > 180.0:
+        return None
+    if lat == 0.0 and lon == 0.0:
+        return None
+    return lat, lon
+
+
+def _check_position(latitude: float, longitude: float) -> tuple[float, float]:
+    lat, lon = _finite(latitude), _finite(longitude)
+    if lat is None or not -90.0 <= lat <= 90.0:
+        raise ValueError(f"latitude: expected WGS84 degrees in [-90, 90], got {latitude!r}")
+    if lon is None or not -180.0 <= lon <= 180.0:
+        raise ValueError(f"longitude: expected WGS84 degrees in [-180, 180], got {longitude!r}")
+    return lat, lon
+
+
+def _check_positive(name: str, value: float) -> float:
+    number = _finite(value)
+    if number is None or number <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return number
+
+
+class _LossGate:
+    """Lets one GpsLost through per loss; a fix re-arms it."""
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def fix(self) -> None:
+        self.lost = False
+
+    def lose(self) -> bool:
+        """Mark the fix lost; True if this is news (a GpsLost should be yielded)."""
+        news = not self.lost
+        self.lost = True
+        return news
+
+
+# -- gpsd -------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"JSON constant {name} is not a number gpsd sends")
+
+
+class GpsdDecoder:
+    """Split gpsd's byte stream into JSON objects (sans-I/O).
+
+    gpsd sends one JSON object per line (``\\r\\n`` ended). :meth:`feed` takes bytes as they
+    arrive, in chunks of any size, and returns the complete objects. A line that is not a JSON
+    object (garbage, a truncated object, trailing bytes after the object, invalid UTF-8,
+    ``NaN``/``Infinity``) is skipped and counted in :attr:`skipped`; so is a line longer than
+    ``max_line`` bytes, without buffering more than that.
+    """
+
+    def __init__(self, max_line: int = 256 * 1024) -> None:
+        """Args: max_line: longest line kept, in bytes (gpsd's own limit is far lower)."""
+        self.max_line = max_line
+        self.skipped = 0
+        self._buffer = bytearray()
+        self._discarding = False
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add received bytes; return the JSON objects completed by them, in order."""
+        self._buffer += data
+        out: list[dict[str, Any]] = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if self._discarding:
+                self._discarding = False
+                continue
+            obj = self._decode(line)
+            if obj is not None:
+                out.append(obj)
+        if len(self._buffer) > self.max_line:
+            self._buffer.clear()
+            self._discarding = True
+            self.skipped += 1
+        return out
+
+    def _decode(self, line: bytes) -> dict[str, Any] | None:
+        line = line.strip()
+        if not line:
+            return None
+        try:
+            obj = json.loads(line, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError too
+            self.skipped += 1
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("class"), str):
+            self.skipped += 1
+            return None
+        return obj
+
+
+def _gpsd_time(value: object) -> datetime | None:
+    """gpsd's ISO 8601 ``time`` as an aware UTC datetime, or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+class GpsdFixTracker:
+    """Turn gpsd JSON objects into fixes and losses (sans-I/O).
+
+    Reads what is there and ignores what it does not know, across gpsd releases (protocol
+    versions 3.x and newer; VERSION is not checked):
+
+    * ``TPV`` with ``mode`` 2 or 3 and usable ``lat``/``lon`` (see :func:`usable_position`)
+      gives a :class:`GpsFix`. ``accuracy_m`` is ``eph`` if present, else
+      ``hypot(epx, epy)`` if both are, else None; ``time`` is the TPV ``time`` (UTC).
+    * ``TPV`` with ``mode`` 0 or 1 gives a :class:`GpsLost`.
+    * ``TPV`` with mode 2/3 but no position (a partial epoch) gives nothing.
+    * ``SKY`` updates the satellite counts put on later fixes: ``uSat``/``nSat``, else counted
+      from ``satellites`` (``used``). A SKY without them (DOP only) keeps the previous counts.
+    * ``GST`` (its ``lat``/``lon`` are error estimates in metres) and everything else: nothing.
+    """
+
+    def __init__(self) -> None:
+        self.satellites_used: int | None = None
+        self.satellites_visible: int | None = None
+
+    def handle(self, message: dict[str, Any]) -> GpsFix | GpsLost | None:
+        """Take one gpsd object; return the fix or loss it reports, if any."""
+        kind = message.get("class")
+        if kind == "SKY":
+            self._sky(message)
+            return None
+        if kind != "TPV":
+            return None
+        mode = message.get("mode")
+        if isinstance(mode, bool) or not isinstance(mode, int):
+            return None
+        if mode in (0, 1):
+            return GpsLost(reason=f"no fix (gpsd mode {mode})")
+        if mode not in (2, 3):
+            return None
+        position = usable_position(message.get("lat"), message.get("lon"))
+        if position is None:
+            return None
+        return GpsFix(latitude=position[0], longitude=position[1],
+                      accuracy_m=self._accuracy(message), mode=mode,
+                      satellites_used=self.satellites_used,
+                      satellites_visible=self.satellites_visible,
+                      time=_gpsd_time(message.get("time")))
+
+    @staticmethod
+    def _accuracy(message: dict[str, Any]) -> float | None:
+        eph = _finite(message.get("eph"))
+        if eph is not None and eph >= 0:
+            return eph
+        epx, epy = _finite(message.get("epx")), _finite(message.get("epy"))
+        if epx is not None and epy is not None:
+            return math.hypot(epx, epy)
+        return None
+
+    def _sky(self, message: dict[str, Any]) -> None:
+        raw = message.get("satellites")
+        satellites = [s for s in raw if isinstance(s, dict)] if isinstance(raw, list) else None
+        used = _count(message.get("uSat"))
+        if used is None and satellites is not None:
+            used = sum(1 for s in satellites if s.get("used") is True)
+        visible = _count(message.get("nSat"))
+        if visible is None and satellites is not None:
+            visible = len(satellites)
+        if used is not None:
+            self.satellites_used = used
+        if visible is not None:
+            self.satellites_visible = visible
+
+
+class GpsdSource:
+    """Positions from a running gpsd, over its JSON streaming interface (``?WATCH``).
+
+    Connects with a timeout, sends :data:`WATCH_COMMAND` and reads newline-delimited JSON
+    without blocking the event loop. Yields ``GpsLost`` once when: a TPV reports no fix
+    (mode < 2); no usable TPV came for ``stale_after_s`` seconds (also at start); or gpsd cannot
+    be reached or the connection drops. It then reconnects with exponential backoff from
+    ``reconnect_min_s`` to ``reconnect_max_s`` seconds, reset once gpsd answers ``?WATCH``.
+    A fix identical to the previous one (gpsd repeats a TPV within an epoch) is not repeated.
+
+    Only one :meth:`stream` per instance should run at a time.
+    """
+
+    def __init__(self, host: str, port: int, *, stale_after_s: float = 5.0,
+                 reconnect_min_s: float = 0.5, reconnect_max_s: float = 10.0,
+                 connect_timeout_s: float = 5.0) -> None:
+        """Args:
+            host: gpsd's host name or address (normally ``127.0.0.1``).
+            port: gpsd's TCP port (normally 2947).
+            stale_after_s: seconds without a usable TPV before the fix counts as lost.
+            reconnect_min_s: first reconnect delay, seconds.
+            reconnect_max_s: longest reconnect delay, seconds.
+            connect_timeout_s: how long one connection attempt may take, seconds.
+
+        Raises:
+            ValueError: a bad port or a non-positive / inverted duration, named in the message.
+        """
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"port: expected an integer in [1, 65535], got {port!r}")
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host: expected a host name or address, got {host!r}")
+        self.host = host
+        self.port = port
+        self.stale_after_s = _check_positive("stale_after_s", stale_after_s)
+        self.reconnect_min_s = _check_positive("reconnect_min_s", reconnect_min_s)
+        self.reconnect_max_s = _check_positive("reconnect_max_s", reconnect_max_s)
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s: expected >= reconnect_min_s "
+                             f"({reconnect_min_s}), got {reconnect_max_s!r}")
+        self.connect_timeout_s = _check_positive("connect_timeout_s", connect_timeout_s)
+        self._watching = False
+
+    @property
+    def watching(self) -> bool:
+        """True while connected to gpsd and gpsd has acknowledged ``?WATCH``."""
+        return self._watching
+
+    @property
+    def _where(self) -> str:
+        return f"gpsd at {self.host}:{self.port}"
+
+    async def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
+        """Yield fixes from gpsd and one GpsLost per loss, forever (see the class docstring)."""
+        loop = asyncio.get_running_loop()
+        gate = _LossGate()
+        tracker = GpsdFixTracker()
+        last_usable = loop.time()  # no fix within stale_after_s of the start is a loss too
+        delay = self.reconnect_min_s
+        while True:
+            reason: str
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that races with the read finishing, and the stream would then never stop.
+                async with asyncio.timeout(self.connect_timeout_s):
+                    reader, writer = await asyncio.open_connection(self.host, self.port)
+            except TimeoutError:
+                reason = f"{self._where} did not answer within {self.connect_timeout_s:g} s"
+            except OSError as exc:
+                reason = f"{self._where} unreachable: {exc.strerror or exc}"
+            else:
+                log.info("connected to %s", self._where)
+                decoder = GpsdDecoder()
+                last_fix: GpsFix | None = None
+                reason = "gpsd closed the connection"
+                try:
+                    writer.write(WATCH_COMMAND)
+                    await writer.drain()
+                    while True:
+                        timeout = None
+                        if not gate.lost:
+                            timeout = max(0.0, last_usable + self.stale_after_s - loop.time())
+                        try:
+                            async with asyncio.timeout(timeout):
+                                data = await reader.read(65536)
+                        except TimeoutError:
+                            gate.lose()
+                            last_fix = None
+                            yield GpsLost(reason=f"no position from gpsd for "
+                                                 f"{self.stale_after_s:g} s")
+                            continue
+                        if not data:
+                            break
+                        for message in decoder.feed(data):
+                            if message.get("class") == "WATCH" and not self._watching:
+                                self._watching = True
+                                delay = self.reconnect_min_s
+                            item = tracker.handle(message)
+                            if isinstance(item, GpsFix):
+                                last_usable = loop.time()
+                                gate.fix()
+                                if item != last_fix:
+                                    last_fix = item
+                                    yield item
+                            elif isinstance(item, GpsLost) and gate.lose():
+                                last_fix = None
+                                yield item
+                except OSError as exc:
+                    reason = f"connection to {self._where} lost: {exc.strerror or exc}"
+                finally:
+                    self._watching = False
+                    writer.close()
+                log.info("%s; retrying in %g s", reason, delay)
+            if gate.lose():
+                yield GpsLost(reason=reason)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.reconnect_max_s)
+
+
+# -- NMEA replay ------------------------------------------------------------------------
+
+_DM = re.compile(r"^(\d{1,3})(\d\d(?:\.\d+)?)$")
+
+
+def _nmea_degrees(value: str, hemisphere: str, positive: str, negative: str) -> float | None:
+    """``dddmm.mmmm`` + hemisphere letter -> signed degrees, or None if malformed/empty."""
+    match = _DM.match(value or "")
+    if match is None or hemisphere not in (positive, negative):
+        return None
+    minutes = float(match.group(2))
+    if minutes >= 60.0:
+        return None
+    degrees = int(match.group(1)) + minutes / 60.0
+    return -degrees if hemisphere == negative else degrees
+
+
+def _field(message: pynmea2.NMEASentence, name: str) -> Any:
+    """A pynmea2 attribute, or None when the field is missing or fails to convert."""
+    try:
+        return getattr(message, name)
+    except (ValueError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def _float_text(value: object) -> float | None:
+    if not isinstance(value, str) or not value:
+        return _finite(value)
+    try:
+        return _finite(float(value))
+    except ValueError:
+        return None
+
+
+@dataclass
+class _Epoch:
+    """What one NMEA epoch (sentences sharing a UTC time) said."""
+
+    stamp: time | None = None
+    valid: list[bool] = field(default_factory=list)
+    gga_position: tuple[float, float] | None = None
+    rmc_position: tuple[float, float] | None = None
+    hdop: float | None = None
+    used: int | None = None
+    day: date | None = None
+
+    @property
+    def reported(self) -> bool:
+        return bool(self.valid)
+
+
+class _NmeaReader:
+    """Groups NMEA sentences into epochs and turns each into a fix or a loss."""
+
+    def __init__(self) -> None:
+        self.reports: list[GpsFix | GpsLost] = []
+        self.epoch = _Epoch()
+        self.day: date | None = None
+        self.mode3 = False
+        self.gsa_used: int | None = None
+        self.visible: int | None = None
+
+    def line(self, text: str) -> None:
+        text = text.strip()
+        if not text.startswith(("$", "!")):
+            return
+        try:
+            message = pynmea2.parse(text, check=True)
+        except (pynmea2.ParseError, ValueError, TypeError, AttributeError, IndexError):
+            return
+        kind = getattr(message, "sentence_type", "")
+        if kind in ("RMC", "GGA", "GLL"):
+            stamp = _field(message, "timestamp")
+            if not isinstance(stamp, time):
+                return
+            if self.epoch.stamp is not None and stamp != self.epoch.stamp:
+                self.finish()
+            self.epoch.stamp = stamp
+        if kind == "RMC":
+            self._rmc(message)
+        elif kind == "GGA":
+            self._gga(message)
+        elif kind == "GSA":
+            fix_type = _field(message, "mode_fix_type")
+            self.mode3 = fix_type == "3"
+            ids = [_field(message, f"sv_id{i:02d}") for i in range(1, 13)]
+            self.gsa_used = sum(1 for sv in ids if sv)
+        elif kind == "GSV":
+            visible = _field(message, "num_sv_in_view")
+            with contextlib.suppress(TypeError, ValueError):
+                self.visible = int(visible) if visible not in (None, "") else self.visible
+
+    def _rmc(self, message: pynmea2.NMEASentence) -> None:
+        status = _field(message, "status")
+        if status not in ("A", "V"):
+            return
+        self.epoch.valid.append(status == "A")
+        day = _field(message, "datestamp")
+        if isinstance(day, date):
+            self.day = self.epoch.day = day
+        lat = _nmea_degrees(_field(message, "lat"), _field(message, "lat_dir"), "N", "S")
+        lon = _nmea_degrees(_field(message, "lon"), _field(message, "lon_dir"), "E", "W")
+        self.epoch.rmc_position = usable_position(lat, lon)
+
+    def _gga(self, message: pynmea2.NMEASentence) -> None:
+        quality = _field(message, "gps_qual")
+        if isinstance(quality, str):
+            quality = int(quality) if quality.isdigit() else None
+        if not isinstance(quality, int):
+            return
+        self.epoch.valid.append(quality > 0)
+        lat = _nmea_degrees(_field(message, "lat"), _field(message, "lat_dir"), "N", "S")
+        lon = _nmea_degrees(_field(message, "lon"), _field(message, "lon_dir"), "E", "W")
+        self.epoch.gga_position = usable_position(lat, lon)
+        hdop = _float_text(_field(message, "horizontal_dil"))
+        self.epoch.hdop = hdop if hdop is not None and hdop > 0 else None
+        used = _field(message, "num_sats")
+        try:
+            self.epoch.used = int(used) if used not in (None, "") else None
+        except (TypeError, ValueError):
+            self.epoch.used = None
+
+    def finish(self) -> None:
+        epoch, self.epoch = self.epoch, _Epoch()
+        if not epoch.reported:
+            return
+        position = epoch.gga_position or epoch.rmc_position
+        if not all(epoch.valid) or position is None:
+            self.reports.append(GpsLost(reason="no fix in the NMEA log (RMC status V or GGA "
+                                               "quality 0)"))
+            return
+        day = epoch.day or self.day
+        moment = (datetime.combine(day, epoch.stamp.replace(tzinfo=None), tzinfo=UTC)
+                  if day is not None and epoch.stamp is not None else None)
+        self.reports.append(GpsFix(
+            latitude=position[0], longitude=position[1],
+            accuracy_m=None if epoch.hdop is None else epoch.hdop * NMEA_UERE_M,
+            mode=3 if self.mode3 else 2,
+            satellites_used=epoch.used if epoch.used is not None else self.gsa_used,
+            satellites_visible=self.visible, time=moment))
+
+
+def parse_nmea_log(lines: Iterable[str]) -> list[GpsFix | GpsLost]:
+    """Turn NMEA 0183 lines into one report per epoch (pure; parsing by pynmea2).
+
+    An epoch is the run of sentences sharing one UTC time (RMC, GGA, GLL carry it; GSA, GSV
+    and others join the current epoch). An epoch with an RMC or GGA gives:
+
+    * a :class:`GpsFix` if every RMC says status ``A`` and every GGA quality > 0, and a usable
+      position is present (GGA's, else RMC's; see :func:`usable_position`). ``mode`` is 3 if
+      the latest GSA says 3D, else 2. ``accuracy_m`` is GGA HDOP * :data:`NMEA_UERE_M` or None.
+      ``time`` is the epoch's UTC time on the latest RMC date, or None without a date.
+    * a :class:`GpsLost` otherwise.
+
+    Lines that are not NMEA, fail their checksum (a checksum is required) or do not parse are
+    skipped.
+
+    Args:
+        lines: the log's lines (comments and blank lines are allowed).
+
+    Returns:
+        The reports in log order.
+    """
+    reader = _NmeaReader()
+    for text in lines:
+        reader.line(text)
+    reader.finish()
+    return reader.reports
+
+
+def _load_nmea(path: Path) -> list[GpsFix | GpsLost]:
+    with path.open("rb") as handle:
+        return parse_nmea_log(raw.decode("ascii", "replace") for raw in handle)
+
+
+class NmeaReplaySource:
+    """Replays an NMEA 0183 log file as live positions (for the field kit without a receiver).
+
+    Reports come from :func:`parse_nmea_log`, one epoch every ``1 / rate`` seconds. With
+    ``loop`` the log starts again at its end; without it, the source yields one
+    ``GpsLost("end of NMEA log")`` at the end and then stays quiet until stopped.
+
+    The file is read when :meth:`stream` starts, not at construction. A missing or unreadable
+    file, or one with no RMC/GGA sentence, gives one ``GpsLost`` naming the file and the
+    problem (no traceback), and the source tries again every ``retry_s`` seconds.
+    """
+
+    def __init__(self, path: Path, *, rate: float = 1.0, loop: bool = True,
+                 retry_s: float = 5.0) -> None:
+        """Args:
+            path: the NMEA log file.
+            rate: epochs replayed per second (> 0).
+            loop: start again at the end of the log.
+            retry_s: seconds between attempts to read a missing or unusable file.
+
+        Raises:
+            ValueError: ``rate`` or ``retry_s`` is not a finite number > 0.
+        """
+        self.path = Path(path)
+        self.rate = _check_positive("rate", rate)
+        self.loop = bool(loop)
+        self.retry_s = _check_positive("retry_s", retry_s)
+
+    async def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
+        """Yield the log's epochs at ``rate`` per second (see the class docstring)."""
+        gate = _LossGate()
+        reports: list[GpsFix | GpsLost] = []
+        while not reports:
+            try:
+                reports = await asyncio.to_thread(_load_nmea, self.path)
+                problem = "it has no RMC or GGA sentence"
+            except OSError as exc:
+                problem = f"cannot read it: {exc.strerror or type(exc).__name__}"
+            if not reports:
+                log.warning("NMEA log %s: %s; retrying in %g s", self.path, problem,
+                            self.retry_s)
+                if gate.lose():
+                    yield GpsLost(reason=f"NMEA log {self.path.name}: {problem}")
+                await asyncio.sleep(self.retry_s)
+        interval = 1.0 / self.rate
+        while True:
+            for report in reports:
+                if isinstance(report, GpsFix):
+                    gate.fix()
+                    yield report
+                elif gate.lose():
+                    yield report
+                await asyncio.sleep(interval)
+            if not self.loop:
+                break
+        if gate.lose():
+            yield GpsLost(reason="end of NMEA log")
+        await asyncio.Event().wait()  # stay quiet until the consumer stops
+
+
+# -- simulated sources ------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class FixedSource:
+    """A receiver that never moves: the same 3D fix every ``interval_s`` seconds."""
+
+    def __init__(self, latitude: float, longitude: float, accuracy_m: float | None, *,
+                 interval_s: float = 1.0) -> None:
+        """Args:
+            latitude: WGS84 degrees.
+            longitude: WGS84 degrees.
+            accuracy_m: reported accuracy in metres (>= 0), or None.
+            interval_s: seconds between fixes.
+
+        Raises:
+            ValueError: a coordinate out of range, a negative accuracy or a bad interval.
+        """
+        self.latitude, self.longitude = _check_position(latitude, longitude)
+        if accuracy_m is not None and (_finite(accuracy_m) is None or accuracy_m < 0):
+            raise ValueError(f"accuracy_m: expected metres >= 0 or None, got {accuracy_m!r}")
+        self.accuracy_m = None if accuracy_m is None else float(accuracy_m)
+        self.interval_s = _check_positive("interval_s", interval_s)
+
+    async def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
+        """Yield the fix (time: now, UTC) at once and then every ``interval_s`` seconds."""
+        while True:
+            yield GpsFix(latitude=self.latitude, longitude=self.longitude,
+                         accuracy_m=self.accuracy_m, mode=3, time=_now())
+            await asyncio.sleep(self.interval_s)
+
+
+class WalkSource:
+    """A simulated walker for the demo: a smooth random walk around a start point.
+
+    Each step the heading turns by a small random angle (normal, sigma 0.3 rad) and the walker
+    moves ``speed_m_s * interval_s`` metres; near the edge the heading is pulled towards the
+    start point, and no position is ever more than ``radius_m`` from it. Positions use a local
+    flat-earth approximation (good to well under a millimetre over a few hundred metres).
+    With a ``seed`` the sequence of positions is the same on every run.
+    """
+
+    def __init__(self, latitude: float, longitude: float, *, radius_m: float,
+                 speed_m_s: float = 1.2, interval_s: float = 1.0, seed: int | None = None,
+                 accuracy_m: float = 4.0) -> None:
+        """Args:
+            latitude: start point, WGS84 degrees (|lat| < 89).
+            longitude: start point, WGS84 degrees.
+            radius_m: the walker stays within this many metres of the start point (> 0).
+            speed_m_s: walking speed, metres per second (>= 0).
+            interval_s: seconds between fixes (> 0).
+            seed: seed of the walk's random generator; None for a different walk each run.
+            accuracy_m: reported accuracy, metres (>= 0).
+
+        Raises:
+            ValueError: a value out of range, named in the message.
+        """
+        self.latitude, self.longitude = _check_position(latitude, longitude)
+        if abs(self.latitude) >= 89.0:
+            raise ValueError(f"latitude: the walker needs |latitude| < 89, got {latitude!r}")
+        self.radius_m = _check_positive("radius_m", radius_m)
+        speed = _finite(speed_m_s)
+        if speed is None or speed < 0:
+            raise ValueError(f"speed_m_s: expected metres per second >= 0, got {speed_m_s!r}")
+        self.speed_m_s = speed
+        self.interval_s = _check_positive("interval_s", interval_s)
+        accuracy = _finite(accuracy_m)
+        if accuracy is None or accuracy < 0:
+            raise ValueError(f"accuracy_m: expected metres >= 0, got {accuracy_m!r}")
+        self.accuracy_m = accuracy
+        self.seed = seed
+
+    def positions(self) -> Iterator[tuple[float, float]]:
+        """The walk as an endless iterator of (latitude, longitude), starting at the start point.
+
+        Pure apart from its own seeded generator: what :meth:`stream` yields, without clocks.
+        """
+        rng = random.Random(self.seed)
+        heading = rng.uniform(-math.pi, math.pi)
+        east = north = 0.0
+        step = self.speed_m_s * self.interval_s
+        metres_per_deg_lat = math.pi * EARTH_RADIUS_M / 180.0
+        metres_per_deg_lon = metres_per_deg_lat * math.cos(math.radians(self.latitude))
+        while True:
+            yield (self.latitude + north / metres_per_deg_lat,
+                   self.longitude + east / metres_per_deg_lon)
+            heading += rng.gauss(0.0, 0.3)
+            distance = math.hypot(east, north)
+            edge = 0.6 * self.radius_m
+            if distance > edge:
+                home = math.atan2(-north, -east)
+                pull = min(1.0, (distance - edge) / (self.radius_m - edge)) * 0.5
+                turn = math.remainder(home - heading, math.tau)
+                heading += pull * turn
+            east += step * math.cos(heading)
+            north += step * math.sin(heading)
+            distance = math.hypot(east, north)
+            limit = 0.98 * self.radius_m
+            if distance > limit:
+                east, north = east * limit / distance, north * limit / distance
+                heading = math.atan2(-north, -east) + rng.uniform(-0.8, 0.8)
+
+    async def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
+        """Yield a 3D fix (time: now, UTC) on the walk every ``interval_s`` seconds."""
+        for latitude, longitude in self.positions():
+            yield GpsFix(latitude=latitude, longitude=longitude, accuracy_m=self.accuracy_m,
+                         mode=3, time=_now())
+            await asyncio.sleep(self.interval_s)
+
+
+# -- from configuration -----------------------------------------------------------------
+
+
+def make_source(gps: GpsConfig) -> PositionSource:
+    """Build the position source a ``[gps]`` configuration asks for.
+
+    Args:
+        gps: the parsed ``[gps]`` table; ``source`` is ``gpsd``, ``nmea`` or ``fixed``.
+
+    Returns:
+        A :class:`GpsdSource`, :class:`NmeaReplaySource` or :class:`FixedSource`.
+
+    Raises:
+        ValueError: an unknown source, or a value the source needs is missing or bad
+            (the message names the ``gps.`` key).
+    """
+    try:
+        if gps.source == "gpsd":
+            return GpsdSource(gps.host, gps.port, stale_after_s=gps.stale_after_s)
+        if gps.source == "nmea":
+            if gps.path is None:
+                raise ValueError('path: the NMEA log to replay is required when source = "nmea"')
+            return NmeaReplaySource(gps.path, rate=gps.rate, loop=gps.loop)
+        if gps.source == "fixed":
+            if gps.latitude is None or gps.longitude is None:
+                raise ValueError('latitude, longitude: required when source = "fixed"')
+            return FixedSource(gps.latitude, gps.longitude, gps.accuracy_m)
+    except ValueError as exc:
+        raise ValueError(f"gps.{exc}") from None
+    raise ValueError(f'gps.source: expected one of "gpsd", "nmea", "fixed", got {gps.source!r}')
