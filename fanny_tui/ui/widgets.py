@@ -215,12 +215,14 @@ class SessionPanel(Static):
         else:
             grid.add_row("Broker", Text("disconnected", style="bold yellow"))
         if self.broker_detail:
-            grid.add_row("", Text(self.broker_detail, style="italic"))
+            grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
+                                  overflow="ellipsis"))
         fix = self.fix
         if fix is None:
             grid.add_row("GPS", Text("no fix", style="bold yellow"))
             if self.gps_detail:
-                grid.add_row("", Text(self.gps_detail, style="italic"))
+                grid.add_row("", Text(self.gps_detail, style="italic", no_wrap=True,
+                                      overflow="ellipsis"))
             dash = Text("–", style="dim")
             for label in ("Satellites", "Latitude", "Longitude", "Accuracy"):
                 grid.add_row(label, dash)
