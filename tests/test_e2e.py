@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,7 @@ async def test_broker_down_keeps_tokens_and_retries(tmp_path, unused_tcp_port):
         async with start_broker(settings) as broker:
             await a.wait_event("positive_declared", timeout=90)
             assert store.count() == 0
-            board_tokens, _, _ = broker.board.since(0, 100)
+            board_tokens, _, _ = broker.board.since(0, 100, datetime.now(UTC))
             assert len(board_tokens) == 1
         store.close()
     finally:
