@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+
 def _modules_after_import(module: str) -> set[str]:
     code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import struct
 
-from fanny_tui.gps import FixedSource
-
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import Config
 from fanny_tui.engine import Engine
+from fanny_tui.gps import FixedSource
 from fanny_tui.protocol.expiry import is_on_deletion_hour
 from fanny_tui.protocol.tokens import is_uuid4
 from fanny_tui.store import TokenStore
@@ -94,8 +93,10 @@ async def test_stored_expiry_is_on_the_deletion_hour(tmp_path):
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "b.db")
     async with start_broker(settings) as broker:
         config = device_config(broker.url)
-        async with running_device(config, tmp_path / "a", FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a, \
-                running_device(config, tmp_path / "b", FixedSource(LAT, LON, 3.0, interval_s=0.2)) as b:
+        source_a = FixedSource(LAT, LON, 3.0, interval_s=0.2)
+        source_b = FixedSource(LAT, LON, 3.0, interval_s=0.2)
+        async with running_device(config, tmp_path / "a", source_a) as a, \
+                running_device(config, tmp_path / "b", source_b) as b:
             await a.wait_event("token_stored")
             await b.wait_event("token_stored")
     for device in (a, b):
