@@ -34,6 +34,7 @@ class BrokerConfig:
     url: str = "ws://127.0.0.1:8765"
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,25 @@ class IceServer:
 
 @dataclass(frozen=True)
 class WebRtcConfig:
-    """``[webrtc]``: ICE servers (default none) and the host addresses offered as candidates."""
+    """``[webrtc]``: ICE servers (default none), host addresses offered, transport policy.
+
+    ``ice_transport_policy``: ``"all"`` or ``"relay"`` (W3C RTCIceTransportPolicy): relay-only
+    offers no host candidate and goes through the configured TURN server, hiding this device's
+    addresses from peers.
+    """
 
     ice_servers: tuple[IceServer, ...] = ()
     host_addresses: tuple[str, ...] = ()
+    ice_transport_policy: str = "all"
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``[privacy]``: cover traffic. ``decoy_uploads`` sends decoy positive uploads (which the
+    broker discards) about every ``decoy_interval_s`` seconds (exponentially distributed)."""
+
+    decoy_uploads: bool = False
+    decoy_interval_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,7 @@ class Config:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 class _Section:
@@ -144,8 +161,18 @@ class _Section:
         return value
 
 
-def _broker(data: Mapping[str, Any]) -> BrokerConfig:
-    s = _Section(data, "broker", {"url", "reconnect_min_s", "reconnect_max_s"})
+def _path(s: _Section, key: str, base: Path | None) -> Path | None:
+    text = s.string(key, None)
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    return path
+
+
+def _broker(data: Mapping[str, Any], base: Path | None) -> BrokerConfig:
+    s = _Section(data, "broker", {"url", "reconnect_min_s", "reconnect_max_s", "ca_file"})
     url = s.string("url", BrokerConfig.url) or ""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -154,7 +181,8 @@ def _broker(data: Mapping[str, Any]) -> BrokerConfig:
     high = s.number("reconnect_max_s", BrokerConfig.reconnect_max_s, positive=True)
     if high < low:
         raise ConfigError("broker.reconnect_max_s", f"a number >= reconnect_min_s ({low})", high)
-    return BrokerConfig(url=url, reconnect_min_s=low, reconnect_max_s=high)
+    return BrokerConfig(url=url, reconnect_min_s=low, reconnect_max_s=high,
+                        ca_file=_path(s, "ca_file", base))
 
 
 def _gps(data: Mapping[str, Any], base: Path | None) -> GpsConfig:
@@ -163,12 +191,7 @@ def _gps(data: Mapping[str, Any], base: Path | None) -> GpsConfig:
     source = s.string("source", GpsConfig.source)
     if source not in ("gpsd", "nmea", "fixed"):
         raise ConfigError("gps.source", 'one of "gpsd", "nmea", "fixed"', source)
-    path_text = s.string("path", None)
-    path = None
-    if path_text is not None:
-        path = Path(path_text).expanduser()
-        if base is not None and not path.is_absolute():
-            path = base / path
+    path = _path(s, "path", base)
     if source == "nmea" and path is None:
         raise ConfigError("gps.path", 'the path of an NMEA log when source = "nmea"')
     lat = data.get("latitude")
@@ -224,7 +247,10 @@ def _ice_server(item: object, index: int) -> IceServer:
 
 
 def _webrtc(data: Mapping[str, Any]) -> WebRtcConfig:
-    _Section(data, "webrtc", {"ice_servers", "host_addresses"})
+    s = _Section(data, "webrtc", {"ice_servers", "host_addresses", "ice_transport_policy"})
+    policy = s.string("ice_transport_policy", WebRtcConfig.ice_transport_policy)
+    if policy not in ("all", "relay"):
+        raise ConfigError("webrtc.ice_transport_policy", 'one of "all", "relay"', policy)
     servers = data.get("ice_servers", [])
     if not isinstance(servers, list):
         raise ConfigError("webrtc.ice_servers", "a list of tables", servers)
@@ -237,19 +263,25 @@ def _webrtc(data: Mapping[str, Any]) -> WebRtcConfig:
             ipaddress.ip_address(address)
         except (ValueError, TypeError):
             raise ConfigError("webrtc.host_addresses", "IP addresses", address) from None
-    return WebRtcConfig(tuple(_ice_server(item, i) for i, item in enumerate(servers)),
-                        tuple(addresses))
+    ice_servers = tuple(_ice_server(item, i) for i, item in enumerate(servers))
+    if policy == "relay" and not any(u.startswith("turn") for srv in ice_servers
+                                     for u in srv.urls):
+        raise ConfigError("webrtc.ice_transport_policy",
+                          '"all", or a turn: server in ice_servers for "relay"', policy)
+    return WebRtcConfig(ice_servers, tuple(addresses), policy)
 
 
 def _storage(data: Mapping[str, Any], base: Path | None) -> StorageConfig:
     s = _Section(data, "storage", {"data_dir"})
-    text = s.string("data_dir", None)
-    if text is None:
-        return StorageConfig()
-    path = Path(text).expanduser()
-    if base is not None and not path.is_absolute():
-        path = base / path
-    return StorageConfig(data_dir=path)
+    return StorageConfig(data_dir=_path(s, "data_dir", base))
+
+
+def _privacy(data: Mapping[str, Any]) -> PrivacyConfig:
+    s = _Section(data, "privacy", {"decoy_uploads", "decoy_interval_s"})
+    return PrivacyConfig(
+        decoy_uploads=s.boolean("decoy_uploads", PrivacyConfig.decoy_uploads),
+        decoy_interval_s=s.number("decoy_interval_s", PrivacyConfig.decoy_interval_s,
+                                  low=1.0, high=30 * 86_400.0))
 
 
 def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
@@ -262,16 +294,17 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Co
     Raises:
         ConfigError: an unknown table or key, or a value of the wrong type or range.
     """
-    sections = {"broker", "gps", "protocol", "webrtc", "storage"}
+    sections = {"broker", "gps", "protocol", "webrtc", "storage", "privacy"}
     unknown = sorted(set(data) - sections)
     if unknown:
         raise ConfigError(unknown[0], f"one of the tables {sorted(sections)}")
     return Config(
-        broker=_broker(data.get("broker", {})),
+        broker=_broker(data.get("broker", {}), base_dir),
         gps=_gps(data.get("gps", {}), base_dir),
         protocol=_protocol(data.get("protocol", {})),
         webrtc=_webrtc(data.get("webrtc", {})),
         storage=_storage(data.get("storage", {}), base_dir),
+        privacy=_privacy(data.get("privacy", {})),
     )
 
 

@@ -28,7 +28,7 @@ def test_example_file_parses_and_documents_every_key(tmp_path):
     # every key of every section appears in the example, documented (commented or set)
     for section, cls in (("broker", config.broker), ("gps", config.gps),
                          ("protocol", config.protocol), ("webrtc", config.webrtc),
-                         ("storage", config.storage)):
+                         ("storage", config.storage), ("privacy", config.privacy)):
         assert f"[{section}]" in text
         for key in cls.__dataclass_fields__:
             assert f"{key} =" in text, f"{section}.{key} is not documented in the example"
@@ -56,6 +56,11 @@ def test_example_file_parses_and_documents_every_key(tmp_path):
     ({"webrtc": {"ice_servers": [{"urls": ["http://x"]}]}}, "webrtc.ice_servers[0].urls"),
     ({"webrtc": {"ice_servers": [{"urls": "turn:x", "user": "a"}]}}, "webrtc.ice_servers[0].user"),
     ({"nonsense": {}}, "nonsense"),
+    ({"webrtc": {"ice_transport_policy": "stun"}}, "webrtc.ice_transport_policy"),
+    ({"webrtc": {"ice_transport_policy": "relay"}}, "webrtc.ice_transport_policy"),
+    ({"privacy": {"decoy_uploads": "yes"}}, "privacy.decoy_uploads"),
+    ({"privacy": {"decoy_interval_s": 0}}, "privacy.decoy_interval_s"),
+    ({"broker": {"ca_file": 3}}, "broker.ca_file"),
 ])
 def test_bad_values_name_the_key(data, key):
     with pytest.raises(ConfigError) as info:

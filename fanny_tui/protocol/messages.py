@@ -58,6 +58,15 @@ Seconds = Annotated[float, Meta(ge=0.0)]
 Role = Literal["initiator", "responder"]
 SdpType = Literal["offer", "answer"]
 
+MAX_TOKENS_PER_UPLOAD = 500
+"""Most tokens one upload may carry; a larger declaration goes in several uploads."""
+UPLOAD_SIZE_BYTES = 65_536
+"""Every positive upload is padded to exactly this many bytes of JSON (one size class)."""
+ACK_SIZE_BYTES = 256
+"""Every positive ack is padded to exactly this many bytes of JSON."""
+DeclarationCode = Annotated[str, Meta(min_length=1, max_length=64)]
+Padding = Annotated[str, Meta(max_length=UPLOAD_SIZE_BYTES, pattern=r"^ *$")]
+
 
 class _Message(
     msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", kw_only=True
@@ -145,17 +154,29 @@ class PositiveUpload(_Message, tag="positive_upload"):
 
     ``upload_id`` is a fresh random UUIDv4 per declaration, unrelated to any session ID; a
     retry reuses it so the broker answers it idempotently.
+
+    ``code``: the single-use declaration code (paper section 5), as typed; required unless the
+    broker runs with open declarations. ``decoy``: a cover upload the broker answers like any
+    other and then discards. ``padding``: spaces that bring every upload to the same size
+    (:data:`UPLOAD_SIZE_BYTES`), so its size does not tell how many tokens it holds.
     """
 
     upload_id: UploadId
-    tokens: list[PositiveToken]
+    tokens: Annotated[list[PositiveToken], Meta(max_length=MAX_TOKENS_PER_UPLOAD)]
+    code: DeclarationCode | None = None
+    decoy: bool = False
+    padding: Padding = ""
 
 
 class PositiveAck(_Message, tag="positive_ack"):
-    """Broker -> client: the upload is durably committed; the device may delete its tokens."""
+    """Broker -> client: the upload is durably committed; the device may delete its tokens.
+
+    ``padding`` makes every ack the same size (:data:`ACK_SIZE_BYTES`).
+    """
 
     upload_id: UploadId
     count: Count
+    padding: Padding = ""
 
 
 class PositivesPoll(_Message, tag="positives_poll"):
@@ -227,6 +248,19 @@ _FIELD_RE = re.compile(r" - at `\$((?:\.[A-Za-z_]\w*|\[\d+\])*)`$")
 def encode(message: msgspec.Struct) -> str:
     """Encode a message as compact JSON text (one WebSocket text frame)."""
     return _encoder.encode(message).decode("utf-8")
+
+
+def encode_padded(message: PositiveUpload | PositiveAck, size: int) -> str:
+    """Encode ``message`` with its ``padding`` filled so the JSON text is exactly ``size`` bytes.
+
+    Raises:
+        ValueError: the message is already larger than ``size`` without padding.
+    """
+    bare = encode(msgspec.structs.replace(message, padding=""))
+    missing = size - len(bare.encode("utf-8"))
+    if missing < 0:
+        raise ValueError(f"{message_type(message)} is {size - missing} bytes, over {size}")
+    return encode(msgspec.structs.replace(message, padding=" " * missing))
 
 
 def _decode(decoder: msgspec.json.Decoder, data: str | bytes, channel: str):  # type: ignore[no-untyped-def]
