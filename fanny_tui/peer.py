@@ -31,6 +31,28 @@ outside ``host_addresses`` (relay candidates from a configured TURN server excep
 exchange with ``candidate_outside_allowed`` before anything is sent to the broker. An empty
 ``host_addresses`` means no restriction (every interface, aioice's default).
 
+Relay-only ICE (``webrtc.ice_transport_policy = "relay"``)
+-----------------------------------------------------------
+For testers who must hide their addresses from peers, the ``RTCConfiguration`` then carries
+``iceTransportPolicy=RELAY`` (W3C RTCIceTransportPolicy, aiortc >= 1.16, RFC 9429 section 3.5.3):
+aioice gathers only relayed candidates from the configured TURN server (RFC 8656) and hides
+their related address. The final local SDP is checked all the same: every ``a=candidate`` line
+must be ``typ relay`` with no related address (``raddr`` absent, ``0.0.0.0`` or ``::``), else
+the exchange fails with ``candidate_outside_allowed`` before anything is sent. No candidate at
+all (TURN server unreachable, wrong credentials, no ``turn:`` URL) fails it with
+``no_relay_candidate``, also before anything is sent: the peer's timer ends its side.
+
+Host-name (mDNS) remote candidates
+----------------------------------
+A peer may offer ``a=candidate`` lines whose address is an mDNS name (``<uuid>.local``,
+draft-ietf-mmusic-mdns-ice-candidates); aioice resolves those by multicast DNS (224.0.0.251),
+on a socket bound to every interface. When ``host_addresses`` is set or the policy is relay,
+such traffic must not happen: every remote candidate whose address is not an IP literal is
+dropped from the peer's SDP before ``setRemoteDescription()`` (:func:`drop_hostname_candidates`).
+If the peer offered candidates and none is left, the exchange fails with
+``mdns_candidate_refused``. With neither setting (no restriction at all), remote candidates are
+used as aioice sees fit.
+
 Timing and closing
 ------------------
 One overall timer of ``timeout_s`` seconds covers signaling, ICE, DTLS, SCTP and the exchange:
@@ -65,6 +87,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -90,6 +113,7 @@ __all__ = [
     "LINGER_S",
     "Signaling",
     "candidates_outside",
+    "drop_hostname_candidates",
     "install_host_address_filter",
     "restrict_host_addresses",
     "run_witness",
@@ -201,30 +225,58 @@ def restrict_host_addresses(addresses: Iterable[str]) -> Iterator[tuple[str, ...
         _allowed_host_addresses.reset(token)
 
 
-def candidates_outside(sdp: str, allowed: Iterable[str]) -> list[str]:
+def _candidate_fields(line: str) -> list[str] | None:
+    """The fields after ``a=candidate:`` (RFC 8839 section 5.1), or None if too few to read."""
+    fields = line[len("a=candidate:"):].split()
+    if len(fields) < 8 or fields[6] != "typ":
+        return None
+    return fields
+
+
+def _related_address(fields: list[str]) -> str | None:
+    """The ``raddr`` value of a candidate's extension fields, if any."""
+    for i in range(8, len(fields) - 1, 2):
+        if fields[i] == "raddr":
+            return fields[i + 1]
+    return None
+
+
+def candidates_outside(sdp: str, allowed: Iterable[str], *, relay_only: bool = False) -> list[str]:
     """The addresses of the SDP's ``a=candidate`` lines (RFC 8839) that are not allowed.
 
-    Relay candidates (``typ relay``, from a configured TURN server) are always allowed; host,
-    server-reflexive and peer-reflexive ones must use an address of ``allowed``.
+    By default relay candidates (``typ relay``, from a configured TURN server) are always
+    allowed; host, server-reflexive and peer-reflexive ones must use an address of ``allowed``.
+    With ``relay_only`` (the relay ICE transport policy) only relay candidates are allowed, and
+    only without a related address (``raddr`` absent, ``0.0.0.0`` or ``::``): a related address
+    would tell the peer this device's own address, which relay-only ICE is meant to hide.
 
     Args:
         sdp: session description text.
-        allowed: allowed IP addresses (text).
+        allowed: allowed IP addresses (text); not used with ``relay_only``.
+        relay_only: allow relay candidates only.
 
     Returns:
-        The offending addresses in order (``"?"`` for a line that cannot be parsed); empty when
-        every candidate is allowed.
+        The offending addresses in order (``"?"`` for a line that cannot be parsed; for a relay
+        candidate that reveals a related address, that address); empty when every candidate is
+        allowed.
     """
     allowed_ips = {ipaddress.ip_address(a) for a in allowed}
     bad: list[str] = []
     for line in sdp.splitlines():
         if not line.startswith("a=candidate:"):
             continue
-        fields = line[len("a=candidate:"):].split()
-        if len(fields) < 8 or fields[6] != "typ":
+        fields = _candidate_fields(line)
+        if fields is None:
             bad.append("?")
             continue
         address, kind = fields[4], fields[7]
+        if relay_only:
+            related = _related_address(fields)
+            if kind != "relay":
+                bad.append(address)
+            elif related is not None and related not in ("0.0.0.0", "::"):
+                bad.append(related)
+            continue
         if kind == "relay":
             continue
         try:
@@ -237,15 +289,59 @@ def candidates_outside(sdp: str, allowed: Iterable[str]) -> list[str]:
     return bad
 
 
+def drop_hostname_candidates(sdp: str) -> tuple[str, int]:
+    """Remove the ``a=candidate`` lines whose address is a host name rather than an IP address.
+
+    Such names are mDNS names (``<uuid>.local``, draft-ietf-mmusic-mdns-ice-candidates) that
+    aioice would resolve by multicast DNS, leaving the allowed addresses. Lines that cannot be
+    parsed are kept (aiortc then refuses the SDP), as is every other line, with its line ending.
+
+    Args:
+        sdp: the peer's session description text.
+
+    Returns:
+        The SDP without those lines, and how many lines were removed.
+    """
+    kept: list[str] = []
+    dropped = 0
+    for line in sdp.splitlines(keepends=True):
+        if line.startswith("a=candidate:"):
+            fields = _candidate_fields(line.rstrip("\r\n"))
+            if fields is not None:
+                try:
+                    ipaddress.ip_address(fields[4])
+                except ValueError:
+                    dropped += 1
+                    continue
+        kept.append(line)
+    return "".join(kept), dropped
+
+
+_POLICIES = ("all", "relay")
+
+
+def _relay_only(webrtc: WebRtcConfig) -> bool:
+    """True for the relay ICE transport policy; ValueError for an unknown policy."""
+    policy = webrtc.ice_transport_policy
+    if policy not in _POLICIES:
+        raise ValueError(f'webrtc.ice_transport_policy must be "all" or "relay", got {policy!r}')
+    return policy == "relay"
+
+
 def _rtc_configuration(webrtc: WebRtcConfig) -> RTCConfiguration:
-    """An explicit configuration: the configured ICE servers only (never aiortc's default)."""
-    from aiortc import RTCConfiguration, RTCIceServer
+    """An explicit configuration: the configured ICE servers and transport policy.
+
+    Never aiortc's default server list (a public STUN server). The policy maps to W3C
+    RTCIceTransportPolicy: ``"relay"`` gathers relayed candidates only.
+    """
+    from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy
 
     servers = [
         RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
         for s in webrtc.ice_servers
     ]
-    return RTCConfiguration(iceServers=servers)
+    policy = RTCIceTransportPolicy.RELAY if _relay_only(webrtc) else RTCIceTransportPolicy.ALL
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
 
 def _describe(exc: BaseException) -> str:
@@ -413,12 +509,30 @@ class _Exchange:
             task.exception()  # retrieved: no "exception was never retrieved" warning
 
 
-async def _set_local(pc: RTCPeerConnection, description: Any, allowed: tuple[str, ...]) -> str:
-    """setLocalDescription() with host candidates restricted; returns the local SDP."""
-    with restrict_host_addresses(allowed):
+@dataclasses.dataclass(frozen=True)
+class _IceScope:
+    """What ICE may use in one exchange: host addresses (empty: any) and relay-only policy."""
+
+    allowed: tuple[str, ...]
+    relay_only: bool
+
+    @property
+    def restricted(self) -> bool:
+        """True when traffic must stay within the configured addresses or the TURN server."""
+        return bool(self.allowed) or self.relay_only
+
+
+async def _set_local(pc: RTCPeerConnection, description: Any, scope: _IceScope) -> str:
+    """setLocalDescription() with host candidates restricted; returns the checked local SDP."""
+    with restrict_host_addresses(scope.allowed):
         await pc.setLocalDescription(description)
     sdp: str = pc.localDescription.sdp
-    if allowed and candidates_outside(sdp, allowed):
+    if scope.relay_only:
+        if not any(line.startswith("a=candidate:") for line in sdp.splitlines()):
+            raise _Abandon("no_relay_candidate")
+        if candidates_outside(sdp, (), relay_only=True):
+            raise _Abandon("candidate_outside_allowed")
+    elif scope.allowed and candidates_outside(sdp, scope.allowed):
         raise _Abandon("candidate_outside_allowed")
     return sdp
 
@@ -440,11 +554,17 @@ async def _send(signaling: Signaling, sdp_type: str, sdp: str) -> None:
         raise _Abandon(f"signaling_failed: {type(exc).__name__}") from None
 
 
-async def _set_remote(pc: RTCPeerConnection, sdp: str, sdp_type: str) -> None:
+async def _set_remote(pc: RTCPeerConnection, sdp: str, sdp_type: str, scope: _IceScope) -> None:
     from aiortc import RTCSessionDescription
 
     if not any(line.startswith("m=application ") for line in sdp.splitlines()):
         raise _Abandon("bad_sdp")  # no data channel section: this exchange could never start
+    if scope.restricted:
+        sdp, dropped = drop_hostname_candidates(sdp)
+        if dropped:
+            logger.debug("dropped %d host-name (mDNS) remote candidate(s)", dropped)
+            if not any(line.startswith("a=candidate:") for line in sdp.splitlines()):
+                raise _Abandon("mdns_candidate_refused")
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=sdp_type))
     except Exception:  # remote text parsed by aiortc: any parse or validation error
@@ -453,19 +573,19 @@ async def _set_remote(pc: RTCPeerConnection, sdp: str, sdp_type: str) -> None:
 
 async def _negotiate(
     role: str, pc: RTCPeerConnection, exchange: _Exchange, signaling: Signaling,
-    allowed: tuple[str, ...],
+    scope: _IceScope,
 ) -> None:
     """One offer, one answer (no trickle ICE: each SDP holds every candidate)."""
     if role == "initiator":
         exchange.attach(pc.createDataChannel(CHANNEL_LABEL))
         offer = await pc.createOffer()
-        await _send(signaling, "offer", await _set_local(pc, offer, allowed))
-        await _set_remote(pc, await _receive(signaling, "answer"), "answer")
+        await _send(signaling, "offer", await _set_local(pc, offer, scope))
+        await _set_remote(pc, await _receive(signaling, "answer"), "answer", scope)
     else:
         pc.on("datachannel", exchange.attach)
-        await _set_remote(pc, await _receive(signaling, "offer"), "offer")
+        await _set_remote(pc, await _receive(signaling, "offer"), "offer", scope)
         answer = await pc.createAnswer()
-        await _send(signaling, "answer", await _set_local(pc, answer, allowed))
+        await _send(signaling, "answer", await _set_local(pc, answer, scope))
 
 
 async def run_witness(
@@ -488,8 +608,9 @@ async def run_witness(
         role: ``"initiator"`` or ``"responder"``, as given by the broker's match.
         contact_id: this device's contact ID (canonical UUIDv4). Sent only on the data channel.
         signaling: carries the offer and the answer through the broker.
-        webrtc: ICE servers (none by default: never a public STUN server) and the host
-            addresses allowed for ICE candidates (see the module docstring).
+        webrtc: ICE servers (none by default: never a public STUN server), the host
+            addresses allowed for ICE candidates and the ICE transport policy (``"relay"``:
+            relayed candidates through the TURN server only); see the module docstring.
         store_token: stores a token and returns True if it was new, False if already stored;
             it runs in a worker thread; any exception it raises (``StoreError``, ``OSError``,
             ...) fails the exchange with ``store_failed: <ExceptionClass>``.
@@ -503,17 +624,18 @@ async def run_witness(
         :class:`HandshakeCompleted` (``new`` False when the token was already stored) or
         :class:`HandshakeFailed` with a reason such as ``timeout``, ``channel_closed``,
         ``peer_aborted: ...``, ``store_failed: ...``, ``token_mismatch``, ``bad_sdp``,
-        ``unexpected_signal``, ``signaling_failed: ...`` or ``candidate_outside_allowed``.
-        A failed exchange stored nothing on this side.
+        ``unexpected_signal``, ``signaling_failed: ...``, ``candidate_outside_allowed``,
+        ``no_relay_candidate`` or ``mdns_candidate_refused``. A failed exchange stored nothing
+        on this side.
 
     Raises:
-        ValueError: bad role, contact ID, timeout or host address.
+        ValueError: bad role, contact ID, timeout, host address or ICE transport policy.
         asyncio.CancelledError: the caller cancelled; the connection is closed first.
     """
     if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     machine = WitnessHandshake(role, contact_id)
-    allowed = _canonical_addresses(webrtc.host_addresses)
+    scope = _IceScope(_canonical_addresses(webrtc.host_addresses), _relay_only(webrtc))
 
     from aiortc import RTCPeerConnection
 
@@ -526,7 +648,7 @@ async def run_witness(
         on_progress("connecting")
         try:
             async with asyncio.timeout(timeout_s):
-                await _negotiate(role, pc, exchange, signaling, allowed)
+                await _negotiate(role, pc, exchange, signaling, scope)
                 await exchange.drive()
         except TimeoutError:
             logger.debug("witness %s: timeout", role)
