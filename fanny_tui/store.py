@@ -5,12 +5,16 @@ One file, ``tokens.sqlite3`` in the data directory, holding:
 * ``tokens``: witness tokens with their expiry (Unix seconds, always on the deletion hour) and,
   while a positive declaration waits for the broker's acknowledgement, the random ``upload_id``
   of that declaration (privacy invariant 6: tokens are deleted only after the ack);
+* ``uploads``: one row per positive upload not acknowledged yet: its ``upload_id`` and the
+  declaration code that authorizes it (paper section 5), so that a retry after a restart still
+  carries the code; the row goes with the ack, or when the broker refuses the code;
 * ``meta``: the positive-poll cursor;
 * ``alerts``: exposure alerts already raised (UTC instant and count), so a restart still shows
   them.
 
 Never stored: session IDs, contact IDs, positions, peer identities, the time of a contact.
-The schema version is in ``PRAGMA user_version``. Writes are durable (WAL, ``synchronous=FULL``)
+The schema version is in ``PRAGMA user_version`` (2; a version 1 file, from before declaration
+codes, is upgraded in place when opened for writing). Writes are durable (WAL, ``synchronous=FULL``)
 before a method returns. Every SQLite or file system failure (disk full, read-only directory,
 corrupt file) is raised as :class:`StoreError` with a one-line message naming the file; a failed
 write changes nothing (one transaction per method).
@@ -31,23 +35,31 @@ from pathlib import Path
 
 from .protocol.tokens import is_token
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILE_NAME = "tokens.sqlite3"
+READABLE_VERSIONS = (1, 2)
+"""Schema versions a read-only open accepts (their ``tokens`` tables are the same)."""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    token TEXT PRIMARY KEY CHECK (length(token) = 64),
-    expires_at INTEGER NOT NULL,
-    upload_id TEXT
-);
-CREATE INDEX IF NOT EXISTS tokens_upload ON tokens (upload_id);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS alerts (
-    id INTEGER PRIMARY KEY,
-    noticed_at INTEGER NOT NULL,
-    count INTEGER NOT NULL
-);
-"""
+_SCHEMA_V1 = (
+    """CREATE TABLE IF NOT EXISTS tokens (
+        token TEXT PRIMARY KEY CHECK (length(token) = 64),
+        expires_at INTEGER NOT NULL,
+        upload_id TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS tokens_upload ON tokens (upload_id)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS alerts (
+        id INTEGER PRIMARY KEY,
+        noticed_at INTEGER NOT NULL,
+        count INTEGER NOT NULL
+    )""",
+)
+_MIGRATE_V1_TO_V2 = (
+    "CREATE TABLE IF NOT EXISTS uploads (upload_id TEXT PRIMARY KEY, code TEXT)",
+    # Uploads pending in a version 1 store had no code (the broker did not ask for one).
+    "INSERT OR IGNORE INTO uploads (upload_id, code) "
+    "SELECT DISTINCT upload_id, NULL FROM tokens WHERE upload_id IS NOT NULL",
+)
 
 
 class StoreError(Exception):
@@ -61,6 +73,19 @@ class StoredToken:
     token: str
     expires_at: datetime
     pending: bool = False
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A positive upload not acknowledged yet: its ID, its declaration code and its tokens.
+
+    ``code`` is the normalized declaration code (None: sent without one, for a broker with open
+    declarations).
+    """
+
+    upload_id: str
+    code: str | None
+    tokens: list[StoredToken]
 
 
 @dataclass(frozen=True)
@@ -108,16 +133,12 @@ class TokenStore:
         try:
             if read_only:
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version != SCHEMA_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise StoreError(f"{path} is not a token store of schema {SCHEMA_VERSION}")
+                self._has_uploads = version >= 2
                 return
-            with self._write():
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise StoreError(f"{path} has schema version {version}, newer than this "
-                                     f"kit's {SCHEMA_VERSION}: upgrade fanny-tui")
-                self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA +
-                                       f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            self._migrate()
+            self._has_uploads = True
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
         except StoreError:
@@ -126,6 +147,25 @@ class TokenStore:
         except sqlite3.Error as exc:
             self._db.close()
             raise StoreError(f"cannot use the token store {path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        """Create the schema, or upgrade an older one in place, in one transaction."""
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema version {version}, newer than this "
+                                 f"kit's {SCHEMA_VERSION}: upgrade fanny-tui")
+            if version == SCHEMA_VERSION:
+                return
+            for statement in (*_SCHEMA_V1, *_MIGRATE_V1_TO_V2):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the file (``PRAGMA user_version``)."""
+        with self._write():
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     @classmethod
     def in_dir(cls, data_dir: Path, *, read_only: bool = False) -> TokenStore:
@@ -194,46 +234,103 @@ class TokenStore:
     def sweep_expired(self, now: datetime) -> int:
         """Delete tokens whose expiry is at or before ``now`` (paper 3, step 6; 4, last note).
 
+        Expired tokens of a pending upload go too (the upload is sent with the others); an
+        upload left with no token is forgotten, with its code.
+
         Returns:
             The number of tokens deleted.
         """
         with self._transaction() as db:
-            return db.execute("DELETE FROM tokens WHERE expires_at <= ?", (_ts(now),)).rowcount
+            deleted = db.execute("DELETE FROM tokens WHERE expires_at <= ?",
+                                 (_ts(now),)).rowcount
+            if deleted:
+                db.execute("DELETE FROM uploads WHERE upload_id NOT IN "
+                           "(SELECT upload_id FROM tokens WHERE upload_id IS NOT NULL)")
+            return deleted
 
     # -- positive declaration (paper 4, step 2; invariant 6) --------------------------------
 
-    def begin_upload(self, upload_id: str) -> list[StoredToken]:
-        """Mark every token not already pending as part of the positive upload ``upload_id``.
+    def begin_upload(self, upload_id: str, code: str | None = None, *,
+                     limit: int | None = None) -> list[StoredToken]:
+        """Mark tokens not already pending as part of the positive upload ``upload_id``.
 
         Nothing is deleted: :meth:`complete_upload` does that once the broker acknowledged.
+        The most recent contacts (latest expiry) come first when ``limit`` leaves some out.
+
+        Args:
+            upload_id: the fresh random UUIDv4 of the upload.
+            code: the normalized declaration code that authorizes it, kept with it until the
+                ack so that a retry after a restart still carries it (None: no code).
+            limit: mark at most this many tokens (the wire's ``MAX_TOKENS_PER_UPLOAD``);
+                None marks them all.
 
         Returns:
-            The tokens now pending under ``upload_id`` (may be empty).
+            The tokens now pending under ``upload_id`` (may be empty: then nothing is recorded).
+
+        Raises:
+            ValueError: ``limit`` < 1.
+            StoreError: the write failed (nothing changed).
         """
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be at least 1")
         with self._transaction() as db:
-            db.execute("UPDATE tokens SET upload_id = ? WHERE upload_id IS NULL", (upload_id,))
+            db.execute(
+                "UPDATE tokens SET upload_id = ? WHERE token IN (SELECT token FROM tokens "
+                "WHERE upload_id IS NULL ORDER BY expires_at DESC, token LIMIT ?)",
+                (upload_id, -1 if limit is None else limit))
             rows = db.execute("SELECT token, expires_at FROM tokens WHERE upload_id = ? "
                               "ORDER BY token", (upload_id,)).fetchall()
+            if rows:
+                db.execute("INSERT INTO uploads (upload_id, code) VALUES (?, ?)",
+                           (upload_id, code))
         return [StoredToken(t, _dt(e), True) for t, e in rows]
 
     def pending_uploads(self) -> dict[str, list[StoredToken]]:
         """Positive uploads not acknowledged yet: ``upload_id -> tokens``."""
+        return {p.upload_id: p.tokens for p in self.pending()}
+
+    def pending(self) -> list[PendingUpload]:
+        """Positive uploads not acknowledged yet, each with its code and tokens."""
         with self._write():
             rows = self._db.execute("SELECT upload_id, token, expires_at FROM tokens WHERE "
                                     "upload_id IS NOT NULL ORDER BY upload_id, token").fetchall()
-        out: dict[str, list[StoredToken]] = {}
+            codes = dict(self._db.execute("SELECT upload_id, code FROM uploads").fetchall()
+                         if self._has_uploads else [])
+        tokens: dict[str, list[StoredToken]] = {}
         for upload_id, token, expires in rows:
-            out.setdefault(upload_id, []).append(StoredToken(token, _dt(expires), True))
-        return out
+            tokens.setdefault(upload_id, []).append(StoredToken(token, _dt(expires), True))
+        return [PendingUpload(upload_id, codes.get(upload_id), items)
+                for upload_id, items in tokens.items()]
+
+    def pending_count(self) -> int:
+        """Number of tokens in positive uploads not acknowledged yet."""
+        with self._write():
+            return int(self._db.execute(
+                "SELECT count(*) FROM tokens WHERE upload_id IS NOT NULL").fetchone()[0])
 
     def complete_upload(self, upload_id: str) -> int:
-        """The broker acknowledged ``upload_id``: delete its tokens (paper 4, step 2).
+        """The broker acknowledged ``upload_id``: delete its tokens and its code (paper 4, 2).
 
         Returns:
             The number of tokens deleted.
         """
         with self._transaction() as db:
+            db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
             return db.execute("DELETE FROM tokens WHERE upload_id = ?", (upload_id,)).rowcount
+
+    def abandon_upload(self, upload_id: str) -> int:
+        """The broker refused ``upload_id`` for its code: keep its tokens, un-mark them.
+
+        The tokens stay on the device, no longer pending, so that a new declaration (with a
+        valid code) takes them; the refused code is forgotten.
+
+        Returns:
+            The number of tokens un-marked.
+        """
+        with self._transaction() as db:
+            db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+            return db.execute("UPDATE tokens SET upload_id = NULL WHERE upload_id = ?",
+                              (upload_id,)).rowcount
 
     # -- exposure (paper 4, step 4) ---------------------------------------------------------
 

@@ -133,3 +133,176 @@ def test_not_a_database_is_a_clear_error(tmp_path):
     (tmp_path / "tokens.sqlite3").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError, match="tokens.sqlite3"):
         TokenStore.in_dir(tmp_path)
+
+
+# -- schema v2: declaration codes kept with their pending uploads ---------------------------
+
+V1_SCHEMA = """
+CREATE TABLE tokens (
+    token TEXT PRIMARY KEY CHECK (length(token) = 64),
+    expires_at INTEGER NOT NULL,
+    upload_id TEXT
+);
+CREATE INDEX tokens_upload ON tokens (upload_id);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE alerts (id INTEGER PRIMARY KEY, noticed_at INTEGER NOT NULL, count INTEGER NOT NULL);
+PRAGMA user_version = 1;
+"""
+
+
+def _v1_store(path):
+    """A version 1 file as the kit wrote it before declaration codes: one upload pending."""
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    expires = int(EXPIRY.timestamp())
+    db.executemany("INSERT INTO tokens VALUES (?, ?, ?)",
+                   [(T1, expires, "u-old"), (T2, expires, None)])
+    db.execute("INSERT INTO meta VALUES ('poll_cursor', '17')")
+    db.execute("INSERT INTO alerts (noticed_at, count) VALUES (?, 2)", (expires - 86_400,))
+    db.commit()
+    db.close()
+
+
+def test_v1_store_upgrades_in_place(tmp_path):
+    path = tmp_path / "tokens.sqlite3"
+    _v1_store(path)
+    # A read-only open (fanny-tui tokens) reads a v1 file without changing it.
+    ro = TokenStore(path, read_only=True)
+    assert {t.token: t.pending for t in ro.tokens()} == {T1: True, T2: False}
+    assert ro.pending_uploads() == {"u-old": [ro.tokens()[0]]}
+    ro.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+
+    store = TokenStore(path)
+    assert store.schema_version == SCHEMA_VERSION == 2
+    assert {t.token: t.pending for t in store.tokens()} == {T1: True, T2: False}
+    [pending] = store.pending()
+    assert (pending.upload_id, pending.code, [t.token for t in pending.tokens]) == (
+        "u-old", None, [T1])
+    assert store.poll_cursor() == 17 and [a.count for a in store.alerts()] == [2]
+    # The upgraded file works like a new one.
+    assert [t.token for t in store.begin_upload("u-new", "K7QF3M9XTR2B8HJD")] == [T2]
+    store.close()
+    again = TokenStore(path)
+    assert {p.upload_id: p.code for p in again.pending()} == {
+        "u-old": None, "u-new": "K7QF3M9XTR2B8HJD"}
+    assert again.schema_version == 2
+    assert again._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    again.close()
+
+
+def test_code_survives_a_restart_until_ack(tmp_path, store):
+    store.add(T1, EXPIRY)
+    store.begin_upload("u-1", "K7QF3M9XTR2B8HJD")
+    store.close()
+    reopened = TokenStore.in_dir(tmp_path)
+    [pending] = reopened.pending()
+    assert (pending.upload_id, pending.code) == ("u-1", "K7QF3M9XTR2B8HJD")
+    assert reopened.complete_upload("u-1") == 1
+    assert reopened.pending() == []
+    assert reopened._db.execute("SELECT count(*) FROM uploads").fetchone()[0] == 0
+    reopened.close()
+
+
+def test_refused_upload_keeps_tokens_unmarked_and_forgets_the_code(store):
+    store.add(T1, EXPIRY)
+    store.add(T2, EXPIRY)
+    store.begin_upload("u-1", "K7QF3M9XTR2B8HJD")
+    assert store.pending_count() == 2
+    assert store.abandon_upload("u-1") == 2
+    assert store.pending() == [] and store.pending_count() == 0
+    assert {t.token: t.pending for t in store.tokens()} == {T1: False, T2: False}
+    assert store._db.execute("SELECT count(*) FROM uploads").fetchone()[0] == 0
+    # A new declaration with another code takes them all.
+    assert len(store.begin_upload("u-2", "ABCD")) == 2
+
+
+def test_limit_takes_the_most_recent_contacts_first(store):
+    for day in range(5):
+        store.add(f"{day:064x}", EXPIRY + timedelta(days=day))
+    first = store.begin_upload("u-1", None, limit=2)
+    assert sorted(t.expires_at for t in first) == [EXPIRY + timedelta(days=3),
+                                                   EXPIRY + timedelta(days=4)]
+    assert len(store.begin_upload("u-2", None, limit=2)) == 2
+    assert len(store.begin_upload("u-3", None, limit=2)) == 1
+    assert store.begin_upload("u-4", None, limit=2) == []
+    assert {p.upload_id for p in store.pending()} == {"u-1", "u-2", "u-3"}   # no empty u-4
+    with pytest.raises(ValueError):
+        store.begin_upload("u-5", None, limit=0)
+
+
+def test_sweep_forgets_an_upload_whose_tokens_all_expired(store):
+    store.add(T1, EXPIRY)
+    store.add(T2, EXPIRY + timedelta(days=1))
+    store.begin_upload("u-1", "CODE")
+    assert store.sweep_expired(EXPIRY) == 1
+    assert [[t.token for t in p.tokens] for p in store.pending()] == [[T2]]
+    assert store.sweep_expired(EXPIRY + timedelta(days=1)) == 1
+    assert store.pending() == []
+    assert store._db.execute("SELECT count(*) FROM uploads").fetchone()[0] == 0
+
+
+# -- disk full and read-only: a clear error, nothing lost or half written -------------------
+
+
+def _fill_to_the_brim(store: TokenStore) -> None:
+    """Make SQLite itself run out of space: the file may not grow by a single page."""
+    with store._lock:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def _snapshot(store: TokenStore) -> list[tuple[str, datetime, bool]]:
+    return [(t.token, t.expires_at, t.pending) for t in store.tokens()]
+
+
+def test_disk_full_fails_each_write_cleanly_and_loses_nothing(tmp_path, store):
+    store.add(T1, EXPIRY)
+    store.add(T2, EXPIRY)
+    before = _snapshot(store)
+    _fill_to_the_brim(store)
+    with pytest.raises(StoreError, match="database or disk is full") as caught:
+        for n in range(3, 400):          # fill the free space of the last page, then fail
+            store.add(f"{n:064x}", EXPIRY)
+    assert str(tmp_path / "tokens.sqlite3") in str(caught.value)
+    assert "\n" not in str(caught.value)
+    stored_before_full = n - 3
+    assert store.count() == 2 + stored_before_full
+    with pytest.raises(StoreError, match="database or disk is full"):
+        store.add("f" * 64, EXPIRY)
+    kept = _snapshot(store)
+    assert all(item in kept for item in before)
+    store.close()
+    # Nothing half written: the file is sound and holds exactly what was acknowledged.
+    reopened = TokenStore.in_dir(tmp_path)
+    assert reopened._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert _snapshot(reopened) == kept
+    reopened.add("f" * 64, EXPIRY)       # space again: it works
+    reopened.close()
+
+
+def test_disk_full_declaration_changes_nothing(tmp_path, store):
+    for n in range(200):                 # marking 200 rows needs new pages
+        store.add(f"{n:064x}", EXPIRY)
+    before = _snapshot(store)
+    _fill_to_the_brim(store)
+    with pytest.raises(StoreError, match="database or disk is full"):
+        store.begin_upload("u-1", "K7QF3M9XTR2B8HJD")
+    assert store.pending() == [] and store.pending_count() == 0     # all or nothing
+    assert _snapshot(store) == before
+
+
+def test_query_only_store_refuses_writes_clearly(tmp_path, store):
+    """A store that became read-only under the engine (remounted file system)."""
+    store.add(T1, EXPIRY)
+    store.begin_upload("u-1", "CODE")
+    before = _snapshot(store)
+    with store._lock:
+        store._db.execute("PRAGMA query_only = 1")
+    for write in (lambda: store.add(T2, EXPIRY), lambda: store.complete_upload("u-1"),
+                  lambda: store.abandon_upload("u-1"), lambda: store.set_poll_cursor(3),
+                  lambda: store.sweep_expired(EXPIRY + timedelta(days=9))):
+        with pytest.raises(StoreError, match="readonly"):
+            write()
+    assert _snapshot(store) == before
+    assert store.pending()[0].code == "CODE"
