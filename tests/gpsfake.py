@@ -9,7 +9,7 @@ Usage::
         ...
 
 :func:`gpsfake` starts ``gpsfake -q -c CYCLE -P PORT LOG`` (the log is replayed in a loop) on a
-free loopback port, in its own process group, waits until gpsd accepts connections, yields the
+free loopback port, in its own process group, waits until gpsd answers on it, yields the
 port, and on exit stops gpsfake and its gpsd and checks that no process of the group is left.
 :class:`GpsFake` is the same thing with more control: a fixed port (restart on the same port),
 ``stop()`` in the middle of a test, and a *stepped* mode where gpsfake sends one log sentence
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,11 +37,49 @@ from pathlib import Path
 GPSFAKE = shutil.which("gpsfake") or "/usr/bin/gpsfake"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range.
+
+    Not a port-0 pick: gpsfake needs the number before gpsd binds it (~0.5 s later), and in that
+    window a port from the ephemeral range can go to any other test binding port 0 or to any
+    outgoing connection; ports below the range only go to whoever asks for them by number.
+    """
+    low, _high = _ephemeral_range()
+    top = max(low, 20_001)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20_000, top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port found on 127.0.0.1")
+
+
+def _gpsd_answers(port: int) -> bool:
+    """True if what listens on 127.0.0.1:``port`` greets like gpsd (a VERSION object)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as conn:
+            conn.settimeout(2.0)
+            greeting = b""
+            while b"\n" not in greeting:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return False
+                greeting += chunk
+    except OSError:
+        return False
+    return b'"class":"VERSION"' in greeting
 
 
 def gpsfake_sentence_count(log_path: Path) -> int:
@@ -84,10 +123,11 @@ class GpsFake:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> GpsFake:
-        """Start gpsfake; return once gpsd accepts TCP connections on the port.
+        """Start gpsfake; return once gpsd answers on the port (its VERSION greeting).
 
         Raises:
-            RuntimeError: gpsfake exited or gpsd did not listen in time (with gpsfake's stderr).
+            RuntimeError: gpsfake exited, or no gpsd answered on the port in time (with
+                gpsfake's stderr).
         """
         if self.process is not None:
             raise RuntimeError("gpsfake already running")
@@ -112,15 +152,13 @@ class GpsFake:
                 text = self._stderr()
                 self.stop()
                 raise RuntimeError(f"gpsfake exited early: {text}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    text = self._stderr()
-                    self.stop()
-                    raise RuntimeError(f"gpsd did not listen on port {self.port}: {text}") from None
-                time.sleep(0.05)
+            if _gpsd_answers(self.port):
+                return self
+            if time.monotonic() > deadline:
+                text = self._stderr()
+                self.stop()
+                raise RuntimeError(f"gpsd did not answer on port {self.port}: {text}")
+            time.sleep(0.05)
 
     def feed(self, sentences: int = 1) -> None:
         """Stepped mode: let gpsfake send the next ``sentences`` sentences of the log."""
@@ -168,6 +206,10 @@ class GpsFake:
         if ipcrm is not None:
             subprocess.run([ipcrm, "-M", f"0x4770{self.port:04X}"], capture_output=True,
                            check=False, timeout=10)
+
+    def stderr(self) -> str:
+        """The end of gpsfake's (and gpsd's) stderr so far, for failure messages."""
+        return self._stderr()
 
     def _stderr(self) -> str:
         if self._tmp is None:

@@ -124,8 +124,11 @@ class Collector:
         return [e for e in self.events if isinstance(e, GpsFix)]
 
     async def wait_for(self, predicate: Callable[[list[Event]], bool],
-                       timeout: float = 20.0) -> None:
-        """Wait until ``predicate(events)`` holds (a guard against hanging, not a timing test)."""
+                       timeout: float = 20.0, describe: Callable[[], str] = str) -> None:
+        """Wait until ``predicate(events)`` holds (a guard against hanging, not a timing test).
+
+        ``describe()`` adds context (gpsd's state) to the failure message.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not predicate(self.events):
@@ -134,7 +137,8 @@ class Collector:
                 raise AssertionError(f"stream ended; saw {self.events}")
             if loop.time() > deadline:
                 raise AssertionError(f"condition not met within {timeout} s; saw "
-                                     f"{len(self.events)} events: {self.events[-10:]}")
+                                     f"{len(self.events)} events: {self.events[-10:]}; "
+                                     f"{describe()}")
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -375,7 +379,8 @@ async def test_gpsd_going_away_gives_one_loss_and_fixes_resume_on_reconnect() ->
                         reconnect_max_s=0.2)
     with GpsFake(log, port=source.port, cycle=0.01) as fake:
         collector = Collector(source)
-        await collector.wait_for(lambda events: len(collector.fixes) >= 3)
+        await collector.wait_for(lambda events: len(collector.fixes) >= 3,
+                                 describe=lambda: f"gpsfake: {fake.stderr()}")
         fake.stop()
         assert gpsd_running_on(source.port) == []
         await collector.wait_for(lambda events: isinstance(events[-1], GpsLost))
@@ -384,8 +389,9 @@ async def test_gpsd_going_away_gives_one_loss_and_fixes_resume_on_reconnect() ->
         assert collector.events[lost_at:] == []  # still lost: no second GpsLost
         fake.start()  # the same port again
         try:
-            await collector.wait_for(lambda events: any(
-                isinstance(e, GpsFix) for e in events[lost_at:]))
+            await collector.wait_for(
+                lambda events: any(isinstance(e, GpsFix) for e in events[lost_at:]),
+                describe=lambda: f"watching={source.watching}, gpsfake: {fake.stderr()}")
         finally:
             await collector.close()
     assert gpsd_running_on(source.port) == []
