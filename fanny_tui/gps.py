@@ -86,7 +86,10 @@ def _finite(value: object) -> float | None:
     """``value`` as a float if it is a finite real number (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer too large for a float (json.loads keeps it exact)
+        return None
     return number if math.isfinite(number) else None
 
 
@@ -208,11 +211,11 @@ def _gpsd_time(value: object) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: 9999-12-31T23:59:59-01:00 and the like
         return None
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 def _count(value: object) -> int | None:
@@ -272,7 +275,7 @@ class GpsdFixTracker:
             return eph
         epx, epy = _finite(message.get("epx")), _finite(message.get("epy"))
         if epx is not None and epy is not None:
-            return math.hypot(epx, epy)
+            return _finite(math.hypot(epx, epy))  # hypot of two huge values is inf
         return None
 
     def _sky(self, message: dict[str, Any]) -> None:

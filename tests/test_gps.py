@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fanny_tui.config import parse_config
 from fanny_tui.events import GpsFix, GpsLost
@@ -459,8 +461,9 @@ async def test_gpsd_3_25_capture() -> None:
 
 
 async def test_gpsd_edge_cases_never_give_a_false_position() -> None:
-    good = [(44.068830, -121.314150), (44.068840, -121.314160), (44.068850, -121.314170)]
-    split_line = tpv(*good[1], eph=12.0)
+    good = [(44.068830, -121.314150), (44.068835, -121.314155), (44.068840, -121.314160),
+            (44.068850, -121.314170)]
+    split_line = tpv(*good[2], eph=12.0)
     script: list[bytes | float] = [
         b'{"class":"DEVICES","devices":[]}\r\n',
         b'{"class":"WATCH","enable":true,"json":true}\r\n',
@@ -480,11 +483,14 @@ async def test_gpsd_edge_cases_never_give_a_false_position() -> None:
         b'{"class":"TPV","mode":3,"lat":1e999,"lon":5.0}\r\n',
         tpv("nan", "nan"), tpv("44.1", "-121.3"), tpv(None, None), tpv(True, True),
         tpv(91.0, 10.0), tpv(10.0, 181.0), tpv(0.0, 0.0), tpv(0, 0),
+        b'{"class":"TPV","mode":3,"lat":1' + b"0" * 400 + b',"lon":5.0}\r\n',  # int > float
         # a position with mode 1, or a mode that is not a number
         tpv(44.1, -121.3, mode=1), tpv(44.1, -121.3, mode=0),
         b'{"class":"TPV","mode":"3","lat":44.1,"lon":-121.3}\r\n',
         # the first good fix, after all that
         tpv(*good[0], epx=3.0, epy=4.0),
+        # a position with a time past datetime's range in UTC and errors whose hypot is inf
+        tpv(*good[1], time="9999-12-31T23:59:59-01:00", epx=1.7e308, epy=1.7e308),
         # trailing garbage, not JSON, not an object, truncated, invalid UTF-8, blank
         tpv(44.2, -121.2)[:-2] + b"garbage\r\n",
         b"this is not json\r\n", b'[{"class":"TPV","mode":3,"lat":44.2,"lon":-121.2}]\r\n',
@@ -493,15 +499,16 @@ async def test_gpsd_edge_cases_never_give_a_false_position() -> None:
         # a line split mid-object across two TCP writes
         split_line[:37], 0.05, split_line[37:],
         # and one split inside a number
-        tpv(*good[2])[:45], 0.05, tpv(*good[2])[45:],
+        tpv(*good[3])[:45], 0.05, tpv(*good[3])[45:],
     ]
-    events, _ = await _play([VERSION], script, _has_fix_at(*good[2]), stale_after_s=30.0)
+    events, _ = await _play([VERSION], script, _has_fix_at(*good[3]), stale_after_s=30.0)
     fixes = [e for e in events if isinstance(e, GpsFix)]
     assert [position(f) for f in fixes] == good
     assert [e for e in events if isinstance(e, GpsLost)] == [
         GpsLost(reason="no fix (gpsd mode 1)")]  # once: mode 0 after mode 1 is still lost
     assert fixes[0].accuracy_m == 5.0  # hypot(3, 4)
-    assert fixes[1].accuracy_m == 12.0
+    assert (fixes[1].accuracy_m, fixes[1].time) == (None, None)
+    assert fixes[2].accuracy_m == 12.0
     assert (fixes[0].satellites_used, fixes[0].satellites_visible) == (2, 3)
     assert events.index(fixes[0]) > 0  # after the mode-1 loss
 
@@ -791,3 +798,56 @@ def test_make_source(tmp_path: Path) -> None:
         make_source(GpsConfig(source="nmea"))
     with pytest.raises(ValueError, match="gps.latitude"):
         make_source(GpsConfig(source="fixed", latitude=95.0, longitude=1.0))
+
+
+# -- property tests: hostile input never raises, never gives a false position -------------
+
+_json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+    st.sampled_from(["2025-12-15T16:17:02.000Z", "9999-12-31T23:59:59-01:00",
+                     "0001-01-01T00:00:00+01:00", "nan", "3"]))
+_json_values = st.recursive(_json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12)
+_gpsd_keys = st.sampled_from(["class", "mode", "lat", "lon", "eph", "epx", "epy", "time",
+                              "uSat", "nSat", "satellites", "used"])
+_gpsd_objects = st.dictionaries(_gpsd_keys, _json_values, max_size=8).map(
+    lambda d: {**d, "class": d.get("class") if d.get("class") in ("TPV", "SKY") else "TPV"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_gpsd_objects, max_size=6))
+def test_tracker_never_raises_nor_invents_a_position(messages: list[dict[str, Any]]) -> None:
+    tracker = GpsdFixTracker()
+    for message in messages:
+        item = tracker.handle(message)
+        if isinstance(item, GpsFix):
+            assert_sane_fix(item)
+            assert (item.latitude, item.longitude) == (message["lat"], message["lon"])
+            assert message["mode"] in (2, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=8))
+def test_decoder_never_raises_on_bytes(chunks: list[bytes]) -> None:
+    decoder = GpsdDecoder(max_line=64)
+    for chunk in chunks:
+        for obj in decoder.feed(chunk):
+            assert isinstance(obj, dict) and isinstance(obj["class"], str)
+
+
+_REAL_NMEA = [line for line in (NMEA / "tr737A+.log").read_text().splitlines()
+              if line.startswith("$")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_REAL_NMEA), st.integers(0, 90),
+                          st.text(alphabet="0123456789.,-NSEWAV*$ \x00", max_size=6)),
+                max_size=12))
+def test_nmea_parse_never_raises_on_mangled_sentences(
+        edits: list[tuple[str, int, str]]) -> None:
+    lines = [line[:cut] + junk + line[cut + len(junk):] for line, cut, junk in edits]
+    for report in parse_nmea_log(lines):
+        if isinstance(report, GpsFix):
+            assert_sane_fix(report)
