@@ -117,7 +117,7 @@ def _kinds() -> list[Kind]:
              lambda d, seed: s.peer_vanishes_mid_handshake(d, fault=signal.SIGKILL), peer),
         Kind("peer", "peer SIGSTOP mid-handshake, SIGCONT after the survivor failed",
              lambda d, seed: s.peer_vanishes_mid_handshake(d, fault=signal.SIGSTOP), peer),
-        Kind("peer-race", "peer SIGKILL at a random moment 0.1-0.25 s after its match",
+        Kind("peer-race", "peer SIGKILL at a random moment 0-0.12 s after its 'connecting'",
              lambda d, seed: s.peer_killed_at_random(d, seed=seed), race),
     ]
 
