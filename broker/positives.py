@@ -10,23 +10,38 @@ only what it must:
   them, so the sequence reveals nothing about when each contact happened;
 * each ``upload_id`` (a random UUIDv4 unrelated to any session) with its token count and a
   digest of its tokens, only so that a retried upload is answered idempotently; it is dropped
-  when the last of its tokens expires.
+  when the last of its tokens expires;
+* each declaration code (paper section 5, "signature of compliance") as its SHA-256 only
+  (:func:`fanny_tui.protocol.codes.code_hash`), with its expiry, the number of uploads it
+  authorized and, once used, the end of its continuation window. Nothing links a code to the
+  upload IDs or tokens it authorized.
 
 No session ID, no address, no time of upload. Expired tokens are deleted (``secure_delete``
 overwrites their bytes).
 
+Declaration codes (:meth:`PositiveBoard.add`): an upload is published only with a valid,
+unexpired, unused code (unless the caller passes ``code_required=False``: open declarations),
+and the code is consumed in the same transaction that commits the tokens, so an upload that
+fails or a crash before the commit leaves the code unused. A declaration of more than
+:data:`~fanny_tui.protocol.messages.MAX_TOKENS_PER_UPLOAD` tokens is several uploads: the first
+commit consumes the code and opens a continuation window (:class:`CodePolicy`) during which a
+few more uploads with the same code are accepted; after it the code is ``code_used``. A retried
+``upload_id`` already committed is answered again without looking at the code.
+
 :class:`PositiveBoard` is the interface the server uses (synchronous methods, run in a worker
 thread with :func:`asyncio.to_thread`); :class:`SqlitePositiveBoard` is the default
-implementation. Another backend (Redis, PostgreSQL) implements the same four methods and
-reuses :func:`check_upload` for the validation rules.
+implementation. Another backend (Redis, PostgreSQL) implements the same methods and reuses
+:func:`check_upload` and :func:`check_code` for the validation rules.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -37,12 +52,64 @@ from fanny_tui.protocol.messages import PositiveToken
 
 from . import Refusal
 
-SCHEMA_VERSION = 1
-"""The schema version this code writes, kept in ``PRAGMA user_version``."""
+SCHEMA_VERSION = 2
+"""The schema version this code writes, kept in ``PRAGMA user_version``.
+
+1: ``positives`` and ``uploads``. 2: adds ``codes`` (declaration codes); a version 1 file is
+upgraded in place when opened."""
 
 DEFAULT_MAX_EXPIRY_AHEAD = timedelta(days=DEFAULT_LIFETIME_DAYS + 1)
 """How far ahead an uploaded expiry may be: the token lifetime (15 days) plus one day for the
 rounding up to the deletion hour (paper section 3, step 6, footnote 3)."""
+
+DEFAULT_CODE_GRACE = timedelta(minutes=10)
+"""How long after its first committed upload a code still authorizes the declaration's other
+uploads (a declaration of more than 500 tokens is several uploads)."""
+
+DEFAULT_MAX_UPLOADS_PER_CODE = 20
+"""The most uploads one code authorizes (20 x 500 tokens)."""
+
+_CODE_HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class CodePolicy:
+    """How a declaration code is consumed.
+
+    Attributes:
+        grace: after the first committed upload, how long further uploads of the same
+            declaration may use the code (a declaration bigger than one upload).
+        max_uploads: the most committed uploads one code authorizes, >= 1.
+
+    Raises:
+        ValueError: ``grace`` is negative or ``max_uploads`` < 1.
+    """
+
+    grace: timedelta = DEFAULT_CODE_GRACE
+    max_uploads: int = DEFAULT_MAX_UPLOADS_PER_CODE
+
+    def __post_init__(self) -> None:
+        if self.grace < timedelta(0):
+            raise ValueError("CodePolicy.grace must be >= 0")
+        if isinstance(self.max_uploads, bool) or not isinstance(self.max_uploads, int) \
+                or self.max_uploads < 1:
+            raise ValueError("CodePolicy.max_uploads must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class CodeRecord:
+    """What a board keeps about one declaration code (never the code itself).
+
+    Attributes:
+        expires_at: aware UTC instant after which an unused code is refused.
+        uploads: the number of committed uploads it authorized so far.
+        used_until: after the first committed upload, the end of the continuation window
+            (first commit + :attr:`CodePolicy.grace`); ``None`` while unused.
+    """
+
+    expires_at: datetime
+    uploads: int = 0
+    used_until: datetime | None = None
 
 
 class BoardError(FannyError):
@@ -61,25 +128,57 @@ class PositiveBoard(Protocol):
     device, a session, an address or a time.
     """
 
-    def add(self, upload_id: str, tokens: Sequence[PositiveToken], now: datetime) -> int:
-        """Publish the tokens of one positive declaration (paper section 4, step 2).
+    def add(
+        self,
+        upload_id: str,
+        tokens: Sequence[PositiveToken],
+        now: datetime,
+        *,
+        code_hash: str | None = None,
+        code_required: bool = True,
+    ) -> int:
+        """Publish the tokens of one positive declaration (paper section 4, step 2; section 5).
 
-        Durable before it returns, all or nothing. Idempotent: the same ``upload_id`` with the
-        same tokens returns the same count and stores nothing twice; a token already on the
-        board is not duplicated.
+        Durable before it returns, all or nothing: the tokens, the upload ID and the
+        consumption of the code commit in one transaction. Idempotent: the same ``upload_id``
+        with the same tokens returns the same count and stores nothing twice, without any code
+        check (its code was consumed by the first commit); a token already on the board is not
+        duplicated. An upload with no token stores nothing and consumes no code (its code is
+        still checked).
+
+        Checks, in order: a known ``upload_id`` (answered at once, or ``upload_conflict``);
+        the code (:func:`check_code`); the tokens (:func:`check_upload`).
 
         Args:
-            upload_id: the random UUIDv4 of the declaration.
+            upload_id: the random UUIDv4 of the upload.
             tokens: the tokens with their expiry (UTC, on the hour).
             now: the current time, aware (UTC).
+            code_hash: :func:`~fanny_tui.protocol.codes.code_hash` of the declaration code the
+                client sent, or ``None`` if it sent none. A code that is sent is always checked
+                and consumed, even when ``code_required`` is False.
+            code_required: refuse an upload without a code (False: open declarations).
 
         Returns:
             The number of distinct tokens in the upload.
 
         Raises:
-            Refusal: see :func:`check_upload`; ``upload_conflict`` (field ``upload_id``) when
-                the ``upload_id`` is known with other tokens.
+            Refusal: ``code_required``, ``code_invalid``, ``code_expired``, ``code_used``
+                (field ``code``); see :func:`check_upload`; ``upload_conflict`` (field
+                ``upload_id``) when the ``upload_id`` is known with other tokens.
             BoardError: the storage failed.
+        """
+        ...
+
+    def add_code(self, code_hash: str, expires_at: datetime) -> None:
+        """Store a new declaration code: its hash and expiry only (paper section 5).
+
+        Args:
+            code_hash: SHA-256 hex (64 lowercase hex) of the normalized code.
+            expires_at: aware UTC instant after which the unused code is refused.
+
+        Raises:
+            ValueError: a malformed hash or a naive ``expires_at``.
+            BoardError: the storage failed, or the hash is already stored.
         """
         ...
 
@@ -104,7 +203,11 @@ class PositiveBoard(Protocol):
         ...
 
     def purge_expired(self, now: datetime) -> int:
-        """Delete every token with ``expires_at <= now``; returns how many were deleted."""
+        """Delete every token with ``expires_at <= now``; returns how many were deleted.
+
+        Also forgets codes that can no longer authorize anything (expired and, if used, past
+        their continuation window).
+        """
         ...
 
     def close(self) -> None:
@@ -146,6 +249,59 @@ def check_upload(
                 f"expiry is more than {max_expiry_ahead.total_seconds() / 86400:g} days ahead",
                 code="expiry_out_of_window", field=f"tokens[{i}].expires_at")
     return distinct_tokens(tokens)
+
+
+def check_code(
+    code_hash: str | None,
+    record: CodeRecord | None,
+    now: datetime,
+    *,
+    code_required: bool,
+    policy: CodePolicy,
+) -> None:
+    """The rules of declaration codes, for every board implementation (paper section 5).
+
+    Args:
+        code_hash: the hash of the code the client sent, or ``None``.
+        record: what the board holds for ``code_hash`` (``None``: unknown).
+        now: the current time, aware.
+        code_required: whether an upload without a code is refused.
+        policy: the continuation window and upload cap.
+
+    Raises:
+        Refusal: field ``code``: ``code_required`` (no code and one is required);
+            ``code_invalid`` (unknown); ``code_expired`` (never used and past its expiry);
+            ``code_used`` (used, and past its continuation window or its upload cap).
+        ValueError: ``now`` is naive.
+    """
+    now = require_utc(now)
+    if code_hash is None:
+        if code_required:
+            raise Refusal("a declaration code is required to declare positive",
+                          code="code_required", field="code")
+        return
+    if record is None:
+        raise Refusal("unknown declaration code", code="code_invalid", field="code")
+    if record.uploads == 0:
+        if record.expires_at <= now:
+            raise Refusal("this declaration code has expired", code="code_expired",
+                          field="code")
+        return
+    if (record.used_until is None or record.used_until <= now
+            or record.uploads >= policy.max_uploads):
+        raise Refusal("this declaration code was already used", code="code_used",
+                      field="code")
+
+
+def check_code_hash(code_hash: str) -> str:
+    """Return ``code_hash`` if it is 64 lowercase hex characters.
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if not isinstance(code_hash, str) or not _CODE_HASH_RE.fullmatch(code_hash):
+        raise ValueError("a code hash is 64 lowercase hex characters (SHA-256)")
+    return code_hash
 
 
 def distinct_tokens(tokens: Sequence[PositiveToken]) -> list[PositiveToken]:
@@ -194,18 +350,40 @@ CREATE TABLE uploads (
 ) WITHOUT ROWID;
 """
 
+_SCHEMA_CODES = """
+CREATE TABLE codes (
+    code_hash  TEXT    PRIMARY KEY CHECK (length(code_hash) = 64),  -- SHA-256, never the code
+    expires_at INTEGER NOT NULL,                   -- Unix seconds, UTC: unused codes after this
+    uploads    INTEGER NOT NULL DEFAULT 0,         -- committed uploads it authorized
+    used_until INTEGER                             -- end of the continuation window, once used
+) WITHOUT ROWID;
+"""
+
+_MIGRATIONS = {1: _SCHEMA_CODES}
+"""``version -> SQL`` bringing a file from ``version`` to ``version + 1``."""
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT the open transaction: run statement by statement.
+    for statement in script.split(";\n"):
+        if statement.strip():
+            db.execute(statement)
+
 
 class SqlitePositiveBoard:
     """:class:`PositiveBoard` in one SQLite file (WAL, ``synchronous=FULL``).
 
     Args:
         path: the database file; created (with its schema and, mode 0700, its missing parent
-            directories) if missing.
+            directories) if missing. A file of an older schema version is upgraded in place
+            (version 1 -> 2 adds the ``codes`` table; nothing else changes).
         max_expiry_ahead: the allowed expiry window, see :func:`check_upload`.
+        code_policy: how declaration codes are consumed, see :class:`CodePolicy`.
 
     Raises:
         BoardError: the file cannot be opened or written, is not a FANNY board, or has a
             newer schema version than this code.
+        ValueError: ``max_expiry_ahead`` is not positive.
     """
 
     def __init__(
@@ -213,11 +391,13 @@ class SqlitePositiveBoard:
         path: str | Path,
         *,
         max_expiry_ahead: timedelta = DEFAULT_MAX_EXPIRY_AHEAD,
+        code_policy: CodePolicy | None = None,
     ) -> None:
         if max_expiry_ahead <= timedelta(0):
             raise ValueError("max_expiry_ahead must be positive")
         self.path = Path(path)
         self.max_expiry_ahead = max_expiry_ahead
+        self.code_policy = code_policy or CodePolicy()
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         try:
@@ -255,16 +435,18 @@ class SqlitePositiveBoard:
             if version == 0:
                 if tables - {"sqlite_sequence"}:
                     raise BoardError(f"{self.path} is an SQLite file but not a positive board")
-                for statement in _SCHEMA.split(";\n"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                _run_script(db, _SCHEMA)
+                version = 1
             elif version > SCHEMA_VERSION:
                 raise BoardError(
                     f"{self.path} has schema version {version}, newer than this broker "
                     f"({SCHEMA_VERSION}); upgrade the broker")
             elif not {"positives", "uploads"} <= tables:
                 raise BoardError(f"{self.path} is an SQLite file but not a positive board")
+            while version < SCHEMA_VERSION:          # upgrade in place, in this transaction
+                _run_script(db, _MIGRATIONS[version])
+                version += 1
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -277,10 +459,18 @@ class SqlitePositiveBoard:
         return self._db
 
     def add(
-        self, upload_id: str, tokens: Sequence[PositiveToken], now: datetime | None = None
+        self,
+        upload_id: str,
+        tokens: Sequence[PositiveToken],
+        now: datetime | None = None,
+        *,
+        code_hash: str | None = None,
+        code_required: bool = True,
     ) -> int:
         """See :meth:`PositiveBoard.add`; ``now=None`` means the current UTC time."""
         now = _current(now)
+        if code_hash is not None:
+            check_code_hash(code_hash)
         clean = distinct_tokens(tokens)
         digest = _digest(clean)
         with self._lock:
@@ -296,6 +486,9 @@ class SqlitePositiveBoard:
                                           code="upload_conflict", field="upload_id")
                         db.execute("ROLLBACK")
                         return int(known[0])
+                    record = None if code_hash is None else self._code(db, code_hash)
+                    check_code(code_hash, record, now, code_required=code_required,
+                               policy=self.code_policy)
                     # Checked only for a new upload: a retry whose ack was lost is answered
                     # even if some of its tokens expired in the meantime.
                     check_upload(tokens, now, self.max_expiry_ahead)
@@ -309,6 +502,12 @@ class SqlitePositiveBoard:
                             "VALUES (?, ?, ?, ?)",
                             (upload_id, len(clean), digest,
                              max(_epoch(t.expires_at) for t in clean)))
+                        if code_hash is not None:
+                            # Consumed in the transaction that commits the tokens.
+                            db.execute(
+                                "UPDATE codes SET uploads = uploads + 1, "
+                                "used_until = coalesce(used_until, ?) WHERE code_hash = ?",
+                                (_epoch(now + self.code_policy.grace), code_hash))
                     db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:
@@ -317,6 +516,47 @@ class SqlitePositiveBoard:
             except sqlite3.Error as exc:
                 raise BoardError(f"the positive board could not store an upload: {exc}") from None
         return len(clean)
+
+    @staticmethod
+    def _code(db: sqlite3.Connection, code_hash: str) -> CodeRecord | None:
+        row = db.execute("SELECT expires_at, uploads, used_until FROM codes WHERE code_hash = ?",
+                         (code_hash,)).fetchone()
+        if row is None:
+            return None
+        expires_at, uploads, used_until = row
+        return CodeRecord(
+            expires_at=datetime.fromtimestamp(expires_at, UTC), uploads=int(uploads),
+            used_until=None if used_until is None else datetime.fromtimestamp(used_until, UTC))
+
+    def add_code(self, code_hash: str, expires_at: datetime) -> None:
+        """See :meth:`PositiveBoard.add_code`."""
+        check_code_hash(code_hash)
+        at = _epoch(expires_at)
+        with self._lock:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute("INSERT INTO codes (code_hash, expires_at) VALUES (?, ?)",
+                               (code_hash, at))
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.IntegrityError:
+                raise BoardError("this declaration code is already stored") from None
+            except sqlite3.Error as exc:
+                raise BoardError(f"the positive board could not store a code: {exc}") from None
+
+    def code_record(self, code_hash: str) -> CodeRecord | None:
+        """What the board holds for a code hash, or ``None`` (for tools and tests)."""
+        check_code_hash(code_hash)
+        with self._lock:
+            try:
+                return self._code(self._conn(), code_hash)
+            except sqlite3.Error as exc:
+                raise BoardError(f"the positive board could not be read: {exc}") from None
 
     def since(
         self, cursor: int, limit: int, now: datetime | None = None
@@ -359,7 +599,8 @@ class SqlitePositiveBoard:
     def purge_expired(self, now: datetime | None = None) -> int:
         """See :meth:`PositiveBoard.purge_expired`; ``now=None`` means the current UTC time.
 
-        Also forgets the upload IDs whose tokens all expired.
+        Also forgets the upload IDs whose tokens all expired, and the codes past both their
+        expiry and their continuation window.
         """
         at = _epoch(_current(now))
         with self._lock:
@@ -370,6 +611,8 @@ class SqlitePositiveBoard:
                     purged = db.execute("DELETE FROM positives WHERE expires_at <= ?",
                                         (at,)).rowcount
                     db.execute("DELETE FROM uploads WHERE keep_until <= ?", (at,))
+                    db.execute("DELETE FROM codes WHERE max(expires_at, "
+                               "coalesce(used_until, 0)) <= ?", (at,))
                     db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:

@@ -16,10 +16,14 @@ from broker import Refusal
 from broker.positives import (
     SCHEMA_VERSION,
     BoardError,
+    CodePolicy,
+    CodeRecord,
     PositiveBoard,
     SqlitePositiveBoard,
+    check_code,
     check_upload,
 )
+from fanny_tui.protocol.codes import code_hash, format_code
 from fanny_tui.protocol.messages import PositiveToken
 
 NOW = datetime(2026, 3, 1, 10, 30, tzinfo=UTC)
@@ -56,16 +60,19 @@ def test_new_file_gets_schema_version_wal_and_full_sync(board, path):
     assert board._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_only_token_expiry_sequence_and_upload_id_are_stored(board, path):
+def test_only_token_expiry_sequence_upload_id_and_code_hash_are_stored(board, path):
     columns = {table: [r[1] for r in rows(path, f"PRAGMA table_info({table})")]
-               for table in ("positives", "uploads")}
+               for table in ("positives", "uploads", "codes")}
     assert columns == {"positives": ["seq", "token", "expires_at"],
-                       "uploads": ["upload_id", "count", "digest", "keep_until"]}
+                       "uploads": ["upload_id", "count", "digest", "keep_until"],
+                       "codes": ["code_hash", "expires_at", "uploads", "used_until"]}
+    tables = {r[0] for r in rows(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"positives", "uploads", "codes", "sqlite_sequence"}
 
 
 def test_add_then_since_in_publication_order(board):
-    assert board.add(U1, [tok(3), tok(1), tok(2)], NOW) == 3
-    assert board.add(U2, [tok(9)], NOW) == 1
+    assert board.add(U1, [tok(3), tok(1), tok(2)], NOW, code_required=False) == 3
+    assert board.add(U2, [tok(9)], NOW, code_required=False) == 1
     tokens, cursor, more = board.since(0, 100, NOW)
     # Within an upload, token order (not the order the device sent them), then uploads in order.
     assert [t.token for t in tokens] == [tok(n).token for n in (1, 2, 3, 9)]
@@ -75,7 +82,7 @@ def test_add_then_since_in_publication_order(board):
 
 
 def test_since_pages_with_limit_and_cursor(board):
-    board.add(U1, [tok(n) for n in range(5)], NOW)
+    board.add(U1, [tok(n) for n in range(5)], NOW, code_required=False)
     seen, cursor, pages = [], 0, 0
     while True:
         tokens, cursor, more = board.since(cursor, 2, NOW)
@@ -84,33 +91,36 @@ def test_since_pages_with_limit_and_cursor(board):
         if not more:
             break
     assert seen == [tok(n).token for n in range(5)] and pages == 3
-    board.add(U2, [tok(7)], NOW)
+    board.add(U2, [tok(7)], NOW, code_required=False)
     assert [t.token for t in board.since(cursor, 2, NOW)[0]] == [tok(7).token]
 
 
 def test_idempotent_upload_id_and_known_tokens(board, path):
     upload = [tok(1), tok(2)]
-    assert board.add(U1, upload, NOW) == 2
-    assert board.add(U1, list(reversed(upload)), NOW) == 2           # a retry
-    assert board.add(U2, [tok(2), tok(3)], NOW) == 2                 # tok(2) already known
+    assert board.add(U1, upload, NOW, code_required=False) == 2
+    assert board.add(U1, list(reversed(upload)), NOW, code_required=False) == 2   # a retry
+    # tok(2) already known:
+    assert board.add(U2, [tok(2), tok(3)], NOW, code_required=False) == 2
     assert rows(path, "SELECT count(*) FROM positives") == [(3,)]
     assert rows(path, "SELECT count(*) FROM uploads") == [(2,)]
     # Duplicates inside one upload count once.
-    assert board.add("aaaaaaaa-0000-4000-8000-000000000003", [tok(5), tok(5)], NOW) == 1
+    assert board.add("aaaaaaaa-0000-4000-8000-000000000003", [tok(5), tok(5)], NOW,
+                     code_required=False) == 1
 
 
 def test_reused_upload_id_with_other_tokens_is_refused(board, path):
-    board.add(U1, [tok(1)], NOW)
+    board.add(U1, [tok(1)], NOW, code_required=False)
     with pytest.raises(Refusal) as refused:
-        board.add(U1, [tok(2)], NOW)
+        board.add(U1, [tok(2)], NOW, code_required=False)
     assert (refused.value.code, refused.value.field) == ("upload_conflict", "upload_id")
     assert rows(path, "SELECT token FROM positives") == [(tok(1).token,)]
 
 
 def test_retry_is_acknowledged_even_after_some_tokens_expired(board):
     soon = datetime(2026, 3, 1, 11, 0, tzinfo=UTC)
-    assert board.add(U1, [tok(1, soon), tok(2)], NOW) == 2
-    assert board.add(U1, [tok(1, soon), tok(2)], soon + timedelta(hours=1)) == 2
+    assert board.add(U1, [tok(1, soon), tok(2)], NOW, code_required=False) == 2
+    assert board.add(U1, [tok(1, soon), tok(2)], soon + timedelta(hours=1),
+                     code_required=False) == 2
 
 
 def test_expiry_window_is_enforced_all_or_nothing(path):
@@ -124,12 +134,12 @@ def test_expiry_window_is_enforced_all_or_nothing(path):
         ]
         for upload, field in cases:
             with pytest.raises(Refusal) as refused:
-                board.add(U1, upload, NOW)
+                board.add(U1, upload, NOW, code_required=False)
             assert (refused.value.code, refused.value.field) == ("expiry_out_of_window", field)
         assert rows(path, "SELECT count(*) FROM positives") == [(0,)]
         assert rows(path, "SELECT count(*) FROM uploads") == [(0,)]
         assert board.add(U1, [tok(1, latest), tok(2, datetime(2026, 3, 1, 11, tzinfo=UTC))],
-                         NOW) == 2
+                         NOW, code_required=False) == 2
     finally:
         board.close()
 
@@ -151,8 +161,8 @@ def test_check_upload_rules():
 
 def test_since_leaves_out_expired_and_purge_deletes_them(board, path):
     soon = datetime(2026, 3, 1, 11, 0, tzinfo=UTC)
-    board.add(U1, [tok(1, soon), tok(2)], NOW)
-    board.add(U2, [tok(3, soon)], NOW)
+    board.add(U1, [tok(1, soon), tok(2)], NOW, code_required=False)
+    board.add(U2, [tok(3, soon)], NOW, code_required=False)
     tokens, cursor, more = board.since(0, 10, soon)
     assert [t.token for t in tokens] == [tok(2).token] and cursor == 3 and not more
     assert board.purge_expired(soon) == 2
@@ -162,13 +172,13 @@ def test_since_leaves_out_expired_and_purge_deletes_them(board, path):
     assert rows(path, "SELECT count(*) FROM uploads") == [(0,)]
     # Sequence numbers are never reused, so an old cursor never skips a new token.
     board.add("aaaaaaaa-0000-4000-8000-000000000009", [tok(4, EXPIRY + timedelta(days=1))],
-              EXPIRY - timedelta(days=1))
+              EXPIRY - timedelta(days=1), code_required=False)
     assert board.since(3, 10, EXPIRY - timedelta(days=1))[0] == [
         tok(4, EXPIRY + timedelta(days=1))]
 
 
 def test_a_cursor_beyond_the_board_starts_over(board):
-    board.add(U1, [tok(1)], NOW)
+    board.add(U1, [tok(1)], NOW, code_required=False)
     tokens, cursor, more = board.since(10_000, 10, NOW)
     assert [t.token for t in tokens] == [tok(1).token] and cursor == 1
 
@@ -187,7 +197,7 @@ def test_missing_directories_are_created(tmp_path):
 
 def test_data_survives_reopen(path):
     board = SqlitePositiveBoard(path)
-    board.add(U1, [tok(1), tok(2)], NOW)
+    board.add(U1, [tok(1), tok(2)], NOW, code_required=False)
     board.close()
     board.close()                                                     # idempotent
     with pytest.raises(BoardError, match="closed"):
@@ -195,7 +205,7 @@ def test_data_survives_reopen(path):
     again = SqlitePositiveBoard(path)
     try:
         assert [t.token for t in again.since(0, 10, NOW)[0]] == [tok(1).token, tok(2).token]
-        assert again.add(U1, [tok(1), tok(2)], NOW) == 2             # still idempotent
+        assert again.add(U1, [tok(1), tok(2)], NOW, code_required=False) == 2   # idempotent
         assert again.count() == 2
     finally:
         again.close()
@@ -211,7 +221,7 @@ def test_add_is_durable_when_it_returns(path):
         board = SqlitePositiveBoard(sys.argv[1])
         expires_at = datetime(2026, 3, 14, 4, tzinfo=UTC)
         token = PositiveToken(token="{tok(7).token}", expires_at=expires_at)
-        board.add("{U1}", [token], datetime(2026, 3, 1, 10, 30, tzinfo=UTC))
+        board.add("{U1}", [token], datetime(2026, 3, 1, 10, 30, tzinfo=UTC), code_required=False)
         os._exit(0)
     """)
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=60)
@@ -225,7 +235,8 @@ def test_concurrent_adds_from_threads(board):
     def worker(k: int) -> None:
         try:
             for i in range(20):
-                board.add(f"aaaaaaaa-0000-4000-8000-{k:06d}{i:06d}", [tok(k * 100 + i)], NOW)
+                board.add(f"aaaaaaaa-0000-4000-8000-{k:06d}{i:06d}", [tok(k * 100 + i)], NOW,
+                          code_required=False)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -268,3 +279,269 @@ def test_board_module_imports_no_asyncio_or_ui():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+# --- schema migration ------------------------------------------------------------------------
+
+
+V1_SCHEMA = """
+CREATE TABLE positives (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    token      TEXT    NOT NULL UNIQUE CHECK (length(token) = 64),
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX positives_expires_at ON positives (expires_at);
+CREATE TABLE uploads (
+    upload_id  TEXT    PRIMARY KEY,
+    count      INTEGER NOT NULL,
+    digest     TEXT    NOT NULL,
+    keep_until INTEGER NOT NULL
+) WITHOUT ROWID;
+PRAGMA journal_mode = WAL;
+PRAGMA user_version = 1;
+"""
+"""The board as the issue-2 broker wrote it (schema version 1), copied here verbatim."""
+
+
+def test_a_version_1_board_is_upgraded_in_place(path):
+    token = tok(1)
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+        db.execute("INSERT INTO positives (token, expires_at) VALUES (?, ?)",
+                   (token.token, int(EXPIRY.timestamp())))
+        db.execute("INSERT INTO uploads VALUES (?, 1, 'x', ?)", (U1, int(EXPIRY.timestamp())))
+    inode = path.stat().st_ino
+    board = SqlitePositiveBoard(path)
+    try:
+        assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 2
+        assert path.stat().st_ino == inode                          # the same file, in place
+        assert board.since(0, 10, NOW) == ([token], 1, False)       # its data kept
+        code = format_code(bytes(10))
+        board.add_code(code_hash(code), NOW + timedelta(hours=1))
+        assert board.add(U2, [tok(2)], NOW, code_hash=code_hash(code)) == 1
+        assert [t.token for t in board.since(1, 10, NOW)[0]] == [tok(2).token]
+    finally:
+        board.close()
+    SqlitePositiveBoard(path).close()                               # and reopens as version 2
+    assert rows(path, "SELECT uploads FROM codes") == [(1,)]
+
+
+def test_a_failed_upgrade_leaves_the_version_1_file_untouched(path):
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+        db.execute("CREATE TABLE codes (x TEXT)")      # a clash: the migration cannot create it
+    with pytest.raises(BoardError, match="cannot open"):
+        SqlitePositiveBoard(path)
+    assert rows(path, "PRAGMA user_version") == [(1,)]
+    assert [r[1] for r in rows(path, "PRAGMA table_info(codes)")] == ["x"]
+
+
+# --- declaration codes -----------------------------------------------------------------------
+
+
+CODE = format_code(bytes(range(10)))
+OTHER = format_code(bytes(range(10, 20)))
+SOON = NOW + timedelta(hours=1)
+
+
+def coded(board: SqlitePositiveBoard, *codes: str, expires_at: datetime = SOON) -> None:
+    for code in codes:
+        board.add_code(code_hash(code), expires_at)
+
+
+def refused(call, code: str, field: str | None = "code") -> Refusal:
+    with pytest.raises(Refusal) as caught:
+        call()
+    assert (caught.value.code, caught.value.field) == (code, field), caught.value
+    return caught.value
+
+
+def test_a_code_authorizes_and_is_consumed_with_the_commit(board, path):
+    coded(board, CODE)
+    assert board.code_record(code_hash(CODE)) == CodeRecord(expires_at=SOON)
+    assert board.add(U1, [tok(1), tok(2)], NOW, code_hash=code_hash(CODE)) == 2
+    record = board.code_record(code_hash(CODE))
+    assert record == CodeRecord(expires_at=SOON, uploads=1,
+                                used_until=NOW + CodePolicy().grace)
+    assert rows(path, "SELECT count(*) FROM positives") == [(2,)]
+
+
+def test_uploads_without_a_valid_code_are_refused_and_store_nothing(board, path):
+    coded(board, CODE)
+    coded(board, OTHER, expires_at=NOW)                   # expires exactly now
+    refused(lambda: board.add(U1, [tok(1)], NOW), "code_required")
+    refused(lambda: board.add(U1, [tok(1)], NOW, code_hash=code_hash("0" * 16)),
+            "code_invalid")
+    refused(lambda: board.add(U1, [tok(1)], NOW, code_hash=code_hash(OTHER)), "code_expired")
+    assert rows(path, "SELECT count(*) FROM positives") == [(0,)]
+    assert rows(path, "SELECT count(*) FROM uploads") == [(0,)]
+    assert rows(path, "SELECT sum(uploads) FROM codes") == [(0,)]
+
+
+def test_a_refused_upload_does_not_consume_its_code(board, path):
+    coded(board, CODE)
+    past = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+    refused(lambda: board.add(U1, [tok(1), tok(2, past)], NOW, code_hash=code_hash(CODE)),
+            "expiry_out_of_window", "tokens[1].expires_at")
+    assert board.add(U2, [tok(3)], NOW, code_hash=code_hash(CODE)) == 1   # still unused
+    assert board.code_record(code_hash(CODE)).uploads == 1
+
+
+def test_an_empty_upload_is_checked_but_consumes_nothing(board):
+    coded(board, CODE)
+    refused(lambda: board.add(U1, [], NOW), "code_required")
+    assert board.add(U1, [], NOW, code_hash=code_hash(CODE)) == 0
+    assert board.code_record(code_hash(CODE)).uploads == 0
+
+
+def test_used_codes_continuation_window_and_cap(path):
+    board = SqlitePositiveBoard(path, code_policy=CodePolicy(grace=timedelta(minutes=10),
+                                                             max_uploads=3))
+    try:
+        coded(board, CODE)
+        ids = [f"aaaaaaaa-0000-4000-8000-{n:012d}" for n in range(10)]
+        assert board.add(ids[0], [tok(1)], NOW, code_hash=code_hash(CODE)) == 1
+        # More uploads of the same declaration (over 500 tokens), even past the code's expiry.
+        later = SOON + timedelta(seconds=1)
+        assert board.add(ids[1], [tok(2)], NOW + timedelta(minutes=9), code_hash=code_hash(CODE))
+        assert board.add(ids[2], [tok(3)], NOW + timedelta(minutes=9), code_hash=code_hash(CODE))
+        refused(lambda: board.add(ids[3], [tok(4)], NOW + timedelta(minutes=9),
+                                  code_hash=code_hash(CODE)), "code_used")       # the cap
+        coded(board, OTHER)
+        assert board.add(ids[4], [tok(5)], NOW, code_hash=code_hash(OTHER)) == 1
+        refused(lambda: board.add(ids[5], [tok(6)], NOW + timedelta(minutes=10),
+                                  code_hash=code_hash(OTHER)), "code_used")      # the window
+        refused(lambda: board.add(ids[5], [tok(6)], later, code_hash=code_hash(OTHER)),
+                "code_used")
+        # A retried upload whose ack was lost is answered without its (consumed) code.
+        assert board.add(ids[0], [tok(1)], later) == 1
+        assert board.add(ids[4], [tok(5)], later, code_hash=code_hash(OTHER)) == 1
+        assert board.count() == 4
+    finally:
+        board.close()
+
+
+def test_open_declarations_still_check_a_code_that_is_sent(board):
+    coded(board, CODE)
+    assert board.add(U1, [tok(1)], NOW, code_required=False) == 1
+    refused(lambda: board.add(U2, [tok(2)], NOW, code_hash=code_hash(OTHER),
+                              code_required=False), "code_invalid")
+    assert board.add(U2, [tok(2)], NOW, code_hash=code_hash(CODE), code_required=False) == 1
+    assert board.code_record(code_hash(CODE)).uploads == 1
+
+
+def test_check_code_rules_for_other_backends():
+    policy = CodePolicy(grace=timedelta(minutes=10), max_uploads=2)
+    h = code_hash(CODE)
+    fresh = CodeRecord(expires_at=SOON)
+    used = CodeRecord(expires_at=SOON, uploads=1, used_until=NOW + timedelta(minutes=10))
+    check_code(h, fresh, NOW, code_required=True, policy=policy)
+    check_code(h, used, NOW, code_required=True, policy=policy)
+    check_code(None, None, NOW, code_required=False, policy=policy)
+    cases = [
+        (None, None, NOW, True, "code_required"),
+        (h, None, NOW, False, "code_invalid"),
+        (h, fresh, SOON, True, "code_expired"),
+        (h, used, NOW + timedelta(minutes=10), True, "code_used"),
+        (h, CodeRecord(SOON, 2, NOW + timedelta(minutes=10)), NOW, True, "code_used"),
+    ]
+    for hashed, record, now, required, code in cases:
+        refused(lambda: check_code(hashed, record, now, code_required=required,  # noqa: B023
+                                   policy=policy), code)
+    with pytest.raises(ValueError):
+        CodePolicy(max_uploads=0)
+
+
+def test_add_code_rejects_bad_input_and_duplicates(board):
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        board.add_code(CODE, SOON)                           # the code itself, not its hash
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        board.add_code(code_hash(CODE).upper(), SOON)
+    with pytest.raises(ValueError, match="naive"):
+        board.add_code(code_hash(CODE), SOON.replace(tzinfo=None))
+    coded(board, CODE)
+    with pytest.raises(BoardError, match="already stored"):
+        coded(board, CODE)
+
+
+def test_purge_forgets_codes_past_expiry_and_window(board, path):
+    coded(board, CODE, OTHER)
+    board.add(U1, [tok(1)], NOW, code_hash=code_hash(CODE))   # used: window ends NOW + 10 min
+    assert board.purge_expired(NOW + timedelta(minutes=30)) == 0
+    assert len(rows(path, "SELECT * FROM codes")) == 2
+    assert board.purge_expired(SOON) == 0                     # both codes' expiry reached
+    assert rows(path, "SELECT count(*) FROM codes") == [(0,)]
+
+
+def test_only_one_upload_wins_a_code_across_connections(path):
+    """Two boards (two SQLite connections, as two broker processes would have) race."""
+    policy = CodePolicy(max_uploads=1)
+    boards = [SqlitePositiveBoard(path, code_policy=policy) for _ in range(2)]
+    codes = [format_code(n.to_bytes(10, "big")) for n in range(1, 21)]
+    try:
+        coded(boards[0], *codes)
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def worker(k: int) -> None:
+            for i, code in enumerate(codes):
+                try:
+                    boards[k].add(f"aaaaaaaa-0000-4000-8000-{k:06d}{i:06d}", [tok(k * 100 + i)],
+                                  NOW, code_hash=code_hash(code))
+                    result = "ok"
+                except Refusal as exc:
+                    result = exc.code
+                with lock:
+                    outcomes.append(result)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["code_used"] * 20 + ["ok"] * 20
+        assert boards[0].count() == 20
+    finally:
+        for b in boards:
+            b.close()
+
+
+def test_a_crash_before_the_commit_leaves_the_code_unused(path):
+    """The process dies between the inserts and COMMIT: no token, code still usable."""
+    board = SqlitePositiveBoard(path)
+    coded(board, CODE)
+    board.close()
+    script = textwrap.dedent(f"""
+        import os, sys
+        from datetime import datetime, UTC
+        from broker.positives import SqlitePositiveBoard
+        from fanny_tui.protocol.messages import PositiveToken
+
+        class Dying:
+            def __init__(self, db):
+                self.db = db
+            def execute(self, sql, *args):
+                if sql == "COMMIT" and self.db.in_transaction:
+                    os._exit(3)                       # killed just before the commit
+                return self.db.execute(sql, *args)
+            def __getattr__(self, name):
+                return getattr(self.db, name)
+
+        board = SqlitePositiveBoard(sys.argv[1])
+        real = board._conn()
+        board._conn = lambda: Dying(real)
+        token = PositiveToken(token="{tok(7).token}",
+                              expires_at=datetime(2026, 3, 14, 4, tzinfo=UTC))
+        board.add("{U1}", [token], datetime(2026, 3, 1, 10, 30, tzinfo=UTC),
+                  code_hash="{code_hash(CODE)}")
+        sys.exit(0)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(path)], timeout=60)
+    assert done.returncode == 3                                   # it did die mid-way
+    again = SqlitePositiveBoard(path)
+    try:
+        assert again.count() == 0
+        assert again.code_record(code_hash(CODE)) == CodeRecord(expires_at=SOON)
+        assert again.add(U1, [tok(7)], NOW, code_hash=code_hash(CODE)) == 1
+    finally:
+        again.close()
