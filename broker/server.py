@@ -9,22 +9,44 @@ One endpoint; the first accepted message of a connection decides its kind:
   session connection, so a positive upload can never be linked to a session.
 
 Every refusal is an ``error`` message ``{code, message, field}``; the connection stays open
-(an oversized frame is the exception: websockets closes it with 1009). Refusal codes:
+(an oversized frame is the exception: websockets closes it with 1009; and a connection over the
+per-address cap gets ``too_many_connections`` and is closed with 1008). Refusal codes:
 ``bad_message``, ``unknown_type``, ``unknown_field`` (decoding, see
-:func:`~fanny_tui.protocol.messages.decode_client_message`), ``hello_required``,
-``already_hello``, ``unsupported_protocol``, ``wrong_connection``, ``not_matched``,
-``peer_unavailable``, ``expiry_out_of_window``, ``duplicate_token``, ``upload_conflict``,
-``unavailable`` (the board failed: retry later) and ``internal_error``.
+:func:`~fanny_tui.protocol.messages.decode_client_message`), ``too_many_tokens``,
+``hello_required``, ``already_hello``, ``unsupported_protocol``, ``wrong_connection``,
+``rate_limited``, ``not_matched``, ``peer_unavailable``, ``code_required``, ``code_invalid``,
+``code_expired``, ``code_used``, ``expiry_out_of_window``, ``duplicate_token``,
+``upload_conflict``, ``too_many_connections``, ``unavailable`` (the board failed: retry later)
+and ``internal_error``.
+
+Positive uploads (paper section 4, step 2; section 5): a real upload needs a declaration code
+(:mod:`broker.positives`) unless the broker runs with ``open_declarations``; a code that is sent
+is checked and consumed even then. A ``decoy`` upload is validated like a real one, answered
+like one (the ack counts its distinct tokens) and discarded: nothing stored, no code looked at.
+Every answer to a ``positive_upload`` (ack or error, real or decoy) leaves no earlier than
+``upload_answer_delay_s`` after the upload was received, and acks are padded to
+:data:`~fanny_tui.protocol.messages.ACK_SIZE_BYTES`, so neither timing nor size tells a network
+observer how many tokens an upload held or whether it was a decoy.
+
+Limits: ``max_message_bytes`` (default 65536: a padded upload fits exactly), 500 tokens per
+upload (``too_many_tokens``), ``position_rate_per_s`` / ``position_burst`` per connection (a
+token bucket; an excess position is ignored and answered ``rate_limited``),
+``max_connections_per_address`` and ``first_message_timeout_s``.
 
 Each connection has one ordered outgoing queue. Answers to its own requests wait while the
 queue is half full (a client that sends faster than it reads only slows itself); messages
 caused by other clients (``match``, relayed ``signal``) never wait, and a client whose queue
 is full is closed (1008) instead of slowing down the others.
 
-Privacy: session IDs and positions live in :class:`~broker.state.BrokerState` (memory only).
-Logs carry counts only: never a session ID, a position, a token or a client address (the
-websockets library logger is limited to WARNING and above, because its DEBUG output contains
-frames and headers). ``GET /healthz`` answers ``{"status": "ok", ...counts}``.
+Privacy: session IDs and positions live in :class:`~broker.state.BrokerState` (memory only);
+client addresses only as keys of the per-address connection counts (memory only).
+Logs carry counts only: never a session ID, a position, a token, a declaration code or a client
+address (the websockets library logger is limited to WARNING and above, because its DEBUG
+output contains frames and headers). ``GET /healthz`` answers
+``{"status": "ok", "declarations": "code" | "open", ...counts}``.
+
+TLS: with ``certfile`` and ``keyfile`` the broker serves ``wss://`` (and ``https://`` for
+``/healthz``) itself, TLS 1.2 or later.
 
 Use :func:`start_broker` (an async context manager); ``python -m broker serve`` runs it until
 SIGTERM/SIGINT.
@@ -37,6 +59,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, MutableMapping
@@ -48,12 +71,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from fanny_tui.protocol.errors import MessageError
+from fanny_tui.protocol.codes import code_hash
+from fanny_tui.protocol.errors import FannyError, MessageError
 from fanny_tui.protocol.messages import (
+    ACK_SIZE_BYTES,
+    MAX_TOKENS_PER_UPLOAD,
     PROTOCOL_VERSION,
     Error,
     Hello,
@@ -68,10 +95,20 @@ from fanny_tui.protocol.messages import (
     Welcome,
     decode_client_message,
     encode,
+    encode_padded,
 )
 
 from . import Refusal
-from .positives import DEFAULT_MAX_EXPIRY_AHEAD, BoardError, PositiveBoard, SqlitePositiveBoard
+from .positives import (
+    DEFAULT_CODE_GRACE,
+    DEFAULT_MAX_EXPIRY_AHEAD,
+    DEFAULT_MAX_UPLOADS_PER_CODE,
+    BoardError,
+    CodePolicy,
+    PositiveBoard,
+    SqlitePositiveBoard,
+    check_upload,
+)
 from .state import BrokerState
 
 logger = logging.getLogger("broker.server")
@@ -83,6 +120,12 @@ Recorder = Callable[[str, str], None]
 _REASON_MAX = 200
 _CLOSE_REPLACED = 4000
 _CLOSE_TOO_SLOW = 1008
+_CLOSE_POLICY = 1008
+_WARN_EVERY_S = 60.0
+
+
+class SetupError(FannyError):
+    """The broker cannot start with these settings (for example unreadable TLS files)."""
 
 
 # --- settings ------------------------------------------------------------------------------
@@ -126,6 +169,21 @@ class BrokerSettings:
             seconds is closed.
         ping_interval_s / ping_timeout_s: WebSocket keepalive, seconds (None disables).
         outbox_size: messages queued for one client before it counts as too slow and is closed.
+        open_declarations: accept positive uploads without a declaration code (field tests);
+            a code that is sent is still checked and consumed. Logged at WARNING at start and
+            reported by ``/healthz``.
+        upload_answer_delay_s: the least time, seconds, between receiving a
+            ``positive_upload`` and sending its answer (ack or error, real or decoy), >= 0.
+        code_grace_s: seconds after its first committed upload during which a code still
+            authorizes the other uploads of the same declaration (>= 0).
+        max_uploads_per_code: the most uploads one code authorizes (>= 1).
+        position_rate_per_s: positions per second one connection may send on average (a
+            token bucket refilled at this rate); an excess position is ignored, ``rate_limited``.
+        position_burst: the bucket's size: positions accepted in a burst.
+        max_connections_per_address: open connections allowed from one source address;
+            0 disables the cap (behind a reverse proxy every client has the proxy's address).
+        certfile / keyfile: PEM certificate chain and private key: serve ``wss://`` (TLS >= 1.2).
+            Both or neither.
 
     Raises:
         ValueError: a value is out of range; the message names the attribute.
@@ -147,6 +205,15 @@ class BrokerSettings:
     ping_interval_s: float | None = 20.0
     ping_timeout_s: float | None = 20.0
     outbox_size: int = 64
+    open_declarations: bool = False
+    upload_answer_delay_s: float = 1.0
+    code_grace_s: float = DEFAULT_CODE_GRACE.total_seconds()
+    max_uploads_per_code: int = DEFAULT_MAX_UPLOADS_PER_CODE
+    position_rate_per_s: float = 10.0
+    position_burst: int = 20
+    max_connections_per_address: int = 128
+    certfile: str | Path | None = None
+    keyfile: str | Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -171,6 +238,57 @@ class BrokerSettings:
         if self.ping_timeout_s is not None:
             _check_number("ping_timeout_s", self.ping_timeout_s)
         _check_int("outbox_size", self.outbox_size, 1, 1_000_000)
+        if not isinstance(self.open_declarations, bool):
+            raise ValueError(f"BrokerSettings.open_declarations: expected true or false, "
+                             f"got {self.open_declarations!r}")
+        _check_number("upload_answer_delay_s", self.upload_answer_delay_s, high=60.0,
+                      low_open=False)
+        _check_number("code_grace_s", self.code_grace_s, high=86_400.0, low_open=False)
+        _check_int("max_uploads_per_code", self.max_uploads_per_code, 1, 10_000)
+        _check_number("position_rate_per_s", self.position_rate_per_s, high=10_000.0)
+        _check_int("position_burst", self.position_burst, 1, 100_000)
+        _check_int("max_connections_per_address", self.max_connections_per_address, 0, 1_000_000)
+        for name in ("certfile", "keyfile"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str | Path) or not str(value)):
+                raise ValueError(f"BrokerSettings.{name}: expected a PEM file path, got {value!r}")
+        if (self.certfile is None) != (self.keyfile is None):
+            missing = "keyfile" if self.keyfile is None else "certfile"
+            raise ValueError(f"BrokerSettings.{missing}: TLS needs both a certfile and a keyfile")
+
+    @property
+    def tls(self) -> bool:
+        """True when the broker serves ``wss://`` itself."""
+        return self.certfile is not None
+
+
+def server_ssl_context(settings: BrokerSettings) -> ssl.SSLContext | None:
+    """The TLS context of the server (TLS 1.2 or later), or ``None`` without TLS.
+
+    Args:
+        settings: uses ``certfile`` and ``keyfile`` (PEM).
+
+    Returns:
+        A server-side :class:`ssl.SSLContext` with the certificate chain loaded, or ``None``.
+
+    Raises:
+        SetupError: a file is missing or unreadable, or the key does not match the
+            certificate (the message names ``certfile``/``keyfile``, not their content).
+    """
+    if settings.certfile is None or settings.keyfile is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(settings.certfile), str(settings.keyfile))
+    except ssl.SSLError as exc:                  # a subclass of OSError: first
+        raise SetupError(f"cannot load the TLS certificate {settings.certfile} with the key "
+                         f"{settings.keyfile}: {exc.reason or exc}") from None
+    except OSError as exc:
+        which = exc.filename or f"{settings.certfile} / {settings.keyfile}"
+        raise SetupError(f"cannot read the TLS certificate or key {which}: "
+                         f"{exc.strerror or exc}") from None
+    return context
 
 
 # --- logging -------------------------------------------------------------------------------
@@ -210,8 +328,11 @@ class _Client:
     not read and is closed, so it cannot stall the sender.
     """
 
-    def __init__(self, ws: ServerConnection, outbox_size: int, tasks: set[asyncio.Task[Any]]):
+    def __init__(self, ws: ServerConnection, outbox_size: int, tasks: set[asyncio.Task[Any]],
+                 bucket: _TokenBucket):
         self.ws = ws
+        self.bucket = bucket
+        self.address: str | None = None
         self.kind = "unknown"
         self.session_id: str | None = None
         self.epoch = 0
@@ -230,7 +351,10 @@ class _Client:
             while True:
                 text = await self._queue.get()
                 self._space.set()
-                await self.ws.send(text)
+                try:
+                    await self.ws.send(text)
+                finally:
+                    self._queue.task_done()
         except ConnectionClosed:
             pass
         finally:
@@ -238,12 +362,15 @@ class _Client:
             self._space.set()
 
     async def reply(self, message: Any) -> None:
-        """Queue an answer to this client's own request; waits while the queue is half full."""
+        """Queue an answer to this client's own request; waits while the queue is half full.
+
+        ``message`` is a message struct, or its already encoded text (a padded ack).
+        """
         while self._queue.qsize() >= self._soft_limit and not self._dead:
             self._space.clear()
             await self._space.wait()
         if not self._dead:
-            self._queue.put_nowait(encode(message))
+            self._queue.put_nowait(message if isinstance(message, str) else encode(message))
 
     def post(self, message: Any) -> None:
         """Queue a message caused by another client, without waiting; a full queue closes it."""
@@ -264,6 +391,12 @@ class _Client:
         except TimeoutError:
             self.ws.transport.abort()
 
+    async def close_when_sent(self, code: int, reason: str, timeout: float = 2.0) -> None:
+        """Close the connection once the queued messages went out (or ``timeout`` passed)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+        await self.ws.close(code, reason)
+
     def close_soon(self, code: int, reason: str) -> None:
         """Start closing the connection in the background."""
         self._spawn(self.ws.close(code, reason))
@@ -278,6 +411,48 @@ class _Client:
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
             await self._writer
+
+
+class _TokenBucket:
+    """A token bucket: ``rate`` tokens per second, at most ``burst`` stored (starts full)."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.level = float(burst)
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        """Take one token at monotonic time ``now``; False (nothing taken) when empty."""
+        self.level = min(self.burst, self.level + max(0.0, now - self.at) * self.rate)
+        self.at = now
+        if self.level < 1.0:
+            return False
+        self.level -= 1.0
+        return True
+
+
+class _TypeOnly(msgspec.Struct):
+    type: str = ""
+
+
+_type_only = msgspec.json.Decoder(_TypeOnly)
+
+
+def _frame_type(raw: str) -> str | None:
+    """The ``type`` of a frame that failed full decoding, if it is a JSON object with one."""
+    try:
+        return _type_only.decode(raw).type
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _decode_refusal(exc: MessageError) -> Error:
+    """The ``error`` answering a frame that failed to decode (``too_many_tokens`` named)."""
+    if exc.field == "tokens" and "length <=" in str(exc):
+        return _error("too_many_tokens", f"an upload carries at most {MAX_TOKENS_PER_UPLOAD} "
+                      "tokens: send the others in another upload", "tokens")
+    return _error(exc.code, str(exc), exc.field)
 
 
 def _error(code: str, message: str, field: str | None) -> Error:
@@ -315,6 +490,9 @@ class _Broker:
                                  settings.position_timeout_s, settings.route_ttl_s)
         self.clients: dict[str, _Client] = {}
         self.connections = 0
+        self.per_address: dict[str, int] = {}     # memory only, never logged
+        self.refused_connections = 0              # since the last warning about them
+        self.last_refusal_warning = -math.inf
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def counts(self) -> dict[str, int]:
@@ -324,12 +502,17 @@ class _Broker:
             "positions": self.state.position_count,
         }
 
+    @property
+    def declarations(self) -> str:
+        return "open" if self.settings.open_declarations else "code"
+
     # --- HTTP ----------------------------------------------------------------------------
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if urlsplit(request.path).path != "/healthz":
             return None
-        body = json.dumps({"status": "ok", **self.counts()}) + "\n"
+        body = json.dumps({"status": "ok", "declarations": self.declarations,
+                           **self.counts()}) + "\n"
         response = connection.respond(HTTPStatus.OK, body)
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
@@ -337,17 +520,60 @@ class _Broker:
 
     # --- connections ---------------------------------------------------------------------
 
+    def _admit(self, client: _Client) -> bool:
+        """Count the connection against its source address; False when over the cap."""
+        cap = self.settings.max_connections_per_address
+        if cap == 0:
+            return True
+        remote = client.ws.remote_address
+        address = str(remote[0]) if remote else "?"
+        if self.per_address.get(address, 0) >= cap:
+            return False
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+        client.address = address
+        return True
+
+    def _release(self, client: _Client) -> None:
+        if client.address is None:
+            return
+        left = self.per_address.get(client.address, 1) - 1
+        if left > 0:
+            self.per_address[client.address] = left
+        else:
+            self.per_address.pop(client.address, None)
+        client.address = None
+
+    def _warn_refused_connection(self) -> None:
+        # A count, never the address; at most one line a minute under a flood.
+        self.refused_connections += 1
+        now = time.monotonic()
+        if now - self.last_refusal_warning >= _WARN_EVERY_S:
+            logger.warning("refused %d connection(s) over the per-address cap of %d",
+                           self.refused_connections, self.settings.max_connections_per_address)
+            self.refused_connections = 0
+            self.last_refusal_warning = now
+
     async def handle(self, ws: ServerConnection) -> None:
-        client = _Client(ws, self.settings.outbox_size, self.tasks)
+        bucket = _TokenBucket(self.settings.position_rate_per_s, self.settings.position_burst,
+                              self.monotonic())
+        client = _Client(ws, self.settings.outbox_size, self.tasks, bucket)
         self.connections += 1
         logger.info("connection opened (%d open)", self.connections)
         try:
+            if not self._admit(client):
+                self._warn_refused_connection()
+                await client.reply(_error(
+                    "too_many_connections",
+                    "too many connections from this address: close some and retry", None))
+                await client.close_when_sent(_CLOSE_POLICY, "too many connections")
+                return
             await self._serve(client)
         except ConnectionClosed:
             pass
         except Exception as exc:  # one bad client never harms the others
             _log_internal_error("in a connection", exc)
         finally:
+            self._release(client)
             if client.session_id is not None:
                 if self.state.disconnect(client.session_id, client.epoch):
                     logger.info("session ended (%d sessions)", self.state.session_count)
@@ -366,14 +592,15 @@ class _Broker:
                     raw = await asyncio.wait_for(client.ws.recv(), max(0.0, deadline - loop.time()))
                 except TimeoutError:
                     logger.info("closing a connection that sent no valid first message")
-                    await client.ws.close(1008, "no valid first message")
+                    await client.close_when_sent(1008, "no valid first message")
                     return
             else:
                 raw = await client.ws.recv()
             if client.replaced:
                 return
+            received = loop.time()
             try:
-                await self._on_frame(client, raw)
+                await self._on_frame(client, raw, received)
             except ConnectionClosed:
                 raise
             except Exception as exc:
@@ -390,7 +617,14 @@ class _Broker:
         except Exception as exc:
             _log_internal_error("in the recorder", exc)
 
-    async def _on_frame(self, client: _Client, raw: str | bytes) -> None:
+    async def _hold(self, received: float) -> None:
+        """Wait until ``upload_answer_delay_s`` after ``received`` (loop time, seconds)."""
+        loop = asyncio.get_running_loop()
+        wait = received + self.settings.upload_answer_delay_s - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _on_frame(self, client: _Client, raw: str | bytes, received: float) -> None:
         if isinstance(raw, bytes):
             self._record(client.kind, raw)
             await client.reply(
@@ -400,11 +634,17 @@ class _Broker:
             message = decode_client_message(raw)
         except MessageError as exc:
             self._record(client.kind, raw)
+            error = _decode_refusal(exc)
             # Only the code: a field name comes from the client and could be anything.
-            logger.debug("refused a message: %s", exc.code)
-            await client.reply(_error(exc.code, str(exc), exc.field))
+            logger.debug("refused a message: %s", error.code)
+            if _frame_type(raw) == "positive_upload":
+                await self._hold(received)   # even a malformed upload is answered late
+            await client.reply(error)
             return
         self._record(client.kind if client.kind != "unknown" else _classify(message), raw)
+        if isinstance(message, PositiveUpload):
+            await self._on_upload(client, message, received)
+            return
         try:
             if client.kind == "session":
                 await self._on_session_message(client, message)
@@ -419,7 +659,7 @@ class _Broker:
     async def _on_first_message(self, client: _Client, message: Any) -> None:
         if isinstance(message, Hello):
             await self._hello(client, message)
-        elif isinstance(message, PositiveUpload | PositivesPoll):
+        elif isinstance(message, PositivesPoll):
             client.kind = "anonymous"
             logger.info("anonymous connection")
             await self._on_anonymous_message(client, message)
@@ -450,9 +690,13 @@ class _Broker:
         session_id = client.session_id
         assert session_id is not None
         if isinstance(message, Position):
+            now = self.monotonic()
+            if not client.bucket.take(now):
+                raise Refusal(
+                    f"too many positions: at most {self.settings.position_rate_per_s:g} per "
+                    "second on average; this one was ignored", code="rate_limited", field=None)
             notices = self.state.update_position(session_id, message.latitude,
-                                                 message.longitude, message.accuracy_m,
-                                                 self.monotonic())
+                                                 message.longitude, message.accuracy_m, now)
             for notice in notices:
                 target = self.clients.get(notice.session_id)
                 if target is not None:
@@ -478,20 +722,58 @@ class _Broker:
                           "open a separate anonymous connection", code="wrong_connection",
                           field="type")
 
-    async def _on_anonymous_message(self, client: _Client, message: Any) -> None:
-        if isinstance(message, PositiveUpload):
+    async def _on_upload(self, client: _Client, upload: PositiveUpload, received: float) -> None:
+        """Answer a ``positive_upload`` (any connection kind), never before the minimum delay."""
+        try:
+            if client.kind == "session":
+                raise Refusal("positive uploads and polls are refused on a session connection: "
+                              "open a separate anonymous connection", code="wrong_connection",
+                              field="type")
+            if client.kind == "unknown":
+                client.kind = "anonymous"
+                logger.info("anonymous connection")
+            answer: Any = await self._upload(upload)
+        except Refusal as exc:
+            logger.debug("refused a message: %s", exc.code)
+            answer = _error(exc.code, str(exc), exc.field)
+        except Exception as exc:
+            _log_internal_error("while handling an upload", exc)
+            answer = _error("internal_error", "the broker failed on this message", None)
+        await self._hold(received)
+        await client.reply(answer)
+
+    async def _upload(self, upload: PositiveUpload) -> str:
+        """Commit (or, for a decoy, only validate) an upload; return the padded ack text."""
+        now = self.wall_clock()
+        if upload.decoy:
+            # Validated like a real upload, then discarded: nothing stored, no code looked at.
+            count = len(check_upload(upload.tokens, now,
+                                     timedelta(seconds=self.settings.max_expiry_ahead_s)))
+            logger.info("decoy upload discarded")
+        else:
+            hashed = None
+            if upload.code is not None:
+                try:
+                    hashed = code_hash(upload.code)
+                except ValueError as exc:
+                    raise Refusal(f"malformed declaration code: {exc}", code="code_invalid",
+                                  field="code") from None
             try:
-                count = await asyncio.to_thread(self.board.add, message.upload_id,
-                                                message.tokens, self.wall_clock())
+                count = await asyncio.to_thread(
+                    self.board.add, upload.upload_id, upload.tokens, now, code_hash=hashed,
+                    code_required=not self.settings.open_declarations)
             except BoardError as exc:
                 logger.error("positive board failure on upload: %s", exc)
                 raise Refusal("the broker could not store the upload; retry later",
                               code="unavailable", field=None) from None
             # Sent only now: the tokens are committed (paper section 4, step 2: the device
             # deletes its tokens when it receives this ack).
-            await client.reply(PositiveAck(upload_id=message.upload_id, count=count))
             logger.info("positive upload committed (%d tokens)", count)
-        elif isinstance(message, PositivesPoll):
+        return encode_padded(PositiveAck(upload_id=upload.upload_id, count=count),
+                             ACK_SIZE_BYTES)
+
+    async def _on_anonymous_message(self, client: _Client, message: Any) -> None:
+        if isinstance(message, PositivesPoll):
             try:
                 tokens, cursor, more = await asyncio.to_thread(
                     self.board.since, message.cursor, self.settings.poll_limit, self.wall_clock())
@@ -539,7 +821,7 @@ class RunningBroker:
         settings: the settings it runs with.
         host: the bound host as given in the settings.
         port: the bound TCP port (the real one when the settings said 0).
-        url: ``ws://HOST:PORT`` to connect to.
+        url: ``ws://HOST:PORT`` to connect to (``wss://`` with TLS).
         board: the positive-token board in use (for inspection; the server owns its calls).
     """
 
@@ -551,7 +833,7 @@ class RunningBroker:
         self.port = port
         self.board = broker.board
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"ws://{host}:{port}"
+        self.url = f"{'wss' if self.settings.tls else 'ws'}://{host}:{port}"
 
     def counts(self) -> dict[str, int]:
         """Open connections, connected sessions, sessions with a position (no IDs)."""
@@ -588,14 +870,18 @@ async def start_broker(
         The :class:`RunningBroker`.
 
     Raises:
+        SetupError: the TLS certificate or key cannot be loaded.
         BoardError: the board file cannot be opened.
         OSError: the address cannot be bound (in use, not local...).
     """
+    context = server_ssl_context(settings)
     own_board = board is None
     if board is None:
         board = await asyncio.to_thread(
             SqlitePositiveBoard, settings.db_path,
-            max_expiry_ahead=timedelta(seconds=settings.max_expiry_ahead_s))
+            max_expiry_ahead=timedelta(seconds=settings.max_expiry_ahead_s),
+            code_policy=CodePolicy(grace=timedelta(seconds=settings.code_grace_s),
+                                   max_uploads=settings.max_uploads_per_code))
     broker = _Broker(settings, board, recorder, wall_clock or (lambda: datetime.now(UTC)),
                      monotonic or time.monotonic)
     try:
@@ -611,6 +897,7 @@ async def start_broker(
             ping_timeout=settings.ping_timeout_s,
             logger=_LibraryLogger(logging.getLogger("broker.websockets"), {}),
             server_header="fanny-broker",
+            ssl=context,
         )
     except BaseException:
         if own_board:
@@ -618,8 +905,13 @@ async def start_broker(
         raise
     port = int(server.sockets[0].getsockname()[1])
     housekeeping = asyncio.create_task(broker.housekeeping())
-    logger.info("broker started (radius_max_m=%g cooldown_s=%g position_timeout_s=%g)",
-                settings.radius_max_m, settings.cooldown_s, settings.position_timeout_s)
+    logger.info("broker started (radius_max_m=%g cooldown_s=%g position_timeout_s=%g "
+                "declarations=%s tls=%s)", settings.radius_max_m, settings.cooldown_s,
+                settings.position_timeout_s, broker.declarations,
+                "on" if settings.tls else "off")
+    if settings.open_declarations:
+        logger.warning("open declarations: positive uploads are accepted WITHOUT a declaration "
+                       "code (field tests only); a code that is sent is still checked")
     try:
         yield RunningBroker(broker, server, port)
     finally:

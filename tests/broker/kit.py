@@ -86,9 +86,12 @@ def positive(n: int, expires_at: datetime = EXPIRY) -> PositiveToken:
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> BrokerSettings:
+    """Test settings: fast housekeeping, open declarations and a short upload answer delay
+    unless overridden (the tests of codes and delays set them explicitly)."""
     values: dict[str, Any] = {
         "host": "127.0.0.1", "port": 0, "db_path": tmp_path / "board.sqlite3",
         "housekeeping_interval_s": 0.05, "purge_interval_s": 0.05,
+        "open_declarations": True, "upload_answer_delay_s": 0.0,
     }
     values.update(overrides)
     return BrokerSettings(**values)
@@ -113,9 +116,16 @@ class Client:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, url: str, **kwargs: Any) -> AsyncIterator[Client]:
+        kwargs.setdefault("max_size", 2**20)
         async with connect(url, proxy=None, compression=None, open_timeout=5,
                            logger=CLIENT_LOGGER, **kwargs) as ws:
             yield cls(ws)
+
+    async def recv_text(self, timeout: float = 5.0) -> str:
+        """The next frame as received (to check its exact size)."""
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        assert isinstance(raw, str)
+        return raw
 
     async def send(self, message: Any) -> None:
         if isinstance(message, msgspec.Struct):
@@ -163,9 +173,10 @@ class Client:
             before.append(message)
 
 
-async def healthz(port: int) -> tuple[int, dict[str, Any]]:
-    """GET /healthz over a raw loopback TCP connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def healthz(port: int, ssl: Any = None) -> tuple[int, dict[str, Any]]:
+    """GET /healthz over a raw loopback TCP connection (TLS with an ``ssl`` context)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ssl, server_hostname="127.0.0.1" if ssl else None)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     await writer.drain()
     data = await asyncio.wait_for(reader.read(), 5)

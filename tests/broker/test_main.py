@@ -9,15 +9,18 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
 
 import pytest
 
-from broker.__main__ import build_parser, main
+from broker.__main__ import build_parser, main, parse_ttl
+from fanny_tui.protocol.codes import code_hash, normalize_code
 from fanny_tui.protocol.messages import (
     Match,
     PositiveAck,
@@ -50,9 +53,20 @@ async def start(*args: str) -> tuple[asyncio.subprocess.Process, str]:
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-    found = re.fullmatch(r"listening on (ws://127\.0\.0\.1:\d+)\n", line)
-    assert found, f"unexpected first line {line!r}"
+    found = re.fullmatch(r"listening on (wss?://127\.0\.0\.1:\d+)\n", line)
+    if not found:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, err = await process.communicate()
+        raise AssertionError(f"unexpected first line {line!r}; stderr: {err.decode()}")
     return process, found.group(1)
+
+
+def issue(db: Path, *args: str) -> tuple[str, str]:
+    """Run ``fanny-broker issue-code --db DB ARGS``; return (stdout, stderr)."""
+    done = subprocess.run([*command(), "issue-code", "--db", str(db), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
 
 
 async def stop(process: asyncio.subprocess.Process, signum: int) -> tuple[int, str, float]:
@@ -70,12 +84,14 @@ async def stop(process: asyncio.subprocess.Process, signum: int) -> tuple[int, s
 async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path):
     db = tmp_path / "board.sqlite3"
     port = free_port()
+    code = issue(db)[0].strip()          # issued before the broker ever ran: creates the board
     process, url = await start("--host", "127.0.0.1", "--port", str(port), "--db", str(db),
-                               "--log-level", "DEBUG", "--radius-max-m", "50")
+                               "--log-level", "DEBUG", "--radius-max-m", "50",
+                               "--upload-answer-delay-s", "0.2")
     try:
         assert url == f"ws://127.0.0.1:{port}"
         status, body = await healthz(port)
-        assert status == 200 and body["status"] == "ok"
+        assert status == 200 and body["status"] == "ok" and body["declarations"] == "code"
         async with Client.open(url) as a, Client.open(url) as b:
             assert (await a.hello(radius_m=500.0)).radius_m == 50.0
             await b.hello()
@@ -84,29 +100,130 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
             await b.at(3, lon=LON + 0.00002)
             await b.expect(Match)
             session_ids = [a.session_id, b.session_id]
+        later = issue(db, "--ttl", "10m")[0].strip()     # issued while the broker runs
         async with Client.open(url) as anon:
-            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(5, real_expiry())]))
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(6, real_expiry())]))
+            await anon.expect_error("code_required", "code")
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(5, real_expiry())],
+                                           code=code.lower()))
+            assert (await anon.expect(PositiveAck)).count == 1
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(7, real_expiry())],
+                                           code=later))
             assert (await anon.expect(PositiveAck)).count == 1
     except BaseException:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    code, err, took = await stop(process, signal.SIGTERM)
+    status, err, took = await stop(process, signal.SIGTERM)
     print(f"SIGTERM to exit: {took:.3f} s")
-    assert code == 0, err
+    assert status == 0, err
     assert "Traceback" not in err
     assert "listening on" in err and "positive upload committed (1 tokens)" in err
-    for private in [*session_ids, token(5), f"{LAT}", f"{north(3):.5f}", f"{LON:.5f}"]:
-        assert private not in err, "a session ID, token or position reached the log"
+    assert "declarations=code" in err and "WARNING" not in err
+    for private in [*session_ids, token(5), f"{LAT}", f"{north(3):.5f}", f"{LON:.5f}",
+                    code, code.replace("-", ""), later, code_hash(code)]:
+        assert private not in err, "a session ID, token, code or position reached the log"
 
     # Restart on a fresh port: the token committed before SIGTERM is still published.
     process, url = await start("--port", "0", "--db", str(db))
     try:
         async with Client.open(url) as anon:
             await anon.send(PositivesPoll())
-            assert [t.token for t in (await anon.expect(Positives)).tokens] == [token(5)]
+            assert [t.token for t in (await anon.expect(Positives)).tokens] == [
+                token(5), token(7)]
+            # The code was consumed before the restart; within its continuation window it
+            # still authorizes another upload of the same declaration, counted durably.
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(8, real_expiry())],
+                                           code=code))
+            assert (await anon.expect(PositiveAck)).count == 1
     finally:
-        code, err, _ = await stop(process, signal.SIGINT)
-    assert code == 0, err
+        status, err, _ = await stop(process, signal.SIGINT)
+    assert status == 0, err
+    with sqlite3.connect(db) as conn:
+        uses = dict(conn.execute("SELECT code_hash, uploads FROM codes").fetchall())
+    assert uses == {code_hash(code): 2, code_hash(later): 1}
+
+
+async def test_open_declarations_warns_and_healthz_says_open(tmp_path):
+    process, url = await start("--port", "0", "--db", str(tmp_path / "b.sqlite3"),
+                               "--open-declarations", "--upload-answer-delay-s", "0")
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        status, body = await healthz(port)
+        assert status == 200 and body["declarations"] == "open"
+        async with Client.open(url) as anon:
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(1, real_expiry())]))
+            assert (await anon.expect(PositiveAck)).count == 1
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(2, real_expiry())],
+                                           code="K7QF-3M9X-TR2B-8HJD"))
+            await anon.expect_error("code_invalid", "code")    # a code sent is still checked
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    status, err, _ = await stop(process, signal.SIGTERM)
+    assert status == 0, err
+    warnings = [line for line in err.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "open declarations" in warnings[0], err
+    assert "declarations=open" in err and "127.0.0.1" not in warnings[0]
+
+
+def test_issue_code_prints_one_code_and_stores_only_its_hash(tmp_path, capsys):
+    db = tmp_path / "sub" / "board.sqlite3"
+    before = datetime.now(UTC)
+    assert main(["issue-code", "--db", str(db), "--ttl", "90m"]) == 0
+    after = datetime.now(UTC)
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{4}(-[0-9A-HJKMNP-TV-Z]{4}){3}\n", out), out
+    code = out.strip()
+    assert normalize_code(code) == code.replace("-", "")
+    assert "valid until" in err and code not in err
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT code_hash, expires_at, uploads, used_until FROM codes")
+        (hashed, expires_at, uploads, used_until), = rows.fetchall()
+    assert hashed == code_hash(code) and (uploads, used_until) == (0, None)
+    assert (before + timedelta(minutes=90)).timestamp() - 1 <= expires_at
+    assert expires_at <= (after + timedelta(minutes=90)).timestamp() + 1
+    blob = b"".join(f.read_bytes() for f in tmp_path.glob("sub/board.sqlite3*"))
+    assert code.encode() not in blob and code.replace("-", "").encode() not in blob
+    # Two codes are never the same (80 random bits each).
+    assert main(["issue-code", "--db", str(db)]) == 0
+    assert capsys.readouterr().out.strip() != code
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1.5h", 5400), ("600", 600),
+    (" 2H ", 7200), ("30d", 30 * 86400),
+])
+def test_ttl_units(text, seconds):
+    assert parse_ttl(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("ttl", ["0s", "31d", "1w", "-1h", "h", "1 hour", "nan", ""])
+def test_bad_ttl_one_line_exit_2(tmp_path, capsys, ttl):
+    assert main(["issue-code", "--db", str(tmp_path / "b.sqlite3"), "--ttl", ttl]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--ttl" in err
+
+
+def test_issue_code_on_an_unusable_file_one_line_exit_2(tmp_path, capsys):
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"not a database " * 200)
+    assert main(["issue-code", "--db", str(junk)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "cannot open the positive board" in err
+
+
+def test_issue_code_as_root_gives_a_new_board_to_the_directory_owner(tmp_path, capsys):
+    """The service's dynamic user owns its state directory; root's new file must be its."""
+    state = tmp_path / "state"
+    state.mkdir()
+    if os.geteuid() == 0:
+        os.chown(state, 54321, 54321)
+        expected = 54321
+    else:                                   # not root: nothing to hand over, files stay ours
+        expected = os.geteuid()
+    assert main(["issue-code", "--db", str(state / "positives.sqlite3")]) == 0
+    assert [(p.name, p.stat().st_uid) for p in state.iterdir()] == [
+        ("positives.sqlite3", expected)]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -121,6 +238,14 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
     (["serve"], "--db"),
     (["launch"], "launch"),
     ([], "serve"),
+    (["serve", "--db", "x", "--certfile", "c.pem"], "--keyfile"),
+    (["serve", "--db", "x", "--keyfile", "k.pem"], "--certfile"),
+    (["serve", "--db", "x", "--max-connections-per-address", "-1"],
+     "--max-connections-per-address"),
+    (["serve", "--db", "x", "--position-rate-per-s", "0"], "--position-rate-per-s"),
+    (["serve", "--db", "x", "--upload-answer-delay-s", "-1"], "--upload-answer-delay-s"),
+    (["serve", "--db", "x", "--upload-answer-delay-s", "61"], "--upload-answer-delay-s"),
+    (["issue-code"], "--db"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
     assert main(argv) == 2
@@ -191,7 +316,8 @@ def test_unit_has_the_hardening_and_the_documented_command():
     service = unit["Service"]
     one = {key: values[-1] for key, values in service.items()}
     assert one["ExecStart"] == ("fanny-broker serve --host 127.0.0.1 --port 8765 "
-                                "--db /var/lib/fanny-broker/positives.sqlite3")
+                                "--db /var/lib/fanny-broker/positives.sqlite3 "
+                                "--max-connections-per-address 0")
     expected = {
         "DynamicUser": "yes", "StateDirectory": "fanny-broker", "Restart": "on-failure",
         "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
@@ -205,6 +331,14 @@ def test_unit_has_the_hardening_and_the_documented_command():
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.host, args.port) == ("serve", "127.0.0.1", 8765)
     assert Path(args.db).parent == Path("/var/lib") / one["StateDirectory"]
+    # Declaration codes are required (no --open-declarations); behind the loopback proxy the
+    # per-address cap would count every client as one.
+    assert args.open_declarations is False and args.max_connections_per_address == 0
+    # The documented issue-code command line is one our parser accepts, on the same file.
+    documented = re.search(r"#\s+(fanny-broker issue-code .*)", UNIT.read_text())
+    assert documented is not None
+    issue = build_parser().parse_args(shlex.split(documented.group(1))[1:])
+    assert (issue.command, issue.db) == ("issue-code", args.db)
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):

@@ -13,9 +13,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from broker.__main__ import issue_code
 from broker.positives import BoardError, SqlitePositiveBoard
 from broker.server import BrokerSettings, start_broker
+from fanny_tui.protocol.codes import code_hash
 from fanny_tui.protocol.messages import (
+    UPLOAD_SIZE_BYTES,
     Hello,
     Match,
     PositionLost,
@@ -25,6 +28,7 @@ from fanny_tui.protocol.messages import (
     PositiveUpload,
     Signal,
     Welcome,
+    encode_padded,
 )
 
 from .kit import (
@@ -62,7 +66,8 @@ async def test_healthz_reports_counts_only(tmp_path):
             await a.barrier()
             status, body = await healthz(broker.port)
             assert status == 200
-            assert body == {"status": "ok", "connections": 1, "sessions": 1, "positions": 1}
+            assert body == {"status": "ok", "declarations": "open", "connections": 1,
+                            "sessions": 1, "positions": 1}
             assert a.session_id not in json.dumps(body)
 
 
@@ -315,7 +320,7 @@ async def test_upload_ack_only_after_commit(tmp_path):
         await anon.send(PositiveUpload(upload_id=upload_id,
                                        tokens=[positive(3), positive(1), positive(2)]))
         ack = await anon.expect(PositiveAck)
-        assert ack == PositiveAck(upload_id=upload_id, count=3)
+        assert (ack.upload_id, ack.count) == (upload_id, 3)
         # Read the file with another connection right after the ack: committed.
         assert db_rows(tmp_path / "board.sqlite3", "SELECT token FROM positives") == [
             (token(1),), (token(2),), (token(3),)]
@@ -324,7 +329,7 @@ async def test_upload_ack_only_after_commit(tmp_path):
 class FailingBoard(SqlitePositiveBoard):
     """A real board whose storage fails on add (as a full disk would)."""
 
-    def add(self, upload_id, tokens, now=None):  # type: ignore[override]
+    def add(self, upload_id, tokens, now=None, **kwargs):  # type: ignore[override]
         raise BoardError("disk I/O error")
 
 
@@ -599,8 +604,21 @@ async def test_a_silent_connection_is_closed(tmp_path):
 # --- what the broker sees, logs and writes -------------------------------------------------
 
 
+SCENARIO = {"wall": FakeWall(WALL_NOW), "open_declarations": False,
+            "max_connections_per_address": 2, "position_rate_per_s": 1.0, "position_burst": 3,
+            "upload_answer_delay_s": 0.05, "max_uploads_per_code": 1}
+"""Settings of the full scenario: codes required, small caps so that every limit is hit."""
+
+
 async def _scenario(broker, tmp_path) -> dict[str, list[str]]:
-    """Sessions, positions, a match, signaling, an upload and a poll; returns what is private."""
+    """Sessions, positions, a match, signaling, refusals, rate limiting, a refused connection,
+    uploads with declaration codes (accepted, refused, reused), a decoy and a poll.
+
+    Returns every private value the broker saw, by kind, in the forms a log could show it.
+    """
+    open_mode = broker.settings.open_declarations
+    code, unused = (issue_code(str(broker.settings.db_path), timedelta(hours=1), now=WALL_NOW)[0]
+                    for _ in range(2))
     async with Client.open(broker.url) as a, Client.open(broker.url) as b:
         await a.hello()
         await b.hello()
@@ -615,36 +633,77 @@ async def _scenario(broker, tmp_path) -> dict[str, list[str]]:
         await b.expect_error("bad_message", "latitude")
         await a.send(Signal(peer_session_id=new_id(), sdp_type="offer", sdp="v=0"))
         await a.expect_error("not_matched", "peer_session_id")
-        async with Client.open(broker.url) as anon:
-            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(77)]))
+        for _ in range(3):                                   # over the burst of 3 positions
+            await b.at(5, lon=LON + 0.00001)
+        await b.expect_error("rate_limited", None)
+        # A third connection from 127.0.0.3 is over the cap of 2: refused and closed.
+        async with (Client.open(broker.url, local_addr=("127.0.0.3", 0)) as c1,
+                    Client.open(broker.url, local_addr=("127.0.0.3", 0)) as c2,
+                    Client.open(broker.url, local_addr=("127.0.0.3", 0)) as c3):
+            await c3.expect_error("too_many_connections", None)
+            capped = [c.ws.local_address for c in (c1, c2, c3)]
+        async with Client.open(broker.url, local_addr=("127.0.0.2", 0)) as anon:
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(66)]))
+            if open_mode:
+                await anon.expect(PositiveAck)
+            else:
+                await anon.expect_error("code_required", "code")
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(67)],
+                                           code="not a code"))
+            await anon.expect_error("code_invalid", "code")
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(77)],
+                                           code=code.lower()))
+            await anon.expect(PositiveAck)
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(78)], code=code))
+            await anon.expect_error("code_used", "code")
+            await anon.send(encode_padded(
+                PositiveUpload(upload_id=new_id(), tokens=[positive(79)], code=unused,
+                               decoy=True), UPLOAD_SIZE_BYTES))
             await anon.expect(PositiveAck)
             await anon.send(PositivesPoll())
             await anon.expect(Positives)
             local = anon.ws.local_address
         sessions = [a.session_id, b.session_id]
     positions = [f"{LAT}", f"{LAT:.5f}", f"{north(4):.5f}", f"{LON}", f"{LON:.5f}",
-                 f"{LON + 0.00001:.5f}"]
-    return {"sessions": sessions, "positions": positions, "tokens": [token(77)],
-            "addresses": [f"{local[0]}:{local[1]}", f"{local[0]}, {local[1]}", str(local[1])]}
+                 f"{LON + 0.00001:.5f}", f"{north(5):.5f}"]
+    codes = [c for one in (code, unused) for c in (
+        one, one.lower(), one.replace("-", ""), code_hash(one))] + ["not a code"]
+    addresses = ["127.0.0.2", "127.0.0.3"] + [
+        form for host, port in [local, *capped]
+        for form in (f"{host}:{port}", f"{host}, {port}", f"'{host}', {port}", str(port))]
+    return {"sessions": sessions, "positions": positions,
+            "tokens": [token(n) for n in (66, 67, 77, 78, 79)], "codes": codes,
+            "addresses": addresses}
 
 
-async def test_logs_never_contain_ids_positions_tokens_or_addresses(tmp_path, caplog):
+@pytest.mark.parametrize("declarations", ["code", "open"])
+async def test_logs_never_contain_ids_positions_tokens_codes_or_addresses(
+        tmp_path, caplog, declarations):
     caplog.set_level(logging.DEBUG)
-    async with running(tmp_path, wall=FakeWall(WALL_NOW)) as broker:
+    settings = {**SCENARIO, "open_declarations": declarations == "open"}
+    async with running(tmp_path, **settings) as broker:
         private = await _scenario(broker, tmp_path)
     records = [r for r in caplog.records if not r.name.startswith("tests.")]
     text = "\n".join(
         f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''}" for r in records)
-    assert "positive upload committed (1 tokens)" in text          # the logs do say things
+    # The logs do say things, at every level used, with counts only.
+    assert "positive upload committed (1 tokens)" in text
     assert "connection opened" in text and "session started" in text
+    assert "decoy upload discarded" in text
+    for refusal in ("rate_limited", "code_used", "code_invalid", "not_matched"):
+        assert f"refused a message: {refusal}" in text, refusal
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert any("over the per-address cap of 2" in w for w in warnings), warnings
+    assert any("open declarations" in w for w in warnings) == (declarations == "open")
+    assert "declarations=" + declarations in text
     for what, values in private.items():
         for value in values:
-            assert value not in text, f"a {what} value appears in the log"
-    assert "127.0.0.1" not in text
+            assert value not in text, f"a {what} value appears in the log: {value}"
+    assert "127.0.0." not in text
 
 
-async def test_board_file_holds_no_session_id_or_position(tmp_path):
-    async with running(tmp_path, wall=FakeWall(WALL_NOW)) as broker:
+async def test_board_file_holds_no_session_id_position_code_or_address(tmp_path):
+    async with running(tmp_path, **SCENARIO) as broker:
         private = await _scenario(broker, tmp_path)
         files = sorted(tmp_path.glob("board.sqlite3*"))
         assert any(f.name.endswith("-wal") for f in files)
@@ -652,8 +711,13 @@ async def test_board_file_holds_no_session_id_or_position(tmp_path):
     after = b"".join(f.read_bytes() for f in sorted(tmp_path.glob("board.sqlite3*")))
     for blob in (while_running, after):
         assert token(77).encode() in blob                       # the reading does see data
-        for value in private["sessions"] + private["positions"]:
+        for value in private["sessions"] + private["positions"] + private["addresses"]:
             assert value.encode() not in blob
+        for value in private["codes"]:
+            if len(value) != 64:                                # hashes are stored, codes not
+                assert value.encode() not in blob
+        for n in (66, 67, 78, 79):                              # refused and decoy: not stored
+            assert token(n).encode() not in blob
     assert sorted(p.name for p in tmp_path.iterdir()) == ["board.sqlite3"]  # WAL checkpointed
 
 
