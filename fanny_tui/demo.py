@@ -49,7 +49,7 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
     from .gps import WalkSource
 
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=root / "broker.sqlite3",
-                              cooldown_s=120.0, position_timeout_s=15.0)
+                              cooldown_s=120.0, position_timeout_s=15.0, open_declarations=True)
     async with start_broker(settings) as broker:
         config = demo_config(broker.url)
         tester = Engine(replace(config), root / "tester",

@@ -46,7 +46,8 @@ async def test_no_ids_or_positions_in_any_file_or_log(tmp_path):
     lat_b = LAT + 2 * METRE_LAT
     try:
         (tmp_path / "broker").mkdir()
-        settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "broker" / "b.db")
+        settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "broker" / "b.db",
+                                  open_declarations=True)
         async with start_broker(settings) as broker:
             config = device_config(broker.url)
             async with running_device(config, tmp_path / "a",
