@@ -403,8 +403,8 @@ class GpsFigures:
             ``frozen`` (the group SIGSTOPped, then SIGCONT).
         lost_after_s: seconds from the fault to the device's ``gps_lost``.
         outage_s: seconds from ``gps_lost`` to gpsd being back.
-        positions_while_lost: positions the broker received between ``gps_lost`` and the next
-            ``gps_fix`` (must be 0).
+        positions_while_lost: positions the broker received after the ``position_lost`` that
+            followed ``gps_lost`` and before the next ``gps_fix`` (must be 0).
         fix_after_s: seconds from gpsd being back to the device's next ``gps_fix``.
     """
 
@@ -462,7 +462,7 @@ async def gpsd_interrupted(workdir: Path, *, fault: str = "killed", outage_s: fl
                 "broker": {"url": broker.url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
                 "gps": {"source": "gpsd", "host": "127.0.0.1", "port": fake.port,
                         "stale_after_s": stale_after_s},
-                "protocol": {"position_interval_s": 0.1},
+                "protocol": {"position_interval_s": 0.2},
                 "webrtc": {"host_addresses": ["127.0.0.1"]},
             })
             async with running_device(config, workdir / "device", None) as device:
