@@ -65,7 +65,8 @@ UPLOAD_SIZE_BYTES = 65_536
 ACK_SIZE_BYTES = 256
 """Every positive ack is padded to exactly this many bytes of JSON."""
 DeclarationCode = Annotated[str, Meta(min_length=1, max_length=64)]
-Padding = Annotated[str, Meta(max_length=UPLOAD_SIZE_BYTES, pattern=r"^ *$")]
+# "\Z", not "$": "$" also matches before a trailing newline, and padding is spaces only.
+Padding = Annotated[str, Meta(max_length=UPLOAD_SIZE_BYTES, pattern=r"^ *\Z")]
 
 
 class _Message(
@@ -143,10 +144,14 @@ class PositiveToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     expires_at: UtcInstant
 
     def __post_init__(self) -> None:
-        if not is_on_the_hour(self.expires_at):
+        try:
+            utc = self.expires_at.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:00:00-01:00 is in year 10000 in UTC
+            raise ValueError("expires_at must be within years 1-9999 in UTC") from None
+        if not is_on_the_hour(utc):
             raise ValueError("expires_at must be on a UTC hour (HH:00:00)")
         if self.expires_at.utcoffset() != UTC.utcoffset(None):
-            msgspec.structs.force_setattr(self, "expires_at", self.expires_at.astimezone(UTC))
+            msgspec.structs.force_setattr(self, "expires_at", utc)
 
 
 class PositiveUpload(_Message, tag="positive_upload"):
@@ -239,7 +244,9 @@ _encoder = msgspec.json.Encoder()
 _client_decoder = msgspec.json.Decoder(ClientToBroker)
 _broker_decoder = msgspec.json.Decoder(BrokerToClient)
 _peer_decoder = msgspec.json.Decoder(PeerMessage)
-_UNKNOWN_RE = re.compile(r"^Object contains unknown field `([^`]*)`")
+# The unknown name is the sender's and may hold backticks or newlines: all between the
+# first and last backtick (once the " - at `$...`" suffix is cut off) is the name.
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(.*)`$", re.DOTALL)
 _MISSING_RE = re.compile(r"^Object missing required field `([^`]*)`")
 _OWN_CHECK_RE = re.compile(r"^([a-z_][a-z0-9_]*) must ")  # our __post_init__ checks: "<field> must"
 _FIELD_RE = re.compile(r" - at `\$((?:\.[A-Za-z_]\w*|\[\d+\])*)`$")
@@ -273,7 +280,7 @@ def _decode(decoder: msgspec.json.Decoder, data: str | bytes, channel: str):  # 
         if text.startswith("Invalid value") and "`$.type`" in text:
             raise MessageError(f"unknown {channel} message type", field="type",
                                code="unknown_type") from None
-        unknown = _UNKNOWN_RE.match(text)
+        unknown = _UNKNOWN_RE.match(text[:found.start()] if found else text)
         if unknown:
             name = unknown.group(1)
             raise MessageError(text, field=f"{field}.{name}" if field else name,
@@ -286,7 +293,9 @@ def _decode(decoder: msgspec.json.Decoder, data: str | bytes, channel: str):  # 
         raise MessageError(text, field=field) from None
     except msgspec.DecodeError as exc:
         raise MessageError(f"not valid JSON: {exc}") from None
-    except UnicodeDecodeError:
+    except RecursionError:  # msgspec skipping a deeply nested value while it looks for "type"
+        raise MessageError("not valid JSON: nested too deeply") from None
+    except UnicodeError:  # bytes that are not UTF-8, or a str with lone surrogates
         raise MessageError("not valid UTF-8") from None
 
 
