@@ -1,0 +1,439 @@
+"""Fuzzing the witness exchange (fanny_tui.protocol.handshake) with an active attacker.
+
+tests/test_handshake.py drives two machines through a lossy link (deliver in order, duplicate
+the head, drop the head, swap two, garbage, timeouts, closes, stores). Here the link belongs to
+an attacker, Mallory, who also has a contact ID of her own. She may deliver any queued frame
+out of order, duplicate or drop any of them, replay any frame either side ever sent to either
+side (a side's own frames reflected back to it included), send a side its own contact ID, her
+contact ID or a random one, offer or ack tokens crafted for other pairs (her and one side, two
+random IDs, a side with itself), send messages of the broker channels, garbage, deep nesting
+and aborts; the adapters time out, close and fail to store.
+
+Invariants after every step:
+
+* at most one StoreToken and one end per side; terminal states absorb (nothing changes, nothing
+  is sent, no event) and the peer's contact ID is forgotten;
+* a side stores only ``craft_token(own ID, an ID that reached it in a contact_id)``; if no
+  contact ID but the real peer's ever reached it, only the real pair's token;
+* the responder stores only a token it was offered, the initiator only one it was acked;
+  the initiator completes only if the responder stored, unless Mallory forged that very ack;
+* every frame a side sends is a valid peer message; it sends only its own contact ID, at most
+  one of each kind, nothing after an abort;
+* no call raises, except LocalProtocolError for an illegal local call, which changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import Any
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from fanny_tui.protocol.errors import LocalProtocolError
+from fanny_tui.protocol.handshake import (
+    TERMINAL,
+    HandshakeCompleted,
+    HandshakeFailed,
+    HandshakeState,
+    StoreToken,
+    WitnessHandshake,
+)
+from fanny_tui.protocol.messages import (
+    Abort,
+    ContactIdMessage,
+    Error,
+    Hello,
+    Match,
+    Position,
+    PositivesPoll,
+    Signal,
+    TokenAck,
+    TokenOffer,
+    decode_peer_message,
+    encode,
+)
+from fanny_tui.protocol.tokens import craft_token
+from tests.fuzz import fuzz_settings, report, tried
+
+S = HandshakeState
+ROLES = ("initiator", "responder")
+uuid4s = st.uuids(version=4).map(str)
+hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+def other(role: str) -> str:
+    return "responder" if role == "initiator" else "initiator"
+
+
+def self_token(contact_id: str) -> str:
+    """What a careless implementation would craft for a device with itself."""
+    return hashlib.sha256((contact_id + contact_id).encode("ascii")).hexdigest()
+
+
+def snapshot(machine: WitnessHandshake) -> tuple[Any, ...]:
+    return (machine.state, machine.token, machine.failure_reason, machine._peer_contact_id,
+            list(machine._outgoing), list(machine._events))
+
+
+WRONG_CHANNEL = [
+    encode(Hello(session_id="0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69", radius_m=5.0)),
+    encode(Position(latitude=44.0, longitude=5.0)),
+    encode(Match(peer_session_id="0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69", role="initiator")),
+    encode(Signal(peer_session_id="0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69", sdp_type="offer",
+                  sdp="v=0")),
+    encode(PositivesPoll()),
+    encode(Error(code="bad_message", message="no")),
+]
+garbage = st.one_of(
+    st.sampled_from([b"", "", "null", "[]", "{}", '{"type":"token"}', '{"type":"ack","token":1}',
+                     '{"type":"contact_id","contact_id":"x"}', "\ud800", b"\xff\xfe",
+                     '{"type":"abort","reason":"\udfff"}',
+                     '{"x":' + "[" * 5000 + "]" * 5000 + ',"type":"abort","reason":"r"}',
+                     '{"type":"abort","reason":"' + "r" * 201 + '"}',
+                     '{"type":"ack","token":"' + "A" * 64 + '"}'] + WRONG_CHANNEL),
+    # str with lone surrogates (no UTF-8 form), bytes, text
+    st.text(st.sampled_from(["\ud800", "\udc80", "{", "}", '"', "a"]), min_size=1, max_size=20),
+    st.binary(max_size=60), st.text(max_size=60),
+)
+
+
+class MalloryLink(RuleBasedStateMachine):
+    """Two honest machines, a link owned by an attacker with her own contact ID."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    @initialize(ids=st.lists(uuid4s, min_size=3, max_size=3, unique=True))
+    def start(self, ids: list[str]) -> None:
+        self.ids = {"initiator": ids[0], "responder": ids[1]}
+        self.mallory = ids[2]
+        self.m = {r: WitnessHandshake(r, self.ids[r]) for r in ROLES}  # type: ignore[arg-type]
+        # Frames on their way to each role, with where they come from: "peer" (the other
+        # machine sent it), "replay" (a copy of a frame a machine sent), "forged" (Mallory's).
+        self.link: dict[str, deque[tuple[str | bytes, str]]] = {r: deque() for r in ROLES}
+        self.sent: dict[str, list[str]] = {r: [] for r in ROLES}
+        self.events: dict[str, list[Any]] = {r: [] for r in ROLES}
+        self.stores: dict[str, dict[str, int]] = {r: {} for r in ROLES}
+        self.contact_ids_in: dict[str, set[str]] = {r: set() for r in ROLES}
+        self.offers_in: dict[str, set[str]] = {r: set() for r in ROLES}
+        self.acks_in: dict[str, dict[str, set[str]]] = {r: {} for r in ROLES}
+        self.ended: dict[str, tuple[Any, ...] | None] = {r: None for r in ROLES}
+        self.after_end = 0
+
+    # -- plumbing --
+
+    def _step(self, role: str, call: str, *args: Any) -> None:
+        machine = self.m[role]
+        was_terminal = machine.state in TERMINAL
+        getattr(machine, call)(*args)  # anything raised here fails the test
+        self.steps += 1
+        frames, events = machine.data_to_send(), machine.events()
+        if was_terminal and (frames or events):
+            self.after_end += 1
+        for frame in frames:
+            self.sent[role].append(frame)
+            self.link[other(role)].append((frame, "peer"))
+        self.events[role].extend(events)
+
+    def _receive(self, role: str, frame: str | bytes, origin: str) -> None:
+        try:
+            message = decode_peer_message(frame)
+        except Exception:  # noqa: BLE001 - the machine judges it; here only bookkeeping
+            message = None
+        if isinstance(message, ContactIdMessage):
+            self.contact_ids_in[role].add(message.contact_id)
+        elif isinstance(message, TokenOffer):
+            self.offers_in[role].add(message.token)
+        elif isinstance(message, TokenAck):
+            self.acks_in[role].setdefault(message.token, set()).add(origin)
+        self._step(role, "receive_data", frame)
+
+    def _illegal(self, role: str, call: str, *args: Any) -> None:
+        machine = self.m[role]
+        before = snapshot(machine)
+        with pytest.raises(LocalProtocolError):
+            getattr(machine, call)(*args)
+        assert snapshot(machine) == before
+        self.steps += 1
+
+    def _pair_tokens(self, role: str) -> list[str]:
+        own, peer, evil = self.ids[role], self.ids[other(role)], self.mallory
+        return [craft_token(own, peer), craft_token(own, evil), craft_token(peer, evil),
+                self_token(own), self_token(peer)]
+
+    # -- the adapters --
+
+    @rule(role=st.sampled_from(ROLES))
+    def open(self, role: str) -> None:
+        if self.m[role].state is S.IDLE:
+            self._step(role, "channel_open")
+        else:
+            self._illegal(role, "channel_open")
+
+    @rule(role=st.sampled_from(ROLES), new=st.booleans(), fail=st.booleans())
+    def store(self, role: str, new: bool, fail: bool) -> None:
+        if self.m[role].state is not S.STORING:
+            self._illegal(role, "store_failed" if fail else "token_stored",
+                          *(("disk full",) if fail else (new,)))
+            return
+        if fail:
+            self._step(role, "store_failed", "OSError (Read-only file system)")
+            return
+        token = [e for e in self.events[role] if isinstance(e, StoreToken)][-1].token
+        self.stores[role][token] = self.stores[role].get(token, 0) + 1
+        self._step(role, "token_stored", new)
+
+    @rule(steps=st.integers(1, 10), fail_store=st.booleans())
+    def honest_progress(self, steps: int, fail_store: bool) -> None:
+        for _ in range(steps):
+            storing = [r for r in ROLES if self.m[r].state is S.STORING]
+            queued = [r for r in ROLES if self.link[r]]
+            idle = [r for r in ROLES if self.m[r].state is S.IDLE]
+            if storing:
+                self.store(storing[0], True, fail_store)
+            elif queued:
+                frame, origin = self.link[queued[0]].popleft()
+                self._receive(queued[0], frame, origin)
+            elif idle:
+                self._step(idle[0], "channel_open")
+            else:
+                return
+
+    # -- Mallory's link --
+
+    @precondition(lambda self: any(self.link.values()))
+    @rule(role=st.sampled_from(ROLES), index=st.integers(0, 10))
+    def deliver_any(self, role: str, index: int) -> None:
+        queue = self.link[role]
+        if queue:
+            index %= len(queue)
+            frame, origin = queue[index]
+            del queue[index]
+            self._receive(role, frame, origin)
+
+    @precondition(lambda self: any(self.link.values()))
+    @rule(role=st.sampled_from(ROLES), index=st.integers(0, 10), where=st.integers(0, 10),
+          drop=st.booleans())
+    def duplicate_or_drop(self, role: str, index: int, where: int, drop: bool) -> None:
+        queue = self.link[role]
+        if queue:
+            index %= len(queue)
+            if drop:
+                del queue[index]
+            else:
+                queue.insert(where % (len(queue) + 1), (queue[index][0], "replay"))
+
+    @precondition(lambda self: any(self.sent.values()))
+    @rule(to=st.sampled_from(ROLES), source=st.sampled_from(ROLES), index=st.integers(0, 10))
+    def replay(self, to: str, source: str, index: int) -> None:
+        """Any frame a side ever sent, to either side (to itself: a reflection)."""
+        frames = self.sent[source] or self.sent[other(source)]
+        self._receive(to, frames[index % len(frames)], "replay")
+
+    @rule(role=st.sampled_from(ROLES), right=st.booleans(), pick=st.integers(0, 4))
+    def impersonate(self, role: str, right: bool, pick: int) -> None:
+        """Mallory plays the peer, with what she saw on the wire: her own contact ID first,
+        then the token the side expects (``right``) or one for another pair."""
+        machine = self.m[role]
+        wrong = self._pair_tokens(role)[pick]
+        if machine.state in (S.IDLE, S.AWAIT_PEER_ID):
+            message: Any = ContactIdMessage(contact_id=self.mallory)
+        elif machine.state is S.AWAIT_TOKEN:
+            peer = machine._peer_contact_id
+            assert peer is not None
+            message = TokenOffer(token=craft_token(self.ids[role], peer) if right else wrong)
+        elif machine.state is S.AWAIT_ACK:
+            assert machine.token is not None
+            message = TokenAck(token=machine.token if right else wrong)
+        else:
+            message = TokenAck(token=wrong)
+        self._receive(role, encode(message), "forged")
+
+    # Everything that ends an exchange at once shares one rule, so it does not drown the
+    # rules that move it forward.
+    @rule(role=st.sampled_from(ROLES), kind=st.sampled_from(
+        ["contact_id", "token", "garbage", "abort", "timeout", "channel_closed"]),
+        which=st.sampled_from(["own", "mallory", "peer", "random"]), random_id=uuid4s,
+        offer=st.booleans(), pick=st.integers(0, 5), random_token=hex64, frame=garbage,
+        reason=st.text(max_size=30))
+    def attack(self, role: str, kind: str, which: str, random_id: str, offer: bool, pick: int,
+               random_token: str, frame: str | bytes, reason: str) -> None:
+        if kind in ("timeout", "channel_closed"):
+            self._step(role, kind)  # the adapter's timer, or the channel going away
+            return
+        if kind == "contact_id":
+            contact_id = {"own": self.ids[role], "mallory": self.mallory,
+                          "peer": self.ids[other(role)], "random": random_id}[which]
+            frame = encode(ContactIdMessage(contact_id=contact_id))
+        elif kind == "token":
+            token = [*self._pair_tokens(role), random_token][pick]
+            frame = encode(TokenOffer(token=token) if offer else TokenAck(token=token))
+        elif kind == "abort":
+            frame = encode(Abort(reason=reason))
+        self._receive(role, frame, "forged")
+
+    # -- invariants --
+
+    @invariant()
+    def one_store_one_end_and_consistent_states(self) -> None:
+        for role in ROLES:
+            events = self.events[role]
+            stores = [e for e in events if isinstance(e, StoreToken)]
+            ends = [e for e in events if not isinstance(e, StoreToken)]
+            assert len(stores) <= 1, "StoreToken emitted twice"
+            assert len(ends) <= 1, "more than one end"
+            machine = self.m[role]
+            assert (machine.state in TERMINAL) == bool(ends)
+            if ends and isinstance(ends[0], HandshakeCompleted):
+                assert machine.state is S.COMPLETED
+                assert stores and stores[0].token == ends[0].token == machine.token
+            if ends and isinstance(ends[0], HandshakeFailed):
+                assert machine.state is S.FAILED
+                assert ends[0].reason == machine.failure_reason
+            if machine.state is S.STORING:
+                assert stores and stores[0].token == machine.token
+            assert all(count == 1 for count in self.stores[role].values()), "stored twice"
+
+    @invariant()
+    def terminal_states_absorb(self) -> None:
+        assert self.after_end == 0, "a finished side produced frames or events"
+        for role in ROLES:
+            machine = self.m[role]
+            if machine.state in TERMINAL:
+                now = (machine.state, machine.token, machine.failure_reason)
+                if self.ended[role] is None:
+                    self.ended[role] = now
+                assert now == self.ended[role]
+                assert machine._peer_contact_id is None
+
+    @invariant()
+    def only_tokens_of_the_ids_it_was_given(self) -> None:
+        for role in ROLES:
+            own, peer = self.ids[role], self.ids[other(role)]
+            stored = {e.token for e in self.events[role]
+                      if isinstance(e, StoreToken | HandshakeCompleted)}
+            allowed = {craft_token(own, p) for p in self.contact_ids_in[role] if p != own}
+            assert stored <= allowed
+            if self.contact_ids_in[role] <= {peer}:
+                assert stored <= {craft_token(own, peer)}
+            assert set(self.stores[role]) <= stored
+
+    @invariant()
+    def stores_only_what_was_offered_or_acked(self) -> None:
+        for role in ROLES:
+            stored = {e.token for e in self.events[role] if isinstance(e, StoreToken)}
+            if role == "responder":
+                assert stored <= self.offers_in[role]
+            else:
+                assert stored <= set(self.acks_in[role])
+        initiator_end = [e for e in self.events["initiator"]
+                         if isinstance(e, HandshakeCompleted)]
+        if initiator_end:
+            token = initiator_end[0].token
+            if "forged" not in self.acks_in["initiator"].get(token, set()):
+                # Every ack it heard for this token was the responder's own (or a copy of it),
+                # and the responder acks only what it has stored.
+                assert token in self.stores["responder"]
+
+    @invariant()
+    def sends_only_valid_frames_about_itself(self) -> None:
+        for role in ROLES:
+            kinds: list[str] = []
+            for frame in self.sent[role]:
+                message = decode_peer_message(frame)  # never an invalid frame
+                kinds.append(type(message).__name__)
+                if isinstance(message, ContactIdMessage):
+                    assert message.contact_id == self.ids[role], "sent someone else's ID"
+            assert kinds.count("ContactIdMessage") <= 1
+            assert kinds.count("Abort") <= 1 and (not kinds or "Abort" not in kinds[:-1])
+            own = "TokenOffer" if role == "initiator" else "TokenAck"
+            assert kinds.count(own) <= 1
+            assert ("TokenAck" if role == "initiator" else "TokenOffer") not in kinds
+
+
+def test_mallory_link() -> None:
+    name = "handshake.mallory_link"
+    runs = 0
+
+    class Counted(MalloryLink):
+        def teardown(self) -> None:
+            nonlocal runs
+            runs += 1
+            tried(name, self.steps)
+
+    steps = 50
+    run_state_machine_as_test(Counted, settings=fuzz_settings(4, stateful_step_count=steps))
+    report(name, f"rules applied, in {runs} runs of up to {steps}")
+
+
+# --- the attacks one by one, by hand --------------------------------------------------------
+
+A = "0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69"
+B = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+C = "c0ffee00-1234-4abc-8def-0123456789ab"
+
+
+def drain(machine: WitnessHandshake) -> tuple[list[Any], list[Any]]:
+    return [decode_peer_message(f) for f in machine.data_to_send()], machine.events()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_own_frames_reflected_fail_without_storing(role: str) -> None:
+    machine = WitnessHandshake(role, A)  # type: ignore[arg-type]
+    machine.channel_open()
+    (hello,), _ = drain(machine)
+    machine.receive_data(encode(hello))  # its own contact ID comes back
+    sent, events = drain(machine)
+    assert events == [HandshakeFailed("same_contact_id")]
+    assert sent == [Abort(reason="same_contact_id")]
+
+
+@pytest.mark.parametrize("token", [craft_token(B, C), craft_token(A, C), self_token(B),
+                                   self_token(A)])
+def test_responder_refuses_a_token_for_another_pair(token: str) -> None:
+    responder = WitnessHandshake("responder", B)
+    responder.channel_open()
+    responder.receive_data(encode(ContactIdMessage(contact_id=A)))
+    responder.receive_data(encode(TokenOffer(token=token)))
+    sent, events = drain(responder)
+    assert events == [HandshakeFailed("token_mismatch")]
+    assert sent[-1] == Abort(reason="token_mismatch")
+    assert responder.token is None
+
+
+@pytest.mark.parametrize("token", [craft_token(B, C), craft_token(A, C), self_token(A)])
+def test_initiator_refuses_an_ack_for_another_pair(token: str) -> None:
+    initiator = WitnessHandshake("initiator", A)
+    initiator.channel_open()
+    initiator.receive_data(encode(ContactIdMessage(contact_id=B)))
+    initiator.receive_data(encode(TokenAck(token=token)))
+    _, events = drain(initiator)
+    assert events == [HandshakeFailed("ack_mismatch")]
+
+
+def test_a_recorded_exchange_replayed_to_a_third_device_stores_nothing() -> None:
+    """Mallory records A's frames to B and plays them to C: C crafts no token with A."""
+    initiator, responder = WitnessHandshake("initiator", A), WitnessHandshake("responder", B)
+    initiator.channel_open()
+    responder.channel_open()
+    to_b = initiator.data_to_send()
+    responder.receive_data(to_b[0])
+    initiator.receive_data(responder.data_to_send()[0])
+    recorded = to_b + initiator.data_to_send()  # contact_id(A), token(A, B)
+    victim = WitnessHandshake("responder", C)
+    victim.channel_open()
+    for frame in recorded:
+        victim.receive_data(frame)
+    _, events = drain(victim)
+    assert events == [HandshakeFailed("token_mismatch")]
