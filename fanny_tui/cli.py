@@ -4,7 +4,8 @@
 
     fanny-tui [--config FILE] [--data-dir DIR] [--headless]   run the app (or the bare engine)
     fanny-tui tokens [--data-dir DIR] [--json]                 list the token store
-    fanny-tui declare-positive [--config FILE] [--data-dir DIR] upload all tokens (paper 4)
+    fanny-tui declare-positive [--code CODE] [--config FILE] [--data-dir DIR]
+                                                               upload all tokens (paper 4, 5)
     fanny-tui demo [--devices N] [--headless]                  the whole kit on this machine
 
 ``--headless`` prints one JSON object per line on stdout per engine event (see
@@ -82,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     tokens.add_argument("--json", action="store_true", help="one JSON array on stdout")
     declare = sub.add_parser("declare-positive", parents=[common],
                              help="upload every stored token as positive (no UI)")
+    declare.add_argument("--code", metavar="CODE", default=None,
+                         help="the single-use declaration code from the health authority or "
+                              "test site, e.g. K7QF-3M9X-TR2B-8HJD (omit only for a broker "
+                              "with open declarations)")
     declare.add_argument("--timeout", type=float, default=60.0, metavar="S",
                          help="give up waiting for the broker's ack after S seconds (default 60)")
     demo = sub.add_parser("demo", help="broker + this app + simulated devices on loopback")
@@ -166,42 +171,77 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
     return EXIT_OK
 
 
-async def _declare_positive(config: Config, data_dir: Path, timeout_s: float) -> int:
-    from .link import backoff
-    from .positives import declare, upload_pending
+async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
+                            code: str | None) -> int:
+    from .link import backoff, ssl_context_for
+    from .positives import UploadOutcome, declare, upload_pending
 
+    ssl_context = ssl_context_for(config.broker)
     store = TokenStore.in_dir(data_dir)
     try:
-        _, count = declare(store)
-        pending = sum(len(v) for v in store.pending_uploads().values())
-        if pending == 0:
+        declare(store, code)
+        if store.pending_count() == 0:
             print("no tokens to upload: nothing declared")
             return EXIT_OK
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         delays = backoff(1.0, 10.0)()
+        outcomes: list[UploadOutcome] = []
         reason = "timeout"
-        while loop.time() < deadline:
+        while store.pending_count() and loop.time() < deadline:
             try:
-                done = await asyncio.wait_for(upload_pending(store, config.broker.url),
-                                              max(0.1, deadline - loop.time()))
+                await asyncio.wait_for(
+                    upload_pending(store, config.broker.url, ssl_context=ssl_context,
+                                   on_outcome=outcomes.append),
+                    max(0.1, deadline - loop.time()))
             except StoreError:
                 raise
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 await asyncio.sleep(min(next(delays), max(0.0, deadline - loop.time())))
-                continue
-            deleted = sum(n for _, n in done)
-            print(f"positive declared: {deleted} tokens acknowledged by the broker and "
-                  f"deleted from this device")
-            return EXIT_OK
-        kept = sum(len(v) for v in store.pending_uploads().values())
+        return _report_declaration(store, outcomes, reason)
+    finally:
+        store.close()
+
+
+def _report_declaration(store: TokenStore, outcomes: Sequence[object], reason: str) -> int:
+    """Print what became of a declaration; the exit code (0 only if all was acknowledged)."""
+    from .positives import UploadOutcome
+
+    done = [o for o in outcomes if isinstance(o, UploadOutcome)]
+    deleted = sum(o.count for o in done if o.acknowledged)
+    status = EXIT_OK
+    if any(o.acknowledged for o in done):
+        print(f"positive declared: {deleted} tokens acknowledged by the broker and "
+              f"deleted from this device")
+    for outcome in done:
+        if not outcome.acknowledged:
+            hint = ("run again with --code CODE" if outcome.refused == "code_required"
+                    else "run again with a valid code (--code CODE)")
+            print(f"fanny-tui: the broker refused the declaration code ({outcome.refused}: "
+                  f"{outcome.message}); {outcome.count} tokens are kept on this device, not "
+                  f"uploaded: {hint}", file=sys.stderr)
+            status = EXIT_FAILED
+    kept = store.pending_count()
+    if kept:
         print(f"fanny-tui: the broker did not acknowledge ({reason}); {kept} tokens are kept on "
               f"this device and will be sent again (run this command again or start fanny-tui)",
               file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        store.close()
+        status = EXIT_FAILED
+    return status
+
+
+def _check_code(code: str | None) -> str | None:
+    """The code of ``--code``, checked before anything is marked (UsageError on a typo)."""
+    if code is None:
+        return None
+    from .protocol.codes import normalize_code
+
+    try:
+        normalize_code(code)
+    except ValueError as exc:
+        raise UsageError(f"--code: {exc}") from None
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tokens":
             return _cmd_tokens(data_dir, args.json)
         if args.command == "declare-positive":
+            code = _check_code(args.code)
             _setup_logging(log_level)
-            return asyncio.run(_declare_positive(config, data_dir, args.timeout))
+            return asyncio.run(_declare_positive(config, data_dir, args.timeout, code))
         return _cmd_run(config, data_dir, args.headless, log_level)
     except ConfigError as exc:
         print(f"{APP_NAME}: config error: {exc}", file=sys.stderr)

@@ -17,8 +17,16 @@ never written, logged or put in an event. Then :meth:`Engine.run` keeps these lo
   offer/answer goes through the broker, whose contact IDs never do;
 * polling: every ``poll_interval_s`` the positive tokens are fetched on an anonymous connection
   and compared locally (paper 4, steps 3-4);
-* uploads: pending positive declarations are retried with backoff until acknowledged;
+* uploads: pending positive declarations are retried with backoff until acknowledged, or until
+  the broker refuses their declaration code (the tokens then stay, un-marked: ``positive_refused``);
+* decoys (``[privacy] decoy_uploads``, off by default): a decoy upload, padded like a real one,
+  on a fresh anonymous connection at exponentially distributed intervals of mean
+  ``decoy_interval_s`` (cover traffic: nothing changes on the device);
 * sweep: expired tokens are deleted (paper 3, step 6).
+
+Storage failures (disk full, read-only data directory) never stop the engine: each is an
+``error`` event, the failed write changed nothing, and the loops carry on (a witness exchange
+that cannot store its token fails as ``store_failed`` with nothing stored on this side).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,13 +54,14 @@ from .events import (
     MatchFound,
     PositiveDeclared,
     PositivePending,
+    PositiveRefused,
     PositivesPolled,
     SessionStarted,
     TokensExpired,
     TokenStored,
 )
-from .link import BrokerLink, backoff
-from .positives import declare, poll_once, upload_pending
+from .link import BrokerLink, backoff, ssl_context_for
+from .positives import UploadOutcome, declare, poll_once, send_decoy, upload_pending
 from .protocol.expiry import expiry_for
 from .protocol.messages import Hello, Match, Position, PositionLost, Signal
 from .protocol.tokens import new_id
@@ -105,7 +115,11 @@ class Engine:
         config: the parsed configuration.
         data_dir: where the token store lives.
         source: the position source (default: built from ``config.gps``).
-        ssl_context: for a ``wss://`` broker (None: system default verification).
+        ssl_context: for a ``wss://`` broker (None: built from ``[broker]`` by
+            :func:`~fanny_tui.link.ssl_context_for`: ``ca_file``, else the system's CAs).
+
+    Raises:
+        ConfigError: ``broker.ca_file`` is unusable (one line naming the key).
     """
 
     def __init__(self, config: Config, data_dir: Path, *, source: object | None = None,
@@ -115,6 +129,8 @@ class Engine:
         self._session_id = new_id(os.urandom(16))
         self._contact_id = new_id(os.urandom(16))
         self._source = source
+        if ssl_context is None:
+            ssl_context = ssl_context_for(config.broker)
         self._ssl = ssl_context
         self._subscribers: list[Callable[[Event], None]] = []
         self._store: TokenStore | None = None
@@ -167,23 +183,34 @@ class Engine:
 
     # -- commands -------------------------------------------------------------------------
 
-    async def declare_positive(self) -> int:
-        """Declare positive (paper 4, steps 1-2): every stored token goes to the broker.
+    async def declare_positive(self, code: str | None = None) -> int:
+        """Declare positive (paper 4, steps 1-2; paper 5 for the code).
 
-        The tokens are marked for upload at once and deleted only after the broker's ack;
-        the upload is retried until then. Returns the number of tokens in this declaration.
+        Every token not already pending is marked for upload at once, with the code (in
+        uploads of at most ``MAX_TOKENS_PER_UPLOAD`` tokens), and deleted only after the
+        broker's ack; each upload is retried until then, even after a restart. If the broker
+        refuses the code, that upload's tokens stay here, un-marked, ``positive_refused`` is
+        emitted and the upload is not retried.
+
+        Args:
+            code: the declaration code as typed (``K7QF-3M9X-TR2B-8HJD``; case, spaces and
+                hyphens do not matter); None for a broker with open declarations.
+
+        Returns:
+            The number of tokens in this declaration (0: nothing to upload).
 
         Raises:
+            ValueError: the code is malformed (checked before anything changes).
             RuntimeError: the engine is not running.
             StoreError: the store could not be written (nothing changed).
         """
         if self._store is None:
             raise RuntimeError("the engine is not running")
-        _, count = declare(self._store)
-        if count == 0:
+        declaration = declare(self._store, code)
+        if declaration.count == 0:
             self.emit(PositiveDeclared(count=0))
         self._upload_wakeup.set()
-        return count
+        return declaration.count
 
     async def poll_now(self) -> None:
         """Poll the positive tokens now instead of at the next interval."""
@@ -210,6 +237,8 @@ class Engine:
             ("gps", self._gps_loop), ("broker link", self._link.run),
             ("positions", self._position_loop), ("poll", self._poll_loop),
             ("uploads", self._upload_loop), ("sweep", self._sweep_loop)]
+        if self.config.privacy.decoy_uploads:
+            loops.append(("decoys", self._decoy_loop))
         tasks = [asyncio.create_task(self._guard(name, fn), name=f"fanny-{name}")
                  for name, fn in loops]
         try:
@@ -300,12 +329,17 @@ class Engine:
 
         protocol = self.config.protocol
         stored_expiry: list[datetime] = []
+        store_errors: list[StoreError] = []
 
         def store_token(token: str) -> bool:
             assert self._store is not None
             expires_at = expiry_for(datetime.now(UTC), lifetime_days=protocol.token_lifetime_days,
                                     deletion_hour_utc=protocol.deletion_hour_utc)
-            new = self._store.add(token, expires_at)
+            try:
+                new = self._store.add(token, expires_at)
+            except StoreError as exc:  # the peer hears "store_failed", the tester hears why
+                store_errors.append(exc)
+                raise
             stored_expiry.append(expires_at)
             return new
 
@@ -339,7 +373,8 @@ class Engine:
         else:
             self._finish_failed(exchange, result.reason)
             if result.reason.startswith("store_failed"):
-                self.emit(EngineError(message=f"token store: {result.reason}"))
+                why = str(store_errors[-1]) if store_errors else result.reason
+                self.emit(EngineError(message=f"a witness token could not be stored: {why}"))
 
     def _finish_failed(self, exchange: _Exchange, reason: str) -> None:
         self.emit(HandshakeProgress(peer=exchange.ordinal, state="failed"))
@@ -353,40 +388,57 @@ class Engine:
         retry_delays = backoff(broker.reconnect_min_s, broker.reconnect_max_s)
         delays = retry_delays()
         while True:
-            pending = self._store.pending_uploads()
-            if not pending:
+            if not self._store.pending_count():
                 delays = retry_delays()
                 await self._upload_wakeup.wait()
                 self._upload_wakeup.clear()
                 continue
             try:
-                for _, count in await upload_pending(self._store, self.config.broker.url,
-                                                     ssl_context=self._ssl):
-                    self.emit(PositiveDeclared(count=count))
+                await upload_pending(self._store, broker.url, ssl_context=self._ssl,
+                                     on_outcome=self._upload_answered)
                 continue
             except StoreError as exc:
                 reason = str(exc)
-            except Exception as exc:  # broker down, refused, dropped: keep tokens, retry
+                self.emit(EngineError(message=reason))
+            except Exception as exc:  # broker down, dropped, rate limited: keep tokens, retry
                 reason = _describe(exc)
             delay = next(delays)
-            count = sum(len(v) for v in self._store.pending_uploads().values())
-            self.emit(PositivePending(count=count, reason=reason, retry_in_s=round(delay, 1)))
+            count = self._store.pending_count()
+            if count:
+                self.emit(PositivePending(count=count, reason=reason,
+                                          retry_in_s=round(delay, 1)))
             await self._sleep_or(self._upload_wakeup, delay)
+
+    def _upload_answered(self, outcome: UploadOutcome) -> None:
+        if outcome.acknowledged:
+            self.emit(PositiveDeclared(count=outcome.count))
+        else:
+            assert outcome.refused is not None
+            self.emit(PositiveRefused(reason=outcome.refused, count=outcome.count,
+                                      message=outcome.message))
+
+    async def _decoy_loop(self) -> None:
+        """Cover traffic: decoy uploads at exponentially distributed intervals (Poisson)."""
+        rng = random.SystemRandom()
+        rate = 1.0 / self.config.privacy.decoy_interval_s
+        while True:
+            await asyncio.sleep(rng.expovariate(rate))
+            answered = await send_decoy(self.config.broker.url, ssl_context=self._ssl, rng=rng)
+            log.debug("decoy upload %s", "answered" if answered else "not answered")
 
     async def _poll_loop(self) -> None:
         assert self._store is not None
         while True:
             try:
-                result = await poll_once(self._store, self.config.broker.url,
-                                         ssl_context=self._ssl)
+                result = await poll_once(
+                    self._store, self.config.broker.url, ssl_context=self._ssl,
+                    on_match=lambda count: self.emit(ExposureAlert(count=count)))
             except StoreError as exc:
                 self.emit(EngineError(message=str(exc)))
             except Exception as exc:
                 log.info("positives poll failed: %s", _describe(exc))
             else:
                 self.emit(PositivesPolled(received=result.received))
-                if result.matched:
-                    self.emit(ExposureAlert(count=result.matched))
             await self._sleep_or(self._poll_wakeup, self.config.protocol.poll_interval_s)
 
     async def _sweep_loop(self) -> None:

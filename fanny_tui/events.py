@@ -143,6 +143,21 @@ class PositivePending(Event):
 
 
 @dataclass(frozen=True)
+class PositiveRefused(Event):
+    """The broker refused a positive upload's declaration code (paper section 5).
+
+    ``reason``: ``code_required``, ``code_invalid``, ``code_expired`` or ``code_used``;
+    ``message``: the broker's explanation. The ``count`` tokens stay on the device, no longer
+    pending: declare again with a valid code. The refused upload is not retried.
+    """
+
+    event: ClassVar[str] = "positive_refused"
+    reason: str
+    count: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class PositivesPolled(Event):
     """A poll of positive tokens finished; ``received`` tokens were compared locally."""
 

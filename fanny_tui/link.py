@@ -6,6 +6,10 @@
   (``async for ws in connect(...)``) and exponential backoff with jitter.
 * :func:`anonymous_connection` opens a short-lived **anonymous** connection that never carries
   the session ID, for positive uploads and polls (paper 4; privacy invariant 4).
+* :func:`ssl_context_for` builds the TLS context of a ``wss://`` broker from ``[broker]``:
+  the broker's certificate is verified (RFC 6125 host name, chain) against ``ca_file`` when it
+  is set, else against the system's trusted CAs; the same context serves the session link and
+  the anonymous connections.
 
 Loopback brokers are reached directly (``proxy=None``); compression is off (small JSON frames).
 """
@@ -23,6 +27,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection, connect, process_exception
 
+from .config import BrokerConfig, ConfigError
 from .events import BrokerConnected, BrokerDisconnected, Event
 from .protocol.errors import MessageError, RemoteProtocolError
 from .protocol.messages import (
@@ -30,9 +35,12 @@ from .protocol.messages import (
     ClientToBroker,
     Error,
     Hello,
+    PositiveAck,
+    PositiveUpload,
     Welcome,
     decode_broker_message,
     encode,
+    encode_padded,
 )
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,39 @@ def backoff(min_s: float, max_s: float) -> Callable[[], Generator[float]]:
             delay = min(max_s, delay * 2)
 
     return delays
+
+
+def ssl_context_for(config: BrokerConfig) -> ssl.SSLContext | None:
+    """The TLS context for the broker of ``config`` (None for a ``ws://`` URL).
+
+    Args:
+        config: ``[broker]``; with ``ca_file`` set, only certificates issued by that CA (PEM)
+            are trusted, else the system's default trust store
+            (:func:`ssl.create_default_context`). Host names are checked either way.
+
+    Returns:
+        A client :class:`ssl.SSLContext` for a ``wss://`` URL, None for ``ws://``.
+
+    Raises:
+        ConfigError: ``broker.ca_file`` is missing, unreadable or holds no PEM certificate, or
+            is set for a ``ws://`` URL (nothing would be verified).
+    """
+    ca_file = config.ca_file
+    if not config.url.startswith("wss:"):
+        if ca_file is not None:
+            raise ConfigError("broker.ca_file", "no CA file unless broker.url is wss:// "
+                              "(a ws:// broker is not verified)", str(ca_file))
+        return None
+    if ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as exc:
+        reason = f"no PEM certificate in it: {exc.reason or exc}"
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    raise ConfigError("broker.ca_file", f"a readable PEM file of CA certificates ({reason})",
+                      str(ca_file))
 
 
 def _connect(url: str, ssl_context: ssl.SSLContext | None, **kwargs: Any) -> connect:
@@ -98,6 +139,8 @@ class BrokerLink:
         self._min, self._max = reconnect_min_s, reconnect_max_s
         self._ssl = ssl_context
         self._ws: ClientConnection | None = None
+        self._delays: Generator[float] | None = None
+        self._upcoming = reconnect_min_s
 
     @property
     def connected(self) -> bool:
@@ -120,18 +163,44 @@ class BrokerLink:
             return False
         return True
 
+    def _next_delay(self) -> float:
+        """Draw the next reconnection delay (seconds) from the current backoff sequence."""
+        if self._delays is None:
+            self._delays = backoff(self._min, self._max)()
+        self._upcoming = next(self._delays)
+        return self._upcoming
+
+    def _reconnect_delays(self) -> Generator[float]:
+        """The delays websockets sleeps: each is the one just announced in an event."""
+        while True:
+            yield self._upcoming
+
     def _on_connect_error(self, exc: Exception) -> Exception | None:
-        """Report a failed connection attempt, then let websockets decide whether to retry."""
+        """Report a failed connection attempt, then let websockets decide whether to retry.
+
+        A TLS failure (unknown CA, wrong host name) is reported with its reason before any
+        byte of the protocol is sent, and retried like any other failure.
+        """
         verdict = process_exception(exc)
         if verdict is None:
-            self._on_event(BrokerDisconnected(reason=_describe(exc), retry_in_s=self._min))
+            self._on_event(BrokerDisconnected(reason=_describe(exc),
+                                              retry_in_s=round(self._next_delay(), 2)))
         return verdict
 
     async def run(self) -> None:
-        """Connect, say hello, dispatch messages; reconnect forever. Cancel to stop."""
+        """Connect, say hello, dispatch messages; reconnect forever. Cancel to stop.
+
+        Reconnection: after a welcomed session ends (broker restart, network loss) the next
+        attempt is immediate, then failed attempts back off exponentially
+        (``reconnect_min_s`` doubling up to ``reconnect_max_s``, +-20 % jitter). A connection
+        refused at hello (or dropped before ``welcome``) also backs off, so a broker that turns
+        this device away is not hammered. Every ``broker_disconnected`` event carries the delay
+        actually waited before the next attempt.
+        """
         async for ws in _connect(self.url, self._ssl, process_exception=self._on_connect_error,
-                                 reconnect_delays=backoff(self._min, self._max)):
+                                 reconnect_delays=self._reconnect_delays):
             reason = "closed by the broker"
+            welcomed = False
             try:
                 await ws.send(encode(self._hello))
                 welcome = decode_broker_message(await asyncio.wait_for(ws.recv(), 10))
@@ -139,6 +208,8 @@ class BrokerLink:
                     raise BrokerRefused(welcome)
                 if not isinstance(welcome, Welcome):
                     raise MessageError(f"expected welcome, got {type(welcome).__name__}")
+                welcomed = True
+                self._delays = None  # a welcomed session resets the backoff
                 self._ws = ws
                 self._on_event(BrokerConnected(url=self.url, radius_m=welcome.radius_m))
                 self._on_connected()
@@ -157,7 +228,10 @@ class BrokerLink:
                 await ws.close()
             finally:
                 self._ws = None
-            self._on_event(BrokerDisconnected(reason=reason, retry_in_s=self._min))
+            delay = 0.0 if welcomed else self._next_delay()
+            self._on_event(BrokerDisconnected(reason=reason, retry_in_s=round(delay, 2)))
+            if delay:
+                await asyncio.sleep(delay)
 
 
 def _describe(exc: BaseException) -> str:
@@ -172,16 +246,30 @@ class AnonymousChannel:
         self._ws = ws
         self._timeout = timeout_s
 
-    async def request(self, message: ClientToBroker) -> BrokerToClient:
+    async def request(self, message: ClientToBroker, *, size: int | None = None
+                      ) -> BrokerToClient:
         """Send ``message`` and return the broker's answer.
 
+        Args:
+            message: the request.
+            size: pad a :class:`PositiveUpload` to exactly this many bytes of JSON
+                (:func:`~fanny_tui.protocol.messages.encode_padded`), so that every upload
+                looks the same on the wire.
+
         Raises:
+            ValueError: ``size`` given for another message, or smaller than the message.
             BrokerRefused: the broker answered with ``error``.
             MessageError: the answer did not decode.
             TimeoutError: no answer within the timeout.
             websockets.ConnectionClosed: the connection dropped.
         """
-        await self._ws.send(encode(message))
+        if size is None:
+            text = encode(message)
+        elif isinstance(message, PositiveUpload | PositiveAck):
+            text = encode_padded(message, size)
+        else:
+            raise ValueError(f"only positive uploads are padded, not {type(message).__name__}")
+        await self._ws.send(text)
         answer = decode_broker_message(await asyncio.wait_for(self._ws.recv(), self._timeout))
         if isinstance(answer, Error):
             raise BrokerRefused(answer)

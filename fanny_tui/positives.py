@@ -2,25 +2,47 @@
 
 Used by the engine and by ``fanny-tui declare-positive``; neither needs a session.
 
-* :func:`declare` marks every stored token as part of a new positive upload (a fresh random
-  upload ID, unrelated to the session ID) — nothing is deleted yet.
-* :func:`upload_pending` sends each pending upload and deletes its tokens only once the broker
-  acknowledged the durable commit (privacy invariant 6). If the ack never comes the tokens stay
-  and are sent again later with the same upload ID (the broker answers retries idempotently).
+* :func:`declare` marks stored tokens as part of a new positive upload (a fresh random upload
+  ID, unrelated to the session ID) with the declaration code that authorizes it (paper
+  section 5) — nothing is deleted yet, and the code is kept with the upload so that a retry
+  after a restart still carries it.
+* :func:`upload_pending` sends each pending upload, padded to
+  :data:`~fanny_tui.protocol.messages.UPLOAD_SIZE_BYTES`, and deletes its tokens only once the
+  broker acknowledged the durable commit (privacy invariant 6). Without an ack the tokens stay
+  and are sent again later with the same upload ID and code (the broker acknowledges a
+  committed upload again without its consumed code). When the broker refuses the **code**
+  (:data:`CODE_REFUSALS`) the tokens stay on the device, un-marked, for a new declaration with
+  a valid code; that upload is never retried.
+* :func:`send_decoy` sends a decoy upload (cover traffic, ``[privacy] decoy_uploads``): random
+  tokens, the same size as a real upload, on its own fresh connection; the broker answers and
+  discards it, and nothing changes on the device.
 * :func:`poll_once` fetches the positive tokens published since the stored cursor, compares them
   with the store locally, deletes the matches and reports the exposure (paper 4, step 4).
+
+An upload holds at most :data:`~fanny_tui.protocol.messages.MAX_TOKENS_PER_UPLOAD` tokens, so a
+bigger declaration is several uploads, each with its own upload ID and the same code, sent one
+after the other: the broker accepts a code's further uploads for a short continuation window
+after its first commit (docs/protocol.md, ``positive_upload``). An upload refused ``code_used``
+(sent after that window) keeps its tokens, un-marked, for a declaration with a new code.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from .link import anonymous_connection
+from .link import BrokerRefused, anonymous_connection
+from .protocol.codes import normalize_code
 from .protocol.errors import MessageError
+from .protocol.expiry import DEFAULT_LIFETIME_DAYS, expiry_for
 from .protocol.messages import (
+    MAX_TOKENS_PER_UPLOAD,
+    UPLOAD_SIZE_BYTES,
     PositiveAck,
     Positives,
     PositivesPoll,
@@ -28,7 +50,15 @@ from .protocol.messages import (
     PositiveUpload,
 )
 from .protocol.tokens import new_id
-from .store import TokenStore
+from .store import PendingUpload, TokenStore
+
+log = logging.getLogger(__name__)
+
+CODE_REFUSALS = frozenset({"code_required", "code_invalid", "code_expired", "code_used"})
+"""Broker refusals of an upload's declaration code: final for that upload (never retried)."""
+
+DECOY_MAX_TOKENS = 40
+"""Most random tokens in a decoy upload (its size on the wire is the same whatever the count)."""
 
 
 @dataclass(frozen=True)
@@ -39,53 +69,201 @@ class PollResult:
     matched: int
 
 
-def declare(store: TokenStore) -> tuple[str, int]:
-    """Start a positive declaration: mark every non-pending token with a new upload ID.
+@dataclass(frozen=True)
+class Declaration:
+    """A positive declaration just recorded by :func:`declare`.
+
+    Attributes:
+        upload_ids: the uploads created, ``MAX_TOKENS_PER_UPLOAD`` tokens each at most.
+        count: tokens marked for upload by this declaration.
+    """
+
+    upload_ids: tuple[str, ...]
+    count: int
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    """The broker's final answer to one pending upload.
+
+    Attributes:
+        upload_id: the upload.
+        count: tokens deleted (acknowledged) or kept and un-marked (refused).
+        refused: the refusal code (one of :data:`CODE_REFUSALS`) when the broker refused the
+            declaration code, else None (acknowledged).
+        message: the broker's one-line explanation of a refusal ("" when acknowledged).
+    """
+
+    upload_id: str
+    count: int
+    refused: str | None = None
+    message: str = ""
+
+    @property
+    def acknowledged(self) -> bool:
+        """True when the broker committed the upload and its tokens were deleted here."""
+        return self.refused is None
+
+
+def declare(store: TokenStore, code: str | None = None) -> Declaration:
+    """Start a positive declaration: mark every token not already pending for upload.
+
+    The tokens go in uploads of at most ``MAX_TOKENS_PER_UPLOAD`` (the most recent contacts in
+    the first), each with a fresh random upload ID and the declaration code.
+
+    Args:
+        store: the token store.
+        code: the declaration code as typed (checked and normalized here; None: no code, for a
+            broker with open declarations).
 
     Returns:
-        ``(upload_id, count)``; ``count`` may be 0 (nothing to upload).
+        The :class:`Declaration` (``count`` may be 0: nothing to upload; the code is then not
+        recorded and stays unused).
 
     Raises:
-        StoreError: the store could not be written.
+        ValueError: the code is malformed (the message says how); nothing changed.
+        StoreError: the store could not be written (the uploads marked before the failure
+            stay pending and are sent; the other tokens stay unmarked).
     """
-    upload_id = new_id(os.urandom(16))
-    tokens = store.begin_upload(upload_id)
-    return upload_id, len(tokens)
+    normalized = normalize_code(code) if code is not None else None
+    upload_ids: list[str] = []
+    count = 0
+    while True:
+        upload_id = new_id(os.urandom(16))
+        marked = store.begin_upload(upload_id, normalized, limit=MAX_TOKENS_PER_UPLOAD)
+        if not marked:
+            break
+        upload_ids.append(upload_id)
+        count += len(marked)
+        if len(marked) < MAX_TOKENS_PER_UPLOAD:
+            break
+    return Declaration(tuple(upload_ids), count)
+
+
+def upload_message(pending: PendingUpload) -> PositiveUpload:
+    """The wire message of a pending upload (its padding is added when sent)."""
+    return PositiveUpload(
+        upload_id=pending.upload_id, code=pending.code,
+        tokens=[PositiveToken(token=t.token, expires_at=t.expires_at) for t in pending.tokens])
 
 
 async def upload_pending(store: TokenStore, url: str, *, timeout_s: float = 15.0,
-                         ssl_context: ssl.SSLContext | None = None) -> list[tuple[str, int]]:
-    """Upload every pending positive declaration; delete each one's tokens after its ack.
+                         ssl_context: ssl.SSLContext | None = None,
+                         on_outcome: Callable[[UploadOutcome], None] | None = None
+                         ) -> list[UploadOutcome]:
+    """Upload every pending positive upload; delete each one's tokens after its ack.
 
-    Each upload goes on its own fresh anonymous connection.
+    Each upload goes on its own fresh anonymous connection, padded to ``UPLOAD_SIZE_BYTES``.
+    A refusal of the declaration code un-marks that upload's tokens (they stay on the device)
+    and moves on to the next upload. ``upload_conflict`` on a retried upload means that the
+    broker committed it earlier with more tokens (some have expired here since, which only
+    shrinks a pending upload): it counts as acknowledged.
+
+    Args:
+        store: the token store.
+        url: the broker's ``ws://`` or ``wss://`` URL.
+        timeout_s: seconds to connect, and to wait for each answer (the broker answers every
+            upload after a constant minimum delay).
+        ssl_context: for ``wss://`` (see :func:`~fanny_tui.link.ssl_context_for`).
+        on_outcome: called with each final outcome as it happens (even if a later upload then
+            fails).
 
     Returns:
-        ``[(upload_id, deleted_count), ...]`` for the uploads acknowledged by this call.
+        The :class:`UploadOutcome` of every upload answered by this call.
 
     Raises:
         OSError, TimeoutError, websockets.WebSocketException: the broker could not be reached
-            or dropped before acknowledging (the tokens of unacknowledged uploads are kept).
-        BrokerRefused: the broker refused an upload (its tokens are kept).
+            or dropped before answering (the tokens of unanswered uploads are kept pending).
+        BrokerRefused: the broker refused an upload for another reason than its code
+            (``rate_limited``, ``unavailable``...): its tokens are kept pending, to retry.
         MessageError: the broker's answer was not a matching ``positive_ack``.
         StoreError: the store failed (nothing deleted that was not acknowledged).
     """
-    done: list[tuple[str, int]] = []
-    for upload_id, tokens in store.pending_uploads().items():
-        message = PositiveUpload(
-            upload_id=upload_id,
-            tokens=[PositiveToken(token=t.token, expires_at=t.expires_at) for t in tokens],
-        )
-        async with anonymous_connection(url, timeout_s=timeout_s, ssl_context=ssl_context) as ch:
-            answer = await ch.request(message)
-        if not isinstance(answer, PositiveAck) or answer.upload_id != upload_id:
-            raise MessageError("the broker's answer to the upload was not its positive_ack")
-        done.append((upload_id, store.complete_upload(upload_id)))
+    done: list[UploadOutcome] = []
+    for pending in store.pending():
+        message = upload_message(pending)
+        try:
+            async with anonymous_connection(url, timeout_s=timeout_s,
+                                            ssl_context=ssl_context) as ch:
+                answer = await ch.request(message, size=UPLOAD_SIZE_BYTES)
+        except BrokerRefused as exc:
+            if exc.error.code in CODE_REFUSALS:
+                kept = store.abandon_upload(pending.upload_id)
+                outcome = UploadOutcome(pending.upload_id, kept, exc.error.code,
+                                        exc.error.message)
+            elif exc.error.code == "upload_conflict":
+                log.info("the broker already holds a larger version of a pending upload")
+                outcome = UploadOutcome(pending.upload_id,
+                                        store.complete_upload(pending.upload_id))
+            else:
+                raise
+        else:
+            if not isinstance(answer, PositiveAck) or answer.upload_id != pending.upload_id:
+                raise MessageError("the broker's answer to the upload was not its positive_ack")
+            outcome = UploadOutcome(pending.upload_id, store.complete_upload(pending.upload_id))
+        done.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
     return done
 
 
+def decoy_upload(now: datetime, rng: random.Random | None = None) -> PositiveUpload:
+    """A decoy positive upload: fresh upload ID, random plausible tokens (maybe none).
+
+    The tokens are random 256-bit values with expiries a real device could hold (contacts of
+    the last ``DEFAULT_LIFETIME_DAYS`` days, rounded up to the deletion hour); ``decoy`` is
+    set, no code. Padded like a real upload when sent, so its size tells nothing.
+
+    Args:
+        now: the current instant, aware (UTC).
+        rng: the randomness for counts and ages (default: the system's CSPRNG).
+    """
+    rng = rng or random.SystemRandom()
+    tokens = []
+    for _ in range(rng.randint(0, DECOY_MAX_TOKENS)):
+        contact = now - timedelta(seconds=rng.uniform(0, (DEFAULT_LIFETIME_DAYS - 1) * 86_400))
+        tokens.append(PositiveToken(token=os.urandom(32).hex(), expires_at=expiry_for(contact)))
+    unique = {t.token: t for t in tokens}
+    return PositiveUpload(upload_id=new_id(os.urandom(16)), tokens=list(unique.values()),
+                          decoy=True)
+
+
+async def send_decoy(url: str, *, timeout_s: float = 15.0,
+                     ssl_context: ssl.SSLContext | None = None,
+                     rng: random.Random | None = None) -> bool:
+    """Send one decoy upload on a fresh anonymous connection and wait for its answer.
+
+    Returns:
+        True when the broker answered it (ack or refusal: either way it looked like an
+        upload), False when the broker could not be reached or did not answer in time.
+        Never raises for network trouble: cover traffic is best effort.
+    """
+    message = decoy_upload(datetime.now(UTC), rng)
+    try:
+        async with anonymous_connection(url, timeout_s=timeout_s, ssl_context=ssl_context) as ch:
+            await ch.request(message, size=UPLOAD_SIZE_BYTES)
+    except BrokerRefused as exc:
+        log.debug("decoy upload refused: %s", exc.error.code)
+        return True
+    except Exception as exc:  # network trouble: no retry, the next decoy comes anyway
+        log.debug("decoy upload not answered: %s", type(exc).__name__)
+        return False
+    return True
+
+
 async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
-                    ssl_context: ssl.SSLContext | None = None, max_pages: int = 100) -> PollResult:
+                    ssl_context: ssl.SSLContext | None = None, max_pages: int = 100,
+                    on_match: Callable[[int], None] | None = None) -> PollResult:
     """Fetch positives since the stored cursor, compare locally, delete matches.
+
+    Args:
+        store: the token store.
+        url: the broker's URL.
+        timeout_s: seconds to connect and to wait for each page.
+        ssl_context: for ``wss://``.
+        max_pages: most pages fetched in one call.
+        on_match: called with the number of stored tokens matched as soon as a page matched
+            (its alert is recorded), even if a later page or write then fails.
 
     Returns:
         A :class:`PollResult`. ``matched > 0`` means an exposure; an alert was recorded in the
@@ -102,7 +280,10 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
             if not isinstance(answer, Positives):
                 raise MessageError("the broker's answer to the poll was not positives")
             received += len(answer.tokens)
-            matched += store.match_positives((t.token for t in answer.tokens), datetime.now(UTC))
+            found = store.match_positives((t.token for t in answer.tokens), datetime.now(UTC))
+            if found and on_match is not None:
+                on_match(found)
+            matched += found
             store.set_poll_cursor(answer.cursor)
             if not answer.more:
                 break

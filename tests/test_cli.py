@@ -1,7 +1,8 @@
 """fanny-tui's command line as a field tester uses it: real processes on loopback.
 
 A ``fanny-broker serve`` process, two ``fanny-tui --headless`` processes with fixed positions 2 m
-apart, then ``fanny-tui declare-positive`` and ``fanny-tui tokens --json``.
+apart, then ``fanny-broker issue-code``, ``fanny-tui declare-positive --code`` and
+``fanny-tui tokens --json``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,10 +31,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_config(path: Path, port: int, latitude: float) -> Path:
+def _issue_code(db: Path) -> str:
+    """``fanny-broker issue-code --db``: the code is the one line on stdout."""
+    result = subprocess.run([BIN / "fanny-broker", "issue-code", "--db", db, "--ttl", "1h"],
+                            capture_output=True, text=True, timeout=30, check=True)
+    code = result.stdout.strip()
+    assert re.fullmatch(r"[0-9A-Z]{4}(-[0-9A-Z]{4}){3}", code), result.stdout
+    return code
+
+
+def _write_config(path: Path, port: int, latitude: float, scheme: str = "ws",
+                  extra: str = "") -> Path:
     path.write_text(f"""
 [broker]
-url = "ws://127.0.0.1:{port}"
+url = "{scheme}://127.0.0.1:{port}"
+{extra}
 reconnect_min_s = 0.2
 reconnect_max_s = 1.0
 
@@ -144,10 +157,13 @@ async def test_headless_devices_declare_positive_and_alert(tmp_path):
                                   "--json"], capture_output=True, text=True, check=True)
         assert [t["token"] for t in json.loads(listing.stdout)] == [token]
 
-        # A stops, then declares positive from the command line (no UI, no session).
+        # A stops, then declares positive from the command line (no UI, no session) with the
+        # code the test site gave (issued on the broker's database while it runs).
         assert await _stop(devices[0]) == 0
+        code = _issue_code(tmp_path / "broker.sqlite3")
         declared = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config_a,
-                                   "--data-dir", tmp_path / "a", "--timeout", "20"],
+                                   "--data-dir", tmp_path / "a", "--timeout", "20",
+                                   "--code", code.lower()],
                                   capture_output=True, text=True, timeout=60)
         assert declared.returncode == 0, declared.stderr
         assert "1 tokens acknowledged" in declared.stdout
@@ -228,3 +244,79 @@ def test_tokens_on_empty_dir(tmp_path):
     result = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path, "--json"],
                             capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == []
+
+
+def _stock(data_dir: Path, *tokens: str) -> None:
+    from datetime import UTC, datetime
+
+    from fanny_tui.protocol.expiry import expiry_for
+    from fanny_tui.store import TokenStore
+
+    store = TokenStore.in_dir(data_dir)
+    for token in tokens:
+        store.add(token, expiry_for(datetime.now(UTC)))
+    store.close()
+
+
+def _tokens_json(data_dir: Path) -> list[dict]:
+    listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", data_dir, "--json"],
+                             capture_output=True, text=True, check=True)
+    return json.loads(listing.stdout)
+
+
+async def test_declare_positive_codes_refused_and_accepted(tmp_path):
+    port = _free_port()
+    db = tmp_path / "broker.sqlite3"
+    broker = await _spawn(str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
+                          str(port), "--db", str(db), "--upload-answer-delay-s", "0.05")
+    try:
+        await _wait_healthy(port)
+        config = _write_config(tmp_path / "c.toml", port, LAT)
+        _stock(tmp_path / "d", "ab" * 32, "cd" * 32)
+
+        def declare(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                                   "--data-dir", tmp_path / "d", "--timeout", "20", *extra],
+                                  capture_output=True, text=True, timeout=60)
+
+        # No code: the broker requires one; every token stays, not pending.
+        result = await asyncio.to_thread(declare)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "code_required" in result.stderr and "2 tokens are kept" in result.stderr
+        assert "--code" in result.stderr
+        assert [t["pending_upload"] for t in _tokens_json(tmp_path / "d")] == [False, False]
+        # A well-formed code the broker never issued.
+        result = await asyncio.to_thread(declare, "--code", "K7QF-3M9X-TR2B-8HJD")
+        assert result.returncode == 1 and "code_invalid" in result.stderr
+        assert len(_tokens_json(tmp_path / "d")) == 2
+        # A typo is caught before anything is marked or sent: one line, exit 2.
+        result = await asyncio.to_thread(declare, "--code", "K7QF-3M9X-TR2B-8HJ")
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            "fanny-tui: --code: a declaration code has 16 characters, got 15"]
+        # The right code: acknowledged, deleted here.
+        code = _issue_code(db)
+        result = await asyncio.to_thread(declare, "--code", code)
+        assert result.returncode == 0, result.stderr
+        assert "2 tokens acknowledged" in result.stdout
+        assert _tokens_json(tmp_path / "d") == []
+    finally:
+        await _stop(broker)
+
+
+def test_an_unusable_ca_file_is_one_clear_line(tmp_path):
+    missing = tmp_path / "nowhere" / "ca.pem"
+    config = _write_config(tmp_path / "c.toml", _free_port(), LAT, scheme="wss",
+                           extra=f'ca_file = "{missing}"')
+    for command in (["--headless"], ["declare-positive", "--timeout", "1"]):
+        _stock(tmp_path / "d", "ab" * 32)
+        result = subprocess.run([BIN / "fanny-tui", *command, "--config", config,
+                                 "--data-dir", tmp_path / "d"],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "broker.ca_file" in lines[0] and str(missing) in lines[0]
+        assert "No such file" in lines[0]
+    # Nothing was marked for upload by the failed declaration.
+    assert [t["pending_upload"] for t in _tokens_json(tmp_path / "d")] == [False]

@@ -2,24 +2,33 @@
 
 Covers privacy invariants 3, 4 and 6, and the issue's flows: both stores hold the same token
 (= SHA-256 over the sorted contact IDs), the broker never saw a contact ID and saw tokens only in
-positive uploads; a positive declaration alerts the other device within two poll intervals and
-deletes its matched token; the positive's store empties only after the ack; with the broker down
-nothing is deleted and the upload is retried.
+positive uploads; a positive declaration (with a declaration code issued by the broker's
+operator) alerts the other device within two poll intervals and deletes its matched token; the
+positive's store empties only after the ack; with the broker down nothing is deleted and the
+upload is retried, with its code, even after the device restarts; a refused code keeps every
+token on the device and is not retried; decoy uploads look like real ones on the wire and change
+nothing; a full or read-only token store is an ``error`` event, never a crash or a lost token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from broker.__main__ import issue_code
 from broker.server import BrokerSettings, start_broker
+from fanny_tui.config import parse_config
 from fanny_tui.gps import FixedSource
+from fanny_tui.protocol.expiry import expiry_for
+from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES
 from fanny_tui.protocol.tokens import craft_token
-from fanny_tui.store import TokenStore
+from fanny_tui.store import StoreError, TokenStore
 
 from .helpers import LAT, LON, METRE_LAT, device_config, running_device
 
@@ -39,9 +48,18 @@ class Recorder:
             hook(kind, raw)
 
 
-def _settings(tmp_path: Path, port: int = 0) -> BrokerSettings:
+def _settings(tmp_path: Path, port: int = 0, **overrides: Any) -> BrokerSettings:
+    values: dict[str, Any] = {"cooldown_s": 600.0, "position_timeout_s": 10.0,
+                              "upload_answer_delay_s": 0.05}
+    values.update(overrides)
     return BrokerSettings(host="127.0.0.1", port=port, db_path=tmp_path / "broker.sqlite3",
-                          cooldown_s=600.0, position_timeout_s=10.0)
+                          **values)
+
+
+def _code(tmp_path: Path) -> str:
+    """A declaration code, issued as ``fanny-broker issue-code --db`` does."""
+    code, _ = issue_code(str(tmp_path / "broker.sqlite3"), timedelta(hours=1))
+    return code
 
 
 async def _witnessed_pair(tmp_path, broker_url):
@@ -75,7 +93,7 @@ async def test_witness_then_positive_then_exposure(tmp_path):
             held_at_upload: list[int] = []
             recorder.hooks.append(lambda kind, raw: held_at_upload.append(store_a.count())
                                   if '"positive_upload"' in raw else None)
-            count = await a.engine.declare_positive()
+            count = await a.engine.declare_positive(_code(tmp_path))
             assert count == 1
             declared = await a.wait_event("positive_declared")
             assert declared.count == 1
@@ -109,37 +127,192 @@ async def test_witness_then_positive_then_exposure(tmp_path):
     assert any(json.loads(raw)["type"] == "signal" for _, raw in recorder.frames)
 
 
-async def test_broker_down_keeps_tokens_and_retries(tmp_path, unused_tcp_port):
+async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path, unused_tcp_port):
     settings = _settings(tmp_path, port=unused_tcp_port)
-    async with start_broker(settings) as broker:
-        ctx_a, ctx_b = await _witnessed_pair(tmp_path, broker.url)
-        a = await ctx_a.__aenter__()
-        try:
-            async with ctx_b as b:
-                await a.wait_event("token_stored")
-                await b.wait_event("token_stored")
-        except BaseException:
-            await ctx_a.__aexit__(None, None, None)
-            raise
-    # The broker is stopped: the declaration must keep every token and retry.
-    try:
-        store = TokenStore.in_dir(a.data_dir)
-        await a.engine.declare_positive()
+    code = _code(tmp_path)                              # issued while the broker is down
+    tokens = _stock(tmp_path / "a", 1)
+    url = f"ws://127.0.0.1:{unused_tcp_port}"
+    async with running_device(_one_device_config(url), tmp_path / "a",
+                              FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        await a.wait_event("broker_disconnected")
+        assert await a.engine.declare_positive(code) == 1
         pending = await a.wait_event("positive_pending")
         assert pending.count == 1
-        assert store.count() == 1 and list(store.pending_uploads())
-        await asyncio.sleep(1.5)
-        assert store.count() == 1                           # still there after retries
+        await a.wait_for(lambda e: e.event == "positive_pending" and e is not pending)
+        assert _held(a.data_dir) == dict.fromkeys(tokens, True)    # kept after retries
         assert not a.of("positive_declared")
-        # The broker comes back on the same port: the retry succeeds, then deletion.
+    # The device restarts, then the broker comes back: the pending upload and its code come
+    # back from the store (the broker requires the code), and the retry is acknowledged.
+    async with running_device(_one_device_config(url), tmp_path / "a",
+                              FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        await a.wait_event("positive_pending")
         async with start_broker(settings) as broker:
-            await a.wait_event("positive_declared", timeout=90)
-            assert store.count() == 0
+            declared = await a.wait_event("positive_declared", timeout=60)
+            assert declared.count == 1
+            assert _held(a.data_dir) == {}
             board_tokens, _, _ = broker.board.since(0, 100, datetime.now(UTC))
-            assert len(board_tokens) == 1
-        store.close()
+            assert {t.token for t in board_tokens} == tokens
+
+
+def _one_device_config(url: str, **privacy: Any) -> Any:
+    return parse_config({
+        "broker": {"url": url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
+        "protocol": {"poll_interval_s": POLL_S, "position_interval_s": 0.3},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+        "privacy": privacy,
+    })
+
+
+def _stock(data_dir: Path, count: int) -> set[str]:
+    store = TokenStore.in_dir(data_dir)
+    tokens = {os.urandom(32).hex() for _ in range(count)}
+    for token in tokens:
+        store.add(token, expiry_for(datetime.now(UTC)))
+    store.close()
+    return tokens
+
+
+def _held(data_dir: Path) -> dict[str, bool]:
+    store = TokenStore.in_dir(data_dir, read_only=True)
+    try:
+        return {t.token: t.pending for t in store.tokens()}
     finally:
-        await ctx_a.__aexit__(None, None, None)
+        store.close()
+
+
+async def test_a_refused_code_keeps_every_token_and_is_not_retried(tmp_path):
+    recorder = Recorder()
+    tokens = _stock(tmp_path / "a", 3)
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker, \
+            running_device(_one_device_config(broker.url), tmp_path / "a",
+                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        with pytest.raises(ValueError, match="16 characters"):
+            await a.engine.declare_positive("K7QF-3M9X-TR2B")      # a typo: nothing happens
+        assert _held(a.data_dir) == dict.fromkeys(tokens, False)
+
+        assert await a.engine.declare_positive("K7QF-3M9X-TR2B-8HJD") == 3   # never issued
+        refused = await a.wait_event("positive_refused")
+        assert (refused.reason, refused.count) == ("code_invalid", 3)
+        assert _held(a.data_dir) == dict.fromkeys(tokens, False)   # kept, free for a new try
+        # Two polls later (a clock of the engine's own), still a single attempt.
+        polled = len(a.of("positives_polled"))
+        await a.wait_for(lambda e: len(a.of("positives_polled")) >= polled + 2)
+        assert not a.of("positive_pending") and not a.of("positive_declared")
+
+        assert await a.engine.declare_positive(_code(tmp_path)) == 3
+        declared = await a.wait_event("positive_declared")
+        assert declared.count == 3 and _held(a.data_dir) == {}
+        board, _, _ = broker.board.since(0, 100, datetime.now(UTC))
+        assert {t.token for t in board} == tokens
+    uploads = [json.loads(raw) for _, raw in recorder.frames if '"positive_upload"' in raw]
+    assert [u["code"] for u in uploads] == ["K7QF3M9XTR2B8HJD", uploads[1]["code"]]
+    assert uploads[1]["code"] != uploads[0]["code"]
+
+
+async def test_decoys_look_like_uploads_and_change_nothing(tmp_path):
+    recorder = Recorder()
+    tokens = _stock(tmp_path / "a", 2)
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+        config = _one_device_config(broker.url, decoy_uploads=True, decoy_interval_s=1.0)
+        async with running_device(config, tmp_path / "a",
+                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            def decoys() -> list[str]:
+                return [raw for kind, raw in recorder.frames
+                        if kind == "anonymous" and '"decoy":true' in raw]
+
+            await a.wait_for(lambda e: len(decoys()) >= 2, timeout=60)
+            assert _held(a.data_dir) == dict.fromkeys(tokens, False)   # nothing local changed
+            assert not a.of("positive_declared") and not a.of("error")
+            assert await a.engine.declare_positive(_code(tmp_path)) == 2
+            await a.wait_event("positive_declared")
+        board, _, _ = broker.board.since(0, 1000, datetime.now(UTC))
+        assert {t.token for t in board} == tokens                  # decoys were discarded
+    real = [raw for _, raw in recorder.frames
+            if '"positive_upload"' in raw and '"decoy":false' in raw]
+    assert len(real) == 1
+    sizes = {len(raw.encode()) for raw in [*decoys(), *real]}
+    assert sizes == {UPLOAD_SIZE_BYTES}                             # one size for all
+    assert all(kind == "anonymous" for kind, raw in recorder.frames if '"decoy"' in raw)
+    print(f"{len(decoys())} decoys and 1 real upload, all {UPLOAD_SIZE_BYTES} bytes")
+
+
+def _degrade(store: TokenStore, pragma: str) -> None:
+    """Change the engine's own connection: ``max_page_count`` (disk full), ``query_only``."""
+    with store._lock:
+        store._db.execute(f"PRAGMA {pragma}")
+
+
+def _fill(store: TokenStore) -> int:
+    """Let the file not grow any more, then store tokens until SQLite says it is full."""
+    with store._lock:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    _degrade(store, f"max_page_count = {pages}")
+    added = 0
+    expires = expiry_for(datetime.now(UTC))
+    with pytest.raises(StoreError, match="database or disk is full"):
+        while True:
+            store.add(os.urandom(32).hex(), expires)
+            added += 1
+    return added
+
+
+async def test_disk_full_fails_the_witness_cleanly_and_recovers(tmp_path):
+    async with start_broker(_settings(tmp_path, cooldown_s=1.0)) as broker:
+        config = device_config(broker.url, poll_interval_s=POLL_S)
+        ctx_a = running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0,
+                                                                   interval_s=0.2))
+        async with ctx_a as a:
+            store = a.engine._store
+            assert store is not None
+            _fill(store)
+            before = {t.token for t in store.tokens()}
+            async with running_device(config, tmp_path / "b",
+                                      FixedSource(LAT + 3 * METRE_LAT, LON, 4.0,
+                                                  interval_s=0.2)) as b:
+                failed = await a.wait_event("handshake_failed")
+                assert failed.reason.startswith("store_failed"), failed.reason
+                error = await a.wait_event("error")
+                assert "database or disk is full" in error.message
+                assert "tokens.sqlite3" in error.message
+                assert {t.token for t in store.tokens()} == before      # nothing lost or added
+                # B stored only if A was the initiator (it acked first); never half a token.
+                assert all(e.event == "token_stored" or e.reason.startswith("peer_aborted")
+                           for e in b.events if e.event in ("handshake_failed", "token_stored"))
+                # Room again: the pair meets again after the cool-down and A stores the token.
+                _degrade(store, "max_page_count = 1073741823")
+                stored = await a.wait_event("token_stored", timeout=60)
+                assert stored.token in {t.token for t in store.tokens()}
+                assert before < {t.token for t in store.tokens()}
+            assert a.engine.broker_connected                          # it never stopped
+        check = TokenStore.in_dir(tmp_path / "a")
+        assert check._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert before < {t.token for t in check.tokens()}
+        check.close()
+
+
+async def test_a_read_only_store_is_an_error_not_a_crash(tmp_path):
+    tokens = _stock(tmp_path / "a", 2)
+    async with start_broker(_settings(tmp_path)) as broker, \
+            running_device(_one_device_config(broker.url), tmp_path / "a",
+                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        await a.wait_event("positives_polled")
+        store = a.engine._store
+        assert store is not None
+        _degrade(store, "query_only = 1")              # the file system went read-only
+        with pytest.raises(StoreError, match="readonly"):
+            await a.engine.declare_positive(_code(tmp_path))
+        error = await a.wait_event("error")             # the next poll cannot save its cursor
+        assert "readonly" in error.message and "\n" not in error.message
+        assert _held(a.data_dir) == dict.fromkeys(tokens, False)
+        polled = len(a.of("positives_polled"))
+        errors = len(a.of("error"))
+        await a.wait_for(lambda e: len(a.of("error")) >= errors + 1)  # still polling
+        assert len(a.of("positives_polled")) == polled
+        _degrade(store, "query_only = 0")               # writable again: it carries on
+        assert await a.engine.declare_positive(_code(tmp_path)) == 2
+        await a.wait_event("positive_declared")
+        assert _held(a.data_dir) == {}
 
 
 @pytest.fixture

@@ -1,0 +1,232 @@
+"""The client's broker connections: wss:// verification, reconnection backoff, padded requests.
+
+TLS runs end to end against the real broker serving ``wss://`` (``certfile``/``keyfile``) with a
+throw-away CA made by trustme: a device trusting that CA connects, polls and declares over TLS;
+a device trusting another CA reports the certificate failure and never says hello.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from websockets.asyncio.server import ServerConnection, serve
+
+from broker.server import BrokerSettings, RunningBroker, start_broker
+from fanny_tui.config import ConfigError, parse_config
+from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
+from fanny_tui.gps import FixedSource
+from fanny_tui.link import BrokerLink, anonymous_connection, ssl_context_for
+from fanny_tui.protocol.expiry import expiry_for
+from fanny_tui.protocol.messages import (
+    Error,
+    Hello,
+    PositivesPoll,
+    encode,
+)
+from fanny_tui.store import TokenStore
+
+from .helpers import LAT, LON, running_device
+
+SESSION_ID = "0f0e0d0c-0b0a-4908-8706-050403020100"
+
+
+def _one_token(data_dir: Path) -> None:
+    store = TokenStore.in_dir(data_dir)
+    store.add("c" * 64, expiry_for(datetime.now(UTC)))
+    store.close()
+
+
+def _config(url: str, ca_file: Path | None = None, **broker: Any) -> Any:
+    section: dict[str, Any] = {"url": url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.4}
+    if ca_file is not None:
+        section["ca_file"] = str(ca_file)
+    section.update(broker)
+    return parse_config({
+        "broker": section,
+        "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
+        "protocol": {"poll_interval_s": 0.5, "position_interval_s": 0.3},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+    })
+
+
+# -- ssl_context_for ------------------------------------------------------------------------
+
+
+def test_ws_needs_no_context():
+    assert ssl_context_for(_config("ws://127.0.0.1:1").broker) is None
+
+
+def test_wss_verifies_against_the_system_cas_by_default():
+    context = ssl_context_for(_config("wss://broker.example:443").broker)
+    assert context is not None
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def test_wss_with_a_ca_file_trusts_that_ca(tmp_path):
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    context = ssl_context_for(_config("wss://127.0.0.1:1", tmp_path / "ca.pem").broker)
+    assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
+    assert len(context.get_ca_certs()) == 1
+
+
+KEY_ONLY = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize("content", [None, "dir", "", "not a certificate\n", KEY_ONLY])
+def test_a_bad_ca_file_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "ca.pem"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        ssl_context_for(_config("wss://127.0.0.1:1", path).broker)
+    text = str(caught.value)
+    assert text.startswith("broker.ca_file: expected a readable PEM file") and str(path) in text
+    assert "\n" not in text
+
+
+def test_a_ca_file_for_a_ws_broker_is_a_mistake(tmp_path):
+    with pytest.raises(ConfigError, match="broker.ca_file.*wss://"):
+        ssl_context_for(_config("ws://127.0.0.1:1", tmp_path / "ca.pem").broker)
+
+
+# -- wss:// end to end ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A throw-away CA, the broker's certificate for 127.0.0.1, and an unrelated CA."""
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "other", "cert", "key")}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    other.cert_pem.write_to_path(str(paths["other"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    for i, blob in enumerate(server.cert_chain_pems):
+        blob.write_to_path(str(paths["cert"]), append=i > 0)
+    return paths
+
+
+@contextlib.asynccontextmanager
+async def tls_broker(tmp_path: Path, pki: dict[str, Path], frames: list[str]
+                     ) -> AsyncIterator[RunningBroker]:
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "board.sqlite3",
+                              certfile=pki["cert"], keyfile=pki["key"], open_declarations=True,
+                              upload_answer_delay_s=0.02)
+    async with start_broker(settings, recorder=lambda kind, raw: frames.append(raw)) as broker:
+        assert broker.url.startswith("wss://127.0.0.1:")
+        yield broker
+
+
+async def test_a_device_trusting_the_ca_works_over_wss(tmp_path, pki):
+    frames: list[str] = []
+    async with tls_broker(tmp_path, pki, frames) as broker:
+        _one_token(tmp_path / "dev")
+        config = _config(broker.url, pki["ca"])
+        async with running_device(config, tmp_path / "dev",
+                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as device:
+            connected = await device.wait_event("broker_connected")
+            assert connected.url == broker.url
+            await device.wait_event("positives_polled")      # anonymous connection over TLS
+            assert await device.engine.declare_positive() == 1
+            declared = await device.wait_event("positive_declared")
+            assert declared.count == 1
+            assert not device.of("broker_disconnected")
+    types = [json.loads(raw)["type"] for raw in frames]
+    assert {"hello", "positives_poll", "positive_upload"} <= set(types)
+
+
+async def test_a_device_trusting_another_ca_never_says_hello(tmp_path, pki):
+    frames: list[str] = []
+    async with tls_broker(tmp_path, pki, frames) as broker:
+        _one_token(tmp_path / "dev")
+        config = _config(broker.url, pki["other"])
+        async with running_device(config, tmp_path / "dev",
+                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as device:
+            first = await device.wait_event("broker_disconnected")
+            await device.wait_for(lambda e: e.event == "broker_disconnected" and e is not first)
+            # The anonymous connections fail the same way: the upload stays pending.
+            assert await device.engine.declare_positive() == 1
+            pending = await device.wait_event("positive_pending")
+    assert "CERTIFICATE_VERIFY_FAILED" in first.reason, first.reason
+    assert "CERTIFICATE_VERIFY_FAILED" in pending.reason, pending.reason
+    assert not device.of("broker_connected") and not device.of("positive_declared")
+    assert frames == []                        # not a byte of the protocol reached the broker
+
+
+async def test_the_wrong_host_name_is_refused(tmp_path, pki):
+    frames: list[str] = []
+    async with tls_broker(tmp_path, pki, frames) as broker:
+        url = broker.url.replace("127.0.0.1", "localhost")   # the certificate is for the IP
+        context = ssl_context_for(_config(url, pki["ca"]).broker)
+        with pytest.raises(ssl.SSLCertVerificationError, match="match|mismatch"):
+            async with anonymous_connection(url, ssl_context=context, timeout_s=5) as ch:
+                await ch.request(PositivesPoll(cursor=0))
+    assert frames == []
+
+
+# -- reconnection backoff -------------------------------------------------------------------
+
+
+async def _collect_disconnects(url: str, count: int) -> list[BrokerDisconnected]:
+    events: list[Event] = []
+    link = BrokerLink(url, Hello(session_id=SESSION_ID, radius_m=10.0),
+                      on_message=lambda m: None, on_event=events.append,
+                      reconnect_min_s=0.1, reconnect_max_s=0.4)
+    task = asyncio.create_task(link.run())
+    try:
+        while sum(isinstance(e, BrokerDisconnected) for e in events) < count:
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert not any(isinstance(e, BrokerConnected) for e in events)
+    return [e for e in events if isinstance(e, BrokerDisconnected)][:count]
+
+
+def _assert_backs_off(delays: list[float]) -> None:
+    """0.1, 0.2, 0.4, 0.4... seconds, each +-20 %."""
+    expected = [min(0.4, 0.1 * 2 ** i) for i in range(len(delays))]
+    for got, want in zip(delays, expected, strict=True):
+        assert want * 0.8 - 0.01 <= got <= want * 1.2 + 0.01, (delays, expected)
+
+
+async def test_refused_connections_back_off_and_say_so():
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))            # bound, not listening: connection refused
+        url = f"ws://127.0.0.1:{sock.getsockname()[1]}"
+        events = await _collect_disconnects(url, 5)
+    assert all("ConnectionRefusedError" in e.reason for e in events)
+    assert len({e.reason for e in events}) == 1   # identical: the UI shows it once
+    _assert_backs_off([e.retry_in_s for e in events])
+
+
+async def test_a_broker_that_turns_the_hello_away_is_not_hammered():
+    connections = 0
+
+    async def refuse(ws: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        await ws.recv()
+        await ws.send(encode(Error(code="too_many_connections", message="try later")))
+        await ws.close(1008)
+
+    async with serve(refuse, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        events = await _collect_disconnects(f"ws://127.0.0.1:{port}", 4)
+    assert all("too_many_connections" in e.reason for e in events), events
+    _assert_backs_off([e.retry_in_s for e in events])
+    assert connections <= len(events) + 1        # one connection per announced retry

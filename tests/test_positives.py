@@ -1,0 +1,333 @@
+"""Positive declarations against a real broker on loopback (paper 4, steps 1-2; paper 5).
+
+Real ``start_broker`` on port 0 with its SQLite board, real token stores, the client's own
+``declare`` / ``upload_pending`` / ``send_decoy``. Codes are issued the way ``fanny-broker
+issue-code`` does. A loopback TCP proxy that forwards the upload and then cuts the connection
+before the broker's answer reaches the client stands for a lost ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from broker.__main__ import issue_code
+from broker.server import BrokerSettings, RunningBroker, start_broker
+from fanny_tui.positives import (
+    CODE_REFUSALS,
+    DECOY_MAX_TOKENS,
+    declare,
+    decoy_upload,
+    send_decoy,
+    upload_pending,
+)
+from fanny_tui.protocol.expiry import expiry_for, is_on_the_hour
+from fanny_tui.protocol.messages import (
+    MAX_TOKENS_PER_UPLOAD,
+    UPLOAD_SIZE_BYTES,
+    PositiveUpload,
+    decode_client_message,
+    encode_padded,
+)
+from fanny_tui.store import TokenStore
+
+
+class Recorder:
+    """Every frame the broker received: (connection kind, raw text)."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, str]] = []
+
+    def __call__(self, kind: str, raw: str) -> None:
+        self.frames.append((kind, raw))
+
+    @property
+    def uploads(self) -> list[tuple[int, PositiveUpload]]:
+        """Every positive upload received: (size in bytes, decoded)."""
+        out = []
+        for _, raw in self.frames:
+            if '"positive_upload"' in raw:
+                message = decode_client_message(raw)
+                assert isinstance(message, PositiveUpload)
+                out.append((len(raw.encode("utf-8")), message))
+        return out
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, recorder: Recorder | None = None,
+                  **overrides: Any) -> AsyncIterator[RunningBroker]:
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "board.sqlite3",
+                              upload_answer_delay_s=0.02, **overrides)
+    async with start_broker(settings, recorder=recorder) as broker:
+        yield broker
+
+
+def new_code(tmp_path: Path, ttl: timedelta = timedelta(hours=1),
+             now: datetime | None = None) -> str:
+    """A code issued as ``fanny-broker issue-code --db`` does (the broker may be running)."""
+    code, _ = issue_code(str(tmp_path / "board.sqlite3"), ttl, now)
+    return code
+
+
+def fill(store: TokenStore, count: int) -> dict[str, datetime]:
+    """Store ``count`` random tokens witnessed over the last 14 days; returns token -> expiry."""
+    now = datetime.now(UTC)
+    made = {}
+    for i in range(count):
+        token = os.urandom(32).hex()
+        made[token] = expiry_for(now - timedelta(hours=(i * 7) % (14 * 24)))
+        store.add(token, made[token])
+    return made
+
+
+def board_tokens(broker: RunningBroker) -> set[str]:
+    tokens, _, _ = broker.board.since(0, 100_000, datetime.now(UTC))
+    return {t.token for t in tokens}
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = TokenStore.in_dir(tmp_path / "device")
+    yield s
+    s.close()
+
+
+class AckDropper:
+    """A loopback TCP proxy to the broker that loses the broker's answer to an upload.
+
+    It relays the WebSocket opening handshake both ways and every byte from the client, then
+    closes both connections as soon as the broker's first frame (the answer, sent only after
+    the commit) arrives, without relaying it.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.dropped = 0
+        self.url = ""
+
+    async def __aenter__(self) -> AckDropper:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        pump = asyncio.create_task(upstream())
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await up_reader.read(65536)
+                if not chunk:
+                    return
+                head += chunk
+            end = head.index(b"\r\n\r\n") + 4
+            writer.write(head[:end])
+            await writer.drain()
+            if head[end:] or await up_reader.read(65536):
+                self.dropped += 1           # the answer: never relayed
+        finally:
+            pump.cancel()
+            for w in (writer, up_writer):
+                w.close()
+            with contextlib.suppress(Exception):
+                await pump
+
+
+# -- padding and splitting ------------------------------------------------------------------
+
+
+async def test_every_upload_is_padded_to_one_size_and_big_ones_split(tmp_path, store):
+    recorder = Recorder()
+    async with running(tmp_path, recorder) as broker:
+        made = fill(store, 2 * MAX_TOKENS_PER_UPLOAD + 201)
+        code = new_code(tmp_path)
+        declaration = declare(store, code)
+        assert declaration.count == len(made) and len(declaration.upload_ids) == 3
+        assert store.pending_count() == len(made)
+
+        outcomes = await upload_pending(store, broker.url)
+
+        assert [o.acknowledged for o in outcomes] == [True, True, True]
+        assert sorted(o.count for o in outcomes) == [201, 500, 500]
+        assert store.count() == 0 and store.pending() == []
+        assert board_tokens(broker) == set(made)
+    uploads = recorder.uploads
+    assert [size for size, _ in uploads] == [UPLOAD_SIZE_BYTES] * 3
+    assert {u.upload_id for _, u in uploads} == set(declaration.upload_ids)
+    assert {u.code for _, u in uploads} == {code.replace("-", "")}   # one code, every upload
+    assert sorted(len(u.tokens) for _, u in uploads) == [201, 500, 500]
+    # The most recent contacts (latest expiry) went in the full uploads first.
+    by_size = sorted((u for _, u in uploads), key=lambda u: len(u.tokens))
+    assert (max(t.expires_at for t in by_size[0].tokens)
+            <= min(t.expires_at for t in by_size[2].tokens))
+    print(f"{len(made)} tokens -> {len(uploads)} uploads of {UPLOAD_SIZE_BYTES} bytes each")
+
+
+async def test_one_token_and_no_token_look_the_same(tmp_path, store):
+    recorder = Recorder()
+    async with running(tmp_path, recorder, open_declarations=True) as broker:
+        fill(store, 1)
+        declare(store, None)
+        [outcome] = await upload_pending(store, broker.url)
+        assert outcome.acknowledged and outcome.count == 1
+        assert await send_decoy(broker.url)
+    sizes = [size for size, _ in recorder.uploads]
+    assert sizes == [UPLOAD_SIZE_BYTES, UPLOAD_SIZE_BYTES]
+
+
+def test_a_mistyped_code_changes_nothing(store):
+    fill(store, 3)
+    with pytest.raises(ValueError, match="16 characters"):
+        declare(store, "K7QF-3M9X-TR2B-8HJ")
+    with pytest.raises(ValueError, match="'U'"):
+        declare(store, "K7QF-3M9X-TR2B-8HJU")
+    assert store.pending_count() == 0
+
+
+def test_nothing_to_declare_records_no_upload(store):
+    declaration = declare(store, "K7QF-3M9X-TR2B-8HJD")
+    assert (declaration.count, declaration.upload_ids) == (0, ())
+    assert store.pending() == []
+
+
+# -- refused codes: every token kept, un-marked, never retried ------------------------------
+
+
+@pytest.mark.parametrize("reason", sorted(CODE_REFUSALS))
+async def test_a_refused_code_keeps_every_token_and_is_not_retried(tmp_path, store, reason):
+    recorder = Recorder()
+    # One purge of expired codes, at start (an expired code is then forgotten: code_invalid).
+    async with running(tmp_path, recorder, code_grace_s=0.0, purge_interval_s=3600.0) as broker:
+        made = fill(store, 3)
+        if reason == "code_required":
+            code = None
+        elif reason == "code_invalid":
+            code = "K7QF-3M9X-TR2B-8HJD"                    # well formed, never issued
+        elif reason == "code_expired":
+            await asyncio.sleep(0.1)                        # after the purge at start
+            code = new_code(tmp_path, ttl=timedelta(seconds=1))
+            await asyncio.sleep(1.1)
+        else:                                                # used by an earlier declaration
+            code = new_code(tmp_path)
+            other = TokenStore.in_dir(tmp_path / "other")
+            fill(other, 1)
+            declare(other, code)
+            assert (await upload_pending(other, broker.url))[0].acknowledged
+            other.close()
+        before = len(recorder.uploads)
+        declare(store, code)
+
+        [outcome] = await upload_pending(store, broker.url)
+
+        assert (outcome.refused, outcome.count) == (reason, 3)
+        assert outcome.message and not outcome.acknowledged
+        assert {t.token: t.pending for t in store.tokens()} == dict.fromkeys(made, False)
+        assert not board_tokens(broker) & set(made)
+        # Not retried: the next round has nothing to send.
+        assert await upload_pending(store, broker.url) == []
+        assert len(recorder.uploads) == before + 1
+        # A new declaration with a good code takes the same tokens.
+        declare(store, new_code(tmp_path))
+        [again] = await upload_pending(store, broker.url)
+        assert again.acknowledged and again.count == 3
+        assert set(made) <= board_tokens(broker)
+        assert store.count() == 0
+
+
+# -- lost acks: the retry is acknowledged without the consumed code -------------------------
+
+
+async def test_a_lost_ack_is_recovered_after_a_restart(tmp_path):
+    data_dir = tmp_path / "device"
+    async with running(tmp_path, code_grace_s=0.0) as broker:
+        store = TokenStore.in_dir(data_dir)
+        made = fill(store, 4)
+        declare(store, new_code(tmp_path))
+        async with AckDropper(broker.port) as proxy:
+            with pytest.raises((websockets.ConnectionClosed, OSError)):
+                await upload_pending(store, proxy.url, timeout_s=5.0)
+        assert proxy.dropped == 1
+        # The broker committed (and consumed the code); the device did not hear it.
+        assert set(made) <= board_tokens(broker)
+        assert store.pending_count() == 4
+        store.close()
+
+        restarted = TokenStore.in_dir(data_dir)           # the device restarts
+        [pending] = restarted.pending()
+        assert pending.code is not None                   # the code came back from disk
+        [outcome] = await upload_pending(restarted, broker.url)
+        assert outcome.acknowledged and outcome.count == 4
+        assert restarted.count() == 0
+        assert board_tokens(broker) == set(made)
+        restarted.close()
+
+
+async def test_a_retry_shrunk_by_expiry_counts_as_committed(tmp_path, store):
+    """The first attempt committed 2 tokens; one expired here before the retry."""
+    async with running(tmp_path, open_declarations=True) as broker:
+        now = datetime.now(UTC)
+        soon, later = expiry_for(now - timedelta(days=5)), expiry_for(now)
+        store.add("a" * 64, soon)
+        store.add("b" * 64, later)
+        declare(store, None)
+        async with AckDropper(broker.port) as proxy:
+            with pytest.raises((websockets.ConnectionClosed, OSError)):
+                await upload_pending(store, proxy.url, timeout_s=5.0)
+        assert store.sweep_expired(soon) == 1              # expired here: gone from the upload
+        [outcome] = await upload_pending(store, broker.url)
+        assert outcome.acknowledged and store.count() == 0
+        assert board_tokens(broker) == {"a" * 64, "b" * 64}
+
+
+# -- decoys ---------------------------------------------------------------------------------
+
+
+async def test_a_decoy_is_answered_discarded_and_the_same_size(tmp_path):
+    recorder = Recorder()
+    async with running(tmp_path, recorder) as broker:   # codes required: decoys need none
+        assert await send_decoy(broker.url)
+        assert board_tokens(broker) == set()
+    [(size, upload)] = recorder.uploads
+    assert size == UPLOAD_SIZE_BYTES and upload.decoy and upload.code is None
+
+
+async def test_a_decoy_to_a_dead_broker_is_dropped_quietly(tmp_path):
+    async with running(tmp_path) as broker:
+        url = broker.url
+    assert await send_decoy(url, timeout_s=2.0) is False
+
+
+def test_decoy_tokens_are_plausible():
+    now = datetime.now(UTC)
+    counts = set()
+    ids = set()
+    for _ in range(50):
+        upload = decoy_upload(now)
+        counts.add(len(upload.tokens))
+        ids.add(upload.upload_id)
+        assert upload.decoy and upload.code is None
+        assert len(upload.tokens) <= DECOY_MAX_TOKENS
+        for token in upload.tokens:
+            assert now < token.expires_at <= now + timedelta(days=16)
+            assert is_on_the_hour(token.expires_at)
+        assert len(json.loads(encode_padded(upload, UPLOAD_SIZE_BYTES))["padding"]) > 0
+    assert len(ids) == 50 and len(counts) > 1
