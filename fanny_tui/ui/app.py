@@ -26,16 +26,19 @@ from ..events import (
     GpsFix,
     PositiveDeclared,
     PositivePending,
+    PositiveRefused,
     SessionStarted,
     TokensExpired,
 )
 from ..store import StoreError
 from .screens import ConfirmDeclareScreen, MainScreen
+from .widgets import describe_refusal
 
 STOP_TIMEOUT_S = 10.0
 """How long quitting waits for the engine to finish before cancelling it (seconds)."""
 
-_TOKENS_CHANGED = (PositiveDeclared, PositivePending, TokensExpired, ExposureAlert)
+_TOKENS_CHANGED = (PositiveDeclared, PositivePending, PositiveRefused, TokensExpired,
+                   ExposureAlert)
 
 
 class EngineEvent(Message):
@@ -166,6 +169,9 @@ class FannyApp(App[None]):
                 self.main_screen.load_snapshot(snapshot)
         elif isinstance(event, _TOKENS_CHANGED):
             self._resync_tokens()
+        if isinstance(event, PositiveRefused):
+            self.notify(describe_refusal(event.reason, event.count), title="Declaration refused",
+                        severity="error", markup=False, timeout=30)
 
     def _snapshot(self) -> EngineSnapshot | None:
         try:
@@ -195,22 +201,29 @@ class FannyApp(App[None]):
 
     @work(exclusive=True, group="declare")
     async def action_declare_positive(self) -> None:
-        """Ask for confirmation, then declare positive (paper 4, steps 1-2)."""
+        """Ask for the declaration code and a confirmation, then declare positive.
+
+        Paper 4, steps 1-2, and paper 5 (the code). A mistyped code is caught in the dialog;
+        a refusal of the code by the broker arrives later as ``positive_refused``.
+        """
         snapshot = self._snapshot()
         count = 0 if snapshot is None else sum(not t.pending for t in snapshot.tokens)
-        if not await self.push_screen_wait(ConfirmDeclareScreen(count)):
+        request = await self.push_screen_wait(ConfirmDeclareScreen(count))
+        if request is None:
             self.main_screen.log_view.add("declare_positive", "cancelled: nothing was uploaded")
             return
         try:
-            declared = await self.engine.declare_positive()
-        except (RuntimeError, StoreError) as exc:
+            declared = await self.engine.declare_positive(request.code)
+        except (RuntimeError, StoreError, ValueError) as exc:
             self.main_screen.log_view.add("error", f"declare positive failed: {exc}")
             self.notify(str(exc), title="Declare positive failed", severity="error",
                         markup=False)
             return
+        with_code = "with the declaration code" if request.code else "without a code"
         self.main_screen.log_view.add(
             "declare_positive",
-            f"{declared} tokens marked for upload; deleted here once the broker has them")
+            f"{declared} tokens marked for upload {with_code}; deleted here once the broker "
+            "has them")
         self._resync_tokens()
 
 

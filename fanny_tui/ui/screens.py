@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rich.text import Text
@@ -10,7 +11,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Header, Label
+from textual.widgets import Button, Footer, Header, Input, Label
 
 from ..engine import EngineSnapshot
 from ..events import (
@@ -25,6 +26,7 @@ from ..events import (
     MatchFound,
     TokenStored,
 )
+from ..protocol.codes import normalize_code
 from .widgets import (
     EventLog,
     ExposureBanner,
@@ -52,6 +54,7 @@ class MainScreen(Screen[None]):
     def __init__(self, broker_url: str) -> None:
         super().__init__()
         self.broker_url = broker_url
+        self._outage_reason: str | None = None
 
     def compose(self) -> ComposeResult:
         """Lay out the panels."""
@@ -119,9 +122,13 @@ class MainScreen(Screen[None]):
         """Render one engine event in the panels it concerns and in the log."""
         match event:
             case BrokerConnected(url=url):
+                self._outage_reason = None
                 self.session.set_broker(True, url)
             case BrokerDisconnected(reason=reason, retry_in_s=retry):
-                self.session.set_broker(False, f"{reason} (retry in {retry:g} s)")
+                self.session.set_outage(reason, retry)
+                if reason == self._outage_reason:
+                    return  # the same failure again at each retry: one log line is enough
+                self._outage_reason = reason
             case GpsFix():
                 self._show_fix(event)
                 return  # logged by _show_fix only when the fix mode changes
@@ -151,8 +158,25 @@ class MainScreen(Screen[None]):
             self.log_view.add(fix.event, f"{mode} fix ({used} satellites used)")
 
 
-class ConfirmDeclareScreen(ModalScreen[bool]):
-    """Ask before declaring positive (paper 4, steps 1-2). Dismissed with True to declare.
+@dataclass(frozen=True)
+class DeclareRequest:
+    """The tester confirmed a positive declaration.
+
+    Attributes:
+        code: the declaration code as typed, already checked with
+            :func:`~fanny_tui.protocol.codes.normalize_code`; None when left empty (a broker with
+            open declarations).
+    """
+
+    code: str | None
+
+
+class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
+    """Ask for the declaration code and a confirmation (paper 4, steps 1-2; paper 5).
+
+    Dismissed with a :class:`DeclareRequest` to declare, None to cancel. A mistyped code (wrong
+    length, a character outside the code's alphabet) is explained under the field and the
+    dialog stays open: nothing is declared.
 
     Args:
         count: how many stored tokens the declaration would upload.
@@ -174,24 +198,70 @@ class ConfirmDeclareScreen(ModalScreen[bool]):
         return (f"Upload {tokens} and delete them from this device once the broker has "
                 "them?")
 
+    @property
+    def code_input(self) -> Input:
+        """The declaration code field."""
+        return self.query_one("#code", Input)
+
+    @property
+    def code_error(self) -> str:
+        """What is wrong with the code typed, as shown ("" when nothing is)."""
+        return str(self.query_one("#code-error", Label).content)
+
     def compose(self) -> ComposeResult:
-        """The question and the two buttons (Cancel has the focus)."""
+        """The question, the code field and the two buttons."""
         with Vertical(id="dialog"):
             yield Label(Text("Declare positive", style="bold"), id="dialog-title")
             yield Label(Text(self.question), id="question")
+            yield Label(Text("Declaration code from your test site or health authority:"),
+                        id="code-label")
+            yield Input(placeholder="XXXX-XXXX-XXXX-XXXX", id="code", max_length=64)
+            yield Label("", id="code-error", markup=False)
+            yield Label(Text("Leave it empty only for a field-test broker with open "
+                             "declarations.", style="dim"), id="code-hint")
             with Horizontal(id="buttons"):
                 yield Button("Cancel", id="cancel")
                 yield Button("Declare", id="declare", variant="error")
 
     def on_mount(self) -> None:
-        """Focus Cancel, the harmless choice."""
-        self.query_one("#cancel", Button).focus()
+        """Focus the code field (Escape cancels)."""
+        self.code_input.focus()
+
+    def _checked(self) -> DeclareRequest | None:
+        """The request for the code typed, or None after showing what is wrong with it."""
+        text = self.code_input.value.strip()
+        if not text:
+            return DeclareRequest(None)
+        try:
+            normalize_code(text)
+        except ValueError as exc:
+            self.query_one("#code-error", Label).update(f"Check the code: {exc}")
+            self.code_input.focus()
+            return None
+        return DeclareRequest(text)
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        """Typing clears the previous complaint."""
+        self.query_one("#code-error", Label).update("")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        """Enter in a non-empty code field is Declare (an empty one needs the button)."""
+        event.stop()
+        if event.value.strip():
+            request = self._checked()
+            if request is not None:
+                self.dismiss(request)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        """Declare -> True, Cancel -> False."""
+        """Declare -> the request (if the code reads well), Cancel -> None."""
         event.stop()
-        self.dismiss(event.button.id == "declare")
+        if event.button.id != "declare":
+            self.dismiss(None)
+            return
+        request = self._checked()
+        if request is not None:
+            self.dismiss(request)
 
     def action_cancel(self) -> None:
         """Escape: do not declare."""
-        self.dismiss(False)
+        self.dismiss(None)

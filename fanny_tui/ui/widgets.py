@@ -28,6 +28,7 @@ from ..events import (
     MatchFound,
     PositiveDeclared,
     PositivePending,
+    PositiveRefused,
     PositivesPolled,
     SessionStarted,
     TokensExpired,
@@ -57,6 +58,7 @@ EVENT_STYLES = {
     "token_stored": "green",
     "positive_declared": "bold green",
     "positive_pending": "bold yellow",
+    "positive_refused": "bold red",
     "exposure_alert": "bold red",
     "error": "bold red",
     "declare_positive": "bold magenta",
@@ -99,6 +101,27 @@ def format_utc(moment: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+REFUSAL_TEXTS = {
+    "code_required": "the broker requires a declaration code",
+    "code_invalid": "the declaration code is not valid (mistyped, or not issued for this broker)",
+    "code_expired": "the declaration code has expired",
+    "code_used": "the declaration code was already used",
+}
+"""What each refusal of a declaration code means, for the tester."""
+
+
+def describe_refusal(reason: str, count: int) -> str:
+    """One sentence on a refused declaration: why, and that the tokens stay here.
+
+    Args:
+        reason: the broker's refusal code (``code_used``...).
+        count: tokens kept on the device.
+    """
+    why = REFUSAL_TEXTS.get(reason, f"the broker refused the declaration ({reason})")
+    return (f"{why}: {_plural(count, 'token')} stay on this device, not uploaded; declare "
+            "again with a valid code")
 
 
 def abbreviate_token(token: str) -> str:
@@ -145,6 +168,8 @@ def describe_event(event: Event) -> Text | None:
         case PositivePending(count=count, reason=reason, retry_in_s=retry):
             return Text.assemble(f"{_plural(count, 'token')} kept until the broker has them: ",
                                  reason, f"; retry in {retry:g} s")
+        case PositiveRefused(reason=reason, count=count):
+            return Text(describe_refusal(reason, count))
         case PositivesPolled(received=received):
             return Text(f"{_plural(received, 'positive token')} received and compared here")
         case ExposureAlert(count=count):
@@ -169,6 +194,9 @@ class SessionPanel(Static):
         self.session_short = "…"
         self.broker_connected = False
         self.broker_detail: str = "connecting…"
+        self.outage_since: datetime | None = None
+        self.outage_attempts = 0
+        self.retry_in_s: float | None = None
         self.fix: GpsFix | None = None
         self.gps_detail: str = "waiting for the first fix"
 
@@ -190,7 +218,23 @@ class SessionPanel(Static):
         """
         self.broker_connected = connected
         self.broker_detail = detail
+        if connected:
+            self.outage_since, self.outage_attempts, self.retry_in_s = None, 0, None
         self.redraw()
+
+    def set_outage(self, reason: str, retry_in_s: float, now: datetime | None = None) -> None:
+        """Show that the broker is unreachable: why, since when, attempts, next retry.
+
+        Args:
+            reason: the last failure (remote text).
+            retry_in_s: seconds until the next attempt.
+            now: the current instant (default: the clock).
+        """
+        if self.outage_since is None:
+            self.outage_since = now or datetime.now(UTC)
+        self.outage_attempts += 1
+        self.retry_in_s = retry_in_s
+        self.set_broker(False, reason)
 
     def set_fix(self, fix: GpsFix) -> None:
         """Show a position fix (WGS84 degrees, accuracy in metres)."""
@@ -213,10 +257,17 @@ class SessionPanel(Static):
         if self.broker_connected:
             grid.add_row("Broker", Text("connected", style="bold green"))
         else:
-            grid.add_row("Broker", Text("disconnected", style="bold yellow"))
+            state = Text("disconnected", style="bold yellow")
+            if self.retry_in_s is not None:
+                state.append(f", retry in {self.retry_in_s:g} s", style="yellow")
+            grid.add_row("Broker", state)
         if self.broker_detail:
             grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
                                   overflow="ellipsis"))
+        if not self.broker_connected and self.outage_since is not None:
+            since = self.outage_since.astimezone().strftime("%H:%M:%S")
+            grid.add_row("", Text(f"since {since}, {_plural(self.outage_attempts, 'attempt')}",
+                                  style="italic", no_wrap=True, overflow="ellipsis"))
         fix = self.fix
         if fix is None:
             grid.add_row("GPS", Text("no fix", style="bold yellow"))

@@ -24,6 +24,7 @@ from textual.widget import Widget
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import Engine
 from fanny_tui.events import (
+    BrokerConnected,
     BrokerDisconnected,
     EngineError,
     Event,
@@ -34,6 +35,7 @@ from fanny_tui.events import (
     HandshakeProgress,
     MatchFound,
     PositivePending,
+    PositiveRefused,
     TokenStored,
 )
 from fanny_tui.protocol.expiry import expiry_for
@@ -358,3 +360,108 @@ async def test_floods_are_merged_and_tables_follow(config, data_dir):
         assert all(main.matches.get_cell(str(p), "state").plain == "stored"
                    for p in range(1, 51))
         assert main.tokens.get_cell(new_token, "token").plain == "ffffffff…"
+
+
+# -- declaration codes ----------------------------------------------------------------------
+
+
+def codes_in_store(data_dir: Path) -> list[str | None]:
+    store = TokenStore.in_dir(data_dir)
+    try:
+        return [p.code for p in store.pending()]
+    finally:
+        store.close()
+
+
+async def open_dialog(pilot: Pilot[None], app: FannyApp) -> ConfirmDeclareScreen:
+    await pilot.press("d")
+    await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDeclareScreen),
+                     "the declaration dialog")
+    await pilot.pause()
+    assert isinstance(app.screen, ConfirmDeclareScreen)
+    return app.screen
+
+
+async def test_a_mistyped_code_is_explained_and_declares_nothing(config, data_dir):
+    app, _ = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        dialog = await open_dialog(pilot, app)
+        assert dialog.code_input.has_focus
+        await pilot.press(*"K7QF-3M9X-TR2B-8HJ")       # one symbol short
+        await pilot.click("#declare")
+        await pilot.pause()
+        assert app.screen is dialog                     # still open
+        assert dialog.code_error == "Check the code: a declaration code has 16 characters, got 15"
+        assert "Check the code" in rendered(dialog.query_one("#code-error"))
+        await pilot.press("U", "enter")                 # U is not in the code's alphabet
+        await pilot.pause()
+        assert app.screen is dialog and "'U'" in dialog.code_error
+        await pilot.press("backspace")
+        assert dialog.code_error == ""                  # typing clears the complaint
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is app.main_screen, "the dialog to close")
+        assert "cancelled" in log_text(app)
+    assert pending_in_store(data_dir) == {}
+
+
+async def test_a_code_typed_loosely_is_kept_with_the_pending_upload(config, data_dir):
+    app, _ = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await open_dialog(pilot, app)
+        await pilot.press(*"k7qf 3m9x tr2b 8hjd", "enter")   # lower case, spaces: fine
+        await wait_until(pilot, lambda: "positive_pending" in log_text(app),
+                         "the upload to be pending (the broker is down)")
+        assert "with the declaration code" in log_text(app)
+    assert codes_in_store(data_dir) == ["K7QF3M9XTR2B8HJD"]     # survives the restart
+    assert count_in_store(data_dir) == len(TOKENS)
+
+
+async def test_a_refused_code_is_shown_and_the_tokens_stay(config, data_dir):
+    app, engine = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        engine.emit(PositiveRefused(reason="code_used", count=3,
+                                    message="this declaration code was already used"))
+        await wait_until(pilot, lambda: "positive_refused" in log_text(app), "the refusal")
+        await pilot.pause()
+        text = " ".join(line.strip() for line in app.main_screen.log_view.plain_lines)
+        assert "already used" in text and "3 tokens stay on this device" in text
+        assert any(n.title == "Declaration refused" and "already used" in n.message
+                   for n in app._notifications)
+        assert app.main_screen.tokens.row_count == len(TOKENS)
+
+
+# -- broker outage --------------------------------------------------------------------------
+
+
+async def test_an_outage_is_shown_once_in_the_log_and_in_full_in_the_panel(config, data_dir):
+    app, engine = build(config, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        # The real link retries a refused port again and again, with the same reason.
+        await wait_until(pilot, lambda: app.main_screen.session.outage_attempts >= 4,
+                         "four failed attempts")
+        await pilot.pause()
+        lines = [line for line in app.main_screen.log_view.plain_lines
+                 if "broker_disconnected" in line]
+        assert len(lines) == 1 and "ConnectionRefusedError" in lines[0], lines
+        session = rendered(app.main_screen.session)
+        assert re.search(r"disconnected, retry in [\d.]+ s", session), session
+        assert "ConnectionRefusedError" in session
+        assert re.search(r"since \d\d:\d\d:\d\d, \d+ attempts", session), session
+        # Another reason is news: logged; back up, then down again: logged again.
+        engine.emit(BrokerDisconnected(reason="connection closed (1001)", retry_in_s=0.0))
+        engine.emit(BrokerConnected(url="ws://127.0.0.1:1", radius_m=10.0))
+        await wait_until(pilot, lambda: app.main_screen.session.broker_connected, "connected")
+        assert "attempts" not in rendered(app.main_screen.session)
+        count = app.main_screen.session.outage_attempts
+        assert count == 0
+        await wait_until(pilot, lambda: app.main_screen.session.outage_attempts >= 2,
+                         "the next failures")
+        await pilot.pause()
+        lines = [line for line in app.main_screen.log_view.plain_lines
+                 if "broker_disconnected" in line]
+        assert len(lines) == 3, lines
+        assert "connection closed (1001)" in lines[1]
