@@ -179,9 +179,14 @@ class BrokerLink:
         """Report a failed connection attempt, then let websockets decide whether to retry.
 
         A TLS failure (unknown CA, wrong host name) is reported with its reason before any
-        byte of the protocol is sent, and retried like any other failure.
+        byte of the protocol is sent, and retried like any other failure. So is a refused
+        WebSocket handshake (a reverse proxy's 403 or 429, a server that is not a broker),
+        which websockets would otherwise raise: the link would then be restarted every second
+        with an ``error`` event instead of backing off.
         """
         verdict = process_exception(exc)
+        if verdict is not None and isinstance(exc, websockets.InvalidHandshake):
+            verdict = None
         if verdict is None:
             self._on_event(BrokerDisconnected(reason=_describe(exc),
                                               retry_in_s=round(self._next_delay(), 2)))

@@ -230,3 +230,14 @@ async def test_a_broker_that_turns_the_hello_away_is_not_hammered():
     assert all("too_many_connections" in e.reason for e in events), events
     _assert_backs_off([e.retry_in_s for e in events])
     assert connections <= len(events) + 1        # one connection per announced retry
+
+
+async def test_a_proxy_refusing_the_handshake_is_backed_off_not_fatal():
+    async def forbid(connection: ServerConnection, request: Any) -> Any:
+        return connection.respond(403, "no\n")
+
+    async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=forbid) as server:
+        port = server.sockets[0].getsockname()[1]
+        events = await _collect_disconnects(f"ws://127.0.0.1:{port}", 3)
+    assert all("InvalidStatus" in e.reason and "403" in e.reason for e in events), events
+    _assert_backs_off([e.retry_in_s for e in events])
