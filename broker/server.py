@@ -161,6 +161,8 @@ class BrokerSettings:
         route_ttl_s: seconds after a match during which the pair may signal (None: cooldown_s).
         poll_limit: the most tokens in one ``positives`` answer.
         max_message_bytes: the largest frame accepted; larger ones close the connection (1009).
+            The default, 65536, is exactly the size of a padded upload: a smaller value
+            shuts out every padded upload.
         max_expiry_ahead_s: how far ahead an uploaded expiry may be, seconds (default 16 days:
             the 15-day lifetime plus the rounding to the deletion hour).
         housekeeping_interval_s: seconds between two expiries of stale positions.
