@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -83,6 +84,10 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def gpsd_truth(raw: bytes) -> tuple[set[tuple[float, float, int]], set[tuple[float, float]]]:
     """(lat, lon, mode) of every TPV line with mode 2/3 and numeric lat/lon; GST (lat, lon)."""
     fixes: set[tuple[float, float, int]] = set()
@@ -91,7 +96,16 @@ def gpsd_truth(raw: bytes) -> tuple[set[tuple[float, float, int]], set[tuple[flo
         line = line.strip().removeprefix(b"\xef\xbb\xbf")
         try:
             obj = msgspec.json.decode(line)
-        except (msgspec.DecodeError, RecursionError, ValueError):
+        except msgspec.DecodeError as error:
+            if "out of range" not in str(error):
+                continue
+            # msgspec refuses a number past a double (1e400); JSON allows it and Python reads
+            # it as inf. The position of such a TPV is still in the input (atheris found it).
+            try:
+                obj = json.loads(line, parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                continue
+        except (RecursionError, ValueError):
             continue
         if not isinstance(obj, dict):
             continue
@@ -601,6 +615,17 @@ async def test_nmea_replay_of_the_edge_cases_with_every_line_ending(ending: str,
 
 
 # --- regressions found by this suite ---------------------------------------------------------
+
+
+def test_a_number_past_a_double_beside_a_good_position() -> None:
+    """Found by atheris (tools/fuzz_atheris.py gpsd): a TPV whose eph is 1.5e400 is valid JSON;
+    gpsd_truth once dropped it with msgspec's "Number out of range" and flagged its position."""
+    raw = b'{"class":"TPV","mode":3,"lat":44.06883,"lon":-121.31412,"eph":1.5e400}\r\n'
+    events = gpsd_events([raw])
+    assert [(e.latitude, e.longitude, e.accuracy_m) for e in events
+            if isinstance(e, GpsFix)] == [(44.06883, -121.31412, None)]
+    assert assert_gpsd_fixes_true(events, raw) == 1
+
 
 
 @pytest.mark.parametrize("message", [
