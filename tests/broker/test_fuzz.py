@@ -86,8 +86,10 @@ class ThreadedBroker:
     """A real broker on loopback, running in its own thread and event loop."""
 
     def __init__(self, tmp: Path) -> None:
+        # No keepalive pings: their payload comes from the random module, which, used by
+        # another thread while Hypothesis draws, looks like a strategy using random.
         self.settings = settings_for(tmp, open_declarations=False, upload_answer_delay_s=0.0,
-                                     max_connections_per_address=0)
+                                     max_connections_per_address=0, ping_interval_s=None)
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.running: RunningBroker | None = None
@@ -146,7 +148,7 @@ class _Keep(logging.Handler):
 def open_client(url: str) -> contextlib.AbstractContextManager[ClientConnection]:
     """A synchronous websockets client of the broker (a context manager)."""
     return connect(url, proxy=None, compression=None, open_timeout=5, max_size=2**20,
-                   logger=CLIENT_LOGGER)
+                   ping_interval=None, logger=CLIENT_LOGGER)
 
 
 @pytest.fixture(scope="module")
