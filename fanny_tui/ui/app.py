@@ -15,6 +15,7 @@ from rich.text import Text
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.worker import Worker, WorkerCancelled, WorkerFailed, WorkerState
@@ -160,8 +161,22 @@ class FannyApp(App[None]):
     # -- events ----------------------------------------------------------------------------
 
     def on_engine_event(self, message: EngineEvent) -> None:
-        """Show one engine event; refresh the tokens table when the store changed."""
-        event = message.event
+        """Show one engine event; refresh the tokens table when the store changed.
+
+        Events still queued while the app closes (the panels are being removed; the engine
+        keeps reporting broker retries until it stops) are dropped.
+        """
+        try:
+            self._show_engine_event(message.event)
+        except NoMatches:
+            if not self._closing_down():
+                raise
+
+    def _closing_down(self) -> bool:
+        return (self._stopping or self._exit or not self.is_running
+                or not self.main_screen.is_running)
+
+    def _show_engine_event(self, event: Event) -> None:
         self.main_screen.show_event(event)
         if isinstance(event, SessionStarted):
             snapshot = self._snapshot()
