@@ -142,6 +142,7 @@ class Engine:
         self._exchanges: dict[str, _Exchange] = {}
         self._handshake_slots = asyncio.Semaphore(MAX_CONCURRENT_HANDSHAKES)
         self._next_ordinal = 1
+        self._unrecorded_alerts: set[str] = set()  # matches the store could not record yet
         self._link = BrokerLink(
             config.broker.url,
             Hello(session_id=self._session_id, radius_m=config.protocol.radius_m),
@@ -432,7 +433,8 @@ class Engine:
             try:
                 result = await poll_once(
                     self._store, self.config.broker.url, ssl_context=self._ssl,
-                    on_match=lambda count: self.emit(ExposureAlert(count=count)))
+                    on_match=lambda count: self.emit(ExposureAlert(count=count)),
+                    on_unrecorded_match=self._alert_unrecorded)
             except StoreError as exc:
                 self.emit(EngineError(message=str(exc)))
             except Exception as exc:
@@ -440,6 +442,13 @@ class Engine:
             else:
                 self.emit(PositivesPolled(received=result.received))
             await self._sleep_or(self._poll_wakeup, self.config.protocol.poll_interval_s)
+
+    def _alert_unrecorded(self, tokens: set[str]) -> None:
+        """Alert on matches the store could not record (it cannot be written): once each."""
+        new = tokens - self._unrecorded_alerts
+        if new:
+            self._unrecorded_alerts |= new
+            self.emit(ExposureAlert(count=len(new)))
 
     async def _sweep_loop(self) -> None:
         assert self._store is not None

@@ -50,7 +50,7 @@ from .protocol.messages import (
     PositiveUpload,
 )
 from .protocol.tokens import new_id
-from .store import PendingUpload, TokenStore
+from .store import PendingUpload, StoreError, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,9 @@ async def send_decoy(url: str, *, timeout_s: float = 15.0,
 
 async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     ssl_context: ssl.SSLContext | None = None, max_pages: int = 100,
-                    on_match: Callable[[int], None] | None = None) -> PollResult:
+                    on_match: Callable[[int], None] | None = None,
+                    on_unrecorded_match: Callable[[set[str]], None] | None = None
+                    ) -> PollResult:
     """Fetch positives since the stored cursor, compare locally, delete matches.
 
     Args:
@@ -264,6 +266,9 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
         max_pages: most pages fetched in one call.
         on_match: called with the number of stored tokens matched as soon as a page matched
             (its alert is recorded), even if a later page or write then fails.
+        on_unrecorded_match: called with the matching tokens when the store could not be
+            written (disk full, read-only), before the StoreError is raised: the exposure is
+            real even though it can be neither recorded nor the tokens deleted yet.
 
     Returns:
         A :class:`PollResult`. ``matched > 0`` means an exposure; an alert was recorded in the
@@ -280,7 +285,15 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
             if not isinstance(answer, Positives):
                 raise MessageError("the broker's answer to the poll was not positives")
             received += len(answer.tokens)
-            found = store.match_positives((t.token for t in answer.tokens), datetime.now(UTC))
+            tokens = [t.token for t in answer.tokens]
+            try:
+                found = store.match_positives(tokens, datetime.now(UTC))
+            except StoreError:
+                if on_unrecorded_match is not None:
+                    unrecorded = store.matching_tokens(tokens)
+                    if unrecorded:
+                        on_unrecorded_match(unrecorded)
+                raise
             if found and on_match is not None:
                 on_match(found)
             matched += found

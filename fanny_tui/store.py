@@ -359,6 +359,23 @@ class TokenStore:
                            (_ts(now), matched))
         return matched
 
+    def matching_tokens(self, tokens: Iterable[str]) -> set[str]:
+        """The stored tokens (not pending upload) among ``tokens``; reads only.
+
+        Used to still raise an exposure alert when the store cannot be written (disk full,
+        read-only): the match is then shown but can be neither recorded nor deleted.
+        """
+        wanted = [t for t in tokens if is_token(t)]
+        found: set[str] = set()
+        with self._write():
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(row[0] for row in self._db.execute(
+                    f"SELECT token FROM tokens WHERE upload_id IS NULL AND token IN ({marks})",
+                    chunk))
+        return found
+
     def alerts(self) -> list[Alert]:
         """Exposure alerts raised so far, oldest first."""
         with self._write():

@@ -25,6 +25,7 @@ from broker.__main__ import issue_code
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import parse_config
 from fanny_tui.gps import FixedSource
+from fanny_tui.positives import declare, upload_pending
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES
 from fanny_tui.protocol.tokens import craft_token
@@ -313,6 +314,28 @@ async def test_a_read_only_store_is_an_error_not_a_crash(tmp_path):
         assert await a.engine.declare_positive(_code(tmp_path)) == 2
         await a.wait_event("positive_declared")
         assert _held(a.data_dir) == {}
+
+
+async def test_a_read_only_store_still_raises_the_exposure_alert_once(tmp_path):
+    """The store cannot record a match, but the tester must still learn of the exposure."""
+    tokens = sorted(_stock(tmp_path / "a", 2))
+    async with start_broker(_settings(tmp_path)) as broker, \
+            running_device(_one_device_config(broker.url), tmp_path / "a",
+                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        await a.wait_event("positives_polled")
+        _degrade(a.engine._store, "query_only = 1")     # the file system went read-only
+        positive = TokenStore.in_dir(tmp_path / "positive")   # the contact, declaring
+        positive.add(tokens[0], expiry_for(datetime.now(UTC)))
+        declare(positive, _code(tmp_path))
+        await upload_pending(positive, broker.url)
+        positive.close()
+        alert = await a.wait_event("exposure_alert", timeout=10)
+        assert alert.count == 1
+        errors = len(a.of("error"))
+        await a.wait_for(lambda e: len(a.of("error")) >= errors + 2)   # two more polls
+        assert len(a.of("exposure_alert")) == 1                        # alerted once
+        assert _held(a.data_dir) == dict.fromkeys(tokens, False)       # nothing lost
+        _degrade(a.engine._store, "query_only = 0")
 
 
 @pytest.fixture
