@@ -159,7 +159,8 @@ class FuzzCounts:
     summary: str
 
 
-_FUZZ_LINE = re.compile(r"^fuzz: (?P<name>.+?): (?P<n>\d+) inputs(?: \(.*\))?$")
+_FUZZ_LINE = re.compile(r"fuzz: (?P<name>.+?): (?P<n>\d+) inputs(?: \(.*\))?$")
+"""A fuzz count line; with ``-q -s`` it may follow pytest's progress dots on the same line."""
 
 
 def _fuzz_group(name: str) -> str:
@@ -172,7 +173,8 @@ def _fuzz_group(name: str) -> str:
 def run_fuzz(long: bool) -> FuzzCounts:
     """Run the fuzz suite with pytest and collect its ``fuzz: NAME: N inputs`` lines.
 
-    The suite is ``tests/fuzz`` plus any ``tests/**/test_*fuzz*.py`` outside it.
+    The suite is ``tests/fuzz`` plus any ``tests/**/test_*fuzz*.py`` outside it. ``long``
+    sets ``FANNY_FUZZ=long`` and lifts pytest's per-test time-out.
     """
     paths = ["tests/fuzz"] if (REPO / "tests" / "fuzz").is_dir() else []
     paths += sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*fuzz*.py")
@@ -182,8 +184,11 @@ def run_fuzz(long: bool) -> FuzzCounts:
         env["FANNY_FUZZ"] = "long"
     else:
         env.pop("FANNY_FUZZ", None)
-    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *paths]
-    shown = ("FANNY_FUZZ=long " if long else "") + ".venv/bin/pytest -q -s " + " ".join(paths)
+    # The long budget outlasts pytest-timeout's 180 s per test (pyproject.toml): no limit there.
+    options = ["-q", "-s", "-p", "no:cacheprovider", *(["--timeout", "0"] if long else [])]
+    command = [sys.executable, "-m", "pytest", *options, *paths]
+    shown = (("FANNY_FUZZ=long " if long else "") + ".venv/bin/pytest " + " ".join(options)
+             + " " + " ".join(paths))
     if not paths:
         return FuzzCounts(shown, {}, False, "no fuzz tests found")
     _progress(f"fuzz: running {shown}")
@@ -191,7 +196,7 @@ def run_fuzz(long: bool) -> FuzzCounts:
                           timeout=6 * 3600)
     counts: dict[str, int] = {}
     for line in done.stdout.splitlines():
-        found = _FUZZ_LINE.match(line.strip())
+        found = _FUZZ_LINE.search(line.strip())
         if found and found["name"] != "total":
             counts[found["name"]] = int(found["n"])
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
