@@ -5,7 +5,7 @@ The figures of ``docs/reliability.md`` come from this command. From the reposito
     .venv/bin/python tools/reliability_report.py                # every fault once (~1 minute)
     .venv/bin/python tools/reliability_report.py --runs 10      # ten times each (~10 minutes)
     .venv/bin/python tools/reliability_report.py --fuzz         # also the fuzz suite, CI budget
-    .venv/bin/python tools/reliability_report.py --fuzz-long    # ... FANNY_FUZZ=long (slow)
+    .venv/bin/python tools/reliability_report.py --fuzz-long    # ... FANNY_FUZZ=long (~30 min)
     .venv/bin/python tools/reliability_report.py --only broker-kill --runs 50 --seed 100
 
 Each run of a scenario injects one fault into real processes on 127.0.0.1 (see
@@ -153,6 +153,7 @@ async def _run_kinds(kinds: list[Kind], runs: int, seed: int, keep: bool) -> Non
 class FuzzCounts:
     """What the fuzz suite printed: inputs per fuzz test, and whether pytest passed."""
 
+    budget: str
     command: str
     counts: dict[str, int]
     passed: bool
@@ -179,6 +180,7 @@ def run_fuzz(long: bool) -> FuzzCounts:
     paths = ["tests/fuzz"] if (REPO / "tests" / "fuzz").is_dir() else []
     paths += sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*fuzz*.py")
                     if "fuzz" not in p.relative_to(REPO / "tests").parts[:-1])
+    budget = "long run (FANNY_FUZZ=long)" if long else "CI budget"
     env = dict(os.environ)
     if long:
         env["FANNY_FUZZ"] = "long"
@@ -190,7 +192,7 @@ def run_fuzz(long: bool) -> FuzzCounts:
     shown = (("FANNY_FUZZ=long " if long else "") + ".venv/bin/pytest " + " ".join(options)
              + " " + " ".join(paths))
     if not paths:
-        return FuzzCounts(shown, {}, False, "no fuzz tests found")
+        return FuzzCounts(budget, shown, {}, False, "no fuzz tests found")
     _progress(f"fuzz: running {shown}")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=6 * 3600)
@@ -200,7 +202,7 @@ def run_fuzz(long: bool) -> FuzzCounts:
         if found and found["name"] != "total":
             counts[found["name"]] = int(found["n"])
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
-    return FuzzCounts(shown, counts, done.returncode == 0, last.strip("= "))
+    return FuzzCounts(budget, shown, counts, done.returncode == 0, last.strip("= "))
 
 
 def _git_revision() -> str:
@@ -212,8 +214,8 @@ def _git_revision() -> str:
     return out.stdout.strip()
 
 
-def render(kinds: list[Kind], runs: int, seed: int, fuzz: FuzzCounts | None,
-           argv: Sequence[str]) -> str:
+def render(kinds: list[Kind], runs: int, seed: int, fuzz: Sequence[FuzzCounts],
+           argv: Sequence[str], only: str | None = None) -> str:
     """The report as Markdown."""
     tool = "tools/reliability_report.py"
     lines = [
@@ -241,19 +243,20 @@ def render(kinds: list[Kind], runs: int, seed: int, fuzz: FuzzCounts | None,
         "| figure | value | reproduce |",
         "|---|---|---|",
     ]
-    if fuzz is not None:
-        total = sum(fuzz.counts.values())
+    for suite in fuzz:
+        total = sum(suite.counts.values())
         groups: Counter[str] = Counter()
-        for name, n in fuzz.counts.items():
+        for name, n in suite.counts.items():
             groups[_fuzz_group(name)] += n
         detail = ", ".join(f"{name} {n}" for name, n in sorted(groups.items()))
-        state = "passed" if fuzz.passed else f"FAILED ({fuzz.summary})"
-        lines.append(f"| fuzz inputs tried | {total} ({detail}); pytest {state} | "
-                     f"`{fuzz.command}` |")
+        state = "passed" if suite.passed else f"FAILED ({suite.summary})"
+        lines.append(f"| fuzz inputs tried, {suite.budget} | {total} ({detail}); pytest {state} "
+                     f"| `{suite.command}` |")
     lines += [
         f"| faults injected | {injected} ("
         + ", ".join(f"{g} {n}" for g, n in by_group.items() if n) + ") | "
-        f"`.venv/bin/python {tool} --runs {runs} --seed {seed}` |",
+        f"`.venv/bin/python {tool} --runs {runs} --seed {seed}"
+        + (f" --only {only}" if only else "") + "` |",
     ]
     if uploads or any(k.group == "broker-kill" for k in kinds):
         lost = sum(r.acked_tokens_lost for r in uploads)
@@ -286,7 +289,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fuzz", action="store_true",
                         help="also run the fuzz suite (CI budget) and report its input counts")
     parser.add_argument("--fuzz-long", action="store_true",
-                        help="the same with FANNY_FUZZ=long (about 50 times more inputs)")
+                        help="the same with FANNY_FUZZ=long (about 50 times more inputs, "
+                             "about half an hour); with --fuzz, both budgets")
     parser.add_argument("--keep", action="store_true",
                         help="keep each run's work directory (logs, stores, board)")
     return parser
@@ -310,10 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     os.chdir(REPO)
     kinds = [k for k in _kinds() if k.group in groups]
-    fuzz = run_fuzz(args.fuzz_long) if (args.fuzz or args.fuzz_long) else None
+    fuzz = [run_fuzz(long) for long, wanted in ((False, args.fuzz), (True, args.fuzz_long))
+            if wanted]
     asyncio.run(_run_kinds(kinds, args.runs, args.seed, args.keep))
-    print(render(kinds, args.runs, args.seed, fuzz, args_list))
-    failed = any(k.failures for k in kinds) or (fuzz is not None and not fuzz.passed)
+    print(render(kinds, args.runs, args.seed, fuzz, args_list, args.only))
+    failed = any(k.failures for k in kinds) or any(not suite.passed for suite in fuzz)
     return 1 if failed else 0
 
 
