@@ -7,9 +7,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.fuzz import COUNTS, profile_name, register_profiles
+import pytest
+
+from tests.fuzz import COUNTS, is_long, profile_name, register_profiles
 
 register_profiles()
+
+LONG_TIMEOUT_S = 3 * 3600
+"""pytest-timeout per test in the long run (the project default, 180 s, is for CI)."""
+
+
+def pytest_collection_modifyitems(config: Any, items: list[pytest.Item]) -> None:
+    """In the long run, give each fuzz test hours instead of the CI time-out."""
+    if not is_long():
+        return
+    for item in items:
+        if "fuzz" in item.path.parts:
+            item.add_marker(pytest.mark.timeout(LONG_TIMEOUT_S))
 
 
 def pytest_report_header(config: Any) -> str:
