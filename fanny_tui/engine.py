@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_HANDSHAKES = 8
 SWEEP_INTERVAL_S = 60.0
+MAX_ACCURACY_M = 100_000.0
+"""The largest ``accuracy_m`` the wire accepts (fanny_tui.protocol.messages.AccuracyM)."""
 
 
 class _PeerSignaling:
@@ -293,8 +295,7 @@ class Engine:
         while True:
             fix = self._fix
             if fix is not None:
-                await self._link.send(Position(latitude=fix.latitude, longitude=fix.longitude,
-                                               accuracy_m=fix.accuracy_m))
+                await self._link.send(position_message(fix))
             await self._sleep_or(self._position_wakeup, self.config.protocol.position_interval_s)
 
     # -- matches and witness exchanges (paper 3, steps 3-5) --------------------------------
@@ -461,6 +462,18 @@ class Engine:
                 if deleted:
                     self.emit(TokensExpired(count=deleted))
             await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+def position_message(fix: GpsFix) -> Position:
+    """The wire position for a fix (paper 3, step 2).
+
+    An accuracy worse than the wire's ceiling (100 km, a receiver's nonsense estimate) is sent
+    as that ceiling rather than making the broker refuse the position.
+    """
+    accuracy = fix.accuracy_m
+    if accuracy is not None:
+        accuracy = min(accuracy, MAX_ACCURACY_M)
+    return Position(latitude=fix.latitude, longitude=fix.longitude, accuracy_m=accuracy)
 
 
 def _describe(exc: BaseException) -> str:

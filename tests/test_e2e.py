@@ -344,3 +344,14 @@ def unused_tcp_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_position_message_caps_a_nonsense_accuracy():
+    from fanny_tui.engine import position_message
+    from fanny_tui.events import GpsFix
+    from fanny_tui.protocol.messages import decode_client_message, encode
+
+    fix = GpsFix(latitude=LAT, longitude=LON, accuracy_m=3.0e7, mode=3)
+    sent = decode_client_message(encode(position_message(fix)))   # the broker accepts it
+    assert sent.accuracy_m == 100_000.0
+    assert position_message(GpsFix(LAT, LON, None, 2)).accuracy_m is None
