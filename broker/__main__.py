@@ -14,7 +14,7 @@ on stdout once the socket is bound, runs until SIGTERM or SIGINT, then stops gra
 the server, waits for the handlers, closes the board) and exits 0. Without
 ``--open-declarations`` a positive upload needs a declaration code.
 
-``issue-code`` prints one single-use declaration code (paper section 5) on stdout, e.g.
+``issue-code`` prints one declaration code (paper section 5) on stdout, e.g.
 ``K7QF-3M9X-TR2B-8HJD``, and stores only its SHA-256 and expiry in the board's database (the same
 file ``serve`` uses; it may be running). ``--ttl`` accepts ``90s``, ``30m``, ``1h``, ``2d`` (or
 plain seconds); the code must be used within it.
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", type=_level, default="INFO", metavar="LEVEL",
                        help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     issue = commands.add_parser(
-        "issue-code", help="print a single-use declaration code and store its hash")
+        "issue-code", help="print a declaration code (one declaration) and store its hash")
     issue.add_argument("--db", required=True, metavar="PATH",
                        help="SQLite file of the positive-token board (created if missing)")
     issue.add_argument("--ttl", type=parse_ttl, default=timedelta(hours=1), metavar="DURATION",
@@ -242,7 +242,7 @@ def _issue(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     print(code, flush=True)
-    print(f"{PROG}: single-use declaration code, valid until "
+    print(f"{PROG}: declaration code for one declaration, valid until "
           f"{expires_at.strftime('%Y-%m-%dT%H:%M:%SZ')}", file=sys.stderr)
     return 0
 

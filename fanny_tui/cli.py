@@ -135,7 +135,11 @@ def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str) -> 
         _setup_logging(log_level)
         engine = Engine(config, data_dir)
         return asyncio.run(run_headless(engine))
-    _setup_logging(log_level, to_file=data_dir / "fanny-tui.log")
+    try:
+        _setup_logging(log_level, to_file=data_dir / "fanny-tui.log")
+    except OSError as exc:
+        raise UsageError(f"cannot use the data directory {data_dir}: "
+                         f"{exc.strerror or exc}") from None
     from .ui.app import make_app
 
     app = make_app(Engine(config, data_dir))
@@ -153,6 +157,7 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
     store = TokenStore.in_dir(data_dir, read_only=True)
     try:
         tokens = store.tokens()
+        alerts = store.alerts()
     finally:
         store.close()
     if as_json:
@@ -168,6 +173,10 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
         mark = "  (positive upload pending)" if t.pending else ""
         print(f"{t.token}  expires {t.expires_at:%Y-%m-%d %H:%M}Z  in {left.days}d "
               f"{left.seconds // 3600}h{mark}")
+    for alert in alerts:
+        # Matched tokens are deleted when the alert is raised (paper 4, step 4).
+        print(f"exposure alert {alert.noticed_at:%Y-%m-%d %H:%M}Z: {alert.count} stored "
+              f"token(s) declared positive (deleted from the store)")
     return EXIT_OK
 
 

@@ -392,8 +392,9 @@ class Engine:
         while True:
             if not self._store.pending_count():
                 delays = retry_delays()
-                await self._upload_wakeup.wait()
-                self._upload_wakeup.clear()
+                # Woken by declare_positive(); the periodic look also picks up a declaration
+                # made by `fanny-tui declare-positive` in another process on the same store.
+                await self._sleep_or(self._upload_wakeup, self.config.protocol.poll_interval_s)
                 continue
             try:
                 await upload_pending(self._store, broker.url, ssl_context=self._ssl,

@@ -320,3 +320,32 @@ def test_an_unusable_ca_file_is_one_clear_line(tmp_path):
         assert "No such file" in lines[0]
     # Nothing was marked for upload by the failed declaration.
     assert [t["pending_upload"] for t in _tokens_json(tmp_path / "d")] == [False]
+
+
+def test_tokens_lists_exposure_alerts_and_the_data_dir_error(tmp_path):
+    from datetime import UTC, datetime
+
+    from fanny_tui.store import TokenStore
+
+    store = TokenStore.in_dir(tmp_path / "d")
+    store.add("cd" * 32, datetime(2026, 12, 20, 4, tzinfo=UTC))
+    store.add("ef" * 32, datetime(2026, 12, 20, 4, tzinfo=UTC))
+    assert store.match_positives(["cd" * 32], datetime(2026, 12, 6, 9, tzinfo=UTC)) == 1
+    store.close()
+    result = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "d"],
+                            capture_output=True, text=True, check=True)
+    assert "ef" * 32 in result.stdout and "cd" * 32 not in result.stdout
+    assert "exposure alert 2026-12-06 09:00Z: 1 stored token(s) declared positive" in result.stdout
+
+
+def test_tui_with_an_unusable_data_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    result = subprocess.run([BIN / "fanny-tui", "--config", config, "--data-dir",
+                             blocker / "sub"], capture_output=True, text=True, timeout=30,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"fanny-tui: cannot use the data directory {blocker / 'sub'}: Not a directory"]

@@ -355,3 +355,18 @@ def test_position_message_caps_a_nonsense_accuracy():
     sent = decode_client_message(encode(position_message(fix)))   # the broker accepts it
     assert sent.accuracy_m == 100_000.0
     assert position_message(GpsFix(LAT, LON, None, 2)).accuracy_m is None
+
+
+async def test_a_running_engine_sends_a_declaration_made_by_another_process(tmp_path):
+    """`fanny-tui declare-positive` on the store of a running app: the app sends it."""
+    tokens = _stock(tmp_path / "a", 2)
+    async with start_broker(_settings(tmp_path)) as broker, \
+            running_device(_one_device_config(broker.url), tmp_path / "a",
+                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        await a.wait_event("positives_polled")
+        other = TokenStore.in_dir(tmp_path / "a")            # as another process would
+        declare(other, _code(tmp_path))
+        other.close()
+        declared = await a.wait_event("positive_declared", timeout=3 * POLL_S + 5)
+        assert declared.count == len(tokens)
+        assert _held(a.data_dir) == {}
