@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
-import re
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 import urllib.request
@@ -37,13 +34,13 @@ from tests.helpers import LAT, LON
 
 __all__ = [
     "BIN",
+    "CHILD_ENV",
     "UPLOAD_ANSWER_DELAY_S",
     "BrokerProcess",
     "HeadlessDevice",
     "Processes",
     "board_tokens",
     "board_upload_ids",
-    "broker_serve_options",
     "event_time",
     "free_port",
     "healthz",
@@ -58,15 +55,8 @@ BIN = Path(sys.executable).parent
 UPLOAD_ANSWER_DELAY_S = 0.05
 """The broker's minimum delay before answering an upload, in these runs (when it has one)."""
 
-_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-@functools.cache
-def broker_serve_options() -> frozenset[str]:
-    """The long options ``fanny-broker serve --help`` lists (to use newer ones when present)."""
-    out = subprocess.run([str(BIN / "fanny-broker"), "serve", "--help"], capture_output=True,
-                         text=True, timeout=60, check=True, env=_ENV)
-    return frozenset(re.findall(r"--[a-z][a-z0-9-]*", out.stdout))
+CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+"""Environment of the processes started here (unbuffered, so events arrive as they happen)."""
 
 
 def event_time(event: dict[str, Any]) -> float:
@@ -80,8 +70,8 @@ def event_time(event: dict[str, Any]) -> float:
 class BrokerProcess:
     """One ``fanny-broker serve`` process on ``127.0.0.1:port`` with the board ``db``.
 
-    Uploads are accepted without declaration codes (``--open-declarations``) and answered
-    after :data:`UPLOAD_ANSWER_DELAY_S`, when this broker has those options.
+    Uploads are accepted without declaration codes (``--open-declarations``: these scenarios
+    are about faults, not authorization) and answered after :data:`UPLOAD_ANSWER_DELAY_S`.
 
     Args:
         port: the TCP port (fixed, so that a restart uses the same one).
@@ -97,12 +87,9 @@ class BrokerProcess:
         self.log_path = log_path
         self.url = f"ws://127.0.0.1:{port}"
         self.command = [str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
-                        str(port), "--db", str(db), "--log-level", "WARNING"]
-        options = broker_serve_options()
-        if "--open-declarations" in options:
-            self.command.append("--open-declarations")
-        if "--upload-answer-delay-s" in options:
-            self.command += ["--upload-answer-delay-s", str(UPLOAD_ANSWER_DELAY_S)]
+                        str(port), "--db", str(db), "--log-level", "WARNING",
+                        "--open-declarations",
+                        "--upload-answer-delay-s", str(UPLOAD_ANSWER_DELAY_S)]
         if cooldown_s is not None:
             self.command += ["--cooldown-s", str(cooldown_s)]
         if position_timeout_s is not None:
@@ -119,7 +106,7 @@ class BrokerProcess:
         """
         with open(self.log_path, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                *self.command, stdout=asyncio.subprocess.PIPE, stderr=log, env=_ENV)
+                *self.command, stdout=asyncio.subprocess.PIPE, stderr=log, env=CHILD_ENV)
         assert self.process.stdout is not None
         try:
             async with asyncio.timeout(timeout_s):
@@ -217,7 +204,7 @@ class HeadlessDevice:
             self.process = await asyncio.create_subprocess_exec(
                 str(BIN / "fanny-tui"), "--headless", "--config", str(self.config),
                 "--data-dir", str(self.data_dir), stdout=asyncio.subprocess.PIPE, stderr=log,
-                env=_ENV)
+                env=CHILD_ENV)
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -395,7 +382,7 @@ async def tokens_json(data_dir: Path) -> list[dict[str, Any]]:
     """
     process = await asyncio.create_subprocess_exec(
         str(BIN / "fanny-tui"), "tokens", "--data-dir", str(data_dir), "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_ENV)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=CHILD_ENV)
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, f"fanny-tui tokens failed: {err.decode(errors='replace')}"
     return json.loads(out)
