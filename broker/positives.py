@@ -40,7 +40,8 @@ import hashlib
 import re
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -458,6 +459,24 @@ class SqlitePositiveBoard:
             raise BoardError("the positive board is closed")
         return self._db
 
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock: committed if the block ends normally, rolled
+        back on any exception; an SQLite error becomes ``BoardError("... could not WHAT")``."""
+        with self._lock:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise BoardError(f"the positive board could not {what}: {exc}") from None
+
     def add(
         self,
         upload_id: str,
@@ -473,48 +492,35 @@ class SqlitePositiveBoard:
             check_code_hash(code_hash)
         clean = distinct_tokens(tokens)
         digest = _digest(clean)
-        with self._lock:
-            db = self._conn()
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    known = db.execute("SELECT count, digest FROM uploads WHERE upload_id = ?",
-                                       (upload_id,)).fetchone()
-                    if known is not None:
-                        if known[1] != digest:
-                            raise Refusal("this upload_id was already used for other tokens",
-                                          code="upload_conflict", field="upload_id")
-                        db.execute("ROLLBACK")
-                        return int(known[0])
-                    record = None if code_hash is None else self._code(db, code_hash)
-                    check_code(code_hash, record, now, code_required=code_required,
-                               policy=self.code_policy)
-                    # Checked only for a new upload: a retry whose ack was lost is answered
-                    # even if some of its tokens expired in the meantime.
-                    check_upload(tokens, now, self.max_expiry_ahead)
-                    if clean:
-                        db.executemany(
-                            "INSERT INTO positives (token, expires_at) VALUES (?, ?) "
-                            "ON CONFLICT (token) DO NOTHING",
-                            [(t.token, _epoch(t.expires_at)) for t in clean])
-                        db.execute(
-                            "INSERT INTO uploads (upload_id, count, digest, keep_until) "
-                            "VALUES (?, ?, ?, ?)",
-                            (upload_id, len(clean), digest,
-                             max(_epoch(t.expires_at) for t in clean)))
-                        if code_hash is not None:
-                            # Consumed in the transaction that commits the tokens.
-                            db.execute(
-                                "UPDATE codes SET uploads = uploads + 1, "
-                                "used_until = coalesce(used_until, ?) WHERE code_hash = ?",
-                                (_epoch(now + self.code_policy.grace), code_hash))
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not store an upload: {exc}") from None
+        with self._transaction("store an upload") as db:
+            known = db.execute("SELECT count, digest FROM uploads WHERE upload_id = ?",
+                               (upload_id,)).fetchone()
+            if known is not None:
+                if known[1] != digest:
+                    raise Refusal("this upload_id was already used for other tokens",
+                                  code="upload_conflict", field="upload_id")
+                return int(known[0])
+            record = None if code_hash is None else self._code(db, code_hash)
+            check_code(code_hash, record, now, code_required=code_required,
+                       policy=self.code_policy)
+            # Checked only for a new upload: a retry whose ack was lost is answered
+            # even if some of its tokens expired in the meantime.
+            check_upload(tokens, now, self.max_expiry_ahead)
+            if clean:
+                db.executemany(
+                    "INSERT INTO positives (token, expires_at) VALUES (?, ?) "
+                    "ON CONFLICT (token) DO NOTHING",
+                    [(t.token, _epoch(t.expires_at)) for t in clean])
+                db.execute(
+                    "INSERT INTO uploads (upload_id, count, digest, keep_until) "
+                    "VALUES (?, ?, ?, ?)",
+                    (upload_id, len(clean), digest, max(_epoch(t.expires_at) for t in clean)))
+                if code_hash is not None:
+                    # Consumed in the transaction that commits the tokens.
+                    db.execute(
+                        "UPDATE codes SET uploads = uploads + 1, "
+                        "used_until = coalesce(used_until, ?) WHERE code_hash = ?",
+                        (_epoch(now + self.code_policy.grace), code_hash))
         return len(clean)
 
     @staticmethod
@@ -532,22 +538,12 @@ class SqlitePositiveBoard:
         """See :meth:`PositiveBoard.add_code`."""
         check_code_hash(code_hash)
         at = _epoch(expires_at)
-        with self._lock:
-            db = self._conn()
+        with self._transaction("store a code") as db:
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.execute("INSERT INTO codes (code_hash, expires_at) VALUES (?, ?)",
-                               (code_hash, at))
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
+                db.execute("INSERT INTO codes (code_hash, expires_at) VALUES (?, ?)",
+                           (code_hash, at))
             except sqlite3.IntegrityError:
                 raise BoardError("this declaration code is already stored") from None
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not store a code: {exc}") from None
 
     def code_record(self, code_hash: str) -> CodeRecord | None:
         """What the board holds for a code hash, or ``None`` (for tools and tests)."""
@@ -603,23 +599,11 @@ class SqlitePositiveBoard:
         expiry and their continuation window.
         """
         at = _epoch(_current(now))
-        with self._lock:
-            db = self._conn()
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    purged = db.execute("DELETE FROM positives WHERE expires_at <= ?",
-                                        (at,)).rowcount
-                    db.execute("DELETE FROM uploads WHERE keep_until <= ?", (at,))
-                    db.execute("DELETE FROM codes WHERE max(expires_at, "
-                               "coalesce(used_until, 0)) <= ?", (at,))
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not purge: {exc}") from None
+        with self._transaction("purge") as db:
+            purged = db.execute("DELETE FROM positives WHERE expires_at <= ?", (at,)).rowcount
+            db.execute("DELETE FROM uploads WHERE keep_until <= ?", (at,))
+            db.execute("DELETE FROM codes WHERE max(expires_at, "
+                       "coalesce(used_until, 0)) <= ?", (at,))
         return int(purged)
 
     def count(self) -> int:
