@@ -63,6 +63,10 @@ class ProtocolConfig:
     position_interval_s: float = 5.0
     poll_interval_s: float = 300.0
     handshake_timeout_s: float = 20.0
+    min_contact_s: float = 0.0
+    contact_gap_s: float = 30.0
+    max_contact_s: float = 3600.0
+    max_speed_mps: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,15 @@ class PrivacyConfig:
 
     decoy_uploads: bool = False
     decoy_interval_s: float = 3600.0
+    rotation_interval_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """``[journal]``: the opt-in run journal (JSON lines; no ID, token or position).
+    ``path`` None: no journal."""
+
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,7 @@ class Config:
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
 
 
 class _Section:
@@ -216,8 +230,10 @@ def _gps(data: Mapping[str, Any], base: Path | None) -> GpsConfig:
 def _protocol(data: Mapping[str, Any]) -> ProtocolConfig:
     s = _Section(data, "protocol", {"radius_m", "token_lifetime_days", "deletion_hour_utc",
                                     "position_interval_s", "poll_interval_s",
-                                    "handshake_timeout_s"})
+                                    "handshake_timeout_s", "min_contact_s", "contact_gap_s",
+                                    "max_contact_s", "max_speed_mps"})
     d = ProtocolConfig
+    max_contact = s.number("max_contact_s", d.max_contact_s, low=1.0, high=86_400.0)
     return ProtocolConfig(
         radius_m=s.number("radius_m", d.radius_m, positive=True, high=10_000.0),
         token_lifetime_days=s.integer("token_lifetime_days", d.token_lifetime_days, 1, 365),
@@ -227,6 +243,10 @@ def _protocol(data: Mapping[str, Any]) -> ProtocolConfig:
         poll_interval_s=s.number("poll_interval_s", d.poll_interval_s, low=0.1, high=86_400.0),
         handshake_timeout_s=s.number("handshake_timeout_s", d.handshake_timeout_s,
                                      low=0.5, high=600.0),
+        min_contact_s=s.number("min_contact_s", d.min_contact_s, low=0.0, high=max_contact),
+        contact_gap_s=s.number("contact_gap_s", d.contact_gap_s, low=0.1, high=3600.0),
+        max_contact_s=max_contact,
+        max_speed_mps=s.number("max_speed_mps", d.max_speed_mps, positive=True, high=1000.0),
     )
 
 
@@ -277,11 +297,18 @@ def _storage(data: Mapping[str, Any], base: Path | None) -> StorageConfig:
 
 
 def _privacy(data: Mapping[str, Any]) -> PrivacyConfig:
-    s = _Section(data, "privacy", {"decoy_uploads", "decoy_interval_s"})
+    s = _Section(data, "privacy", {"decoy_uploads", "decoy_interval_s", "rotation_interval_s"})
     return PrivacyConfig(
         decoy_uploads=s.boolean("decoy_uploads", PrivacyConfig.decoy_uploads),
         decoy_interval_s=s.number("decoy_interval_s", PrivacyConfig.decoy_interval_s,
-                                  low=1.0, high=30 * 86_400.0))
+                                  low=1.0, high=30 * 86_400.0),
+        rotation_interval_s=s.number("rotation_interval_s", PrivacyConfig.rotation_interval_s,
+                                     low=1.0, high=86_400.0))
+
+
+def _journal(data: Mapping[str, Any], base: Path | None) -> JournalConfig:
+    s = _Section(data, "journal", {"path"})
+    return JournalConfig(path=_path(s, "path", base))
 
 
 def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
@@ -294,7 +321,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Co
     Raises:
         ConfigError: an unknown table or key, or a value of the wrong type or range.
     """
-    sections = {"broker", "gps", "protocol", "webrtc", "storage", "privacy"}
+    sections = {"broker", "gps", "protocol", "webrtc", "storage", "privacy", "journal"}
     unknown = sorted(set(data) - sections)
     if unknown:
         raise ConfigError(unknown[0], f"one of the tables {sorted(sections)}")
@@ -305,6 +332,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Co
         webrtc=_webrtc(data.get("webrtc", {})),
         storage=_storage(data.get("storage", {}), base_dir),
         privacy=_privacy(data.get("privacy", {})),
+        journal=_journal(data.get("journal", {}), base_dir),
     )
 
 

@@ -64,6 +64,22 @@ class GpsFix(Event):
     satellites_used: int | None = None
     satellites_visible: int | None = None
     time: datetime | None = None
+    hdop: float | None = None
+    source: str = "gpsd"
+    """Where the fix comes from: ``gpsd`` or ``nmea`` (a receiver, live or replayed), ``fixed``
+    (a configured position, not a receiver), ``walk`` or ``track`` (simulated: demo, fanny-sim)."""
+
+
+@dataclass(frozen=True)
+class IdsRotated(Event):
+    """The session ID and contact ID were replaced by fresh UUIDv4s (privacy invariant 1).
+
+    ``reason``: ``schedule`` (``[privacy] rotation_interval_s``) or ``declared`` (at once after
+    a positive declaration). The IDs themselves never appear in an event.
+    """
+
+    event: ClassVar[str] = "ids_rotated"
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,68 @@ class HandshakeProgress(Event):
 
 
 @dataclass(frozen=True)
+class ChannelOpen(Event):
+    """The data channel with ``peer`` is open (RFC 8831).
+
+    ``local_candidate``/``remote_candidate``: the ICE candidate types of the selected pair
+    (RFC 8445: ``host``, ``srflx``, ``prflx``, ``relay``), None when aiortc does not tell.
+    """
+
+    event: ClassVar[str] = "channel_open"
+    peer: int
+    local_candidate: str | None = None
+    remote_candidate: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerUpdate(Event):
+    """A position sample exchanged with a live ``peer`` over the data channel (paper 2).
+
+    Relative measures only, never the peer's position: ``distance_m`` (metres, haversine between
+    the two latest fixes), ``bearing_deg`` (from this device to the peer, degrees clockwise from
+    true north), ``peer_accuracy_m`` (the peer's reported accuracy, metres, 95 %), ``within``
+    (the accuracy rule's verdict for this sample: ``in``, ``uncertain`` or ``out``),
+    ``within_s`` (seconds within the radius so far in this contact) and ``samples`` (count).
+    """
+
+    event: ClassVar[str] = "peer_update"
+    peer: int
+    distance_m: float
+    bearing_deg: float
+    peer_accuracy_m: float | None
+    within: str
+    within_s: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class Contact:
+    """The measures of one narrow contact (paper 2): seconds within the radius, closest and
+    median distance in metres, number of samples. No timestamp (privacy invariant 5)."""
+
+    duration_s: float
+    closest_m: float | None
+    median_m: float | None
+    samples: int
+
+
+@dataclass(frozen=True)
+class ContactClosed(Event):
+    """The data channel with ``peer`` closed; the contact's final measures.
+
+    ``reason``: ``parted`` (out of the radius for ``contact_gap_s``), ``max_contact``
+    (``max_contact_s`` reached), ``peer_closed``, ``channel_lost`` (no heartbeat) or
+    ``stopped``. ``token_stored``: whether this contact left a token on this device.
+    """
+
+    event: ClassVar[str] = "contact_closed"
+    peer: int
+    reason: str
+    contact: Contact
+    token_stored: bool
+
+
+@dataclass(frozen=True)
 class HandshakeFailed(Event):
     """The witness exchange with ``peer`` failed; nothing was stored by it."""
 
@@ -114,6 +192,10 @@ class TokenStored(Event):
     token: str
     expires_at: datetime
     new: bool = True
+    contact: Contact | None = None
+    """The contact's measures when the token was stored (None: no sample yet)."""
+    match_to_token_s: float | None = None
+    """Seconds from the broker's match to the token being stored on this device."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +245,8 @@ class PositivesPolled(Event):
 
     event: ClassVar[str] = "positives_polled"
     received: int
+    next_poll_in_s: float | None = None
+    """Seconds until the next scheduled poll."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +258,8 @@ class ExposureAlert(Event):
 
     event: ClassVar[str] = "exposure_alert"
     count: int
+    contacts: tuple[Contact, ...] = ()
+    """The stored measures of the matched tokens' contacts (those known)."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +277,15 @@ def to_json_dict(event: Event, now: datetime | None = None) -> dict[str, Any]:
     """
     out: dict[str, Any] = {"event": event.event, "at": _iso(now or datetime.now(UTC))}
     for field in dataclasses.fields(event):
-        value = getattr(event, field.name)
-        out[field.name] = _iso(value) if isinstance(value, datetime) else value
+        out[field.name] = _plain(getattr(event, field.name))
     return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _iso(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    return value
