@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,10 @@ from pathlib import Path
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import Engine
 from fanny_tui.events import Event
+
+TIME_UNIT = float(os.environ.get("FANNY_TIME_UNIT", "1.0"))
+"""The tests' one time unit, in seconds: every deadline and wait in a test is a multiple of it.
+Set ``FANNY_TIME_UNIT=3`` on a slow or loaded machine to give every deadline three times as long."""
 
 LAT, LON = 43.604500, 1.444000
 """A spot in Toulouse; devices are placed a few metres from it."""
