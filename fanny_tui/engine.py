@@ -60,6 +60,7 @@ from .events import (
     TokensExpired,
     TokenStored,
 )
+from .journal import attach as attach_journal
 from .link import BrokerLink, backoff, ssl_context_for
 from .positives import UploadOutcome, declare, poll_once, send_decoy, upload_pending
 from .protocol.expiry import expiry_for
@@ -226,7 +227,8 @@ class Engine:
     # -- main loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run until :meth:`stop`. Opens the store first.
+        """Run until :meth:`stop`. Opens the store first, and the journal if ``[journal] path``
+        is set (:mod:`fanny_tui.journal`; a journal that cannot be written is an ``error`` event).
 
         Raises:
             StoreError: the token store cannot be opened.
@@ -235,6 +237,7 @@ class Engine:
         if self._source is None:
             from .gps import make_source
             self._source = make_source(self.config.gps)
+        journal = attach_journal(self)  # [journal] path: JSON lines of this run (default: none)
         self.emit(SessionStarted())
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("gps", self._gps_loop), ("broker link", self._link.run),
@@ -255,6 +258,8 @@ class Engine:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._exchanges.clear()
             self._store.close()
+            if journal is not None:
+                journal.close()
 
     async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run one loop forever; an unexpected crash is reported and the loop restarted."""
