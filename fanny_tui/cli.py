@@ -7,6 +7,7 @@
     fanny-tui declare-positive [--code CODE] [--config FILE] [--data-dir DIR]
                                                                upload all tokens (paper 4, 5)
     fanny-tui demo [--devices N] [--headless]                  the whole kit on this machine
+    fanny-tui report [--json] JOURNAL...                       merge devices' run journals
 
 ``--headless`` prints one JSON object per line on stdout per engine event (see
 :mod:`fanny_tui.events`); logs go to stderr. Every user error (bad config, unusable data dir,
@@ -96,7 +97,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, metavar="S",
                       help="stop after S seconds (default: until quit, or after the alert "
                            "when headless)")
+    _add_report_parser(sub)
     return parser
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "report", help="merge several devices' run journals ([journal] path) into one report",
+        description="Merge the run journals of several devices: matches, handshake success, "
+                    "match-to-token latency, failure reasons, contacts, GPS fix and accuracy. "
+                    "Exit code 0: all read; 1: some input skipped; 2: nothing readable.")
+    report.add_argument("journals", nargs="+", metavar="JOURNAL",
+                        help="a journal file written by a device ([journal] path)")
+    report.add_argument("--json", action="store_true",
+                        help="one JSON object on stdout (schema: fanny_tui.report)")
+
+
+def _cmd_report(journals: Sequence[str], as_json: bool) -> int:
+    from .report import run_report
+
+    return run_report(journals, as_json=as_json, prog=f"{APP_NAME} report")
 
 
 def _setup_logging(level: str, *, to_file: Path | None = None) -> None:
@@ -264,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _setup_logging(log_level) if args.demo_headless else logging.disable(logging.INFO)
             return run_demo(devices=args.devices, headless=args.demo_headless,
                             duration_s=args.duration)
+        if args.command == "report":
+            return _cmd_report(args.journals, args.json)
         config = resolve_config(getattr(args, "config", None))
         data_dir = resolve_data_dir(config, getattr(args, "data_dir", None))
         if args.command == "tokens":
