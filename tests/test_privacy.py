@@ -1,19 +1,21 @@
 """Privacy invariants 1, 2 and 5 over a whole run: nothing identifying on disk or in logs.
 
 A broker and two devices witness each other, one declares positive, the other is alerted, with
-every logger at DEBUG written to a file inside the run's directory. Afterwards no session ID,
-contact ID or position (as text or as an IEEE-754 double) appears in any file the client or the
-broker wrote, nor in the captured log; IDs are fresh at every start (invariant 1); stored expiry
+every logger at DEBUG written to a file inside the run's directory and each device writing its
+run journal ([journal] path) there too. Afterwards no session ID, contact ID or position (as text
+or as an IEEE-754 double) appears in any file the client or the broker wrote, nor in the captured
+log, and no token appears in a journal; IDs are fresh at every start (invariant 1); stored expiry
 is on the deletion hour (invariant 5).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 
 from broker.server import BrokerSettings, start_broker
-from fanny_tui.config import Config
+from fanny_tui.config import Config, JournalConfig
 from fanny_tui.engine import Engine
 from fanny_tui.gps import FixedSource
 from fanny_tui.protocol.expiry import is_on_deletion_hour
@@ -44,17 +46,21 @@ async def test_no_ids_or_positions_in_any_file_or_log(tmp_path):
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     lat_b = LAT + 2 * METRE_LAT
+    journals = [tmp_path / "a-journal.jsonl", tmp_path / "b-journal.jsonl"]
     try:
         (tmp_path / "broker").mkdir()
         settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "broker" / "b.db",
                                   open_declarations=True)
         async with start_broker(settings) as broker:
             config = device_config(broker.url)
-            async with running_device(config, tmp_path / "a",
+            config_a, config_b = (
+                dataclasses.replace(config, journal=JournalConfig(path=journal))
+                for journal in journals)
+            async with running_device(config_a, tmp_path / "a",
                                       FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a, \
-                    running_device(config, tmp_path / "b",
+                    running_device(config_b, tmp_path / "b",
                                    FixedSource(lat_b, LON, 3.0, interval_s=0.2)) as b:
-                await a.wait_event("token_stored")
+                token = (await a.wait_event("token_stored")).token  # type: ignore[attr-defined]
                 await b.wait_event("token_stored")
                 await a.engine.declare_positive()
                 await a.wait_event("positive_declared")
@@ -73,10 +79,16 @@ async def test_no_ids_or_positions_in_any_file_or_log(tmp_path):
     needles = _needles(secrets, [(LAT, LON), (lat_b, LON)])
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name.endswith(".db") or p.name.endswith(".sqlite3") for p in files)
+    assert all(journal in files and b'"kind":"token"' in journal.read_bytes()
+               for journal in journals), "a journal is missing or recorded no token"
     for path in files:
         data = path.read_bytes()
         for needle in needles:
             assert needle not in data, f"{needle!r} found in {path.relative_to(tmp_path)}"
+    for journal in journals:  # the token is in the stores, never in a journal
+        data = journal.read_bytes()
+        for needle in (token.encode(), token[:16].encode(), bytes.fromhex(token)):
+            assert needle not in data, f"{needle!r} found in {journal.name}"
 
 
 def test_ids_are_fresh_at_every_start_and_never_in_events(tmp_path):

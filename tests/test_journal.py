@@ -1,0 +1,334 @@
+"""The run journal ([journal] path): what each event becomes, what is never written, failures.
+
+Unit tests drive a :class:`~fanny_tui.journal.Journal` with events and a stepped clock; the end
+to end test runs two real engines (real broker, real aiortc over loopback, real SQLite stores)
+with a journal each, and searches both files for every session ID, contact ID, token and
+position the way tests/test_privacy.py does, then reports over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import stat
+import struct
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from broker.server import BrokerSettings, start_broker
+from fanny_tui.cli import main
+from fanny_tui.config import JournalConfig
+from fanny_tui.events import (
+    BrokerConnected,
+    BrokerDisconnected,
+    ChannelOpen,
+    Contact,
+    ContactClosed,
+    EngineError,
+    Event,
+    ExposureAlert,
+    GpsFix,
+    GpsLost,
+    HandshakeFailed,
+    HandshakeProgress,
+    IdsRotated,
+    MatchFound,
+    PeerUpdate,
+    PositivesPolled,
+    TokenStored,
+)
+from fanny_tui.gps import FixedSource
+from fanny_tui.journal import Journal, token_digest
+
+from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+
+TOKEN = "5f" * 32
+T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _fix(accuracy_m: float | None = 4.0, **fields: Any) -> GpsFix:
+    return GpsFix(latitude=LAT, longitude=LON, accuracy_m=accuracy_m, mode=3, **fields)
+
+
+def test_records_have_the_common_fields_and_the_file_is_0600(tmp_path):
+    clock = Clock()
+    path = tmp_path / "sub" / "journal.jsonl"
+    journal = Journal(path, settings={"radius_m": 15.0, "min_contact_s": 0.0}, clock=clock)
+    clock.advance(1.5)
+    journal.handle(MatchFound(peer=1, role="initiator"))
+    # flushed per line: readable before close
+    assert [r["kind"] for r in _records(path)] == ["start", "match"]
+    journal.close()
+    journal.close()  # idempotent
+    records = _records(path)
+    assert [r["kind"] for r in records] == ["start", "match", "stop"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    labels = {r["device"] for r in records}
+    assert len(labels) == 1 and labels.pop().startswith("dev-")
+    assert all(r["v"] == 1 for r in records)
+    assert records[1]["at"] == "2026-12-01T09:00:01.500Z"
+    assert records[0]["radius_m"] == 15.0 and records[0]["gps_sample_s"] == 10.0
+    assert records[1]["peer"] == 1 and records[1]["role"] == "initiator"
+
+
+def test_a_reopened_journal_keeps_its_device_label_and_a_new_one_gets_another(tmp_path):
+    first = Journal(tmp_path / "j.jsonl")
+    first.close()
+    again = Journal(tmp_path / "j.jsonl")
+    again.close()
+    other = Journal(tmp_path / "other.jsonl")
+    other.close()
+    assert first.device == again.device != other.device
+    assert [r["kind"] for r in _records(tmp_path / "j.jsonl")] == ["start", "stop"] * 2
+
+
+def test_witness_records_token_digest_latency_and_contact(tmp_path):
+    clock = Clock()
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path, clock=clock)
+    journal.handle(MatchFound(peer=3, role="responder"))
+    clock.advance(0.25)
+    journal.handle(ChannelOpen(peer=3, local_candidate="host", remote_candidate="relay"))
+    journal.handle(HandshakeProgress(peer=3, state="exchanging"))
+    clock.advance(0.5)
+    contact = Contact(duration_s=0.0, closest_m=2.5, median_m=2.5, samples=1)
+    journal.handle(TokenStored(peer=3, token=TOKEN, expires_at=T0, contact=contact))
+    journal.handle(PeerUpdate(peer=3, distance_m=4.25, bearing_deg=123.456, peer_accuracy_m=3.0,
+                              within="in", within_s=12.0, samples=4))
+    final = Contact(duration_s=95.5, closest_m=1.75, median_m=3.25, samples=20)
+    journal.handle(ContactClosed(peer=3, reason="parted", contact=final, token_stored=True))
+    journal.handle(MatchFound(peer=4, role="initiator"))
+    journal.handle(TokenStored(peer=4, token="ab" * 32, expires_at=T0, match_to_token_s=7.5))
+    journal.handle(HandshakeFailed(peer=5, reason="timeout"))
+    journal.handle(ContactClosed(peer=6, reason="parted", token_stored=False,
+                                 contact=Contact(10.0, 5.0, 6.0, 3)))
+    journal.close()
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for record in _records(path):
+        by_kind.setdefault(record["kind"], []).append(record)
+    assert "handshake" not in by_kind and "peer_update" not in by_kind
+    assert by_kind["channel_open"][0]["local_candidate"] == "host"
+    assert by_kind["channel_open"][0]["remote_candidate"] == "relay"
+    digest = hashlib.sha256(("fanny-journal-v1:" + TOKEN).encode()).hexdigest()[:8]
+    assert token_digest(TOKEN) == digest
+    stored = by_kind["token"]
+    assert stored[0]["digest"] == digest and stored[0]["new"] is True
+    assert stored[0]["match_to_token_s"] == 0.75  # from the journal's own clock
+    assert stored[0]["contact"] == {"duration_s": 0.0, "closest_m": 2.5, "median_m": 2.5,
+                                    "samples": 1}
+    assert stored[1]["match_to_token_s"] == 7.5  # the engine's figure wins
+    contacts = by_kind["contact"]
+    assert contacts[0]["digest"] == digest and contacts[0]["token_stored"] is True
+    assert contacts[0]["contact"] == dataclasses.asdict(final)
+    assert contacts[1]["digest"] is None and contacts[1]["token_stored"] is False
+    assert [(r["peer"], r["reason"]) for r in by_kind["failure"]] == [(5, "timeout")]
+    text = path.read_text()
+    assert TOKEN not in text and "ab" * 16 not in text
+    assert "123.456" not in text and "bearing" not in text
+
+
+def test_gps_is_sampled_and_every_change_of_fix_state_is_written(tmp_path):
+    clock = Clock()
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path, clock=clock, gps_sample_s=10.0)
+    for second in range(25):  # a fix a second: lines at 0, 10 and 20 s
+        journal.handle(_fix(accuracy_m=3.0 + second, satellites_used=8, satellites_visible=11,
+                            hdop=0.9, source="gpsd"))
+        clock.advance(1)
+    journal.handle(GpsLost(reason="no fix"))  # a change: written at once (25 s)
+    clock.advance(1)
+    journal.handle(GpsLost(reason="no fix"))  # same state within 10 s: not written
+    clock.advance(1)
+    journal.handle(_fix(accuracy_m=float("nan")))  # a change: written (27 s)
+    journal.close()
+    gps = [r for r in _records(path) if r["kind"] == "gps"]
+    assert [(r["at"][17:23], r["fix"]) for r in gps] == [
+        ("00.000", True), ("10.000", True), ("20.000", True), ("25.000", False),
+        ("27.000", True)]
+    assert {k: gps[1][k] for k in ("mode", "source", "satellites_used", "satellites_visible",
+                                   "accuracy_m", "hdop")} == {
+        "mode": 3, "source": "gpsd", "satellites_used": 8, "satellites_visible": 11,
+        "accuracy_m": 13.0, "hdop": 0.9}
+    assert gps[3]["reason"] == "no fix"
+    assert gps[4]["accuracy_m"] is None  # NaN is not JSON
+    assert "latitude" not in path.read_text() and f"{LAT:.4f}" not in path.read_text()
+
+
+def test_broker_outage_is_one_start_and_one_end_with_its_length(tmp_path):
+    clock = Clock()
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path, clock=clock)
+    journal.handle(BrokerConnected(url="ws://127.0.0.1:1", radius_m=15.0))
+    clock.advance(5)
+    journal.handle(BrokerDisconnected(reason="ConnectionClosedError: no close frame",
+                                      retry_in_s=0.5))
+    for _ in range(3):
+        clock.advance(2)
+        journal.handle(BrokerDisconnected(reason="ConnectionRefusedError", retry_in_s=1.0))
+    clock.advance(1.5)
+    journal.handle(BrokerConnected(url="ws://127.0.0.1:1", radius_m=15.0))
+    journal.close()
+    broker = [(r["kind"], {k: v for k, v in r.items() if k not in ("v", "at", "device", "kind")})
+              for r in _records(path) if r["kind"].startswith("broker")]
+    assert broker == [
+        ("broker_up", {"outage_s": None, "failed_attempts": 0}),
+        ("broker_down", {"reason": "ConnectionClosedError: no close frame"}),
+        ("broker_up", {"outage_s": 7.5, "failed_attempts": 3})]
+
+
+def test_polls_alerts_rotations_and_scrubbed_free_text(tmp_path):
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path)
+    journal.handle(PositivesPolled(received=12, next_poll_in_s=300.0))
+    journal.handle(ExposureAlert(count=2, contacts=(Contact(400.0, 1.0, 2.0, 80),)))
+    journal.handle(IdsRotated(reason="schedule"))
+    session_id = "3f0e8d7a-1c2b-4d5e-8f9a-0b1c2d3e4f50"
+    journal.handle(HandshakeFailed(peer=1, reason=f"error: bad peer {session_id}"))
+    journal.handle(EngineError(message=f"store failed on token {TOKEN}"))
+    journal.close()
+    records = {r["kind"]: r for r in _records(path)}
+    assert records["poll"]["received"] == 12 and records["poll"]["next_poll_in_s"] == 300.0
+    assert records["alert"]["count"] == 2
+    assert records["alert"]["contacts"] == [{"duration_s": 400.0, "closest_m": 1.0,
+                                             "median_m": 2.0, "samples": 80}]
+    assert records["ids_rotated"]["reason"] == "schedule"
+    assert records["failure"]["reason"] == "error: bad peer …"
+    assert records["error"]["message"] == "store failed on token …"
+    text = path.read_text()
+    assert session_id not in text and session_id.replace("-", "") not in text
+    assert TOKEN[:16] not in text
+
+
+def test_an_unopenable_journal_is_one_error_event_and_never_raises(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    errors: list[Event] = []
+    journal = Journal(blocker / "journal.jsonl", on_error=errors.append)
+    journal.handle(MatchFound(peer=1, role="initiator"))
+    journal.close()
+    assert journal.failed
+    assert len(errors) == 1 and isinstance(errors[0], EngineError)
+    message = errors[0].message
+    assert "journal" in message and "journal.jsonl" in message and "\n" not in message
+
+
+def test_a_journal_that_cannot_be_written_reports_once_and_stops(tmp_path):
+    # Linux's /dev/full: every write fails with ENOSPC, as on a full disk
+    errors: list[Event] = []
+    journal = Journal(Path("/dev/full"), on_error=errors.append)
+    for peer in range(5):
+        journal.handle(MatchFound(peer=peer, role="initiator"))
+    journal.close()
+    assert journal.failed
+    assert len(errors) == 1
+    assert "No space left on device" in errors[0].message  # type: ignore[attr-defined]
+
+
+async def test_an_engine_with_an_unwritable_journal_runs_on(tmp_path):
+    (tmp_path / "file").write_text("")
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "b.db")
+    async with start_broker(settings) as broker:
+        config = dataclasses.replace(
+            device_config(broker.url),
+            journal=JournalConfig(path=tmp_path / "file" / "journal.jsonl"))
+        async with running_device(config, tmp_path / "a",
+                                  FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a:
+            await a.wait_event("broker_connected", timeout=10 * TIME_UNIT)
+            await a.wait_event("gps_fix", timeout=10 * TIME_UNIT)
+    errors = [e.message for e in a.of("error")]  # type: ignore[attr-defined]
+    assert len(errors) == 1 and "journal.jsonl" in errors[0]
+
+
+def _needles(secrets: list[str], tokens: list[str],
+             positions: list[tuple[float, float]]) -> list[bytes]:
+    """Every form a secret could take in a file (as tests/test_privacy.py searches)."""
+    out: list[bytes] = []
+    for value in secrets:
+        out += [value.encode(), value.replace("-", "").encode(),
+                bytes.fromhex(value.replace("-", ""))]
+    for token in tokens:
+        out += [token.encode(), token[:16].encode(), token[-16:].encode(),
+                bytes.fromhex(token)]
+    for lat, lon in positions:
+        for value in (lat, lon):
+            out += [f"{value:.5f}".encode(), f"{value:.4f}".encode(), repr(value).encode(),
+                    struct.pack("<d", value), struct.pack(">d", value)]
+    return out
+
+
+async def test_journals_of_a_real_run_hold_the_kinds_and_no_id_token_or_position(tmp_path,
+                                                                                 capsys):
+    lat_b = LAT + 3 * METRE_LAT
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "broker.db",
+                              open_declarations=True)
+    journals = {name: tmp_path / f"journal-{name}.jsonl" for name in "ab"}
+    async with start_broker(settings) as broker:
+        base = device_config(broker.url, poll_interval_s=1.0)
+        config_a = dataclasses.replace(base, journal=JournalConfig(path=journals["a"]))
+        config_b = dataclasses.replace(base, journal=JournalConfig(path=journals["b"]))
+        async with running_device(config_a, tmp_path / "a",
+                                  FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a, \
+                running_device(config_b, tmp_path / "b",
+                               FixedSource(lat_b, LON, 3.0, interval_s=0.2)) as b:
+            stored_a = await a.wait_event("token_stored", timeout=30 * TIME_UNIT)
+            stored_b = await b.wait_event("token_stored", timeout=30 * TIME_UNIT)
+            # Events the engine on main does not emit yet, through the real engine's emit():
+            a.engine.emit(PeerUpdate(peer=stored_a.peer, distance_m=3.0,  # type: ignore[attr-defined]
+                                     bearing_deg=271.828, peer_accuracy_m=3.0, within="in",
+                                     within_s=1.0, samples=2))
+            a.engine.emit(ContactClosed(peer=stored_a.peer,  # type: ignore[attr-defined]
+                                        reason="stopped", token_stored=True,
+                                        contact=Contact(1.0, 3.0, 3.0, 2)))
+            await a.engine.declare_positive()
+            await a.wait_event("positive_declared", timeout=10 * TIME_UNIT)
+            await b.wait_event("exposure_alert", timeout=10 * TIME_UNIT)
+            secrets = [a.engine._session_id, a.engine._contact_id,
+                       b.engine._session_id, b.engine._contact_id]
+    token = stored_a.token  # type: ignore[attr-defined]
+    assert token == stored_b.token  # type: ignore[attr-defined]
+
+    kinds = {name: [r["kind"] for r in _records(path)] for name, path in journals.items()}
+    for name in "ab":
+        assert kinds[name][0] == "start" and kinds[name][-1] == "stop"
+        assert {"session", "broker_up", "gps", "match", "token", "poll"} <= set(kinds[name])
+    assert "declared" in kinds["a"] and "contact" in kinds["a"]
+    assert "alert" in kinds["b"]
+    digests = {name: {r["digest"] for r in _records(path) if r["kind"] == "token"}
+               for name, path in journals.items()}
+    assert digests["a"] == digests["b"] == {token_digest(token)}
+    for path in journals.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        data = path.read_bytes()
+        for needle in _needles(secrets, [token], [(LAT, LON), (lat_b, LON)]):
+            assert needle not in data, f"{needle!r} found in {path.name}"
+        assert b"271.8" not in data and b"bearing" not in data
+
+    capsys.readouterr()
+    assert main(["report", "--json", str(journals["a"]), str(journals["b"])]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["devices"]) == 2
+    assert report["matches"] == 2
+    assert report["handshakes"]["stored"] == 2 and report["handshakes"]["failed"] == 0
+    assert report["handshakes"]["success_rate"] == 1.0
+    assert report["match_to_token_s"]["count"] == 2
+    assert report["pairing"] == {"both": 1, "one": 0, "without_token": 0}
+    assert report["alerts"] == 1 and report["contacts"]["count"] == 1

@@ -1,0 +1,257 @@
+"""``fanny-tui report``: counts over journals of known content, the --json schema, bad input.
+
+The journals here are written line by line as JSON (not by fanny_tui.journal), so that every
+expected figure can be worked out by hand from the records below. tests/test_journal.py reports
+over the journals of a real two-device run.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fanny_tui.cli import main
+from fanny_tui.report import histogram, percentile
+
+T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+A, B = "dev-aaaaaa", "dev-bbbbbb"
+
+
+def _line(device: str, at_s: float, kind: str, **fields: Any) -> str:
+    at = (T0 + timedelta(seconds=at_s)).isoformat(timespec="milliseconds")
+    return json.dumps({"v": 1, "at": at.replace("+00:00", "Z"), "device": device, "kind": kind,
+                       **fields})
+
+
+def _contact(duration_s: float, closest_m: float | None, median_m: float | None,
+             samples: int) -> dict[str, Any]:
+    return {"duration_s": duration_s, "closest_m": closest_m, "median_m": median_m,
+            "samples": samples}
+
+
+def _gps(device: str, at_s: float, accuracy_m: float | None) -> str:
+    if accuracy_m is None:
+        return _line(device, at_s, "gps", fix=False, reason="no fix")
+    return _line(device, at_s, "gps", fix=True, mode=3, source="gpsd", satellites_used=8,
+                 satellites_visible=12, accuracy_m=accuracy_m, hdop=1.0)
+
+
+def _start(device: str, at_s: float) -> str:
+    return _line(device, at_s, "start", radius_m=15.0, min_contact_s=0.0,
+                 position_interval_s=5.0, gps_source="gpsd", gps_sample_s=10.0)
+
+
+def _token(device: str, at_s: float, peer: int, digest: str, latency: float | None,
+           contact: dict[str, Any] | None) -> str:
+    return _line(device, at_s, "token", peer=peer, new=True, digest=digest,
+                 match_to_token_s=latency, contact=contact)
+
+
+JOURNAL_A = [
+    _start(A, 0), _line(A, 0, "session"),
+    _gps(A, 10, 3.0), _gps(A, 20, 6.0),
+    _line(A, 30, "match", peer=1, role="initiator"),
+    _line(A, 30.5, "channel_open", peer=1, local_candidate="host", remote_candidate="host"),
+    _token(A, 31, 1, "11111111", 1.0, _contact(5.0, 2.0, 3.0, 4)),
+    _line(A, 40, "match", peer=2, role="responder"),
+    _line(A, 45, "failure", peer=2, reason="timeout"),
+    _line(A, 50, "match", peer=3, role="initiator"),
+    _token(A, 51, 3, "33333333", 2.0, None),
+    _gps(A, 60, None),
+    _gps(A, 90, 12.0),
+    _line(A, 100, "contact", peer=1, reason="parted", token_stored=True, digest="11111111",
+          contact=_contact(60.0, 1.5, 2.5, 12)),
+    _line(A, 110, "broker_down", reason="ConnectionRefusedError"),
+    _line(A, 130, "broker_up", outage_s=20.0, failed_attempts=2),
+    _line(A, 140, "match", peer=4, role="responder"),
+    _line(A, 150, "contact", peer=4, reason="parted", token_stored=False, digest=None,
+          contact=_contact(20.0, 8.0, 9.0, 4)),
+    _line(A, 160, "match", peer=5, role="initiator"),
+    _line(A, 170, "poll", received=3, next_poll_in_s=300.0),
+    _line(A, 180, "alert", count=1, contacts=[_contact(60.0, 1.5, 2.5, 12)]),
+    _line(A, 185, "ids_rotated", reason="declared"),
+    _line(A, 190, "some_future_kind", anything=1),
+    _line(A, 200, "stop"),
+]
+"""Device A, one run of 200 s: without a fix 0-10 s and 60-90 s (40 s, one loss); accuracy
+3, 6, 12 m; matches 1 stored, 2 failed, 3 stored, 4 closed without token, 5 unfinished;
+latencies 1 and 2 s; one outage of 20 s."""
+
+JOURNAL_B = [
+    _start(B, 0), _gps(B, 5, 4.0),
+    _line(B, 30, "match", peer=1, role="responder"),
+    _line(B, 31, "channel_open", peer=1, local_candidate="srflx", remote_candidate=None),
+    _token(B, 32, 1, "11111111", 3.0, _contact(30.0, 4.0, 5.0, 6)),
+    _line(B, 40, "match", peer=2, role="initiator"),
+    _line(B, 41, "failure", peer=2, reason="ice_failed"),
+    _line(B, 50, "stop"),
+    _start(B, 100), _gps(B, 120, 50.0),
+    _line(B, 130, "match", peer=1, role="initiator"),
+    _token(B, 131, 1, "77777777", 5.0, None),
+    _line(B, 150, "stop"),
+]
+"""Device B, two runs (50 s each): without a fix 0-5 s and 100-120 s (25 s, no loss); accuracy
+4 and 50 m; matches: run 1 peer 1 stored (the token A stored as its peer 1) and peer 2 failed,
+run 2 peer 1 stored; latencies 3 and 5 s."""
+
+
+def _write(tmp_path: Path, name: str, lines: list[str]) -> str:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _report(capsys, *args: str) -> tuple[int, dict[str, Any], str]:
+    capsys.readouterr()
+    code = main(["report", "--json", *args])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if captured.out else {}, captured.err
+
+
+def test_percentile_is_nearest_rank_and_histogram_bins_are_half_open():
+    values = [float(v) for v in range(20, 0, -1)]
+    assert [percentile(values, p) for p in (50, 90, 95, 100)] == [10.0, 18.0, 19.0, 20.0]
+    assert percentile([], 50) is None
+    assert percentile([7.0], 95) == 7.0
+    bins = histogram([0.0, 1.999, 2.0, 4.0, 100.0], (0.0, 2.0, 5.0))
+    assert bins == [{"low": 0.0, "high": 2.0, "count": 2}, {"low": 2.0, "high": 5.0, "count": 2},
+                    {"low": 5.0, "high": None, "count": 1}]
+
+
+def test_report_over_two_journals_gives_the_counts_worked_out_by_hand(tmp_path, capsys):
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    b = _write(tmp_path, "b.jsonl", JOURNAL_B)
+    code, report, err = _report(capsys, a, b)
+    assert code == 0 and err == ""
+    assert report["inputs"] == [
+        {"file": a, "records": len(JOURNAL_A), "skipped": 0, "error": None},
+        {"file": b, "records": len(JOURNAL_B), "skipped": 0, "error": None}]
+    assert report["matches"] == 8
+    assert report["handshakes"] == {"stored": 4, "failed": 2, "no_token": 1, "unfinished": 1,
+                                    "success_rate": pytest.approx(4 / 6)}
+    latency = report["match_to_token_s"]
+    assert (latency["count"], latency["p50"], latency["p90"], latency["p95"],
+            latency["max"]) == (4, 2.0, 5.0, 5.0, 5.0)
+    assert report["failure_reasons"] == {"timeout": 1, "ice_failed": 1}
+    assert report["ice_candidates"] == {"host/host": 1, "srflx/?": 1}
+    contacts = report["contacts"]
+    assert contacts["count"] == 3  # A#1 (its contact record), A#4, B#1 (its token record)
+    assert (contacts["duration_s"]["p50"], contacts["duration_s"]["max"]) == (30.0, 60.0)
+    assert [b["count"] for b in contacts["duration_s"]["histogram"]] == [0, 1, 1, 1, 0, 0, 0]
+    assert (contacts["closest_m"]["p50"], contacts["closest_m"]["max"]) == (4.0, 8.0)
+    assert (contacts["median_m"]["p50"], contacts["median_m"]["max"]) == (5.0, 9.0)
+    assert report["pairing"] == {"both": 1, "one": 2, "without_token": 1}
+    assert [b["count"] for b in report["accuracy_m"]["histogram"]] == [0, 2, 1, 1, 0, 1, 0]
+    assert (report["polls"], report["alerts"], report["outages"], report["ids_rotated"]) == (
+        1, 1, 1, 1)
+    dev_a, dev_b = report["devices"]
+    assert dev_a["device"] == A and dev_b["device"] == B
+    assert (dev_a["runs"], dev_a["observed_s"], dev_a["no_fix_s"], dev_a["fix_losses"]) == (
+        1, 200.0, 40.0, 1)
+    assert dev_a["no_fix_fraction"] == 0.2
+    assert (dev_a["outages"], dev_a["outage_s"]) == (1, 20.0)
+    assert (dev_a["matches"], dev_a["tokens"], dev_a["failures"]) == (5, 2, 1)
+    assert dev_a["exposed_contacts"] == 1 and dev_a["settings"]["radius_m"] == 15.0
+    assert dev_a["accuracy_m"]["max"] == 12.0
+    assert (dev_b["runs"], dev_b["observed_s"], dev_b["no_fix_s"], dev_b["fix_losses"]) == (
+        2, 100.0, 25.0, 0)
+    assert (dev_b["matches"], dev_b["tokens"], dev_b["failures"]) == (3, 2, 1)
+
+
+def test_a_device_never_stopped_is_measured_to_its_last_record(tmp_path, capsys):
+    lines = [_start(A, 0), _gps(A, 10, 3.0), _gps(A, 20, None), _line(A, 25, "broker_down",
+                                                                      reason="x"),
+             _line(A, 40, "poll", received=0, next_poll_in_s=None)]
+    code, report, _ = _report(capsys, _write(tmp_path, "a.jsonl", lines))
+    assert code == 0
+    device = report["devices"][0]
+    assert (device["observed_s"], device["no_fix_s"], device["outage_s"]) == (40.0, 30.0, 15.0)
+
+
+def test_json_schema(tmp_path, capsys):
+    code, report, _ = _report(capsys, _write(tmp_path, "a.jsonl", JOURNAL_A))
+    assert code == 0
+    assert set(report) == {"v", "inputs", "devices", "matches", "handshakes", "match_to_token_s",
+                           "failure_reasons", "ice_candidates", "contacts", "pairing",
+                           "accuracy_m", "polls", "alerts", "outages", "ids_rotated"}
+    assert report["v"] == 1
+    assert set(report["inputs"][0]) == {"file", "records", "skipped", "error"}
+    assert set(report["devices"][0]) == {
+        "device", "runs", "observed_s", "matches", "tokens", "failures", "no_fix_s",
+        "no_fix_fraction", "fix_losses", "accuracy_m", "outages", "outage_s", "polls", "alerts",
+        "exposed_contacts", "ids_rotated", "errors", "settings"}
+    assert set(report["handshakes"]) == {"stored", "failed", "no_token", "unfinished",
+                                         "success_rate"}
+    assert set(report["contacts"]) == {"count", "duration_s", "closest_m", "median_m"}
+    assert set(report["pairing"]) == {"both", "one", "without_token"}
+    dists = [report["match_to_token_s"], report["accuracy_m"], report["devices"][0]["accuracy_m"],
+             *(report["contacts"][k] for k in ("duration_s", "closest_m", "median_m"))]
+    for dist in dists:
+        assert set(dist) == {"count", "p50", "p90", "p95", "max", "histogram"}
+        assert sum(b["count"] for b in dist["histogram"]) == dist["count"]
+        assert all(set(b) == {"low", "high", "count"} for b in dist["histogram"])
+        assert dist["histogram"][-1]["high"] is None
+
+
+def test_bad_lines_are_named_by_file_and_line_counted_and_skipped(tmp_path, capsys):
+    lines = list(JOURNAL_A)
+    lines.insert(2, "{not json")
+    lines.insert(5, json.dumps({"v": 2, "at": "2026-12-01T09:00:00Z", "device": A,
+                                "kind": "stop"}))
+    lines.insert(7, _line(A, 30, "token", peer=9, new=True, digest=5, match_to_token_s=1.0,
+                          contact=None))
+    lines.insert(8, "")
+    lines.insert(9, _line(A, 30, "match", role="initiator"))
+    a = _write(tmp_path, "a.jsonl", lines)
+    b = _write(tmp_path, "b.jsonl", JOURNAL_B)
+    code, report, err = _report(capsys, a, b)
+    assert code == 1
+    assert err.splitlines() == [
+        f"fanny-tui report: {a}:3: not JSON (Expecting property name enclosed in double quotes)"
+        "; line skipped",
+        f"fanny-tui report: {a}:6: v: expected 1, got 2; line skipped",
+        f"fanny-tui report: {a}:8: token.digest: expected a string, got 5; line skipped",
+        f"fanny-tui report: {a}:10: match.peer: missing; line skipped"]
+    assert report["inputs"][0]["skipped"] == 4
+    assert report["inputs"][0]["records"] == len(JOURNAL_A)
+    assert report["matches"] == 8 and report["handshakes"]["stored"] == 4  # as without them
+
+
+def test_a_missing_file_is_one_line_and_the_others_are_reported(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere.jsonl")
+    code, report, err = _report(capsys, missing, _write(tmp_path, "b.jsonl", JOURNAL_B))
+    assert code == 1
+    assert err == f"fanny-tui report: {missing}: cannot read (No such file or directory)\n"
+    assert report["inputs"][0] == {"file": missing, "records": 0, "skipped": 0,
+                                   "error": "No such file or directory"}
+    assert report["matches"] == 3
+
+
+def test_nothing_readable_is_exit_2_and_many_bad_lines_are_capped(tmp_path, capsys):
+    junk = _write(tmp_path, "junk.jsonl", ["junk"] * 25)
+    code, report, err = _report(capsys, junk, str(tmp_path / "nowhere"))
+    assert code == 2 and report == {}
+    lines = err.splitlines()
+    assert len(lines) == 20 + 1 + 1 + 1
+    assert lines[0] == f"fanny-tui report: {junk}:1: not JSON (Expecting value); line skipped"
+    assert lines[20] == f"fanny-tui report: {junk}: 5 more bad lines skipped"
+    assert lines[-1] == "fanny-tui report: no journal record could be read"
+
+
+def test_tables_and_histograms_on_the_terminal(tmp_path, capsys):
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    b = _write(tmp_path, "b.jsonl", JOURNAL_B)
+    capsys.readouterr()
+    assert main(["report", a, b]) == 0
+    out = capsys.readouterr().out
+    for text in ("Devices: witness exchanges", "Devices: GPS and broker", A, B,
+                 "handshake success rate", "66.7%", "2.00 / 5.00 / 5.00 / 5.00 s",
+                 "Failure reasons", "ice_failed", "Contact duration", "GPS accuracy",
+                 "40.0 s (20%)", "1 (20.0 s)", "1 / 2"):
+        assert text in out, text
+    assert "█" * 30 in out  # the largest bin of a histogram is a full bar
+    assert max(len(line) for line in out.splitlines()) <= 80  # a Pi console
