@@ -197,7 +197,7 @@ class Journal:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                          0o600)
             self._file = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
             self.device = device or "dev-unknown"
             self._fail(exc)
             return

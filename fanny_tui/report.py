@@ -73,7 +73,7 @@ MAX_PROBLEMS_PER_FILE = 20
 DURATION_BINS_S = (0.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 DISTANCE_BINS_M = (0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 25.0, 50.0)
 ACCURACY_BINS_M = (0.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
-LATENCY_BINS_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+LATENCY_BINS_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 
 EXIT_OK, EXIT_SKIPPED, EXIT_NOTHING = 0, 1, 2
 
@@ -519,8 +519,10 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
         table.add_column("bin", justify="right")
         table.add_column("count", justify="right")
         table.add_column("")
-        most = max(b["count"] for b in dist["histogram"])
-        for bin_ in dist["histogram"]:
+        bins = dist["histogram"]
+        used = [i for i, b in enumerate(bins) if b["count"]]
+        most = max(b["count"] for b in bins)
+        for bin_ in bins[used[0]:used[-1] + 1]:  # empty bins at either end are not shown
             table.add_row(_bin_label(bin_, unit), str(bin_["count"]), _bar(bin_["count"], most))
         console.print(table)
 

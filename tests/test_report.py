@@ -254,4 +254,5 @@ def test_tables_and_histograms_on_the_terminal(tmp_path, capsys):
                  "40.0 s (20%)", "1 (20.0 s)", "1 / 2"):
         assert text in out, text
     assert "█" * 30 in out  # the largest bin of a histogram is a full bar
+    assert "1–2 s" in out and "0–0.1 s" not in out and "≥ 900 s" not in out  # empty ends cut
     assert max(len(line) for line in out.splitlines()) <= 80  # a Pi console
