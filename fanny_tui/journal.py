@@ -238,14 +238,14 @@ class Journal:
         if isinstance(event, GpsFix | GpsLost):
             return self._gps(event, now)
         if isinstance(event, MatchFound):
-            self._matched_at[event.peer] = now
+            _remember(self._matched_at, event.peer, now)
             return "match", {"peer": event.peer, "role": event.role}
         if isinstance(event, ChannelOpen):
             return "channel_open", {"peer": event.peer, "local_candidate": event.local_candidate,
                                     "remote_candidate": event.remote_candidate}
         if isinstance(event, TokenStored):
             digest = token_digest(event.token)
-            self._digests[event.peer] = digest
+            _remember(self._digests, event.peer, digest)
             latency = event.match_to_token_s
             matched = self._matched_at.pop(event.peer, None)
             if latency is None and matched is not None:
@@ -256,6 +256,7 @@ class Journal:
             self._matched_at.pop(event.peer, None)
             return "failure", {"peer": event.peer, "reason": scrub(event.reason)}
         if isinstance(event, ContactClosed):
+            self._matched_at.pop(event.peer, None)
             digest = self._digests.pop(event.peer, None)
             return "contact", {"peer": event.peer, "reason": scrub(event.reason),
                                "token_stored": event.token_stored,
@@ -334,6 +335,16 @@ class Journal:
         log.warning("%s", message)
         if self._on_error is not None:
             self._on_error(EngineError(message=message))
+
+
+MAX_REMEMBERED_PEERS = 256
+"""Peers whose match time and token digest are kept for later records (oldest dropped)."""
+
+
+def _remember(memory: dict[int, Any], peer: int, value: Any) -> None:
+    memory[peer] = value
+    while len(memory) > MAX_REMEMBERED_PEERS:
+        del memory[next(iter(memory))]
 
 
 def _json_safe(value: Any) -> Any:

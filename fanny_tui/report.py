@@ -505,17 +505,18 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
             console.print(table)
 
     contacts = report["contacts"]
-    for title, dist, unit in (
-            ("Contact duration", contacts["duration_s"], "s"),
-            ("Contact closest distance", contacts["closest_m"], "m"),
-            ("Contact median distance", contacts["median_m"], "m"),
-            ("Match to token", report["match_to_token_s"], "s"),
-            ("GPS accuracy (sampled fixes)", report["accuracy_m"], "m")):
+    for title, dist, unit, digits in (
+            ("Contact duration", contacts["duration_s"], "s", 1),
+            ("Contact closest distance", contacts["closest_m"], "m", 1),
+            ("Contact median distance", contacts["median_m"], "m", 1),
+            ("Match to token", report["match_to_token_s"], "s", 2),
+            ("GPS accuracy (sampled fixes)", report["accuracy_m"], "m", 1)):
         if not dist["count"]:
             continue
         table = Table(title=title, caption_justify="left",
-                      caption=f"n = {dist['count']}, p50 {_num(dist['p50'])}, "
-                              f"p95 {_num(dist['p95'])}, max {_num(dist['max'])} {unit}")
+                      caption=f"n = {dist['count']}, p50 {_num(dist['p50'], digits=digits)}, "
+                              f"p95 {_num(dist['p95'], digits=digits)}, "
+                              f"max {_num(dist['max'], digits=digits)} {unit}")
         table.add_column("bin", justify="right")
         table.add_column("count", justify="right")
         table.add_column("")

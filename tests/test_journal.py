@@ -338,3 +338,17 @@ async def test_journals_of_a_real_run_hold_the_kinds_and_no_id_token_or_position
     assert report["alerts"] == sum(1 for r in records if r["kind"] == "alert") >= 1
     assert report["contacts"]["count"] >= 1
     assert all(d["no_fix_fraction"] < 1 for d in report["devices"])
+
+
+def test_memory_of_peers_is_bounded(tmp_path):
+    clock = Clock()
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path, clock=clock)
+    for peer in range(1, 301):  # matches that never finish
+        journal.handle(MatchFound(peer=peer, role="initiator"))
+    clock.advance(2)
+    journal.handle(TokenStored(peer=1, token=TOKEN, expires_at=T0))    # forgotten: no latency
+    journal.handle(TokenStored(peer=300, token=TOKEN, expires_at=T0))  # remembered
+    journal.close()
+    tokens = [r for r in _records(path) if r["kind"] == "token"]
+    assert [(r["peer"], r["match_to_token_s"]) for r in tokens] == [(1, None), (300, 2.0)]
