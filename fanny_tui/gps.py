@@ -63,6 +63,8 @@ from .protocol.proximity import EARTH_RADIUS_M
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FAA_MODE_STATUS",
+    "GGA_QUALITY_STATUS",
     "FixedSource",
     "GpsdDecoder",
     "GpsdFixTracker",
@@ -154,13 +156,15 @@ def _check_positive(name: str, value: float) -> float:
 #: * 5 (dead reckoning only), 7 (time only: a surveyed or manually entered position, NMEA
 #:   "manual input") and 8 (simulated: a receiver in demo mode) are not fixes.
 #: * 6 (GNSS + dead reckoning) IS a fix: satellites measured it and inertial sensors only
-#:   smooth it between measurements (u-blox ADR/UDR "GNSS+DR combined"). A receiver that loses
-#:   the satellites falls back to 5, which is refused.
-#: * 0 (unknown) is a fix: gpsd before 3.20 sent ``status`` only for DGPS (2) and left it out
-#:   otherwise; an absent ``status`` counts as 0.
+#:   carry it between measurements (u-blox NAV-STATUS "GPS + dead reckoning combined"). A
+#:   receiver that loses the satellites falls back to 5, which is refused.
+#: * 0 (unknown) is a fix, and so is an absent ``status``: gpsd 3.17 documents ``status`` as
+#:   sent for DGPS (2) only, and gpsd 3.22 leaves it out for a normal fix.
 #:
 #: The NMEA replay maps its indicators to these codes (:data:`GGA_QUALITY_STATUS`,
-#: :data:`FAA_MODE_STATUS`, as gpsd's NMEA driver does) and judges them by the same table.
+#: :data:`FAA_MODE_STATUS`) and judges them by the same table. gpsd 3.22 turns GGA quality
+#: 8/6/7 with RMC mode S/E/M into status 8/5/7 (measured on tests/data/derived); the other
+#: codes follow the NMEA 0183 meanings.
 RECEIVER_STATUS: dict[int, tuple[str, str | None]] = {
     0: ("unknown", None),
     1: ("GNSS fix", None),
