@@ -17,7 +17,23 @@ Rules shared by every source:
 * ``GpsLost`` is yielded once when the fix goes away and not repeated while it stays away; a
   source that has no fix ``stale_after_s`` seconds after it starts also yields one, so the UI
   can show "no fix".
+* A position the receiver says it did not measure (simulation mode, dead reckoning only,
+  time-only/manual input) is not a fix either: it is never yielded as a :class:`GpsFix` (so
+  never sent to the broker) but reported as a ``GpsLost`` with the reason. gpsd (TPV
+  ``status``) and the NMEA replay (GGA quality, RMC mode indicator) are judged by the same
+  table, :data:`RECEIVER_STATUS`, through :func:`unmeasured_reason`.
 * Nothing here logs or stores a position (privacy: positions are shown, never written).
+
+What a :class:`GpsFix` carries, per source (``source`` field): ``gpsd`` and ``nmea`` come from
+a receiver, ``fixed`` is a configured position (not a receiver), ``walk`` is the demo's
+simulated walker. ``mode`` is 2 (2D) or 3 (3D). ``accuracy_m`` is, from gpsd, its ``eph``
+(gpsd's estimated horizontal position error in metres; gpsd computes it from HDOP and a range
+error and documents its confidence as unknown), else ``hypot(epx, epy)``; from NMEA,
+``hdop * NMEA_UERE_M``; from ``fixed``/``walk`` the configured figure. ``hdop`` is the
+horizontal dilution of precision (gpsd SKY ``hdop``; NMEA GGA, else GSA). ``satellites_used``
+and ``satellites_visible`` are counts (gpsd SKY ``uSat``/``nSat``; NMEA GGA/GSA and GSV).
+``time`` is the receiver's UTC time of the fix (from a replayed log: the log's time), or the
+host clock for ``fixed``/``walk``: the age of a fix is measured against it.
 
 The gpsd side is split in two: :class:`GpsdDecoder` (bytes in, JSON objects out) and
 :class:`GpsdFixTracker` (gpsd objects in, fixes out) are pure and need no event loop;
@@ -27,7 +43,6 @@ The gpsd side is split in two: :class:`GpsdDecoder` (bytes in, JSON objects out)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -41,13 +56,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import pynmea2
 
-from .config import GpsConfig
+from .config import ConfigError, GpsConfig
 from .events import GpsFix, GpsLost
 from .protocol.proximity import EARTH_RADIUS_M
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FAA_MODE_STATUS",
+    "GGA_QUALITY_STATUS",
     "FixedSource",
     "GpsdDecoder",
     "GpsdFixTracker",
@@ -55,9 +72,11 @@ __all__ = [
     "NMEA_UERE_M",
     "NmeaReplaySource",
     "PositionSource",
+    "RECEIVER_STATUS",
     "WalkSource",
     "make_source",
     "parse_nmea_log",
+    "unmeasured_reason",
     "usable_position",
 ]
 
@@ -126,6 +145,65 @@ def _check_positive(name: str, value: float) -> float:
     if number is None or number <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return number
+
+
+# -- measured or not: one rule for gpsd and NMEA ---------------------------------------------
+
+#: What a receiver's fix status says, keyed by gpsd's TPV ``status`` (gpsd_json(5), TPV; the
+#: values of libgps ``gps_fix_t.status``): ``(name, reason)``, where ``reason`` is None for a
+#: position the receiver measured from satellite signals and otherwise why it is not a fix.
+#:
+#: * 5 (dead reckoning only), 7 (time only: a surveyed or manually entered position, NMEA
+#:   "manual input") and 8 (simulated: a receiver in demo mode) are not fixes.
+#: * 6 (GNSS + dead reckoning) IS a fix: satellites measured it and inertial sensors only
+#:   carry it between measurements (u-blox NAV-STATUS "GPS + dead reckoning combined"). A
+#:   receiver that loses the satellites falls back to 5, which is refused.
+#: * 0 (unknown) is a fix, and so is an absent ``status``: gpsd 3.17 documents ``status`` as
+#:   sent for DGPS (2) only, and gpsd 3.22 leaves it out for a normal fix.
+#:
+#: The NMEA replay maps its indicators to these codes (:data:`GGA_QUALITY_STATUS`,
+#: :data:`FAA_MODE_STATUS`) and judges them by the same table. gpsd 3.22 turns GGA quality
+#: 8/6/7 with RMC mode S/E/M into status 8/5/7 (measured on tests/data/derived); the other
+#: codes follow the NMEA 0183 meanings.
+RECEIVER_STATUS: dict[int, tuple[str, str | None]] = {
+    0: ("unknown", None),
+    1: ("GNSS fix", None),
+    2: ("DGPS fix", None),
+    3: ("RTK fixed", None),
+    4: ("RTK float", None),
+    5: ("dead reckoning only", "receiver in dead-reckoning mode, position not measured"),
+    6: ("GNSS + dead reckoning", None),
+    7: ("time only", "receiver in time-only or manual-input mode, position not measured"),
+    8: ("simulated", "receiver in simulation mode"),
+    9: ("P(Y) fix", None),
+}
+
+#: NMEA 0183 GGA fix quality (field 6) -> gpsd status. 0 (invalid) is no fix at all.
+GGA_QUALITY_STATUS: dict[int, int] = {1: 1, 2: 2, 3: 9, 4: 3, 5: 4, 6: 5, 7: 7, 8: 8}
+
+#: NMEA 0183 (2.3 and later) FAA mode indicator (RMC field 12) -> gpsd status: A autonomous,
+#: D differential, P precise, R RTK fixed, F RTK float, E estimated (dead reckoning),
+#: M manual input, S simulator. N (not valid) is no fix at all; a letter not listed counts as
+#: unknown (0), as gpsd does.
+FAA_MODE_STATUS: dict[str, int] = {"A": 1, "D": 2, "P": 9, "R": 3, "F": 4, "E": 5, "M": 7,
+                                   "S": 8}
+
+
+def unmeasured_reason(status: object) -> str | None:
+    """Why a position with this receiver status is not a fix, or None if it is one.
+
+    Args:
+        status: gpsd's TPV ``status`` (an int, see :data:`RECEIVER_STATUS`); an unknown code
+            (a newer gpsd's) counts as 0 (unknown), as gpsd clients do; so does a value that
+            is not an int (callers refuse malformed input before asking).
+
+    Returns:
+        The reason (one line, e.g. ``"receiver in simulation mode"``) for 5, 7 and 8; else None.
+    """
+    if isinstance(status, bool) or not isinstance(status, int):
+        return None
+    entry = RECEIVER_STATUS.get(status)
+    return None if entry is None else entry[1]
 
 
 class _LossGate:
@@ -231,18 +309,24 @@ class GpsdFixTracker:
     versions 3.x and newer; VERSION is not checked):
 
     * ``TPV`` with ``mode`` 2 or 3 and usable ``lat``/``lon`` (see :func:`usable_position`)
-      gives a :class:`GpsFix`. ``accuracy_m`` is ``eph`` if present, else
+      gives a :class:`GpsFix` (``source="gpsd"``). ``accuracy_m`` is ``eph`` if present, else
       ``hypot(epx, epy)`` if both are, else None; ``time`` is the TPV ``time`` (UTC).
     * ``TPV`` with ``mode`` 0 or 1 gives a :class:`GpsLost`.
-    * ``TPV`` with mode 2/3 but no position (a partial epoch) gives nothing.
-    * ``SKY`` updates the satellite counts put on later fixes: ``uSat``/``nSat``, else counted
-      from ``satellites`` (``used``). A SKY without them (DOP only) keeps the previous counts.
+    * ``TPV`` with mode 2/3 and a ``status`` that says the position was not measured
+      (:func:`unmeasured_reason`: dead reckoning only, time only, simulated) gives a
+      :class:`GpsLost` with that reason, position or not.
+    * ``TPV`` with mode 2/3 but no position (a partial epoch), or a ``status`` that is not an
+      integer, gives nothing.
+    * ``SKY`` updates the satellite counts and the HDOP put on later fixes: ``uSat``/``nSat``,
+      else counted from ``satellites`` (``used``); ``hdop`` if a finite number > 0. A SKY
+      without them keeps the previous values.
     * ``GST`` (its ``lat``/``lon`` are error estimates in metres) and everything else: nothing.
     """
 
     def __init__(self) -> None:
         self.satellites_used: int | None = None
         self.satellites_visible: int | None = None
+        self.hdop: float | None = None
 
     def handle(self, message: dict[str, Any]) -> GpsFix | GpsLost | None:
         """Take one gpsd object; return the fix or loss it reports, if any."""
@@ -259,6 +343,12 @@ class GpsdFixTracker:
             return GpsLost(reason=f"no fix (gpsd mode {mode})")
         if mode not in (2, 3):
             return None
+        status = message.get("status", 0)
+        if isinstance(status, bool) or not isinstance(status, int):
+            return None  # gpsd sends an integer or nothing: a malformed TPV says nothing
+        unmeasured = unmeasured_reason(status)
+        if unmeasured is not None:
+            return GpsLost(reason=f"{unmeasured} (gpsd status {status})")
         position = usable_position(message.get("lat"), message.get("lon"))
         if position is None:
             return None
@@ -266,7 +356,7 @@ class GpsdFixTracker:
                       accuracy_m=self._accuracy(message), mode=mode,
                       satellites_used=self.satellites_used,
                       satellites_visible=self.satellites_visible,
-                      time=_gpsd_time(message.get("time")))
+                      time=_gpsd_time(message.get("time")), hdop=self.hdop, source="gpsd")
 
     @staticmethod
     def _accuracy(message: dict[str, Any]) -> float | None:
@@ -291,6 +381,9 @@ class GpsdFixTracker:
             self.satellites_used = used
         if visible is not None:
             self.satellites_visible = visible
+        hdop = _finite(message.get("hdop"))
+        if hdop is not None and hdop > 0:
+            self.hdop = hdop
 
 
 class GpsdSource:
@@ -451,15 +544,27 @@ class _Epoch:
 
     stamp: time | None = None
     valid: list[bool] = field(default_factory=list)
+    statuses: list[tuple[int, str]] = field(default_factory=list)
     gga_position: tuple[float, float] | None = None
     rmc_position: tuple[float, float] | None = None
     hdop: float | None = None
+    gsa_hdop: float | None = None
     used: int | None = None
+    gsa_used: dict[str, set[str]] = field(default_factory=dict)
     day: date | None = None
 
     @property
     def reported(self) -> bool:
         return bool(self.valid)
+
+
+def _int_text(value: object) -> int | None:
+    """A non-negative decimal integer field (``"08"``), or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 class _NmeaReader:
@@ -471,10 +576,12 @@ class _NmeaReader:
         self.day: date | None = None
         self.mode3 = False
         self.gsa_used: int | None = None
-        self.visible: int | None = None
+        self.in_view: dict[tuple[str, str], int] = {}
 
     def line(self, text: str) -> None:
         text = text.strip()
+        if text.startswith("$$"):  # ST Teseo receivers: "$$GNRMC,...*hh", checksum as usual
+            text = text[1:]
         if not text.startswith(("$", "!")):
             return
         try:
@@ -494,20 +601,19 @@ class _NmeaReader:
         elif kind == "GGA":
             self._gga(message)
         elif kind == "GSA":
-            fix_type = _field(message, "mode_fix_type")
-            self.mode3 = fix_type == "3"
-            ids = [_field(message, f"sv_id{i:02d}") for i in range(1, 13)]
-            self.gsa_used = sum(1 for sv in ids if sv)
+            self._gsa(message)
         elif kind == "GSV":
-            visible = _field(message, "num_sv_in_view")
-            with contextlib.suppress(TypeError, ValueError):
-                self.visible = int(visible) if visible not in (None, "") else self.visible
+            self._gsv(message)
 
     def _rmc(self, message: pynmea2.NMEASentence) -> None:
         status = _field(message, "status")
         if status not in ("A", "V"):
             return
-        self.epoch.valid.append(status == "A")
+        mode = _field(message, "mode_indicator")
+        mode = mode[:1] if isinstance(mode, str) else ""
+        self.epoch.valid.append(status == "A" and mode != "N")
+        if mode in FAA_MODE_STATUS:
+            self.epoch.statuses.append((FAA_MODE_STATUS[mode], f"RMC mode {mode}"))
         day = _field(message, "datestamp")
         if isinstance(day, date):
             self.day = self.epoch.day = day
@@ -522,19 +628,52 @@ class _NmeaReader:
         if not isinstance(quality, int):
             return
         self.epoch.valid.append(quality > 0)
+        if quality in GGA_QUALITY_STATUS:
+            self.epoch.statuses.append((GGA_QUALITY_STATUS[quality], f"GGA quality {quality}"))
         lat = _nmea_degrees(_field(message, "lat"), _field(message, "lat_dir"), "N", "S")
         lon = _nmea_degrees(_field(message, "lon"), _field(message, "lon_dir"), "E", "W")
         self.epoch.gga_position = usable_position(lat, lon)
         hdop = _float_text(_field(message, "horizontal_dil"))
         self.epoch.hdop = hdop if hdop is not None and hdop > 0 else None
-        used = _field(message, "num_sats")
-        try:
-            self.epoch.used = int(used) if used not in (None, "") else None
-        except (TypeError, ValueError):
-            self.epoch.used = None
+        self.epoch.used = _int_text(_field(message, "num_sats"))
+
+    def _gsa(self, message: pynmea2.NMEASentence) -> None:
+        """GSA: 2D/3D, the satellites used (one GSA per constellation since NMEA 4.10: the
+        epoch's GSAs are added up, keyed by their system ID or talker) and the HDOP."""
+        self.mode3 = _field(message, "mode_fix_type") == "3"
+        ids = {sv for sv in (_field(message, f"sv_id{i:02d}") for i in range(1, 13))
+               if isinstance(sv, str) and sv}
+        data = getattr(message, "data", [])
+        system = data[17] if len(data) > 17 and data[17] else getattr(message, "talker", "")
+        self.epoch.gsa_used.setdefault(str(system), set()).update(ids)
+        hdop = _float_text(_field(message, "hdop"))
+        if hdop is not None and hdop > 0:
+            self.epoch.gsa_hdop = hdop
+
+    def _gsv(self, message: pynmea2.NMEASentence) -> None:
+        """GSV: satellites in view, per constellation (talker); since NMEA 4.10 one GSV group
+        per signal, so a constellation counts with its largest group, not their sum."""
+        count = _int_text(_field(message, "num_sv_in_view"))
+        if count is None:
+            return
+        data = getattr(message, "data", [])
+        # A signal ID follows the satellite blocks: 3 + 4 * n fields, then one more.
+        signal = data[-1] if len(data) > 3 and (len(data) - 3) % 4 == 1 else ""
+        self.in_view[(getattr(message, "talker", ""), signal)] = count
+
+    @property
+    def visible(self) -> int | None:
+        if not self.in_view:
+            return None
+        best: dict[str, int] = {}
+        for (talker, _signal), count in self.in_view.items():
+            best[talker] = max(count, best.get(talker, 0))
+        return sum(best.values())
 
     def finish(self) -> None:
         epoch, self.epoch = self.epoch, _Epoch()
+        if epoch.gsa_used:
+            self.gsa_used = sum(len(ids) for ids in epoch.gsa_used.values())
         if not epoch.reported:
             return
         position = epoch.gga_position or epoch.rmc_position
@@ -542,15 +681,21 @@ class _NmeaReader:
             self.reports.append(GpsLost(reason="no fix in the NMEA log (RMC status V or GGA "
                                                "quality 0)"))
             return
+        for status, what in epoch.statuses:
+            unmeasured = unmeasured_reason(status)
+            if unmeasured is not None:
+                self.reports.append(GpsLost(reason=f"{unmeasured} (NMEA {what})"))
+                return
         day = epoch.day or self.day
         moment = (datetime.combine(day, epoch.stamp.replace(tzinfo=None), tzinfo=UTC)
                   if day is not None and epoch.stamp is not None else None)
+        hdop = epoch.hdop if epoch.hdop is not None else epoch.gsa_hdop
         self.reports.append(GpsFix(
             latitude=position[0], longitude=position[1],
-            accuracy_m=None if epoch.hdop is None else epoch.hdop * NMEA_UERE_M,
+            accuracy_m=None if hdop is None else hdop * NMEA_UERE_M,
             mode=3 if self.mode3 else 2,
             satellites_used=epoch.used if epoch.used is not None else self.gsa_used,
-            satellites_visible=self.visible, time=moment))
+            satellites_visible=self.visible, time=moment, hdop=hdop, source="nmea"))
 
 
 def parse_nmea_log(lines: Iterable[str]) -> list[GpsFix | GpsLost]:
@@ -559,12 +704,20 @@ def parse_nmea_log(lines: Iterable[str]) -> list[GpsFix | GpsLost]:
     An epoch is the run of sentences sharing one UTC time (RMC, GGA, GLL carry it; GSA, GSV
     and others join the current epoch). An epoch with an RMC or GGA gives:
 
-    * a :class:`GpsFix` if every RMC says status ``A`` and every GGA quality > 0, and a usable
-      position is present (GGA's, else RMC's; see :func:`usable_position`). ``mode`` is 3 if
-      the latest GSA says 3D, else 2. ``accuracy_m`` is GGA HDOP * :data:`NMEA_UERE_M` or None.
-      ``time`` is the epoch's UTC time on the latest RMC date, or None without a date.
-    * a :class:`GpsLost` otherwise.
+    * a :class:`GpsFix` (``source="nmea"``) if every RMC says status ``A`` (and no mode
+      indicator ``N``), every GGA quality > 0, no RMC mode indicator or GGA quality says the
+      position was not measured (mapped to gpsd's status, judged by :func:`unmeasured_reason`:
+      RMC mode E, M, S; GGA quality 6, 7, 8), and a usable position is present (GGA's, else
+      RMC's; see :func:`usable_position`). ``mode`` is 3 if the latest GSA says 3D, else 2.
+      ``hdop`` is GGA's HDOP, else the epoch's GSA HDOP; ``accuracy_m`` is
+      ``hdop * NMEA_UERE_M`` or None. ``satellites_used`` is GGA's count, else the satellites
+      of the latest epoch's GSAs (one per constellation, added up); ``satellites_visible`` is
+      the GSV count, added up over the constellations (talkers) seen. ``time`` is the epoch's
+      UTC time on the latest RMC date, or None without a date.
+    * a :class:`GpsLost` otherwise, whose reason says which (no fix, or not measured: e.g.
+      ``"receiver in simulation mode (NMEA RMC mode S)"``).
 
+    Sentences may start with ``$$`` instead of ``$`` (ST Teseo receivers; gpsd accepts them).
     Lines that are not NMEA, fail their checksum (a checksum is required) or do not parse are
     skipped.
 
@@ -595,7 +748,9 @@ class NmeaReplaySource:
 
     The file is read when :meth:`stream` starts, not at construction. A missing or unreadable
     file, or one with no RMC/GGA sentence, gives one ``GpsLost`` naming the file and the
-    problem (no traceback), and the source tries again every ``retry_s`` seconds.
+    problem (no traceback), and the source tries again every ``retry_s`` seconds. (Built from
+    the configuration by :func:`make_source`, a file missing at start is a ``ConfigError``
+    instead; the retry covers a file that goes away or is replaced later.)
     """
 
     def __init__(self, path: Path, *, rate: float = 1.0, loop: bool = True,
@@ -654,7 +809,11 @@ def _now() -> datetime:
 
 
 class FixedSource:
-    """A receiver that never moves: the same 3D fix every ``interval_s`` seconds."""
+    """A configured position, not a receiver: the same fix every ``interval_s`` seconds.
+
+    Its fixes say ``source="fixed"`` (mode 3, no satellites, no HDOP) so that the UI can show
+    that no receiver measured them.
+    """
 
     def __init__(self, latitude: float, longitude: float, accuracy_m: float | None, *,
                  interval_s: float = 1.0) -> None:
@@ -677,7 +836,7 @@ class FixedSource:
         """Yield the fix (time: now, UTC) at once and then every ``interval_s`` seconds."""
         while True:
             yield GpsFix(latitude=self.latitude, longitude=self.longitude,
-                         accuracy_m=self.accuracy_m, mode=3, time=_now())
+                         accuracy_m=self.accuracy_m, mode=3, time=_now(), source="fixed")
             await asyncio.sleep(self.interval_s)
 
 
@@ -752,14 +911,24 @@ class WalkSource:
                 heading = math.atan2(-north, -east) + rng.uniform(-0.8, 0.8)
 
     async def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
-        """Yield a 3D fix (time: now, UTC) on the walk every ``interval_s`` seconds."""
+        """Yield a 3D fix (``source="walk"``, time: now, UTC) every ``interval_s`` seconds."""
         for latitude, longitude in self.positions():
             yield GpsFix(latitude=latitude, longitude=longitude, accuracy_m=self.accuracy_m,
-                         mode=3, time=_now())
+                         mode=3, time=_now(), source="walk")
             await asyncio.sleep(self.interval_s)
 
 
 # -- from configuration -----------------------------------------------------------------
+
+
+def _check_log_file(path: Path) -> None:
+    """Raise ConfigError (``gps.path``) unless ``path`` is a file that can be opened for reading."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError("gps.path", f"an NMEA log file that can be read "
+                          f"({exc.strerror or type(exc).__name__})", str(path)) from None
 
 
 def make_source(gps: GpsConfig) -> PositionSource:
@@ -772,6 +941,9 @@ def make_source(gps: GpsConfig) -> PositionSource:
         A :class:`GpsdSource`, :class:`NmeaReplaySource` or :class:`FixedSource`.
 
     Raises:
+        ConfigError: ``source = "nmea"`` and ``gps.path`` does not exist or cannot be read
+            (checked here, at start, rather than retried forever: one line naming
+            ``gps.path``, which the CLI prints as a config error).
         ValueError: an unknown source, or a value the source needs is missing or bad
             (the message names the ``gps.`` key).
     """
@@ -781,6 +953,7 @@ def make_source(gps: GpsConfig) -> PositionSource:
         if gps.source == "nmea":
             if gps.path is None:
                 raise ValueError('path: the NMEA log to replay is required when source = "nmea"')
+            _check_log_file(Path(gps.path))
             return NmeaReplaySource(gps.path, rate=gps.rate, loop=gps.loop)
         if gps.source == "fixed":
             if gps.latitude is None or gps.longitude is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import random
@@ -27,7 +28,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fanny_tui.config import parse_config
+from fanny_tui.cli import EXIT_USAGE, main
+from fanny_tui.config import ConfigError, parse_config
 from fanny_tui.events import GpsFix, GpsLost
 from fanny_tui.gps import (
     NMEA_UERE_M,
@@ -41,6 +43,7 @@ from fanny_tui.gps import (
     WalkSource,
     make_source,
     parse_nmea_log,
+    unmeasured_reason,
     usable_position,
 )
 from fanny_tui.protocol.proximity import haversine_m
@@ -50,8 +53,50 @@ DATA = Path(__file__).parent / "data"
 NMEA = DATA / "nmea"
 CAPTURES = DATA / "gpsd-json"
 TOLERANCE_DEG = 1e-6
-LOGS = ["bu353s4.log", "garmin15x.log", "haicom-305N.log", "mt3339.log", "tr737A+.log",
-        "ublox-lea-5h.log"]
+LOGS = ["bu353s4.log", "garmin15x.log", "haicom-305N.log", "mt3339.log", "st-teseo-liv4f.log",
+        "tr737A+.log", "ublox-lea-5h.log"]
+
+#: data/derived/bu353s4-not-measured.log: bu353s4.log with some epochs turned into positions
+#: the receiver says it did not measure (no shipped real log has any). UTC time of the epoch
+#: -> (RMC mode indicator, GGA quality, degrees added to the latitude and longitude fields: the
+#: position moves ~100 km, so a test can tell it from every real one).
+NOT_MEASURED_LOG = DATA / "derived" / "bu353s4-not-measured.log"
+NOT_MEASURED_EDITS: dict[str, tuple[str, str, int, int]] = {
+    **dict.fromkeys(["030722", "030723", "030724"], ("S", "8", 1, 0)),  # simulator
+    **dict.fromkeys(["030727", "030728", "030729"], ("E", "6", 0, 1)),  # dead reckoning
+    **dict.fromkeys(["030732", "030733"], ("M", "7", -1, 0)),  # manual input
+}
+NOT_MEASURED_REASONS = {"S": "receiver in simulation mode",
+                        "E": "receiver in dead-reckoning mode, position not measured",
+                        "M": "receiver in time-only or manual-input mode, position not measured"}
+
+
+def nmea_checksum(body: str) -> str:
+    """The NMEA 0183 checksum of a sentence body (between ``$`` and ``*``), two hex digits."""
+    return f"{functools.reduce(lambda acc, ch: acc ^ ord(ch), body, 0):02X}"
+
+
+def derive_not_measured_log(source: str) -> str:
+    """bu353s4.log -> bu353s4-not-measured.log (:data:`NOT_MEASURED_EDITS`, checksums redone)."""
+    out = ["# Derived from bu353s4.log for tests (see README.md): RMC mode S/E/M and GGA "
+           "quality 8/6/7 in some epochs, their positions moved"]
+    for line in source.splitlines():
+        if line.startswith("$"):
+            fields = line[1:line.index("*")].split(",")
+            edit = NOT_MEASURED_EDITS.get(fields[1][:6])
+            if edit is not None and fields[0][2:] in ("RMC", "GGA"):
+                mode, quality, dlat, dlon = edit
+                at = 3 if fields[0].endswith("RMC") else 2  # latitude field
+                fields[at] = f"{int(fields[at][:2]) + dlat:02d}{fields[at][2:]}"
+                fields[at + 2] = f"{int(fields[at + 2][:3]) + dlon:03d}{fields[at + 2][3:]}"
+                if fields[0].endswith("RMC"):
+                    fields[12] = mode
+                else:
+                    fields[6] = quality
+                body = ",".join(fields)
+                line = f"${body}*{nmea_checksum(body)}"
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 # gpsd 3.22 (what gpsfake runs here) reports one epoch that the newer gpsd which wrote the .chk
 # files leaves out: the last sentence before the gap in ublox-lea-5h.log,
@@ -77,6 +122,39 @@ def chk_fix_positions(log: str) -> list[tuple[float, float]]:
     """Positions of the .chk's TPVs with mode >= 2 and lat/lon, in order."""
     return [(o["lat"], o["lon"]) for o in chk_objects(log)
             if o.get("class") == "TPV" and o.get("mode", 0) >= 2 and "lat" in o and "lon" in o]
+
+
+def sky_values(objects: Sequence[dict[str, Any]]) -> tuple[set[Any], set[Any], set[Any]]:
+    """HDOPs, satellites used and satellites visible in gpsd's SKY objects (counts from
+    ``uSat``/``nSat``, else counted from the ``satellites`` list as gpsd 3.17-3.22 send it)."""
+    hdops: set[Any] = set()
+    used: set[Any] = set()
+    visible: set[Any] = set()
+    for o in objects:
+        if o.get("class") != "SKY":
+            continue
+        satellites = o.get("satellites")
+        if "hdop" in o:
+            hdops.add(o["hdop"])
+        if "uSat" in o or satellites is not None:
+            used.add(o.get("uSat", sum(1 for sat in satellites or [] if sat.get("used"))))
+        if "nSat" in o or satellites is not None:
+            visible.add(o.get("nSat", len(satellites or [])))
+    return hdops, used, visible
+
+
+def assert_quality_from(fixes: Sequence[GpsFix], gpsd_objects: Sequence[dict[str, Any]],
+                        log: str) -> None:
+    """HDOP and satellite counts of ``fixes`` are values gpsd itself reported for ``log``
+    (in ``gpsd_objects``: its SKY objects), and most fixes carry them."""
+    hdops, used, visible = sky_values(gpsd_objects)
+    for fix in fixes:
+        assert fix.hdop is None or any(abs(fix.hdop - h) < 0.006 for h in hdops), (log, fix)
+        assert fix.satellites_used is None or fix.satellites_used in used, (log, fix)
+        assert fix.satellites_visible is None or fix.satellites_visible in visible, (log, fix)
+    assert sum(1 for f in fixes if f.hdop is not None) > len(fixes) / 2, log
+    assert sum(1 for f in fixes if f.satellites_used is not None) > len(fixes) / 2, log
+    assert sum(1 for f in fixes if f.satellites_visible is not None) > len(fixes) / 2, log
 
 
 def near(point: tuple[float, float], candidates: Sequence[tuple[float, float]] | set[Any]) -> bool:
@@ -269,6 +347,7 @@ async def test_fixes_from_real_gpsd_are_gpsds_own_positions(log: str) -> None:
     allowed = set(expected) | GPSD_322_EXTRA.get(log, set())
     unique = collapse(list(dict.fromkeys(expected)))
     with gpsfake(NMEA / log, cycle=0.01) as port:
+        probe = await Probe.open(port)  # what this gpsd sent (its SKY objects)
         collector = Collector(GpsdSource("127.0.0.1", port, stale_after_s=30.0))
         try:
             await collector.wait_for(lambda _: sum(
@@ -276,12 +355,17 @@ async def test_fixes_from_real_gpsd_are_gpsds_own_positions(log: str) -> None:
             ) >= 0.9 * len(unique), timeout=25)
         finally:
             await collector.close()
+            await probe.close()
     assert gpsd_running_on(port) == []
     fixes = collector.fixes
     for fix in fixes:
         assert_sane_fix(fix)
         assert near(position(fix), allowed), f"{log}: {position(fix)} is not a position gpsd gave"
+        assert fix.source == "gpsd"
     assert sum(1 for fix in fixes if fix.time is not None) > len(fixes) / 2
+    # gpsd 3.22 sends other SKY objects than the newer gpsd of the .chk (a SKY per GSV
+    # sentence, counts on the way): compare with what this gpsd sent.
+    assert_quality_from(fixes, probe.messages, log)
     seen = {p for p in unique if near(p, [position(f) for f in fixes])}
     print(f"{log}: {len(fixes)} fixes, {len(seen)}/{len(unique)} of gpsd's positions")
 
@@ -404,6 +488,108 @@ async def test_gpsd_going_away_gives_one_loss_and_fixes_resume_on_reconnect() ->
         assert near(position(fix), allowed)
 
 
+def _time_of_day(moment: datetime | str | None) -> str | None:
+    """``HHMMSS`` of a fix time or a gpsd TPV time (gpsd 3.22 may move the date by 1024
+    weeks, so epochs are compared by time of day)."""
+    if moment is None:
+        return None
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.strftime("%H%M%S")
+
+
+def _real_cluster(point: tuple[float, float]) -> bool:
+    """Within ~1 km of where bu353s4.log's receiver stood (the moved epochs are ~100 km off)."""
+    return haversine_m(*point, -37.78479, 175.31490) < 1000
+
+
+async def test_real_gpsd_and_the_nmea_replay_refuse_the_same_unmeasured_epochs() -> None:
+    """The derived log (simulator, dead-reckoning and manual-input epochs) through a real gpsd:
+    gpsd marks exactly those epochs with TPV status 8, 5 and 7 (a probe checks), and the source
+    yields a loss with that reason for each kind, never one of their positions. The NMEA
+    replay of the same log refuses the same epochs, for the same reasons."""
+    expected_status = {"S": 8, "E": 5, "M": 7}
+    with GpsFake(NOT_MEASURED_LOG, cycle=0.01) as fake:
+        probe = await Probe.open(fake.port)
+        collector = Collector(GpsdSource("127.0.0.1", fake.port, stale_after_s=30.0))
+
+        epochs = {line.split(",")[1][:6] for line in NOT_MEASURED_LOG.read_text().splitlines()
+                  if line.startswith("$GPRMC")}
+
+        def every_kind_seen(events: list[Event]) -> bool:
+            reasons = {e.reason for e in events if isinstance(e, GpsLost)}
+            gpsd_epochs = {_time_of_day(m["time"]) for m in probe.messages
+                           if m.get("class") == "TPV" and "time" in m}
+            return len(reasons) >= 3 and gpsd_epochs >= epochs  # a whole pass of the log
+
+        try:
+            await collector.wait_for(every_kind_seen, timeout=30,
+                                     describe=lambda: f"gpsfake: {fake.stderr()}")
+        finally:
+            await collector.close()
+            await probe.close()
+    assert gpsd_running_on(fake.port) == []
+    # What gpsd itself said, epoch by epoch.
+    gpsd_status = {_time_of_day(m["time"]): m.get("status", 0) for m in probe.messages
+                   if m.get("class") == "TPV" and "time" in m and "lat" in m}
+    marked = {t for t, status in gpsd_status.items() if unmeasured_reason(status) is not None}
+    assert marked == set(NOT_MEASURED_EDITS)
+    for moment, (mode, *_rest) in NOT_MEASURED_EDITS.items():
+        assert gpsd_status[moment] == expected_status[mode]
+    # What the source made of it.
+    losses = {e.reason for e in collector.events if isinstance(e, GpsLost)}
+    assert losses == {f"{NOT_MEASURED_REASONS[mode]} (gpsd status {status})"
+                      for mode, status in expected_status.items()}
+    for fix in collector.fixes:
+        assert _real_cluster(position(fix)), f"an unmeasured position became a fix: {fix}"
+        assert _time_of_day(fix.time) not in NOT_MEASURED_EDITS
+    # The NMEA replay refuses the same epochs.
+    reports = parse_nmea_log(NOT_MEASURED_LOG.read_text().splitlines())
+    nmea_fixes = {_time_of_day(r.time) for r in reports if isinstance(r, GpsFix)}
+    assert not nmea_fixes & marked
+    assert {_time_of_day(f.time) for f in collector.fixes if f.time is not None} <= nmea_fixes
+
+
+async def test_gpsd_status_decides_what_is_a_fix() -> None:
+    """TPV status (gpsd_json(5)): 5 dead reckoning only, 7 time only, 8 simulated are losses
+    with their reason; 0-4, 6 (GNSS + dead reckoning), 9 and no status are fixes."""
+    tracker = GpsdFixTracker()
+    fix_statuses: list[object] = [None, 0, 1, 2, 3, 4, 6, 9, 42]
+    for status in fix_statuses:
+        message = {"class": "TPV", "mode": 3, "lat": 44.1, "lon": -121.3}
+        if status is not None:
+            message["status"] = status
+        assert isinstance(tracker.handle(message), GpsFix), status
+    for status in ("8", True, 8.0, None, [8]):  # gpsd sends an integer or nothing: malformed
+        message = {"class": "TPV", "mode": 3, "lat": 44.1, "lon": -121.3, "status": status}
+        assert tracker.handle(message) is None, status
+    for status, reason in [(5, "receiver in dead-reckoning mode, position not measured"),
+                           (7, "receiver in time-only or manual-input mode, position not "
+                               "measured"),
+                           (8, "receiver in simulation mode")]:
+        for extra in ({"lat": 44.1, "lon": -121.3}, {}):  # with or without a position
+            item = tracker.handle({"class": "TPV", "mode": 2, "status": status, **extra})
+            assert item == GpsLost(reason=f"{reason} (gpsd status {status})")
+    # mode 1 stays "no fix", whatever the status
+    assert tracker.handle({"class": "TPV", "mode": 1, "status": 8}) == GpsLost(
+        reason="no fix (gpsd mode 1)")
+    # the loss goes over the wire of a GpsdSource once, then the fix comes back
+    script: list[bytes | float] = [
+        tpv(44.1, -121.3, status=1), tpv(44.2, -121.2, status=8), tpv(44.3, -121.1, status=8),
+        tpv(44.4, -121.0, status=6)]
+    events, _ = await _play([VERSION], script, _has_fix_at(44.4, -121.0), stale_after_s=30.0)
+    assert [position(e) if isinstance(e, GpsFix) else e.reason for e in events] == [
+        (44.1, -121.3), "receiver in simulation mode (gpsd status 8)", (44.4, -121.0)]
+
+
+def test_unmeasured_reason_table() -> None:
+    refused = {code for code in range(10) if unmeasured_reason(code) is not None}
+    assert refused == {5, 7, 8}
+    for value in (None, "8", 8.0, True, -1, 10, 255):
+        assert unmeasured_reason(value) is None
+
+
+
 # -- gpsd JSON captures and edge cases --------------------------------------------------
 
 
@@ -430,7 +616,8 @@ async def test_gpsd_3_17_capture() -> None:
     assert server.commands == [WATCH_COMMAND]
     accuracy = math.hypot(8.171, 11.499)  # no eph in 3.17: from epx and epy
     common = {"latitude": 51.813280233, "longitude": 6.5502142, "accuracy_m": accuracy,
-              "mode": 3, "satellites_used": 9, "satellites_visible": 25}  # counted from SKY
+              "mode": 3, "satellites_used": 9, "satellites_visible": 25,  # counted from SKY
+              "hdop": 0.89, "source": "gpsd"}
     assert events == [
         GpsFix(**common, time=None),  # the first TPV has no time
         GpsFix(**common, time=datetime(2021, 8, 13, 9, 12, 41, tzinfo=UTC)),
@@ -448,7 +635,7 @@ async def test_gpsd_3_24_capture() -> None:
         # SKY said nSat 10, uSat 0; the DOP-only SKY after it (no satellites) changes nothing.
         # The same TPV twice in gpsd's output is reported once.
         GpsFix(latitude=50.0740391, longitude=14.466591817, accuracy_m=9.5, mode=3,
-               satellites_used=0, satellites_visible=10,
+               satellites_used=0, satellites_visible=10, hdop=0.5,
                time=datetime(2025, 12, 17, 12, 10, 33, tzinfo=UTC)),
     ]
 
@@ -623,8 +810,10 @@ def test_nmea_parse_agrees_with_gpsd(log: str) -> None:
         assert_sane_fix(fix)
         assert near(position(fix), allowed), f"{log}: {position(fix)}"
         assert fix.time is not None
+        assert fix.source == "nmea"
     covered = {p for p in set(expected) if near(p, [position(f) for f in fixes])}
     assert len(covered) >= 0.85 * len(set(expected))
+    assert_quality_from(fixes, chk_objects(log), log)
 
 
 def test_nmea_parse_details_on_a_log_that_starts_without_a_fix() -> None:
@@ -636,10 +825,91 @@ def test_nmea_parse_details_on_a_log_that_starts_without_a_fix() -> None:
     assert first == GpsFix(latitude=44 + 4.1316 / 60, longitude=-(121 + 18.8445 / 60),
                            accuracy_m=5.21 * NMEA_UERE_M, mode=3, satellites_used=4,
                            satellites_visible=6,
-                           time=datetime(2011, 11, 11, 7, 17, 36, tzinfo=UTC))
+                           time=datetime(2011, 11, 11, 7, 17, 36, tzinfo=UTC), hdop=5.21,
+                           source="nmea")
     haicom = parse_nmea_log((NMEA / "haicom-305N.log").read_text().splitlines())
     assert all(isinstance(r, GpsLost) for r in haicom[:6])
     assert isinstance(haicom[6], GpsFix) and haicom[6].mode == 2  # GSA says 2D
+
+
+def test_the_derived_log_is_bu353s4_with_only_the_documented_edits() -> None:
+    """data/derived/README.md says how bu353s4-not-measured.log was made: check it."""
+    assert NOT_MEASURED_LOG.read_text() == derive_not_measured_log(
+        (NMEA / "bu353s4.log").read_text())
+
+
+def test_nmea_replay_refuses_epochs_the_receiver_did_not_measure() -> None:
+    """RMC mode S/E/M with GGA quality 8/6/7: losses with the reason of the shared table
+    (the first sentence of each epoch is its GGA), never a position; the other epochs are
+    bu353s4.log's own fixes, unchanged."""
+    reports = parse_nmea_log(NOT_MEASURED_LOG.read_text().splitlines())
+    original = parse_nmea_log((NMEA / "bu353s4.log").read_text().splitlines())
+    assert len(reports) == len(original) == 25
+    for report, real in zip(reports, original, strict=True):
+        assert isinstance(real, GpsFix)
+        edit = NOT_MEASURED_EDITS.get(_time_of_day(real.time) or "")
+        if edit is None:
+            assert report == real
+        else:
+            mode, quality = edit[:2]
+            assert report == GpsLost(reason=f"{NOT_MEASURED_REASONS[mode]} (NMEA GGA "
+                                            f"quality {quality})")
+
+
+@pytest.mark.parametrize(("rmc_mode", "gga_quality", "reason"), [
+    ("S", "1", "receiver in simulation mode (NMEA RMC mode S)"),
+    ("A", "8", "receiver in simulation mode (NMEA GGA quality 8)"),
+    ("E", "1", "receiver in dead-reckoning mode, position not measured (NMEA RMC mode E)"),
+    ("A", "6", "receiver in dead-reckoning mode, position not measured (NMEA GGA quality 6)"),
+    ("M", "1", "receiver in time-only or manual-input mode, position not measured "
+               "(NMEA RMC mode M)"),
+    ("N", "1", "no fix in the NMEA log (RMC status V or GGA quality 0)"),
+    ("D", "2", None), ("R", "4", None), ("F", "5", None), ("P", "3", None), ("", "1", None),
+])
+def test_nmea_indicators_against_the_shared_rule(rmc_mode: str, gga_quality: str,
+                                                 reason: str | None) -> None:
+    """One epoch of bu353s4.log (RMC then GGA) with its mode indicator and fix quality set:
+    a single indicator saying "not measured" is enough to refuse the epoch."""
+    rmc = f"GPRMC,030719.000,A,3747.0873,S,17518.8938,E,0.69,181.39,311214,,,{rmc_mode}"
+    gga = f"GPGGA,030719.000,3747.0873,S,17518.8938,E,{gga_quality},08,1.1,59.9,M,23.7,M,,0000"
+    reports = parse_nmea_log([f"${body}*{nmea_checksum(body)}" for body in (rmc, gga)])
+    assert len(reports) == 1
+    if reason is None:
+        assert isinstance(reports[0], GpsFix)
+    else:
+        assert reports[0] == GpsLost(reason=reason)
+
+
+async def test_a_dollar_dollar_log_replays() -> None:
+    """st-teseo-liv4f.log: every sentence starts with ``$$``. It replays (its positions are
+    the .chk's: test_nmea_parse_agrees_with_gpsd), exactly as the same log written with ``$``."""
+    raw = (NMEA / "st-teseo-liv4f.log").read_text().splitlines()
+    assert sum(line.startswith("$$") for line in raw) > 300
+    reports = parse_nmea_log(raw)
+    assert reports == parse_nmea_log([line.removeprefix("$") for line in raw])
+    fixes = [r for r in reports if isinstance(r, GpsFix)]
+    assert len(fixes) == 12 and all(f.mode == 3 for f in fixes)
+    collector = Collector(NmeaReplaySource(NMEA / "st-teseo-liv4f.log", rate=1000.0, loop=False))
+    try:
+        await collector.wait_for(lambda events: len(events) >= len(reports) + 1)
+    finally:
+        await collector.close()
+    assert collector.events == reports + [GpsLost(reason="end of NMEA log")]
+
+
+def test_nmea_satellites_and_hdop_of_a_multi_constellation_receiver() -> None:
+    """st-teseo-liv4f.log, first epoch: GGA says 13 used, HDOP 1.7; in view: 9 GPS (GPGSV),
+    5 Galileo (GAGSV), 14 BeiDou (BDGSV) = 28, as gpsd's nSat after the three GSV groups."""
+    first = parse_nmea_log((NMEA / "st-teseo-liv4f.log").read_text().splitlines())[0]
+    assert isinstance(first, GpsFix)
+    assert (first.satellites_used, first.satellites_visible, first.hdop) == (13, 28, 1.7)
+    assert first.accuracy_m == pytest.approx(1.7 * NMEA_UERE_M)
+    assert 28 in sky_values(chk_objects("st-teseo-liv4f.log"))[2]
+    # Without GGA, the used satellites come from the epoch's GSAs (one per constellation)
+    lines = [line for line in (NMEA / "st-teseo-liv4f.log").read_text().splitlines()
+             if "GGA," not in line]
+    fix = next(r for r in parse_nmea_log(lines) if isinstance(r, GpsFix))
+    assert fix.satellites_used is not None and fix.satellites_used > 12  # more than one GSA
 
 
 def test_nmea_parse_skips_bad_lines() -> None:
@@ -730,6 +1000,8 @@ async def test_fixed_source() -> None:
         assert isinstance(fix, GpsFix)
         assert (fix.latitude, fix.longitude, fix.accuracy_m, fix.mode) == (43.6045, 1.444, 5.0, 3)
         assert fix.time is not None and fix.time.tzinfo is not None
+        # not a receiver: the UI can say so
+        assert (fix.source, fix.hdop, fix.satellites_used) == ("fixed", None, None)
     with pytest.raises(ValueError, match="latitude"):
         FixedSource(91.0, 1.0, 5.0)
     with pytest.raises(ValueError, match="longitude"):
@@ -772,6 +1044,7 @@ async def test_walk_stream_yields_its_positions() -> None:
     expected = _walk(9, len(collector.events), interval_s=0.005)
     assert [position(e) for e in collector.fixes] == expected
     assert all(e.accuracy_m == 3.0 and e.mode == 3 for e in collector.fixes)
+    assert all(e.source == "walk" for e in collector.fixes)
     with pytest.raises(ValueError, match="radius_m"):
         WalkSource(1.0, 1.0, radius_m=0)
     with pytest.raises(ValueError, match="speed_m_s"):
@@ -783,6 +1056,7 @@ def test_make_source(tmp_path: Path) -> None:
                                              "stale_after_s": 2.0}}).gps)
     assert isinstance(gpsd, GpsdSource) and isinstance(gpsd, PositionSource)
     assert (gpsd.host, gpsd.port, gpsd.stale_after_s) == ("127.0.0.1", 2948, 2.0)
+    shutil.copy(NMEA / "bu353s4.log", tmp_path / "x.nmea")
     nmea = make_source(parse_config({"gps": {"source": "nmea", "path": "x.nmea", "rate": 4.0,
                                              "loop": False}}, base_dir=tmp_path).gps)
     assert isinstance(nmea, NmeaReplaySource)
@@ -800,6 +1074,41 @@ def test_make_source(tmp_path: Path) -> None:
         make_source(GpsConfig(source="fixed", latitude=95.0, longitude=1.0))
 
 
+def test_make_source_refuses_a_missing_nmea_log_at_start(tmp_path: Path) -> None:
+    """A missing or unreadable gps.path is a config error naming the key, not a loss retried
+    forever."""
+    config = parse_config({"gps": {"source": "nmea", "path": "missing.nmea"}},
+                          base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^gps\.path: expected an NMEA log file that can be "
+                                          r"read \(No such file or directory\), got '.*missing"
+                                          r"\.nmea'$") as caught:
+        make_source(config.gps)
+    assert caught.value.key == "gps.path"
+    (tmp_path / "a-directory.nmea").mkdir()
+    config = parse_config({"gps": {"source": "nmea", "path": "a-directory.nmea"}},
+                          base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^gps\.path: .*\(Is a directory\)"):
+        make_source(config.gps)
+
+
+def test_cli_says_in_one_line_that_the_nmea_log_is_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``fanny-tui --headless`` with a gps.path that does not exist: exit 2 and one line on
+    stderr naming gps.path, no traceback, no event on stdout past the start. (The broker URL
+    is a closed loopback port: nothing is sent anywhere.)"""
+    config = tmp_path / "fanny.toml"
+    config.write_text(f'[broker]\nurl = "ws://127.0.0.1:{free_port()}"\n'
+                      '[gps]\nsource = "nmea"\npath = "no-such-log.nmea"\n')
+    code = main(["--headless", "--config", str(config), "--data-dir", str(tmp_path / "data")])
+    out, err = capsys.readouterr()
+    assert code == EXIT_USAGE
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "config error: gps.path: expected an NMEA log file" in lines[0]
+    assert "no-such-log.nmea" in lines[0] and "Traceback" not in err
+    assert "gps_fix" not in out and "gps_lost" not in out
+
+
 # -- property tests: hostile input never raises, never gives a false position -------------
 
 _json_scalars = st.one_of(
@@ -811,7 +1120,7 @@ _json_values = st.recursive(_json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=12)
 _gpsd_keys = st.sampled_from(["class", "mode", "lat", "lon", "eph", "epx", "epy", "time",
-                              "uSat", "nSat", "satellites", "used"])
+                              "uSat", "nSat", "satellites", "used", "status", "hdop"])
 _gpsd_objects = st.dictionaries(_gpsd_keys, _json_values, max_size=8).map(
     lambda d: {**d, "class": d.get("class") if d.get("class") in ("TPV", "SKY") else "TPV"})
 
@@ -826,6 +1135,8 @@ def test_tracker_never_raises_nor_invents_a_position(messages: list[dict[str, An
             assert_sane_fix(item)
             assert (item.latitude, item.longitude) == (message["lat"], message["lon"])
             assert message["mode"] in (2, 3)
+            assert message.get("status", 0) not in (5, 7, 8)  # measured by the receiver
+            assert item.hdop is None or (math.isfinite(item.hdop) and item.hdop > 0)
 
 
 @settings(max_examples=200, deadline=None)

@@ -16,9 +16,9 @@ from fanny_tui.config import parse_config
 from fanny_tui.gps import GpsdSource
 from fanny_tui.protocol.proximity import haversine_m
 from tests.gpsfake import GpsFake
-from tests.test_gps import NMEA, chk_fix_positions
+from tests.test_gps import NMEA, NOT_MEASURED_LOG, NOT_MEASURED_REASONS, chk_fix_positions
 
-from .helpers import running_device
+from .helpers import TIME_UNIT, running_device
 
 
 async def test_no_position_on_the_wire_before_the_receivers_first_fix(tmp_path):
@@ -49,3 +49,37 @@ async def test_no_position_on_the_wire_before_the_receivers_first_fix(tmp_path):
         assert point != (0.0, 0.0)
         assert abs(point[0]) < 89, "the no-fix 90N reached the wire"
         assert min(haversine_m(*point, *p) for p in expected) < 0.5, point
+
+
+async def test_positions_the_receiver_did_not_measure_never_reach_the_broker(tmp_path):
+    """A real gpsd replays the derived log (tests/data/derived): epochs in simulation mode, dead
+    reckoning and manual input, each at a position ~100 km from the real ones. The device
+    reports each as a loss, tells the broker (position_lost), and no frame the broker receives
+    carries one of those positions."""
+    frames: list[tuple[str, str]] = []
+    async with start_broker(BrokerSettings(host="127.0.0.1", port=0,
+                                           db_path=tmp_path / "b.db"),
+                            recorder=lambda kind, raw: frames.append((kind, raw))) as broker:
+        with GpsFake(NOT_MEASURED_LOG, cycle=0.02) as fake:
+            config = parse_config({
+                "broker": {"url": broker.url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+                "gps": {"source": "gpsd", "host": "127.0.0.1", "port": fake.port},
+                "protocol": {"position_interval_s": 0.1},
+            })
+            source = GpsdSource("127.0.0.1", fake.port, stale_after_s=30.0)
+            async with running_device(config, tmp_path / "dev", source) as device:
+                await device.wait_event("broker_connected", timeout=20 * TIME_UNIT)
+                for kind in NOT_MEASURED_REASONS.values():
+                    await device.wait_for(lambda e, kind=kind: e.event == "gps_lost"
+                                          and e.reason.startswith(kind),
+                                          timeout=30 * TIME_UNIT)
+                last_loss = max(i for i, e in enumerate(device.events) if e.event == "gps_lost")
+                await device.wait_for(lambda e: e.event == "gps_fix"
+                                      and device.events.index(e) > last_loss,
+                                      timeout=20 * TIME_UNIT)
+    messages = [json.loads(raw) for _, raw in frames]
+    positions = [m for m in messages if m["type"] == "position"]
+    assert positions and any(m["type"] == "position_lost" for m in messages)
+    for message in positions:
+        point = (message["latitude"], message["longitude"])
+        assert haversine_m(*point, -37.78479, 175.31490) < 1000, point

@@ -6,17 +6,21 @@ Inputs (tests/data, provenance and licences in the READMEs there):
   ``nmea/`` (gpsd's own output for real receiver logs, NMEA sentences and JSON interleaved as
   with ``"nmea":true``), and ``malformed/gpsd-edge-cases.jsonl`` (GST, SKY without satellites,
   TPV mode 3 without lat/lon, lat without lon, strings, NaN, out of range, trailing garbage ...).
-* NMEA logs: the six real receiver logs in ``nmea/`` (two start without a fix: RMC status V and
-  GGA quality 0 *with* a position) and ``malformed/nmea-edge-cases.log``.
+* NMEA logs: the seven real receiver logs in ``nmea/`` (two start without a fix: RMC status V
+  and GGA quality 0 *with* a position; one writes every sentence with ``$$``),
+  ``derived/bu353s4-not-measured.log`` (simulator, dead-reckoning and manual-input epochs) and
+  ``malformed/nmea-edge-cases.log``.
 
 They go through the pure decoders (GpsdDecoder + GpsdFixTracker, parse_nmea_log) and through
 the real sources (GpsdSource against a loopback server that speaks like gpsd, NmeaReplaySource
 on files), whole, split at every byte offset, with every line ending, and with Hypothesis'
 random chunkings and corruptions. Every GpsFix must be a position that an independent oracle
-finds in the very input as a valid fix: a TPV with mode 2/3 and numeric lat and lon for gpsd
-(parsed with msgspec, not the json module the code uses); an RMC with status A or a GGA with
-quality > 0 and a good checksum for NMEA (checksum and fields by hand, not pynmea2). Never
-(0, 0), never out of range, never a GST value.
+finds in the very input as a valid fix: a TPV with mode 2/3, numeric lat and lon and no
+``status`` saying the receiver did not measure it (5, 7, 8) for gpsd (parsed with msgspec, not
+the json module the code uses); an RMC with status A and no mode indicator E, M, N, S, or a GGA
+with quality > 0 but not 6, 7, 8, and a good checksum, for NMEA (checksum and fields by hand,
+not pynmea2). Never (0, 0), never out of range, never a GST value, never a simulated or
+estimated position.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 CAPTURES = sorted((DATA / "gpsd-json").glob("*.jsonl"))
 CHKS = sorted((DATA / "nmea").glob("*.log.chk"))
 NMEA_LOGS = sorted((DATA / "nmea").glob("*.log"))
+DERIVED_NMEA = sorted((DATA / "derived").glob("*.log"))
 EDGE_GPSD = DATA / "malformed" / "gpsd-edge-cases.jsonl"
 EDGE_NMEA = DATA / "malformed" / "nmea-edge-cases.log"
 VERSION = b'{"class":"VERSION","release":"3.25","rev":"3.25","proto_major":3,"proto_minor":15}\r\n'
@@ -55,7 +60,8 @@ Event = GpsFix | GpsLost
 
 
 def test_the_inputs_are_there() -> None:
-    assert len(CAPTURES) == 3 and len(CHKS) == 6 and len(NMEA_LOGS) == 6
+    assert len(CAPTURES) == 3 and len(CHKS) == 7 and len(NMEA_LOGS) == 7
+    assert len(DERIVED_NMEA) == 1
     assert EDGE_GPSD.is_file() and EDGE_NMEA.is_file()
 
 
@@ -68,7 +74,7 @@ def gpsd_stream(path: Path) -> bytes:
 
 
 GPSD_STREAMS = {path.name: gpsd_stream(path) for path in [*CAPTURES, *CHKS, EDGE_GPSD]}
-NMEA_FILES = {path.name: path.read_bytes() for path in [*NMEA_LOGS, EDGE_NMEA]}
+NMEA_FILES = {path.name: path.read_bytes() for path in [*NMEA_LOGS, *DERIVED_NMEA, EDGE_NMEA]}
 
 
 # --- oracles: what the input really says ------------------------------------------------------
@@ -113,14 +119,16 @@ def gpsd_truth(raw: bytes) -> tuple[set[tuple[float, float, int]], set[tuple[flo
         if lat is None or lon is None:
             continue
         mode = obj.get("mode")
-        if obj.get("class") == "TPV" and type(mode) is int and mode in (2, 3):
+        status = obj.get("status", 0)
+        if (obj.get("class") == "TPV" and type(mode) is int and mode in (2, 3)
+                and type(status) is int and status not in (5, 7, 8)):
             fixes.add((lat, lon, mode))
         elif obj.get("class") == "GST":
             gst.add((lat, lon))
     return fixes, gst
 
 
-_SENTENCE = re.compile(r"\$([^*]*)\*([0-9A-Fa-f]{2})")
+_SENTENCE = re.compile(r"\$\$?([^*]*)\*([0-9A-Fa-f]{2})")  # "$$": ST Teseo receivers
 _DEGREES = re.compile(r"([0-9]+)([0-9]{2}(?:\.[0-9]*)?)")
 
 
@@ -140,7 +148,8 @@ def _quality(text: str) -> int:
 
 
 def nmea_truth(lines: Iterable[str]) -> set[tuple[float, float]]:
-    """Positions of the RMC (status A) and GGA (quality > 0) sentences with a good checksum."""
+    """Positions of the RMC (status A, mode indicator absent or A/D/P/R/F and the like, not
+    E/M/N/S) and GGA (quality > 0, not 6/7/8) sentences with a good checksum."""
     out: set[tuple[float, float]] = set()
     for text in lines:
         match = _SENTENCE.fullmatch(text.strip())
@@ -151,10 +160,11 @@ def nmea_truth(lines: Iterable[str]) -> set[tuple[float, float]]:
             continue
         fields = body.split(",")
         kind = fields[0][2:].upper() if len(fields[0]) == 5 else ""
-        if kind == "RMC" and len(fields) > 6 and fields[2] == "A":
+        if (kind == "RMC" and len(fields) > 6 and fields[2] == "A"
+                and (len(fields) < 13 or fields[12][:1] not in ("E", "M", "N", "S"))):
             lat = _nmea_angle(fields[3], fields[4], {"N": 1, "S": -1})
             lon = _nmea_angle(fields[5], fields[6], {"E": 1, "W": -1})
-        elif kind == "GGA" and len(fields) > 6 and _quality(fields[6]) > 0:
+        elif kind == "GGA" and len(fields) > 6 and _quality(fields[6]) not in (0, 6, 7, 8):
             lat = _nmea_angle(fields[2], fields[3], {"N": 1, "S": -1})
             lon = _nmea_angle(fields[4], fields[5], {"E": 1, "W": -1})
         else:
@@ -222,22 +232,27 @@ def cut(raw: bytes, cuts: Iterable[int]) -> list[bytes]:
 
 
 GOOD_EDGE_GPSD = [(44.06881, -121.31411), (44.06882, -121.31412), (44.06883, -121.31413),
-                  (44.06884, -121.31414), (44.06885, -121.31415)]
+                  (44.06884, -121.31414), (44.06885, -121.31415), (44.06889, -121.31419)]
+EDGE_GPSD_LOSSES = [GpsLost(reason="no fix (gpsd mode 1)"), GpsLost(reason="no fix (gpsd mode 0)"),
+                    GpsLost(reason="receiver in simulation mode (gpsd status 8)"),
+                    GpsLost(reason="receiver in dead-reckoning mode, position not measured "
+                                   "(gpsd status 5)"),
+                    GpsLost(reason="receiver in time-only or manual-input mode, position not "
+                                   "measured (gpsd status 7)")]
 
 
 def test_gpsd_edge_cases_give_only_the_good_lines() -> None:
-    """malformed/gpsd-edge-cases.jsonl: every line but the five GOOD ones gives no position
+    """malformed/gpsd-edge-cases.jsonl: every line but the six GOOD ones gives no position
     (README.md there says why, line by line)."""
     events = gpsd_events([GPSD_STREAMS[EDGE_GPSD.name]])
     fixes = [e for e in events if isinstance(e, GpsFix)]
     assert [(f.latitude, f.longitude) for f in fixes] == GOOD_EDGE_GPSD
-    assert [e for e in events if isinstance(e, GpsLost)] == [
-        GpsLost(reason="no fix (gpsd mode 1)"), GpsLost(reason="no fix (gpsd mode 0)")]
-    assert [f.accuracy_m for f in fixes] == [12.5, None, None, None, 5.0]
-    assert [f.time is None for f in fixes] == [False, True, True, True, False]
+    assert [e for e in events if isinstance(e, GpsLost)] == EDGE_GPSD_LOSSES
+    assert [f.accuracy_m for f in fixes] == [12.5, None, None, None, 5.0, 4.0]
+    assert [f.time is None for f in fixes] == [False, True, True, True, False, False]
     # The satellites counted from the SKY with non-object entries: PRN 3 used, PRN 4 not.
     assert all((f.satellites_used, f.satellites_visible) == (1, 2) for f in fixes)
-    assert assert_gpsd_fixes_true(events, GPSD_STREAMS[EDGE_GPSD.name]) == 5
+    assert assert_gpsd_fixes_true(events, GPSD_STREAMS[EDGE_GPSD.name]) == 6
     for lat, lon in [(2.5, 1.9), (44.5, 5.2)]:  # the GST "positions"
         assert all((f.latitude, f.longitude) != (lat, lon) for f in fixes)
 
@@ -450,9 +465,11 @@ async def test_gpsd_source_edge_cases_with_lines_split_across_writes() -> None:
     report("gps.gpsd_source_edge_cases")
     assert [(e.latitude, e.longitude) for e in events if isinstance(e, GpsFix)] == GOOD_EDGE_GPSD
     assert events[0] == GpsLost(reason="no fix (gpsd mode 1)")  # mode 0 after it: still lost
-    assert [e for e in events if isinstance(e, GpsLost)] == [
-        GpsLost(reason="no fix (gpsd mode 1)"), GpsLost(reason="gpsd closed the connection")]
-    assert assert_gpsd_fixes_true(events, raw) == 5
+    assert [e for e in events if isinstance(e, GpsLost)] == [  # status 5 and 7: still lost
+        GpsLost(reason="no fix (gpsd mode 1)"),
+        GpsLost(reason="receiver in simulation mode (gpsd status 8)"),
+        GpsLost(reason="gpsd closed the connection")]
+    assert assert_gpsd_fixes_true(events, raw) == 6
 
 
 async def test_gpsd_source_one_line_split_at_every_offset() -> None:
@@ -514,7 +531,7 @@ def nmea_lines(raw: bytes) -> list[str]:
 
 
 GOOD_EDGE_NMEA = [(44 + 4.14 / 60, -(121 + 18.85 / 60)), (44 + 4.17 / 60, -(121 + 18.88 / 60)),
-                  (-(37 + 47.0873 / 60), 175 + 18.8938 / 60)]
+                  (-(37 + 47.0873 / 60), 175 + 18.8938 / 60), (44 + 4.19 / 60, -(121 + 18.9 / 60))]
 
 
 def test_nmea_edge_cases_give_only_the_good_sentences() -> None:
@@ -524,10 +541,15 @@ def test_nmea_edge_cases_give_only_the_good_sentences() -> None:
     assert len(fixes) == len(GOOD_EDGE_NMEA)
     for fix, (lat, lon) in zip(fixes, GOOD_EDGE_NMEA, strict=True):
         assert abs(fix.latitude - lat) < 1e-9 and abs(fix.longitude - lon) < 1e-9
-    assert assert_nmea_fixes_true(reports, lines) == 3
+    assert assert_nmea_fixes_true(reports, lines) == 4
     # RMC V / GGA q0 with positions, (0, 0), 91 N, 60 minutes, hemisphere X, empty positions,
-    # RMC A with GGA q0: each epoch is a loss, never a position.
-    assert sum(isinstance(r, GpsLost) for r in reports) == 8
+    # RMC A with GGA q0, RMC mode S, GGA quality 6, RMC mode N: each epoch is a loss, never a
+    # position.
+    assert sum(isinstance(r, GpsLost) for r in reports) == 11
+    assert [r.reason for r in reports if isinstance(r, GpsLost)][-3:] == [
+        "receiver in simulation mode (NMEA RMC mode S)",
+        "receiver in dead-reckoning mode, position not measured (NMEA GGA quality 6)",
+        "no fix in the NMEA log (RMC status V or GGA quality 0)"]
 
 
 @pytest.mark.parametrize("name", ["tr737A+.log", "haicom-305N.log", EDGE_NMEA.name])
@@ -611,7 +633,7 @@ async def test_nmea_replay_of_the_edge_cases_with_every_line_ending(ending: str,
     fixes = [e for e in events if isinstance(e, GpsFix)]
     assert [(round(f.latitude, 9), round(f.longitude, 9)) for f in fixes] == [
         (round(lat, 9), round(lon, 9)) for lat, lon in GOOD_EDGE_NMEA]
-    assert assert_nmea_fixes_true(events, nmea_lines(path.read_bytes())) == 3
+    assert assert_nmea_fixes_true(events, nmea_lines(path.read_bytes())) == 4
 
 
 # --- regressions found by this suite ---------------------------------------------------------
