@@ -42,7 +42,7 @@ from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.store import TokenStore
 from fanny_tui.ui import EngineEvent, FannyApp, make_app
 from fanny_tui.ui.screens import ConfirmDeclareScreen
-from fanny_tui.ui.widgets import format_countdown
+from fanny_tui.ui.formatting import format_countdown
 
 SIZE = (120, 40)
 TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
@@ -315,7 +315,7 @@ async def test_remote_text_is_never_markup(config, data_dir):
         engine.emit(GpsLost(reason=MARKUP))
         engine.emit(EngineError(message=MARKUP))
         engine.emit(PositivePending(count=1, reason=MARKUP, retry_in_s=1.0))
-        matches = app.main_screen.matches
+        matches = app.main_screen.peers
         await wait_until(pilot, lambda: "positive_pending" in log_text(app), "the events")
         await pilot.pause()
         assert matches.get_cell("1", "reason").plain == MARKUP
@@ -323,7 +323,9 @@ async def test_remote_text_is_never_markup(config, data_dir):
         assert MARKUP in rendered(matches)
         session = rendered(app.main_screen.session)
         assert "peer[/]" in session and "no fix" in session
-        assert log_text(app).count(MARKUP) == 4
+        # Five events carry it (outage, failed exchange, lost fix, error, pending upload);
+        # each line is wrapped at the log's width, so none is split or cut.
+        assert log_text(app).count(MARKUP) == 5
         assert app.is_running and app.error is None
 
 
@@ -356,8 +358,8 @@ async def test_floods_are_merged_and_tables_follow(config, data_dir):
         assert fixes <= 2
         assert main.session.fix is not None and main.session.fix.latitude == 44.0 + 299e-6
         assert "44.000299" in rendered(main.session) and "2D fix" in rendered(main.session)
-        assert main.matches.row_count == 50
-        assert all(main.matches.get_cell(str(p), "state").plain == "stored"
+        assert main.peers.row_count == 50
+        assert all(main.peers.get_cell(str(p), "state").plain == "stored"
                    for p in range(1, 51))
         assert main.tokens.get_cell(new_token, "token").plain == "ffffffff…"
 
