@@ -247,7 +247,7 @@ _BROKER_CODE = re.compile(r"broker refused: ([a-z_]+)")
 
 _FAILURES: tuple[tuple[tuple[str, ...], Failure], ...] = (
     (("Hostname mismatch", "IP address mismatch", "not valid for", "doesn't match"),
-     Failure("the broker's certificate is for another host name",
+     Failure("certificate is for another host name",
              "put the name the certificate was issued for in [broker] url")),
     (("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError"),
      Failure("the broker's certificate is not trusted",
@@ -265,21 +265,21 @@ _FAILURES: tuple[tuple[tuple[str, ...], Failure], ...] = (
     (("Network is unreachable", "No route to host", "Errno 101", "Errno 113"),
      Failure("no network route to the broker", "check Wi-Fi or mobile data")),
     (("InvalidStatus", "InvalidHandshake", "InvalidMessage", "InvalidUpgrade"),
-     Failure("the server at [broker] url is not a FANNY broker",
+     Failure("[broker] url is not a FANNY broker",
              "check the URL's path; a proxy may block WebSockets")),
     (("too_many_connections", "rate_limited"),
-     Failure("the broker is busy and turned this device away", "it retries on its own")),
+     Failure("the broker turned this device away", "it is busy; this device retries")),
     (("broker refused",),
      Failure("the broker refused this device", "kit and broker versions may differ")),
     (("bad answer to hello", "expected welcome"),
      Failure("the broker's answer was not understood", "kit and broker versions may differ")),
     (("no answer to hello", "TimeoutError", "timed out"),
      Failure("the broker did not answer in time",
-             "a slow network or an overloaded broker; it retries on its own")),
+             "slow network or busy broker; it retries")),
     (("connection closed (1001)",),
-     Failure("the broker is restarting or shutting down", "it reconnects on its own")),
+     Failure("the broker is restarting or stopping", "this device reconnects on its own")),
     (("connection closed", "ConnectionClosed", "ConnectionResetError", "closed by the broker"),
-     Failure("the connection to the broker dropped", "it reconnects on its own")),
+     Failure("the connection to the broker dropped", "this device reconnects on its own")),
 )
 
 
