@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from rich.console import Group
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -233,29 +235,47 @@ class MainScreen(Screen[None]):
             self.log_view.add(fix.event, f"{mode} fix ({used} satellites used)", at=now)
 
 
-HELP_TEXT = """[b]What the kit does[/b] (FANNY, paper sections 3-4)
-Your phone tells the broker roughly where it is, under a session ID that is renewed
-regularly. When another device is within the match radius, the broker introduces the two.
+HELP_INTRO = ("Your device tells the broker roughly where it is, under a session ID that is "
+              "renewed regularly. When another device is within the match radius, the broker "
+              "introduces the two (FANNY, paper sections 3-4).")
 
-[b]Match[/b]      The broker saw another device within the radius. The two then connect
-           directly (SDP offer/answer, ICE) and open a data channel; the broker never
-           sees what they say. Live peers shows each: distance, bearing, time within the
-           radius, the peer's GPS accuracy, the handshake state and match-to-token time.
-[b]Contact[/b]    While the channel is open both devices exchange positions directly and
-           measure the contact: time within the radius, closest and median distance.
-[b]Token[/b]      Both devices derive the same witness token from their contact IDs and keep
-           it for the token lifetime (Tokens panel, with its countdown and contact).
-           Tokens never leave the device unless you declare positive.
-[b]Declare[/b]    After a positive test, [b]d[/b] uploads your tokens to the broker (with a
-           declaration code from the test site); they are deleted here once it has them.
-[b]Exposure[/b]   Every few minutes the device fetches the tokens others declared and compares
-           them here. A match means a device you were in contact with declared positive:
-           the red banner. Get tested and follow your health authority's advice; in a
-           field test, tell the test lead.
+HELP_TERMS = (
+    ("Match", "The broker saw another device within the radius. The two then connect "
+              "directly (SDP offer/answer, ICE) and open a data channel; the broker never sees "
+              "what they say. Live peers shows each: distance, bearing, time within the "
+              "radius, the peer's GPS accuracy, handshake state, time from match to token."),
+    ("Contact", "While the channel is open the two devices exchange positions directly and "
+                "measure the contact: time within the radius, closest and median distance."),
+    ("Token", "Both devices derive the same witness token from their contact IDs and keep it "
+              "until it expires (Tokens panel: countdown and contact). Tokens never leave "
+              "the device unless you declare positive."),
+    ("Declare", "After a positive test, d uploads your tokens to the broker (with the "
+                "declaration code from the test site); they are deleted here once it has "
+                "them."),
+    ("Exposure", "Every few minutes the device fetches the tokens others declared and "
+                 "compares them here. A match means a device you were in contact with "
+                 "declared positive: the red banner. Get tested and follow your health "
+                 "authority's advice; in a field test, tell the test lead."),
+)
 
-[b]Keys[/b]  [b]d[/b] declare positive   [b]r[/b] radar (narrow screens)   [b]?[/b]/[b]F1[/b] help
-      [b]ctrl+p[/b] commands   [b]q[/b] quit   [b]Esc[/b] close a dialog
-"""
+HELP_KEYS = (("d", "declare positive"), ("r", "radar instead of the tables (narrow screens)"),
+             ("? F1", "this help"), ("ctrl+p", "commands"), ("Esc", "close a dialog"),
+             ("q", "quit"))
+
+
+def help_text() -> Group:
+    """The help: what match, contact, token, declaration and exposure mean; the keys."""
+    terms = Table.grid(padding=(0, 2))
+    terms.add_column(style="bold", no_wrap=True)
+    terms.add_column(ratio=1)
+    for term, meaning in HELP_TERMS:
+        terms.add_row(term, meaning)
+    keys = Table.grid(padding=(0, 2))
+    keys.add_column(style="bold", no_wrap=True)
+    keys.add_column(ratio=1)
+    for key, meaning in HELP_KEYS:
+        keys.add_row(key, meaning)
+    return Group(Text(HELP_INTRO), Text(""), terms, Text(""), Text("Keys", style="bold"), keys)
 
 
 class HelpScreen(ModalScreen[None]):
@@ -267,7 +287,7 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         """The text in a scrollable box."""
         with VerticalScroll(id="help"):
-            yield Static(HELP_TEXT, id="help-text")
+            yield Static(help_text(), id="help-text")
 
     def on_mount(self) -> None:
         """Title the box."""
