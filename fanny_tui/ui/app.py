@@ -25,6 +25,7 @@ from ..events import (
     Event,
     ExposureAlert,
     GpsFix,
+    IdsRotated,
     PositiveDeclared,
     PositivePending,
     PositiveRefused,
@@ -195,6 +196,8 @@ class FannyApp(App[None]):
                 self.main_screen.load_snapshot(snapshot)
         elif isinstance(event, _TOKENS_CHANGED):
             self._resync_tokens()
+        elif isinstance(event, IdsRotated):
+            self.main_screen.session.set_session(self.engine.session_short)
         if isinstance(event, PositiveRefused):
             self.notify(describe_refusal(event.reason, event.count), title="Declaration refused",
                         severity="error", markup=False, timeout=30)

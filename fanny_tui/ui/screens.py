@@ -160,6 +160,16 @@ class MainScreen(Screen[None]):
         if self.live_peers.expire(now):
             self._show_peers()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """``r`` is offered only where the radar is not beside the tables (narrow)."""
+        if action == "toggle_radar":
+            return self.has_class("-narrow")
+        return True
+
+    def on_resize(self) -> None:
+        """The breakpoint classes may have changed: offer ``r`` or not."""
+        self.refresh_bindings()
+
     def action_toggle_radar(self) -> None:
         """``r``: on a narrow screen, the radar instead of the tables (and back)."""
         self.toggle_class("-radar")

@@ -295,6 +295,7 @@ class PeersTable(DataTable[Text]):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
         self.border_title = "Live peers"
+        self._shown: dict[str, list[tuple[str, str]]] = {}
 
     def on_mount(self) -> None:
         """Add the columns."""
@@ -302,17 +303,24 @@ class PeersTable(DataTable[Text]):
             self.add_column(label, key=key, width=width)
 
     def show(self, peers: list[LivePeer]) -> None:
-        """Make the table show exactly ``peers`` (rows added, updated or removed)."""
+        """Make the table show exactly ``peers`` (rows added or removed; only the cells that
+        changed are updated)."""
         wanted = {str(p.peer): p for p in peers}
-        for key in [k.value for k in self.rows if k.value not in wanted]:
+        for key in [key for key in self._shown if key not in wanted]:
+            del self._shown[key]
             self.remove_row(key)
         for key, live in wanted.items():
             cells = self.cells(live)
-            if key in self.rows:
-                for (_, column, _), cell in zip(self.COLUMNS, cells, strict=True):
-                    self.update_cell(key, column, cell, update_width=column == "reason")
-            else:
+            plain = [(cell.plain, str(cell.style)) for cell in cells]   # style: the verdict
+            before = self._shown.get(key)
+            if before is None:
                 self.add_row(*cells, key=key)
+            else:
+                for (_, column, _), cell, old, new in zip(self.COLUMNS, cells, before, plain,
+                                                          strict=True):
+                    if old != new:
+                        self.update_cell(key, column, cell, update_width=column == "reason")
+            self._shown[key] = plain
         self.border_title = f"Live peers ({len(wanted)})" if wanted else "Live peers: none"
 
     @staticmethod

@@ -26,6 +26,7 @@ from fanny_tui.events import (
     GpsFix,
     HandshakeFailed,
     HandshakeProgress,
+    IdsRotated,
     MatchFound,
     PeerUpdate,
     PositiveDeclared,
@@ -368,3 +369,52 @@ async def test_log_lines_wrap_without_losing_a_character(quiet, data_dir, clock)
         await pilot.pause()
         assert len(log.plain_lines) < narrow_lines              # wrapped again, wider
         assert [w for w in shown_words() if w.startswith("w")] == words
+
+
+async def test_a_sample_that_changes_only_the_verdict_recolours_the_distance(quiet, data_dir,
+                                                                              clock):
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=WIDE) as pilot:
+        await started(pilot, app)
+        peers = app.main_screen.peers
+        await post(pilot, app, MatchFound(peer=1, role="offerer"), update(1, 12.0, 10.0, "in"))
+        assert peers.get_cell("1", "distance").style == "bold green"
+        await post(pilot, app, update(1, 12.0, 10.0, "uncertain"))
+        assert peers.get_cell("1", "distance").style == "yellow"
+
+
+async def test_declaring_again_clears_the_refusal_toast(quiet, data_dir, clock):
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=WIDE) as pilot:
+        await started(pilot, app)
+        await post(pilot, app, PositiveRefused(reason="code_invalid", count=3))
+        assert [n.title for n in app._notifications] == ["Declaration refused"]
+        await pilot.press("d")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDeclareScreen),
+                         "the dialog")
+        await pilot.press(*"K7QF3M9XTR2B8HJD", "enter")
+        await wait_until(pilot, lambda: "tokens marked for upload" in log_text(app),
+                         "the declaration")
+        assert not [n for n in app._notifications if n.title == "Declaration refused"]
+
+
+async def test_renewed_ids_show_the_new_session(quiet, data_dir, clock):
+    app, engine = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        session = app.main_screen.session
+        session.set_session("00000000")                          # as shown before rotating
+        await post(pilot, app, IdsRotated(reason="schedule"))
+        assert session.session_short == engine.session_short
+        assert f"Session {engine.session_short}" in rendered(session)
+        assert "session and contact IDs renewed on schedule" in log_text(app)
+
+
+@pytest.mark.parametrize(("size", "offered"), [(SMALL, True), (WIDE, False)])
+async def test_r_is_offered_only_where_the_radar_is_not_shown(quiet, data_dir, clock, size,
+                                                              offered):
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        await started(pilot, app)
+        await pilot.pause()
+        assert ("r" in app.screen.active_bindings) is offered
