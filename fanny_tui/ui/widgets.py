@@ -198,12 +198,15 @@ class SessionPanel(Static):
 
     @property
     def fix_age_s(self) -> float | None:
-        """Seconds since the fix was measured (its GPS time, else when it arrived)."""
+        """Seconds since the fix was measured: since its GPS time (UTC), else since it
+        arrived; None without a fix."""
         if self.fix is None or self.now is None:
             return None
         measured = self.fix.time or self.fix_received_at
         if measured is None:
             return None
+        if measured.tzinfo is None:      # a GPS time without zone is UTC
+            measured = measured.replace(tzinfo=UTC)
         return max(0.0, (self.now - measured).total_seconds())
 
     def _broker_grid(self) -> Table:

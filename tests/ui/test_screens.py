@@ -201,6 +201,9 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         assert "GPS  2D fix" in shown and "receiver (gpsd)" in shown
         assert "no GPS" not in shown and "4 used / – visible" in shown
         assert "Age  0.0 s" in shown                          # no GPS time: since it came
+        await post(pilot, app, GpsFix(latitude=44.0, longitude=-1.0, accuracy_m=3.0, mode=3,
+                                      time=(clock.now - timedelta(seconds=3)).replace(tzinfo=None)))
+        assert "Age  3.0 s" in rendered(session)               # a zoneless GPS time is UTC
         assert "44.06" not in log_text(app)                   # positions never in the log
 
 
