@@ -25,6 +25,7 @@ from ..events import (
     Event,
     ExposureAlert,
     GpsFix,
+    IdsRotated,
     PositiveDeclared,
     PositivePending,
     PositiveRefused,
@@ -32,8 +33,8 @@ from ..events import (
     TokensExpired,
 )
 from ..store import StoreError
-from .screens import ConfirmDeclareScreen, MainScreen
-from .widgets import describe_refusal
+from .formatting import describe_refusal, plural
+from .screens import Clock, ConfirmDeclareScreen, HelpScreen, MainScreen, utc_now
 
 STOP_TIMEOUT_S = 10.0
 """How long quitting waits for the engine to finish before cancelling it (seconds)."""
@@ -65,6 +66,8 @@ class FannyApp(App[None]):
     Args:
         engine: the engine to run (not running yet); the app runs and stops it.
         title: the title in the header.
+        declare_hint: one line shown in the declaration dialog (e.g. the demo's code).
+        clock: returns the current instant, aware, UTC (see :func:`make_app`).
 
     Attributes:
         error: why the app exited on its own (the store cannot open, the engine crashed),
@@ -74,13 +77,18 @@ class FannyApp(App[None]):
     CSS_PATH = "app.tcss"
     BINDINGS = [
         Binding("d", "declare_positive", "Declare positive"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("f1", "help", "Help", show=False),
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, engine: Engine, *, title: str = "FANNY field kit") -> None:
+    def __init__(self, engine: Engine, *, title: str = "FANNY field kit",
+                 declare_hint: str | None = None, clock: Clock = utc_now) -> None:
         super().__init__()
         self.engine = engine
         self.title = title
+        self.declare_hint = declare_hint
+        self.clock = clock
         self.error: str | None = None
         self._main: MainScreen | None = None
         self._worker: Worker[None] | None = None
@@ -91,7 +99,11 @@ class FannyApp(App[None]):
     def main_screen(self) -> MainScreen:
         """The main screen (panels), even while a dialog is on top of it."""
         if self._main is None:
-            self._main = MainScreen(self.engine.config.broker.url)
+            config = self.engine.config
+            self._main = MainScreen(config.broker.url, title=self.title,
+                                    radius_m=config.protocol.radius_m,
+                                    poll_interval_s=config.protocol.poll_interval_s,
+                                    clock=self.clock)
         return self._main
 
     @property
@@ -184,27 +196,39 @@ class FannyApp(App[None]):
                 self.main_screen.load_snapshot(snapshot)
         elif isinstance(event, _TOKENS_CHANGED):
             self._resync_tokens()
+        elif isinstance(event, IdsRotated):
+            self.main_screen.session.set_session(self.engine.session_short)
         if isinstance(event, PositiveRefused):
             self.notify(describe_refusal(event.reason, event.count), title="Declaration refused",
                         severity="error", markup=False, timeout=30)
+        elif isinstance(event, PositiveDeclared) and event.count:
+            # The success replaces an earlier refusal's toast: never both side by side.
+            self.clear_notifications()
+            self.notify(f"The broker has {plural(event.count, 'token')}; deleted from this "
+                        "device.", title="Declared positive", markup=False)
 
     def _snapshot(self) -> EngineSnapshot | None:
         try:
             return self.engine.snapshot()
         except StoreError as exc:
-            self.main_screen.log_view.add("error", str(exc))
+            self.main_screen.log_line("error", str(exc))
             return None
 
     def _resync_tokens(self) -> None:
         snapshot = self._snapshot()
         if snapshot is not None:
-            self.main_screen.tokens.sync(snapshot.tokens)
+            self.main_screen.tokens.sync(snapshot.tokens, self.clock())
 
     # -- commands --------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Key ``d`` does nothing while a dialog (or the command palette) is open."""
-        return not (action == "declare_positive" and isinstance(self.screen, ModalScreen))
+        """Keys ``d`` and ``?`` do nothing while a dialog (or the command palette) is open."""
+        return not (action in ("declare_positive", "help")
+                    and isinstance(self.screen, ModalScreen))
+
+    def action_help(self) -> None:
+        """``?`` or F1: what match, contact, token and exposure mean, and the keys."""
+        self.push_screen(HelpScreen())
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         """Textual's commands plus "Declare positive" in the command palette (ctrl+p)."""
@@ -223,35 +247,41 @@ class FannyApp(App[None]):
         """
         snapshot = self._snapshot()
         count = 0 if snapshot is None else sum(not t.pending for t in snapshot.tokens)
-        request = await self.push_screen_wait(ConfirmDeclareScreen(count))
+        request = await self.push_screen_wait(ConfirmDeclareScreen(count, self.declare_hint))
         if request is None:
-            self.main_screen.log_view.add("declare_positive", "cancelled: nothing was uploaded")
+            self.main_screen.log_line("declare_positive", "cancelled: nothing was uploaded")
             return
+        self.clear_notifications()   # an earlier refusal is old news once declared again
         try:
             declared = await self.engine.declare_positive(request.code)
         except (RuntimeError, StoreError, ValueError) as exc:
-            self.main_screen.log_view.add("error", f"declare positive failed: {exc}")
+            self.main_screen.log_line("error", f"declare positive failed: {exc}")
             self.notify(str(exc), title="Declare positive failed", severity="error",
                         markup=False)
             return
         with_code = "with the declaration code" if request.code else "without a code"
-        self.main_screen.log_view.add(
+        self.main_screen.log_line(
             "declare_positive",
             f"{declared} tokens marked for upload {with_code}; deleted here once the broker "
             "has them")
         self._resync_tokens()
 
 
-def make_app(engine: Engine, *, title: str = "FANNY field kit") -> FannyApp:
-    """Build the UI around ``engine`` (shared by ``fanny-tui`` and the tests).
+def make_app(engine: Engine, *, title: str = "FANNY field kit",
+             declare_hint: str | None = None, clock: Clock = utc_now) -> FannyApp:
+    """Build the UI around ``engine`` (shared by ``fanny-tui``, the demo and the tests).
 
     Args:
         engine: a configured engine that is not running; the app runs it in a worker when it
             starts and stops it when it quits.
         title: the title in the header.
+        declare_hint: one line shown in the declaration dialog (the demo passes its code),
+            None for none.
+        clock: returns the current instant, aware, UTC: every countdown, age and log time
+            is drawn from it (the default is the system clock; snapshot tests fix it).
 
     Returns:
         The app; ``app.run()`` blocks until the user quits. After an error
         (``app.error`` set) ``app.return_code`` is 1.
     """
-    return FannyApp(engine, title=title)
+    return FannyApp(engine, title=title, declare_hint=declare_hint, clock=clock)

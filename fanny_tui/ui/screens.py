@@ -1,17 +1,20 @@
-"""Screens of the FANNY field kit: the main screen and the positive-declaration dialog."""
+"""Screens of the FANNY field kit: the main screen, the help screen, the declaration dialog."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from rich.console import Group
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Header, Input, Label
+from textual.widgets import Button, Footer, Input, Label, Static
 
 from ..engine import EngineSnapshot
 from ..events import (
@@ -21,55 +24,91 @@ from ..events import (
     ExposureAlert,
     GpsFix,
     GpsLost,
-    HandshakeFailed,
-    HandshakeProgress,
-    MatchFound,
+    PositiveDeclared,
+    PositivePending,
+    PositiveRefused,
+    PositivesPolled,
     TokenStored,
 )
 from ..protocol.codes import normalize_code
+from .formatting import describe_event, format_utc
+from .peers import LivePeers
 from .widgets import (
     EventLog,
     ExposureBanner,
-    MatchesTable,
+    PeersTable,
+    RadarView,
     SessionPanel,
+    StatusLine,
+    TitleBar,
     TokensTable,
-    describe_event,
 )
+
+Clock = Callable[[], datetime]
+"""Returns the current instant, aware, UTC (the app's clock; fixed in snapshot tests)."""
+
+
+def utc_now() -> datetime:
+    """The system clock, UTC."""
+    return datetime.now(UTC)
 
 
 class MainScreen(Screen[None]):
-    """Session, nearby matches, tokens, exposure banner and event log.
+    """Session/broker/GPS, live peers and radar, tokens, exposure banner, event log, status.
 
     It displays what :meth:`show_event` and :meth:`load_snapshot` give it and never calls the
     engine; the app does (see :class:`fanny_tui.ui.app.FannyApp`). Once its panels are
     mounted it posts :class:`MainScreen.Ready`, after which the app starts the engine.
 
+    Below 140 columns the radar is not beside the peers table: ``r`` shows it instead of the
+    peers and tokens tables (and back). Below 36 rows the panels keep only a top border.
+
     Args:
         broker_url: shown while the first connection to the broker is being tried.
+        title: the title line.
+        radius_m: the configured match radius (metres) for the radar, until the broker's.
+        poll_interval_s: seconds between polls of positives, when the engine does not say.
+        clock: the current instant (default: the system clock, UTC).
     """
+
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (140, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
+    BINDINGS = [Binding("r", "toggle_radar", "Radar")]
 
     class Ready(Message):
         """The panels are mounted: events can be shown."""
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, *, title: str = "FANNY field kit",
+                 radius_m: float = 10.0, poll_interval_s: float | None = None,
+                 clock: Clock = utc_now) -> None:
         super().__init__()
         self.broker_url = broker_url
+        self.title_text = title
+        self.radius_m = radius_m
+        self.poll_interval_s = poll_interval_s
+        self.clock = clock
+        self.live_peers = LivePeers()
         self._outage_reason: str | None = None
+        self._pending_reason: str | None = None
 
     def compose(self) -> ComposeResult:
         """Lay out the panels."""
-        yield Header(show_clock=True)
+        yield TitleBar(self.title_text, id="title")
         yield ExposureBanner(id="exposure")
-        with Horizontal(id="top"):
-            yield SessionPanel(id="session")
-            yield MatchesTable(id="matches")
-        yield TokensTable(id="tokens")
+        yield SessionPanel(id="session")
+        with Horizontal(id="middle"):
+            with Vertical(id="lists"):
+                yield PeersTable(id="peers")
+                yield TokensTable(id="tokens")
+            yield RadarView(id="radar")
         yield EventLog(id="log")
+        yield StatusLine(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        """Start the one-second countdown refresh of the tokens table; tell the app."""
+        """Start the one-second refresh of countdowns and ages; tell the app."""
         self.session.set_broker(False, f"connecting to {self.broker_url}…")
+        self.tick()
         self.set_interval(1.0, self.tick)
         self.post_message(self.Ready())
 
@@ -77,13 +116,18 @@ class MainScreen(Screen[None]):
 
     @property
     def session(self) -> SessionPanel:
-        """The Session panel."""
+        """The Session panel (broker and GPS)."""
         return self.query_one("#session", SessionPanel)
 
     @property
-    def matches(self) -> MatchesTable:
-        """The Nearby matches table."""
-        return self.query_one("#matches", MatchesTable)
+    def peers(self) -> PeersTable:
+        """The Live peers table."""
+        return self.query_one("#peers", PeersTable)
+
+    @property
+    def radar(self) -> RadarView:
+        """The radar."""
+        return self.query_one("#radar", RadarView)
 
     @property
     def tokens(self) -> TokensTable:
@@ -100,62 +144,168 @@ class MainScreen(Screen[None]):
         """The event log."""
         return self.query_one("#log", EventLog)
 
+    @property
+    def status(self) -> StatusLine:
+        """The status line (routine state)."""
+        return self.query_one("#status", StatusLine)
+
     # -- updates --------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Refresh the token countdowns (every second)."""
-        self.tokens.tick(datetime.now(UTC))
+        """Refresh every countdown and age, drop peers whose time is up (every second)."""
+        now = self.clock()
+        self.tokens.tick(now)
+        self.session.tick(now)
+        self.status.tick(now)
+        if self.live_peers.expire(now):
+            self._show_peers()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """``r`` is offered only where the radar is not beside the tables (narrow)."""
+        if action == "toggle_radar":
+            return self.has_class("-narrow")
+        return True
+
+    def on_resize(self) -> None:
+        """The breakpoint classes may have changed: offer ``r`` or not."""
+        self.refresh_bindings()
+
+    def action_toggle_radar(self) -> None:
+        """``r``: on a narrow screen, the radar instead of the tables (and back)."""
+        self.toggle_class("-radar")
+
+    def log_line(self, name: str, text: Text | str) -> None:
+        """Add a line to the event log, stamped with the app's clock."""
+        self.log_view.add(name, text, at=self.clock())
 
     def load_snapshot(self, snapshot: EngineSnapshot) -> None:
         """Show the session ID, the stored tokens and past exposure alerts (at start-up)."""
+        now = self.clock()
         self.session.set_session(snapshot.session_short)
-        self.tokens.sync(snapshot.tokens)
+        self.tokens.sync(snapshot.tokens, now)
         total = sum(alert.count for alert in snapshot.alerts)
         if total:
             self.banner.add_alert(total)
             latest = snapshot.alerts[-1].noticed_at
-            self.log_view.add("exposure_alert", Text(
+            self.log_line("exposure_alert", Text(
                 f"{total} stored tokens were declared positive (latest alert "
-                f"{latest.astimezone(UTC):%Y-%m-%d %H:%M} UTC)"))
+                f"{format_utc(latest)})"))
 
     def show_event(self, event: Event) -> None:
-        """Render one engine event in the panels it concerns and in the log."""
+        """Render one engine event in the panels it concerns and, if it matters, in the log."""
+        now = self.clock()
+        if self.live_peers.apply(event, now):
+            self._show_peers()
         match event:
-            case BrokerConnected(url=url):
+            case BrokerConnected(url=url, radius_m=radius):
                 self._outage_reason = None
-                self.session.set_broker(True, url)
+                self.radius_m = radius
+                self.session.set_broker(True, url, radius)
+                self._show_peers()
             case BrokerDisconnected(reason=reason, retry_in_s=retry):
-                self.session.set_outage(reason, retry)
+                self.session.set_outage(reason, retry, now)
                 if reason == self._outage_reason:
                     return  # the same failure again at each retry: one log line is enough
                 self._outage_reason = reason
             case GpsFix():
-                self._show_fix(event)
+                self._show_fix(event, now)
                 return  # logged by _show_fix only when the fix mode changes
             case GpsLost(reason=reason):
                 self.session.set_lost(reason)
-            case MatchFound(peer=peer, role=role):
-                self.matches.add_match(peer, role)
-            case HandshakeProgress(peer=peer, state=state):
-                self.matches.set_state(peer, state)
-            case HandshakeFailed(peer=peer, reason=reason):
-                self.matches.set_state(peer, "failed")
-                self.matches.set_reason(peer, reason)
-            case TokenStored(token=token, expires_at=expires_at):
-                self.tokens.add_token(token, expires_at)
-            case ExposureAlert(count=count):
-                self.banner.add_alert(count)
+            case TokenStored(token=token, expires_at=expires_at, contact=contact):
+                self.tokens.add_token(token, expires_at, contact=contact, now=now)
+            case ExposureAlert(count=count, contacts=contacts):
+                self.banner.add_alert(count, contacts)
+            case PositivesPolled(received=received, next_poll_in_s=next_in):
+                self.status.set_polled(received, next_in if next_in is not None
+                                       else self.poll_interval_s, now)
+            case PositivePending(count=count, reason=reason, retry_in_s=retry):
+                self.status.set_pending(count, retry, now)
+                if reason == self._pending_reason:
+                    return  # retried for the same reason: the status line counts down
+                self._pending_reason = reason
+            case PositiveDeclared() | PositiveRefused():
+                self._pending_reason = None
+                self.status.set_pending(0, None, now)
         text = describe_event(event)
         if text is not None:
-            self.log_view.add(event.event, text)
+            self.log_view.add(event.event, text, at=now)
 
-    def _show_fix(self, fix: GpsFix) -> None:
+    def _show_peers(self) -> None:
+        peers = self.live_peers.peers
+        self.peers.show(peers)
+        self.radar.show(peers, self.radius_m)
+
+    def _show_fix(self, fix: GpsFix, now: datetime) -> None:
         previous = self.session.fix
-        self.session.set_fix(fix)
+        self.session.set_fix(fix, now)
         if previous is None or (previous.mode >= 3) != (fix.mode >= 3):
             mode = "3D" if fix.mode >= 3 else "2D"
             used = "?" if fix.satellites_used is None else str(fix.satellites_used)
-            self.log_view.add(fix.event, f"{mode} fix ({used} satellites used)")
+            self.log_view.add(fix.event, f"{mode} fix ({used} satellites used)", at=now)
+
+
+HELP_INTRO = ("Your device tells the broker roughly where it is, under a session ID that is "
+              "renewed regularly. When another device is within the match radius, the broker "
+              "introduces the two (FANNY, paper sections 3-4).")
+
+HELP_TERMS = (
+    ("Match", "The broker saw another device within the radius. The two then connect "
+              "directly (SDP offer/answer, ICE) and open a data channel; the broker never sees "
+              "what they say. Live peers shows each: distance, bearing, time within the "
+              "radius, the peer's GPS accuracy, handshake state, time from match to token."),
+    ("Contact", "While the channel is open the two devices exchange positions directly and "
+                "measure the contact: time within the radius, closest and median distance."),
+    ("Token", "Both devices derive the same witness token from their contact IDs and keep it "
+              "until it expires (Tokens panel: countdown and contact). Tokens never leave "
+              "the device unless you declare positive."),
+    ("Declare", "After a positive test, d uploads your tokens to the broker (with the "
+                "declaration code from the test site); they are deleted here once it has "
+                "them."),
+    ("Exposure", "Every few minutes the device fetches the tokens others declared and "
+                 "compares them here. A match means a device you were in contact with "
+                 "declared positive: the red banner. Get tested and follow your health "
+                 "authority's advice; in a field test, tell the test lead."),
+)
+
+HELP_KEYS = (("d", "declare positive"), ("r", "radar instead of the tables (narrow screens)"),
+             ("? F1", "this help"), ("ctrl+p", "commands"), ("Esc", "close a dialog"),
+             ("q", "quit"))
+
+
+def help_text() -> Group:
+    """The help: what match, contact, token, declaration and exposure mean; the keys."""
+    terms = Table.grid(padding=(0, 2))
+    terms.add_column(style="bold", no_wrap=True)
+    terms.add_column(ratio=1)
+    for term, meaning in HELP_TERMS:
+        terms.add_row(term, meaning)
+    keys = Table.grid(padding=(0, 2))
+    keys.add_column(style="bold", no_wrap=True)
+    keys.add_column(ratio=1)
+    for key, meaning in HELP_KEYS:
+        keys.add_row(key, meaning)
+    return Group(Text(HELP_INTRO), Text(""), terms, Text(""), Text("Keys", style="bold"), keys)
+
+
+class HelpScreen(ModalScreen[None]):
+    """What match, contact, token, declaration and exposure mean, and the keys."""
+
+    BINDINGS = [Binding("escape", "close", "Close"), Binding("question_mark", "close", show=False),
+                Binding("f1", "close", show=False), Binding("q", "close", show=False)]
+
+    def compose(self) -> ComposeResult:
+        """The text in a scrollable box."""
+        with VerticalScroll(id="help"):
+            yield Static(help_text(), id="help-text")
+
+    def on_mount(self) -> None:
+        """Title the box."""
+        self.query_one("#help").border_title = "Help (Esc to close)"
+
+    def action_close(self) -> None:
+        """Close the help."""
+        self.dismiss(None)
 
 
 @dataclass(frozen=True)
@@ -180,13 +330,15 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
 
     Args:
         count: how many stored tokens the declaration would upload.
+        hint: a line from the app shown under the code field (the demo's code), or None.
     """
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, hint: str | None = None) -> None:
         super().__init__()
         self.count = count
+        self.hint = hint
 
     @property
     def question(self) -> str:
@@ -217,6 +369,8 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
                         id="code-label")
             yield Input(placeholder="XXXX-XXXX-XXXX-XXXX", id="code", max_length=64)
             yield Label("", id="code-error", markup=False)
+            if self.hint:
+                yield Label(Text(self.hint, style="bold"), id="declare-hint")
             yield Label(Text("Leave it empty only for a field-test broker with open "
                              "declarations.", style="dim"), id="code-hint")
             with Horizontal(id="buttons"):

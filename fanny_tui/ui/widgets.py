@@ -1,43 +1,50 @@
-"""Widgets of the FANNY field kit's main screen, and the text formatting they share.
+"""Widgets of the FANNY field kit's main screen.
 
 Every widget here only displays what it is given; none talks to the engine, a socket or a
-file. Remote text (reasons, error messages: anything that came in an event) is always wrapped
-in :class:`rich.text.Text` or written with markup off, so a string such as ``peer[/]`` is shown
-as typed instead of being parsed as console markup.
+file, and none reads the clock: time-dependent text (countdowns, ages) is drawn from the
+``now`` passed to :meth:`tick` / the setters (the app's clock, fixed in snapshot tests). Text
+comes from the pure functions of :mod:`fanny_tui.ui.formatting`. Remote text (reasons, error
+messages: anything that came in an event) is always wrapped in :class:`rich.text.Text` or
+written with markup off, so a string such as ``peer[/]`` is shown as typed.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
+from textual.events import Resize
 from textual.widgets import DataTable, RichLog, Static
 
-from ..events import (
-    BrokerConnected,
-    BrokerDisconnected,
-    EngineError,
-    Event,
-    ExposureAlert,
-    GpsFix,
-    GpsLost,
-    HandshakeFailed,
-    HandshakeProgress,
-    MatchFound,
-    PositiveDeclared,
-    PositivePending,
-    PositiveRefused,
-    PositivesPolled,
-    SessionStarted,
-    TokensExpired,
-    TokenStored,
-)
+from ..events import Contact, GpsFix
 from ..store import StoredToken
-
-MAX_MATCH_ROWS = 200
-"""Rows kept in the matches table; the oldest row goes when a new match would exceed it."""
+from .formatting import (
+    DASH,
+    EXPOSURE_NEXT_STEP,
+    abbreviate_token,
+    describe_exposure,
+    describe_failure,
+    describe_gps_source,
+    format_accuracy,
+    format_bearing,
+    format_clock,
+    format_contact,
+    format_coordinate,
+    format_countdown,
+    format_distance,
+    format_duration,
+    format_fix_mode,
+    format_retry,
+    format_seconds,
+    format_utc,
+    peer_name,
+    plural,
+)
+from .peers import LivePeer, RadarCell, radar_cells
 
 MAX_LOG_LINES = 1000
 """Lines kept in the event log."""
@@ -47,7 +54,17 @@ HANDSHAKE_STYLES = {
     "connecting": "cyan",
     "exchanging": "bold cyan",
     "stored": "bold green",
+    "closed": "dim",
     "failed": "bold red",
+}
+
+WITHIN_STYLES = {"in": "bold green", "uncertain": "yellow", "out": "dim"}
+"""How a peer's distance is drawn, by the accuracy rule's verdict (``PeerUpdate.within``)."""
+
+RADAR_STYLES = {
+    "ring": "green", "edge": "dim green", "label": "bold", "self": "bold cyan",
+    "peer-in": "bold green", "peer-uncertain": "bold yellow", "peer-out": "bold white",
+    "peer-far": "dim",
 }
 
 EVENT_STYLES = {
@@ -56,6 +73,7 @@ EVENT_STYLES = {
     "gps_lost": "yellow",
     "handshake_failed": "red",
     "token_stored": "green",
+    "contact_closed": "cyan",
     "positive_declared": "bold green",
     "positive_pending": "bold yellow",
     "positive_refused": "bold red",
@@ -65,128 +83,37 @@ EVENT_STYLES = {
 }
 
 
-# -- formatting ---------------------------------------------------------------------------
+def _now(now: datetime | None) -> datetime:
+    return now if now is not None else datetime.now(UTC)
 
 
-def format_coordinate(degrees: float) -> str:
-    """A WGS84 coordinate in decimal degrees with 6 decimals (about 0.1 m), e.g. ``44.068817``.
+class TitleBar(Static):
+    """One line: the title, and where help is (hidden on short screens)."""
 
-    Args:
-        degrees: latitude or longitude, WGS84 degrees.
-    """
-    return f"{degrees:.6f}"
+    def __init__(self, title: str, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.title = title
 
-
-def format_countdown(seconds: float) -> str:
-    """Time left as ``14d 18h 03m 12s`` (whole seconds, rounded down); ``expired`` at or below 0.
-
-    Args:
-        seconds: time left, in seconds.
-    """
-    if seconds <= 0:
-        return "expired"
-    left = int(seconds)
-    days, left = divmod(left, 86_400)
-    hours, left = divmod(left, 3_600)
-    minutes, secs = divmod(left, 60)
-    return f"{days}d {hours:02d}h {minutes:02d}m {secs:02d}s"
-
-
-def format_utc(moment: datetime) -> str:
-    """An instant as ``2025-06-14 04:00 UTC``.
-
-    Args:
-        moment: an aware datetime (a naive one is taken as UTC).
-    """
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-REFUSAL_TEXTS = {
-    "code_required": "the broker requires a declaration code",
-    "code_invalid": "the declaration code is not valid (mistyped, or not issued for this broker)",
-    "code_expired": "the declaration code has expired",
-    "code_used": "the declaration code was already used",
-}
-"""What each refusal of a declaration code means, for the tester."""
-
-
-def describe_refusal(reason: str, count: int) -> str:
-    """One sentence on a refused declaration: why, and that the tokens stay here.
-
-    Args:
-        reason: the broker's refusal code (``code_used``...).
-        count: tokens kept on the device.
-    """
-    why = REFUSAL_TEXTS.get(reason, f"the broker refused the declaration ({reason})")
-    return (f"{why}: {_plural(count, 'token')} stay on this device, not uploaded; declare "
-            "again with a valid code")
-
-
-def abbreviate_token(token: str) -> str:
-    """The first 8 hex characters of a witness token and an ellipsis, e.g. ``1a2b3c4d…``."""
-    return f"{token[:8]}…"
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
-def describe_event(event: Event) -> Text | None:
-    """One human line for the event log (without time or name), or None for events not logged.
-
-    GPS fixes are not described here (one a second would drown the log, and positions never
-    go into a log): the main screen logs changes of fix mode itself. Remote text is kept
-    literal (no markup).
-    """
-    match event:
-        case SessionStarted():
-            return Text("new session: fresh session and contact IDs, kept in memory only")
-        case BrokerConnected(url=url, radius_m=radius):
-            return Text(f"connected to {url} (match radius {radius:g} m)")
-        case BrokerDisconnected(reason=reason, retry_in_s=retry):
-            return Text.assemble(reason, f"; retry in {retry:g} s")
-        case GpsLost(reason=reason):
-            return Text.assemble("no fix: ", reason)
-        case MatchFound(peer=peer, role=role):
-            return Text.assemble(f"peer #{peer} nearby, role ", role)
-        case HandshakeProgress(peer=peer, state=state):
-            return Text.assemble(f"peer #{peer}: ", state)
-        case HandshakeFailed(peer=peer, reason=reason):
-            return Text.assemble(f"peer #{peer} failed: ", reason)
-        case TokenStored(peer=peer, token=token, expires_at=expires, new=new):
-            verb = "stored" if new else "already stored"
-            return Text(f"peer #{peer}: token {abbreviate_token(token)} {verb}, "
-                        f"expires {format_utc(expires)}")
-        case TokensExpired(count=count):
-            return Text(f"{_plural(count, 'expired token')} deleted")
-        case PositiveDeclared(count=0):
-            return Text("no token to upload")
-        case PositiveDeclared(count=count):
-            return Text(f"the broker has {_plural(count, 'token')}; deleted from this device")
-        case PositivePending(count=count, reason=reason, retry_in_s=retry):
-            return Text.assemble(f"{_plural(count, 'token')} kept until the broker has them: ",
-                                 reason, f"; retry in {retry:g} s")
-        case PositiveRefused(reason=reason, count=count):
-            return Text(describe_refusal(reason, count))
-        case PositivesPolled(received=received):
-            return Text(f"{_plural(received, 'positive token')} received and compared here")
-        case ExposureAlert(count=count):
-            return Text(f"{_plural(count, 'stored token')} declared positive: possible exposure")
-        case EngineError(message=message):
-            return Text(message)
-    return None
-
-
-# -- widgets ------------------------------------------------------------------------------
+    def on_mount(self) -> None:
+        """Draw the line."""
+        line = Table.grid(expand=True)
+        line.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+        line.add_column(justify="right", no_wrap=True)
+        line.add_row(Text(self.title, style="bold"), Text("? help", style="dim"))
+        self.update(line)
 
 
 class SessionPanel(Static):
-    """Session ID, broker connection and GPS state, as a two-column grid.
+    """Session ID (in the border), broker state and GPS state, side by side.
 
-    Positions are shown here and nowhere else (never logged).
+    The broker column says why the broker cannot be reached in plain words, what to do, since
+    when, and counts down to the next retry; the GPS column is what ``cgps`` users look for:
+    mode, where the position comes from, satellites used/visible, eph and HDOP, the fix's age,
+    the position. Positions are shown here and nowhere else (never logged).
     """
+
+    GPS_WIDTH = 30
+    """Columns of the GPS half."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -194,51 +121,67 @@ class SessionPanel(Static):
         self.session_short = "…"
         self.broker_connected = False
         self.broker_detail: str = "connecting…"
+        self.radius_m: float | None = None
         self.outage_since: datetime | None = None
         self.outage_attempts = 0
         self.retry_in_s: float | None = None
+        self.retry_at: datetime | None = None
         self.fix: GpsFix | None = None
+        self.fix_received_at: datetime | None = None
         self.gps_detail: str = "waiting for the first fix"
+        self.now: datetime | None = None
 
     def on_mount(self) -> None:
         """Draw the initial state."""
         self.redraw()
 
+    def on_resize(self, event: Resize) -> None:
+        """The two halves are laid out for the width."""
+        self.redraw()
+
     def set_session(self, session_short: str) -> None:
         """Show the short session ID (first 8 characters; shown on this device only)."""
         self.session_short = session_short
+        self.border_title = f"Session {session_short}"
         self.redraw()
 
-    def set_broker(self, connected: bool, detail: str) -> None:
+    def set_broker(self, connected: bool, detail: str, radius_m: float | None = None) -> None:
         """Show the broker state.
 
         Args:
             connected: True while the session connection is up.
-            detail: URL when connected, reason and retry delay when not (remote text).
+            detail: URL when connected, the raw failure reason when not (remote text).
+            radius_m: the broker's match radius in metres (when connected).
         """
         self.broker_connected = connected
         self.broker_detail = detail
         if connected:
-            self.outage_since, self.outage_attempts, self.retry_in_s = None, 0, None
+            self.outage_since, self.outage_attempts = None, 0
+            self.retry_in_s, self.retry_at = None, None
+            self.radius_m = radius_m
         self.redraw()
 
     def set_outage(self, reason: str, retry_in_s: float, now: datetime | None = None) -> None:
         """Show that the broker is unreachable: why, since when, attempts, next retry.
 
         Args:
-            reason: the last failure (remote text).
-            retry_in_s: seconds until the next attempt.
+            reason: the last failure (remote text), shown in plain words with a hint.
+            retry_in_s: seconds until the next attempt (counted down on :meth:`tick`).
             now: the current instant (default: the clock).
         """
+        now = _now(now)
         if self.outage_since is None:
-            self.outage_since = now or datetime.now(UTC)
+            self.outage_since = now
         self.outage_attempts += 1
         self.retry_in_s = retry_in_s
+        self.retry_at = now + timedelta(seconds=retry_in_s)
+        self.now = now
         self.set_broker(False, reason)
 
-    def set_fix(self, fix: GpsFix) -> None:
-        """Show a position fix (WGS84 degrees, accuracy in metres)."""
+    def set_fix(self, fix: GpsFix, now: datetime | None = None) -> None:
+        """Show a position fix (WGS84 degrees, accuracy in metres); ``now``: when it came."""
         self.fix = fix
+        self.fix_received_at = _now(now)
         self.gps_detail = ""
         self.redraw()
 
@@ -248,114 +191,224 @@ class SessionPanel(Static):
         self.gps_detail = reason
         self.redraw()
 
-    def redraw(self) -> None:
-        """Render the grid again from the current state."""
+    def tick(self, now: datetime) -> None:
+        """Redraw the live parts (retry countdown, age of the fix) for ``now``."""
+        self.now = now
+        self.redraw()
+
+    @property
+    def fix_age_s(self) -> float | None:
+        """Seconds since the fix was measured: since its GPS time (UTC), else since it
+        arrived; None without a fix."""
+        if self.fix is None or self.now is None:
+            return None
+        measured = self.fix.time or self.fix_received_at
+        if measured is None:
+            return None
+        if measured.tzinfo is None:      # a GPS time without zone is UTC
+            measured = measured.replace(tzinfo=UTC)
+        return max(0.0, (self.now - measured).total_seconds())
+
+    def _broker_grid(self) -> Table:
         grid = Table.grid(padding=(0, 1))
         grid.add_column(style="dim", no_wrap=True)
         grid.add_column(overflow="fold")
-        grid.add_row("Session", Text(self.session_short, style="bold"))
         if self.broker_connected:
-            grid.add_row("Broker", Text("connected", style="bold green"))
-        else:
-            state = Text("disconnected", style="bold yellow")
-            if self.retry_in_s is not None:
-                state.append(f", retry in {self.retry_in_s:g} s", style="yellow")
+            state = Text("connected", style="bold green")
+            if self.radius_m is not None:
+                state.append(f", radius {self.radius_m:g} m", style="green")
             grid.add_row("Broker", state)
-        if self.broker_detail:
             grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
                                   overflow="ellipsis"))
-        if not self.broker_connected and self.outage_since is not None:
-            since = self.outage_since.astimezone().strftime("%H:%M:%S")
-            grid.add_row("", Text(f"since {since}, {_plural(self.outage_attempts, 'attempt')}",
-                                  style="italic", no_wrap=True, overflow="ellipsis"))
+            return grid
+        state = Text("disconnected", style="bold yellow")
+        if self.retry_at is not None:
+            left = (self.retry_at - (self.now or self.retry_at)).total_seconds()
+            state.append(f", {format_retry(left)}", style="yellow")
+        grid.add_row("Broker", state)
+        if self.outage_since is None:
+            grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
+                                  overflow="ellipsis"))
+            return grid
+        failure = describe_failure(self.broker_detail)
+        grid.add_row("", Text(failure.problem, style="bold"))
+        grid.add_row("", Text(f"→ {failure.hint}", style="italic"))
+        grid.add_row("", Text(f"since {format_clock(self.outage_since)}, "
+                              f"{plural(self.outage_attempts, 'attempt')}",
+                              style="italic", no_wrap=True, overflow="ellipsis"))
+        grid.add_row("", Text(self.broker_detail, style="dim", no_wrap=True,
+                              overflow="ellipsis"))
+        return grid
+
+    def _gps_grid(self) -> Table:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="dim", no_wrap=True)
+        grid.add_column(no_wrap=True, overflow="ellipsis")
         fix = self.fix
         if fix is None:
             grid.add_row("GPS", Text("no fix", style="bold yellow"))
-            if self.gps_detail:
-                grid.add_row("", Text(self.gps_detail, style="italic", no_wrap=True,
-                                      overflow="ellipsis"))
-            dash = Text("–", style="dim")
-            for label in ("Satellites", "Latitude", "Longitude", "Accuracy"):
+            grid.add_row("", Text(self.gps_detail, style="italic", no_wrap=True,
+                                  overflow="ellipsis"))
+            dash = Text(DASH, style="dim")
+            for label in ("Sats", "Acc", "Age", "Pos"):
                 grid.add_row(label, dash)
+            return grid
+        not_receiver = describe_gps_source(fix.source)
+        grid.add_row("GPS", Text(format_fix_mode(fix.mode),
+                                 style="bold green" if not_receiver is None else "bold"))
+        if not_receiver is None:
+            grid.add_row("", Text(f"receiver ({fix.source})", style="dim"))
         else:
-            mode = "3D" if fix.mode >= 3 else "2D"
-            grid.add_row("GPS", Text(f"{mode} fix", style="bold green"))
-            used = "–" if fix.satellites_used is None else str(fix.satellites_used)
-            seen = "–" if fix.satellites_visible is None else str(fix.satellites_visible)
-            grid.add_row("Satellites", Text(f"{used} used / {seen} visible"))
-            grid.add_row("Latitude", Text(f"{format_coordinate(fix.latitude)}°"))
-            grid.add_row("Longitude", Text(f"{format_coordinate(fix.longitude)}°"))
-            accuracy = "–" if fix.accuracy_m is None else f"{fix.accuracy_m:.1f} m"
-            grid.add_row("Accuracy", Text(accuracy))
-        self.update(grid)
+            grid.add_row("", Text(f"⚠ {not_receiver}", style="bold magenta"))
+        used = DASH if fix.satellites_used is None else str(fix.satellites_used)
+        seen = DASH if fix.satellites_visible is None else str(fix.satellites_visible)
+        grid.add_row("Sats", Text(f"{used} used / {seen} visible"))
+        accuracy = Text(format_accuracy(fix.accuracy_m))
+        if fix.hdop is not None:
+            accuracy.append(f"  HDOP {fix.hdop:.1f}")
+        grid.add_row("Acc", accuracy)
+        grid.add_row("Age", Text(format_seconds(self.fix_age_s)))
+        grid.add_row("Pos", Text(f"{format_coordinate(fix.latitude)}° "
+                                 f"{format_coordinate(fix.longitude)}°"))
+        return grid
+
+    def redraw(self) -> None:
+        """Render both halves again from the current state."""
+        outer = Table.grid(expand=True, padding=(0, 1))
+        width = self.content_size.width
+        gps_width = self.GPS_WIDTH if width < 118 else width // 2 - 2
+        outer.add_column(ratio=1)
+        outer.add_column(width=gps_width)
+        outer.add_row(self._broker_grid(), self._gps_grid())
+        self.update(outer)
 
 
-class MatchesTable(DataTable[Text]):
-    """Nearby matches: one row per peer (in-memory ordinal), its role and handshake state."""
+class PeersTable(DataTable[Text]):
+    """Live peers: one row per peer in contact now (see :class:`~fanny_tui.ui.peers.LivePeers`).
+
+    Columns: name, distance (coloured by the accuracy rule's verdict), bearing, time within
+    the radius so far, the peer's accuracy, handshake state, time from match to token, and
+    why the exchange failed or the contact closed (remote text, shown literally).
+    """
+
+    COLUMNS = (("Peer", "peer", 7), ("Dist", "distance", 6), ("Bearing", "bearing", 7),
+               ("Within", "within", 6), ("Acc", "accuracy", 7), ("State", "state", 10),
+               ("→Token", "latency", 6), ("Why ended", "reason", None))
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
-        self.border_title = "Nearby matches"
+        self.border_title = "Live peers"
+        self._shown: dict[str, list[tuple[str, str]]] = {}
 
     def on_mount(self) -> None:
         """Add the columns."""
-        self.add_column("Peer", key="peer", width=6)
-        self.add_column("Role", key="role", width=10)
-        self.add_column("Handshake", key="state", width=11)
-        self.add_column("Reason", key="reason")
+        for label, key, width in self.COLUMNS:
+            self.add_column(label, key=key, width=width)
 
-    def _key(self, peer: int) -> str:
-        return str(peer)
+    def show(self, peers: list[LivePeer]) -> None:
+        """Make the table show exactly ``peers`` (rows added or removed; only the cells that
+        changed are updated)."""
+        wanted = {str(p.peer): p for p in peers}
+        for key in [key for key in self._shown if key not in wanted]:
+            del self._shown[key]
+            self.remove_row(key)
+        for key, live in wanted.items():
+            cells = self.cells(live)
+            plain = [(cell.plain, str(cell.style)) for cell in cells]   # style: the verdict
+            before = self._shown.get(key)
+            if before is None:
+                self.add_row(*cells, key=key)
+            else:
+                for (_, column, _), cell, old, new in zip(self.COLUMNS, cells, before, plain,
+                                                          strict=True):
+                    if old != new:
+                        self.update_cell(key, column, cell, update_width=column == "reason")
+            self._shown[key] = plain
+        self.border_title = f"Live peers ({len(wanted)})" if wanted else "Live peers: none"
 
-    def has_peer(self, peer: int) -> bool:
-        """True when ``peer`` has a row."""
-        return self._key(peer) in self.rows
+    @staticmethod
+    def cells(live: LivePeer) -> list[Text]:
+        """The row of one peer."""
+        state = live.state
+        return [
+            Text(peer_name(live.peer), style="bold"),
+            Text(format_distance(live.distance_m), style=WITHIN_STYLES.get(live.within or "", "")),
+            Text(format_bearing(live.bearing_deg)),
+            Text(format_duration(live.within_s) if live.samples or live.within_s else DASH),
+            Text(format_accuracy(live.peer_accuracy_m)),
+            Text(state, style=HANDSHAKE_STYLES.get(state, "")),
+            Text(format_seconds(live.match_to_token_s)),
+            Text(live.reason or "", style="dim"),
+        ]
 
-    def add_match(self, peer: int, role: str) -> None:
-        """Add a row for a new match (state ``matched``); the oldest row goes past the limit."""
-        if self.has_peer(peer):
-            self.update_cell(self._key(peer), "role", Text(role))
+
+class RadarView(Static):
+    """The live peers at their bearing and distance around this device, north up.
+
+    Rings at the match radius and twice it; each peer is its ordinal's last digit, green
+    within the radius, yellow uncertain (accuracy), white outside, dim beyond the edge.
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.border_title = "Radar"
+        self.peers: list[LivePeer] = []
+        self.radius_m = 10.0
+
+    def on_resize(self, event: Resize) -> None:
+        """Redraw for the new size."""
+        self.redraw()
+
+    def show(self, peers: list[LivePeer], radius_m: float) -> None:
+        """Draw ``peers`` with rings at ``radius_m`` (metres)."""
+        self.peers, self.radius_m = peers, radius_m
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Render the radar for the widget's size."""
+        width, height = self.content_size.width, self.content_size.height - 1
+        if width < 5 or height < 3:
+            self.update("")
             return
-        while self.row_count >= MAX_MATCH_ROWS:
-            self.remove_row(next(iter(self.rows)))
-        self.add_row(Text(f"#{peer}"), Text(role), _state_text("matched"), Text(""),
-                     key=self._key(peer))
-        self.border_title = f"Nearby matches ({self.row_count})"
-
-    def set_state(self, peer: int, state: str) -> None:
-        """Show the handshake state of ``peer`` (a row is added if it had none)."""
-        if not self.has_peer(peer):
-            self.add_match(peer, "?")
-        self.update_cell(self._key(peer), "state", _state_text(state))
-
-    def set_reason(self, peer: int, reason: str) -> None:
-        """Show why the exchange with ``peer`` failed (remote text, shown literally)."""
-        if not self.has_peer(peer):
-            self.add_match(peer, "?")
-        self.update_cell(self._key(peer), "reason", Text(reason), update_width=True)
+        lines: list[Text] = []
+        for row in radar_cells(self.peers, self.radius_m, width, height):
+            line = Text(no_wrap=True, overflow="crop")
+            for cell in row:
+                line.append(*_radar_piece(cell))
+            lines.append(line)
+        legend = Text(f"ring {format_distance(self.radius_m)}, edge "
+                      f"{format_distance(2 * self.radius_m)}, north up", style="dim",
+                      no_wrap=True, overflow="ellipsis")
+        self.update(Group(*lines, legend))
 
 
-def _state_text(state: str) -> Text:
-    return Text(state, style=HANDSHAKE_STYLES.get(state, ""))
+def _radar_piece(cell: RadarCell | None) -> tuple[str, str]:
+    if cell is None:
+        return " ", ""
+    return cell.char, RADAR_STYLES.get(cell.kind, "")
 
 
 class TokensTable(DataTable[Text]):
-    """Stored witness tokens: abbreviated token, expiry (UTC), live countdown, upload marker.
+    """Stored witness tokens: token, live countdown, the contact, upload marker, expiry (UTC).
 
-    Rows are keyed by the full token and kept soonest expiry first.
+    Rows are keyed by the full token and kept soonest expiry first. The contact (time within
+    the radius, closest distance) is shown when known: from the ``token_stored`` event, or
+    from the store when it keeps it.
     """
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
         self.border_title = "Tokens"
         self._expiry: dict[str, datetime] = {}
+        self._contacts: dict[str, Contact] = {}
 
     def on_mount(self) -> None:
         """Add the columns."""
-        self.add_column("Token", key="token", width=10)
+        self.add_column("Token", key="token", width=9)
+        self.add_column("Time left", key="left", width=15)
+        self.add_column("Contact", key="contact", width=14)
+        self.add_column("Upload", key="upload", width=9)
         self.add_column("Expires at (UTC)", key="expires", width=20)
-        self.add_column("Time left", key="left", width=16)
-        self.add_column("Upload", key="upload", width=18)
 
     @property
     def tokens(self) -> set[str]:
@@ -363,24 +416,33 @@ class TokensTable(DataTable[Text]):
         return set(self._expiry)
 
     def add_token(self, token: str, expires_at: datetime, *, pending: bool = False,
-                  now: datetime | None = None, sort: bool = True) -> None:
-        """Show one token (its pending marker is updated if it is shown already).
+                  contact: Contact | None = None, now: datetime | None = None,
+                  sort: bool = True) -> None:
+        """Show one token (its pending marker and contact are updated if it is shown already).
 
         Args:
             token: 64 hex characters.
             expires_at: aware expiry instant.
             pending: part of a positive upload the broker has not acknowledged yet.
+            contact: the contact's measures, when known.
             now: the current instant for the countdown (default: the clock, UTC).
             sort: keep the rows sorted by expiry (pass False while adding many, then sort once).
         """
+        if contact is not None:
+            self._contacts[token] = contact
         if token in self._expiry:
             self.update_cell(token, "upload", _pending_text(pending))
+            if self._expiry[token] != expires_at:   # a new contact moved the expiry
+                self._expiry[token] = expires_at
+                self.update_cell(token, "expires", Text(format_utc(expires_at)))
+            self.update_cell(token, "contact", Text(format_contact(self._contacts.get(token))))
             return
-        now = now or datetime.now(UTC)
+        now = _now(now)
         self._expiry[token] = expires_at
-        self.add_row(Text(abbreviate_token(token)), Text(format_utc(expires_at)),
+        self.add_row(Text(abbreviate_token(token)),
                      Text(format_countdown((expires_at - now).total_seconds())),
-                     _pending_text(pending), key=token)
+                     Text(format_contact(self._contacts.get(token))),
+                     _pending_text(pending), Text(format_utc(expires_at)), key=token)
         if sort:
             self._sort()
         self._retitle()
@@ -391,16 +453,20 @@ class TokensTable(DataTable[Text]):
         for token in list(self._expiry):
             if token not in wanted:
                 del self._expiry[token]
+                self._contacts.pop(token, None)
                 self.remove_row(token)
         for item in wanted.values():
-            self.add_token(item.token, item.expires_at, pending=item.pending, now=now,
-                           sort=False)
+            # A store that keeps the contact with the token (issue 6) gives it here too.
+            contact = getattr(item, "contact", None)
+            self.add_token(item.token, item.expires_at, pending=item.pending,
+                           contact=contact if isinstance(contact, Contact) else None,
+                           now=now, sort=False)
         self._sort()
         self._retitle()
 
     def tick(self, now: datetime | None = None) -> None:
         """Refresh every countdown (called once a second)."""
-        now = now or datetime.now(UTC)
+        now = _now(now)
         for token, expires_at in self._expiry.items():
             self.update_cell(token, "left", Text(format_countdown((expires_at - now)
                                                                   .total_seconds())))
@@ -419,34 +485,125 @@ class TokensTable(DataTable[Text]):
 
 
 def _pending_text(pending: bool) -> Text:
-    return Text("⇡ pending upload", style="bold yellow") if pending else Text("")
+    return Text("⇡ pending", style="bold yellow") if pending else Text("")
 
 
 class ExposureBanner(Static):
-    """Hidden until an exposure alert; then a prominent line with the number of tokens."""
+    """Hidden until an exposure alert; then the alert, the contacts' measures, the next step."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.total = 0
+        self.contacts: list[Contact] = []
 
-    def add_alert(self, count: int) -> None:
-        """Count ``count`` more tokens declared positive and show the banner (if count > 0)."""
+    def add_alert(self, count: int, contacts: Iterable[Contact] = ()) -> None:
+        """Count ``count`` more tokens declared positive and show the banner (if count > 0).
+
+        Args:
+            count: tokens matched by this alert.
+            contacts: their contacts' measures, when known.
+        """
         if count <= 0:
             return
         self.total += count
-        verb = "was" if self.total == 1 else "were"
-        self.update(Text(f"⚠ EXPOSURE ALERT: {_plural(self.total, 'stored token')} {verb} "
-                         "declared positive: you may have been exposed."))
+        self.contacts.extend(contacts)
         self.add_class("-visible")
+        self.redraw()
+
+    def on_resize(self, event: Resize) -> None:
+        """Compact below 120 columns."""
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Render the alert for the width (nothing before the first alert)."""
+        if not self.total:
+            return
+        compact = self.size.width < 120
+        self.update(Group(
+            Text(describe_exposure(self.total, self.contacts, compact=compact),
+                 no_wrap=compact, overflow="ellipsis"),
+            Text(EXPOSURE_NEXT_STEP, style="not bold")))
+
+
+class StatusLine(Static):
+    """One line for routine state, so that it stays out of the event log: the time (UTC),
+    when positives were last checked and will next be checked, an upload waiting for the
+    broker."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.polled_at: datetime | None = None
+        self.polled_received = 0
+        self.next_poll_at: datetime | None = None
+        self.pending_count = 0
+        self.pending_retry_at: datetime | None = None
+        self.now: datetime | None = None
+
+    def on_mount(self) -> None:
+        """Draw the initial state."""
+        self.redraw()
+
+    def set_polled(self, received: int, next_in_s: float | None, now: datetime) -> None:
+        """A poll of positive tokens finished at ``now``; the next is in ``next_in_s`` s."""
+        self.polled_at, self.polled_received, self.now = now, received, now
+        self.next_poll_at = None if next_in_s is None else now + timedelta(seconds=next_in_s)
+        self.redraw()
+
+    def set_pending(self, count: int, retry_in_s: float | None, now: datetime) -> None:
+        """``count`` tokens wait for the broker's ack, next try in ``retry_in_s`` s (0: none)."""
+        self.pending_count, self.now = count, now
+        self.pending_retry_at = (None if retry_in_s is None
+                                 else now + timedelta(seconds=retry_in_s))
+        self.redraw()
+
+    def tick(self, now: datetime) -> None:
+        """Redraw the countdowns for ``now``."""
+        self.now = now
+        self.redraw()
+
+    @property
+    def text(self) -> Text:
+        """The line as shown."""
+        line = Text(no_wrap=True, overflow="ellipsis")
+        if self.now is not None:
+            line.append(f"{format_clock(self.now)} UTC", style="bold")
+            line.append(" │ ", style="dim")
+        if self.polled_at is None:
+            line.append("positives: not checked yet", style="dim")
+        else:
+            line.append(f"positives checked {format_clock(self.polled_at)} "
+                        f"({self.polled_received} new)")
+            if self.next_poll_at is not None and self.now is not None:
+                left = (self.next_poll_at - self.now).total_seconds()
+                line.append(" · next check " + (f"in {format_duration(left)}" if left > 0
+                                                else "now"))
+        if self.pending_count:
+            line.append(" │ ", style="dim")
+            line.append(f"⇡ {plural(self.pending_count, 'token')} waiting for the broker",
+                        style="bold yellow")
+            if self.pending_retry_at is not None and self.now is not None:
+                line.append(", " + format_retry(
+                    (self.pending_retry_at - self.now).total_seconds()), style="yellow")
+        return line
+
+    def redraw(self) -> None:
+        """Render the line again."""
+        self.update(self.text)
 
 
 class EventLog(RichLog):
-    """One line per event: local time, event name, text. Markup is off (remote text)."""
+    """One line per event: time (UTC), event name, text. Markup is off (remote text).
+
+    Lines are wrapped to the log's width and wrapped again when it is resized, so no
+    character is lost (a long reason continues on the next line).
+    """
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, markup=False, highlight=False, wrap=True,
+        super().__init__(id=id, markup=False, highlight=False, wrap=True, min_width=20,
                          max_lines=MAX_LOG_LINES)
         self.border_title = "Event log"
+        self._entries: deque[Text] = deque(maxlen=MAX_LOG_LINES)
+        self._width = 0
 
     def add(self, name: str, text: Text | str, *, at: datetime | None = None) -> None:
         """Append one line.
@@ -454,13 +611,29 @@ class EventLog(RichLog):
         Args:
             name: the event's wire name (``positive_pending``) or a UI action name.
             text: what happened; a ``str`` is shown literally, never parsed as markup.
-            at: when (default: now), shown in local time.
+            at: when (default: now), shown as UTC.
         """
-        moment = (at or datetime.now(UTC)).astimezone()
-        line = Text.assemble((moment.strftime("%H:%M:%S"), "dim"), " ",
+        line = Text.assemble((format_clock(_now(at)), "dim"), " ",
                              (name, EVENT_STYLES.get(name, "bold")), "  ")
         line.append_text(text if isinstance(text, Text) else Text(text))
-        self.write(line)
+        self._entries.append(line)
+        self._write(line)
+
+    def _write(self, line: Text) -> None:
+        # Wrapped at the visible width (the scrollbar's gutter is always reserved, see
+        # app.tcss), never at RichLog's min_width: wider lines would lose their last characters.
+        width = self.scrollable_content_region.width
+        self.write(line, width=width if self._width and width > 0 else None)
+
+    def on_resize(self, event: Resize) -> None:
+        """Wrap every line again for the new width."""
+        width = event.size.width
+        if self._width and width != self._width and self._entries:
+            self._width = width
+            self.clear()
+            for line in self._entries:
+                self._write(line)
+        self._width = width
 
     @property
     def plain_lines(self) -> list[str]:

@@ -7,22 +7,17 @@ disconnected), with a position source fed by the test, and drives the app with T
 
 from __future__ import annotations
 
-import asyncio
 import re
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from textual.command import CommandList, CommandPalette
-from textual.geometry import Region
 from textual.message import Message
 from textual.pilot import Pilot
-from textual.widget import Widget
 
-from fanny_tui.config import Config, parse_config
-from fanny_tui.engine import Engine
+from fanny_tui.config import Config
 from fanny_tui.events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -40,9 +35,11 @@ from fanny_tui.events import (
 )
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.store import TokenStore
-from fanny_tui.ui import EngineEvent, FannyApp, make_app
+from fanny_tui.ui import EngineEvent, FannyApp
+from fanny_tui.ui.formatting import format_countdown
 from fanny_tui.ui.screens import ConfirmDeclareScreen
-from fanny_tui.ui.widgets import format_countdown
+
+from .kit import build, log_text, loopback_port, rendered, ui_config, wait_until
 
 SIZE = (120, 40)
 TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
@@ -52,38 +49,11 @@ MARKUP = "peer[/] [bold]x[/bold"
 """Remote text that raises MarkupError if anything renders it as console markup."""
 
 
-class QueueSource:
-    """A position source that yields whatever the test puts in it (a test input)."""
-
-    def __init__(self, *items: GpsFix | GpsLost) -> None:
-        self.queue: asyncio.Queue[GpsFix | GpsLost] = asyncio.Queue()
-        for item in items:
-            self.queue.put_nowait(item)
-
-    async def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
-        while True:
-            yield await self.queue.get()
-
-
 @pytest.fixture
-def dead_port() -> Iterator[int]:
-    """A loopback port that is bound but not listening: connecting is refused."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
-
-
-@pytest.fixture
-def config(dead_port: int) -> Config:
-    return parse_config({
-        "broker": {"url": f"ws://127.0.0.1:{dead_port}", "reconnect_min_s": 0.1,
-                   "reconnect_max_s": 0.5},
-        "gps": {"source": "fixed", "latitude": 44.0, "longitude": -1.0},
-        "webrtc": {"host_addresses": ["127.0.0.1"]},
-    })
+def config() -> Iterator[Config]:
+    """The broker's port refuses connections: it stays disconnected, retrying."""
+    with loopback_port(listening=False) as port:
+        yield ui_config(port)
 
 
 @pytest.fixture
@@ -95,32 +65,6 @@ def data_dir(tmp_path: Path) -> Path:
         store.add(token, expiry_for(now - timedelta(days=15 - days)))
     store.close()
     return tmp_path
-
-
-def build(config: Config, data_dir: Path, *items: GpsFix | GpsLost) -> tuple[FannyApp, Engine]:
-    engine = Engine(config, data_dir, source=QueueSource(*items))
-    return make_app(engine, title="FANNY test"), engine
-
-
-async def wait_until(pilot: Pilot[None], predicate: Callable[[], object], what: str,
-                     timeout: float = 15.0) -> None:
-    """Let the app run until ``predicate()`` is true (fail naming ``what`` after timeout)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
-
-
-def rendered(widget: Widget) -> str:
-    """What ``widget`` shows on screen, as plain text (borders included)."""
-    region = Region(0, 0, widget.size.width, widget.size.height)
-    return "\n".join(strip.text for strip in widget.render_lines(region))
-
-
-def log_text(app: FannyApp) -> str:
-    return "\n".join(app.main_screen.log_view.plain_lines)
 
 
 def pending_in_store(data_dir: Path) -> dict[str, list[str]]:
@@ -315,7 +259,7 @@ async def test_remote_text_is_never_markup(config, data_dir):
         engine.emit(GpsLost(reason=MARKUP))
         engine.emit(EngineError(message=MARKUP))
         engine.emit(PositivePending(count=1, reason=MARKUP, retry_in_s=1.0))
-        matches = app.main_screen.matches
+        matches = app.main_screen.peers
         await wait_until(pilot, lambda: "positive_pending" in log_text(app), "the events")
         await pilot.pause()
         assert matches.get_cell("1", "reason").plain == MARKUP
@@ -323,7 +267,9 @@ async def test_remote_text_is_never_markup(config, data_dir):
         assert MARKUP in rendered(matches)
         session = rendered(app.main_screen.session)
         assert "peer[/]" in session and "no fix" in session
-        assert log_text(app).count(MARKUP) == 4
+        # Five events carry it (outage, failed exchange, lost fix, error, pending upload);
+        # each line is wrapped at the log's width, so none is split or cut.
+        assert log_text(app).count(MARKUP) == 5
         assert app.is_running and app.error is None
 
 
@@ -356,8 +302,8 @@ async def test_floods_are_merged_and_tables_follow(config, data_dir):
         assert fixes <= 2
         assert main.session.fix is not None and main.session.fix.latitude == 44.0 + 299e-6
         assert "44.000299" in rendered(main.session) and "2D fix" in rendered(main.session)
-        assert main.matches.row_count == 50
-        assert all(main.matches.get_cell(str(p), "state").plain == "stored"
+        assert main.peers.row_count == 50
+        assert all(main.peers.get_cell(str(p), "state").plain == "stored"
                    for p in range(1, 51))
         assert main.tokens.get_cell(new_token, "token").plain == "ffffffff…"
 

@@ -1,0 +1,110 @@
+"""Helpers for the UI tests: a real engine with a test-fed position source, a settable clock,
+broker addresses on loopback that refuse or never answer, and ways to read what is shown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from textual.geometry import Region
+from textual.pilot import Pilot
+from textual.widget import Widget
+
+from fanny_tui.config import Config, parse_config
+from fanny_tui.engine import Engine
+from fanny_tui.events import GpsFix, GpsLost
+from fanny_tui.ui import FannyApp, make_app
+from tests.helpers import TIME_UNIT
+
+T0 = datetime(2099, 1, 1, 9, 30, tzinfo=UTC)
+"""The UI clock's start in tests that fix it. Tokens stored for them expire days after it, and
+far after the real clock, so that the engine's sweep (on the real clock) keeps them."""
+
+
+class QueueSource:
+    """A position source that yields whatever the test puts in it (a test input)."""
+
+    def __init__(self, *items: GpsFix | GpsLost) -> None:
+        self.queue: asyncio.Queue[GpsFix | GpsLost] = asyncio.Queue()
+        for item in items:
+            self.queue.put_nowait(item)
+
+    async def stream(self) -> AsyncIterator[GpsFix | GpsLost]:
+        while True:
+            yield await self.queue.get()
+
+
+class SettableClock:
+    """The app's clock in a test: it says :attr:`now` until the test moves it."""
+
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        """Move the clock ``seconds`` on; returns the new instant."""
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+@contextmanager
+def loopback_port(*, listening: bool) -> Iterator[int]:
+    """A loopback TCP port: bound only (connections are refused) or listening but never
+    accepting (a connection opens, then nothing answers: the link waits for its 10 s
+    handshake time-out, the UI hears nothing from the broker meanwhile)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    if listening:
+        sock.listen(16)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def ui_config(port: int) -> Config:
+    """A device whose broker is ``ws://127.0.0.1:port``, fixed position, loopback ICE."""
+    return parse_config({
+        "broker": {"url": f"ws://127.0.0.1:{port}", "reconnect_min_s": 0.1,
+                   "reconnect_max_s": 0.5},
+        "gps": {"source": "fixed", "latitude": 44.0, "longitude": -1.0},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+    })
+
+
+def build(config: Config, data_dir: Path, *items: GpsFix | GpsLost,
+          clock: Callable[[], datetime] | None = None, declare_hint: str | None = None
+          ) -> tuple[FannyApp, Engine]:
+    """The real app around a real engine on ``data_dir``, its positions fed by the test."""
+    engine = Engine(config, data_dir, source=QueueSource(*items))
+    if clock is None:
+        return make_app(engine, title="FANNY test", declare_hint=declare_hint), engine
+    return make_app(engine, title="FANNY test", declare_hint=declare_hint, clock=clock), engine
+
+
+async def wait_until(pilot: Pilot[None], predicate: Callable[[], object], what: str,
+                     timeout: float = 15 * TIME_UNIT) -> None:
+    """Let the app run until ``predicate()`` is true (fail naming ``what`` after timeout)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def rendered(widget: Widget) -> str:
+    """What ``widget`` shows on screen, as plain text (borders and padding included)."""
+    region = Region(0, 0, widget.outer_size.width, widget.outer_size.height)
+    return "\n".join(strip.text for strip in widget.render_lines(region))
+
+
+def log_text(app: FannyApp) -> str:
+    """The event log as shown (wrapped lines joined by newlines)."""
+    return "\n".join(app.main_screen.log_view.plain_lines)
