@@ -179,6 +179,7 @@ class Engine:
         self._unrecorded_alerts: set[str] = set()  # matches the store could not record yet
         self._rotation_lock = asyncio.Lock()     # one ID rotation at a time
         self._rotation_pending = False           # True: matches are declined (module docstring)
+        self._rotations = 0
         self._rng = random.SystemRandom()
         self._link = BrokerLink(
             config.broker.url,
@@ -447,9 +448,17 @@ class Engine:
             await self._rotate_ids()
 
     async def _rotate_ids(self) -> None:
-        """A scheduled rotation: decline matches, wait until no exchange runs, rotate."""
+        """A scheduled rotation: decline matches, wait until no exchange runs, rotate.
+
+        The lock is taken only once no exchange runs, so that a declaration meanwhile is not
+        held up; if it rotated the IDs meanwhile, this rotation is not needed any more.
+        """
+        rotations = self._rotations
+        await self._decline_matches_while(self._exchanges_ended())
         async with self._rotation_lock:
-            await self._decline_matches_while(self._exchanges_ended())
+            if self._rotations != rotations:
+                self._rotation_pending = False
+                return
             await self._rotate_now("schedule")
 
     async def _decline_matches_while(self, step: Awaitable[None]) -> None:
@@ -491,6 +500,7 @@ class Engine:
                 await self._exchanges_ended()
             self._session_id = new_id(os.urandom(16))
             self._contact_id = new_id(os.urandom(16))
+            self._rotations += 1
             await self._link.rehello(
                 Hello(session_id=self._session_id, radius_m=self.config.protocol.radius_m))
         finally:

@@ -180,6 +180,7 @@ async def test_rotation_waits_for_a_running_exchange_and_declines_matches_meanwh
 
 
 async def test_a_declaration_cancels_running_exchanges_and_rotates_at_once(tmp_path):
+    """Even while a scheduled rotation waits for the same exchange."""
     async with start_broker(_settings(tmp_path)) as broker:
         config = _config(broker.url, handshake_timeout_s=120.0)
         async with running_device(config, tmp_path / "d", _source()) as d:
@@ -190,8 +191,12 @@ async def test_a_declaration_cancels_running_exchanges_and_rotates_at_once(tmp_p
                 await _match(first, 5 * TIME_UNIT)
                 await d.wait_event("match", timeout=5 * TIME_UNIT)
                 assert d.engine._exchanges
+                # A scheduled rotation is waiting for that exchange: it must not hold this up.
+                scheduled = asyncio.create_task(d.engine._rotate_ids())
                 count = await asyncio.wait_for(d.engine.declare_positive(), 5 * TIME_UNIT)
                 assert count == 0 and not d.engine._exchanges
+                assert [e.reason for e in d.of("ids_rotated")] == ["declared"]
+                await asyncio.wait_for(scheduled, 5 * TIME_UNIT)   # and is not needed now
                 assert [e.reason for e in d.of("ids_rotated")] == ["declared"]
                 assert d.engine._session_id != old_session
                 rematch = await _match(first, 5 * TIME_UNIT)
