@@ -4,7 +4,9 @@ On loopback, against a real responder socket (tests/mdns_responder.py). The guar
 query never leaves by another interface is checked in two network namespaces joined by a veth
 pair that the test creates (root and ``ip netns`` needed): a listener in the second namespace
 hears the resolver's query when 10.77.0.1 (the veth) is allowed, and nothing when only 127.0.0.1
-is, although the veth carries the default route there.
+is, although the veth carries the default route there. In the same namespaces, two peers with
+no ICE restriction witness each other although one offers only ``.local`` names: aioice
+resolves them itself (nothing of the kit's resolver is used then).
 """
 
 from __future__ import annotations
@@ -156,3 +158,60 @@ def test_queries_leave_by_the_allowed_interface_only(namespaces: tuple[str, str]
     # Why fanny_tui.mdns exists: aioice's own resolver follows the default route.
     heard, found = _heard_in_b(namespaces, "aioice")
     assert (heard, found) == (1, "{}")
+
+
+_UNRESTRICTED_PAIR = textwrap.dedent("""
+    import asyncio, os
+    from fanny_tui.config import WebRtcConfig
+    from fanny_tui.peer import run_witness
+    from fanny_tui.protocol.tokens import craft_token, new_id
+    from tests.mdns_responder import Responder
+    from tests.test_peer import DictStore, RewritingSignaling, signaling_pair
+    from fanny_tui.mdns import multicast_socket
+
+    async def main():
+        records = {}
+
+        def names(sdp):
+            out = []
+            for line in sdp.split("\\r\\n"):
+                if line.startswith("a=candidate:"):
+                    fields = line.split(" ")
+                    assert fields[4] == "10.77.0.1", line
+                    fields[4] = f"peer-{len(records)}.local"
+                    records[fields[4]] = "10.77.0.1"
+                    line = " ".join(fields)
+                out.append(line)
+            return "\\r\\n".join(out)
+
+        loop = asyncio.get_running_loop()
+        transport, responder = await loop.create_datagram_endpoint(
+            lambda: Responder(records), sock=multicast_socket("10.77.0.1"))
+        sig_a, sig_b, log = signaling_pair()
+        id_a, id_b = new_id(os.urandom(16)), new_id(os.urandom(16))
+        results = await asyncio.gather(
+            run_witness(role="initiator", contact_id=id_a, webrtc=WebRtcConfig(),
+                        signaling=RewritingSignaling(sig_a, names), store_token=DictStore(),
+                        timeout_s=10.0),
+            run_witness(role="responder", contact_id=id_b, webrtc=WebRtcConfig(),
+                        signaling=sig_b, store_token=DictStore(), timeout_s=10.0))
+        transport.close()
+        offered = [l.split(" ")[4] for l in log[0][1].splitlines()
+                   if l.startswith("a=candidate:")]
+        token = craft_token(id_a, id_b)
+        print(all(getattr(r, "token", None) == token for r in results),
+              bool(offered) and all(a.endswith(".local") for a in offered),
+              sorted(set(responder.questions)) == sorted(records))
+
+    asyncio.run(main())
+""")
+
+
+def test_without_restriction_aioice_resolves_the_names_itself(
+        namespaces: tuple[str, str]) -> None:
+    a, _ = namespaces
+    run = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", _UNRESTRICTED_PAIR],
+                         capture_output=True, text=True, cwd=REPO, timeout=60 * TIME_UNIT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    # Both completed with the same token; the offer held names only; each name was asked.
+    assert run.stdout.split() == ["True", "True", "True"], run.stdout
