@@ -40,7 +40,7 @@ session all day. So the engine makes a fresh session ID and contact ID (``os.ura
 every ``[privacy] rotation_interval_s`` seconds (default 900), each interval drawn uniformly
 from [1 - :data:`ROTATION_JITTER`, 1 + :data:`ROTATION_JITTER`] times it (720-1080 s by default,
 the 10-20 minutes of exposure-notification key rotation), so that devices started together do
-not rotate in step and a peer cannot predict the next rotation from the last one. A rotation
+not rotate in step and the instant of the next rotation is not known in advance. A rotation
 reconnects the session connection with a new ``hello`` (:meth:`BrokerLink.rehello
 <fanny_tui.link.BrokerLink.rehello>`: the broker drops the old session and its position at
 disconnect), forgets the old IDs (no reference is kept) and emits ``ids_rotated``.
@@ -50,11 +50,11 @@ it started with, and the reconnect would cut its signaling. When a scheduled rot
 while exchanges run, it waits until none does; meanwhile new ``match`` messages are declined
 (no exchange is started; the peer's side fails by its own time-out). The trade-off: a pair
 declined this way is matched again by the broker as soon as the new session reports its
-position (the new session IDs make a new pair), so at most one witness is delayed by a few
-seconds; a rotation is delayed by at most the longest running exchange. A positive declaration
-(:meth:`Engine.declare_positive`) cancels the running exchanges and rotates at once
-(``ids_rotated`` with reason ``declared``), so no token with the declared contact ID can be made
-after it.
+position (the new session IDs make a new pair), so a declined witness is only delayed, by
+the wait plus a few seconds; a rotation is delayed until the running exchanges end (each has
+its own time-out). A positive declaration (:meth:`Engine.declare_positive`) cancels the running
+exchanges and rotates at once (``ids_rotated`` with reason ``declared``), so no token with the
+declared contact ID can be made after it.
 """
 
 from __future__ import annotations
