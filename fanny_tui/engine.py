@@ -435,78 +435,6 @@ class Engine:
         self.emit(HandshakeProgress(peer=exchange.ordinal, state="failed"))
         self.emit(HandshakeFailed(peer=exchange.ordinal, reason=reason))
 
-    # -- ID rotation (privacy invariant 1; "ID rotation" in the module docstring) -----------
-
-    def _rotation_delay_s(self) -> float:
-        """Seconds until the next scheduled rotation: ``rotation_interval_s`` +-20 % (uniform)."""
-        interval = self.config.privacy.rotation_interval_s
-        return interval * self._rng.uniform(1 - ROTATION_JITTER, 1 + ROTATION_JITTER)
-
-    async def _rotation_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._rotation_delay_s())
-            await self._rotate_ids()
-
-    async def _rotate_ids(self) -> None:
-        """A scheduled rotation: decline matches, wait until no exchange runs, rotate.
-
-        The lock is taken only once no exchange runs, so that a declaration meanwhile is not
-        held up; if it rotated the IDs meanwhile, this rotation is not needed any more.
-        """
-        rotations = self._rotations
-        await self._decline_matches_while(self._exchanges_ended())
-        async with self._rotation_lock:
-            if self._rotations != rotations:
-                self._rotation_pending = False
-                return
-            await self._rotate_now("schedule")
-
-    async def _decline_matches_while(self, step: Awaitable[None]) -> None:
-        """Decline matches from now on; if ``step`` fails or is cancelled, accept them again."""
-        self._rotation_pending = True
-        try:
-            await step
-        except BaseException:
-            self._rotation_pending = False
-            raise
-
-    async def _exchanges_ended(self) -> None:
-        """Wait until ``self._exchanges`` is empty (no new one starts: matches are declined)."""
-        while self._exchanges:
-            running = {e.task for e in self._exchanges.values()
-                       if e.task is not None and not e.task.done()}
-            if running:
-                await asyncio.wait(running)
-            else:  # an ended exchange leaves the dict in its own finally: let it run
-                await asyncio.sleep(0.01)
-
-    async def _cancel_exchanges(self) -> None:
-        """Cancel every running exchange and wait for each to end (its peer connection closed)."""
-        tasks = [e.task for e in self._exchanges.values() if e.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._exchanges_ended()
-
-    async def _rotate_now(self, reason: str) -> None:
-        """Replace both IDs and start the new session (caller holds the lock, matches declined).
-
-        Nothing awaits between the check that no exchange runs and the replacement, so no
-        exchange can start with the old contact ID. The old IDs are no longer referenced by
-        this engine or its link once this returns.
-        """
-        try:
-            if self._exchanges:  # cancelled by stop() meanwhile, or a caller bug: never mid-contact
-                await self._exchanges_ended()
-            self._session_id = new_id(os.urandom(16))
-            self._contact_id = new_id(os.urandom(16))
-            self._rotations += 1
-            await self._link.rehello(
-                Hello(session_id=self._session_id, radius_m=self.config.protocol.radius_m))
-        finally:
-            self._rotation_pending = False
-        self.emit(IdsRotated(reason=reason))
-
     # -- positives (paper 4) --------------------------------------------------------------
 
     async def _upload_loop(self) -> None:
@@ -589,6 +517,77 @@ class Engine:
                     self.emit(TokensExpired(count=deleted))
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
+    # -- ID rotation (privacy invariant 1; "ID rotation" in the module docstring) -----------
+
+    def _rotation_delay_s(self) -> float:
+        """Seconds until the next scheduled rotation: ``rotation_interval_s`` +-20 % (uniform)."""
+        interval = self.config.privacy.rotation_interval_s
+        return interval * self._rng.uniform(1 - ROTATION_JITTER, 1 + ROTATION_JITTER)
+
+    async def _rotation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._rotation_delay_s())
+            await self._rotate_ids()
+
+    async def _rotate_ids(self) -> None:
+        """A scheduled rotation: decline matches, wait until no exchange runs, rotate.
+
+        The lock is taken only once no exchange runs, so that a declaration meanwhile is not
+        held up; if it rotated the IDs meanwhile, this rotation is not needed any more.
+        """
+        rotations = self._rotations
+        await self._decline_matches_while(self._exchanges_ended())
+        async with self._rotation_lock:
+            if self._rotations != rotations:
+                self._rotation_pending = False
+                return
+            await self._rotate_now("schedule")
+
+    async def _decline_matches_while(self, step: Awaitable[None]) -> None:
+        """Decline matches from now on; if ``step`` fails or is cancelled, accept them again."""
+        self._rotation_pending = True
+        try:
+            await step
+        except BaseException:
+            self._rotation_pending = False
+            raise
+
+    async def _exchanges_ended(self) -> None:
+        """Wait until ``self._exchanges`` is empty (no new one starts: matches are declined)."""
+        while self._exchanges:
+            running = {e.task for e in self._exchanges.values()
+                       if e.task is not None and not e.task.done()}
+            if running:
+                await asyncio.wait(running)
+            else:  # an ended exchange leaves the dict in its own finally: let it run
+                await asyncio.sleep(0.01)
+
+    async def _cancel_exchanges(self) -> None:
+        """Cancel every running exchange and wait for each to end (its peer connection closed)."""
+        tasks = [e.task for e in self._exchanges.values() if e.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._exchanges_ended()
+
+    async def _rotate_now(self, reason: str) -> None:
+        """Replace both IDs and start the new session (caller holds the lock, matches declined).
+
+        Nothing awaits between the check that no exchange runs and the replacement, so no
+        exchange can start with the old contact ID. The old IDs are no longer referenced by
+        this engine or its link once this returns.
+        """
+        try:
+            if self._exchanges:  # cancelled by stop() meanwhile, or a caller bug: never mid-contact
+                await self._exchanges_ended()
+            self._session_id = new_id(os.urandom(16))
+            self._contact_id = new_id(os.urandom(16))
+            self._rotations += 1
+            await self._link.rehello(
+                Hello(session_id=self._session_id, radius_m=self.config.protocol.radius_m))
+        finally:
+            self._rotation_pending = False
+        self.emit(IdsRotated(reason=reason))
 
 def position_message(fix: GpsFix) -> Position:
     """The wire position for a fix (paper 3, step 2).
