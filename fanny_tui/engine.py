@@ -589,6 +589,7 @@ class Engine:
             self._rotation_pending = False
         self.emit(IdsRotated(reason=reason))
 
+
 def position_message(fix: GpsFix) -> Position:
     """The wire position for a fix (paper 3, step 2).
 
