@@ -6,8 +6,9 @@ its :mod:`~fanny_tui.events`; commands are plain coroutine methods
 
 Lifecycle (paper section 3, step 1): a fresh session ID and contact ID (UUIDv4 from
 ``os.urandom``) are made when the engine is built and live only in this object's memory; they are
-never written, logged or put in an event. Then :meth:`Engine.run` keeps these loops going until
-:meth:`Engine.stop`:
+never written, logged or put in an event. They are replaced by fresh ones on a schedule and at
+once after a positive declaration (see "ID rotation" below). Then :meth:`Engine.run` keeps these
+loops going until :meth:`Engine.stop`:
 
 * GPS: every fix or loss from the position source is emitted; a loss tells the broker at once
   (``position_lost``) so no stale position stays there;
@@ -22,11 +23,38 @@ never written, logged or put in an event. Then :meth:`Engine.run` keeps these lo
 * decoys (``[privacy] decoy_uploads``, off by default): a decoy upload, padded like a real one,
   on a fresh anonymous connection at exponentially distributed intervals of mean
   ``decoy_interval_s`` (cover traffic: nothing changes on the device);
-* sweep: expired tokens are deleted (paper 3, step 6).
+* sweep: expired tokens are deleted (paper 3, step 6);
+* rotation: the session ID and contact ID are replaced every ``[privacy] rotation_interval_s``
+  (with jitter), see below.
 
 Storage failures (disk full, read-only data directory) never stop the engine: each is an
 ``error`` event, the failed write changed nothing, and the loops carry on (a witness exchange
 that cannot store its token fails as ``store_failed`` with nothing stored on this side).
+
+ID rotation
+-----------
+Without it, one session ID and one contact ID would last the whole run: two devices meeting
+again would make the identical token (a token just declared positive would be stored again
+minutes later), a peer could recognise a device met before, and the broker could follow one
+session all day. So the engine makes a fresh session ID and contact ID (``os.urandom``, UUIDv4)
+every ``[privacy] rotation_interval_s`` seconds (default 900), each interval drawn uniformly
+from [1 - :data:`ROTATION_JITTER`, 1 + :data:`ROTATION_JITTER`] times it (720-1080 s by default,
+the 10-20 minutes of exposure-notification key rotation), so that devices started together do
+not rotate in step and the instant of the next rotation is not known in advance. A rotation
+reconnects the session connection with a new ``hello`` (:meth:`BrokerLink.rehello
+<fanny_tui.link.BrokerLink.rehello>`: the broker drops the old session and its position at
+disconnect), forgets the old IDs (no reference is kept) and emits ``ids_rotated``.
+
+A rotation never happens in the middle of a witness exchange: an exchange keeps the contact ID
+it started with, and the reconnect would cut its signaling. When a scheduled rotation is due
+while exchanges run, it waits until none does; meanwhile new ``match`` messages are declined
+(no exchange is started; the peer's side fails by its own time-out). The trade-off: a pair
+declined this way is matched again by the broker as soon as the new session reports its
+position (the new session IDs make a new pair), so a declined witness is only delayed, by
+the wait plus a few seconds; a rotation is delayed until the running exchanges end (each has
+its own time-out). A positive declaration (:meth:`Engine.declare_positive`) cancels the running
+exchanges and rotates at once (``ids_rotated`` with reason ``declared``), so no token with the
+declared contact ID can be made after it.
 """
 
 from __future__ import annotations
@@ -51,6 +79,7 @@ from .events import (
     GpsLost,
     HandshakeFailed,
     HandshakeProgress,
+    IdsRotated,
     MatchFound,
     PositiveDeclared,
     PositivePending,
@@ -63,6 +92,7 @@ from .events import (
 from .journal import attach as attach_journal
 from .link import BrokerLink, backoff, ssl_context_for
 from .positives import UploadOutcome, declare, poll_once, send_decoy, upload_pending
+from .protocol.codes import normalize_code
 from .protocol.expiry import expiry_for
 from .protocol.messages import Hello, Match, Position, PositionLost, Signal
 from .protocol.tokens import new_id
@@ -74,6 +104,8 @@ MAX_CONCURRENT_HANDSHAKES = 8
 SWEEP_INTERVAL_S = 60.0
 MAX_ACCURACY_M = 100_000.0
 """The largest ``accuracy_m`` the wire accepts (fanny_tui.protocol.messages.AccuracyM)."""
+ROTATION_JITTER = 0.2
+"""Each ID rotation interval is ``rotation_interval_s`` times a uniform draw in [0.8, 1.2]."""
 
 
 class _PeerSignaling:
@@ -146,6 +178,10 @@ class Engine:
         self._handshake_slots = asyncio.Semaphore(MAX_CONCURRENT_HANDSHAKES)
         self._next_ordinal = 1
         self._unrecorded_alerts: set[str] = set()  # matches the store could not record yet
+        self._rotation_lock = asyncio.Lock()     # one ID rotation at a time
+        self._rotation_pending = False           # True: matches are declined (module docstring)
+        self._rotations = 0
+        self._rng = random.SystemRandom()
         self._link = BrokerLink(
             config.broker.url,
             Hello(session_id=self._session_id, radius_m=config.protocol.radius_m),
@@ -206,11 +242,24 @@ class Engine:
         Raises:
             ValueError: the code is malformed (checked before anything changes).
             RuntimeError: the engine is not running.
-            StoreError: the store could not be written (nothing changed).
+            StoreError: the store could not be written (nothing changed; the IDs are rotated
+                all the same).
+
+        Before the tokens are marked, the running witness exchanges are cancelled (a token
+        whose store call already runs is stored and declared); after, the session ID and
+        contact ID are rotated (``ids_rotated``, reason ``declared``): no token made with the
+        declared contact ID can be stored after this call.
         """
         if self._store is None:
             raise RuntimeError("the engine is not running")
-        declaration = declare(self._store, code)
+        if code is not None:
+            normalize_code(code)  # a malformed code changes nothing, not even the IDs
+        async with self._rotation_lock:
+            await self._decline_matches_while(self._cancel_exchanges())
+            try:
+                declaration = declare(self._store, code)
+            finally:
+                await self._rotate_now("declared")
         if declaration.count == 0:
             self.emit(PositiveDeclared(count=0))
         self._upload_wakeup.set()
@@ -242,7 +291,8 @@ class Engine:
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("gps", self._gps_loop), ("broker link", self._link.run),
             ("positions", self._position_loop), ("poll", self._poll_loop),
-            ("uploads", self._upload_loop), ("sweep", self._sweep_loop)]
+            ("uploads", self._upload_loop), ("sweep", self._sweep_loop),
+            ("rotation", self._rotation_loop)]
         if self.config.privacy.decoy_uploads:
             loops.append(("decoys", self._decoy_loop))
         tasks = [asyncio.create_task(self._guard(name, fn), name=f"fanny-{name}")
@@ -307,6 +357,9 @@ class Engine:
 
     def _on_broker_message(self, message: object) -> None:
         if isinstance(message, Match):
+            if self._rotation_pending:  # see "ID rotation" in the module docstring
+                log.debug("match declined: the IDs are about to rotate")
+                return
             self._start_exchange(message.peer_session_id, message.role)
         elif isinstance(message, Signal):
             exchange = self._exchanges.get(message.peer_session_id)
@@ -468,6 +521,78 @@ class Engine:
                 if deleted:
                     self.emit(TokensExpired(count=deleted))
             await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    # -- ID rotation (privacy invariant 1; "ID rotation" in the module docstring) -----------
+
+    def _rotation_delay_s(self) -> float:
+        """Seconds until the next scheduled rotation: ``rotation_interval_s`` +-20 % (uniform)."""
+        interval = self.config.privacy.rotation_interval_s
+        return interval * self._rng.uniform(1 - ROTATION_JITTER, 1 + ROTATION_JITTER)
+
+    async def _rotation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._rotation_delay_s())
+            await self._rotate_ids()
+
+    async def _rotate_ids(self) -> None:
+        """A scheduled rotation: decline matches, wait until no exchange runs, rotate.
+
+        The lock is taken only once no exchange runs, so that a declaration meanwhile is not
+        held up; if it rotated the IDs meanwhile, this rotation is not needed any more.
+        """
+        rotations = self._rotations
+        await self._decline_matches_while(self._exchanges_ended())
+        async with self._rotation_lock:
+            if self._rotations != rotations:
+                self._rotation_pending = False
+                return
+            await self._rotate_now("schedule")
+
+    async def _decline_matches_while(self, step: Awaitable[None]) -> None:
+        """Decline matches from now on; if ``step`` fails or is cancelled, accept them again."""
+        self._rotation_pending = True
+        try:
+            await step
+        except BaseException:
+            self._rotation_pending = False
+            raise
+
+    async def _exchanges_ended(self) -> None:
+        """Wait until ``self._exchanges`` is empty (no new one starts: matches are declined)."""
+        while self._exchanges:
+            running = {e.task for e in self._exchanges.values()
+                       if e.task is not None and not e.task.done()}
+            if running:
+                await asyncio.wait(running)
+            else:  # an ended exchange leaves the dict in its own finally: let it run
+                await asyncio.sleep(0.01)
+
+    async def _cancel_exchanges(self) -> None:
+        """Cancel every running exchange and wait for each to end (its peer connection closed)."""
+        tasks = [e.task for e in self._exchanges.values() if e.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._exchanges_ended()
+
+    async def _rotate_now(self, reason: str) -> None:
+        """Replace both IDs and start the new session (caller holds the lock, matches declined).
+
+        Nothing awaits between the check that no exchange runs and the replacement, so no
+        exchange can start with the old contact ID. The old IDs are no longer referenced by
+        this engine or its link once this returns.
+        """
+        try:
+            if self._exchanges:  # cancelled by stop() meanwhile, or a caller bug: never mid-contact
+                await self._exchanges_ended()
+            self._session_id = new_id(os.urandom(16))
+            self._contact_id = new_id(os.urandom(16))
+            self._rotations += 1
+            await self._link.rehello(
+                Hello(session_id=self._session_id, radius_m=self.config.protocol.radius_m))
+        finally:
+            self._rotation_pending = False
+        self.emit(IdsRotated(reason=reason))
 
 
 def position_message(fix: GpsFix) -> Position:

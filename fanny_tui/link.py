@@ -3,7 +3,8 @@
 * :class:`BrokerLink` keeps the **session** connection up (paper 3, steps 2-3): it says
   ``hello`` with the session ID, sends positions and signaling, and hands every broker message to
   a callback. It reconnects with websockets' own reconnecting iterator
-  (``async for ws in connect(...)``) and exponential backoff with jitter.
+  (``async for ws in connect(...)``) and exponential backoff with jitter. :meth:`BrokerLink.rehello`
+  starts a new session with a new ``hello`` (the engine's ID rotation).
 * :func:`anonymous_connection` opens a short-lived **anonymous** connection that never carries
   the session ID, for positive uploads and polls (paper 4; privacy invariant 4).
 * :func:`ssl_context_for` builds the TLS context of a ``wss://`` broker from ``[broker]``:
@@ -163,6 +164,28 @@ class BrokerLink:
             return False
         return True
 
+    async def rehello(self, hello: Hello) -> None:
+        """End the current session and start a new one that says ``hello`` (a new session ID).
+
+        From this call on, nothing received on the old connection is handed to ``on_message``
+        and nothing more is sent on it: it is closed (normal closure, 1000), the broker drops
+        the old session and its position (paper 3, step 2), and :meth:`run` reconnects at once
+        with ``hello``. A connection still waiting for its ``welcome`` is closed as soon as it
+        is welcomed. While :meth:`run` is not connected, ``hello`` is simply the one said on the
+        next connection. The previous ``hello`` is no longer referenced by this object.
+
+        Args:
+            hello: the ``hello`` to say on every connection from now on.
+        """
+        self._hello = hello
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close(1000, "new session")
+
+    def _current(self, hello: Hello) -> bool:
+        """True while ``hello`` (said on a connection) is still the one to say."""
+        return self._hello is hello
+
     def _next_delay(self) -> float:
         """Draw the next reconnection delay (seconds) from the current backoff sequence."""
         if self._delays is None:
@@ -200,14 +223,17 @@ class BrokerLink:
         (``reconnect_min_s`` doubling up to ``reconnect_max_s``, +-20 % jitter). A connection
         refused at hello (or dropped before ``welcome``) also backs off, so a broker that turns
         this device away is not hammered. Every ``broker_disconnected`` event carries the delay
-        actually waited before the next attempt.
+        actually waited before the next attempt. After :meth:`rehello` the old connection ends
+        with ``broker_disconnected`` (reason ``new session``, no delay) and the new session
+        connects at once.
         """
         async for ws in _connect(self.url, self._ssl, process_exception=self._on_connect_error,
                                  reconnect_delays=self._reconnect_delays):
             reason = "closed by the broker"
             welcomed = False
+            hello = self._hello
             try:
-                await ws.send(encode(self._hello))
+                await ws.send(encode(hello))
                 welcome = decode_broker_message(await asyncio.wait_for(ws.recv(), 10))
                 if isinstance(welcome, Error):
                     raise BrokerRefused(welcome)
@@ -215,24 +241,32 @@ class BrokerLink:
                     raise MessageError(f"expected welcome, got {type(welcome).__name__}")
                 welcomed = True
                 self._delays = None  # a welcomed session resets the backoff
-                self._ws = ws
-                self._on_event(BrokerConnected(url=self.url, radius_m=welcome.radius_m))
-                self._on_connected()
-                async for raw in ws:
-                    try:
-                        message = decode_broker_message(raw)
-                    except MessageError as exc:
-                        log.warning("ignored a bad broker message: %s (field %s)",
-                                    exc, exc.field)
-                        continue
-                    self._on_message(message)
+                if self._current(hello):  # else rehello() came during the hello: start over
+                    self._ws = ws
+                    self._on_event(BrokerConnected(url=self.url, radius_m=welcome.radius_m))
+                    self._on_connected()
+                    async for raw in ws:
+                        if not self._current(hello):
+                            break  # rehello(): nothing of the old session reaches on_message
+                        try:
+                            message = decode_broker_message(raw)
+                        except MessageError as exc:
+                            log.warning("ignored a bad broker message: %s (field %s)",
+                                        exc, exc.field)
+                            continue
+                        self._on_message(message)
             except websockets.ConnectionClosed as exc:
                 reason = f"connection closed ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
             except (RemoteProtocolError, TimeoutError) as exc:
                 reason = f"bad answer to hello: {exc}" if str(exc) else "no answer to hello"
                 await ws.close()
             finally:
-                self._ws = None
+                if self._ws is ws:
+                    self._ws = None
+            if not self._current(hello):
+                reason = "new session"
+                await ws.close(1000, "new session")
+            del hello  # an old session ID is not kept while the next connection is made
             delay = 0.0 if welcomed else self._next_delay()
             self._on_event(BrokerDisconnected(reason=reason, retry_in_s=round(delay, 2)))
             if delay:

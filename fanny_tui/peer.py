@@ -45,13 +45,28 @@ all (TURN server unreachable, wrong credentials, no ``turn:`` URL) fails it with
 Host-name (mDNS) remote candidates
 ----------------------------------
 A peer may offer ``a=candidate`` lines whose address is an mDNS name (``<uuid>.local``,
-draft-ietf-mmusic-mdns-ice-candidates); aioice resolves those by multicast DNS (224.0.0.251),
-on a socket bound to every interface. When ``host_addresses`` is set or the policy is relay,
-such traffic must not happen: every remote candidate whose address is not an IP literal is
-dropped from the peer's SDP before ``setRemoteDescription()`` (:func:`drop_hostname_candidates`).
-If the peer offered candidates and none is left, the exchange fails with
-``mdns_candidate_refused``. With neither setting (no restriction at all), remote candidates are
-used as aioice sees fit.
+draft-ietf-mmusic-mdns-ice-candidates): browsers do by default. What happens to them depends on
+the ICE scope, before ``setRemoteDescription()``:
+
+* no restriction (``host_addresses`` empty, policy ``all``): the SDP is passed on untouched and
+  aioice resolves the names itself (``aioice.mdns``: one query to 224.0.0.251 per name, 1 s
+  time-out, on a socket bound to every interface whose multicast follows the default route);
+* ``host_addresses`` set (policy ``all``): the ``.local`` names are resolved by
+  :func:`fanny_tui.mdns.resolve_names` on the allowed IPv4 addresses only (queries leave by
+  those addresses' interfaces, group membership on those interfaces only; with 127.0.0.1
+  nothing leaves the machine), and each resolved candidate's address is replaced by the IPv4
+  address answered (:func:`drop_hostname_candidates` with ``resolved``). aioice then never sees
+  a name, so it never resolves anything itself;
+* relay policy: mDNS candidates are dropped unresolved (aioice ignores them too,
+  draft-ietf-mmusic-mdns-ice-candidates section 3.2: a relayed candidate cannot reach a host
+  name's address anyway).
+
+Under either restriction, any other host name (not ``<label>.local``) and any name left
+unresolved within :data:`fanny_tui.mdns.RESOLVE_TIMEOUT_S` is dropped (aioice would resolve a
+DNS name through the system resolver, outside the allowed addresses). If the peer offered
+candidates and none is left, the exchange fails with ``mdns_candidate_refused``, before anything
+is sent: the peer offered only names that could not be resolved on the allowed addresses (no
+IPv4 address allowed, no answer in time, port 5353 unavailable) or a relay-only exchange.
 
 Timing and closing
 ------------------
@@ -92,7 +107,7 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .config import WebRtcConfig
@@ -114,6 +129,7 @@ __all__ = [
     "Signaling",
     "candidates_outside",
     "drop_hostname_candidates",
+    "hostname_candidates",
     "install_host_address_filter",
     "restrict_host_addresses",
     "run_witness",
@@ -289,7 +305,27 @@ def candidates_outside(sdp: str, allowed: Iterable[str], *, relay_only: bool = F
     return bad
 
 
-def drop_hostname_candidates(sdp: str) -> tuple[str, int]:
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def hostname_candidates(sdp: str) -> list[str]:
+    """The host names (not IP literals) of the SDP's ``a=candidate`` lines, in order, unique."""
+    names: dict[str, None] = {}
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            fields = _candidate_fields(line)
+            if fields is not None and not _is_ip(fields[4]):
+                names[fields[4]] = None
+    return list(names)
+
+
+def drop_hostname_candidates(sdp: str, resolved: Mapping[str, str] | None = None
+                             ) -> tuple[str, int]:
     """Remove the ``a=candidate`` lines whose address is a host name rather than an IP address.
 
     Such names are mDNS names (``<uuid>.local``, draft-ietf-mmusic-mdns-ice-candidates) that
@@ -298,23 +334,51 @@ def drop_hostname_candidates(sdp: str) -> tuple[str, int]:
 
     Args:
         sdp: the peer's session description text.
+        resolved: ``{name (lowercase): IP address}``: a line whose name is here is kept, with
+            the address in place of the name (every other field unchanged), not removed.
 
     Returns:
         The SDP without those lines, and how many lines were removed.
     """
+    resolved = resolved or {}
     kept: list[str] = []
     dropped = 0
     for line in sdp.splitlines(keepends=True):
         if line.startswith("a=candidate:"):
-            fields = _candidate_fields(line.rstrip("\r\n"))
-            if fields is not None:
-                try:
-                    ipaddress.ip_address(fields[4])
-                except ValueError:
+            body = line.rstrip("\r\n")
+            fields = _candidate_fields(body)
+            if fields is not None and not _is_ip(fields[4]):
+                address = resolved.get(fields[4].lower().rstrip("."))
+                if address is None:
                     dropped += 1
                     continue
+                fields[4] = address
+                line = "a=candidate:" + " ".join(fields) + line[len(body):]
         kept.append(line)
     return "".join(kept), dropped
+
+
+async def _usable_remote_sdp(sdp: str, scope: _IceScope) -> str:
+    """The peer's SDP with its host-name candidates resolved or dropped (module docstring).
+
+    Raises:
+        _Abandon: ``mdns_candidate_refused``: candidates were offered and none is left.
+    """
+    if not scope.restricted:
+        return sdp  # aioice resolves .local names itself
+    names = hostname_candidates(sdp)
+    if not names:
+        return sdp
+    resolved: dict[str, str] = {}
+    if not scope.relay_only:
+        from .mdns import resolve_names
+
+        resolved = await resolve_names(names, scope.allowed)
+    sdp, dropped = drop_hostname_candidates(sdp, resolved)
+    logger.debug("host-name remote candidates: %d resolved, %d dropped", len(resolved), dropped)
+    if dropped and not any(line.startswith("a=candidate:") for line in sdp.splitlines()):
+        raise _Abandon("mdns_candidate_refused")
+    return sdp
 
 
 _POLICIES = ("all", "relay")
@@ -559,12 +623,7 @@ async def _set_remote(pc: RTCPeerConnection, sdp: str, sdp_type: str, scope: _Ic
 
     if not any(line.startswith("m=application ") for line in sdp.splitlines()):
         raise _Abandon("bad_sdp")  # no data channel section: this exchange could never start
-    if scope.restricted:
-        sdp, dropped = drop_hostname_candidates(sdp)
-        if dropped:
-            logger.debug("dropped %d host-name (mDNS) remote candidate(s)", dropped)
-            if not any(line.startswith("a=candidate:") for line in sdp.splitlines()):
-                raise _Abandon("mdns_candidate_refused")
+    sdp = await _usable_remote_sdp(sdp, scope)
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=sdp_type))
     except Exception:  # remote text parsed by aiortc: any parse or validation error

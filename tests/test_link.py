@@ -143,7 +143,9 @@ async def test_a_device_trusting_the_ca_works_over_wss(tmp_path, pki):
             assert await device.engine.declare_positive() == 1
             declared = await device.wait_event("positive_declared")
             assert declared.count == 1
-            assert not device.of("broker_disconnected")
+            # The declaration's ID rotation is the only disconnect: a new session at once.
+            await device.wait_event("broker_disconnected")
+            assert [e.reason for e in device.of("broker_disconnected")] == ["new session"]
     types = [json.loads(raw)["type"] for raw in frames]
     assert {"hello", "positives_poll", "positive_upload"} <= set(types)
 
@@ -241,3 +243,83 @@ async def test_a_proxy_refusing_the_handshake_is_backed_off_not_fatal():
         events = await _collect_disconnects(f"ws://127.0.0.1:{port}", 3)
     assert all("InvalidStatus" in e.reason and "403" in e.reason for e in events), events
     _assert_backs_off([e.retry_in_s for e in events])
+
+
+# -- a new session (ID rotation) ------------------------------------------------------------
+
+OTHER_SESSION_ID = "1f1e1d1c-1b1a-4918-9716-151413121110"
+
+
+async def _until(predicate: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_rehello_ends_the_session_and_starts_the_new_one_at_once(tmp_path):
+    hellos: list[str] = []
+
+    def record(kind: str, raw: str) -> None:
+        if json.loads(raw).get("type") == "hello":
+            hellos.append(json.loads(raw)["session_id"])
+
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "board.sqlite3")
+    events: list[Event] = []
+    async with start_broker(settings, recorder=record) as broker:
+        link = BrokerLink(broker.url, Hello(session_id=SESSION_ID, radius_m=10.0),
+                          on_message=lambda m: None, on_event=events.append)
+        task = asyncio.create_task(link.run())
+        try:
+            await _until(lambda: link.connected)
+            await link.rehello(Hello(session_id=OTHER_SESSION_ID, radius_m=10.0))
+            assert not link.connected   # nothing more is sent on the old session
+            assert not await link.send(PositivesPoll(cursor=0))
+            await _until(lambda: link.connected)
+            assert broker.counts()["sessions"] == 1
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert hellos == [SESSION_ID, OTHER_SESSION_ID]
+    kinds = [(type(e).__name__, getattr(e, "reason", None), getattr(e, "retry_in_s", None))
+             for e in events]
+    assert kinds == [("BrokerConnected", None, None), ("BrokerDisconnected", "new session", 0.0),
+                     ("BrokerConnected", None, None)]
+
+
+async def test_rehello_while_waiting_for_welcome_says_the_new_hello_before_any_message():
+    """A rotation during the hello: the old session is never announced nor dispatched."""
+    hellos: list[str] = []
+    release = asyncio.Event()
+    received: list[object] = []
+
+    async def slow_broker(ws: ServerConnection) -> None:
+        hello = json.loads(await ws.recv())
+        hellos.append(hello["session_id"])
+        if len(hellos) == 1:
+            await release.wait()   # the first welcome comes after the rotation
+        await ws.send(json.dumps({"type": "welcome", "radius_m": 10.0,
+                                  "position_timeout_s": 60.0}))
+        await ws.send(json.dumps({"type": "match", "peer_session_id": SESSION_ID,
+                                  "role": "initiator"}))
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+
+    events: list[Event] = []
+    async with serve(slow_broker, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        link = BrokerLink(f"ws://127.0.0.1:{port}", Hello(session_id=SESSION_ID, radius_m=10.0),
+                          on_message=received.append, on_event=events.append)
+        task = asyncio.create_task(link.run())
+        try:
+            await _until(lambda: hellos)
+            await link.rehello(Hello(session_id=OTHER_SESSION_ID, radius_m=10.0))
+            release.set()
+            await _until(lambda: link.connected and received)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert hellos == [SESSION_ID, OTHER_SESSION_ID]
+    assert len(received) == 1   # the match of the new session only
+    assert [type(e).__name__ for e in events] == ["BrokerDisconnected", "BrokerConnected"]

@@ -32,6 +32,7 @@ from fanny_tui.peer import (
     LINGER_S,
     candidates_outside,
     drop_hostname_candidates,
+    hostname_candidates,
     install_host_address_filter,
     restrict_host_addresses,
     run_witness,
@@ -838,6 +839,75 @@ async def test_peer_offering_only_mdns_candidates_is_refused(
     assert candidate_lines(log[0][1]) and all(".local " in c for c in candidate_lines(log[0][1]))
     assert store_a.calls == store_b.calls == 0
     assert mdns_tripwire == []
+
+
+# --- mDNS (.local) remote candidates resolved on the allowed addresses only -------------------
+
+
+def names_for_loopback(records: dict[str, str]) -> Callable[[str], str]:
+    """A rewrite that names every 127.0.0.1 candidate by mDNS, as a browser offers it, and
+    publishes each name in ``records`` (a responder's table) as 127.0.0.1."""
+
+    def rewrite(sdp: str) -> str:
+        out = []
+        for line in sdp.split("\r\n"):
+            if line.startswith("a=candidate:"):
+                fields = line.split(" ")
+                assert fields[4] == "127.0.0.1"
+                fields[4] = mdns_name()
+                records[fields[4]] = "127.0.0.1"
+                line = " ".join(fields)
+            out.append(line)
+        return "\r\n".join(out)
+
+    return rewrite
+
+
+@pytest.mark.parametrize("named", ["initiator", "responder"])
+async def test_a_peer_offering_only_mdns_names_witnesses_when_they_resolve_on_loopback(
+    named: str, mdns_tripwire: list[str],
+) -> None:
+    from .mdns_responder import loopback_responder
+
+    records: dict[str, str] = {}
+    store_a, store_b = DictStore(), DictStore()
+    sig_a, sig_b, log = signaling_pair()
+    if named == "initiator":
+        sig_a = RewritingSignaling(sig_a, names_for_loopback(records))
+    else:
+        sig_b = RewritingSignaling(sig_b, names_for_loopback(records))
+    id_a, id_b = fresh_id(), fresh_id()
+    async with loopback_responder(records) as responder:
+        result_a, result_b = await asyncio.gather(
+            run_witness(role="initiator", contact_id=id_a, signaling=sig_a, webrtc=LOOPBACK,
+                        store_token=store_a, timeout_s=TIMEOUT_S),
+            run_witness(role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
+                        store_token=store_b, timeout_s=TIMEOUT_S),
+        )
+    token = craft_token(id_a, id_b)
+    assert (result_a, result_b) == (HandshakeCompleted(token, True),
+                                     HandshakeCompleted(token, True))
+    carried = log[0][1] if named == "initiator" else log[1][1]
+    assert candidate_lines(carried)
+    assert all(c.split(" ")[4].endswith(".local") for c in candidate_lines(carried))
+    assert records and set(responder.questions) == set(records)   # each name asked, by us
+    assert mdns_tripwire == []                                     # never by aioice
+
+
+def test_drop_hostname_candidates_puts_resolved_addresses_in_place() -> None:
+    sdp = ("v=0\r\n"
+           "a=candidate:1 1 udp 2130706431 ABC-1.local 40000 typ host\r\n"
+           "a=candidate:2 1 udp 2130706431 dfe-2.local 40001 typ host generation 0\r\n"
+           "a=candidate:3 1 udp 2130706431 10.1.2.3 40002 typ host\r\n"
+           "a=end-of-candidates\r\n")
+    cleaned, dropped = drop_hostname_candidates(sdp, {"abc-1.local": "127.0.0.1"})
+    assert dropped == 1
+    assert cleaned == ("v=0\r\n"
+                       "a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\n"
+                       "a=candidate:3 1 udp 2130706431 10.1.2.3 40002 typ host\r\n"
+                       "a=end-of-candidates\r\n")
+    assert hostname_candidates(sdp) == ["ABC-1.local", "dfe-2.local"]
+    assert hostname_candidates(cleaned) == []
 
 
 # --- bad arguments ---------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Privacy invariants 1, 2 and 5 over a whole run: nothing identifying on disk or in logs.
 
-A broker and two devices witness each other, one declares positive, the other is alerted, with
-every logger at DEBUG written to a file inside the run's directory and each device writing its
-run journal ([journal] path) there too. Afterwards no session ID, contact ID or position (as text
-or as an IEEE-754 double) appears in any file the client or the broker wrote, nor in the captured
-log, and no token appears in a journal; IDs are fresh at every start (invariant 1); stored expiry
-is on the deletion hour (invariant 5).
+A broker and two devices witness each other, one declares positive (which rotates its IDs), the
+other is alerted and rotates its IDs too, and they witness each other again under the new IDs,
+with every logger at DEBUG written to a file inside the run's directory and each device writing
+its run journal ([journal] path) there too. Afterwards no session ID or contact ID of either
+generation, nor any position (as text or as an IEEE-754 double), appears in any file the client
+or the broker wrote, nor in the captured log, and no token appears in a journal; IDs are fresh at
+every start and at every rotation (invariant 1); stored expiry is on the deletion hour
+(invariant 5).
 """
 
 from __future__ import annotations
@@ -60,13 +62,20 @@ async def test_no_ids_or_positions_in_any_file_or_log(tmp_path):
                                       FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a, \
                     running_device(config_b, tmp_path / "b",
                                    FixedSource(lat_b, LON, 3.0, interval_s=0.2)) as b:
-                token = (await a.wait_event("token_stored")).token  # type: ignore[attr-defined]
+                first = await a.wait_event("token_stored")
+                token = first.token  # type: ignore[attr-defined]
                 await b.wait_event("token_stored")
-                await a.engine.declare_positive()
-                await a.wait_event("positive_declared")
-                await b.wait_event("exposure_alert")
                 secrets = [a.engine._session_id, a.engine._contact_id,
                            b.engine._session_id, b.engine._contact_id]
+                await a.engine.declare_positive()              # rotates a's IDs
+                await a.wait_event("positive_declared")
+                await b.wait_event("exposure_alert")
+                await b.engine._rotate_ids()                    # as its schedule would
+                secrets += [a.engine._session_id, a.engine._contact_id,
+                            b.engine._session_id, b.engine._contact_id]
+                for device in (a, b):                            # met again, new IDs
+                    await device.wait_for(lambda e: e.event == "token_stored"
+                                          and e.token != first.token)
                 store = TokenStore.in_dir(b.data_dir, read_only=True)
                 store.close()
     finally:
@@ -74,7 +83,9 @@ async def test_no_ids_or_positions_in_any_file_or_log(tmp_path):
         root.setLevel(old_level)
         handler.close()
 
-    assert all(is_uuid4(s) for s in secrets) and len(set(secrets)) == 4
+    assert all(is_uuid4(s) for s in secrets) and len(set(secrets)) == 8
+    assert [e.reason for e in a.of("ids_rotated")] == ["declared"]
+    assert [e.reason for e in b.of("ids_rotated")] == ["schedule"]
     assert log_file.stat().st_size > 0, "the debug log captured nothing"
     needles = _needles(secrets, [(LAT, LON), (lat_b, LON)])
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -85,10 +96,13 @@ async def test_no_ids_or_positions_in_any_file_or_log(tmp_path):
         data = path.read_bytes()
         for needle in needles:
             assert needle not in data, f"{needle!r} found in {path.relative_to(tmp_path)}"
-    for journal in journals:  # the token is in the stores, never in a journal
+    tokens = {e.token for device in (a, b) for e in device.of("token_stored")}  # type: ignore[attr-defined]
+    assert token in tokens and len(tokens) >= 2  # both generations of IDs made a token
+    for journal in journals:  # tokens are in the stores, never in a journal
         data = journal.read_bytes()
-        for needle in (token.encode(), token[:16].encode(), bytes.fromhex(token)):
-            assert needle not in data, f"{needle!r} found in {journal.name}"
+        for stored in tokens:
+            for needle in (stored.encode(), stored[:16].encode(), bytes.fromhex(stored)):
+                assert needle not in data, f"{needle!r} found in {journal.name}"
 
 
 def test_ids_are_fresh_at_every_start_and_never_in_events(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -41,6 +43,49 @@ def test_different_pairs_give_different_tokens(ids: list[str], third: str) -> No
     a, b = ids
     if third not in ids:
         assert craft_token(a, b) != craft_token(a, third)
+
+
+# The vectors of docs/protocol.md, "The witness token: exact byte input": contact ID A, contact ID
+# B, the 72 input bytes written out by hand (low then high, no separator) and the token.
+VECTORS = [
+    ("7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d", "0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69",
+     b"0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69" b"7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+     "2b50617cda6fce170c3f976a7fe67e343d501ef49b5bb9e162839399723ba471"),
+    ("00000000-0000-4000-8000-000000000000", "ffffffff-ffff-4fff-bfff-ffffffffffff",
+     b"00000000-0000-4000-8000-000000000000" b"ffffffff-ffff-4fff-bfff-ffffffffffff",
+     "457251bc1b8fd10aa187662c636a2f662025bf7c195edefdd172abd755482548"),
+    ("3b241101-e2bb-4255-8caf-4136c566a962", "3b241101-e2bb-4255-8caf-4136c566a963",
+     b"3b241101-e2bb-4255-8caf-4136c566a962" b"3b241101-e2bb-4255-8caf-4136c566a963",
+     "ba0cc150356c0b2f4ea6c413f8e6df042e7008617337115ec54ba0fbea5bf942"),
+    ("a8098c1a-f86e-41b2-9e6d-2c9a1f0b3d7e", "9d5f2c4e-1a3b-4c7d-a8e9-0f1b2c3d4e5f",
+     b"9d5f2c4e-1a3b-4c7d-a8e9-0f1b2c3d4e5f" b"a8098c1a-f86e-41b2-9e6d-2c9a1f0b3d7e",
+     "f13ca7035b656c40bf06823e294422c5c3cf7b4bac15b57a46bd62e3d3d48352"),
+]
+
+_DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
+_ROW = re.compile(r"^\| `([0-9a-f-]{36})` \| `([0-9a-f-]{36})` \| `([0-9a-f]{64})` \|$", re.M)
+
+
+def _documented_vectors() -> list[tuple[str, str, str]]:
+    text = _DOC.read_text(encoding="utf-8")
+    section = text.split("## The witness token: exact byte input", 1)[1].split("\n## ", 1)[0]
+    return _ROW.findall(section)
+
+
+@pytest.mark.parametrize(("a", "b", "data", "token"), VECTORS)
+def test_vector_bytes_hash_to_the_token_and_craft_token_agrees(
+        a: str, b: str, data: bytes, token: str) -> None:
+    assert len(data) == 72
+    assert hashlib.sha256(data).hexdigest() == token
+    assert craft_token(a, b) == craft_token(b, a) == token
+
+
+def test_the_documented_vectors_are_the_tested_ones() -> None:
+    documented = _documented_vectors()
+    assert len(documented) >= 3
+    assert documented == [(a, b, token) for a, b, _, token in VECTORS]
+    for a, b, token in documented:
+        assert craft_token(a, b) == token
 
 
 def test_known_vector() -> None:

@@ -8,7 +8,8 @@ kept in memory only and forgotten when the app stops. This module never makes th
 A witness *token* is the lowercase hex SHA-256 (RFC 6234) of the two contact IDs' canonical
 text (lowercase, hyphenated, 36 characters) concatenated in ascending order, so both peers
 compute the same 64-character token whatever their role. This matches the authors' public
-prototype.
+prototype. The exact input (72 ASCII bytes, no separator) and test vectors are normative in
+docs/protocol.md, "The witness token: exact byte input"; tests/test_tokens.py checks both agree.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def craft_token(contact_id_a: str, contact_id_b: str) -> str:
         contact_id_b: the other contact ID, canonical UUIDv4 text.
 
     Returns:
-        Lowercase hex SHA-256 of ``min(a, b) + max(a, b)`` encoded as ASCII: 64 characters.
+        Lowercase hex SHA-256 of ``min(a, b) + max(a, b)`` encoded as ASCII (72 bytes, no
+        separator): 64 characters.
         Symmetric: ``craft_token(a, b) == craft_token(b, a)``.
 
     Raises:
