@@ -174,7 +174,7 @@ def test_v1_store_upgrades_in_place(tmp_path):
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
 
     store = TokenStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     assert {t.token: t.pending for t in store.tokens()} == {T1: True, T2: False}
     [pending] = store.pending()
     assert (pending.upload_id, pending.code, [t.token for t in pending.tokens]) == (
@@ -186,7 +186,7 @@ def test_v1_store_upgrades_in_place(tmp_path):
     again = TokenStore(path)
     assert {p.upload_id: p.code for p in again.pending()} == {
         "u-old": None, "u-new": "K7QF3M9XTR2B8HJD"}
-    assert again.schema_version == 2
+    assert again.schema_version == 3
     assert again._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     again.close()
 
