@@ -321,7 +321,7 @@ class WitnessHandshake:
                                                 measures=self.measures()))
         if self._closing is not None:
             reason, self._closing = self._closing, None
-            self._close(reason, now, notify_peer=reason != "peer_closed")
+            self._close(reason, now, notify_peer=reason == "stopped")
 
     def store_failed(self, reason: str, now: float = 0.0) -> None:
         """The adapter could not store the token (disk full, read-only): fail, tell the peer.
@@ -340,10 +340,17 @@ class WitnessHandshake:
             self._fail("timeout", "timeout", now, notify_peer=True)
 
     def channel_closed(self, now: float = 0.0) -> None:
-        """The data channel or peer connection closed. No effect once the exchange ended."""
+        """The data channel or peer connection closed. No effect once the exchange ended.
+
+        Before the hellos, or with the token on its way: :class:`HandshakeFailed`
+        ``channel_closed``. In contact (token held or not): the contact ends, ``channel_lost``.
+        While the token is being stored, the end waits for the store's report.
+        """
         if self._state in TERMINAL:
             return
-        if self._held or self._state is HandshakeState.CONTACT:
+        if self._state is HandshakeState.STORING:
+            self._closing = "channel_lost"  # the store decides: the end follows its report
+        elif self._held or self._state is HandshakeState.CONTACT:
             self._close("channel_lost", now, notify_peer=False)
         else:
             self._fail("channel_closed", None, now, notify_peer=False)
