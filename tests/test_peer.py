@@ -943,3 +943,56 @@ async def test_print_latency(turn: TurnServer) -> None:
         cells = [f"{statistics.median(v) * 1000:6.1f} [{min(v) * 1000:.1f}-{max(v) * 1000:.1f}]"
                  for v in figures.values()]
         print(f"  {name:28s} " + " / ".join(cells))
+
+
+# --- the contact over the open channel (data channel v2) ---------------------------------------
+
+
+async def test_positions_flow_and_a_cancelled_side_closes_with_stopped() -> None:
+    """Two peers 3 m apart: samples on both sides, the token after min_contact_s, the channel
+    open after it; cancelling one side sends ``close`` ``stopped`` and the other ends as
+    ``peer_closed`` with its token kept."""
+    from fanny_tui.peer import ChannelOpened
+    from fanny_tui.protocol.contact import Fix
+    from fanny_tui.protocol.handshake import ContactEnded, Established, PeerSample
+
+    lat, lon = 43.6045, 1.444
+    contact = ContactSettings(min_contact_s=0.5 * TIME_UNIT, contact_gap_s=60.0,
+                              position_interval_s=0.1, token_timeout_s=TIMEOUT_S)
+    events: dict[str, list[Any]] = {"a": [], "b": []}
+    store_a, store_b = DictStore(), DictStore()
+    sig_a, sig_b, log = signaling_pair()
+    id_a, id_b = fresh_id(), fresh_id()
+    responder = asyncio.create_task(witness(
+        role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
+        store_token=store_b, timeout_s=TIMEOUT_S, contact=contact,
+        own_fix=lambda: Fix(lat + 3 / 111_195.0, lon, 4.0), on_event=events["b"].append))
+    initiator = asyncio.create_task(witness(
+        role="initiator", contact_id=id_a, signaling=sig_a, webrtc=LOOPBACK,
+        store_token=store_a, timeout_s=TIMEOUT_S, contact=contact,
+        own_fix=lambda: Fix(lat, lon, 4.0), on_event=events["a"].append))
+    token = craft_token(id_a, id_b)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (store_a.tokens and store_b.tokens) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert store_a.tokens == store_b.tokens == {token: 1}
+    assert not initiator.done() and not responder.done(), "the channel stays open"
+    responder.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await responder
+    assert await initiator == HandshakeCompleted(token, True)
+    for side in ("a", "b"):
+        kinds = [type(e) for e in events[side]]
+        assert kinds[0] is ChannelOpened and kinds[1] is Established
+        samples = [e.sample for e in events[side] if isinstance(e, PeerSample)]
+        assert samples and all(2.5 < s.distance_m < 3.5 for s in samples)
+        assert samples[-1].within_s >= 0.5 * TIME_UNIT
+        completed = [e for e in events[side] if isinstance(e, HandshakeCompleted)]
+        assert completed == [HandshakeCompleted(token, True)]
+        assert completed[0].measures is not None
+        assert completed[0].measures.duration_s >= 0.5 * TIME_UNIT
+        assert isinstance(events[side][-1], ContactEnded)
+    assert events["b"][-1].reason == "stopped" and events["b"][-1].token == token
+    assert events["a"][-1].reason == "peer_closed" and events["a"][-1].token == token
+    for _, sdp in log:  # positions never in the signaling
+        assert "43.6045" not in sdp
