@@ -14,7 +14,12 @@ never written, logged or put in an event. Then :meth:`Engine.run` keeps these lo
 * positions: the latest fix is sent every ``position_interval_s`` (and at once after a loss or a
   reconnection) — never a position without a real fix;
 * broker link: ``match`` starts one witness exchange per peer (aiortc, data channel), whose SDP
-  offer/answer goes through the broker, whose contact IDs never do;
+  offer/answer goes through the broker, whose contact IDs and positions never do. The channel
+  stays open while the pair is in contact (data channel version 2, docs/protocol.md): positions
+  are exchanged peer to peer (``peer_update``), the token is stored once the pair was within
+  the radius for ``min_contact_s`` (``token_stored`` with the contact's measures), and the
+  contact's final measures go to the store when it closes (``contact_closed``). A handshake
+  slot (:data:`MAX_CONCURRENT_HANDSHAKES`) is held for the establishment only;
 * polling: every ``poll_interval_s`` the positive tokens are fetched on an anonymous connection
   and compared locally (paper 4, steps 3-4);
 * uploads: pending positive declarations are retried with backoff until acknowledged, or until
@@ -78,6 +83,8 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_HANDSHAKES = 8
 SWEEP_INTERVAL_S = 60.0
+_ENDED_NOT_FAILED = frozenset({"parted", "max_contact", "peer_closed", "stopped"})
+"""How a contact may end before its token without the exchange counting as failed."""
 MAX_ACCURACY_M = 100_000.0
 """The largest ``accuracy_m`` the wire accepts (fanny_tui.protocol.messages.AccuracyM)."""
 
@@ -458,8 +465,8 @@ class Engine:
         finally:
             self._exchanges.pop(peer_session_id, None)  # forget the peer's session ID
         if isinstance(result, peer.HandshakeFailed):
-            if ended and ended[-1].reason != "aborted":
-                return  # the contact ended (parted, ...) before its token: not a failure
+            if ended and ended[-1].reason in _ENDED_NOT_FAILED:
+                return  # the pair parted (or a side stopped) before the token: not a failure
             self._finish_failed(exchange, result.reason)
             if result.reason.startswith("store_failed"):
                 why = str(store_errors[-1]) if store_errors else result.reason

@@ -107,6 +107,8 @@ async def test_witness_then_positive_then_exposure(tmp_path):
             started = loop.time()
             alert = await b.wait_event("exposure_alert", timeout=2 * POLL_S + 1.0)
             assert alert.count == 1
+            # The alert carries the matched token's stored contact measures.
+            assert len(alert.contacts) == 1 and alert.contacts[0].samples >= 0
             assert loop.time() - started <= 2 * POLL_S + 1.0
             assert store_b.count() == 0
             assert not a.of("exposure_alert")               # A's own tokens never alert A

@@ -1019,3 +1019,28 @@ WitnessExchangeFuzz.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestWitnessExchangeFuzz = WitnessExchangeFuzz.TestCase
+
+
+def test_a_token_that_never_comes_fails_the_responder_when_min_contact_is_zero() -> None:
+    pair = ConnectionPair()
+    pair.open("initiator")
+    pair.open("responder")
+    pair.deliver("responder")  # the initiator's hello; the initiator never hears back
+    assert pair["responder"].state is S.CONTACT
+    pair.now = SETTINGS.token_timeout_s - 0.1
+    pair.step("responder", "tick", pair.now)
+    assert pair["responder"].state is S.CONTACT
+    pair.now = SETTINGS.token_timeout_s
+    pair.step("responder", "tick", pair.now)
+    assert pair.result("responder") == HandshakeFailed("timeout")
+    assert pair.ended("responder").reason == "aborted"  # type: ignore[union-attr]
+
+
+def test_with_min_contact_the_responder_waits_for_the_token_until_the_contact_ends() -> None:
+    s = with_(min_contact_s=30.0, contact_gap_s=50.0)
+    pair = ConnectionPair(initiator=s, responder=s)
+    pair.fix("initiator", at(0))
+    pair.fix("responder", at(20))  # "out": no token yet, never a timeout
+    pair.start()
+    pair.advance(40.0, fixes={"initiator": at(0), "responder": at(20)})
+    assert pair["responder"].state is S.CONTACT and pair.result("responder") is None

@@ -34,7 +34,11 @@ The exchange::
 
 The responder stores first and acks; the initiator stores on the ack. While a token is on its
 way (``AWAIT_ACK``) or being stored (``STORING``) neither side decides to end the contact; the
-initiator's ``token_timeout_s`` budget bounds that wait. A pair that ends before the token left
+initiator's ``token_timeout_s`` budget (from sending the token) bounds that wait. With an
+effective ``min_contact_s`` of 0 the token is due at once, so the responder too fails with
+``timeout`` when no token came ``token_timeout_s`` after the hellos (with a longer
+``min_contact_s`` the two sides' measures may differ a little, and the responder waits for
+the token until the contact ends). A pair that ends before the token left
 nothing on either side. After the token is held, a failure (garbage, abort, lost channel) only
 ends the contact: the token stays and no :class:`HandshakeFailed` is emitted
 (:class:`HandshakeFailed` always means that this exchange stored nothing on this side).
@@ -287,6 +291,11 @@ class WitnessHandshake:
                 return
         elif self._state is not HandshakeState.STORING:
             assert self.meter is not None
+            if (self.role == "responder" and self._state is HandshakeState.CONTACT
+                    and self.min_contact_s == 0 and now - self._started >= s.token_timeout_s):
+                # With min_contact_s 0 the token is due at once after the hellos.
+                self._fail("timeout", "timeout", now, notify_peer=True)
+                return
             if now - self._heard >= s.silence_s:
                 self._close("channel_lost", now)
                 return
