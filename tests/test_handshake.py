@@ -426,6 +426,11 @@ def test_parted_after_contact_gap_s_with_the_token_kept() -> None:
         assert ended is not None and ended.token == TOKEN
         assert ended.reason in ("parted", "peer_closed")
         assert pair[role].state is S.CLOSED
+        # No position is kept once the contact ended, only the relative measures.
+        machine = pair[role]
+        assert machine._fix is None and machine.meter is not None
+        assert machine.meter._own.last is None and machine.meter._peer.last is None
+        assert str(LAT)[:6] not in repr(vars(machine)) + repr(vars(machine.meter))
     assert pair.stores["initiator"] == pair.stores["responder"] == {TOKEN: 1}
 
 

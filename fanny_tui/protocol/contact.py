@@ -195,6 +195,10 @@ class ContactMeter:
                       peer_accuracy_m=fix.accuracy_m, verdict=verdict,
                       within_s=self.within_s, samples=len(self._distances))
 
+    def forget_positions(self) -> None:
+        """Drop both devices' last fixes (the contact ended); the measures stay."""
+        self._own.last = self._peer.last = None
+
     def measures(self) -> ContactMeasures:
         """The contact's measures so far."""
         if not self._distances:

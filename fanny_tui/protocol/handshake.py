@@ -475,6 +475,8 @@ class WitnessHandshake:
         self._state = state
         self._peer_contact_id = None
         self._fix = None
+        if self.meter is not None:
+            self.meter.forget_positions()
         self.close_reason = reason
         if opened:
             self._events.append(ContactEnded(reason=reason, measures=self.measures(),
