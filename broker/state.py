@@ -16,10 +16,13 @@ position is not stored by the server and does not feed any positions history"):
   is the signaling route of the pair (paper section 3, step 3).
 
 Matching (paper section 3, step 3): when a session reports a position, the grid yields its
-neighbours (never a scan of every session); two sessions match when their great-circle
-distance is at most the smaller of their radii, each radius being
-``min(hello.radius_m, radius_max_m)``. The lexicographically smaller session ID gets the role
-``initiator`` (it opens the data channel and crafts the token), the other ``responder``.
+neighbours (never a scan of every session); two sessions match when the accuracy rule
+(:func:`~fanny_tui.protocol.proximity.within_radius`, the same rule the devices' contact meter
+uses) says ``in`` for their great-circle distance, the smaller of their radii (each radius being
+``min(hello.radius_m, radius_max_m)``) and their reported accuracies: the distance is within
+the radius and the combined accuracy ``sqrt(a**2 + b**2)`` is at most three radii. The
+lexicographically smaller session ID gets the role ``initiator`` (it opens the data channel
+and crafts the token), the other ``responder``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fanny_tui.protocol.errors import LocalProtocolError
-from fanny_tui.protocol.proximity import ProximityGrid
+from fanny_tui.protocol.proximity import ProximityGrid, within_radius
 
 from . import Refusal
 
@@ -209,16 +212,19 @@ class BrokerState:
         """Replace the session's position and match it against its neighbours (steps 2-3).
 
         Neighbours come from the grid, never from a scan of every session. A neighbour
-        matches when the haversine distance is at most ``min(radius of each session)`` and
-        the pair has not matched in the last ``cooldown_s`` seconds; a neighbour whose
-        position is older than ``position_timeout_s`` is ignored. Each new match opens the
-        signaling route of the pair for ``route_ttl_s`` seconds.
+        matches when the accuracy rule (:func:`~fanny_tui.protocol.proximity.within_radius`)
+        gives ``in`` for the haversine distance, ``min(radius of each session)`` and the two
+        reported accuracies (an unknown accuracy counts as 0), and the pair has not matched
+        in the last ``cooldown_s`` seconds; a neighbour whose position is older than
+        ``position_timeout_s`` is ignored. Each new match opens the signaling route of the
+        pair for ``route_ttl_s`` seconds.
 
         Args:
             session_id: a connected session.
             latitude: WGS84 degrees, -90..90.
             longitude: WGS84 degrees, -180..180.
-            accuracy_m: reported accuracy in metres, or ``None``; kept with the fix only.
+            accuracy_m: reported accuracy in metres (95 %), or ``None``; used by the accuracy
+                rule and kept with the fix only.
             now: monotonic seconds.
 
         Returns:
@@ -243,7 +249,8 @@ class BrokerState:
             fix = self._fixes[other]
             if now - fix.updated > self.position_timeout_s:
                 continue
-            if distance > min(session.radius_m, self._sessions[other].radius_m):
+            radius = min(session.radius_m, self._sessions[other].radius_m)
+            if within_radius(distance, radius, accuracy_m, fix.accuracy_m) != "in":
                 continue
             pair = _pair(session_id, other)
             last = self._matched.get(pair)

@@ -168,6 +168,9 @@ def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str) -> 
 
 
 def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
+    def metres(value: float | None) -> str:
+        return "?" if value is None else f"{value:.1f} m"
+
     if not (data_dir / "tokens.sqlite3").exists():
         if as_json:
             print("[]")
@@ -183,7 +186,13 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
     if as_json:
         print(json.dumps([{"token": t.token,
                            "expires_at": t.expires_at.isoformat().replace("+00:00", "Z"),
-                           "pending_upload": t.pending} for t in tokens], indent=2))
+                           "pending_upload": t.pending,
+                           "contact": None if t.contact is None else {
+                               "duration_s": t.contact.duration_s,
+                               "closest_m": t.contact.closest_m,
+                               "median_m": t.contact.median_m,
+                               "samples": t.contact.samples},
+                           "meetings": t.meetings} for t in tokens], indent=2))
         return EXIT_OK
     now = datetime.now(UTC)
     if not tokens:
@@ -193,6 +202,11 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
         mark = "  (positive upload pending)" if t.pending else ""
         print(f"{t.token}  expires {t.expires_at:%Y-%m-%d %H:%M}Z  in {left.days}d "
               f"{left.seconds // 3600}h{mark}")
+        if t.contact is not None:
+            c = t.contact  # e.g. "62 s within the radius, closest 1.4 m, median 2.1 m, 13 samples"
+            print(f"    contact: {c.duration_s:.0f} s within the radius, closest "
+                  f"{metres(c.closest_m)}, median {metres(c.median_m)}, {c.samples} samples"
+                  + (f", {t.meetings} meetings" if t.meetings > 1 else ""))
     for alert in alerts:
         # Matched tokens are deleted when the alert is raised (paper 4, step 4).
         print(f"exposure alert {alert.noticed_at:%Y-%m-%d %H:%M}Z: {alert.count} stored "

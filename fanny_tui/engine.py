@@ -15,7 +15,12 @@ loops going until :meth:`Engine.stop`:
 * positions: the latest fix is sent every ``position_interval_s`` (and at once after a loss or a
   reconnection) — never a position without a real fix;
 * broker link: ``match`` starts one witness exchange per peer (aiortc, data channel), whose SDP
-  offer/answer goes through the broker, whose contact IDs never do;
+  offer/answer goes through the broker, whose contact IDs and positions never do. The channel
+  stays open while the pair is in contact (data channel version 2, docs/protocol.md): positions
+  are exchanged peer to peer (``peer_update``), the token is stored once the pair was within
+  the radius for ``min_contact_s`` (``token_stored`` with the contact's measures), and the
+  contact's final measures go to the store when it closes (``contact_closed``). A handshake
+  slot (:data:`MAX_CONCURRENT_HANDSHAKES`) is held for the establishment only;
 * polling: every ``poll_interval_s`` the positive tokens are fetched on an anonymous connection
   and compared locally (paper 4, steps 3-4);
 * uploads: pending positive declarations are retried with backoff until acknowledged, or until
@@ -65,6 +70,7 @@ import logging
 import os
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -72,6 +78,9 @@ from pathlib import Path
 
 from .config import Config
 from .events import (
+    ChannelOpen,
+    Contact,
+    ContactClosed,
     EngineError,
     Event,
     ExposureAlert,
@@ -81,6 +90,7 @@ from .events import (
     HandshakeProgress,
     IdsRotated,
     MatchFound,
+    PeerUpdate,
     PositiveDeclared,
     PositivePending,
     PositiveRefused,
@@ -93,7 +103,9 @@ from .journal import attach as attach_journal
 from .link import BrokerLink, backoff, ssl_context_for
 from .positives import UploadOutcome, declare, poll_once, send_decoy, upload_pending
 from .protocol.codes import normalize_code
+from .protocol.contact import ContactMeasures, ContactSettings, Fix
 from .protocol.expiry import expiry_for
+from .protocol.handshake import ContactEnded, Established, PeerSample
 from .protocol.messages import Hello, Match, Position, PositionLost, Signal
 from .protocol.tokens import new_id
 from .store import Alert, StoredToken, StoreError, TokenStore
@@ -102,6 +114,8 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_HANDSHAKES = 8
 SWEEP_INTERVAL_S = 60.0
+_ENDED_NOT_FAILED = frozenset({"parted", "max_contact", "peer_closed", "stopped"})
+"""How a contact may end before its token without the exchange counting as failed."""
 MAX_ACCURACY_M = 100_000.0
 """The largest ``accuracy_m`` the wire accepts (fanny_tui.protocol.messages.AccuracyM)."""
 ROTATION_JITTER = 0.2
@@ -131,6 +145,10 @@ class _Exchange:
     ordinal: int
     role: str
     signaling: _PeerSignaling
+    contact_id: str = ""
+    """The contact ID this exchange uses, read once when it starts (memory only)."""
+    matched_at: float = 0.0
+    """``time.monotonic()`` of the broker's match."""
     task: asyncio.Task[None] | None = None
 
 
@@ -377,19 +395,42 @@ class Engine:
     def _start_exchange(self, peer_session_id: str, role: str) -> None:
         if peer_session_id in self._exchanges:
             return
-        exchange = _Exchange(self._next_ordinal, role, _PeerSignaling(self, peer_session_id))
+        # The contact ID is read once: an open contact keeps the ID it started with.
+        exchange = _Exchange(self._next_ordinal, role, _PeerSignaling(self, peer_session_id),
+                             contact_id=self._contact_id, matched_at=time.monotonic())
         self._next_ordinal += 1
         self._exchanges[peer_session_id] = exchange
         self.emit(MatchFound(peer=exchange.ordinal, role=role))
         exchange.task = asyncio.create_task(self._exchange(peer_session_id, exchange),
                                             name=f"fanny-witness-{exchange.ordinal}")
 
+    def _own_fix(self) -> Fix | None:
+        """This device's latest fix for the data channel (accuracy capped like the wire's)."""
+        fix = self._fix
+        if fix is None:
+            return None
+        accuracy = None if fix.accuracy_m is None else min(fix.accuracy_m, MAX_ACCURACY_M)
+        return Fix(fix.latitude, fix.longitude, accuracy)
+
     async def _exchange(self, peer_session_id: str, exchange: _Exchange) -> None:
+        """One witness exchange and the contact that follows (paper 3, steps 3-5; issue 6).
+
+        A handshake slot (:data:`MAX_CONCURRENT_HANDSHAKES`) is held only for the
+        establishment (signaling, ICE, DTLS, hellos), not for the open contact.
+        """
         from . import peer  # aiortc is heavy: imported when the first match comes
 
         protocol = self.config.protocol
+        settings = ContactSettings(
+            radius_m=protocol.radius_m, min_contact_s=protocol.min_contact_s,
+            contact_gap_s=protocol.contact_gap_s, max_contact_s=protocol.max_contact_s,
+            max_speed_mps=protocol.max_speed_mps,
+            position_interval_s=protocol.position_interval_s,
+            token_timeout_s=protocol.handshake_timeout_s)
         stored_expiry: list[datetime] = []
         store_errors: list[StoreError] = []
+        held: dict[str, ContactMeasures] = {}  # token -> measures already in the store
+        ended: list[ContactEnded] = []
 
         def store_token(token: str) -> bool:
             assert self._store is not None
@@ -403,16 +444,74 @@ class Engine:
             stored_expiry.append(expires_at)
             return new
 
+        def grow(token: str, more: ContactMeasures) -> None:
+            assert self._store is not None
+            try:
+                self._store.grow_contact(token, more)
+            except StoreError as exc:
+                self.emit(EngineError(message=f"a contact's measures could not be stored: {exc}"))
+
+        def on_event(event: object) -> None:
+            if isinstance(event, peer.ChannelOpened):
+                self.emit(ChannelOpen(peer=exchange.ordinal,
+                                      local_candidate=event.local_candidate,
+                                      remote_candidate=event.remote_candidate))
+            elif isinstance(event, Established):
+                release()
+            elif isinstance(event, PeerSample):
+                sample = event.sample
+                self.emit(PeerUpdate(peer=exchange.ordinal, distance_m=sample.distance_m,
+                                     bearing_deg=sample.bearing_deg,
+                                     peer_accuracy_m=sample.peer_accuracy_m,
+                                     within=sample.verdict, within_s=sample.within_s,
+                                     samples=sample.samples))
+            elif isinstance(event, peer.HandshakeCompleted):
+                measures = event.measures or ContactMeasures()
+                grow(event.token, measures)
+                held[event.token] = measures
+                expires_at = stored_expiry[-1] if stored_expiry else expiry_for(
+                    datetime.now(UTC), lifetime_days=protocol.token_lifetime_days,
+                    deletion_hour_utc=protocol.deletion_hour_utc)
+                self.emit(HandshakeProgress(peer=exchange.ordinal, state="stored"))
+                self.emit(TokenStored(
+                    peer=exchange.ordinal, token=event.token, expires_at=expires_at,
+                    new=event.new, contact=_contact(measures),
+                    match_to_token_s=round(time.monotonic() - exchange.matched_at, 3)))
+            elif isinstance(event, ContactEnded):
+                ended.append(event)
+                if event.token is not None and event.token in held:
+                    before = held[event.token]
+                    final = event.measures
+                    grow(event.token, ContactMeasures(
+                        duration_s=max(0.0, final.duration_s - before.duration_s),
+                        closest_m=final.closest_m, median_m=final.median_m,
+                        samples=max(0, final.samples - before.samples)))
+                self.emit(ContactClosed(peer=exchange.ordinal, reason=event.reason,
+                                        contact=_contact(event.measures),
+                                        token_stored=event.token is not None))
+
         def progress(state: str) -> None:
             self.emit(HandshakeProgress(peer=exchange.ordinal, state=state))
 
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._handshake_slots.release()
+
         try:
-            async with self._handshake_slots:
+            await self._handshake_slots.acquire()
+            try:
                 result = await peer.run_witness(
-                    role=exchange.role, contact_id=self._contact_id,  # type: ignore[arg-type]
+                    role=exchange.role, contact_id=exchange.contact_id,  # type: ignore[arg-type]
                     signaling=exchange.signaling, webrtc=self.config.webrtc,
                     store_token=store_token, timeout_s=protocol.handshake_timeout_s,
-                    on_progress=progress)
+                    on_progress=progress, contact=settings, own_fix=self._own_fix,
+                    on_event=on_event)
+            finally:
+                release()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # aiortc or signaling trouble: this exchange only
@@ -423,14 +522,9 @@ class Engine:
             return
         finally:
             self._exchanges.pop(peer_session_id, None)  # forget the peer's session ID
-        if isinstance(result, peer.HandshakeCompleted):
-            expires_at = stored_expiry[-1] if stored_expiry else expiry_for(
-                datetime.now(UTC), lifetime_days=protocol.token_lifetime_days,
-                deletion_hour_utc=protocol.deletion_hour_utc)
-            self.emit(HandshakeProgress(peer=exchange.ordinal, state="stored"))
-            self.emit(TokenStored(peer=exchange.ordinal, token=result.token,
-                                  expires_at=expires_at, new=result.new))
-        else:
+        if isinstance(result, peer.HandshakeFailed):
+            if ended and ended[-1].reason in _ENDED_NOT_FAILED:
+                return  # the pair parted (or a side stopped) before the token: not a failure
             self._finish_failed(exchange, result.reason)
             if result.reason.startswith("store_failed"):
                 why = str(store_errors[-1]) if store_errors else result.reason
@@ -493,7 +587,8 @@ class Engine:
             try:
                 result = await poll_once(
                     self._store, self.config.broker.url, ssl_context=self._ssl,
-                    on_match=lambda count: self.emit(ExposureAlert(count=count)),
+                    on_match=lambda count, contacts: self.emit(ExposureAlert(
+                        count=count, contacts=tuple(_contact(c) for c in contacts))),
                     on_unrecorded_match=self._alert_unrecorded)
             except StoreError as exc:
                 self.emit(EngineError(message=str(exc)))
@@ -605,6 +700,12 @@ def position_message(fix: GpsFix) -> Position:
     if accuracy is not None:
         accuracy = min(accuracy, MAX_ACCURACY_M)
     return Position(latitude=fix.latitude, longitude=fix.longitude, accuracy_m=accuracy)
+
+
+def _contact(measures: ContactMeasures) -> Contact:
+    """The event form of a contact's measures."""
+    return Contact(duration_s=round(measures.duration_s, 3), closest_m=measures.closest_m,
+                   median_m=measures.median_m, samples=measures.samples)
 
 
 def _describe(exc: BaseException) -> str:

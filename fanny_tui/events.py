@@ -163,8 +163,10 @@ class ContactClosed(Event):
     """The data channel with ``peer`` closed; the contact's final measures.
 
     ``reason``: ``parted`` (out of the radius for ``contact_gap_s``), ``max_contact``
-    (``max_contact_s`` reached), ``peer_closed``, ``channel_lost`` (no heartbeat) or
-    ``stopped``. ``token_stored``: whether this contact left a token on this device.
+    (``max_contact_s`` reached), ``peer_closed``, ``channel_lost`` (no heartbeat, or the
+    channel went away), ``stopped`` or ``aborted`` (a failure; before the token it is also
+    a ``handshake_failed`` with the reason). ``token_stored``: whether this contact left a
+    token on this device.
     """
 
     event: ClassVar[str] = "contact_closed"

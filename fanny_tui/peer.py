@@ -70,19 +70,26 @@ IPv4 address allowed, no answer in time, port 5353 unavailable) or a relay-only 
 
 Timing and closing
 ------------------
-One overall timer of ``timeout_s`` seconds covers signaling, ICE, DTLS, SCTP and the exchange:
-aiortc notices a vanished peer only after ~30 s (and reports ``closed``, not ``failed``), and with
-no usable candidate pair its state never changes at all. When the timer fires the machine's
-``timeout()`` is called, its ``abort`` frame is flushed if the channel is still open, and
-``HandshakeFailed("timeout")`` is returned. One exception keeps results truthful: when a
-``store_token`` call is already running in its thread, it is awaited and its outcome decides,
-so ``HandshakeFailed`` always means that this exchange stored nothing on this side.
+Three budgets. The establishment timer of ``timeout_s`` seconds covers signaling, ICE, DTLS,
+SCTP and both ``peer_hello`` messages: aiortc notices a vanished peer only after ~30 s (and
+reports ``closed``, not ``failed``), and with no usable candidate pair its state never changes at
+all. When it fires the machine's ``timeout()`` is called, its ``abort`` frame is flushed if the
+channel is still open, and ``HandshakeFailed("timeout")`` is returned. One exception keeps
+results truthful: when a ``store_token`` call is already running in its thread, it is awaited
+and its outcome decides, so ``HandshakeFailed`` always means that this exchange stored nothing
+on this side. The timer is cancelled when the hellos are exchanged (``Established``); from then
+on the machine's own timers rule, driven by a tick every ``min(0.25, position_interval_s / 4)``
+seconds: the token's ack must come within ``token_timeout_s`` of sending the token, and the
+contact ends by ``contact_gap_s`` (parted), ``max_contact_s`` or heartbeat loss.
 
-The last frame is delivered before closing: the initiator closes as soon as it completes (it has
-nothing left to send); the responder, once completed, waits up to :data:`LINGER_S` seconds for
-the initiator to close first, so that its ``ack`` has arrived. Frames still queued on the channel
-are given up to :data:`FLUSH_S` seconds to leave. The peer connection is always closed before
-:func:`run_witness` returns or raises.
+Whoever ends the contact sends ``close`` (or ``abort``), lets the frame leave (up to
+:data:`FLUSH_S` seconds) and waits up to :data:`LINGER_S` seconds for the peer to close the
+connection; the side that receives ``close`` closes at once. The peer connection is always
+closed before :func:`run_witness` returns or raises; a cancelled exchange sends ``close``
+``stopped`` first.
+
+The selected ICE candidate pair's types are read from aioice's nominated pair
+(:func:`selected_candidate_types`) when the channel opens.
 
 Partial outcomes
 ----------------
@@ -111,19 +118,27 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .config import WebRtcConfig
+from .protocol.contact import ContactSettings, Fix
+from .protocol.errors import MessageError
 from .protocol.handshake import (
+    TERMINAL,
+    ContactEnded,
+    Established,
     HandshakeCompleted,
     HandshakeFailed,
     HandshakeState,
+    PeerSample,
     StoreToken,
     WitnessHandshake,
 )
+from .protocol.messages import Abort, Close, decode_peer_message
 
 if TYPE_CHECKING:
     from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
 
 __all__ = [
     "CHANNEL_LABEL",
+    "ChannelOpened",
     "FLUSH_S",
     "LINGER_S",
     "Signaling",
@@ -133,6 +148,7 @@ __all__ = [
     "install_host_address_filter",
     "restrict_host_addresses",
     "run_witness",
+    "selected_candidate_types",
 ]
 
 logger = logging.getLogger(__name__)
@@ -418,6 +434,36 @@ def _describe(exc: BaseException) -> str:
 # -- one exchange ------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ChannelOpened:
+    """The data channel is open; the ICE candidate types (RFC 8445: ``host``, ``srflx``,
+    ``prflx``, ``relay``) of the selected pair, None where aioice does not tell."""
+
+    local_candidate: str | None
+    remote_candidate: str | None
+
+
+def selected_candidate_types(pc: Any) -> tuple[str | None, str | None]:
+    """The candidate types of the ICE pair aioice nominated for the peer connection's data
+    channel transport, ``(None, None)`` when there is none (yet) or aiortc's internals differ.
+
+    Reads ``pc.sctp.transport.transport._connection._nominated`` (aioice 0.13 ``Connection``,
+    component 1): aiortc has no public accessor for the selected pair.
+    """
+    try:
+        connection = pc.sctp.transport.transport._connection
+        pair = connection._nominated.get(1)
+        if pair is None:
+            return None, None
+        return str(pair.local_candidate.type), str(pair.remote_candidate.type)
+    except AttributeError:
+        return None, None
+
+
+WitnessEvent = ChannelOpened | Established | PeerSample | HandshakeCompleted | ContactEnded
+"""What :func:`run_witness` reports through ``on_event`` while it runs."""
+
+
 class _Exchange:
     """Glue between one RTCPeerConnection / data channel and one WitnessHandshake."""
 
@@ -427,6 +473,8 @@ class _Exchange:
         pc: RTCPeerConnection,
         store_token: Callable[[str], bool],
         on_progress: Callable[[str], None],
+        own_fix: Callable[[], Fix | None],
+        on_event: Callable[[WitnessEvent], None],
     ) -> None:
         self.machine = machine
         self.pc = pc
@@ -434,10 +482,14 @@ class _Exchange:
         self.inputs: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.result: HandshakeCompleted | HandshakeFailed | None = None
         self.store_task: asyncio.Task[bool] | None = None
+        self.budget: asyncio.Timeout | None = None
         self._store_token = store_token
         self._on_progress = on_progress
+        self._own_fix = own_fix
+        self._on_event = on_event
         self._exchanging = False
         self._last_state = machine.state
+        self._tick_s = min(0.25, machine.settings.position_interval_s / 4)
         pc.on("connectionstatechange", self._on_connection_state)
 
     # callbacks from aiortc (synchronous, on the event loop)
@@ -467,18 +519,22 @@ class _Exchange:
             self._last_state = state
 
     def feed(self, kind: str, data: Any) -> None:
-        """Give one input to the machine."""
+        """Give one input to the machine, after this device's latest fix."""
+        now = time.monotonic()
+        self.machine.local_fix(self._own_fix(), now)
         if kind == "open":
             if not self._exchanging:
                 self._exchanging = True
                 self._on_progress("exchanging")
+                self._on_event(ChannelOpened(*selected_candidate_types(self.pc)))
             # The peer's first frame may already have opened the machine.
             if self.machine.state is HandshakeState.IDLE:
-                self.machine.channel_open()
+                self.machine.channel_open(now)
         elif kind == "message":
-            self.machine.receive_data(data)
+            self.machine.receive_data(data, now)
         elif kind == "closed":
-            self.machine.channel_closed()
+            self.machine.channel_closed(now)
+        self.machine.tick(now)
         self._log_state()
 
     def send_pending(self) -> None:
@@ -492,6 +548,21 @@ class _Exchange:
             except ValueError:  # over the peer's max-message-size: cannot happen for ours
                 logger.debug("witness %s: frame not sent (too large)", self.machine.role)
 
+    def dispatch(self, events: list[Any]) -> list[StoreToken]:
+        """Report the machine's events; return the store requests among them."""
+        stores = []
+        for event in events:
+            if isinstance(event, StoreToken):
+                stores.append(event)
+                continue
+            if isinstance(event, Established) and self.budget is not None:
+                self.budget.reschedule(None)  # establishment over: the contact has no budget
+            if isinstance(event, HandshakeCompleted | HandshakeFailed):
+                self.result = event
+            if not isinstance(event, HandshakeFailed):
+                self._on_event(event)
+        return stores
+
     async def pump(self) -> None:
         """Send frames and act on events until the machine waits for input again."""
         while True:
@@ -499,11 +570,8 @@ class _Exchange:
             events = self.machine.events()
             if not events:
                 return
-            for event in events:
-                if isinstance(event, StoreToken):
-                    await self.store(event.token)
-                else:
-                    self.result = event
+            for event in self.dispatch(events):
+                await self.store(event.token)
 
     async def store(self, token: str) -> None:
         """Run ``store_token`` in a thread and report the outcome to the machine."""
@@ -520,49 +588,67 @@ class _Exchange:
         exc = task.exception()
         if exc is not None:
             logger.debug("witness %s: store failed (%s)", self.machine.role, type(exc).__name__)
-            self.machine.store_failed(_describe(exc))
+            self.machine.store_failed(_describe(exc), time.monotonic())
         else:
-            self.machine.token_stored(bool(task.result()))
+            self.machine.token_stored(bool(task.result()), time.monotonic())
         self._log_state()
 
     async def drive(self) -> None:
-        """Feed inputs until the exchange reaches a terminal state."""
-        while self.result is None:
-            kind, data = await self.inputs.get()
+        """Feed inputs (and timer ticks) until the exchange reaches a terminal state."""
+        while self.machine.state not in TERMINAL:
+            try:
+                async with asyncio.timeout(self._tick_s):
+                    kind, data = await self.inputs.get()
+            except TimeoutError:
+                kind, data = "tick", None
             self.feed(kind, data)
             await self.pump()
 
     async def on_timeout(self) -> None:
-        """The overall timer fired: fail the exchange, unless a store call is already running."""
+        """The establishment budget ran out: fail, unless a store call is already running."""
         if self.machine.state is HandshakeState.STORING and self.store_task is not None:
             await asyncio.wait({self.store_task})
             self.report_store()
         else:
-            self.machine.timeout()
+            self.machine.timeout(time.monotonic())
             self._log_state()
-        self.send_pending()
-        for event in self.machine.events():
-            if not isinstance(event, StoreToken):
-                self.result = event
+        await self.pump()
 
-    async def finish(self) -> None:
-        """Let the last frames leave, and let a completed responder's ack arrive."""
+    async def on_cancel(self) -> None:
+        """The caller cancelled: a running store decides first, then ``close`` ``stopped``."""
+        if self.store_task is not None and not self.store_task.done():
+            await asyncio.wait({self.store_task})
+            self.report_store()
+        self.machine.stop(time.monotonic())
+        await self.pump()
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Give frames still queued on the channel up to :data:`FLUSH_S` to leave."""
         channel = self.channel
         if channel is None or channel.readyState != "open":
             return
         deadline = time.monotonic() + FLUSH_S
         while channel.bufferedAmount > 0 and time.monotonic() < deadline:
             await asyncio.sleep(_POLL_S)
-        if self.machine.role == "responder" and isinstance(self.result, HandshakeCompleted):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LINGER_S):
-                    while True:
-                        kind, data = await self.inputs.get()
-                        if kind == "closed":
-                            return
-                        self.feed(kind, data)  # terminal: ignored by the machine
-                        self.machine.data_to_send()
-                        self.machine.events()
+
+    async def finish(self) -> None:
+        """Let the last frames leave; when this side ended the contact, let the peer close."""
+        await self.flush()
+        channel = self.channel
+        if channel is None or channel.readyState != "open":
+            return
+        reason = self.machine.close_reason or ""
+        by_peer = reason in ("peer_closed", "channel_lost") or (
+            self.machine.failure_reason or "").startswith(("peer_aborted", "channel_closed"))
+        if by_peer:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_S):
+                while True:
+                    kind, data = await self.inputs.get()
+                    if kind == "closed" or (kind == "message" and _is_end_frame(data)):
+                        return  # the peer closed, or ended the contact at the same time
 
     async def settle_store(self) -> None:
         """Wait for a store call still running in its thread (never leave it behind)."""
@@ -571,6 +657,14 @@ class _Exchange:
             await asyncio.wait({task})
         if task is not None and task.done() and not task.cancelled():
             task.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+def _is_end_frame(data: str | bytes) -> bool:
+    """True for a ``close`` or ``abort`` frame (the peer ended the contact too)."""
+    try:
+        return isinstance(decode_peer_message(data), Close | Abort)
+    except MessageError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -656,12 +750,17 @@ async def run_witness(
     store_token: Callable[[str], bool],
     timeout_s: float,
     on_progress: Callable[[str], None] = lambda s: None,
+    contact: ContactSettings | None = None,
+    own_fix: Callable[[], Fix | None] = lambda: None,
+    on_event: Callable[[WitnessEvent], None] = lambda e: None,
 ) -> HandshakeCompleted | HandshakeFailed:
-    """Run one witness exchange with a matched peer (paper section 3, steps 3-5).
+    """Run one witness exchange with a matched peer and the contact that follows (paper 3).
 
     The initiator opens the data channel and sends the offer; the responder answers. Over the
-    channel both send their contact ID, the initiator crafts the token, the responder checks and
-    stores it and acks, then the initiator stores it.
+    channel (data channel protocol version 2, docs/protocol.md) both send ``peer_hello``, then
+    their position every ``position_interval_s``; the initiator sends the token once the pair
+    was within the radius for the effective ``min_contact_s``; the responder stores it and
+    acks, then the initiator stores it. The channel stays open until the contact ends.
 
     Args:
         role: ``"initiator"`` or ``"responder"``, as given by the broker's match.
@@ -673,40 +772,54 @@ async def run_witness(
         store_token: stores a token and returns True if it was new, False if already stored;
             it runs in a worker thread; any exception it raises (``StoreError``, ``OSError``,
             ...) fails the exchange with ``store_failed: <ExceptionClass>``.
-        timeout_s: seconds for the whole exchange, from the first signal to the ack. A
-            completed responder may then wait up to :data:`LINGER_S` more for the peer to close,
-            and queued frames up to :data:`FLUSH_S`.
+        timeout_s: the establishment budget in seconds, from the first signal to both
+            ``peer_hello`` exchanged. The token and its ack then get ``contact.token_timeout_s``
+            from the moment the token is sent; the open contact has no budget (it ends by
+            ``contact_gap_s``, ``max_contact_s`` or heartbeat loss).
         on_progress: called with ``"connecting"`` before the offer/answer and ``"exchanging"``
             when the data channel opens. Must not raise.
+        contact: this device's contact settings (default: :class:`ContactSettings` with
+            ``token_timeout_s = timeout_s``).
+        own_fix: returns this device's latest fix (None: no fix); called at every input.
+        on_event: called with :class:`ChannelOpened`, ``Established`` (the establishment is
+            over), ``PeerSample`` (each sample), ``HandshakeCompleted`` (the token is stored
+            on this side) and, last, ``ContactEnded`` (from
+            :mod:`fanny_tui.protocol.handshake`). Must not raise.
 
     Returns:
-        :class:`HandshakeCompleted` (``new`` False when the token was already stored) or
-        :class:`HandshakeFailed` with a reason such as ``timeout``, ``channel_closed``,
-        ``peer_aborted: ...``, ``store_failed: ...``, ``token_mismatch``, ``bad_sdp``,
-        ``unexpected_signal``, ``signaling_failed: ...``, ``candidate_outside_allowed``,
-        ``no_relay_candidate`` or ``mdns_candidate_refused``. A failed exchange stored nothing
+        :class:`HandshakeCompleted` when this side holds the token of this contact (``new``
+        False when it was already stored), else :class:`HandshakeFailed` with a reason such as
+        ``timeout``, ``channel_closed``, ``peer_aborted: ...``, ``store_failed: ...``,
+        ``token_mismatch``, ``unsupported_version``, ``bad_sdp``, ``unexpected_signal``,
+        ``signaling_failed: ...``, ``candidate_outside_allowed``, ``no_relay_candidate``,
+        ``mdns_candidate_refused``, or how a contact ended before its token (``parted``,
+        ``max_contact``, ``peer_closed``, ``channel_lost``). A failed exchange stored nothing
         on this side.
 
     Raises:
         ValueError: bad role, contact ID, timeout, host address or ICE transport policy.
-        asyncio.CancelledError: the caller cancelled; the connection is closed first.
+        asyncio.CancelledError: the caller cancelled; ``close`` ``stopped`` is sent when the
+            channel is open, and the connection is closed first.
     """
     if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    machine = WitnessHandshake(role, contact_id)
+    if contact is None:
+        contact = ContactSettings(token_timeout_s=timeout_s)
+    machine = WitnessHandshake(role, contact_id, contact)
     scope = _IceScope(_canonical_addresses(webrtc.host_addresses), _relay_only(webrtc))
 
     from aiortc import RTCPeerConnection
 
     install_host_address_filter()
     pc = RTCPeerConnection(configuration=_rtc_configuration(webrtc))
-    exchange = _Exchange(machine, pc, store_token, on_progress)
+    exchange = _Exchange(machine, pc, store_token, on_progress, own_fix, on_event)
     abandoned: str | None = None
     logger.debug("witness %s: start", role)
     try:
         on_progress("connecting")
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(timeout_s) as budget:
+                exchange.budget = budget
                 await _negotiate(role, pc, exchange, signaling, scope)
                 await exchange.drive()
         except TimeoutError:
@@ -715,6 +828,10 @@ async def run_witness(
         except _Abandon as stop:
             logger.debug("witness %s: abandoned", role)
             abandoned = stop.reason
+        except asyncio.CancelledError:
+            logger.debug("witness %s: cancelled", role)
+            await exchange.on_cancel()
+            raise
         if abandoned is None:
             await exchange.finish()
     finally:
@@ -723,5 +840,7 @@ async def run_witness(
         logger.debug("witness %s: closed", role)
     if abandoned is not None:
         return HandshakeFailed(reason=abandoned)
-    assert exchange.result is not None
-    return exchange.result
+    if isinstance(exchange.result, HandshakeCompleted):
+        return exchange.result
+    reason = machine.failure_reason or machine.close_reason or "channel_closed"
+    return HandshakeFailed(reason=reason)

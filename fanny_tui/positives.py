@@ -38,6 +38,7 @@ from datetime import UTC, datetime, timedelta
 
 from .link import BrokerRefused, anonymous_connection
 from .protocol.codes import normalize_code
+from .protocol.contact import ContactMeasures
 from .protocol.errors import MessageError
 from .protocol.expiry import DEFAULT_LIFETIME_DAYS, expiry_for
 from .protocol.messages import (
@@ -253,7 +254,7 @@ async def send_decoy(url: str, *, timeout_s: float = 15.0,
 
 async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     ssl_context: ssl.SSLContext | None = None, max_pages: int = 100,
-                    on_match: Callable[[int], None] | None = None,
+                    on_match: Callable[[int, list[ContactMeasures]], None] | None = None,
                     on_unrecorded_match: Callable[[set[str]], None] | None = None
                     ) -> PollResult:
     """Fetch positives since the stored cursor, compare locally, delete matches.
@@ -264,8 +265,9 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
         timeout_s: seconds to connect and to wait for each page.
         ssl_context: for ``wss://``.
         max_pages: most pages fetched in one call.
-        on_match: called with the number of stored tokens matched as soon as a page matched
-            (its alert is recorded), even if a later page or write then fails.
+        on_match: called with the number of stored tokens matched and their stored contact
+            measures (those measured) as soon as a page matched (its alert is recorded), even
+            if a later page or write then fails.
         on_unrecorded_match: called with the matching tokens when the store could not be
             written (disk full, read-only), before the StoreError is raised: the exposure is
             real even though it can be neither recorded nor the tokens deleted yet.
@@ -287,6 +289,7 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
             received += len(answer.tokens)
             tokens = [t.token for t in answer.tokens]
             try:
+                contacts = store.contacts_of(tokens) if on_match is not None else []
                 found = store.match_positives(tokens, datetime.now(UTC))
             except StoreError:
                 if on_unrecorded_match is not None:
@@ -295,7 +298,7 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                         on_unrecorded_match(unrecorded)
                 raise
             if found and on_match is not None:
-                on_match(found)
+                on_match(found, contacts)
             matched += found
             store.set_poll_cursor(answer.cursor)
             if not answer.more:

@@ -4,7 +4,10 @@ One file, ``tokens.sqlite3`` in the data directory, holding:
 
 * ``tokens``: witness tokens with their expiry (Unix seconds, always on the deletion hour) and,
   while a positive declaration waits for the broker's acknowledgement, the random ``upload_id``
-  of that declaration (privacy invariant 6: tokens are deleted only after the ack);
+  of that declaration (privacy invariant 6: tokens are deleted only after the ack); since schema
+  3 also the token's contact measures (issue 6): ``duration_s`` (seconds within the radius),
+  ``closest_m`` and ``median_m`` (metres), ``samples`` and ``meetings`` (how many contacts of
+  the same pair, in one session, made this token), NULL for a token stored before schema 3;
 * ``uploads``: one row per positive upload not acknowledged yet: its ``upload_id`` and the
   declaration code that authorizes it (paper section 5), so that a retry after a restart still
   carries the code; the row goes with the ack, or when the broker refuses the code;
@@ -12,12 +15,14 @@ One file, ``tokens.sqlite3`` in the data directory, holding:
 * ``alerts``: exposure alerts already raised (UTC instant and count), so a restart still shows
   them.
 
-Never stored: session IDs, contact IDs, positions, peer identities, the time of a contact.
-The schema version is in ``PRAGMA user_version`` (2; a version 1 file, from before declaration
-codes, is upgraded in place when opened for writing). Writes are durable (WAL, ``synchronous=FULL``)
-before a method returns. Every SQLite or file system failure (disk full, read-only directory,
-corrupt file) is raised as :class:`StoreError` with a one-line message naming the file; a failed
-write changes nothing (one transaction per method).
+Never stored: session IDs, contact IDs, positions, peer identities, the time of a contact (the
+only instant kept per token is its expiry, rounded up to the deletion hour).
+The schema version is in ``PRAGMA user_version`` (3; a version 1 file, from before declaration
+codes, or 2, from before contact measures, is upgraded in place when opened for writing).
+Writes are durable (WAL, ``synchronous=FULL``) before a method returns. Every SQLite or file
+system failure (disk full, read-only directory, corrupt file) is raised as :class:`StoreError`
+with a one-line message naming the file; a failed write changes nothing (one transaction per
+method).
 
 Thread-safe: one connection guarded by a lock, so the aiortc adapter may call :meth:`add` from a
 worker thread.
@@ -33,12 +38,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .protocol.contact import ContactMeasures, merge_measures
 from .protocol.tokens import is_token
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FILE_NAME = "tokens.sqlite3"
-READABLE_VERSIONS = (1, 2)
-"""Schema versions a read-only open accepts (their ``tokens`` tables are the same)."""
+READABLE_VERSIONS = (1, 2, 3)
+"""Schema versions a read-only open accepts (1 and 2 have no contact measures)."""
 
 _SCHEMA_V1 = (
     """CREATE TABLE IF NOT EXISTS tokens (
@@ -60,6 +66,15 @@ _MIGRATE_V1_TO_V2 = (
     "INSERT OR IGNORE INTO uploads (upload_id, code) "
     "SELECT DISTINCT upload_id, NULL FROM tokens WHERE upload_id IS NOT NULL",
 )
+_MIGRATE_V2_TO_V3 = (
+    # Tokens stored before schema 3 have no measures (NULL) and count as one meeting.
+    "ALTER TABLE tokens ADD COLUMN duration_s REAL",
+    "ALTER TABLE tokens ADD COLUMN closest_m REAL",
+    "ALTER TABLE tokens ADD COLUMN median_m REAL",
+    "ALTER TABLE tokens ADD COLUMN samples INTEGER",
+    "ALTER TABLE tokens ADD COLUMN meetings INTEGER NOT NULL DEFAULT 1",
+)
+_MEASURES = "duration_s, closest_m, median_m, samples, meetings"
 
 
 class StoreError(Exception):
@@ -68,11 +83,28 @@ class StoreError(Exception):
 
 @dataclass(frozen=True)
 class StoredToken:
-    """A token in the store. ``pending``: part of a positive upload not acknowledged yet."""
+    """A token in the store. ``pending``: part of a positive upload not acknowledged yet.
+
+    ``contact``: the exposure measured for this token, all its meetings together (None: stored
+    without measures, before schema 3); ``meetings``: the number of contacts that made it.
+    """
 
     token: str
     expires_at: datetime
     pending: bool = False
+    contact: ContactMeasures | None = None
+    meetings: int = 1
+
+
+def _measures(row: tuple[object, ...]) -> ContactMeasures | None:
+    """ContactMeasures from (duration_s, closest_m, median_m, samples), None when unmeasured."""
+    duration, closest, median, samples = row
+    if duration is None:
+        return None
+    return ContactMeasures(duration_s=float(duration),  # type: ignore[arg-type]
+                           closest_m=None if closest is None else float(closest),  # type: ignore[arg-type]
+                           median_m=None if median is None else float(median),  # type: ignore[arg-type]
+                           samples=int(samples or 0))  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -136,9 +168,11 @@ class TokenStore:
                 if version not in READABLE_VERSIONS:
                     raise StoreError(f"{path} is not a token store of schema {SCHEMA_VERSION}")
                 self._has_uploads = version >= 2
+                self._has_measures = version >= 3
                 return
             self._migrate()
             self._has_uploads = True
+            self._has_measures = True
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
         except StoreError:
@@ -157,7 +191,7 @@ class TokenStore:
                                  f"kit's {SCHEMA_VERSION}: upgrade fanny-tui")
             if version == SCHEMA_VERSION:
                 return
-            for statement in (*_SCHEMA_V1, *_MIGRATE_V1_TO_V2):
+            for statement in (*_SCHEMA_V1, *_MIGRATE_V1_TO_V2, *_MIGRATE_V2_TO_V3):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -196,12 +230,21 @@ class TokenStore:
 
     # -- tokens --------------------------------------------------------------------------
 
-    def add(self, token: str, expires_at: datetime) -> bool:
+    def add(self, token: str, expires_at: datetime,
+            contact: ContactMeasures | None = None) -> bool:
         """Store a witness token (paper 3, step 5). An existing token is not stored twice.
+
+        An existing token is the same pair meeting again in one session (same contact IDs,
+        same token): its exposure grows by ``contact`` (:func:`~fanny_tui.protocol.contact.
+        merge_measures`: durations and samples add up, the closest distance is the smaller,
+        the median the latest), ``meetings`` goes up by one and its expiry moves to
+        ``expires_at`` when that is later.
 
         Args:
             token: 64 lowercase hex characters.
             expires_at: aware expiry, already rounded to the deletion hour.
+            contact: the contact's measures so far (None: none yet); later growth of the same
+                contact goes through :meth:`grow_contact`.
 
         Returns:
             True when the token is new, False when it was already in the store.
@@ -213,18 +256,78 @@ class TokenStore:
         if not is_token(token):
             raise ValueError("token must be 64 lowercase hex characters")
         expires = _ts(expires_at)
+        measures = contact or ContactMeasures()
         with self._transaction() as db:
             cursor = db.execute(
-                "INSERT OR IGNORE INTO tokens (token, expires_at) VALUES (?, ?)", (token, expires))
-            return cursor.rowcount == 1
+                "INSERT OR IGNORE INTO tokens (token, expires_at, duration_s, closest_m, "
+                "median_m, samples, meetings) VALUES (?, ?, ?, ?, ?, ?, 1)",
+                (token, expires, measures.duration_s, measures.closest_m, measures.median_m,
+                 measures.samples))
+            if cursor.rowcount == 1:
+                return True
+            self._merge(db, token, measures, meeting=1)
+            db.execute("UPDATE tokens SET expires_at = max(expires_at, ?) WHERE token = ?",
+                       (expires, token))
+            return False
+
+    def grow_contact(self, token: str, more: ContactMeasures) -> bool:
+        """Add what a contact measured after its token was stored (when the contact closes).
+
+        ``more`` holds the increments (extra seconds within the radius, extra samples) and
+        the contact's latest closest and median distances; merged as in :meth:`add`, without
+        counting a new meeting.
+
+        Returns:
+            False when the token is no longer in the store (declared, matched or expired).
+
+        Raises:
+            StoreError: the write failed (nothing changed).
+        """
+        with self._transaction() as db:
+            return self._merge(db, token, more, meeting=0)
+
+    @staticmethod
+    def _merge(db: sqlite3.Connection, token: str, more: ContactMeasures, *,
+               meeting: int) -> bool:
+        row = db.execute("SELECT duration_s, closest_m, median_m, samples FROM tokens "
+                         "WHERE token = ?", (token,)).fetchone()
+        if row is None:
+            return False
+        merged = merge_measures(_measures(row) or ContactMeasures(), more)
+        db.execute("UPDATE tokens SET duration_s = ?, closest_m = ?, median_m = ?, samples = ?, "
+                   "meetings = meetings + ? WHERE token = ?",
+                   (merged.duration_s, merged.closest_m, merged.median_m, merged.samples,
+                    meeting, token))
+        return True
 
     def tokens(self) -> list[StoredToken]:
-        """Every stored token, soonest expiry first."""
+        """Every stored token with its contact measures, soonest expiry first."""
+        measures = _MEASURES if self._has_measures else "NULL, NULL, NULL, NULL, 1"
         with self._write():
             rows = self._db.execute(
-                "SELECT token, expires_at, upload_id FROM tokens ORDER BY expires_at, token"
-            ).fetchall()
-        return [StoredToken(t, _dt(e), u is not None) for t, e, u in rows]
+                f"SELECT token, expires_at, upload_id, {measures} FROM tokens "
+                "ORDER BY expires_at, token").fetchall()
+        return [StoredToken(t, _dt(e), u is not None, _measures(tuple(m)), meetings)
+                for t, e, u, *m, meetings in rows]
+
+    def contacts_of(self, tokens: Iterable[str]) -> list[ContactMeasures]:
+        """The stored measures of those of ``tokens`` that are stored (not pending upload)
+        and measured; reads only. Used to show the contacts of an exposure alert."""
+        wanted = [t for t in tokens if is_token(t)]
+        found: list[ContactMeasures] = []
+        if not self._has_measures:
+            return found
+        with self._write():
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                        "SELECT duration_s, closest_m, median_m, samples FROM tokens WHERE "
+                        f"upload_id IS NULL AND token IN ({marks}) ORDER BY token", chunk):
+                    measures = _measures(tuple(row))
+                    if measures is not None:
+                        found.append(measures)
+        return found
 
     def count(self) -> int:
         """Number of stored tokens."""

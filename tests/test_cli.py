@@ -208,7 +208,10 @@ def test_declare_positive_with_broker_down_keeps_tokens(tmp_path):
                               "--json"], capture_output=True, text=True, check=True)
     assert json.loads(listing.stdout) == [{"token": "ab" * 32,
                                            "expires_at": "2026-12-20T04:00:00Z",
-                                           "pending_upload": True}]
+                                           "pending_upload": True,
+                                           "contact": {"duration_s": 0.0, "closest_m": None,
+                                                       "median_m": None, "samples": 0},
+                                           "meetings": 1}]
 
 
 @pytest.mark.parametrize(("content", "key"), [
@@ -336,6 +339,27 @@ def test_tokens_lists_exposure_alerts_and_the_data_dir_error(tmp_path):
                             capture_output=True, text=True, check=True)
     assert "ef" * 32 in result.stdout and "cd" * 32 not in result.stdout
     assert "exposure alert 2026-12-06 09:00Z: 1 stored token(s) declared positive" in result.stdout
+
+
+def test_tokens_show_the_contact_measures(tmp_path):
+    from datetime import UTC, datetime
+
+    from fanny_tui.protocol.contact import ContactMeasures
+    from fanny_tui.store import TokenStore
+
+    store = TokenStore.in_dir(tmp_path / "d")
+    expiry = datetime(2026, 12, 20, 4, tzinfo=UTC)
+    store.add("ab" * 32, expiry, ContactMeasures(62.0, 1.4, 2.1, 13))
+    store.add("ab" * 32, expiry, ContactMeasures(30.0, 2.0, 2.5, 6))  # met again
+    store.close()
+    [token] = _tokens_json(tmp_path / "d")
+    assert token["contact"] == {"duration_s": 92.0, "closest_m": 1.4, "median_m": 2.5,
+                                "samples": 19}
+    assert token["meetings"] == 2
+    text = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "d"],
+                          capture_output=True, text=True, check=True).stdout
+    assert ("contact: 92 s within the radius, closest 1.4 m, median 2.5 m, 19 samples, "
+            "2 meetings") in text
 
 
 def test_tui_with_an_unusable_data_dir_is_one_line(tmp_path):

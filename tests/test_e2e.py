@@ -24,6 +24,7 @@ import pytest
 from broker.__main__ import issue_code
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import parse_config
+from fanny_tui.engine import MAX_CONCURRENT_HANDSHAKES
 from fanny_tui.gps import FixedSource
 from fanny_tui.positives import declare, upload_pending
 from fanny_tui.protocol.expiry import expiry_for
@@ -31,7 +32,7 @@ from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES
 from fanny_tui.protocol.tokens import craft_token
 from fanny_tui.store import StoreError, TokenStore
 
-from .helpers import LAT, LON, METRE_LAT, device_config, running_device
+from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
 
 POLL_S = 1.0
 
@@ -110,6 +111,8 @@ async def test_witness_then_positive_then_exposure(tmp_path):
             started = loop.time()
             alert = await b.wait_event("exposure_alert", timeout=2 * POLL_S + 1.0)
             assert alert.count == 1
+            # The alert carries the matched token's stored contact measures.
+            assert len(alert.contacts) == 1 and alert.contacts[0].samples >= 0
             assert loop.time() - started <= 2 * POLL_S + 1.0
             assert expected not in {t.token for t in store_b.tokens()}
             assert not a.of("exposure_alert")               # A's own tokens never alert A
@@ -374,3 +377,127 @@ async def test_a_running_engine_sends_a_declaration_made_by_another_process(tmp_
         declared = await a.wait_event("positive_declared", timeout=3 * POLL_S + 5)
         assert declared.count == len(tokens)
         assert _held(a.data_dir) == {}
+
+
+# --- the narrow contact, measured peer to peer (issue 6, point 1) ------------------------------
+
+
+class MovableSource:
+    """A receiver the test moves: the current position every ``interval_s`` seconds."""
+
+    def __init__(self, latitude: float, longitude: float, accuracy_m: float,
+                 interval_s: float = 0.1) -> None:
+        self.latitude, self.longitude, self.accuracy_m = latitude, longitude, accuracy_m
+        self.interval_s = interval_s
+
+    def move_to(self, latitude: float, longitude: float) -> None:
+        self.latitude, self.longitude = latitude, longitude
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        from fanny_tui.events import GpsFix
+
+        while True:
+            yield GpsFix(latitude=self.latitude, longitude=self.longitude,
+                         accuracy_m=self.accuracy_m, mode=3, time=datetime.now(UTC))
+            await asyncio.sleep(self.interval_s)
+
+
+DATA_CHANNEL_TYPES = {"peer_hello", "peer_position", "heartbeat", "token", "ack", "close",
+                      "abort", "contact_id"}
+
+
+def _contact_config(broker_url: str, min_contact_s: float):  # type: ignore[no-untyped-def]
+    # max_speed_mps is high: the test moves a device 200 m at once (the jump rule is tested in
+    # tests/test_contact.py and tests/test_handshake.py).
+    return device_config(broker_url, poll_interval_s=POLL_S, radius_m=15.0,
+                         position_interval_s=0.2, min_contact_s=min_contact_s,
+                         contact_gap_s=1.0 * TIME_UNIT, max_speed_mps=1000.0)
+
+
+async def test_token_after_min_contact_measured_peer_to_peer_then_the_pair_parts(tmp_path):
+    min_contact = 1.5 * TIME_UNIT
+    recorder = Recorder()
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+        config = _contact_config(broker.url, min_contact)
+        walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
+        async with (
+            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
+            as a,
+            running_device(config, tmp_path / "b", walker) as b,
+        ):
+            stored = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT)
+                      for d in (a, b)]
+            for device, event in zip((a, b), stored, strict=True):
+                # Not at the first witness: only after min_contact_s within the radius.
+                assert event.contact is not None and event.contact.duration_s >= min_contact
+                assert event.match_to_token_s is not None
+                assert event.match_to_token_s >= min_contact
+                opened = device.of("channel_open")
+                assert len(opened) == 1
+                assert (opened[0].local_candidate, opened[0].remote_candidate) == ("host", "host")
+                updates = device.of("peer_update")
+                assert updates, "positions were exchanged over the data channel"
+                assert all(2.5 < u.distance_m < 3.5 and u.within == "in" for u in updates)
+                assert max(u.within_s for u in updates) >= min_contact
+            assert stored[0].token == stored[1].token == craft_token(a.engine._contact_id,
+                                                                     b.engine._contact_id)
+            # The contact goes on (heartbeats, positions) until B walks away, and it holds no
+            # handshake slot: those cover the establishment only.
+            assert not a.of("contact_closed") and not b.of("contact_closed")
+            for device in (a, b):
+                assert device.engine._handshake_slots._value == MAX_CONCURRENT_HANDSHAKES
+            walker.move_to(LAT + 200 * METRE_LAT, LON)
+            closed = [await d.wait_event("contact_closed", timeout=10 * TIME_UNIT)
+                      for d in (a, b)]
+            assert {c.reason for c in closed} <= {"parted", "peer_closed"}
+            assert "parted" in {c.reason for c in closed}
+            for event in closed:
+                assert event.token_stored
+                assert event.contact.duration_s >= min_contact
+                assert event.contact.closest_m is not None and event.contact.closest_m < 3.5
+            # Both stores hold the token with the contact's final measures.
+            for device, event in zip((a, b), closed, strict=True):
+                store = TokenStore.in_dir(device.data_dir)
+                [token] = store.tokens()
+                store.close()
+                assert token.token == stored[0].token and token.meetings == 1
+                assert token.contact is not None
+                assert token.contact.duration_s == pytest.approx(event.contact.duration_s,
+                                                                 abs=0.01)
+                assert token.contact.samples == event.contact.samples > 0
+                assert token.contact.closest_m == pytest.approx(event.contact.closest_m)
+
+    # Positions and contact IDs travelled peer to peer only: no data channel message, no
+    # contact ID and no position in any signal passed through the broker.
+    contact_ids = {a.engine._contact_id, b.engine._contact_id}
+    assert recorder.frames
+    for _kind, raw in recorder.frames:
+        message = json.loads(raw)
+        assert message["type"] not in DATA_CHANNEL_TYPES, raw
+        assert not any(cid in raw for cid in contact_ids), raw
+        if message["type"] == "signal":
+            assert "latitude" not in raw and "longitude" not in raw
+
+
+async def test_a_pair_that_parts_before_min_contact_leaves_nothing(tmp_path):
+    async with start_broker(_settings(tmp_path)) as broker:
+        config = _contact_config(broker.url, min_contact_s=30.0)
+        walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
+        async with (
+            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
+            as a,
+            running_device(config, tmp_path / "b", walker) as b,
+        ):
+            for device in (a, b):
+                await device.wait_for(lambda e: e.event == "peer_update" and e.within == "in",
+                                      timeout=20 * TIME_UNIT)
+            walker.move_to(LAT + 200 * METRE_LAT, LON)
+            closed = [await d.wait_event("contact_closed", timeout=10 * TIME_UNIT)
+                      for d in (a, b)]
+            for device, event in zip((a, b), closed, strict=True):
+                assert not event.token_stored
+                assert event.contact.duration_s < 30.0
+                assert not device.of("token_stored") and not device.of("handshake_failed")
+                store = TokenStore.in_dir(device.data_dir)
+                assert store.tokens() == []
+                store.close()

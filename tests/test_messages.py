@@ -17,10 +17,13 @@ from fanny_tui.protocol.messages import (
     ALL_MESSAGES,
     PROTOCOL_VERSION,
     Abort,
-    ContactIdMessage,
+    Close,
     Error,
+    Heartbeat,
     Hello,
     Match,
+    PeerHello,
+    PeerPosition,
     Position,
     PositionLost,
     PositiveAck,
@@ -46,7 +49,7 @@ HOUR = datetime(2026, 12, 14, 4, tzinfo=UTC)
 
 CLIENT_TO_BROKER = {Hello, Position, PositionLost, Signal, PositiveUpload, PositivesPoll}
 BROKER_TO_CLIENT = {Welcome, Match, Signal, PositiveAck, Positives, Error}
-PEER = {ContactIdMessage, TokenOffer, TokenAck, Abort}
+PEER = {PeerHello, PeerPosition, Heartbeat, TokenOffer, TokenAck, Close, Abort}
 DECODERS = {"client": decode_client_message, "broker": decode_broker_message,
             "peer": decode_peer_message}
 
@@ -90,7 +93,14 @@ STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
                          tokens=st.lists(positive_tokens, max_size=5), more=st.booleans()),
     Error: st.builds(Error, code=st.text(max_size=64), message=short_text,
                      field=st.none() | st.text(max_size=30)),
-    ContactIdMessage: st.builds(ContactIdMessage, contact_id=uuid4s),
+    PeerHello: st.builds(PeerHello, version=st.integers(1, 2**31 - 1), contact_id=uuid4s,
+                         min_contact_s=st.floats(0, 86_400, **finite),
+                         radius_m=st.floats(min_value=0.001, max_value=10_000, **finite)),
+    PeerPosition: st.builds(PeerPosition, latitude=st.floats(-90, 90, **finite),
+                            longitude=st.floats(-180, 180, **finite),
+                            accuracy_m=st.none() | st.floats(0, 100_000, **finite)),
+    Heartbeat: st.just(Heartbeat()),
+    Close: st.builds(Close, reason=short_text),
     TokenOffer: st.builds(TokenOffer, token=tokens),
     TokenAck: st.builds(TokenAck, token=tokens),
     Abort: st.builds(Abort, reason=short_text),
@@ -109,7 +119,10 @@ EXAMPLES: dict[type, Any] = {
     PositivesPoll: PositivesPoll(cursor=7),
     Positives: Positives(cursor=8, tokens=[PositiveToken(TOKEN, HOUR)], more=True),
     Error: Error(code="bad_message", message="latitude out of range", field="latitude"),
-    ContactIdMessage: ContactIdMessage(contact_id=CID),
+    PeerHello: PeerHello(version=2, contact_id=CID, min_contact_s=30.0, radius_m=10.0),
+    PeerPosition: PeerPosition(latitude=44.068817, longitude=5.0485, accuracy_m=None),
+    Heartbeat: Heartbeat(),
+    Close: Close(reason="parted"),
     TokenOffer: TokenOffer(token=TOKEN),
     TokenAck: TokenAck(token=TOKEN),
     Abort: Abort(reason="timeout"),
@@ -231,7 +244,19 @@ def test_bad_client_values_name_the_field(text: str, field: str) -> None:
     ('{"type":"token","token":"ABCDEF"}', "token"),
     ('{"type":"ack","token":"' + "A" * 64 + '"}', "token"),
     ('{"type":"ack","token":"' + "z" * 64 + '"}', "token"),
-    ('{"type":"contact_id","contact_id":"7a1b2c3d4e5f4a6b8c7d9e0f1a2b3c4d"}', "contact_id"),
+    ('{"type":"peer_hello","version":2,"contact_id":"7a1b2c3d4e5f4a6b8c7d9e0f1a2b3c4d",'
+     '"min_contact_s":0,"radius_m":10}', "contact_id"),
+    ('{"type":"peer_hello","version":0,"contact_id":"' + CID + '","min_contact_s":0,'
+     '"radius_m":10}', "version"),
+    ('{"type":"peer_hello","version":2,"contact_id":"' + CID + '","min_contact_s":-1,'
+     '"radius_m":10}', "min_contact_s"),
+    ('{"type":"peer_hello","version":2,"contact_id":"' + CID + '","min_contact_s":0,'
+     '"radius_m":0}', "radius_m"),
+    ('{"type":"peer_hello","version":2,"contact_id":"' + CID + '","radius_m":10}',
+     "min_contact_s"),
+    ('{"type":"peer_position","latitude":91,"longitude":0}', "latitude"),
+    ('{"type":"peer_position","latitude":0,"longitude":0,"accuracy_m":-1}', "accuracy_m"),
+    ('{"type":"close","reason":"' + "x" * 201 + '"}', "reason"),
     ('{"type":"abort","reason":"' + "x" * 201 + '"}', "reason"),
 ])
 def test_bad_peer_values_name_the_field(text: str, field: str) -> None:
@@ -240,7 +265,9 @@ def test_bad_peer_values_name_the_field(text: str, field: str) -> None:
 
 
 @pytest.mark.parametrize("text", ['{"type":"nope"}', '{"type":""}',
-                                  '{"type":"contact_id","contact_id":"' + CID + '"}'])
+                                  '{"type":"contact_id","contact_id":"' + CID + '"}',
+                                  '{"type":"peer_hello","version":2,"contact_id":"' + CID
+                                  + '","min_contact_s":0,"radius_m":10}'])
 def test_unknown_type(text: str) -> None:
     error = refuse(decode_client_message, text)
     assert (error.code, error.field) == ("unknown_type", "type")
@@ -258,6 +285,10 @@ def test_missing_or_non_text_type(text: str) -> None:
     (decode_client_message, upload(comment="hi"), "tokens[0].comment"),
     (decode_peer_message, json.dumps({"type": "ack", "token": TOKEN, "contact_id": CID}),
      "contact_id"),
+    (decode_peer_message, json.dumps({"type": "heartbeat", "latitude": 1}), "latitude"),
+    (decode_peer_message, json.dumps({"type": "peer_hello", "version": 2, "contact_id": CID,
+                                      "min_contact_s": 0, "radius_m": 10, "max_contact_s": 9}),
+     "max_contact_s"),
     (decode_broker_message, json.dumps({"type": "match", "peer_session_id": SID,
                                         "role": "initiator", "position": [1, 2]}), "position"),
 ])

@@ -37,15 +37,20 @@ from fanny_tui.peer import (
     restrict_host_addresses,
     run_witness,
 )
+from fanny_tui.protocol.contact import ContactSettings
 from fanny_tui.protocol.handshake import HandshakeCompleted, HandshakeFailed
 from fanny_tui.protocol.messages import (
+    DATA_CHANNEL_VERSION,
     Abort,
-    ContactIdMessage,
+    Heartbeat,
+    PeerHello,
+    PeerPosition,
     TokenOffer,
     decode_peer_message,
     encode,
 )
 from fanny_tui.protocol.tokens import craft_token, new_id
+from tests.helpers import TIME_UNIT
 from tests.turn import TurnServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +58,22 @@ LOOPBACK = WebRtcConfig(host_addresses=("127.0.0.1",))
 TIMEOUT_S = 10.0  # generous for a loaded CI machine; loopback exchanges take ~0.1 s
 SHORT_TIMEOUT_S = 2.0
 GONE_TIMEOUT_S = 1.0  # for a side whose peer is known to have given up already
+QUICK = ContactSettings(contact_gap_s=0.3 * TIME_UNIT, position_interval_s=0.1,
+                        token_timeout_s=TIMEOUT_S)
+"""No fixes in these tests: the contact ends as ``parted`` ``contact_gap_s`` after the hellos."""
+
+
+def witness(**kwargs: Any) -> Any:
+    """run_witness with the QUICK contact settings unless the test gives its own."""
+    kwargs.setdefault("contact", QUICK)
+    return run_witness(**kwargs)
+
+
+def hello(contact_id: str, **fields: Any) -> PeerHello:
+    values: dict[str, Any] = {"version": DATA_CHANNEL_VERSION, "contact_id": contact_id,
+                              "min_contact_s": 0.0, "radius_m": 10.0}
+    values.update(fields)
+    return PeerHello(**values)
 
 
 def fresh_id() -> str:
@@ -167,7 +188,12 @@ class RawPeer:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
 
     async def next_message(self) -> Any:
-        return decode_peer_message(await asyncio.wait_for(self.received.get(), TIMEOUT_S))
+        """The next frame from the peer that is not a position or heartbeat."""
+        while True:
+            message = decode_peer_message(
+                await asyncio.wait_for(self.received.get(), TIMEOUT_S))
+            if not isinstance(message, PeerPosition | Heartbeat):
+                return message
 
     async def close(self) -> None:
         await self.pc.close()
@@ -201,9 +227,9 @@ async def run_pair(
     id_b = id_b or fresh_id()
     sig_a, sig_b, log = signaling_pair()
     result_a, result_b = await asyncio.gather(
-        run_witness(role="initiator", contact_id=id_a, signaling=sig_a, webrtc=webrtc,
+        witness(role="initiator", contact_id=id_a, signaling=sig_a, webrtc=webrtc,
                     store_token=store_a, timeout_s=timeout_s),
-        run_witness(role="responder", contact_id=id_b, signaling=sig_b,
+        witness(role="responder", contact_id=id_b, signaling=sig_b,
                     webrtc=webrtc if webrtc_b is None else webrtc_b,
                     store_token=store_b, timeout_s=timeout_s),
     )
@@ -234,9 +260,9 @@ async def test_two_peers_complete_with_the_same_token_on_loopback_only() -> None
     id_a, id_b = fresh_id(), fresh_id()
     sig_a, sig_b, log = signaling_pair()
     result_a, result_b = await asyncio.gather(
-        run_witness(role="initiator", contact_id=id_a, signaling=sig_a, webrtc=LOOPBACK,
+        witness(role="initiator", contact_id=id_a, signaling=sig_a, webrtc=LOOPBACK,
                     store_token=store_a, timeout_s=TIMEOUT_S, on_progress=progress.append),
-        run_witness(role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
+        witness(role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
                     store_token=store_b, timeout_s=TIMEOUT_S),
     )
     token = craft_token(*sorted((id_a, id_b)))
@@ -330,10 +356,10 @@ async def test_store_running_when_the_timer_fires_decides_the_outcome() -> None:
     sig_a, sig_b, _ = signaling_pair()
     id_a, id_b = fresh_id(), fresh_id()
     responder = asyncio.create_task(
-        run_witness(role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
+        witness(role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
                     store_token=slow_store, timeout_s=SHORT_TIMEOUT_S))
     initiator = asyncio.create_task(
-        run_witness(role="initiator", contact_id=id_a, signaling=sig_a, webrtc=LOOPBACK,
+        witness(role="initiator", contact_id=id_a, signaling=sig_a, webrtc=LOOPBACK,
                     store_token=store_a, timeout_s=TIMEOUT_S))
     await asyncio.to_thread(in_store.wait, TIMEOUT_S)
     # Let the responder's timer fire while its store is still running.
@@ -353,7 +379,7 @@ async def test_responder_that_never_answers_times_out() -> None:
     store = DictStore()
     sig_a, _sig_b, log = signaling_pair()
     started = time.monotonic()
-    result = await run_witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
+    result = await witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
                                webrtc=LOOPBACK, store_token=store, timeout_s=SHORT_TIMEOUT_S)
     elapsed = time.monotonic() - started
     assert result == HandshakeFailed("timeout")
@@ -371,13 +397,13 @@ async def test_silent_peer_times_out_and_gets_an_abort() -> None:
     raw = RawPeer()
     try:
         result, _ = await asyncio.gather(
-            run_witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
+            witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
                         webrtc=LOOPBACK, store_token=store, timeout_s=SHORT_TIMEOUT_S),
             raw.answer(sig_b),
         )
         assert result == HandshakeFailed("timeout")
         assert store.calls == 0
-        assert isinstance(await raw.next_message(), ContactIdMessage)
+        assert isinstance(await raw.next_message(), PeerHello)
         assert await raw.next_message() == Abort(reason="timeout")
     finally:
         await raw.close()
@@ -394,10 +420,10 @@ async def test_responder_cancelled_mid_way_fails_the_initiator() -> None:
             exchanging.set_result(None)
 
     responder = asyncio.create_task(
-        run_witness(role="responder", contact_id=fresh_id(), signaling=sig_b, webrtc=LOOPBACK,
+        witness(role="responder", contact_id=fresh_id(), signaling=sig_b, webrtc=LOOPBACK,
                     store_token=store_b, timeout_s=TIMEOUT_S, on_progress=progress))
     initiator = asyncio.create_task(
-        run_witness(role="initiator", contact_id=fresh_id(), signaling=sig_a, webrtc=LOOPBACK,
+        witness(role="initiator", contact_id=fresh_id(), signaling=sig_a, webrtc=LOOPBACK,
                     store_token=store_a, timeout_s=SHORT_TIMEOUT_S))
     await exchanging
     responder.cancel()
@@ -405,7 +431,9 @@ async def test_responder_cancelled_mid_way_fails_the_initiator() -> None:
         await responder
     result = await initiator
     assert isinstance(result, HandshakeFailed)
-    assert result.reason in ("channel_closed", "timeout")
+    # The cancelled side sends "abort: stopped" before the token is held (or, if the frame
+    # cannot leave in time, the channel closes).
+    assert result.reason in ("peer_aborted: stopped", "channel_closed")
     assert store_a.tokens == {}
 
 
@@ -415,12 +443,12 @@ async def test_wrong_token_is_refused_and_nothing_stored() -> None:
     raw = RawPeer()
     try:
         responder = asyncio.create_task(
-            run_witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
+            witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
                         webrtc=LOOPBACK, store_token=store, timeout_s=TIMEOUT_S))
         await raw.offer(sig_a)
         await asyncio.wait_for(raw.opened.wait(), TIMEOUT_S)
-        raw.channel.send(encode(ContactIdMessage(contact_id=fresh_id())))
-        assert isinstance(await raw.next_message(), ContactIdMessage)
+        raw.channel.send(encode(hello(fresh_id())))
+        assert isinstance(await raw.next_message(), PeerHello)
         raw.channel.send(encode(TokenOffer(token="0" * 64)))
         assert await raw.next_message() == Abort(reason="token_mismatch")
         assert await responder == HandshakeFailed("token_mismatch")
@@ -435,7 +463,7 @@ async def test_garbage_from_the_peer_fails_with_bad_message() -> None:
     raw = RawPeer()
     try:
         responder = asyncio.create_task(
-            run_witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
+            witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
                         webrtc=LOOPBACK, store_token=store, timeout_s=TIMEOUT_S))
         await raw.offer(sig_a)
         await asyncio.wait_for(raw.opened.wait(), TIMEOUT_S)
@@ -460,7 +488,7 @@ class BrokenSignaling:
 
 @pytest.mark.parametrize("role", ["initiator", "responder"])
 async def test_signaling_failure_fails_the_exchange(role: Any) -> None:
-    result = await run_witness(role=role, contact_id=fresh_id(), signaling=BrokenSignaling(),
+    result = await witness(role=role, contact_id=fresh_id(), signaling=BrokenSignaling(),
                                webrtc=LOOPBACK, store_token=DictStore(), timeout_s=TIMEOUT_S)
     assert result == HandshakeFailed("signaling_failed: ConnectionError")
 
@@ -468,17 +496,17 @@ async def test_signaling_failure_fails_the_exchange(role: Any) -> None:
 async def test_unexpected_signal_and_bad_sdp() -> None:
     sig_a, sig_b, _ = signaling_pair()
     await sig_a.send("answer", "v=0\r\n")
-    result = await run_witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
+    result = await witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
                                webrtc=LOOPBACK, store_token=DictStore(), timeout_s=TIMEOUT_S)
     assert result == HandshakeFailed("unexpected_signal")
 
     await sig_a.send("offer", "this is not SDP")
-    result = await run_witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
+    result = await witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
                                webrtc=LOOPBACK, store_token=DictStore(), timeout_s=TIMEOUT_S)
     assert result == HandshakeFailed("bad_sdp")
 
     await sig_a.send("offer", "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n")
-    result = await run_witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
+    result = await witness(role="responder", contact_id=fresh_id(), signaling=sig_b,
                                webrtc=LOOPBACK, store_token=DictStore(), timeout_s=TIMEOUT_S)
     assert result == HandshakeFailed("bad_sdp")
 
@@ -631,7 +659,7 @@ async def test_candidate_outside_host_addresses_fails_before_signaling() -> None
                               host_addresses=("127.0.0.1",))
         sig_a, _, log = signaling_pair()
         store = DictStore()
-        result = await run_witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
+        result = await witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
                                    webrtc=webrtc, store_token=store, timeout_s=TIMEOUT_S)
         assert result == HandshakeFailed("candidate_outside_allowed")
         assert log == []  # nothing reached the broker
@@ -715,7 +743,7 @@ async def test_wrong_turn_password_fails_cleanly_and_stores_nothing(turn: TurnSe
     # An initiator without a relay candidate stops before anything reaches the broker.
     sig_a, _, log = signaling_pair()
     store = DictStore()
-    result = await run_witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
+    result = await witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
                                webrtc=wrong, store_token=store, timeout_s=TIMEOUT_S)
     assert result == HandshakeFailed("no_relay_candidate")
     assert log == [] and store.calls == 0
@@ -736,7 +764,7 @@ async def test_relay_policy_without_a_turn_server_fails_before_signaling() -> No
     """Config refuses this; a WebRtcConfig built by hand still fails cleanly, not silently."""
     sig_a, _, log = signaling_pair()
     store = DictStore()
-    result = await run_witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
+    result = await witness(role="initiator", contact_id=fresh_id(), signaling=sig_a,
                                webrtc=WebRtcConfig(ice_transport_policy="relay"),
                                store_token=store, timeout_s=TIMEOUT_S)
     assert result == HandshakeFailed("no_relay_candidate")
@@ -806,9 +834,9 @@ async def test_mdns_candidate_beside_real_ones_is_dropped(mdns_tripwire: list[st
     hostile = RewritingSignaling(sig_a, add_mdns_candidate)
     id_a, id_b = fresh_id(), fresh_id()
     result_a, result_b = await asyncio.gather(
-        run_witness(role="initiator", contact_id=id_a, signaling=hostile, webrtc=LOOPBACK,
+        witness(role="initiator", contact_id=id_a, signaling=hostile, webrtc=LOOPBACK,
                     store_token=store_a, timeout_s=TIMEOUT_S),
-        run_witness(role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
+        witness(role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
                     store_token=store_b, timeout_s=TIMEOUT_S),
     )
     token = craft_token(id_a, id_b)
@@ -828,9 +856,9 @@ async def test_peer_offering_only_mdns_candidates_is_refused(
     sig_a, sig_b, log = signaling_pair()
     hostile = RewritingSignaling(sig_a, only_mdns_candidates)
     result_a, result_b = await asyncio.gather(
-        run_witness(role="initiator", contact_id=fresh_id(), signaling=hostile, webrtc=webrtc,
+        witness(role="initiator", contact_id=fresh_id(), signaling=hostile, webrtc=webrtc,
                     store_token=store_a, timeout_s=GONE_TIMEOUT_S),
-        run_witness(role="responder", contact_id=fresh_id(), signaling=sig_b, webrtc=webrtc,
+        witness(role="responder", contact_id=fresh_id(), signaling=sig_b, webrtc=webrtc,
                     store_token=store_b, timeout_s=TIMEOUT_S),
     )
     assert result_b == HandshakeFailed("mdns_candidate_refused")
@@ -945,7 +973,7 @@ async def _latencies(webrtc: WebRtcConfig, runs: int) -> dict[str, list[float]]:
 
         async def responder(sig: QueueSignaling = sig_b,
                             marks: dict[str, float] = marks) -> Any:
-            result = await run_witness(role="responder", contact_id=fresh_id(), signaling=sig,
+            result = await witness(role="responder", contact_id=fresh_id(), signaling=sig,
                                        webrtc=webrtc, store_token=DictStore(),
                                        timeout_s=TIMEOUT_S)
             marks["responder_done"] = time.perf_counter()
@@ -953,7 +981,7 @@ async def _latencies(webrtc: WebRtcConfig, runs: int) -> dict[str, list[float]]:
 
         async def initiator(sig: QueueSignaling = sig_a,
                             marks: dict[str, float] = marks) -> Any:
-            result = await run_witness(role="initiator", contact_id=fresh_id(), signaling=sig,
+            result = await witness(role="initiator", contact_id=fresh_id(), signaling=sig,
                                        webrtc=webrtc, store_token=DictStore(),
                                        timeout_s=TIMEOUT_S, on_progress=progress)
             marks["initiator_done"] = time.perf_counter()
@@ -985,3 +1013,56 @@ async def test_print_latency(turn: TurnServer) -> None:
         cells = [f"{statistics.median(v) * 1000:6.1f} [{min(v) * 1000:.1f}-{max(v) * 1000:.1f}]"
                  for v in figures.values()]
         print(f"  {name:28s} " + " / ".join(cells))
+
+
+# --- the contact over the open channel (data channel v2) ---------------------------------------
+
+
+async def test_positions_flow_and_a_cancelled_side_closes_with_stopped() -> None:
+    """Two peers 3 m apart: samples on both sides, the token after min_contact_s, the channel
+    open after it; cancelling one side sends ``close`` ``stopped`` and the other ends as
+    ``peer_closed`` with its token kept."""
+    from fanny_tui.peer import ChannelOpened
+    from fanny_tui.protocol.contact import Fix
+    from fanny_tui.protocol.handshake import ContactEnded, Established, PeerSample
+
+    lat, lon = 43.6045, 1.444
+    contact = ContactSettings(min_contact_s=0.5 * TIME_UNIT, contact_gap_s=60.0,
+                              position_interval_s=0.1, token_timeout_s=TIMEOUT_S)
+    events: dict[str, list[Any]] = {"a": [], "b": []}
+    store_a, store_b = DictStore(), DictStore()
+    sig_a, sig_b, log = signaling_pair()
+    id_a, id_b = fresh_id(), fresh_id()
+    responder = asyncio.create_task(witness(
+        role="responder", contact_id=id_b, signaling=sig_b, webrtc=LOOPBACK,
+        store_token=store_b, timeout_s=TIMEOUT_S, contact=contact,
+        own_fix=lambda: Fix(lat + 3 / 111_195.0, lon, 4.0), on_event=events["b"].append))
+    initiator = asyncio.create_task(witness(
+        role="initiator", contact_id=id_a, signaling=sig_a, webrtc=LOOPBACK,
+        store_token=store_a, timeout_s=TIMEOUT_S, contact=contact,
+        own_fix=lambda: Fix(lat, lon, 4.0), on_event=events["a"].append))
+    token = craft_token(id_a, id_b)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (store_a.tokens and store_b.tokens) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert store_a.tokens == store_b.tokens == {token: 1}
+    assert not initiator.done() and not responder.done(), "the channel stays open"
+    responder.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await responder
+    assert await initiator == HandshakeCompleted(token, True)
+    for side in ("a", "b"):
+        kinds = [type(e) for e in events[side]]
+        assert kinds[0] is ChannelOpened and kinds[1] is Established
+        samples = [e.sample for e in events[side] if isinstance(e, PeerSample)]
+        assert samples and all(2.5 < s.distance_m < 3.5 for s in samples)
+        assert samples[-1].within_s >= 0.5 * TIME_UNIT
+        completed = [e for e in events[side] if isinstance(e, HandshakeCompleted)]
+        assert completed == [HandshakeCompleted(token, True)]
+        assert completed[0].measures is not None
+        assert completed[0].measures.duration_s >= 0.5 * TIME_UNIT
+        assert isinstance(events[side][-1], ContactEnded)
+    assert events["b"][-1].reason == "stopped" and events["b"][-1].token == token
+    assert events["a"][-1].reason == "peer_closed" and events["a"][-1].token == token
+    for _, sdp in log:  # positions never in the signaling
+        assert "43.6045" not in sdp

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from fanny_tui.protocol.contact import ContactMeasures
 from fanny_tui.store import SCHEMA_VERSION, StoreError, TokenStore
 
 EXPIRY = datetime(2026, 12, 14, 4, tzinfo=UTC)
@@ -174,7 +175,7 @@ def test_v1_store_upgrades_in_place(tmp_path):
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
 
     store = TokenStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     assert {t.token: t.pending for t in store.tokens()} == {T1: True, T2: False}
     [pending] = store.pending()
     assert (pending.upload_id, pending.code, [t.token for t in pending.tokens]) == (
@@ -186,7 +187,7 @@ def test_v1_store_upgrades_in_place(tmp_path):
     again = TokenStore(path)
     assert {p.upload_id: p.code for p in again.pending()} == {
         "u-old": None, "u-new": "K7QF3M9XTR2B8HJD"}
-    assert again.schema_version == 2
+    assert again.schema_version == 3
     assert again._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     again.close()
 
@@ -306,3 +307,86 @@ def test_query_only_store_refuses_writes_clearly(tmp_path, store):
             write()
     assert _snapshot(store) == before
     assert store.pending()[0].code == "CODE"
+
+
+# -- schema v3: contact measures per token (issue 6) -----------------------------------------
+
+V2_SCHEMA = V1_SCHEMA.replace("PRAGMA user_version = 1;", """
+CREATE TABLE uploads (upload_id TEXT PRIMARY KEY, code TEXT);
+PRAGMA user_version = 2;
+""")
+
+
+def test_v2_store_upgrades_in_place_to_v3(tmp_path):
+    path = tmp_path / "tokens.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(V2_SCHEMA)
+    db.executemany("INSERT INTO tokens VALUES (?, ?, ?)",
+                   [(T1, int(EXPIRY.timestamp()), "u-1"), (T2, int(EXPIRY.timestamp()), None)])
+    db.execute("INSERT INTO uploads VALUES ('u-1', 'K7QF3M9XTR2B8HJD')")
+    db.commit()
+    db.close()
+    ro = TokenStore(path, read_only=True)  # fanny-tui tokens on an old file: no measures
+    assert [(t.token, t.contact, t.meetings) for t in ro.tokens()] == [(T1, None, 1),
+                                                                       (T2, None, 1)]
+    assert ro.contacts_of([T2]) == []
+    ro.close()
+    store = TokenStore(path)
+    assert store.schema_version == SCHEMA_VERSION == 3
+    assert [(t.token, t.contact) for t in store.tokens()] == [(T1, None), (T2, None)]
+    assert {p.upload_id: p.code for p in store.pending()} == {"u-1": "K7QF3M9XTR2B8HJD"}
+    # A token stored before schema 3 that is met again starts measuring from there.
+    assert store.add(T2, EXPIRY, ContactMeasures(12.0, 3.0, 4.0, 3)) is False
+    assert store.tokens()[1].contact == ContactMeasures(12.0, 3.0, 4.0, 3)
+    assert store.tokens()[1].meetings == 2
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store.close()
+
+
+def test_measures_are_stored_and_grow_when_the_contact_closes(store):
+    assert store.add(T1, EXPIRY) is True  # at the token: nothing measured yet
+    assert store.tokens()[0].contact == ContactMeasures()
+    assert store.grow_contact(T1, ContactMeasures(5.0, 2.5, 3.0, 2))  # measures at the token
+    assert store.grow_contact(T1, ContactMeasures(55.0, 1.5, 2.0, 10))  # the rest, at close
+    [token] = store.tokens()
+    assert token.contact == ContactMeasures(60.0, 1.5, 2.0, 12)
+    assert token.meetings == 1
+    assert store.grow_contact(T2, ContactMeasures(1.0, 1.0, 1.0, 1)) is False  # not stored
+
+
+def test_re_meeting_grows_the_exposure_and_moves_the_expiry(store):
+    """Same pair, same session, same token: durations add, closest is the minimum, meetings
+    count, and the expiry moves to the latest contact's (already on the deletion hour)."""
+    later = EXPIRY + timedelta(days=1)
+    store.add(T1, EXPIRY, ContactMeasures(300.0, 2.0, 4.0, 60))
+    assert store.add(T1, later, ContactMeasures(120.0, 3.0, 5.0, 24)) is False
+    [token] = store.tokens()
+    assert token.contact == ContactMeasures(420.0, 2.0, 5.0, 84)
+    assert token.meetings == 2
+    assert token.expires_at == later
+    # An earlier expiry (a clock set back) never shortens the stored one.
+    store.add(T1, EXPIRY)
+    assert store.tokens()[0].expires_at == later and store.tokens()[0].meetings == 3
+
+
+def test_no_instant_but_the_rounded_expiry_is_stored(tmp_path, store):
+    store.add(T1, EXPIRY, ContactMeasures(30.0, 1.0, 2.0, 6))
+    store.grow_contact(T1, ContactMeasures(10.0, 0.5, 1.0, 2))
+    columns = [row[1] for row in store._db.execute("PRAGMA table_info(tokens)")]
+    assert columns == ["token", "expires_at", "upload_id", "duration_s", "closest_m",
+                       "median_m", "samples", "meetings"]
+    [row] = store._db.execute("SELECT expires_at FROM tokens").fetchall()
+    assert row[0] % 3600 == 0
+
+
+def test_contacts_of_reads_the_matched_tokens_measures(store):
+    store.add(T1, EXPIRY, ContactMeasures(30.0, 1.0, 2.0, 6))
+    store.add(T2, EXPIRY, ContactMeasures(60.0, 4.0, 5.0, 12))
+    store.add(T3, EXPIRY, ContactMeasures(90.0, 1.0, 1.0, 18))
+    store.begin_upload("u-1", limit=1)  # T3 (latest expiry, then token order: desc) pending
+    pending = {t.token for t in store.pending()[0].tokens}
+    found = store.contacts_of([T1, T2, T3, "nope"])
+    expected = [ContactMeasures(30.0, 1.0, 2.0, 6), ContactMeasures(60.0, 4.0, 5.0, 12),
+                ContactMeasures(90.0, 1.0, 1.0, 18)]
+    assert len(pending) == 1
+    assert found == [m for t, m in zip((T1, T2, T3), expected, strict=True) if t not in pending]

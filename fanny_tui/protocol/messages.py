@@ -7,7 +7,8 @@ Three channels carry them (docs/protocol.md has the full table):
   signaling (paper section 3, steps 2-3). Carries the session ID, never a contact ID or token.
 * **anonymous** connection, client <-> broker, opened with :class:`PositiveUpload` or
   :class:`PositivesPoll`: carries no session ID (paper section 4, steps 2-4).
-* **data channel**, peer <-> peer (WebRTC, RFC 8831): contact IDs, the token and its ack
+* **data channel**, peer <-> peer (WebRTC, RFC 8831), version :data:`DATA_CHANNEL_VERSION`:
+  contact IDs, positions and heartbeats while in contact, the token and its ack, the close
   (paper section 3, steps 4-5). Never through the broker.
 
 Units: latitude/longitude in WGS84 decimal degrees, distances and accuracy in metres, durations
@@ -209,17 +210,48 @@ class Error(_Message, tag="error"):
     field: str | None = None
 
 
-# --- data channel, peer to peer (paper section 3, steps 4-5) -------------------------------
+# --- data channel, peer to peer (paper section 3, steps 4-5; docs/protocol.md) ------------
 
 
-class ContactIdMessage(_Message, tag="contact_id"):
-    """Peer -> peer: my contact ID. Both peers send it once the channel is open (step 4)."""
+DATA_CHANNEL_VERSION = 2
+"""The data channel protocol version this kit speaks (``peer_hello.version``). Version 1 (the
+``contact_id`` message, token at once) is gone; a later version may add fields and messages."""
 
+MinContactS = Annotated[float, Meta(ge=0.0, le=86_400.0, description="seconds")]
+Version = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+
+
+class PeerHello(_Message, tag="peer_hello"):
+    """Peer -> peer: the first message of each side once the data channel is open (step 4).
+
+    ``version``: the data channel protocol version (:data:`DATA_CHANNEL_VERSION`); a peer that
+    does not speak it answers ``abort`` ``unsupported_version``. ``contact_id``: the sender's
+    contact ID. ``min_contact_s`` (seconds) and ``radius_m`` (metres): the sender's narrow
+    contact setting; the pair uses the larger ``min_contact_s`` and the smaller ``radius_m``.
+    """
+
+    version: Version
     contact_id: ContactId
+    min_contact_s: MinContactS
+    radius_m: RadiusM
+
+
+class PeerPosition(_Message, tag="peer_position"):
+    """Peer -> peer: the sender's latest fix, every ``position_interval_s`` while the channel is
+    open (never through the broker)."""
+
+    latitude: Latitude
+    longitude: Longitude
+    accuracy_m: AccuracyM | None = None
+
+
+class Heartbeat(_Message, tag="heartbeat"):
+    """Peer -> peer: sent instead of ``peer_position`` when the sender has no fix."""
 
 
 class TokenOffer(_Message, tag="token"):
-    """Initiator -> responder: the token it crafted (step 4-5)."""
+    """Initiator -> responder: the token it crafted, once the pair's time within the radius
+    reached the effective ``min_contact_s`` (steps 4-5)."""
 
     token: Token
 
@@ -230,15 +262,26 @@ class TokenAck(_Message, tag="ack"):
     token: Token
 
 
+class Close(_Message, tag="close"):
+    """Either peer: the contact ended normally; both close the channel.
+
+    ``reason``: ``parted`` (no sample within the radius for ``contact_gap_s``),
+    ``max_contact`` (``max_contact_s`` reached), ``channel_lost`` (nothing heard for the
+    heartbeat time-out) or ``stopped`` (the app stops).
+    """
+
+    reason: Reason
+
+
 class Abort(_Message, tag="abort"):
-    """Either peer: the exchange is abandoned, with a short reason."""
+    """Either peer: the exchange is abandoned (a failure), with a short reason."""
 
     reason: Reason
 
 
 ClientToBroker = Hello | Position | PositionLost | Signal | PositiveUpload | PositivesPoll
 BrokerToClient = Welcome | Match | Signal | PositiveAck | Positives | Error
-PeerMessage = ContactIdMessage | TokenOffer | TokenAck | Abort
+PeerMessage = PeerHello | PeerPosition | Heartbeat | TokenOffer | TokenAck | Close | Abort
 
 _encoder = msgspec.json.Encoder()
 _client_decoder = msgspec.json.Decoder(ClientToBroker)
@@ -333,5 +376,6 @@ def message_type(message: msgspec.Struct) -> str:
 
 ALL_MESSAGES: tuple[type[_Message], ...] = (
     Hello, Welcome, Position, PositionLost, Match, Signal, PositiveUpload, PositiveAck,
-    PositivesPoll, Positives, Error, ContactIdMessage, TokenOffer, TokenAck, Abort,
+    PositivesPoll, Positives, Error, PeerHello, PeerPosition, Heartbeat, TokenOffer, TokenAck,
+    Close, Abort,
 )

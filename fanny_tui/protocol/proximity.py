@@ -8,6 +8,11 @@ R1 = 6 371 008.8 m; error against the ellipsoid below 0.5 %, far below GPS accur
 occupied cells of at most three rows, never at every key. Columns get narrower towards the
 poles; the query widens its longitude span with the standard bounding-box formula and, near a
 pole, walks only the occupied cells of the row. The antimeridian wraps.
+
+:func:`within_radius` is the one accuracy rule deciding whether two fixes are within a radius
+(``in``, ``uncertain`` or ``out``); the data-channel contact meter
+(:mod:`fanny_tui.protocol.contact`) and the broker's matcher (:mod:`broker.state`) both use it.
+:func:`bearing_deg` gives the initial bearing shown to testers.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 EARTH_RADIUS_M = 6_371_008.8
 METRES_PER_DEGREE = math.pi * EARTH_RADIUS_M / 180.0
@@ -153,3 +158,62 @@ class ProximityGrid(Generic[K]):
                     d = haversine_m(latitude, longitude, point.latitude, point.longitude)
                     if d <= radius_m:
                         yield key, d
+
+
+# -- the accuracy rule (issue 6; docs/protocol.md, "The accuracy rule") ---------------------------
+
+Verdict = Literal["in", "uncertain", "out"]
+
+UNCERTAINTY_FACTOR = 3.0
+"""A sample whose combined accuracy exceeds this many radii says nothing about the radius."""
+
+
+def combined_accuracy_m(accuracy_a: float | None, accuracy_b: float | None) -> float:
+    """The combined 95 % accuracy of two fixes: ``sqrt(a**2 + b**2)`` in metres.
+
+    An unknown accuracy (``None``, a receiver that reports none, or a configured fixed
+    position) counts as 0: the distance is then taken as measured.
+    """
+    a = accuracy_a or 0.0
+    b = accuracy_b or 0.0
+    return math.hypot(a, b)
+
+
+def within_radius(distance_m: float, radius_m: float, accuracy_a: float | None,
+                  accuracy_b: float | None) -> Verdict:
+    """The one accuracy rule, used by the contact meter and by the broker's matcher.
+
+    With ``c = sqrt(a**2 + b**2)`` the combined 95 % accuracy of the two fixes (metres):
+
+    * ``"in"`` when ``distance_m <= radius_m`` and ``c <= 3 * radius_m``;
+    * ``"out"`` when ``distance_m - c > radius_m`` (even the most favourable reading of the
+      two fixes is outside the radius);
+    * ``"uncertain"`` otherwise (the fixes cannot tell; such a sample never counts as within).
+
+    Args:
+        distance_m: haversine distance between the two fixes, metres, >= 0.
+        radius_m: the radius, metres, > 0.
+        accuracy_a, accuracy_b: each fix's 95 % horizontal accuracy in metres, or None.
+
+    Returns:
+        ``"in"``, ``"uncertain"`` or ``"out"``.
+    """
+    c = combined_accuracy_m(accuracy_a, accuracy_b)
+    if distance_m <= radius_m and c <= UNCERTAINTY_FACTOR * radius_m:
+        return "in"
+    if distance_m - c > radius_m:
+        return "out"
+    return "uncertain"
+
+
+def bearing_deg(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Initial great-circle bearing from point 1 to point 2, degrees clockwise from true north,
+    in [0, 360). Points in WGS84 degrees; 0.0 for two identical points."""
+    phi1, phi2 = math.radians(lat1), math.radians(lat2)
+    dlmb = math.radians(lon2 - lon1)
+    y = math.sin(dlmb) * math.cos(phi2)
+    x = math.cos(phi1) * math.sin(phi2) - math.sin(phi1) * math.cos(phi2) * math.cos(dlmb)
+    if x == 0.0 and y == 0.0:
+        return 0.0
+    bearing = math.degrees(math.atan2(y, x)) % 360.0
+    return 0.0 if bearing >= 360.0 else bearing  # -1e-17 % 360.0 == 360.0

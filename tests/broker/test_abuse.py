@@ -369,6 +369,13 @@ async def test_bad_positions_are_refused_naming_the_field_and_never_stored(tmp_p
         await a.send({"type": "position", "latitude": LAT, "longitude": LON,
                       "accuracy_m": 100000})             # the bounds themselves are fine
         await b.at(1)
+        # Accepted and kept, but a 100 km accuracy cannot tell 1 m from the radius: the
+        # accuracy rule (fanny_tui.protocol.proximity.within_radius) gives no match.
+        assert await b.barrier() == []
+        assert (await healthz(broker.port))[1]["positions"] == 2
+        await a.send({"type": "position", "latitude": LAT, "longitude": LON,
+                      "accuracy_m": 0})
+        await b.at(1)
         assert [type(m) for m in await b.barrier()] == [Match]
 
 

@@ -4,21 +4,22 @@ tests/test_handshake.py drives two machines through a lossy link (deliver in ord
 the head, drop the head, swap two, garbage, timeouts, closes, stores). Here the link belongs to
 an attacker, Mallory, who also has a contact ID of her own. She may deliver any queued frame
 out of order, duplicate or drop any of them, replay any frame either side ever sent to either
-side (a side's own frames reflected back to it included), send a side its own contact ID, her
-contact ID or a random one, offer or ack tokens crafted for other pairs (her and one side, two
-random IDs, a side with itself), send messages of the broker channels, garbage, deep nesting
-and aborts; the adapters time out, close and fail to store.
+side (a side's own frames reflected back to it included), send a side a ``peer_hello`` with its
+own contact ID, her contact ID or a random one (and any version), offer or ack tokens crafted
+for other pairs (her and one side, two random IDs, a side with itself), send positions,
+heartbeats, closes, messages of the broker channels, garbage, deep nesting and aborts; the
+adapters time out, close, stop and fail to store, and time passes (``tick``).
 
 Invariants after every step:
 
-* at most one StoreToken and one end per side; terminal states absorb (nothing changes, nothing
-  is sent, no event) and the peer's contact ID is forgotten;
-* a side stores only ``craft_token(own ID, an ID that reached it in a contact_id)``; if no
+* at most one StoreToken, one outcome and one ContactEnded per side; terminal states absorb
+  (nothing changes, nothing is sent, no event) and the peer's contact ID is forgotten;
+* a side stores only ``craft_token(own ID, an ID that reached it in a peer_hello)``; if no
   contact ID but the real peer's ever reached it, only the real pair's token;
 * the responder stores only a token it was offered, the initiator only one it was acked;
   the initiator completes only if the responder stored, unless Mallory forged that very ack;
-* every frame a side sends is a valid peer message; it sends only its own contact ID, at most
-  one of each kind, nothing after an abort;
+* every frame a side sends is a valid peer message; it sends only its own contact ID, one
+  hello, at most one token or ack, and nothing after its one ``close`` or ``abort``;
 * no call raises, except LocalProtocolError for an illegal local call, which changes nothing.
 """
 
@@ -39,9 +40,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from fanny_tui.protocol.contact import Fix
 from fanny_tui.protocol.errors import LocalProtocolError
 from fanny_tui.protocol.handshake import (
     TERMINAL,
+    ContactEnded,
     HandshakeCompleted,
     HandshakeFailed,
     HandshakeState,
@@ -49,11 +52,15 @@ from fanny_tui.protocol.handshake import (
     WitnessHandshake,
 )
 from fanny_tui.protocol.messages import (
+    DATA_CHANNEL_VERSION,
     Abort,
-    ContactIdMessage,
+    Close,
     Error,
+    Heartbeat,
     Hello,
     Match,
+    PeerHello,
+    PeerPosition,
     Position,
     PositivesPoll,
     Signal,
@@ -81,8 +88,13 @@ def self_token(contact_id: str) -> str:
 
 
 def snapshot(machine: WitnessHandshake) -> tuple[Any, ...]:
-    return (machine.state, machine.token, machine.failure_reason, machine._peer_contact_id,
-            list(machine._outgoing), list(machine._events))
+    return (machine.state, machine.token, machine.failure_reason, machine.close_reason,
+            machine._peer_contact_id, machine._held, list(machine._outgoing),
+            list(machine._events))
+
+
+def hello(contact_id: str, version: int = DATA_CHANNEL_VERSION) -> PeerHello:
+    return PeerHello(version=version, contact_id=contact_id, min_contact_s=0.0, radius_m=10.0)
 
 
 WRONG_CHANNEL = [
@@ -96,7 +108,8 @@ WRONG_CHANNEL = [
 ]
 garbage = st.one_of(
     st.sampled_from([b"", "", "null", "[]", "{}", '{"type":"token"}', '{"type":"ack","token":1}',
-                     '{"type":"contact_id","contact_id":"x"}', "\ud800", b"\xff\xfe",
+                     '{"type":"peer_hello","contact_id":"x"}', "\ud800", b"\xff\xfe",
+                     '{"type":"contact_id","contact_id":"0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69"}',
                      '{"type":"abort","reason":"\udfff"}',
                      '{"x":' + "[" * 5000 + "]" * 5000 + ',"type":"abort","reason":"r"}',
                      '{"type":"abort","reason":"' + "r" * 201 + '"}',
@@ -113,6 +126,7 @@ class MalloryLink(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.steps = 0
+        self.now = 0.0
 
     @initialize(ids=st.lists(uuid4s, min_size=3, max_size=3, unique=True))
     def start(self, ids: list[str]) -> None:
@@ -151,13 +165,13 @@ class MalloryLink(RuleBasedStateMachine):
             message = decode_peer_message(frame)
         except Exception:  # noqa: BLE001 - the machine judges it; here only bookkeeping
             message = None
-        if isinstance(message, ContactIdMessage):
+        if isinstance(message, PeerHello):
             self.contact_ids_in[role].add(message.contact_id)
         elif isinstance(message, TokenOffer):
             self.offers_in[role].add(message.token)
         elif isinstance(message, TokenAck):
             self.acks_in[role].setdefault(message.token, set()).add(origin)
-        self._step(role, "receive_data", frame)
+        self._step(role, "receive_data", frame, self.now)
 
     def _illegal(self, role: str, call: str, *args: Any) -> None:
         machine = self.m[role]
@@ -177,9 +191,9 @@ class MalloryLink(RuleBasedStateMachine):
     @rule(role=st.sampled_from(ROLES))
     def open(self, role: str) -> None:
         if self.m[role].state is S.IDLE:
-            self._step(role, "channel_open")
+            self._step(role, "channel_open", self.now)
         else:
-            self._illegal(role, "channel_open")
+            self._illegal(role, "channel_open", self.now)
 
     @rule(role=st.sampled_from(ROLES), new=st.booleans(), fail=st.booleans())
     def store(self, role: str, new: bool, fail: bool) -> None:
@@ -188,11 +202,11 @@ class MalloryLink(RuleBasedStateMachine):
                           *(("disk full",) if fail else (new,)))
             return
         if fail:
-            self._step(role, "store_failed", "OSError (Read-only file system)")
+            self._step(role, "store_failed", "OSError (Read-only file system)", self.now)
             return
         token = [e for e in self.events[role] if isinstance(e, StoreToken)][-1].token
         self.stores[role][token] = self.stores[role].get(token, 0) + 1
-        self._step(role, "token_stored", new)
+        self._step(role, "token_stored", new, self.now)
 
     @rule(steps=st.integers(1, 10), fail_store=st.booleans())
     def honest_progress(self, steps: int, fail_store: bool) -> None:
@@ -206,7 +220,7 @@ class MalloryLink(RuleBasedStateMachine):
                 frame, origin = self.link[queued[0]].popleft()
                 self._receive(queued[0], frame, origin)
             elif idle:
-                self._step(idle[0], "channel_open")
+                self._step(idle[0], "channel_open", self.now)
             else:
                 return
 
@@ -247,9 +261,9 @@ class MalloryLink(RuleBasedStateMachine):
         then the token the side expects (``right``) or one for another pair."""
         machine = self.m[role]
         wrong = self._pair_tokens(role)[pick]
-        if machine.state in (S.IDLE, S.AWAIT_PEER_ID):
-            message: Any = ContactIdMessage(contact_id=self.mallory)
-        elif machine.state is S.AWAIT_TOKEN:
+        if machine.state in (S.IDLE, S.AWAIT_HELLO):
+            message: Any = hello(self.mallory)
+        elif machine.state is S.CONTACT and role == "responder":
             peer = machine._peer_contact_id
             assert peer is not None
             message = TokenOffer(token=craft_token(self.ids[role], peer) if right else wrong)
@@ -263,25 +277,41 @@ class MalloryLink(RuleBasedStateMachine):
     # Everything that ends an exchange at once shares one rule, so it does not drown the
     # rules that move it forward.
     @rule(role=st.sampled_from(ROLES), kind=st.sampled_from(
-        ["contact_id", "token", "garbage", "abort", "timeout", "channel_closed"]),
+        ["hello", "token", "garbage", "abort", "close", "position", "timeout",
+         "channel_closed", "stop"]),
         which=st.sampled_from(["own", "mallory", "peer", "random"]), random_id=uuid4s,
         offer=st.booleans(), pick=st.integers(0, 5), random_token=hex64, frame=garbage,
-        reason=st.text(max_size=30))
+        reason=st.text(max_size=30), version=st.sampled_from([DATA_CHANNEL_VERSION, 1, 3]),
+        north=st.floats(-1000, 1000))
     def attack(self, role: str, kind: str, which: str, random_id: str, offer: bool, pick: int,
-               random_token: str, frame: str | bytes, reason: str) -> None:
-        if kind in ("timeout", "channel_closed"):
-            self._step(role, kind)  # the adapter's timer, or the channel going away
+               random_token: str, frame: str | bytes, reason: str, version: int,
+               north: float) -> None:
+        if kind in ("timeout", "channel_closed", "stop"):
+            self._step(role, kind, self.now)  # the adapter's timer, channel gone, app exit
             return
-        if kind == "contact_id":
+        if kind == "hello":
             contact_id = {"own": self.ids[role], "mallory": self.mallory,
                           "peer": self.ids[other(role)], "random": random_id}[which]
-            frame = encode(ContactIdMessage(contact_id=contact_id))
+            frame = encode(hello(contact_id, version))
+        elif kind == "close":
+            frame = encode(Close(reason=reason))
+        elif kind == "position":
+            frame = encode(PeerPosition(latitude=44.0 + north / 111_195.0, longitude=5.0,
+                                        accuracy_m=3.0) if pick else Heartbeat())
         elif kind == "token":
             token = [*self._pair_tokens(role), random_token][pick]
             frame = encode(TokenOffer(token=token) if offer else TokenAck(token=token))
         elif kind == "abort":
             frame = encode(Abort(reason=reason))
         self._receive(role, frame, "forged")
+
+    @rule(seconds=st.floats(0.0, 40.0), role=st.sampled_from(ROLES), north=st.floats(0, 50))
+    def time_passes(self, seconds: float, role: str, north: float) -> None:
+        """The adapter's clock: a fix of this device, then a tick."""
+        self.now += seconds
+        fix = Fix(44.0 + north / 111_195.0, 5.0, 3.0)
+        self._step(role, "local_fix", fix, self.now)
+        self._step(role, "tick", self.now)
 
     # -- invariants --
 
@@ -290,17 +320,24 @@ class MalloryLink(RuleBasedStateMachine):
         for role in ROLES:
             events = self.events[role]
             stores = [e for e in events if isinstance(e, StoreToken)]
-            ends = [e for e in events if not isinstance(e, StoreToken)]
+            outcomes = [e for e in events if isinstance(e, HandshakeCompleted | HandshakeFailed)]
+            ended = [e for e in events if isinstance(e, ContactEnded)]
             assert len(stores) <= 1, "StoreToken emitted twice"
-            assert len(ends) <= 1, "more than one end"
+            assert len(outcomes) <= 1, "more than one outcome"
+            assert len(ended) <= 1, "more than one end"
             machine = self.m[role]
-            assert (machine.state in TERMINAL) == bool(ends)
-            if ends and isinstance(ends[0], HandshakeCompleted):
-                assert machine.state is S.COMPLETED
-                assert stores and stores[0].token == ends[0].token == machine.token
-            if ends and isinstance(ends[0], HandshakeFailed):
+            failed = [e for e in outcomes if isinstance(e, HandshakeFailed)]
+            assert (machine.state in TERMINAL) == bool(ended or failed)
+            if outcomes and isinstance(outcomes[0], HandshakeCompleted):
+                assert machine.state in (S.WITNESSED, S.CLOSED)
+                assert stores and stores[0].token == outcomes[0].token == machine.token
+                if ended:
+                    assert ended[0].token == machine.token
+            if failed:
                 assert machine.state is S.FAILED
-                assert ends[0].reason == machine.failure_reason
+                assert failed[0].reason == machine.failure_reason
+            if ended and not (outcomes and isinstance(outcomes[0], HandshakeCompleted)):
+                assert ended[0].token is None
             if machine.state is S.STORING:
                 assert stores and stores[0].token == machine.token
             assert all(count == 1 for count in self.stores[role].values()), "stored twice"
@@ -311,7 +348,8 @@ class MalloryLink(RuleBasedStateMachine):
         for role in ROLES:
             machine = self.m[role]
             if machine.state in TERMINAL:
-                now = (machine.state, machine.token, machine.failure_reason)
+                now = (machine.state, machine.token, machine.failure_reason,
+                       machine.close_reason)
                 if self.ended[role] is None:
                     self.ended[role] = now
                 assert now == self.ended[role]
@@ -353,10 +391,12 @@ class MalloryLink(RuleBasedStateMachine):
             for frame in self.sent[role]:
                 message = decode_peer_message(frame)  # never an invalid frame
                 kinds.append(type(message).__name__)
-                if isinstance(message, ContactIdMessage):
+                if isinstance(message, PeerHello):
                     assert message.contact_id == self.ids[role], "sent someone else's ID"
-            assert kinds.count("ContactIdMessage") <= 1
-            assert kinds.count("Abort") <= 1 and (not kinds or "Abort" not in kinds[:-1])
+                    assert message.version == DATA_CHANNEL_VERSION
+            assert kinds.count("PeerHello") <= 1
+            ends = [k for k in kinds if k in ("Abort", "Close")]
+            assert len(ends) <= 1 and (not ends or kinds[-1] == ends[0]), "sent after its end"
             own = "TokenOffer" if role == "initiator" else "TokenAck"
             assert kinds.count(own) <= 1
             assert ("TokenAck" if role == "initiator" else "TokenOffer") not in kinds
@@ -391,11 +431,11 @@ def drain(machine: WitnessHandshake) -> tuple[list[Any], list[Any]]:
 @pytest.mark.parametrize("role", ROLES)
 def test_own_frames_reflected_fail_without_storing(role: str) -> None:
     machine = WitnessHandshake(role, A)  # type: ignore[arg-type]
-    machine.channel_open()
-    (hello,), _ = drain(machine)
-    machine.receive_data(encode(hello))  # its own contact ID comes back
+    machine.channel_open(0.0)
+    (own_hello,), _ = drain(machine)
+    machine.receive_data(encode(own_hello), 0.0)  # its own contact ID comes back
     sent, events = drain(machine)
-    assert events == [HandshakeFailed("same_contact_id")]
+    assert HandshakeFailed("same_contact_id") in events
     assert sent == [Abort(reason="same_contact_id")]
 
 
@@ -403,11 +443,11 @@ def test_own_frames_reflected_fail_without_storing(role: str) -> None:
                                    self_token(A)])
 def test_responder_refuses_a_token_for_another_pair(token: str) -> None:
     responder = WitnessHandshake("responder", B)
-    responder.channel_open()
-    responder.receive_data(encode(ContactIdMessage(contact_id=A)))
-    responder.receive_data(encode(TokenOffer(token=token)))
+    responder.channel_open(0.0)
+    responder.receive_data(encode(hello(A)), 0.0)
+    responder.receive_data(encode(TokenOffer(token=token)), 0.0)
     sent, events = drain(responder)
-    assert events == [HandshakeFailed("token_mismatch")]
+    assert HandshakeFailed("token_mismatch") in events
     assert sent[-1] == Abort(reason="token_mismatch")
     assert responder.token is None
 
@@ -415,25 +455,35 @@ def test_responder_refuses_a_token_for_another_pair(token: str) -> None:
 @pytest.mark.parametrize("token", [craft_token(B, C), craft_token(A, C), self_token(A)])
 def test_initiator_refuses_an_ack_for_another_pair(token: str) -> None:
     initiator = WitnessHandshake("initiator", A)
-    initiator.channel_open()
-    initiator.receive_data(encode(ContactIdMessage(contact_id=B)))
-    initiator.receive_data(encode(TokenAck(token=token)))
+    initiator.channel_open(0.0)
+    initiator.receive_data(encode(hello(B)), 0.0)
+    initiator.receive_data(encode(TokenAck(token=token)), 0.0)
     _, events = drain(initiator)
-    assert events == [HandshakeFailed("ack_mismatch")]
+    assert HandshakeFailed("ack_mismatch") in events
 
 
 def test_a_recorded_exchange_replayed_to_a_third_device_stores_nothing() -> None:
     """Mallory records A's frames to B and plays them to C: C crafts no token with A."""
     initiator, responder = WitnessHandshake("initiator", A), WitnessHandshake("responder", B)
-    initiator.channel_open()
-    responder.channel_open()
+    initiator.channel_open(0.0)
+    responder.channel_open(0.0)
     to_b = initiator.data_to_send()
-    responder.receive_data(to_b[0])
-    initiator.receive_data(responder.data_to_send()[0])
-    recorded = to_b + initiator.data_to_send()  # contact_id(A), token(A, B)
+    responder.receive_data(to_b[0], 0.0)
+    initiator.receive_data(responder.data_to_send()[0], 0.0)
+    recorded = to_b + initiator.data_to_send()  # peer_hello(A), token(A, B)
     victim = WitnessHandshake("responder", C)
-    victim.channel_open()
+    victim.channel_open(0.0)
     for frame in recorded:
-        victim.receive_data(frame)
+        victim.receive_data(frame, 0.0)
     _, events = drain(victim)
-    assert events == [HandshakeFailed("token_mismatch")]
+    assert HandshakeFailed("token_mismatch") in events
+    assert not any(isinstance(e, StoreToken) for e in events)
+
+
+def test_an_unknown_version_is_refused() -> None:
+    responder = WitnessHandshake("responder", B)
+    responder.channel_open(0.0)
+    responder.receive_data(encode(hello(A, version=3)), 0.0)
+    sent, events = drain(responder)
+    assert sent[-1] == Abort(reason="unsupported_version")
+    assert HandshakeFailed("unsupported_version") in events

@@ -1,0 +1,223 @@
+"""The narrow contact, measured peer to peer (paper section 2; issue 6, point 1). Pure.
+
+While the data channel is open both devices send each other their latest fix; each side feeds
+its own fixes (:meth:`ContactMeter.own`) and the peer's (:meth:`ContactMeter.peer`) to a
+:class:`ContactMeter`, which turns them into samples and the contact's measures:
+
+* a **sample** is made for every accepted peer position while this side has an accepted fix:
+  the haversine distance between the two latest fixes (metres), the bearing to the peer and the
+  verdict of the one accuracy rule, :func:`~fanny_tui.protocol.proximity.within_radius`
+  (``in``, ``uncertain`` or ``out``; ``uncertain`` never counts as within);
+* **implausible jumps** are rejected: a fix implying a speed above ``max_speed_mps`` since the
+  same device's previous *accepted* fix is never used (so one outlier never makes a contact).
+  The first fix of each device is accepted; a rejected fix leaves the previous one in place, so
+  a device that really moved is accepted again once the elapsed time makes the move plausible;
+* **duration within the radius** (``duration_s``): the span from the first ``in`` sample to the
+  latest, where a gap between two consecutive ``in`` samples shorter than ``contact_gap_s``
+  is bridged; a longer gap starts a new span and the spans add up;
+* **closest / median distance** (``closest_m``, ``median_m``, metres) over every sample of the
+  contact (any verdict), and the **sample count**.
+
+Times are seconds of a monotonic clock passed in (``now``); nothing here reads a clock. No
+absolute time and no position leaves this object: the measures are relative (docs/protocol.md,
+"Contact measures").
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from .proximity import Verdict, bearing_deg, haversine_m, within_radius
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A position: WGS84 degrees and the 95 % horizontal accuracy in metres (None: unknown)."""
+
+    latitude: float
+    longitude: float
+    accuracy_m: float | None = None
+
+
+@dataclass(frozen=True)
+class ContactMeasures:
+    """The measures of one contact: seconds within the radius, closest and median distance in
+    metres (None before any sample), number of samples. No timestamp, no position."""
+
+    duration_s: float = 0.0
+    closest_m: float | None = None
+    median_m: float | None = None
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One position sample of a contact, as seen from this device.
+
+    ``distance_m`` (metres), ``bearing_deg`` (this device to the peer, degrees clockwise from
+    true north), ``peer_accuracy_m`` (metres, 95 %, None: unknown), ``verdict`` (the accuracy
+    rule), ``within_s`` (duration within the radius so far) and ``samples`` (count so far).
+    """
+
+    distance_m: float
+    bearing_deg: float
+    peer_accuracy_m: float | None
+    verdict: Verdict
+    within_s: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class ContactSettings:
+    """The contact parameters of one device (``[protocol]`` in the config).
+
+    ``radius_m`` (metres, > 0), ``min_contact_s`` (seconds within the radius before the token,
+    >= 0), ``contact_gap_s`` (seconds without an ``in`` sample that end the contact, > 0),
+    ``max_contact_s`` (longest contact, seconds), ``max_speed_mps`` (metres per second above
+    which a move is an implausible jump), ``position_interval_s`` (seconds between two
+    positions sent to the peer), ``token_timeout_s`` (seconds from sending the token, or from
+    being asked to store it, to the ack). Defaults are the config's.
+
+    Raises:
+        ValueError: a value out of range (named).
+    """
+
+    radius_m: float = 10.0
+    min_contact_s: float = 0.0
+    contact_gap_s: float = 30.0
+    max_contact_s: float = 3600.0
+    max_speed_mps: float = 30.0
+    position_interval_s: float = 5.0
+    token_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        for name in ("radius_m", "contact_gap_s", "max_contact_s", "max_speed_mps",
+                     "position_interval_s", "token_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        value = self.min_contact_s
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"min_contact_s must be a number >= 0, got {value!r}")
+
+    @property
+    def silence_s(self) -> float:
+        """Seconds without any frame from the peer that end the contact (heartbeat loss):
+        ``max(3 * position_interval_s, contact_gap_s)``."""
+        return max(3 * self.position_interval_s, self.contact_gap_s)
+
+
+class JumpFilter:
+    """Accepts one device's fixes unless one implies a speed above ``max_speed_mps``."""
+
+    def __init__(self, max_speed_mps: float) -> None:
+        self.max_speed_mps = max_speed_mps
+        self.last: Fix | None = None
+        self._at: float | None = None
+        self.rejected = 0
+
+    def accept(self, fix: Fix, now: float) -> bool:
+        """True (and remembered) when ``fix`` is plausible after the last accepted one."""
+        if self.last is not None and self._at is not None:
+            moved = haversine_m(self.last.latitude, self.last.longitude,
+                                fix.latitude, fix.longitude)
+            if moved > self.max_speed_mps * max(0.0, now - self._at):
+                self.rejected += 1
+                return False
+        self.last, self._at = fix, now
+        return True
+
+
+class ContactMeter:
+    """Samples and measures of one contact (see the module docstring for the rules).
+
+    Args:
+        radius_m: the effective radius in metres (the smaller of the two devices').
+        contact_gap_s: gaps between ``in`` samples shorter than this are bridged (seconds).
+        max_speed_mps: the implausible-jump bound, metres per second.
+    """
+
+    def __init__(self, radius_m: float, contact_gap_s: float, max_speed_mps: float) -> None:
+        self.radius_m = radius_m
+        self.contact_gap_s = contact_gap_s
+        self._own = JumpFilter(max_speed_mps)
+        self._peer = JumpFilter(max_speed_mps)
+        self._distances: list[float] = []
+        self._spans_s = 0.0           # closed spans
+        self._span_start: float | None = None
+        self.last_in: float | None = None
+        """``now`` of the latest ``in`` sample, None before the first."""
+
+    @property
+    def rejected(self) -> int:
+        """Fixes rejected as implausible jumps (both devices)."""
+        return self._own.rejected + self._peer.rejected
+
+    @property
+    def within_s(self) -> float:
+        """Seconds within the radius so far (bridged spans added up)."""
+        if self._span_start is None or self.last_in is None:
+            return self._spans_s
+        return self._spans_s + (self.last_in - self._span_start)
+
+    def own(self, fix: Fix | None, now: float) -> bool:
+        """This device's latest fix (None: no fix). Returns False for a rejected jump."""
+        if fix is None:
+            return False
+        return self._own.accept(fix, now)
+
+    def peer(self, fix: Fix, now: float) -> Sample | None:
+        """The peer's position, received at ``now``.
+
+        Returns:
+            The sample, or None when the fix is a rejected jump or this side has no fix yet.
+        """
+        if not self._peer.accept(fix, now):
+            return None
+        mine = self._own.last
+        if mine is None:
+            return None
+        distance = haversine_m(mine.latitude, mine.longitude, fix.latitude, fix.longitude)
+        verdict = within_radius(distance, self.radius_m, mine.accuracy_m, fix.accuracy_m)
+        self._distances.append(distance)
+        if verdict == "in":
+            if self.last_in is None or self._span_start is None:
+                self._span_start = now
+            elif now - self.last_in >= self.contact_gap_s:
+                self._spans_s += self.last_in - self._span_start
+                self._span_start = now
+            self.last_in = now
+        return Sample(distance_m=distance,
+                      bearing_deg=bearing_deg(mine.latitude, mine.longitude,
+                                              fix.latitude, fix.longitude),
+                      peer_accuracy_m=fix.accuracy_m, verdict=verdict,
+                      within_s=self.within_s, samples=len(self._distances))
+
+    def forget_positions(self) -> None:
+        """Drop both devices' last fixes (the contact ended); the measures stay."""
+        self._own.last = self._peer.last = None
+
+    def measures(self) -> ContactMeasures:
+        """The contact's measures so far."""
+        if not self._distances:
+            return ContactMeasures(duration_s=self.within_s)
+        return ContactMeasures(duration_s=self.within_s, closest_m=min(self._distances),
+                               median_m=statistics.median(self._distances),
+                               samples=len(self._distances))
+
+
+def merge_measures(earlier: ContactMeasures, latest: ContactMeasures) -> ContactMeasures:
+    """The exposure of one token after the same pair met again (same session, same token).
+
+    Durations and sample counts add up, the closest distance is the smaller of the two, the
+    median is the latest contact's (the medians of two contacts do not combine into a median,
+    and the latest is the one the expiry follows).
+    """
+    closest = [m for m in (earlier.closest_m, latest.closest_m) if m is not None]
+    return ContactMeasures(
+        duration_s=earlier.duration_s + latest.duration_s,
+        closest_m=min(closest) if closest else None,
+        median_m=latest.median_m if latest.median_m is not None else earlier.median_m,
+        samples=earlier.samples + latest.samples)

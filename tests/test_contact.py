@@ -1,0 +1,197 @@
+"""Tests for the narrow contact (fanny_tui.protocol.contact) and the one accuracy rule it shares
+with the broker (fanny_tui.protocol.proximity.within_radius): examples and Hypothesis
+properties. Pure: no network, no clock (``now`` is passed in)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fanny_tui.protocol.contact import (
+    ContactMeasures,
+    ContactMeter,
+    Fix,
+    JumpFilter,
+    merge_measures,
+)
+from fanny_tui.protocol.proximity import (
+    bearing_deg,
+    combined_accuracy_m,
+    haversine_m,
+    within_radius,
+)
+
+LAT, LON = 43.6045, 1.444
+METRE = 1 / 111_195.0  # about one metre of latitude, in degrees
+
+finite = {"allow_nan": False, "allow_infinity": False}
+distances = st.floats(0.0, 1_000.0, **finite)
+radii = st.floats(0.5, 500.0, **finite)
+accuracies = st.none() | st.floats(0.0, 500.0, **finite)
+
+
+def at(north_m: float, accuracy_m: float | None = 3.0) -> Fix:
+    return Fix(LAT + north_m * METRE, LON, accuracy_m)
+
+
+# --- the accuracy rule -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("distance", "a", "b", "verdict"), [
+    (5.0, 3.0, 4.0, "in"),          # c = 5 m
+    (10.0, 3.0, 4.0, "in"),         # on the radius counts
+    (14.0, 3.0, 4.0, "uncertain"),  # 14 - 5 = 9 <= 10: the fixes cannot tell
+    (15.0, 3.0, 4.0, "uncertain"),  # 15 - 5 = 10: still not beyond
+    (15.1, 3.0, 4.0, "out"),
+    (2.0, 25.0, 25.0, "uncertain"),  # c = 35.4 m > 3 x 10 m: too vague to say "in"
+    (2.0, 21.0, 21.0, "in"),        # c = 29.7 m <= 30 m
+    (10.0, None, None, "in"),       # unknown accuracies count as 0
+    (10.01, None, None, "out"),
+])
+def test_rule_examples(distance: float, a: float | None, b: float | None, verdict: str) -> None:
+    assert within_radius(distance, 10.0, a, b) == verdict
+
+
+@given(distance=distances, radius=radii, a=accuracies, b=accuracies)
+def test_rule_properties(distance: float, radius: float, a: float | None,
+                         b: float | None) -> None:
+    verdict = within_radius(distance, radius, a, b)
+    c = combined_accuracy_m(a, b)
+    assert verdict in ("in", "uncertain", "out")
+    if verdict == "in":
+        assert distance <= radius and c <= 3 * radius
+    if verdict == "out":
+        assert distance - c > radius
+    assert within_radius(distance, radius, a, b) == within_radius(distance, radius, b, a)
+
+
+@given(d1=distances, d2=distances, radius=radii, a=accuracies, b=accuracies)
+def test_rule_is_monotone_in_distance(d1: float, d2: float, radius: float, a: float | None,
+                                      b: float | None) -> None:
+    """Moving apart never turns a sample "more within": in > uncertain > out."""
+    rank = {"in": 2, "uncertain": 1, "out": 0}
+    near, far = sorted((d1, d2))
+    assert rank[within_radius(near, radius, a, b)] >= rank[within_radius(far, radius, a, b)]
+
+
+@given(distance=distances, radius=radii, a=st.floats(0, 100), b=st.floats(0, 100),
+       worse=st.floats(0, 100))
+def test_worse_accuracy_never_makes_a_sample_in(distance: float, radius: float, a: float,
+                                                b: float, worse: float) -> None:
+    if within_radius(distance, radius, a + worse, b) == "in":
+        assert within_radius(distance, radius, a, b) == "in"
+
+
+def test_bearing() -> None:
+    assert bearing_deg(LAT, LON, LAT + 0.001, LON) == pytest.approx(0.0, abs=1e-6)
+    assert bearing_deg(LAT, LON, LAT, LON + 0.001) == pytest.approx(90.0, abs=0.01)
+    assert bearing_deg(LAT, LON, LAT - 0.001, LON) == pytest.approx(180.0, abs=1e-6)
+    assert bearing_deg(LAT, LON, LAT, LON - 0.001) == pytest.approx(270.0, abs=0.01)
+    assert bearing_deg(LAT, LON, LAT, LON) == 0.0
+
+
+@given(lat1=st.floats(-89, 89), lon1=st.floats(-180, 180), lat2=st.floats(-89, 89),
+       lon2=st.floats(-180, 180))
+def test_bearing_is_in_range(lat1: float, lon1: float, lat2: float, lon2: float) -> None:
+    assert 0.0 <= bearing_deg(lat1, lon1, lat2, lon2) < 360.0
+
+
+# --- the meter -------------------------------------------------------------------------------
+
+
+def meter(radius: float = 10.0, gap: float = 10.0, speed: float = 30.0) -> ContactMeter:
+    return ContactMeter(radius, gap, speed)
+
+
+def test_no_sample_without_an_own_fix() -> None:
+    m = meter()
+    assert m.peer(at(1), 0.0) is None
+    assert m.measures() == ContactMeasures()
+    m.own(at(0), 0.5)
+    sample = m.peer(at(2), 1.0)
+    assert sample is not None and sample.verdict == "in" and sample.samples == 1
+
+
+def test_duration_bridges_gaps_shorter_than_contact_gap_s() -> None:
+    m = meter(gap=10.0)
+    m.own(at(0), 0.0)
+    for t, north in ((0, 2), (5, 2), (8, 40), (12, 2)):  # an "out" sample at 8 s is bridged
+        m.peer(at(north), float(t))
+    assert m.within_s == 12.0
+    m.peer(at(2), 30.0)  # 18 s since the last "in": a new span starts, worth 0 s so far
+    assert m.within_s == 12.0
+    m.peer(at(2), 33.0)
+    assert m.within_s == 15.0
+    measures = m.measures()
+    assert measures.duration_s == 15.0 and measures.samples == 6
+    assert measures.closest_m == pytest.approx(2.0, abs=0.01)
+    assert measures.median_m == pytest.approx(2.0, abs=0.01)
+
+
+def test_uncertain_samples_never_count() -> None:
+    m = meter()
+    m.own(at(0, 40.0), 0.0)  # a very vague own fix
+    for t in range(10):
+        sample = m.peer(at(1, 40.0), float(t))
+        assert sample is not None and sample.verdict == "uncertain"
+    assert m.within_s == 0.0 and m.last_in is None
+
+
+def test_jump_filter_rejects_an_outlier_and_accepts_a_real_move_later() -> None:
+    f = JumpFilter(max_speed_mps=10.0)
+    assert f.accept(at(0), 0.0)
+    assert not f.accept(at(200), 1.0)       # 200 m/s
+    assert f.accept(at(5), 2.0)             # 2.5 m/s from the last accepted fix
+    assert not f.accept(at(200), 3.0)       # 195 m in 1 s
+    assert f.accept(at(200), 30.0)          # 195 m in 28 s: plausible by now
+    assert f.rejected == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(far=st.floats(100.0, 5_000.0), jump_at=st.integers(1, 20), samples=st.integers(2, 30))
+def test_a_single_jump_never_makes_a_contact(far: float, jump_at: int, samples: int) -> None:
+    """A peer far away whose fixes include one outlier right next to us: never "in"."""
+    m = meter(speed=30.0)
+    m.own(at(0), 0.0)
+    for t in range(samples):
+        north = 1.0 if t == jump_at else far
+        sample = m.peer(at(north), float(t))
+        assert sample is None or sample.verdict != "in"
+    assert m.within_s == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.floats(0.1, 20.0), st.floats(0.0, 60.0)), max_size=40))
+def test_meter_properties(steps: list[tuple[float, float]]) -> None:
+    """Duration never decreases, never exceeds the time since the first "in", and the
+    closest/median distances bound each other."""
+    m = meter(radius=15.0, gap=10.0, speed=1e6)
+    m.own(at(0), 0.0)
+    now, first_in, last = 0.0, None, 0.0
+    for dt, north in steps:
+        now += dt
+        sample = m.peer(at(north), now)
+        assert sample is not None
+        if sample.verdict == "in" and first_in is None:
+            first_in = now
+        assert sample.within_s >= last
+        last = sample.within_s
+        assert sample.within_s <= (0.0 if first_in is None else now - first_in) + 1e-9
+    measures = m.measures()
+    assert measures.samples == len(steps)
+    if steps:
+        assert measures.closest_m is not None and measures.median_m is not None
+        assert measures.closest_m <= measures.median_m + 1e-9
+        assert math.isclose(measures.closest_m,
+                            min(haversine_m(LAT, LON, at(n).latitude, LON) for _, n in steps))
+
+
+def test_merge_measures_for_a_re_meeting() -> None:
+    first = ContactMeasures(duration_s=60.0, closest_m=2.0, median_m=4.0, samples=12)
+    again = ContactMeasures(duration_s=30.0, closest_m=3.0, median_m=5.0, samples=6)
+    assert merge_measures(first, again) == ContactMeasures(90.0, 2.0, 5.0, 18)
+    assert merge_measures(ContactMeasures(), again) == again
+    assert merge_measures(first, ContactMeasures()) == ContactMeasures(60.0, 2.0, 4.0, 12)
