@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import Config
+from .datadir import DataDirLock
 from .events import (
     EngineError,
     Event,
@@ -228,10 +229,20 @@ class Engine:
     async def run(self) -> None:
         """Run until :meth:`stop`. Opens the store first.
 
+        The data directory is locked for the whole run (:mod:`fanny_tui.datadir`), so that no
+        other engine or ``fanny-tui declare-positive`` uses the same store meanwhile.
+
         Raises:
+            DataDirBusy: another process holds the data directory (the message names both).
             StoreError: the token store cannot be opened.
         """
-        self._store = TokenStore.in_dir(self.data_dir)
+        lock = DataDirLock(self.data_dir)
+        lock.acquire()
+        try:
+            self._store = TokenStore.in_dir(self.data_dir)
+        except BaseException:
+            lock.release()
+            raise
         if self._source is None:
             from .gps import make_source
             self._source = make_source(self.config.gps)
@@ -255,6 +266,7 @@ class Engine:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._exchanges.clear()
             self._store.close()
+            lock.release()
 
     async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run one loop forever; an unexpected crash is reported and the loop restarted."""
