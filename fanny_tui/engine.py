@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_HANDSHAKES = 8
 SWEEP_INTERVAL_S = 60.0
+CANCEL_AGAIN_S = 1.0
+"""While stopping, a task still running this long after its cancellation is cancelled again."""
 MAX_ACCURACY_M = 100_000.0
 """The largest ``accuracy_m`` the wire accepts (fanny_tui.protocol.messages.AccuracyM)."""
 
@@ -261,9 +263,7 @@ class Engine:
             for exchange in list(self._exchanges.values()):
                 if exchange.task is not None:
                     tasks.append(exchange.task)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel_all(tasks)
             self._exchanges.clear()
             self._store.close()
             lock.release()
@@ -475,6 +475,22 @@ class Engine:
                 if deleted:
                     self.emit(TokensExpired(count=deleted))
             await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has finished.
+
+    A task that swallowed its cancellation is cancelled again (every ``CANCEL_AGAIN_S``):
+    Python 3.11's ``asyncio.wait_for`` returns the result instead of raising CancelledError when
+    the awaited operation completes in the same loop iteration as the cancellation (CPython
+    gh-86296; a poll's answer arriving as the engine stops did it), and a single cancel then
+    left :meth:`Engine.run` waiting forever for a poll loop that carried on.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
 
 
 def position_message(fix: GpsFix) -> Position:
