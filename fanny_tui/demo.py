@@ -102,82 +102,89 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
     db = root / "broker.sqlite3"
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=db, cooldown_s=120.0,
                               position_timeout_s=15.0)
-    async with start_broker(settings) as broker:
-        device_code, _ = await asyncio.to_thread(issue_code, str(db), CODE_TTL)
-        tester_code, _ = await asyncio.to_thread(issue_code, str(db), CODE_TTL)
-        config = demo_config(broker.url)
-        tester = Engine(replace(config), root / "tester",
-                        source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE, radius_m=WALK_RADIUS_M,
-                                          seed=1))
-        others = [Engine(config, root / f"device-{i}",
-                         source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE,
-                                           radius_m=WALK_RADIUS_M, seed=100 + i))
-                  for i in range(1, devices + 1)]
-        tester_tokens: set[str] = set()
-        device_tokens: dict[int, set[str]] = {i: set() for i in range(len(others))}
-        alerted = asyncio.Event()
-        out = JsonLinesOut(stop.on_broken_pipe) if headless else None
+    stopping: list[asyncio.TimerHandle] = []   # the "stopping..." notice, once stopping
+    try:
+        async with start_broker(settings) as broker:
+            device_code, _ = await asyncio.to_thread(issue_code, str(db), CODE_TTL)
+            tester_code, _ = await asyncio.to_thread(issue_code, str(db), CODE_TTL)
+            config = demo_config(broker.url)
+            tester = Engine(replace(config), root / "tester",
+                            source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE,
+                                              radius_m=WALK_RADIUS_M, seed=1))
+            others = [Engine(config, root / f"device-{i}",
+                             source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE,
+                                               radius_m=WALK_RADIUS_M, seed=100 + i))
+                      for i in range(1, devices + 1)]
+            tester_tokens: set[str] = set()
+            device_tokens: dict[int, set[str]] = {i: set() for i in range(len(others))}
+            alerted = asyncio.Event()
+            out = JsonLinesOut(stop.on_broken_pipe) if headless else None
 
-        def on_tester(event: Event) -> None:
-            if isinstance(event, TokenStored):
-                tester_tokens.add(event.token)
-            if isinstance(event, ExposureAlert):
-                alerted.set()
-            if out is not None:
-                out(event)
+            def on_tester(event: Event) -> None:
+                if isinstance(event, TokenStored):
+                    tester_tokens.add(event.token)
+                if isinstance(event, ExposureAlert):
+                    alerted.set()
+                if out is not None:
+                    out(event)
 
-        tester.subscribe(on_tester)
-        for index, engine in enumerate(others):
-            engine.subscribe(lambda e, i=index: device_tokens[i].add(e.token)
-                             if isinstance(e, TokenStored) else None)
+            tester.subscribe(on_tester)
+            for index, engine in enumerate(others):
+                engine.subscribe(lambda e, i=index: device_tokens[i].add(e.token)
+                                 if isinstance(e, TokenStored) else None)
 
-        async def scenario() -> None:
-            await asyncio.sleep(WATCH_BEFORE_DECLARING_S)
-            while True:
-                for index, engine in enumerate(others):
-                    if device_tokens[index] & tester_tokens:
-                        await asyncio.sleep(3.0)
-                        await engine.declare_positive(device_code)
-                        return
-                await asyncio.sleep(0.5)
+            async def scenario() -> None:
+                await asyncio.sleep(WATCH_BEFORE_DECLARING_S)
+                while True:
+                    for index, engine in enumerate(others):
+                        if device_tokens[index] & tester_tokens:
+                            await asyncio.sleep(3.0)
+                            await engine.declare_positive(device_code)
+                            return
+                    await asyncio.sleep(0.5)
 
-        hint = f"Demo declaration code: {tester_code}"
-        if headless:
-            print(f"fanny-tui demo: broker {broker.url}, declaration code for this demo: "
-                  f"{tester_code} (one declaration; the simulated devices have their own)",
-                  file=sys.stderr, flush=True)
-        tasks = [asyncio.create_task(engine.run()) for engine in others]
-        story = asyncio.create_task(scenario())
-        try:
-            if stop.requested.is_set():
-                return stop.exit_code(0)
+            hint = f"Demo declaration code: {tester_code}"
             if headless:
+                print(f"fanny-tui demo: broker {broker.url}, declaration code for this demo: "
+                      f"{tester_code} (one declaration; the simulated devices have their own)",
+                      file=sys.stderr, flush=True)
+            tasks = [asyncio.create_task(engine.run()) for engine in others]
+            story = asyncio.create_task(scenario())
+            try:
+                if stop.requested.is_set():
+                    return stop.exit_code(0)
+                if not headless:
+                    return stop.exit_code(await _run_app(tester, hint, stop, duration_s))
                 alert = await _run_headless_tester(tester, alerted, stop.requested, duration_s)
-                if alert and not stop.broken_pipe:
-                    return 0
-                return stop.exit_code(1)
-            from .ui.app import make_app
-
-            app = make_app(tester, title="FANNY field kit: demo", declare_hint=hint)
-            stopper = asyncio.create_task(stop.requested.wait())
-            stopper.add_done_callback(lambda _: app.exit())
-            if duration_s is not None:
-                loop.call_later(duration_s, app.exit)
-            try:
-                await app.run_async()
+                return 0 if alert and not stop.broken_pipe else stop.exit_code(1)
             finally:
-                stopper.cancel()
-            return stop.exit_code(int(app.return_code or 0))
-        finally:
-            # The scenario first: it may be sleeping for seconds, and nothing must wait for it.
-            story.cancel()
-            notice = loop.call_later(STOPPING_NOTICE_AFTER_S, _say_stopping)
-            try:
+                # The scenario first: it may sleep for seconds, and nothing must wait for it.
+                story.cancel()
+                stopping.append(loop.call_later(STOPPING_NOTICE_AFTER_S, _say_stopping))
                 for engine in others:
                     await engine.stop()
                 await asyncio.gather(story, *tasks, return_exceptions=True)
-            finally:
-                notice.cancel()
+    finally:
+        for notice in stopping:                # the broker has stopped too by now
+            notice.cancel()
+
+
+async def _run_app(tester: object, hint: str, stop: _Stop, duration_s: float | None) -> int:
+    """Run the tester's app until it quits (``q``), a stop signal or ``duration_s``."""
+    from .engine import Engine
+    from .ui.app import make_app
+
+    assert isinstance(tester, Engine)
+    app = make_app(tester, title="FANNY field kit: demo", declare_hint=hint)
+    stopper = asyncio.create_task(stop.requested.wait())
+    stopper.add_done_callback(lambda _: app.exit())
+    if duration_s is not None:
+        asyncio.get_running_loop().call_later(duration_s, app.exit)
+    try:
+        await app.run_async()
+    finally:
+        stopper.cancel()
+    return int(app.return_code or 0)
 
 
 def _say_stopping() -> None:
