@@ -413,7 +413,17 @@ def _check_code(code: str | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fanny-tui``. Returns the exit code."""
+    """Entry point of ``fanny-tui``. Returns the exit code (see the module docstring)."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()     # a closed pipe shows here, not as an error at interpreter exit
+    except BrokenPipeError:    # stdout closed by its reader (| head): quiet, as Unix tools
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     log_level = getattr(args, "log_level", "WARNING")
     try:
@@ -445,9 +455,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StoreError, UsageError) as exc:
         print(f"{APP_NAME}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:  # stdout closed by its reader (| head): quiet, as Unix tools
-        _silence_stdout()
-        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

@@ -507,3 +507,16 @@ async def test_the_app_says_once_that_no_config_file_was_read(tmp_path):
         shown = [(n.title, n.message, n.severity) for n in app._notifications]
         assert shown == [("No config file", notice, "warning")]
         await pilot.press("q")
+
+
+def test_a_long_token_list_piped_into_head_exits_quietly(tmp_path):
+    _stock(tmp_path / "d", *(f"{i:064x}" for i in range(3000)))     # far over a pipe's buffer
+    status = tmp_path / "status.txt"
+    command = (f"{shlex.quote(str(BIN / 'fanny-tui'))} tokens --json --data-dir "
+               f"{shlex.quote(str(tmp_path / 'd'))} | head -n 1; "
+               f"echo ${{PIPESTATUS[0]}} >{shlex.quote(str(status))}")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            timeout=60 * TIME_UNIT)
+    assert result.stdout == "[\n"
+    assert status.read_text().strip() == "141"
+    assert result.stderr == ""
