@@ -520,3 +520,20 @@ def test_a_long_token_list_piped_into_head_exits_quietly(tmp_path):
     assert result.stdout == "[\n"
     assert status.read_text().strip() == "141"
     assert result.stderr == ""
+
+
+async def test_the_app_on_a_data_dir_in_use_says_so_and_exits_1(tmp_path):
+    from fanny_tui.cli import tui_app
+    from fanny_tui.config import load_config
+    from fanny_tui.datadir import DataDirLock, holder_line
+
+    config = load_config(_write_config(tmp_path / "c.toml", _free_port(), LAT))
+    with DataDirLock(tmp_path / "d"):                  # as another process would hold it
+        app = tui_app(config, tmp_path / "d")
+        async with app.run_test(size=(120, 40)) as pilot:
+            deadline = time.monotonic() + 10 * TIME_UNIT
+            while app.return_code is None and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+    assert app.return_code == 1
+    assert app.error == (f"cannot start: the data directory {tmp_path / 'd'} is in use by "
+                         f"{holder_line()}: stop that process first, or use another --data-dir")
