@@ -8,10 +8,20 @@
                                                                upload all tokens (paper 4, 5)
     fanny-tui demo [--devices N] [--headless]                  the whole kit on this machine
     fanny-tui report [--json] JOURNAL...                       merge devices' run journals
+    fanny-tui --version                                        the kit's version
 
 ``--headless`` prints one JSON object per line on stdout per engine event (see
 :mod:`fanny_tui.events`); logs go to stderr. Every user error (bad config, unusable data dir,
 broker down) is one line on stderr and a non-zero exit code, never a traceback.
+
+Exit codes: 0 done; 1 failed (a declaration not acknowledged, the data directory in use by
+another process); 2 usage or configuration error; 130 interrupted (SIGINT before the engine
+ran); 141 (128 + SIGPIPE, as Unix tools killed by SIGPIPE) when stdout was closed by its reader
+(``fanny-tui --headless | head -n 2``): the engine is stopped cleanly, nothing more is printed.
+The run and ``declare-positive`` hold the data directory's lock (:mod:`fanny_tui.datadir`);
+``tokens`` only reads. Without ``--config`` and without the default config file, the run and
+``declare-positive`` say once on stderr (and the app in a notification) that they use the
+defaults, with the path they looked for.
 """
 
 from __future__ import annotations
@@ -20,20 +30,35 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 
 from .config import Config, ConfigError, load_config, parse_config
-from .events import Event, to_json_dict
+from .datadir import DataDirBusy, DataDirLock
+from .describe import explain
+from .events import Event, SessionStarted, to_json_dict
 from .store import StoreError, TokenStore
 
+if TYPE_CHECKING:
+    from textual.app import App
+
+    from .engine import Engine
+
 APP_NAME = "fanny-tui"
+DISTRIBUTION = "fanny-field-kit"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+"""141: stdout's reader went away (``| head``); what a Unix tool killed by SIGPIPE returns."""
+
+log = logging.getLogger(__name__)
 
 
 class UsageError(Exception):
@@ -57,6 +82,36 @@ def resolve_config(path: str | None) -> Config:
     return load_config(default) if default.exists() else parse_config({})
 
 
+def missing_config_notice(path: str | None) -> str | None:
+    """The one line saying that no config file is read, or None when one is.
+
+    Args:
+        path: the ``--config`` argument (None: not given).
+
+    Returns:
+        ``"no config file at PATH: running on the defaults ..."`` when ``path`` is None and
+        the default config file (:func:`default_config_path`) does not exist, else None.
+    """
+    if path is not None:
+        return None
+    default = default_config_path()
+    if default.exists():
+        return None
+    return (f"no config file at {default}: running on the defaults (broker "
+            f"{parse_config({}).broker.url}); write one there or pass --config FILE "
+            "(see config.example.toml)")
+
+
+def kit_version() -> str:
+    """The installed distribution's version (package metadata), e.g. ``0.1.0``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def resolve_data_dir(config: Config, override: str | None) -> Path:
     """``--data-dir`` > ``[storage] data_dir`` > platformdirs user data dir."""
     if override:
@@ -77,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=APP_NAME, parents=[common],
         description="FANNY field kit: witness nearby devices, declare positive, get alerts.")
+    parser.add_argument("--version", action="version",
+                        version=f"{APP_NAME} {kit_version()}",
+                        help="print the kit's version and exit")
     parser.add_argument("--headless", action="store_true",
                         help="run the engine without UI; JSON events on stdout, one per line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -130,29 +188,91 @@ def _setup_logging(level: str, *, to_file: Path | None = None) -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
 
 
-def _print_json_event(event: Event) -> None:
-    sys.stdout.write(json.dumps(to_json_dict(event), separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+class JsonLinesOut:
+    """Prints events as JSON lines on stdout; notices once when the reader went away.
+
+    Shared by ``fanny-tui --headless`` and ``fanny-tui demo --headless``. At the first
+    :class:`BrokenPipeError` (``| head -n 2`` exited) stdout is pointed at ``/dev/null`` (so the
+    interpreter's last flush cannot fail either), nothing more is written, and ``on_broken()``
+    is called once: the caller stops its engine and exits with :data:`EXIT_BROKEN_PIPE`.
+
+    Args:
+        on_broken: called once, on the event loop, at the first broken pipe.
+    """
+
+    def __init__(self, on_broken: Callable[[], None]) -> None:
+        self._on_broken = on_broken
+        self.broken = False
+
+    def __call__(self, event: Event) -> None:
+        """Print ``event`` as one JSON line (an engine subscriber)."""
+        if self.broken:
+            return
+        try:
+            sys.stdout.write(json.dumps(to_json_dict(event), separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.broken = True
+            _silence_stdout()
+            self._on_broken()
+
+
+def _silence_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null (the Python documentation's recipe for
+    SIGPIPE: the interpreter's final flush then succeeds instead of printing an error)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals on which a headless run stops its engine cleanly (SIGHUP: the terminal closed)."""
 
 
 async def run_headless(engine: object) -> int:
-    """Run the engine until SIGINT/SIGTERM, printing JSON events. Returns the exit code."""
+    """Run the engine until SIGINT/SIGTERM/SIGHUP or a closed stdout, printing JSON events.
+
+    Returns:
+        The exit code: 0 after a signal, :data:`EXIT_BROKEN_PIPE` after a closed stdout.
+
+    Raises:
+        DataDirBusy: another process holds the data directory.
+        StoreError: the token store cannot be opened.
+    """
     from .engine import Engine
 
     assert isinstance(engine, Engine)
-    engine.subscribe(_print_json_event)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(engine.stop()))
-    await engine.run()
-    return EXIT_OK
+    stopping: set[asyncio.Task[None]] = set()
+
+    def stop() -> None:
+        task = loop.create_task(engine.stop())
+        stopping.add(task)
+        task.add_done_callback(stopping.discard)
+
+    out = JsonLinesOut(stop)
+    engine.subscribe(out)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+    try:
+        await engine.run()
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+    return EXIT_BROKEN_PIPE if out.broken else EXIT_OK
 
 
-def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str) -> int:
-    from .engine import Engine
-
+def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str,
+             notice: str | None = None) -> int:
     if headless:
+        from .engine import Engine
+
         _setup_logging(log_level)
+        if notice:
+            print(f"{APP_NAME}: {notice}", file=sys.stderr, flush=True)
         engine = Engine(config, data_dir)
         return asyncio.run(run_headless(engine))
     try:
@@ -160,11 +280,41 @@ def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str) -> 
     except OSError as exc:
         raise UsageError(f"cannot use the data directory {data_dir}: "
                          f"{exc.strerror or exc}") from None
-    from .ui.app import make_app
-
-    app = make_app(Engine(config, data_dir))
+    app = tui_app(config, data_dir, notice=notice)
     app.run()
     return int(app.return_code or 0)
+
+
+def tui_app(config: Config, data_dir: Path, *, notice: str | None = None) -> App[None]:
+    """The Textual app that ``fanny-tui`` runs, around a new engine (not running yet).
+
+    Args:
+        config: the configuration.
+        data_dir: the data directory.
+        notice: one line to show once, as a warning notification, when the engine has
+            started (the missing config file), and to log.
+    """
+    from .engine import Engine
+    from .ui.app import make_app
+
+    engine = Engine(config, data_dir)
+    app = make_app(engine)
+    if notice:
+        log.warning("%s", notice)
+        _notify_when_started(engine, lambda: app.notify(
+            notice, title="No config file", severity="warning", timeout=20, markup=False))
+    return app
+
+
+def _notify_when_started(engine: Engine, notify: Callable[[], None]) -> None:
+    """Call ``notify()`` once, at the engine's ``session_started`` (the app is up by then)."""
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, SessionStarted):
+            unsubscribe()
+            notify()
+
+    unsubscribe = engine.subscribe(on_event)
 
 
 def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
@@ -220,7 +370,13 @@ async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
     from .positives import UploadOutcome, declare, upload_pending
 
     ssl_context = ssl_context_for(config.broker)
-    store = TokenStore.in_dir(data_dir)
+    lock = DataDirLock(data_dir)
+    lock.acquire()
+    try:
+        store = TokenStore.in_dir(data_dir)
+    except BaseException:
+        lock.release()
+        raise
     try:
         declare(store, code)
         if store.pending_count() == 0:
@@ -230,7 +386,7 @@ async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
         deadline = loop.time() + timeout_s
         delays = backoff(1.0, 10.0)()
         outcomes: list[UploadOutcome] = []
-        reason = "timeout"
+        reason = str(explain("timeout", url=config.broker.url))
         while store.pending_count() and loop.time() < deadline:
             try:
                 await asyncio.wait_for(
@@ -240,11 +396,14 @@ async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
             except StoreError:
                 raise
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                explained = explain(exc, url=config.broker.url)
+                reason = str(explained)
+                log.info("upload failed: %s", explained.detail)
                 await asyncio.sleep(min(next(delays), max(0.0, deadline - loop.time())))
         return _report_declaration(store, outcomes, reason)
     finally:
         store.close()
+        lock.release()
 
 
 def _report_declaration(store: TokenStore, outcomes: Sequence[object], reason: str) -> int:
@@ -267,7 +426,7 @@ def _report_declaration(store: TokenStore, outcomes: Sequence[object], reason: s
             status = EXIT_FAILED
     kept = store.pending_count()
     if kept:
-        print(f"fanny-tui: the broker did not acknowledge ({reason}); {kept} tokens are kept on "
+        print(f"fanny-tui: the broker did not acknowledge: {reason}; {kept} tokens are kept on "
               f"this device and will be sent again (run this command again or start fanny-tui)",
               file=sys.stderr)
         status = EXIT_FAILED
@@ -288,7 +447,17 @@ def _check_code(code: str | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fanny-tui``. Returns the exit code."""
+    """Entry point of ``fanny-tui``. Returns the exit code (see the module docstring)."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()     # a closed pipe shows here, not as an error at interpreter exit
+    except BrokenPipeError:    # stdout closed by its reader (| head): quiet, as Unix tools
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     log_level = getattr(args, "log_level", "WARNING")
     try:
@@ -300,23 +469,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                             duration_s=args.duration)
         if args.command == "report":
             return _cmd_report(args.journals, args.json)
-        config = resolve_config(getattr(args, "config", None))
+        config_path = getattr(args, "config", None)
+        config = resolve_config(config_path)
         data_dir = resolve_data_dir(config, getattr(args, "data_dir", None))
         if args.command == "tokens":
             return _cmd_tokens(data_dir, args.json)
+        notice = missing_config_notice(config_path)
         if args.command == "declare-positive":
             code = _check_code(args.code)
             _setup_logging(log_level)
+            if notice:
+                print(f"{APP_NAME}: {notice}", file=sys.stderr, flush=True)
             return asyncio.run(_declare_positive(config, data_dir, args.timeout, code))
-        return _cmd_run(config, data_dir, args.headless, log_level)
+        return _cmd_run(config, data_dir, args.headless, log_level, notice)
     except ConfigError as exc:
         print(f"{APP_NAME}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except DataDirBusy as exc:
+        print(f"{APP_NAME}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (StoreError, UsageError) as exc:
         print(f"{APP_NAME}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -7,28 +7,49 @@ this process, real aiortc over 127.0.0.1, the real broker). Once a simulated dev
 that the tester holds too, it declares positive; the tester's next poll raises the exposure
 alert.
 
-Everything lives in a temporary directory removed at exit: the demo never touches the tester's
-real token store.
+The demo broker requires declaration codes, as a real one does (paper 5): two codes are issued
+at start on its board (as ``fanny-broker issue-code`` does), one for the simulated device's
+declaration and one for the tester, shown in the app's declare dialog, or printed once on stderr
+with ``--headless`` (``fanny-tui demo: broker ws://127.0.0.1:PORT, declaration code for this
+demo: XXXX-XXXX-XXXX-XXXX ...``; stdout stays JSON lines only).
+
+Everything lives in a temporary directory removed at exit, however the demo ends: quit, Ctrl-C,
+SIGTERM, SIGHUP (the terminal closed) or a closed stdout (``--headless | head -3``). The demo
+never touches the tester's real token store.
+
+Exit codes: the app's (0 after ``q``); headless, 0 once the exposure alert came, 1 when
+``--duration`` ran out before it; 141 (128 + SIGPIPE) when stdout was closed; 128 + N when
+signal N stopped the demo before that (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import shutil
 import signal
 import sys
 import tempfile
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 
+from .cli import EXIT_BROKEN_PIPE, STOP_SIGNALS, JsonLinesOut
 from .config import Config, parse_config
-from .events import Event, ExposureAlert, TokenStored, to_json_dict
+from .events import Event, ExposureAlert, TokenStored
 
 # A quiet square in Toulouse (WGS84 degrees); any spot works: the walkers stay within metres.
 DEMO_LATITUDE = 43.604500
 DEMO_LONGITUDE = 1.444000
 WALK_RADIUS_M = 6.0
+CODE_TTL = timedelta(hours=24)
+"""How long the demo's declaration codes stay valid."""
+STOPPING_NOTICE_AFTER_S = 0.5
+"""A shutdown that takes longer than this says "stopping..." on stderr."""
+WATCH_BEFORE_DECLARING_S = 12.0
+"""The simulated device declares positive no earlier than this after the start (seconds), so
+that the tester first watches matches, handshakes and countdowns."""
 
 
 def demo_config(broker_url: str) -> Config:
@@ -42,94 +63,190 @@ def demo_config(broker_url: str) -> Config:
     })
 
 
+class _Stop:
+    """Why the demo is stopping: a signal (its number), a closed stdout, or nothing yet."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.signal: int | None = None
+        self.broken_pipe = False
+
+    def on_signal(self, signum: int) -> None:
+        if self.signal is None:
+            self.signal = signum
+        self.requested.set()
+
+    def on_broken_pipe(self) -> None:
+        self.broken_pipe = True
+        self.requested.set()
+
+    def exit_code(self, otherwise: int) -> int:
+        if self.broken_pipe:
+            return EXIT_BROKEN_PIPE
+        if self.signal is not None:
+            return 128 + self.signal
+        return otherwise
+
+
 async def _run(devices: int, headless: bool, duration_s: float | None, root: Path) -> int:
+    from broker.__main__ import issue_code
     from broker.server import BrokerSettings, start_broker
 
     from .engine import Engine
     from .gps import WalkSource
 
-    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=root / "broker.sqlite3",
-                              cooldown_s=120.0, position_timeout_s=15.0, open_declarations=True)
-    async with start_broker(settings) as broker:
-        config = demo_config(broker.url)
-        tester = Engine(replace(config), root / "tester",
-                        source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE, radius_m=WALK_RADIUS_M,
-                                          seed=1))
-        others = [Engine(config, root / f"device-{i}",
-                         source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE,
-                                           radius_m=WALK_RADIUS_M, seed=100 + i))
-                  for i in range(1, devices + 1)]
-        tester_tokens: set[str] = set()
-        device_tokens: dict[int, set[str]] = {i: set() for i in range(len(others))}
-        alerted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    stop = _Stop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.on_signal, sig)
+    db = root / "broker.sqlite3"
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=db, cooldown_s=120.0,
+                              position_timeout_s=15.0)
+    stopping: list[asyncio.TimerHandle] = []   # the "stopping..." notice, once stopping
+    try:
+        async with start_broker(settings) as broker:
+            device_code, _ = await asyncio.to_thread(issue_code, str(db), CODE_TTL)
+            tester_code, _ = await asyncio.to_thread(issue_code, str(db), CODE_TTL)
+            config = demo_config(broker.url)
+            tester = Engine(replace(config), root / "tester",
+                            source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE,
+                                              radius_m=WALK_RADIUS_M, seed=1))
+            others = [Engine(config, root / f"device-{i}",
+                             source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE,
+                                               radius_m=WALK_RADIUS_M, seed=100 + i))
+                      for i in range(1, devices + 1)]
+            tester_tokens: set[str] = set()
+            device_tokens: dict[int, set[str]] = {i: set() for i in range(len(others))}
+            alerted = asyncio.Event()
+            out = JsonLinesOut(stop.on_broken_pipe) if headless else None
 
-        def on_tester(event: Event) -> None:
-            if isinstance(event, TokenStored):
-                tester_tokens.add(event.token)
-            if isinstance(event, ExposureAlert):
-                alerted.set()
+            def on_tester(event: Event) -> None:
+                if isinstance(event, TokenStored):
+                    tester_tokens.add(event.token)
+                if isinstance(event, ExposureAlert):
+                    alerted.set()
+                if out is not None:
+                    out(event)
+
+            tester.subscribe(on_tester)
+            for index, engine in enumerate(others):
+                engine.subscribe(lambda e, i=index: device_tokens[i].add(e.token)
+                                 if isinstance(e, TokenStored) else None)
+
+            async def scenario() -> None:
+                await asyncio.sleep(WATCH_BEFORE_DECLARING_S)
+                while True:
+                    for index, engine in enumerate(others):
+                        if device_tokens[index] & tester_tokens:
+                            await asyncio.sleep(3.0)
+                            await engine.declare_positive(device_code)
+                            return
+                    await asyncio.sleep(0.5)
+
+            hint = f"Demo declaration code: {tester_code}"
             if headless:
-                sys.stdout.write(json.dumps(to_json_dict(event), separators=(",", ":")) + "\n")
-                sys.stdout.flush()
-
-        tester.subscribe(on_tester)
-        for index, engine in enumerate(others):
-            engine.subscribe(lambda e, i=index: device_tokens[i].add(e.token)
-                             if isinstance(e, TokenStored) else None)
-
-        async def scenario() -> None:
-            await asyncio.sleep(12.0)          # let the tester watch matches and countdowns
-            while True:
-                for index, engine in enumerate(others):
-                    if device_tokens[index] & tester_tokens:
-                        await asyncio.sleep(3.0)
-                        await engine.declare_positive()
-                        return
-                await asyncio.sleep(0.5)
-
-        tasks = [asyncio.create_task(engine.run()) for engine in others]
-        tasks.append(asyncio.create_task(scenario()))
-        try:
-            if headless:
-                return await _run_headless_tester(tester, alerted, duration_s)
-            from .ui.app import make_app
-
-            app = make_app(tester, title="FANNY field kit: demo")
-            if duration_s is not None:
-                asyncio.get_running_loop().call_later(duration_s, app.exit)
-            await app.run_async()
-            return int(app.return_code or 0)
-        finally:
-            for engine in others:
-                await engine.stop()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for task in tasks:
-                task.cancel()
+                print(f"fanny-tui demo: broker {broker.url}, declaration code for this demo: "
+                      f"{tester_code} (one declaration; the simulated devices have their own)",
+                      file=sys.stderr, flush=True)
+            tasks = [asyncio.create_task(engine.run()) for engine in others]
+            story = asyncio.create_task(scenario())
+            try:
+                if stop.requested.is_set():
+                    return stop.exit_code(0)
+                if not headless:
+                    return stop.exit_code(await _run_app(tester, hint, stop, duration_s))
+                alert = await _run_headless_tester(tester, alerted, stop.requested, duration_s)
+                return 0 if alert and not stop.broken_pipe else stop.exit_code(1)
+            finally:
+                # The scenario first: it may sleep for seconds, and nothing must wait for it.
+                story.cancel()
+                stopping.append(loop.call_later(STOPPING_NOTICE_AFTER_S, _say_stopping))
+                for engine in others:
+                    await engine.stop()
+                await asyncio.gather(story, *tasks, return_exceptions=True)
+    finally:
+        for notice in stopping:                # the broker has stopped too by now
+            notice.cancel()
 
 
-async def _run_headless_tester(tester: object, alerted: asyncio.Event,
-                               duration_s: float | None) -> int:
+async def _run_app(tester: object, hint: str, stop: _Stop, duration_s: float | None) -> int:
+    """Run the tester's app until it quits (``q``), a stop signal or ``duration_s``."""
+    from .engine import Engine
+    from .ui.app import make_app
+
+    assert isinstance(tester, Engine)
+    app = make_app(tester, title="FANNY field kit: demo", declare_hint=hint)
+    stopper = asyncio.create_task(stop.requested.wait())
+    stopper.add_done_callback(lambda _: app.exit())
+    if duration_s is not None:
+        asyncio.get_running_loop().call_later(duration_s, app.exit)
+    try:
+        await app.run_async()
+    finally:
+        stopper.cancel()
+    return int(app.return_code or 0)
+
+
+def _say_stopping() -> None:
+    with contextlib.suppress(OSError):
+        print("fanny-tui demo: stopping (simulated devices, broker)...", file=sys.stderr,
+              flush=True)
+
+
+async def _run_headless_tester(tester: object, alerted: asyncio.Event, stop: asyncio.Event,
+                               duration_s: float | None) -> bool:
+    """Run the tester's engine until the alert (+0.5 s), a stop request or ``duration_s``.
+
+    Returns:
+        True if the exposure alert came.
+    """
     from .engine import Engine
 
     assert isinstance(tester, Engine)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, alerted.set)
     run = asyncio.create_task(tester.run())
+    waits = [asyncio.create_task(alerted.wait()), asyncio.create_task(stop.wait())]
     try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(alerted.wait(), duration_s)
-        await asyncio.sleep(0.5)
+        await asyncio.wait([*waits, run], timeout=duration_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if alerted.is_set() and not stop.is_set():
+            with contextlib.suppress(TimeoutError):  # show the poll that brought the alert
+                await asyncio.wait_for(stop.wait(), 0.5)
     finally:
+        for wait in waits:
+            wait.cancel()
         await tester.stop()
         await run
-    return 0 if alerted.is_set() else 1
+    return alerted.is_set()
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    """Before and after the event loop: a stop signal unwinds (and the temp dir is removed)."""
+    raise SystemExit(128 + signum)
 
 
 def run_demo(*, devices: int = 3, headless: bool = False, duration_s: float | None = None) -> int:
-    """Run the demo; returns the exit code (headless: 0 once the exposure alert came)."""
+    """Run the demo; returns the exit code (see the module docstring).
+
+    The temporary directory is removed whatever ends the demo: SIGTERM and SIGHUP unwind
+    (``SystemExit``) until the event loop takes them over, and are blocked while it is removed.
+    """
     if devices < 1:
         print("fanny-tui demo: --devices must be at least 1", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="fanny-demo-") as tmp:
-        return asyncio.run(_run(devices, headless, duration_s, Path(tmp)))
+    previous = {sig: signal.signal(sig, _exit_on_signal)
+                for sig in STOP_SIGNALS if sig != signal.SIGINT}
+    root: Path | None = None
+    try:
+        root = Path(tempfile.mkdtemp(prefix="fanny-demo-"))
+        return asyncio.run(_run(devices, headless, duration_s, root))
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -77,6 +77,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import Config
+from .datadir import DataDirLock
 from .events import (
     ChannelOpen,
     Contact,
@@ -116,6 +117,8 @@ MAX_CONCURRENT_HANDSHAKES = 8
 SWEEP_INTERVAL_S = 60.0
 _ENDED_NOT_FAILED = frozenset({"parted", "max_contact", "peer_closed", "stopped"})
 """How a contact may end before its token without the exchange counting as failed."""
+CANCEL_AGAIN_S = 1.0
+"""While stopping, a task still running this long after its cancellation is cancelled again."""
 MAX_ACCURACY_M = 100_000.0
 """The largest ``accuracy_m`` the wire accepts (fanny_tui.protocol.messages.AccuracyM)."""
 ROTATION_JITTER = 0.2
@@ -297,37 +300,43 @@ class Engine:
         """Run until :meth:`stop`. Opens the store first, and the journal if ``[journal] path``
         is set (:mod:`fanny_tui.journal`; a journal that cannot be written is an ``error`` event).
 
+        The data directory is locked for the whole run (:mod:`fanny_tui.datadir`), so that no
+        other engine or ``fanny-tui declare-positive`` uses the same store meanwhile.
+
         Raises:
+            DataDirBusy: another process holds the data directory (the message names both).
             StoreError: the token store cannot be opened.
         """
-        self._store = TokenStore.in_dir(self.data_dir)
-        if self._source is None:
-            from .gps import make_source
-            self._source = make_source(self.config.gps)
-        journal = attach_journal(self)  # [journal] path: JSON lines of this run (default: none)
-        self.emit(SessionStarted())
-        loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("gps", self._gps_loop), ("broker link", self._link.run),
-            ("positions", self._position_loop), ("poll", self._poll_loop),
-            ("uploads", self._upload_loop), ("sweep", self._sweep_loop),
-            ("rotation", self._rotation_loop)]
-        if self.config.privacy.decoy_uploads:
-            loops.append(("decoys", self._decoy_loop))
-        tasks = [asyncio.create_task(self._guard(name, fn), name=f"fanny-{name}")
-                 for name, fn in loops]
-        try:
-            await self._stopped.wait()
-        finally:
-            for exchange in list(self._exchanges.values()):
-                if exchange.task is not None:
-                    tasks.append(exchange.task)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._exchanges.clear()
-            self._store.close()
+        with contextlib.ExitStack() as cleanup:
+            lock = DataDirLock(self.data_dir)
+            lock.acquire()
+            cleanup.callback(lock.release)
+            self._store = store = TokenStore.in_dir(self.data_dir)
+            cleanup.callback(store.close)
+            if self._source is None:
+                from .gps import make_source
+                self._source = make_source(self.config.gps)
+            journal = attach_journal(self)  # [journal] path: JSON lines of this run (default none)
             if journal is not None:
-                journal.close()
+                cleanup.callback(journal.close)
+            self.emit(SessionStarted())
+            loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+                ("gps", self._gps_loop), ("broker link", self._link.run),
+                ("positions", self._position_loop), ("poll", self._poll_loop),
+                ("uploads", self._upload_loop), ("sweep", self._sweep_loop),
+                ("rotation", self._rotation_loop)]
+            if self.config.privacy.decoy_uploads:
+                loops.append(("decoys", self._decoy_loop))
+            tasks = [asyncio.create_task(self._guard(name, fn), name=f"fanny-{name}")
+                     for name, fn in loops]
+            try:
+                await self._stopped.wait()
+            finally:
+                for exchange in list(self._exchanges.values()):
+                    if exchange.task is not None:
+                        tasks.append(exchange.task)
+                await _cancel_all(tasks)
+                self._exchanges.clear()
 
     async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run one loop forever; an unexpected crash is reported and the loop restarted."""
@@ -688,6 +697,22 @@ class Engine:
         finally:
             self._rotation_pending = False
         self.emit(IdsRotated(reason=reason))
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has finished.
+
+    A task that swallowed its cancellation is cancelled again (every ``CANCEL_AGAIN_S``):
+    Python 3.11's ``asyncio.wait_for`` returns the result instead of raising CancelledError when
+    the awaited operation completes in the same loop iteration as the cancellation (CPython
+    gh-86296; a poll's answer arriving as the engine stops did it), and a single cancel then
+    left :meth:`Engine.run` waiting forever for a poll loop that carried on.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
 
 
 def position_message(fix: GpsFix) -> Position:

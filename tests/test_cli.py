@@ -11,16 +11,22 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import trustme
 
-from .helpers import LAT, LON, METRE_LAT
+from broker.server import BrokerSettings, start_broker
+
+from .helpers import LAT, LON, METRE_LAT, TIME_UNIT
 
 BIN = Path(sys.executable).parent
 
@@ -204,6 +210,13 @@ def test_declare_positive_with_broker_down_keeps_tokens(tmp_path):
     assert result.returncode == 1
     assert "1 tokens are kept" in result.stderr
     assert "Traceback" not in result.stderr
+    # The reason in plain words and what to do, on one line; no raw exception text.
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "the broker did not acknowledge: nothing accepts connections at ws://127.0.0.1:" in (
+        lines[0])
+    assert "start the broker, or check [broker] url" in lines[0]
+    assert "Errno" not in lines[0] and "Error" not in lines[0]
     listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "d",
                               "--json"], capture_output=True, text=True, check=True)
     assert json.loads(listing.stdout) == [{"token": "ab" * 32,
@@ -373,3 +386,178 @@ def test_tui_with_an_unusable_data_dir_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"fanny-tui: cannot use the data directory {blocker / 'sub'}: Not a directory"]
+
+
+def test_version_comes_from_the_package_metadata():
+    result = subprocess.run([BIN / "fanny-tui", "--version"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"fanny-tui {version('fanny-field-kit')}\n"
+    assert re.fullmatch(r"fanny-tui \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_headless_piped_into_head_stops_quietly_at_the_first_broken_pipe(tmp_path):
+    """``fanny-tui --headless | head -n 2``: two events, then exit 141 at once, no traceback."""
+    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    stderr_file, status_file = tmp_path / "stderr.txt", tmp_path / "status.txt"
+    command = (f"{shlex.quote(str(BIN / 'fanny-tui'))} --headless --config "
+               f"{shlex.quote(str(config))} --data-dir {shlex.quote(str(tmp_path / 'd'))} "
+               f"2>{shlex.quote(str(stderr_file))} | head -n 2; "
+               f"echo ${{PIPESTATUS[0]}} >{shlex.quote(str(status_file))}")
+    started = time.monotonic()
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            timeout=60 * TIME_UNIT)
+    elapsed = time.monotonic() - started
+    events = [json.loads(line)["event"] for line in result.stdout.splitlines()]
+    assert len(events) == 2 and events[0] == "session_started", result.stdout
+    assert status_file.read_text().strip() == "141"
+    stderr = stderr_file.read_text()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert elapsed < 10 * TIME_UNIT, f"took {elapsed:.1f} s to notice the closed pipe"
+    # The engine stopped cleanly: the data directory is free again at once.
+    again = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                           timeout=60 * TIME_UNIT)
+    assert len(again.stdout.splitlines()) == 2
+    assert status_file.read_text().strip() == "141", stderr_file.read_text()
+
+
+def _first_line(process: subprocess.Popen[str]) -> dict:
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line, "the process ended without an event"
+    return json.loads(line)
+
+
+def test_no_config_file_is_said_once_with_the_path_looked_for(tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    default = tmp_path / "xdg" / "fanny-tui" / "config.toml"
+
+    def run_headless() -> str:
+        process = subprocess.Popen([BIN / "fanny-tui", "--headless", "--data-dir",
+                                    tmp_path / "d"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert _first_line(process)["event"] == "session_started"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30 * TIME_UNIT)
+        assert process.returncode == 0, stderr
+        return stderr
+
+    stderr = run_headless()
+    notices = [line for line in stderr.splitlines() if "no config file" in line]
+    assert notices == [f"fanny-tui: no config file at {default}: running on the defaults "
+                       "(broker ws://127.0.0.1:8765); write one there or pass --config FILE "
+                       "(see config.example.toml)"], stderr
+    # With a config file at the default path: read, and nothing said.
+    default.parent.mkdir(parents=True)
+    _write_config(default, _free_port(), LAT)
+    assert "no config file" not in run_headless()
+
+
+def test_one_data_dir_for_one_process_at_a_time(tmp_path):
+    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    data_dir = tmp_path / "d"
+    _stock(data_dir, "ab" * 32)
+    first = subprocess.Popen([BIN / "fanny-tui", "--headless", "--config", config,
+                              "--data-dir", data_dir], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert _first_line(first)["event"] == "session_started"
+        busy = (f"fanny-tui: the data directory {data_dir} is in use by pid {first.pid}: "
+                f"fanny-tui --headless --config {config} --data-dir {data_dir}: stop that "
+                "process first, or use another --data-dir")
+        second = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
+                                 "--data-dir", data_dir], capture_output=True, text=True,
+                                timeout=30 * TIME_UNIT)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [busy]
+        assert second.stdout == ""
+        declared = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                                   "--data-dir", data_dir, "--timeout", "1"],
+                                  capture_output=True, text=True, timeout=30 * TIME_UNIT)
+        assert declared.returncode == 1
+        assert declared.stderr.strip().splitlines() == [busy]
+        # Reading needs no lock; the refused declaration marked nothing.
+        assert [t["pending_upload"] for t in _tokens_json(data_dir)] == [False]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30 * TIME_UNIT)
+    assert first.returncode == 0
+    # The engine let the lock go when it stopped.
+    declared = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                               "--data-dir", data_dir, "--timeout", "1"],
+                              capture_output=True, text=True, timeout=30 * TIME_UNIT)
+    assert "in use by" not in declared.stderr and "1 tokens are kept" in declared.stderr
+
+
+async def test_declare_positive_to_a_broker_with_an_untrusted_certificate(tmp_path):
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    for i, blob in enumerate(issued.cert_chain_pems):
+        blob.write_to_path(str(cert), append=i > 0)
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "board.sqlite3",
+                              certfile=cert, keyfile=key, open_declarations=True)
+    _stock(tmp_path / "d", "ab" * 32)
+    async with start_broker(settings) as broker:
+        config = _write_config(tmp_path / "c.toml", broker.port, LAT, scheme="wss")
+        result = await asyncio.to_thread(
+            subprocess.run, [BIN / "fanny-tui", "declare-positive", "--config", config,
+                             "--data-dir", tmp_path / "d", "--timeout", str(2 * TIME_UNIT)],
+            capture_output=True, text=True, timeout=60 * TIME_UNIT)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert ("the broker's TLS certificate is not signed by a CA this device trusts: set "
+            "[broker] ca_file to the deployment's CA certificate (PEM)") in lines[0]
+    assert "SSL" not in lines[0] and "Error" not in lines[0]
+    assert "1 tokens are kept on this device" in lines[0]
+
+
+async def test_the_app_says_once_that_no_config_file_was_read(tmp_path):
+    from fanny_tui.cli import tui_app
+    from fanny_tui.config import load_config
+
+    config = load_config(_write_config(tmp_path / "c.toml", _free_port(), LAT))
+    notice = "no config file at /nowhere/config.toml: running on the defaults"
+    app = tui_app(config, tmp_path / "d", notice=notice)
+    async with app.run_test(size=(120, 40)) as pilot:
+        deadline = time.monotonic() + 10 * TIME_UNIT
+        while not app._notifications and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        await pilot.pause(0.5 * TIME_UNIT)                 # more events: still one notice
+        shown = [(n.title, n.message, n.severity) for n in app._notifications]
+        assert shown == [("No config file", notice, "warning")]
+        await pilot.press("q")
+
+
+def test_a_long_token_list_piped_into_head_exits_quietly(tmp_path):
+    _stock(tmp_path / "d", *(f"{i:064x}" for i in range(3000)))     # far over a pipe's buffer
+    status = tmp_path / "status.txt"
+    command = (f"{shlex.quote(str(BIN / 'fanny-tui'))} tokens --json --data-dir "
+               f"{shlex.quote(str(tmp_path / 'd'))} | head -n 1; "
+               f"echo ${{PIPESTATUS[0]}} >{shlex.quote(str(status))}")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            timeout=60 * TIME_UNIT)
+    assert result.stdout == "[\n"
+    assert status.read_text().strip() == "141"
+    assert result.stderr == ""
+
+
+async def test_the_app_on_a_data_dir_in_use_says_so_and_exits_1(tmp_path):
+    from fanny_tui.cli import tui_app
+    from fanny_tui.config import load_config
+    from fanny_tui.datadir import DataDirLock, holder_line
+
+    config = load_config(_write_config(tmp_path / "c.toml", _free_port(), LAT))
+    with DataDirLock(tmp_path / "d"):                  # as another process would hold it
+        app = tui_app(config, tmp_path / "d")
+        async with app.run_test(size=(120, 40)) as pilot:
+            deadline = time.monotonic() + 10 * TIME_UNIT
+            while app.return_code is None and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+    assert app.return_code == 1
+    assert app.error == (f"cannot start: the data directory {tmp_path / 'd'} is in use by "
+                         f"{holder_line()}: stop that process first, or use another --data-dir")

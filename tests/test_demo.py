@@ -1,19 +1,83 @@
-"""The demo, headless, as the README runs it: matches, tokens, then the exposure alert."""
+"""The demo as the README runs it, in real processes: matches, tokens, the exposure alert; a
+declaration code that works; and a quick, clean exit however it is stopped (q, signals, a
+closed pipe), its temporary directory always removed.
+
+Each demo runs with ``TMPDIR`` set to a directory of the test's own, so that "the temporary
+directory was removed" is checked exactly.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from .helpers import LAT, TIME_UNIT
+from .test_cli import _stock, _tokens_json, _write_config
+
 BIN = Path(sys.executable).parent
+QUICK_S = 3.0
+"""The demo quits within this many seconds (times TIME_UNIT), whatever state it is in."""
+CODE_LINE = re.compile(r"fanny-tui demo: broker (ws://127\.0\.0\.1:(\d+)), declaration code for "
+                       r"this demo: ([0-9A-Z]{4}(?:-[0-9A-Z]{4}){3}) \(one declaration; the "
+                       r"simulated devices have their own\)")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+
+
+def _left_behind(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tmp").iterdir())
+
+
+def _spawn_headless(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([BIN / "fanny-tui", "demo", "--headless", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path), cwd=tmp_path)
+
+
+def _read_until(process: subprocess.Popen[str], name: str) -> list[str]:
+    """Events up to and including the first ``name`` (the demo must reach it)."""
+    assert process.stdout is not None
+    names: list[str] = []
+    while True:
+        line = process.stdout.readline()
+        assert line, f"the demo ended before {name}; saw {names}"
+        names.append(json.loads(line)["event"])
+        if names[-1] == name:
+            return names
+
+
+def _stop_and_time(process: subprocess.Popen[str], signum: int) -> tuple[float, str]:
+    """Send ``signum``; return how long the demo took to exit and its stderr."""
+    started = time.monotonic()
+    process.send_signal(signum)
+    try:
+        _, stderr = process.communicate(timeout=30 * TIME_UNIT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError("the demo did not stop within 30 s") from None
+    return time.monotonic() - started, stderr
 
 
 def test_headless_demo_reaches_the_exposure_alert(tmp_path):
     result = subprocess.run([BIN / "fanny-tui", "demo", "--headless", "--devices", "3",
                              "--duration", "90"], capture_output=True, text=True, timeout=150,
-                            cwd=tmp_path)
+                            cwd=tmp_path, env=_env(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     events = [json.loads(line) for line in result.stdout.splitlines()]
     names = [e["event"] for e in events]
@@ -22,4 +86,131 @@ def test_headless_demo_reaches_the_exposure_alert(tmp_path):
         assert name in names, f"{name} missing from the demo's events"
     assert names.index("token_stored") < names.index("exposure_alert")
     assert "Traceback" not in result.stderr
-    assert list(tmp_path.iterdir()) == []          # the demo writes nothing where it runs
+    # The code is said once, on stderr; the simulated device declared with its own code
+    # (the demo broker requires one: the alert above proves the declaration was accepted).
+    assert len(CODE_LINE.findall(result.stderr)) == 1, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["tmp"]   # nothing written where it runs
+    assert _left_behind(tmp_path) == []
+
+
+def test_the_demo_code_declares_and_the_demo_broker_requires_one(tmp_path):
+    demo = _spawn_headless(tmp_path)
+    try:
+        assert demo.stderr is not None
+        found = CODE_LINE.fullmatch(demo.stderr.readline().strip())
+        assert found, "the demo did not print its declaration code first"
+        _, port, code = found.groups()
+        config = _write_config(tmp_path / "c.toml", int(port), LAT)
+
+        def declare(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                                   "--data-dir", tmp_path / "d", "--timeout",
+                                   str(20 * TIME_UNIT), *extra],
+                                  capture_output=True, text=True, timeout=60 * TIME_UNIT)
+
+        _stock(tmp_path / "d", "ab" * 32)
+        refused = declare()                       # no open declarations on the demo broker
+        assert refused.returncode == 1 and "code_required" in refused.stderr, refused.stderr
+        accepted = declare("--code", code)
+        assert accepted.returncode == 0, accepted.stderr
+        assert "1 tokens acknowledged" in accepted.stdout
+        assert _tokens_json(tmp_path / "d") == []
+    finally:
+        elapsed, stderr = _stop_and_time(demo, signal.SIGTERM)
+    assert demo.returncode in (0, 128 + signal.SIGTERM), stderr
+    assert elapsed < QUICK_S * TIME_UNIT, f"stopping took {elapsed:.1f} s"
+    assert _left_behind(tmp_path) == []
+
+
+@pytest.mark.parametrize(("signum", "after"), [
+    (signal.SIGTERM, None),               # at once: maybe before Python even started
+    (signal.SIGTERM, "session_started"),  # early: the 8-10 s hang of issue 6
+    (signal.SIGTERM, "token_stored"),     # a token shared (the ~15 s of issue 6)
+    (signal.SIGHUP, "session_started"),   # the terminal closed
+    (signal.SIGINT, "match"),             # Ctrl-C
+])
+def test_the_demo_stops_at_once_and_leaves_nothing(tmp_path, signum, after):
+    demo = _spawn_headless(tmp_path)
+    if after is not None:
+        _read_until(demo, after)
+    elapsed, stderr = _stop_and_time(demo, signum)
+    assert demo.returncode in (128 + signum, -signum), (demo.returncode, stderr)
+    assert elapsed < QUICK_S * TIME_UNIT, f"stopping took {elapsed:.1f} s"
+    assert "Traceback" not in stderr, stderr
+    assert _left_behind(tmp_path) == []
+
+
+def test_the_demo_piped_into_head_stops_and_leaves_nothing(tmp_path):
+    status = tmp_path / "status.txt"
+    command = (f"{shlex.quote(str(BIN / 'fanny-tui'))} demo --headless | head -3; "
+               f"echo ${{PIPESTATUS[0]}} >{shlex.quote(str(status))}")
+    started = time.monotonic()
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            timeout=60 * TIME_UNIT, env=_env(tmp_path), cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    assert len(result.stdout.splitlines()) == 3
+    assert status.read_text().strip() == "141", result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert elapsed < 10 * TIME_UNIT, f"took {elapsed:.1f} s"
+    assert _left_behind(tmp_path) == []
+
+
+def _read_screen(fd: int, until: bytes, timeout: float) -> bytes:
+    """Read the terminal's output until ``until`` appears (or EOF / the timeout)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while until not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:           # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def _wait_exit(pid: int, fd: int, timeout: float) -> int | None:
+    """Drain the terminal until the child exits; its wait status, or None on the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        _read_screen(fd, b"\0never\0", 0.05)
+    return None
+
+
+@pytest.mark.parametrize("key", [b"q", None])
+def test_the_demo_app_quits_at_once(tmp_path, key):
+    """In a real terminal (a pty, 80x24): ``q`` (or SIGINT, what Ctrl-C sends before the app
+    takes the terminal) a few seconds in, while the scenario still waits: out in < 3 s."""
+    env = {**_env(tmp_path), "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
+    pid, fd = pty.fork()
+    if pid == 0:                                           # the child: the demo, in the pty
+        os.chdir(tmp_path)
+        os.execve(str(BIN / "fanny-tui"), [str(BIN / "fanny-tui"), "demo"], env)
+    status: int | None = None
+    try:
+        screen = _read_screen(fd, b"FANNY field kit: demo", 30 * TIME_UNIT)
+        assert b"FANNY field kit: demo" in screen, screen[-2000:]
+        _read_screen(fd, b"\0never\0", 1.0 * TIME_UNIT)    # let matches and handshakes start
+        started = time.monotonic()
+        if key is None:
+            os.kill(pid, signal.SIGINT)
+        else:
+            os.write(fd, key)
+        status = _wait_exit(pid, fd, 30 * TIME_UNIT)
+        elapsed = time.monotonic() - started
+        assert status is not None, "the demo app did not quit"
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert elapsed < QUICK_S * TIME_UNIT, f"quitting took {elapsed:.1f} s"
+    expected = 0 if key else 128 + signal.SIGINT
+    assert os.waitstatus_to_exitcode(status) == expected
+    assert _left_behind(tmp_path) == []
