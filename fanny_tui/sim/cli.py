@@ -147,7 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
     else:
-        Console().print(results_table(results, list(sweep)))
+        out = Console()
+        if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
+            out = Console(width=160)
+        out.print(results_table(results, list(sweep)))
     wall = sum(r.real_s for r in results)
     print(f"fanny-sim: {len(results)} run(s), real time {wall:.1f} s in all", file=sys.stderr)
     return 0
