@@ -134,6 +134,7 @@ class RunResult:
         matches: matches reported to the devices (each pair counts once per match).
         failures: handshake failure reasons and counts.
         measured_contacts_s: durations of the contacts the engines measured (ContactClosed).
+        match_to_token_s: per stored token, match to token as the engine measured it.
         late_fixes: fixes skipped because the event loop was late (0 in a sane run).
         real_s / cpu_s: wall-clock and CPU seconds of the run (process time, all threads).
     """
@@ -154,6 +155,7 @@ class RunResult:
     real_s: float
     cpu_s: float
     tokens: int = 0
+    match_to_token_s: tuple[float, ...] = ()
 
     @property
     def cpu_percent(self) -> float:
@@ -170,6 +172,7 @@ class RunResult:
                                   for c in self.contacts],
                 "matches": self.matches, "tokens": self.tokens, "failures": self.failures,
                 "measured_contacts_s": list(self.measured_contacts_s),
+                "match_to_token_s": list(self.match_to_token_s),
                 "late_fixes": self.late_fixes, "real_s": round(self.real_s, 2),
                 "cpu_s": round(self.cpu_s, 2), "cpu_percent": round(self.cpu_percent, 1)}
 
@@ -183,10 +186,13 @@ class _Recorder:
         self.matches = 0
         self.failures: Counter[str] = Counter()
         self.contacts_s: list[float] = []
+        self.match_to_token_s: list[float] = []
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, TokenStored):
             self.first_stored.setdefault(event.token, self.clock.now_s())
+            if event.match_to_token_s is not None:
+                self.match_to_token_s.append(event.match_to_token_s * self.clock.speed)
         elif isinstance(event, MatchFound):
             self.matches += 1
         elif isinstance(event, HandshakeFailed):
@@ -290,7 +296,8 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         matches=sum(r.matches for r in recorders) // 2, failures=dict(failures),
         measured_contacts_s=tuple(sorted(s for r in recorders for s in r.contacts_s)),
         late_fixes=sum(s.late for s in sources), real_s=real_s, cpu_s=cpu_s,
-        tokens=len({t for tokens in stored.values() for t in tokens}))
+        tokens=len({t for tokens in stored.values() for t in tokens}),
+        match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)))
 
 
 async def _all_connected(engines: Sequence[Any], tasks: Sequence[asyncio.Task[None]],
