@@ -219,6 +219,10 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
     Raises:
         SimError: a bad setting or speed, or the engines could not all connect.
     """
+    # The engines import aiortc at their first match: ~0.2 s or more of a blocked event loop,
+    # i.e. seconds of scenario time at speed K. Import it before the clock starts.
+    import aiortc  # noqa: F401
+
     from broker.server import BrokerSettings, start_broker
 
     from ..engine import Engine
