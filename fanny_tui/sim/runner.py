@@ -7,15 +7,15 @@ declarations, SQLite in the work directory), one :class:`~fanny_tui.engine.Engin
 connected, starts the scenario clock, lets the scenario play, stops everything and reads each
 device's token store.
 
-Time compression (``speed`` = K): the tracks play K times faster, every protocol duration
-given to the engines is divided by K (``position_interval_s``, ``min_contact_s``,
-``contact_gap_s``, ``max_contact_s``, ``poll_interval_s``; ``max_speed_mps`` is multiplied by
-K), and so are the broker's match cool-down, position time-out and housekeeping interval (its
-position rate limit is multiplied by K). Times measured on the engines are multiplied back by
-K: every figure reported is in scenario seconds. What is not compressed: the network and
-aiortc (``handshake_timeout_s`` stays real; a 0.3 s handshake counts as 0.3 K scenario
-seconds of latency), so keep K such that a handshake stays well under ``position_interval_s``
-/ K.
+Time compression (``speed`` = K): the tracks play K times faster. Divided by K: every protocol
+duration given to the engines (``position_interval_s``, ``min_contact_s``, ``contact_gap_s``,
+``max_contact_s``, ``poll_interval_s``), the ID rotation interval (``[privacy]
+rotation_interval_s``) and the broker's match cool-down, position time-out and housekeeping
+interval. Multiplied by K: ``max_speed_mps`` and the broker's position rate limit. Times
+measured on the engines are multiplied back by K: every figure reported is in scenario
+seconds. What is not compressed: the network and aiortc (``handshake_timeout_s`` stays real; a
+0.3 s handshake counts as 0.3 K scenario seconds of latency), so keep K such that a handshake
+stays well under ``position_interval_s`` / K.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, parse_config
+from ..config import Config, ConfigError, PrivacyConfig, parse_config
 from ..events import ContactClosed, Event, HandshakeFailed, MatchFound, TokenStored
 from ..store import TokenStore
 from .metrics import Metrics, detections, evaluate
@@ -113,6 +113,18 @@ def prepare(scenario: Scenario, settings: Mapping[str, float], speed: float | No
     except ConfigError as exc:
         raise SimError(f"{scenario.name}: {exc} (at speed {speed:g})") from None
     return speed, protocol, noise
+
+
+def device_config(broker_url: str, protocol: Mapping[str, float], speed: float) -> Config:
+    """The configuration of every simulated device: loopback-only ICE, fast reconnects, the
+    scaled ``[protocol]`` table (from :func:`device_protocol`) and the ID rotation interval
+    (``[privacy] rotation_interval_s``, its default) divided by ``speed``."""
+    return parse_config({
+        "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
+        "protocol": dict(protocol),
+        "privacy": {"rotation_interval_s": PrivacyConfig.rotation_interval_s / speed},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+    })
 
 
 def grid(sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
@@ -247,11 +259,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
     recorders: list[_Recorder] = []
     dirs: list[Path] = []
     async with start_broker(broker_settings) as broker:
-        config = parse_config({
-            "broker": {"url": broker.url, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
-            "protocol": protocol,
-            "webrtc": {"host_addresses": ["127.0.0.1"]},
-        })
+        config = device_config(broker.url, protocol, speed)
         engines = []
         for index, (track, seen) in enumerate(zip(scenario.tracks, observations, strict=True)):
             source = TrackSource(seen, clock, accuracy_m=model.accuracy_m,

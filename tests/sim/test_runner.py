@@ -7,6 +7,7 @@ import pytest
 from fanny_tui.config import ConfigError
 from fanny_tui.sim.runner import (
     SimError,
+    device_config,
     device_protocol,
     grid,
     prepare,
@@ -28,6 +29,14 @@ def test_protocol_durations_are_divided_by_the_speed_and_the_speed_bound_multipl
     assert values["poll_interval_s"] == 30.0
     assert values["max_speed_mps"] == 300.0
     assert values["handshake_timeout_s"] == 20.0            # network time is real time
+
+
+def test_the_device_configuration_is_loopback_only_and_scaled():
+    config = device_config("ws://127.0.0.1:9", device_protocol({}, {}, 10.0), 10.0)
+    assert config.webrtc.host_addresses == ("127.0.0.1",)
+    assert config.protocol.position_interval_s == 0.5
+    assert config.privacy.rotation_interval_s == 90.0       # the default 900 s, scaled
+    assert config.broker.url == "ws://127.0.0.1:9"
 
 
 def test_a_speed_that_pushes_a_setting_out_of_range_is_named():
