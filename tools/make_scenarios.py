@@ -59,8 +59,8 @@ def street() -> list[Track]:
     True contacts (10 m / 5 min): a couple strolling together the whole time; two people
     chatting at a corner for 7 minutes; a person joining another at a cafe table for 7 minutes.
     Encounters that must not count: 3 pairs standing across the street 20-26 m apart for
-    4-11 minutes (bus stop, shop window, cafe); 8 passers-by (1.2-1.6 m/s, both directions,
-    both sidewalks) who pass everyone within seconds.
+    7-9 minutes (bus stop, terrace, shop window, doorways); 8 passers-by (1.2-1.6 m/s, both
+    directions, both sidewalks) who pass everyone within seconds.
     """
     T = 900.0
     tracks = [
