@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+import time
 
 import pytest
 
@@ -163,3 +164,16 @@ def test_the_clock_runs_speed_times_faster():
     assert scenario >= 10.0
     with pytest.raises(ValueError, match="speed"):
         SimClock(0)
+
+
+async def test_epochs_the_loop_reaches_too_late_are_skipped_and_counted():
+    observations = [Observation(float(k), LAT, LON) for k in range(40)]
+    clock = SimClock(speed=100.0)
+    source = TrackSource(observations, clock, accuracy_m=1.0, fix_interval_s=1.0)
+    stream = source.stream()
+    clock.start()
+    assert isinstance(await anext(stream), GpsFix)        # epoch 0, on time
+    time.sleep(0.2)                                       # block the loop: 20 scenario s
+    assert isinstance(await anext(stream), GpsFix)
+    assert source.late >= 15
+    await stream.aclose()
