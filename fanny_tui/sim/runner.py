@@ -293,7 +293,8 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
             on_disk = {t.token for t in store.tokens()}
         finally:
             store.close()
-        # the store is what the device holds; the events only say when it got each token
+        # The store is what the device holds; the events say when it got each token (one
+        # stored as the engines were stopped, before its event, counts at the scenario's end).
         stored[track.name] = {token: recorder.first_stored.get(token, scenario.duration_s)
                               for token in on_disk}
     failures: Counter[str] = Counter()
