@@ -1,0 +1,156 @@
+"""``fanny-sim``: run scenarios with real engines and a real broker, judge them against the truth.
+
+    fanny-sim SCENARIO.toml [SCENARIO.toml ...] [--speed K] [--sweep KEY=V1,V2 ...] [--json]
+
+Every scenario is run once per setting of the sweep (the cartesian product of the ``--sweep``
+lists; keys: the devices' ``[protocol]`` keys and the ``[noise]`` keys). The table (rich) or the
+JSON list (``--json``) gives, per run: true pairs, detected pairs, precision, recall, detection
+latency percentiles (scenario seconds), and the run's real time and CPU use.
+
+Exit status: 0 done, 1 a run failed, 2 bad arguments or scenario file (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..config import ConfigError
+from .runner import SWEEP_KEYS, RunResult, SimError, grid, prepare, run_scenario
+from .scenario import Scenario, load_scenario
+
+
+def parse_sweep(items: Sequence[str]) -> dict[str, list[float]]:
+    """``["radius_m=10,15", "min_contact_s=0,60"]`` -> ``{"radius_m": [10.0, 15.0], ...}``.
+
+    Raises:
+        ValueError: a malformed item, an unknown key or a value that is not a number
+            (one line naming it).
+    """
+    out: dict[str, list[float]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ValueError(f"--sweep {item!r}: expected KEY=V1,V2,...")
+        if key not in SWEEP_KEYS:
+            raise ValueError(f"--sweep {key}: not a setting fanny-sim can vary; known: "
+                             f"{', '.join(SWEEP_KEYS)}")
+        if key in out:
+            raise ValueError(f"--sweep {key}: given twice")
+        try:
+            out[key] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--sweep {key}: expected numbers separated by commas, "
+                             f"got {values!r}") from None
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fanny-sim",
+        description="Run FANNY scenarios (real engines, real broker, loopback only) and "
+                    "compare the devices' tokens with the true contacts of the tracks.")
+    parser.add_argument("scenarios", nargs="+", type=Path, metavar="SCENARIO.toml")
+    parser.add_argument("--speed", type=float, default=None, metavar="K",
+                        help="time compression: play the scenario K times faster "
+                             "(default: the scenario's [scenario] speed)")
+    parser.add_argument("--sweep", nargs="+", default=[], metavar="KEY=V1,V2",
+                        help=f"run every combination; keys: {', '.join(SWEEP_KEYS)}")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log the engines' warnings to stderr")
+    return parser
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_table(results: Sequence[RunResult], swept: Sequence[str]) -> Table:
+    """The rich table of a set of runs (one row each)."""
+    table = Table(title="fanny-sim: pairs judged against the true contacts")
+    table.add_column("scenario")
+    columns = list(dict.fromkeys([*swept, "radius_m", "min_contact_s", "sigma_m"]))
+    for key in columns:
+        table.add_column(key, justify="right")
+    for name in ("true", "detected", "hits", "precision", "recall", "latency p50 s",
+                 "p90 s", "real s", "CPU %"):
+        table.add_column(name, justify="right")
+    for r in results:
+        values = {"radius_m": r.radius_m, "min_contact_s": r.min_contact_s,
+                  "sigma_m": r.sigma_m, **r.settings}
+        m = r.metrics
+        table.add_row(r.scenario, *(f"{values[k]:g}" for k in columns),
+                      str(m.true_pairs), str(m.detected_pairs), str(m.hits),
+                      _fmt(m.precision), _fmt(m.recall), _fmt(m.latency(50), ".0f"),
+                      _fmt(m.latency(90), ".0f"), f"{r.real_s:.1f}", f"{r.cpu_percent:.0f}")
+    return table
+
+
+async def _run_all(scenarios: Sequence[Scenario], settings: Sequence[dict[str, float]],
+                   speed: float | None, err: Console) -> list[RunResult]:
+    results = []
+    total = len(scenarios) * len(settings)
+    done = 0
+    for scenario in scenarios:
+        for setting in settings:
+            done += 1
+            label = " ".join(f"{k}={v:g}" for k, v in setting.items()) or "as in the file"
+            k = scenario.speed if speed is None else speed
+            err.print(f"[{done}/{total}] {scenario.name}: {len(scenario.tracks)} devices, "
+                      f"{scenario.duration_s:g} s at speed {k:g}, {label}", highlight=False)
+            with tempfile.TemporaryDirectory(prefix="fanny-sim-") as tmp:
+                result = await run_scenario(scenario, Path(tmp), speed=speed, settings=setting)
+            err.print(f"    precision {_fmt(result.metrics.precision)}, recall "
+                      f"{_fmt(result.metrics.recall)}; real {result.real_s:.1f} s, CPU "
+                      f"{result.cpu_percent:.0f} % of one core, late fixes "
+                      f"{result.late_fixes}", highlight=False)
+            results.append(result)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fanny-sim``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    err = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING if args.verbose else logging.CRITICAL,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sweep = parse_sweep(args.sweep)
+        if args.speed is not None and not args.speed > 0:
+            raise ValueError(f"--speed: expected a number > 0, got {args.speed:g}")
+        scenarios = [load_scenario(path) for path in args.scenarios]
+        settings = grid(sweep)
+        for scenario in scenarios:
+            for setting in settings:
+                prepare(scenario, setting, args.speed)
+    except (ValueError, ConfigError, SimError) as exc:
+        print(f"fanny-sim: {exc}", file=sys.stderr)
+        return 2
+    try:
+        results = asyncio.run(_run_all(scenarios, settings, args.speed, err))
+    except SimError as exc:
+        print(f"fanny-sim: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        out = Console()
+        if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
+            out = Console(width=160)
+        out.print(results_table(results, list(sweep)))
+    wall = sum(r.real_s for r in results)
+    print(f"fanny-sim: {len(results)} run(s), real time {wall:.1f} s in all", file=sys.stderr)
+    return 0

@@ -1,0 +1,329 @@
+"""One simulated run: a real broker, K real engines on replayed tracks, then the verdict.
+
+:func:`run_scenario` starts the broker in this process on a free loopback port (open
+declarations, SQLite in the work directory), one :class:`~fanny_tui.engine.Engine` per track
+(headless; real aiortc, ICE host candidates restricted to 127.0.0.1; a
+:class:`~fanny_tui.sim.tracks.TrackSource` for positions), waits until every engine is
+connected, starts the scenario clock, lets the scenario play, stops everything and reads each
+device's token store.
+
+Time compression (``speed`` = K): the tracks play K times faster. Divided by K: every protocol
+duration given to the engines (``position_interval_s``, ``min_contact_s``, ``contact_gap_s``,
+``max_contact_s``, ``poll_interval_s``), the ID rotation interval (``[privacy]
+rotation_interval_s``) and the broker's match cool-down, position time-out and housekeeping
+interval. Multiplied by K: ``max_speed_mps`` and the broker's position rate limit. Times
+measured on the engines are multiplied back by K: every figure reported is in scenario
+seconds. What is not compressed: the network and aiortc (``handshake_timeout_s`` stays real; a
+0.3 s handshake counts as 0.3 K scenario seconds of latency), so keep K such that a handshake
+stays well under ``position_interval_s`` / K.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError, PrivacyConfig, parse_config
+from ..events import ContactClosed, Event, HandshakeFailed, MatchFound, TokenStored
+from ..store import TokenStore
+from .metrics import Metrics, detections, evaluate
+from .scenario import NOISE_KEYS, PROTOCOL_KEYS, NoiseSpec, Scenario, check_protocol, parse_noise
+from .tracks import NoiseModel, SimClock, TrackSource
+from .truth import TrueContact, true_contacts
+
+log = logging.getLogger(__name__)
+
+#: The settings ``--sweep`` may vary: the devices' [protocol] keys and the [noise] keys.
+SWEEP_KEYS = PROTOCOL_KEYS + NOISE_KEYS
+
+#: Protocol durations divided by the speed (scenario seconds -> real seconds).
+SCALED_DURATIONS = ("position_interval_s", "poll_interval_s", "min_contact_s", "contact_gap_s",
+                    "max_contact_s")
+
+#: The broker's time settings in scenario seconds (its defaults), divided by the speed.
+BROKER_COOLDOWN_S = 300.0
+BROKER_POSITION_TIMEOUT_S = 60.0
+BROKER_HOUSEKEEPING_S = 5.0
+BROKER_POSITION_RATE_PER_S = 10.0
+
+CONNECT_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+
+
+class SimError(Exception):
+    """A run could not be carried out (one line saying why)."""
+
+
+def split_settings(settings: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Split ``--sweep``/override settings into (protocol, noise) keys.
+
+    Raises:
+        SimError: an unknown key (one line listing the known ones).
+    """
+    protocol, noise = {}, {}
+    for key, value in settings.items():
+        if key in PROTOCOL_KEYS:
+            protocol[key] = float(value)
+        elif key in NOISE_KEYS:
+            noise[key] = float(value)
+        else:
+            raise SimError(f"{key}: not a setting fanny-sim can vary; known: "
+                           f"{', '.join(SWEEP_KEYS)}")
+    return protocol, noise
+
+
+def device_protocol(scenario_protocol: Mapping[str, float], overrides: Mapping[str, float],
+                    speed: float) -> dict[str, float]:
+    """The devices' ``[protocol]`` table in real seconds for a run at ``speed``.
+
+    Raises:
+        ConfigError: a value is out of range before or after scaling (names the key).
+    """
+    merged = check_protocol({**scenario_protocol, **overrides})
+    values = {key: float(getattr(merged, key)) for key in PROTOCOL_KEYS}
+    for key in SCALED_DURATIONS:
+        values[key] /= speed
+    values["max_speed_mps"] *= speed
+    check_protocol(values)
+    return values
+
+
+def prepare(scenario: Scenario, settings: Mapping[str, float], speed: float | None
+            ) -> tuple[float, dict[str, float], NoiseSpec]:
+    """Check one run's settings: (speed, the devices' scaled [protocol] table, the noise).
+
+    Raises:
+        SimError: a bad speed or setting (one line naming the key).
+    """
+    speed = float(scenario.speed if speed is None else speed)
+    if not speed > 0:
+        raise SimError(f"--speed: expected a number > 0, got {speed!r}")
+    protocol_over, noise_over = split_settings(settings)
+    try:
+        noise = parse_noise({**asdict(scenario.noise), **noise_over})
+        protocol = device_protocol(scenario.protocol, protocol_over, speed)
+    except ConfigError as exc:
+        raise SimError(f"{scenario.name}: {exc} (at speed {speed:g})") from None
+    return speed, protocol, noise
+
+
+def device_config(broker_url: str, protocol: Mapping[str, float], speed: float) -> Config:
+    """The configuration of every simulated device: loopback-only ICE, fast reconnects, the
+    scaled ``[protocol]`` table (from :func:`device_protocol`) and the ID rotation interval
+    (``[privacy] rotation_interval_s``, its default) divided by ``speed``."""
+    return parse_config({
+        "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
+        "protocol": dict(protocol),
+        "privacy": {"rotation_interval_s": PrivacyConfig.rotation_interval_s / speed},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+    })
+
+
+def grid(sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
+    """The cartesian product of a sweep, in the order given (one empty setting if none)."""
+    keys = list(sweep)
+    return [dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(sweep[k] for k in keys))]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of one run (every duration in scenario seconds unless named ``real``).
+
+    Attributes:
+        scenario: its name; ``settings``: the values set for this run (sweep / overrides).
+        speed: the time compression; ``devices``: how many engines ran.
+        radius_m / sigma_m / min_contact_s: the run's effective values, for tables.
+        contacts: the true contacts; ``metrics``: the verdict.
+        matches: matches reported to the devices (each pair counts once per match).
+        failures: handshake failure reasons and counts.
+        measured_contacts_s: durations of the contacts the engines measured (ContactClosed).
+        match_to_token_s: per stored token, match to token as the engine measured it.
+        late_fixes: fixes skipped because the event loop was late (0 in a sane run).
+        real_s / cpu_s: wall-clock and CPU seconds of the run (process time, all threads).
+    """
+
+    scenario: str
+    settings: dict[str, float]
+    speed: float
+    devices: int
+    radius_m: float
+    sigma_m: float
+    min_contact_s: float
+    contacts: tuple[TrueContact, ...]
+    metrics: Metrics
+    matches: int
+    failures: dict[str, int]
+    measured_contacts_s: tuple[float, ...]
+    late_fixes: int
+    real_s: float
+    cpu_s: float
+    tokens: int = 0
+    match_to_token_s: tuple[float, ...] = ()
+
+    @property
+    def cpu_percent(self) -> float:
+        """CPU time over wall-clock time, percent of one core."""
+        return 100.0 * self.cpu_s / self.real_s if self.real_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready record of the run."""
+        return {"scenario": self.scenario, "settings": self.settings, "speed": self.speed,
+                "devices": self.devices, "radius_m": self.radius_m, "sigma_m": self.sigma_m,
+                "min_contact_s": self.min_contact_s, **self.metrics.as_dict(),
+                "true_contacts": [{"pair": list(c.pair), "start_s": c.start_s,
+                                   "end_s": c.end_s, "closest_m": round(c.closest_m, 2)}
+                                  for c in self.contacts],
+                "matches": self.matches, "tokens": self.tokens, "failures": self.failures,
+                "measured_contacts_s": list(self.measured_contacts_s),
+                "match_to_token_s": list(self.match_to_token_s),
+                "late_fixes": self.late_fixes, "real_s": round(self.real_s, 2),
+                "cpu_s": round(self.cpu_s, 2), "cpu_percent": round(self.cpu_percent, 1)}
+
+
+class _Recorder:
+    """What one device did, in scenario seconds."""
+
+    def __init__(self, clock: SimClock) -> None:
+        self.clock = clock
+        self.first_stored: dict[str, float] = {}
+        self.matches = 0
+        self.failures: Counter[str] = Counter()
+        self.contacts_s: list[float] = []
+        self.match_to_token_s: list[float] = []
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, TokenStored):
+            self.first_stored.setdefault(event.token, self.clock.now_s())
+            if event.match_to_token_s is not None:
+                self.match_to_token_s.append(event.match_to_token_s * self.clock.speed)
+        elif isinstance(event, MatchFound):
+            self.matches += 1
+        elif isinstance(event, HandshakeFailed):
+            self.failures[event.reason.split(":", 1)[0]] += 1
+        elif isinstance(event, ContactClosed):
+            self.contacts_s.append(event.contact.duration_s * self.clock.speed)
+
+
+async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None = None,
+                       settings: Mapping[str, float] | None = None,
+                       connect_timeout_s: float = CONNECT_TIMEOUT_S) -> RunResult:
+    """Run ``scenario`` once with real engines and a real broker (see the module docstring).
+
+    Args:
+        scenario: the loaded scenario.
+        workdir: an empty directory for the broker's SQLite file and the devices' stores.
+        speed: time compression K (default: the scenario's ``speed``).
+        settings: protocol or noise keys overriding the scenario's (see :data:`SWEEP_KEYS`).
+        connect_timeout_s: real seconds to wait for every engine to reach the broker.
+
+    Returns:
+        The :class:`RunResult`.
+
+    Raises:
+        SimError: a bad setting or speed, or the engines could not all connect.
+    """
+    # The engines import aiortc at their first match: ~0.2 s or more of a blocked event loop,
+    # i.e. seconds of scenario time at speed K. Import it before the clock starts.
+    import aiortc  # noqa: F401
+
+    from broker.server import BrokerSettings, start_broker
+
+    from ..engine import Engine
+
+    settings = dict(settings or {})
+    speed, protocol, noise = prepare(scenario, settings, speed)
+    protocol_over, _ = split_settings(settings)
+    model = NoiseModel(noise)
+    contacts = true_contacts(scenario.tracks, scenario.truth.radius_m, scenario.truth.duration_s)
+    clock = SimClock(speed)
+    observations = [model.observe(track, scenario.duration_s, f"{scenario.seed}:{track.name}")
+                    for track in scenario.tracks]
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker_settings = BrokerSettings(
+        host="127.0.0.1", port=0, db_path=workdir / "broker.sqlite3",
+        cooldown_s=BROKER_COOLDOWN_S / speed, position_timeout_s=BROKER_POSITION_TIMEOUT_S / speed,
+        housekeeping_interval_s=BROKER_HOUSEKEEPING_S / speed,
+        position_rate_per_s=BROKER_POSITION_RATE_PER_S * speed, open_declarations=True,
+        upload_answer_delay_s=0.0)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    sources: list[TrackSource] = []
+    recorders: list[_Recorder] = []
+    dirs: list[Path] = []
+    async with start_broker(broker_settings) as broker:
+        config = device_config(broker.url, protocol, speed)
+        engines = []
+        for index, (track, seen) in enumerate(zip(scenario.tracks, observations, strict=True)):
+            source = TrackSource(seen, clock, accuracy_m=model.accuracy_m,
+                                 fix_interval_s=noise.fix_interval_s)
+            data_dir = workdir / f"device-{index:03d}"
+            engine = Engine(config, data_dir, source=source)
+            recorder = _Recorder(clock)
+            engine.subscribe(recorder)
+            sources.append(source)
+            recorders.append(recorder)
+            dirs.append(data_dir)
+            engines.append(engine)
+            log.debug("device %d is %s", index, track.name)
+        tasks = [asyncio.create_task(engine.run(), name=f"fanny-sim-{i}")
+                 for i, engine in enumerate(engines)]
+        try:
+            await _all_connected(engines, tasks, connect_timeout_s)
+            clock.start()
+            await clock.sleep_until(scenario.duration_s)
+        finally:
+            for engine in engines:
+                await engine.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
+                                       STOP_TIMEOUT_S)
+    real_s, cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
+    stored: dict[str, dict[str, float]] = {}
+    for track, recorder, data_dir in zip(scenario.tracks, recorders, dirs, strict=True):
+        store = TokenStore.in_dir(data_dir, read_only=True)
+        try:
+            on_disk = {t.token for t in store.tokens()}
+        finally:
+            store.close()
+        # The store is what the device holds; the events say when it got each token (one
+        # stored as the engines were stopped, before its event, counts at the scenario's end).
+        stored[track.name] = {token: recorder.first_stored.get(token, scenario.duration_s)
+                              for token in on_disk}
+    failures: Counter[str] = Counter()
+    for recorder in recorders:
+        failures.update(recorder.failures)
+    effective = check_protocol({**scenario.protocol, **protocol_over})
+    return RunResult(
+        scenario=scenario.name, settings=settings, speed=speed, devices=len(engines),
+        radius_m=effective.radius_m, sigma_m=noise.sigma_m,
+        min_contact_s=effective.min_contact_s, contacts=tuple(contacts),
+        metrics=evaluate(contacts, detections(stored)),
+        matches=sum(r.matches for r in recorders) // 2, failures=dict(failures),
+        measured_contacts_s=tuple(sorted(s for r in recorders for s in r.contacts_s)),
+        late_fixes=sum(s.late for s in sources), real_s=real_s, cpu_s=cpu_s,
+        tokens=len({t for tokens in stored.values() for t in tokens}),
+        match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)))
+
+
+async def _all_connected(engines: Sequence[Any], tasks: Sequence[asyncio.Task[None]],
+                         timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not all(engine.broker_connected for engine in engines):
+        crashed = next((t for t in tasks if t.done()), None)
+        if crashed is not None:
+            exc = crashed.exception() if not crashed.cancelled() else None
+            raise SimError(f"a device stopped before the scenario began: {exc!r}")
+        if loop.time() > deadline:
+            missing = sum(1 for engine in engines if not engine.broker_connected)
+            raise SimError(f"{missing} of {len(engines)} devices could not connect to the "
+                           f"broker within {timeout_s:g} s")
+        await asyncio.sleep(0.05)

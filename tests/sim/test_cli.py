@@ -1,0 +1,75 @@
+"""fanny-sim's command line: arguments, one-line errors, JSON and the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from fanny_tui.sim.cli import main, parse_sweep, results_table
+from fanny_tui.sim.metrics import evaluate
+from fanny_tui.sim.runner import RunResult
+from fanny_tui.sim.truth import TrueContact
+
+
+def test_parse_sweep():
+    assert parse_sweep(["radius_m=10,15,25", "min_contact_s=0,60"]) == {
+        "radius_m": [10.0, 15.0, 25.0], "min_contact_s": [0.0, 60.0]}
+    assert parse_sweep([]) == {}
+
+
+@pytest.mark.parametrize(("items", "message"), [
+    (["radius_m"], "expected KEY=V1,V2"),
+    (["radius=10"], "radius: not a setting"),
+    (["radius_m=ten"], "radius_m: expected numbers"),
+    (["radius_m=10", "radius_m=15"], "given twice"),
+])
+def test_bad_sweeps(items, message):
+    with pytest.raises(ValueError, match=message):
+        parse_sweep(items)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sweep", "radius=10"], "fanny-sim: --sweep radius: not a setting"),
+    (["--speed", "0"], "fanny-sim: --speed: expected a number > 0"),
+    (["--sweep", "sigma_m=-2"], "noise.sigma_m"),
+    (["--speed", "100"], "protocol.max_speed_mps"),
+])
+def test_bad_arguments_are_one_line_and_status_2(small_scenario, capsys, args, message):
+    assert main([str(small_scenario), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_missing_scenario_file(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml: file: expected a readable scenario TOML file" in capsys.readouterr().err
+
+
+def test_the_table_shows_the_swept_settings_and_the_verdict():
+    metrics = evaluate([TrueContact("a", "b", 0.0, 400.0, 1.0)],
+                       {("a", "b"): 12.0, ("a", "c"): 3.0})
+    result = RunResult(scenario="street", settings={"min_contact_s": 60.0}, speed=10.0,
+                       devices=3, radius_m=15.0, sigma_m=5.0, min_contact_s=60.0,
+                       contacts=(), metrics=metrics, matches=2, failures={},
+                       measured_contacts_s=(), late_fixes=0, real_s=12.5, cpu_s=2.5)
+    console = Console(width=200, record=True)
+    console.print(results_table([result], ["min_contact_s"]))
+    text = console.export_text()
+    assert "min_contact_s" in text and "precision" in text
+    row = next(line for line in text.splitlines() if "street" in line)
+    for cell in ("60", "15", "0.50", "1.00", "12", "12.5", "20"):
+        assert cell in row, (cell, row)
+
+
+def test_json_output_of_a_real_run(small_scenario, capsys):
+    status = main([str(small_scenario), "--json", "--speed", "20", "--sweep", "radius_m=10"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    [record] = json.loads(out)
+    assert record["scenario"] == "small" and record["settings"] == {"radius_m": 10.0}
+    assert record["speed"] == 20.0
+    assert (record["precision"], record["recall"]) == (1.0, 1.0)
+    assert "[1/1] small: 3 devices, 150 s at speed 20, radius_m=10" in err
+    assert "real time" in err
