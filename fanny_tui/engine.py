@@ -50,16 +50,22 @@ reconnects the session connection with a new ``hello`` (:meth:`BrokerLink.rehell
 <fanny_tui.link.BrokerLink.rehello>`: the broker drops the old session and its position at
 disconnect), forgets the old IDs (no reference is kept) and emits ``ids_rotated``.
 
-A rotation never happens in the middle of a witness exchange: an exchange keeps the contact ID
-it started with, and the reconnect would cut its signaling. When a scheduled rotation is due
-while exchanges run, it waits until none does; meanwhile new ``match`` messages are declined
-(no exchange is started; the peer's side fails by its own time-out). The trade-off: a pair
-declined this way is matched again by the broker as soon as the new session reports its
-position (the new session IDs make a new pair), so a declined witness is only delayed, by
-the wait plus a few seconds; a rotation is delayed until the running exchanges end (each has
-its own time-out). A positive declaration (:meth:`Engine.declare_positive`) cancels the running
-exchanges and rotates at once (``ids_rotated`` with reason ``declared``), so no token with the
-declared contact ID can be made after it.
+A rotation never cuts a contact short of its token: an exchange keeps the contact ID it
+started with, and a contact whose pair has not yet stayed ``min_contact_s`` within the radius
+would lose its accumulated time if it were closed and started again under new IDs. So when a
+scheduled rotation is due, it waits until every running exchange either ended or holds its
+token (with ``min_contact_s = 0`` that is the end of the establishment); then the contacts that
+hold their token are closed (``contact_closed`` with reason ``stopped``: their measures so far
+are in the store) and the IDs rotate. The pair, still together, is matched again by the broker
+under the new session IDs and starts a new contact with a new token: a long contact is recorded
+as several tokens of at most one rotation interval each, never as a contact cut before its
+token. While a rotation waits, new ``match`` messages are declined (no exchange is started; the
+peer's side fails by its own time-out) so that the wait ends: at most ``min_contact_s`` plus an
+establishment (or, for a contact that never reaches its token, until it parts, ``max_contact_s``
+at worst). A declined pair is matched again as soon as the new session reports its position.
+A positive declaration (:meth:`Engine.declare_positive`) cancels the running exchanges and
+rotates at once (``ids_rotated`` with reason ``declared``), so no token with the declared
+contact ID can be made after it.
 """
 
 from __future__ import annotations
@@ -152,6 +158,8 @@ class _Exchange:
     """The contact ID this exchange uses, read once when it starts (memory only)."""
     matched_at: float = 0.0
     """``time.monotonic()`` of the broker's match."""
+    token_held: bool = False
+    """This contact's token is in the store: closing it now loses no witness."""
     task: asyncio.Task[None] | None = None
 
 
@@ -201,6 +209,7 @@ class Engine:
         self._unrecorded_alerts: set[str] = set()  # matches the store could not record yet
         self._rotation_lock = asyncio.Lock()     # one ID rotation at a time
         self._rotation_pending = False           # True: matches are declined (module docstring)
+        self._exchanges_changed = asyncio.Event()  # an exchange held its token or ended
         self._rotations = 0
         self._rng = random.SystemRandom()
         self._link = BrokerLink(
@@ -475,6 +484,8 @@ class Engine:
                                      within=sample.verdict, within_s=sample.within_s,
                                      samples=sample.samples))
             elif isinstance(event, peer.HandshakeCompleted):
+                exchange.token_held = True
+                self._exchanges_changed.set()
                 measures = event.measures or ContactMeasures()
                 grow(event.token, measures)
                 held[event.token] = measures
@@ -531,6 +542,7 @@ class Engine:
             return
         finally:
             self._exchanges.pop(peer_session_id, None)  # forget the peer's session ID
+            self._exchanges_changed.set()
         if isinstance(result, peer.HandshakeFailed):
             if ended and ended[-1].reason in _ENDED_NOT_FAILED:
                 return  # the pair parted (or a side stopped) before the token: not a failure
@@ -639,13 +651,14 @@ class Engine:
             await self._rotate_ids()
 
     async def _rotate_ids(self) -> None:
-        """A scheduled rotation: decline matches, wait until no exchange runs, rotate.
+        """A scheduled rotation: decline matches, wait until every contact holds its token (or
+        ended), close those contacts, rotate (module docstring, "ID rotation").
 
-        The lock is taken only once no exchange runs, so that a declaration meanwhile is not
-        held up; if it rotated the IDs meanwhile, this rotation is not needed any more.
+        The lock is taken only once the contacts are settled, so that a declaration meanwhile is
+        not held up; if it rotated the IDs meanwhile, this rotation is not needed any more.
         """
         rotations = self._rotations
-        await self._decline_matches_while(self._exchanges_ended())
+        await self._decline_matches_while(self._contacts_settled())
         async with self._rotation_lock:
             if self._rotations != rotations:
                 self._rotation_pending = False
@@ -660,6 +673,13 @@ class Engine:
         except BaseException:
             self._rotation_pending = False
             raise
+
+    async def _contacts_settled(self) -> None:
+        """Wait until every running exchange holds its token or has ended (matches declined)."""
+        while any(not e.token_held for e in self._exchanges.values()):
+            self._exchanges_changed.clear()
+            if any(not e.token_held for e in self._exchanges.values()):
+                await self._exchanges_changed.wait()
 
     async def _exchanges_ended(self) -> None:
         """Wait until ``self._exchanges`` is empty (no new one starts: matches are declined)."""
@@ -682,13 +702,14 @@ class Engine:
     async def _rotate_now(self, reason: str) -> None:
         """Replace both IDs and start the new session (caller holds the lock, matches declined).
 
-        Nothing awaits between the check that no exchange runs and the replacement, so no
-        exchange can start with the old contact ID. The old IDs are no longer referenced by
+        Running exchanges (contacts holding their token, or any left by a declaration) are
+        closed first; matches are declined meanwhile, so no exchange can start with the old
+        contact ID. The old IDs are no longer referenced by
         this engine or its link once this returns.
         """
         try:
-            if self._exchanges:  # cancelled by stop() meanwhile, or a caller bug: never mid-contact
-                await self._exchanges_ended()
+            if self._exchanges:  # contacts holding their token: close them (measures stored)
+                await self._cancel_exchanges()
             self._session_id = new_id(os.urandom(16))
             self._contact_id = new_id(os.urandom(16))
             self._rotations += 1

@@ -144,6 +144,33 @@ async def test_devices_meeting_again_after_a_rotation_make_a_different_token(tmp
         store.close()
 
 
+async def test_a_due_rotation_never_cuts_a_contact_before_its_token(tmp_path):
+    """min_contact_s > 0: the rotation waits for the open contact's token, then closes it."""
+    min_contact_s = 2.0 * TIME_UNIT
+    async with start_broker(_settings(tmp_path)) as broker:
+        config = _config(broker.url, min_contact_s=min_contact_s)
+        async with running_device(config, tmp_path / "a", _source()) as a, \
+                running_device(config, tmp_path / "b", _source(2.0)) as b:
+            await a.wait_event("channel_open", timeout=15 * TIME_UNIT)
+            rotation = asyncio.create_task(a.engine._rotate_ids())
+            first = await a.wait_event("token_stored", timeout=15 * TIME_UNIT)
+            await asyncio.wait_for(rotation, 10 * TIME_UNIT)
+            # The token came first, then the contact was closed, then the IDs rotated.
+            assert _index(a, "token_stored") < _index(a, "contact_closed") < _index(
+                a, "ids_rotated")
+            closed = a.of("contact_closed")[0]
+            assert closed.reason == "stopped" and closed.token_stored
+            assert closed.contact.duration_s >= min_contact_s - config.protocol.position_interval_s
+            assert (await b.wait_event("token_stored", timeout=10 * TIME_UNIT)).token == first.token
+
+            def second_token(e: Event) -> bool:
+                return e.event == "token_stored" and e.token != first.token
+
+            # Still together: matched again under the new IDs, a new contact and a new token.
+            again = await a.wait_for(second_token, timeout=20 * TIME_UNIT)
+            assert (await b.wait_for(second_token, timeout=20 * TIME_UNIT)).token == again.token
+
+
 async def test_rotation_waits_for_a_running_exchange_and_declines_matches_meanwhile(tmp_path):
     timeout_s = 4.0 * TIME_UNIT
     async with start_broker(_settings(tmp_path)) as broker:
