@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import trustme
 
 from tests.helpers import TIME_UNIT
 
@@ -11,3 +14,18 @@ from tests.helpers import TIME_UNIT
 def time_unit() -> float:
     """The suite's time unit in seconds (``FANNY_TIME_UNIT``, default 1): scale deadlines by it."""
     return TIME_UNIT
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """PEM files of a throw-away CA (``ca``), the broker's certificate for 127.0.0.1 signed by
+    it (``cert``, ``key``), and an unrelated CA (``other``)."""
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "other", "cert", "key")}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    other.cert_pem.write_to_path(str(paths["other"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    for i, blob in enumerate(server.cert_chain_pems):
+        blob.write_to_path(str(paths["cert"]), append=i > 0)
+    return paths

@@ -1,17 +1,23 @@
-"""Shared test helpers: loopback engines around a real in-process broker, event waiting."""
+"""Shared test helpers: loopback engines around a real in-process broker, event waiting, a
+broker link that only fails, a TLS broker, loopback ports that refuse or never answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import Engine
-from fanny_tui.events import Event
+from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
+from fanny_tui.link import BrokerLink
+from fanny_tui.protocol.messages import Hello
 
 TIME_UNIT = float(os.environ.get("FANNY_TIME_UNIT", "1.0"))
 """The tests' one time unit, in seconds: every deadline and wait in a test is a multiple of it.
@@ -22,6 +28,9 @@ LAT, LON = 43.604500, 1.444000
 
 METRE_LAT = 1 / 111_195.0
 """About one metre of latitude, in degrees."""
+
+SESSION_ID = "0f0e0d0c-0b0a-4908-8706-050403020100"
+"""A fixed session ID (UUIDv4) for a broker link made by a test."""
 
 
 def device_config(broker_url: str, **protocol: float) -> Config:
@@ -82,3 +91,66 @@ async def running_device(config: Config, data_dir: Path, source: object
     finally:
         await engine.stop()
         await asyncio.wait_for(device.task, 15)
+
+
+def link_config(url: str, ca_file: Path | None = None, **broker: Any) -> Config:
+    """A device for broker-link tests: ``[broker] url`` (and ``ca_file``, other ``[broker]``
+    keys), fast reconnects and polls, fixed position, loopback ICE."""
+    section: dict[str, Any] = {"url": url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.4}
+    if ca_file is not None:
+        section["ca_file"] = str(ca_file)
+    section.update(broker)
+    return parse_config({
+        "broker": section,
+        "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
+        "protocol": {"poll_interval_s": 0.5, "position_interval_s": 0.3},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+    })
+
+
+@contextlib.asynccontextmanager
+async def tls_broker(tmp_path: Path, pki: dict[str, Path], frames: list[str]
+                     ) -> AsyncIterator[RunningBroker]:
+    """The real broker serving ``wss://127.0.0.1:PORT`` with ``pki``'s certificate (the
+    ``pki`` fixture of tests/conftest.py), open declarations; every frame it receives is
+    appended to ``frames``."""
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "board.sqlite3",
+                              certfile=pki["cert"], keyfile=pki["key"], open_declarations=True,
+                              upload_answer_delay_s=0.02)
+    async with start_broker(settings, recorder=lambda kind, raw: frames.append(raw)) as broker:
+        assert broker.url.startswith("wss://127.0.0.1:")
+        yield broker
+
+
+async def collect_disconnects(url: str, count: int) -> list[BrokerDisconnected]:
+    """Run a real :class:`~fanny_tui.link.BrokerLink` to ``url`` until it reported ``count``
+    ``broker_disconnected`` events (it must never connect); return them, in order."""
+    events: list[Event] = []
+    link = BrokerLink(url, Hello(session_id=SESSION_ID, radius_m=10.0),
+                      on_message=lambda m: None, on_event=events.append,
+                      reconnect_min_s=0.1, reconnect_max_s=0.4)
+    task = asyncio.create_task(link.run())
+    try:
+        while sum(isinstance(e, BrokerDisconnected) for e in events) < count:
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert not any(isinstance(e, BrokerConnected) for e in events)
+    return [e for e in events if isinstance(e, BrokerDisconnected)][:count]
+
+
+@contextlib.contextmanager
+def loopback_port(*, listening: bool) -> Iterator[int]:
+    """A loopback TCP port: bound only (connections are refused) or listening but never
+    accepting (a connection opens, then nothing answers: the link waits for its 10 s
+    handshake time-out, and nothing is heard from the broker meanwhile)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    if listening:
+        sock.listen(16)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()

@@ -8,26 +8,22 @@ looked up on a network.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
-from pathlib import Path
+from typing import Any
 
 import pytest
-import trustme
+from websockets.asyncio.server import ServerConnection, serve
 
 from fanny_tui.describe import Explanation, explain
-from fanny_tui.link import anonymous_connection
+from fanny_tui.link import _describe, anonymous_connection
+from fanny_tui.protocol.messages import Error, encode
 
 from .broker.kit import running
-from .helpers import TIME_UNIT
+from .helpers import TIME_UNIT, collect_disconnects, loopback_port, tls_broker
 
 _EXCEPTION_NAMES = ("Error", "Exception", "Errno", "SSL:", "InvalidStatus")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _failure(url: str, context: ssl.SSLContext | None = None) -> BaseException:
@@ -40,77 +36,135 @@ async def _failure(url: str, context: ssl.SSLContext | None = None) -> BaseExcep
     raise AssertionError(f"{url} did not fail")
 
 
-def _as_event_reason(exc: BaseException) -> str:
-    """The reason text events carry (fanny_tui.engine / fanny_tui.link ``_describe``)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _check_plain(explanation: Explanation) -> None:
+    """One line, no exception names; the headline and the next step fit the Session panel at
+    80 columns (40 characters a line: the headline on one, the next step on two)."""
     line = str(explanation)
     assert "\n" not in line
-    assert not any(name in explanation.what + explanation.todo for name in _EXCEPTION_NAMES), line
-
-
-@pytest.fixture
-def pem(tmp_path: Path) -> dict[str, Path]:
-    """A throw-away CA and a broker certificate for 127.0.0.1 (and one for another name)."""
-    ca = trustme.CA()
-    paths = {name: tmp_path / f"{name}.pem"
-             for name in ("ca", "cert", "key", "other_cert", "other_key")}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    for host, cert, key in (("127.0.0.1", "cert", "key"),
-                            ("broker.example", "other_cert", "other_key")):
-        issued = ca.issue_cert(host)
-        issued.private_key_pem.write_to_path(str(paths[key]))
-        for i, blob in enumerate(issued.cert_chain_pems):
-            blob.write_to_path(str(paths[cert]), append=i > 0)
-    return paths
+    assert not any(name in explanation.what + explanation.todo + explanation.headline
+                   for name in _EXCEPTION_NAMES), line
+    assert 0 < len(explanation.headline) <= 40, explanation.headline
+    assert len(explanation.todo) <= 2 * 38, explanation.todo
 
 
 async def test_a_broker_that_is_not_running():
-    url = f"ws://127.0.0.1:{_free_port()}"
-    exc = await _failure(url)
+    with loopback_port(listening=False) as port:
+        url = f"ws://127.0.0.1:{port}"
+        exc = await _failure(url)
     explained = explain(exc, url=url)
     assert explained.what.startswith(f"nothing accepts connections at {url}")
+    assert explained.headline == "no broker answers at that address"
     assert "start the broker" in explained.todo and "[broker] url" in explained.todo
     assert "Connect call failed" in explained.detail or "refused" in explained.detail
     _check_plain(explained)
     # The same words from the reason an event carries (broker_disconnected, positive_pending).
-    assert explain(_as_event_reason(exc), url=url) == explained
+    assert explain(_describe(exc), url=url) == explained
 
 
-async def test_tls_certificates_the_device_cannot_trust(tmp_path, pem):
-    async with running(tmp_path, certfile=pem["cert"], keyfile=pem["key"]) as broker:
+async def test_tls_certificates_the_device_cannot_trust(tmp_path, pki):
+    async with tls_broker(tmp_path, pki, []) as broker:
         exc = await _failure(broker.url, ssl.create_default_context())   # system CAs only
         explained = explain(exc, url=broker.url)
         assert "not signed by a CA this device trusts" in explained.what
+        assert explained.headline == "the broker's certificate is not trusted"
         assert "[broker] ca_file" in explained.todo
         assert "CERTIFICATE_VERIFY_FAILED" in explained.detail
         _check_plain(explained)
-        assert explain(_as_event_reason(exc), url=broker.url) == explained
+        assert explain(_describe(exc), url=broker.url) == explained
 
-    async with running(tmp_path, certfile=pem["other_cert"], keyfile=pem["other_key"]) as broker:
-        trusting = ssl.create_default_context(cafile=str(pem["ca"]))
-        exc = await _failure(broker.url, trusting)
-        explained = explain(exc, url=broker.url)
+        trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+        exc = await _failure(broker.url, ssl.create_default_context(cafile=str(pki["other"])))
+        assert explain(exc).headline == "the broker's certificate is not trusted"
+
+        url = broker.url.replace("127.0.0.1", "localhost")   # the certificate is for the IP
+        exc = await _failure(url, trusting)
+        assert "mismatch" in str(exc), exc
+        explained = explain(exc, url=url)
         assert "for another host name" in explained.what, explained
+        assert explained.headline == "certificate is for another host name"
         assert "host name the certificate names" in explained.todo
         _check_plain(explained)
+        assert explain(_describe(exc), url=url) == explained
 
 
-async def test_wss_to_a_broker_without_tls_and_ws_to_one_with_tls(tmp_path, pem):
+async def test_wss_to_a_broker_without_tls_and_ws_to_one_with_tls(tmp_path, pki):
     async with running(tmp_path) as broker:
         url = broker.url.replace("ws://", "wss://")
         explained = explain(await _failure(url, ssl.create_default_context()), url=url)
         assert "may not speak TLS" in explained.what, explained
         assert "ws:// or wss://" in explained.todo
         _check_plain(explained)
-    async with running(tmp_path, certfile=pem["cert"], keyfile=pem["key"]) as broker:
+    async with tls_broker(tmp_path, pki, []) as broker:
         url = broker.url.replace("wss://", "ws://")
         explained = explain(await _failure(url), url=url)
         assert "ws:// or wss://" in explained.todo, explained
         _check_plain(explained)
+
+
+# -- the reasons the broker link itself reports (broker_disconnected), made for real ----------
+
+
+async def test_the_link_reports_a_refused_connection():
+    with loopback_port(listening=False) as port:
+        [event] = await collect_disconnects(f"ws://127.0.0.1:{port}", 1)
+    assert event.reason.startswith("ConnectionRefusedError: [Errno 111]"), event.reason
+    explained = explain(event.reason)
+    assert explained.headline == "no broker answers at that address"
+    assert explained.todo == "start the broker, or check [broker] url"
+
+
+async def test_the_link_reports_a_server_that_is_not_a_broker():
+    async def forbid(connection: ServerConnection, request: Any) -> Any:
+        return connection.respond(403, "no\n")
+
+    async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=forbid) as server:
+        port = server.sockets[0].getsockname()[1]
+        [event] = await collect_disconnects(f"ws://127.0.0.1:{port}", 1)
+    explained = explain(event.reason)
+    assert explained.headline == "not a FANNY broker (HTTP 403)", event.reason
+    assert "path in [broker] url" in explained.todo and "reverse proxy" in explained.todo
+    _check_plain(explained)
+
+
+async def test_the_link_reports_a_busy_broker():
+    async def refuse(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send(encode(Error(code="too_many_connections", message="try later")))
+        with contextlib.suppress(Exception):
+            await ws.close(1008)
+
+    async with serve(refuse, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        [event] = await collect_disconnects(f"ws://127.0.0.1:{port}", 1)
+    assert event.reason.startswith("bad answer to hello: broker refused: too_many_connections")
+    explained = explain(event.reason)
+    assert explained.headline == "broker busy (too_many_connections)", event.reason
+    assert "retries by itself" in explained.todo
+    _check_plain(explained)
+
+
+@pytest.mark.parametrize(("reason", "headline"), [
+    # Formatted by fanny_tui.link.BrokerLink.run itself:
+    ("connection closed (1001)", "the broker is restarting or stopping"),
+    ("connection closed (no close frame)", "the connection to the broker dropped"),
+    ("closed by the broker", "the connection to the broker dropped"),
+    ("no answer to hello", "the broker did not answer in time"),
+    ("bad answer to hello: expected welcome, got Matched",
+     "the broker's answer was not understood"),
+    ("bad answer to hello: broker refused: unsupported_protocol: version 9 (field protocol)",
+     "broker refused (unsupported_protocol)"),
+    # As Python words these errors (socket.gaierror, OSError, TimeoutError):
+    ("gaierror: [Errno -2] Name or service not known", "the broker's host name is unknown"),
+    ("OSError: [Errno 101] Network is unreachable", "no network route to the broker"),
+    ("TimeoutError: timed out during opening handshake", "the broker did not answer in time"),
+])
+def test_the_link_reasons_have_short_headlines(reason, headline):
+    explained = explain(reason)
+    assert explained.headline == headline
+    _check_plain(explained)
+
+
+# -- the rest, from the exception or the reason text ---------------------------------------
 
 
 @pytest.mark.parametrize(("failure", "what", "todo"), [
@@ -126,13 +180,22 @@ async def test_wss_to_a_broker_without_tls_and_ws_to_one_with_tls(tmp_path, pem)
     ("no answer to hello", "did not answer in time", "network"),
     ("bad answer to hello: expected welcome, got Error", "did not answer the hello",
      "same kit version"),
-    ("connection closed (1001)", "was closed", "reconnects by itself"),
+    ("connection closed (1001)", "is restarting or stopping", "reconnects by itself"),
+    ("connection closed (no close frame)", "was closed", "reconnects by itself"),
     ("SSLError: [SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)",
      "does not speak TLS", "use ws://"),
     ("ConnectionError: the broker is not connected", "not connected", "wait"),
+    ("SSLCertVerificationError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+     "certificate has expired (_ssl.c:1006)", "has expired", "clock"),
+    ("ConnectionResetError: [Errno 104] Connection reset by peer", "dropped the connection",
+     "ws:// or wss://"),
+    ("InvalidMessage: did not receive a valid HTTP response", "does not answer like a FANNY",
+     "ws:// or wss://"),
+    ("bad answer to hello: broker refused: rate_limited: slow down", "is busy", "retries"),
 ])
 def test_known_failures_in_plain_words(failure, what, todo):
     explained = explain(failure, url="ws://broker.example:8765")
+    assert "broker.example" not in explained.headline
     assert what in explained.what, explained
     assert todo in explained.todo, explained
     _check_plain(explained)
@@ -144,6 +207,7 @@ def test_an_unknown_failure_keeps_its_text_on_one_line():
     assert "\n" not in str(explained)
     assert len(explained.detail) == 160 and explained.detail.endswith("…")
     assert "check the log" in explained.todo
+    assert explained.headline == "unexpected failure"
     assert str(explain("")) == "an unknown failure: retry; if it lasts, check the log"
     assert explain(ConnectionRefusedError(111, "x")).what.startswith(
         "nothing accepts connections at the broker's address")

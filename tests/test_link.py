@@ -12,7 +12,6 @@ import contextlib
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ import pytest
 import trustme
 from websockets.asyncio.server import ServerConnection, serve
 
-from broker.server import BrokerSettings, RunningBroker, start_broker
-from fanny_tui.config import ConfigError, parse_config
-from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
+from broker.server import BrokerSettings, start_broker
+from fanny_tui.config import ConfigError
+from fanny_tui.events import Event
 from fanny_tui.gps import FixedSource
 from fanny_tui.link import BrokerLink, anonymous_connection, ssl_context_for
 from fanny_tui.protocol.expiry import expiry_for
@@ -35,9 +34,15 @@ from fanny_tui.protocol.messages import (
 )
 from fanny_tui.store import TokenStore
 
-from .helpers import LAT, LON, running_device
-
-SESSION_ID = "0f0e0d0c-0b0a-4908-8706-050403020100"
+from .helpers import (
+    LAT,
+    LON,
+    SESSION_ID,
+    collect_disconnects,
+    link_config,
+    running_device,
+    tls_broker,
+)
 
 
 def _one_token(data_dir: Path) -> None:
@@ -46,28 +51,15 @@ def _one_token(data_dir: Path) -> None:
     store.close()
 
 
-def _config(url: str, ca_file: Path | None = None, **broker: Any) -> Any:
-    section: dict[str, Any] = {"url": url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.4}
-    if ca_file is not None:
-        section["ca_file"] = str(ca_file)
-    section.update(broker)
-    return parse_config({
-        "broker": section,
-        "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
-        "protocol": {"poll_interval_s": 0.5, "position_interval_s": 0.3},
-        "webrtc": {"host_addresses": ["127.0.0.1"]},
-    })
-
-
 # -- ssl_context_for ------------------------------------------------------------------------
 
 
 def test_ws_needs_no_context():
-    assert ssl_context_for(_config("ws://127.0.0.1:1").broker) is None
+    assert ssl_context_for(link_config("ws://127.0.0.1:1").broker) is None
 
 
 def test_wss_verifies_against_the_system_cas_by_default():
-    context = ssl_context_for(_config("wss://broker.example:443").broker)
+    context = ssl_context_for(link_config("wss://broker.example:443").broker)
     assert context is not None
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
 
@@ -75,7 +67,7 @@ def test_wss_verifies_against_the_system_cas_by_default():
 def test_wss_with_a_ca_file_trusts_that_ca(tmp_path):
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    context = ssl_context_for(_config("wss://127.0.0.1:1", tmp_path / "ca.pem").broker)
+    context = ssl_context_for(link_config("wss://127.0.0.1:1", tmp_path / "ca.pem").broker)
     assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
     assert len(context.get_ca_certs()) == 1
 
@@ -91,7 +83,7 @@ def test_a_bad_ca_file_is_one_clear_error(tmp_path, content):
     elif content is not None:
         path.write_text(content)
     with pytest.raises(ConfigError) as caught:
-        ssl_context_for(_config("wss://127.0.0.1:1", path).broker)
+        ssl_context_for(link_config("wss://127.0.0.1:1", path).broker)
     text = str(caught.value)
     assert text.startswith("broker.ca_file: expected a readable PEM file") and str(path) in text
     assert "\n" not in text
@@ -99,42 +91,17 @@ def test_a_bad_ca_file_is_one_clear_error(tmp_path, content):
 
 def test_a_ca_file_for_a_ws_broker_is_a_mistake(tmp_path):
     with pytest.raises(ConfigError, match="broker.ca_file.*wss://"):
-        ssl_context_for(_config("ws://127.0.0.1:1", tmp_path / "ca.pem").broker)
+        ssl_context_for(link_config("ws://127.0.0.1:1", tmp_path / "ca.pem").broker)
 
 
 # -- wss:// end to end ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    """A throw-away CA, the broker's certificate for 127.0.0.1, and an unrelated CA."""
-    ca, other = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "other", "cert", "key")}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    other.cert_pem.write_to_path(str(paths["other"]))
-    server.private_key_pem.write_to_path(str(paths["key"]))
-    for i, blob in enumerate(server.cert_chain_pems):
-        blob.write_to_path(str(paths["cert"]), append=i > 0)
-    return paths
-
-
-@contextlib.asynccontextmanager
-async def tls_broker(tmp_path: Path, pki: dict[str, Path], frames: list[str]
-                     ) -> AsyncIterator[RunningBroker]:
-    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "board.sqlite3",
-                              certfile=pki["cert"], keyfile=pki["key"], open_declarations=True,
-                              upload_answer_delay_s=0.02)
-    async with start_broker(settings, recorder=lambda kind, raw: frames.append(raw)) as broker:
-        assert broker.url.startswith("wss://127.0.0.1:")
-        yield broker
 
 
 async def test_a_device_trusting_the_ca_works_over_wss(tmp_path, pki):
     frames: list[str] = []
     async with tls_broker(tmp_path, pki, frames) as broker:
         _one_token(tmp_path / "dev")
-        config = _config(broker.url, pki["ca"])
+        config = link_config(broker.url, pki["ca"])
         async with running_device(config, tmp_path / "dev",
                                   FixedSource(LAT, LON, 4.0, interval_s=0.2)) as device:
             connected = await device.wait_event("broker_connected")
@@ -154,7 +121,7 @@ async def test_a_device_trusting_another_ca_never_says_hello(tmp_path, pki):
     frames: list[str] = []
     async with tls_broker(tmp_path, pki, frames) as broker:
         _one_token(tmp_path / "dev")
-        config = _config(broker.url, pki["other"])
+        config = link_config(broker.url, pki["other"])
         async with running_device(config, tmp_path / "dev",
                                   FixedSource(LAT, LON, 4.0, interval_s=0.2)) as device:
             first = await device.wait_event("broker_disconnected")
@@ -172,7 +139,7 @@ async def test_the_wrong_host_name_is_refused(tmp_path, pki):
     frames: list[str] = []
     async with tls_broker(tmp_path, pki, frames) as broker:
         url = broker.url.replace("127.0.0.1", "localhost")   # the certificate is for the IP
-        context = ssl_context_for(_config(url, pki["ca"]).broker)
+        context = ssl_context_for(link_config(url, pki["ca"]).broker)
         with pytest.raises(ssl.SSLCertVerificationError, match="match|mismatch"):
             async with anonymous_connection(url, ssl_context=context, timeout_s=5) as ch:
                 await ch.request(PositivesPoll(cursor=0))
@@ -180,23 +147,6 @@ async def test_the_wrong_host_name_is_refused(tmp_path, pki):
 
 
 # -- reconnection backoff -------------------------------------------------------------------
-
-
-async def _collect_disconnects(url: str, count: int) -> list[BrokerDisconnected]:
-    events: list[Event] = []
-    link = BrokerLink(url, Hello(session_id=SESSION_ID, radius_m=10.0),
-                      on_message=lambda m: None, on_event=events.append,
-                      reconnect_min_s=0.1, reconnect_max_s=0.4)
-    task = asyncio.create_task(link.run())
-    try:
-        while sum(isinstance(e, BrokerDisconnected) for e in events) < count:
-            await asyncio.sleep(0.02)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert not any(isinstance(e, BrokerConnected) for e in events)
-    return [e for e in events if isinstance(e, BrokerDisconnected)][:count]
 
 
 def _assert_backs_off(delays: list[float]) -> None:
@@ -210,7 +160,7 @@ async def test_refused_connections_back_off_and_say_so():
     with contextlib.closing(socket.socket()) as sock:
         sock.bind(("127.0.0.1", 0))            # bound, not listening: connection refused
         url = f"ws://127.0.0.1:{sock.getsockname()[1]}"
-        events = await _collect_disconnects(url, 5)
+        events = await collect_disconnects(url, 5)
     assert all("ConnectionRefusedError" in e.reason for e in events)
     assert len({e.reason for e in events}) == 1   # identical: the UI shows it once
     _assert_backs_off([e.retry_in_s for e in events])
@@ -228,7 +178,7 @@ async def test_a_broker_that_turns_the_hello_away_is_not_hammered():
 
     async with serve(refuse, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
-        events = await _collect_disconnects(f"ws://127.0.0.1:{port}", 4)
+        events = await collect_disconnects(f"ws://127.0.0.1:{port}", 4)
     assert all("too_many_connections" in e.reason for e in events), events
     _assert_backs_off([e.retry_in_s for e in events])
     assert connections <= len(events) + 1        # one connection per announced retry
@@ -240,7 +190,7 @@ async def test_a_proxy_refusing_the_handshake_is_backed_off_not_fatal():
 
     async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=forbid) as server:
         port = server.sockets[0].getsockname()[1]
-        events = await _collect_disconnects(f"ws://127.0.0.1:{port}", 3)
+        events = await collect_disconnects(f"ws://127.0.0.1:{port}", 3)
     assert all("InvalidStatus" in e.reason and "403" in e.reason for e in events), events
     _assert_backs_off([e.retry_in_s for e in events])
 

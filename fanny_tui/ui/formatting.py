@@ -8,12 +8,11 @@ event) is wrapped in :class:`rich.text.Text`, never parsed as console markup.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rich.text import Text
 
+from ..describe import explain
 from ..events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -231,85 +230,6 @@ def format_fix_mode(mode: int) -> str:
     return {2: "2D fix", 3: "3D fix"}.get(mode, "no fix")
 
 
-# -- broker failures in plain words ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A failure in plain words: what went wrong and what to do about it."""
-
-    problem: str
-    hint: str
-
-
-_HTTP_STATUS = re.compile(r"(HTTP \d{3})")
-_BROKER_CODE = re.compile(r"broker refused: ([a-z_]+)")
-
-_FAILURES: tuple[tuple[tuple[str, ...], Failure], ...] = (
-    (("Hostname mismatch", "IP address mismatch", "not valid for", "doesn't match"),
-     Failure("certificate is for another host name",
-             "put the name the certificate was issued for in [broker] url")),
-    (("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError"),
-     Failure("the broker's certificate is not trusted",
-             "set [broker] ca_file to the CA that signed it")),
-    (("SSLError", "SSL:", "WRONG_VERSION_NUMBER"),
-     Failure("TLS with the broker failed",
-             "wss:// needs a TLS broker, ws:// a plain one: check [broker] url")),
-    (("ConnectionRefusedError", "Connect call failed"),
-     Failure("no broker answers at that address",
-             "start fanny-broker or fix [broker] url")),
-    (("gaierror", "Name or service not known", "nodename nor servname",
-      "Temporary failure in name resolution"),
-     Failure("the broker's host name is unknown",
-             "check [broker] url, and that this device is online")),
-    (("Network is unreachable", "No route to host", "Errno 101", "Errno 113"),
-     Failure("no network route to the broker", "check Wi-Fi or mobile data")),
-    (("InvalidStatus", "InvalidHandshake", "InvalidMessage", "InvalidUpgrade"),
-     Failure("[broker] url is not a FANNY broker",
-             "check the URL's path; a proxy may block WebSockets")),
-    (("too_many_connections", "rate_limited"),
-     Failure("the broker turned this device away", "it is busy; this device retries")),
-    (("broker refused",),
-     Failure("the broker refused this device", "kit and broker versions may differ")),
-    (("bad answer to hello", "expected welcome"),
-     Failure("the broker's answer was not understood", "kit and broker versions may differ")),
-    (("no answer to hello", "TimeoutError", "timed out"),
-     Failure("the broker did not answer in time",
-             "slow network or busy broker; it retries")),
-    (("connection closed (1001)",),
-     Failure("the broker is restarting or stopping", "this device reconnects on its own")),
-    (("connection closed", "ConnectionClosed", "ConnectionResetError", "closed by the broker"),
-     Failure("the connection to the broker dropped", "this device reconnects on its own")),
-)
-
-
-def describe_failure(reason: str) -> Failure:
-    """A broker failure reason as the link and the uploads report it, in plain words.
-
-    The reasons are those of :class:`~fanny_tui.events.BrokerDisconnected` and
-    :class:`~fanny_tui.events.PositivePending` (``ConnectionRefusedError: [Errno 111] Connect
-    call failed ('127.0.0.1', 8765)``, ``SSLCertVerificationError: [SSL:
-    CERTIFICATE_VERIFY_FAILED] …``, ``connection closed (1001)``...; see
-    :mod:`fanny_tui.link`). The raw reason stays in the event log.
-
-    Args:
-        reason: the raw reason.
-
-    Returns:
-        What went wrong and what to do; an unknown reason is ``cannot reach the broker``, with
-        its first 60 characters as the hint.
-    """
-    for needles, failure in _FAILURES:
-        if any(needle in reason for needle in needles):
-            detail = _HTTP_STATUS.search(reason) or _BROKER_CODE.search(reason)
-            if detail is None:
-                return failure
-            return Failure(f"{failure.problem} ({detail.group(1)})", failure.hint)
-    first = reason.splitlines()[0] if reason else "no reason given"
-    return Failure("cannot reach the broker",
-                   first if len(first) <= 60 else first[:59] + "…")
-
-
 # -- declarations ---------------------------------------------------------------------------
 
 REFUSAL_TEXTS = {
@@ -378,8 +298,7 @@ def describe_event(event: Event) -> Text | None:
         case BrokerConnected(url=url, radius_m=radius):
             return Text(f"connected to {url} (match radius {radius:g} m)")
         case BrokerDisconnected(reason=reason):
-            failure = describe_failure(reason)
-            return Text.assemble(failure.problem, " (", reason, ")")
+            return Text.assemble(explain(reason).headline, " (", reason, ")")
         case GpsLost(reason=reason):
             return Text.assemble("no fix: ", reason)
         case MatchFound(peer=peer, role=role):
@@ -405,7 +324,7 @@ def describe_event(event: Event) -> Text | None:
             return Text(f"the broker has {plural(count, 'token')}; deleted from this device")
         case PositivePending(count=count, reason=reason):
             return Text.assemble(f"{plural(count, 'token')} kept until the broker has them: ",
-                                 describe_failure(reason).problem, " (", reason, ")")
+                                 explain(reason).headline, " (", reason, ")")
         case PositiveRefused(reason=reason, count=count):
             return Text(describe_refusal(reason, count))
         case PositivesPolled(received=0):

@@ -20,6 +20,7 @@ from rich.text import Text
 from textual.events import Resize
 from textual.widgets import DataTable, RichLog, Static
 
+from ..describe import explain
 from ..events import Contact, GpsFix
 from ..store import StoredToken
 from .formatting import (
@@ -27,7 +28,6 @@ from .formatting import (
     EXPOSURE_NEXT_STEP,
     abbreviate_token,
     describe_exposure,
-    describe_failure,
     describe_gps_source,
     format_accuracy,
     format_bearing,
@@ -230,9 +230,9 @@ class SessionPanel(Static):
             grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
                                   overflow="ellipsis"))
             return grid
-        failure = describe_failure(self.broker_detail)
-        grid.add_row("", Text(failure.problem, style="bold"))
-        grid.add_row("", Text(f"→ {failure.hint}", style="italic"))
+        failure = explain(self.broker_detail)
+        grid.add_row("", Text(failure.headline, style="bold"))
+        grid.add_row("", Text(f"→ {failure.todo}", style="italic"))
         grid.add_row("", Text(f"since {format_clock(self.outage_since)}, "
                               f"{plural(self.outage_attempts, 'attempt')}",
                               style="italic", no_wrap=True, overflow="ellipsis"))

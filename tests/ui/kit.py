@@ -1,12 +1,10 @@
 """Helpers for the UI tests: a real engine with a test-fed position source, a settable clock,
-broker addresses on loopback that refuse or never answer, and ways to read what is shown."""
+and ways to read what is shown (loopback ports that refuse or never answer: tests/helpers.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -51,21 +49,6 @@ class SettableClock:
         """Move the clock ``seconds`` on; returns the new instant."""
         self.now += timedelta(seconds=seconds)
         return self.now
-
-
-@contextmanager
-def loopback_port(*, listening: bool) -> Iterator[int]:
-    """A loopback TCP port: bound only (connections are refused) or listening but never
-    accepting (a connection opens, then nothing answers: the link waits for its 10 s
-    handshake time-out, the UI hears nothing from the broker meanwhile)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    if listening:
-        sock.listen(16)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def ui_config(port: int) -> Config:

@@ -38,8 +38,9 @@ from fanny_tui.store import TokenStore
 from fanny_tui.ui import EngineEvent, FannyApp
 from fanny_tui.ui.formatting import format_countdown
 from fanny_tui.ui.screens import ConfirmDeclareScreen
+from tests.helpers import loopback_port
 
-from .kit import build, log_text, loopback_port, rendered, ui_config, wait_until
+from .kit import build, log_text, rendered, ui_config, wait_until
 
 SIZE = (120, 40)
 TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]

@@ -1,13 +1,10 @@
-"""The UI's pure text functions; broker failures mapped from the real strings the link makes."""
+"""The UI's pure text functions (broker failures in plain words: tests/test_describe.py)."""
 
 from __future__ import annotations
 
-import contextlib
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
-from websockets.asyncio.server import ServerConnection, serve
 
 from fanny_tui.events import (
     BrokerDisconnected,
@@ -20,14 +17,11 @@ from fanny_tui.events import (
     PositivesPolled,
     TokenStored,
 )
-from fanny_tui.link import _describe, anonymous_connection, ssl_context_for
-from fanny_tui.protocol.messages import Error, PositivesPoll, encode
 from fanny_tui.ui.formatting import (
     EXPOSURE_NEXT_STEP,
     compass_point,
     describe_event,
     describe_exposure,
-    describe_failure,
     describe_gps_source,
     format_accuracy,
     format_bearing,
@@ -38,9 +32,6 @@ from fanny_tui.ui.formatting import (
     format_seconds,
     peer_name,
 )
-from tests.test_link import _collect_disconnects, _config, pki, tls_broker  # noqa: F401
-
-from .kit import loopback_port
 
 CONTACT = Contact(duration_s=125.0, closest_m=2.14, median_m=4.0, samples=25)
 
@@ -145,102 +136,7 @@ def test_failures_are_logged_in_plain_words_with_the_raw_reason():
     reason = "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 9)"
     line = describe_event(BrokerDisconnected(reason=reason, retry_in_s=3.0))
     assert line is not None and line.plain == f"no broker answers at that address ({reason})"
+    # The words are fanny_tui.describe's (tests/test_describe.py), shared with the CLI.
     pending = describe_event(PositivePending(count=2, reason=reason, retry_in_s=1.0))
     assert pending is not None and pending.plain.startswith(
         "2 tokens kept until the broker has them: no broker answers at that address")
-
-
-# -- broker failures, from the real strings -------------------------------------------------
-
-
-async def test_a_refused_connection_in_plain_words():
-    with loopback_port(listening=False) as port:
-        [event] = await _collect_disconnects(f"ws://127.0.0.1:{port}", 1)
-    assert event.reason.startswith("ConnectionRefusedError: [Errno 111]"), event.reason
-    failure = describe_failure(event.reason)
-    assert failure.problem == "no broker answers at that address"
-    assert failure.hint == "start fanny-broker or fix [broker] url"
-
-
-async def _tls_failure(url: str, ca_file: Any) -> str:
-    context = ssl_context_for(_config(url, ca_file).broker)
-    try:
-        async with anonymous_connection(url, ssl_context=context, timeout_s=5) as channel:
-            await channel.request(PositivesPoll(cursor=0))
-    except Exception as exc:  # the engine reports it this way (positive_pending)
-        return _describe(exc)
-    raise AssertionError("the TLS connection should have failed")
-
-
-async def test_tls_failures_in_plain_words(tmp_path, pki):  # noqa: F811 (pki: a fixture)
-    async with tls_broker(tmp_path, pki, []) as broker:
-        untrusted = await _tls_failure(broker.url, pki["other"])
-        wrong_name = await _tls_failure(broker.url.replace("127.0.0.1", "localhost"), pki["ca"])
-    assert untrusted.startswith("SSLCertVerificationError: [SSL: CERTIFICATE_VERIFY_FAILED]")
-    assert describe_failure(untrusted).problem == "the broker's certificate is not trusted"
-    assert "[broker] ca_file" in describe_failure(untrusted).hint
-    assert "mismatch" in wrong_name, wrong_name
-    assert describe_failure(wrong_name).problem == "certificate is for another host name"
-
-
-async def test_a_server_that_is_not_a_broker_in_plain_words():
-    async def forbid(connection: ServerConnection, request: Any) -> Any:
-        return connection.respond(403, "no\n")
-
-    async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=forbid) as server:
-        port = server.sockets[0].getsockname()[1]
-        [event] = await _collect_disconnects(f"ws://127.0.0.1:{port}", 1)
-    assert describe_failure(event.reason).problem == (
-        "[broker] url is not a FANNY broker (HTTP 403)"), event.reason
-
-
-async def test_a_busy_broker_in_plain_words():
-    async def refuse(ws: ServerConnection) -> None:
-        await ws.recv()
-        await ws.send(encode(Error(code="too_many_connections", message="try later")))
-        with contextlib.suppress(Exception):
-            await ws.close(1008)
-
-    async with serve(refuse, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        [event] = await _collect_disconnects(f"ws://127.0.0.1:{port}", 1)
-    failure = describe_failure(event.reason)
-    assert failure.problem == (
-        "the broker turned this device away (too_many_connections)"), event.reason
-
-
-@pytest.mark.parametrize(("reason", "problem"), [
-    # Formatted by fanny_tui.link.BrokerLink.run itself:
-    ("connection closed (1001)", "the broker is restarting or stopping"),
-    ("connection closed (no close frame)", "the connection to the broker dropped"),
-    ("no answer to hello", "the broker did not answer in time"),
-    ("bad answer to hello: expected welcome, got Matched",
-     "the broker's answer was not understood"),
-    # As Python words these errors (socket.gaierror, OSError, TimeoutError):
-    ("gaierror: [Errno -2] Name or service not known", "the broker's host name is unknown"),
-    ("OSError: [Errno 101] Network is unreachable", "no network route to the broker"),
-    ("TimeoutError: timed out during opening handshake", "the broker did not answer in time"),
-])
-def test_other_failures_in_plain_words(reason, problem):
-    assert describe_failure(reason).problem == problem
-
-
-def test_an_unknown_failure_keeps_its_first_words_as_the_hint():
-    failure = describe_failure("ValueError: " + "x" * 100 + "\nsecond line")
-    assert failure.problem == "cannot reach the broker"
-    assert failure.hint.startswith("ValueError: xxx") and failure.hint.endswith("…")
-    assert len(failure.hint) == 60
-    assert describe_failure("").hint == "no reason given"
-
-
-def test_every_failure_fits_the_session_panel_at_80_columns():
-    # At 80 columns the broker half has 40 characters a line: the problem takes one (its
-    # detail in parentheses may wrap), the hint ("→ " first) at most two.
-    reasons = ["ConnectionRefusedError", "CERTIFICATE_VERIFY_FAILED", "Hostname mismatch",
-               "SSLError", "gaierror", "Network is unreachable", "InvalidStatus",
-               "too_many_connections", "broker refused", "bad answer to hello",
-               "no answer to hello", "connection closed (1001)", "connection closed"]
-    for reason in reasons:
-        failure = describe_failure(reason)
-        assert len(failure.problem) <= 40, failure
-        assert len(failure.hint) <= 2 * 38, failure

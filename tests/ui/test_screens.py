@@ -39,8 +39,9 @@ from fanny_tui.store import TokenStore
 from fanny_tui.ui import EngineEvent, FannyApp
 from fanny_tui.ui.peers import LINGER_S
 from fanny_tui.ui.screens import ConfirmDeclareScreen, HelpScreen
+from tests.helpers import loopback_port
 
-from .kit import T0, SettableClock, build, log_text, loopback_port, rendered, ui_config, wait_until
+from .kit import T0, SettableClock, build, log_text, rendered, ui_config, wait_until
 
 WIDE, SMALL = (160, 48), (80, 24)
 TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
@@ -172,7 +173,7 @@ async def test_a_broker_failure_in_plain_words_with_a_live_countdown(quiet, data
         shown = rendered(session)
         assert "disconnected, retry in 28 s" in shown
         assert "no broker answers at that address" in shown
-        assert "→ start fanny-broker or fix [broker] url" in shown
+        assert "→ start the broker, or check [broker]" in shown       # "url" wraps
         assert "since 09:30:00, 1 attempt" in shown
         await tick(pilot, app, clock, 10)
         assert "disconnected, retry in 18 s" in rendered(session)

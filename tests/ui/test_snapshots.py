@@ -32,8 +32,9 @@ from fanny_tui.events import (
 )
 from fanny_tui.store import TokenStore
 from fanny_tui.ui import EngineEvent, FannyApp
+from tests.helpers import loopback_port
 
-from .kit import T0, SettableClock, build, loopback_port, ui_config, wait_until
+from .kit import T0, SettableClock, build, ui_config, wait_until
 
 TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
 CONTACT = Contact(duration_s=125.0, closest_m=2.1, median_m=4.0, samples=25)
