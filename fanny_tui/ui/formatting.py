@@ -225,6 +225,59 @@ def describe_gps_source(source: str) -> str | None:
     return f"{source} (no GPS)"
 
 
+RECEIVER_CLOCK_TOLERANCE_S = 5.0
+"""How far (seconds, either way) a fix's GPS time may be from the device clock at its arrival
+and still be taken as when it was measured (gpsd sends a fix well within a second)."""
+
+
+def fix_measured_at(gps_time: datetime | None, received_at: datetime) -> tuple[datetime, bool]:
+    """When a fix was measured, for its age: its GPS time (UTC) if plausible, else its arrival.
+
+    A replayed log (gpsfake, an NMEA file) carries the log's old date, and a receiver without a
+    time fix or a device with a wrong clock can be off by days: such a GPS time would make a
+    fresh fix look years old. It is plausible within :data:`RECEIVER_CLOCK_TOLERANCE_S` of
+    ``received_at``.
+
+    Args:
+        gps_time: ``GpsFix.time`` (a naive value is UTC), or None.
+        received_at: the device clock (UTC) when the fix arrived.
+
+    Returns:
+        ``(instant, from_gps)``: the instant to count the age from, and True if it is the GPS
+        time.
+    """
+    if gps_time is None:
+        return received_at, False
+    if gps_time.tzinfo is None:
+        gps_time = gps_time.replace(tzinfo=UTC)
+    if abs((gps_time - received_at).total_seconds()) <= RECEIVER_CLOCK_TOLERANCE_S:
+        return gps_time, True
+    return received_at, False
+
+
+def format_fix_age(age_s: float | None, gps_time: datetime | None, from_gps: bool
+                   ) -> tuple[Text, Text | None]:
+    """The GPS panel's age of the fix, and a note when it does not count from the GPS time.
+
+    Args:
+        age_s: seconds since the fix was measured (or arrived), None when unknown.
+        gps_time: ``GpsFix.time`` (a naive value is UTC), or None.
+        from_gps: whether ``age_s`` counts from ``gps_time`` (see :func:`fix_measured_at`).
+
+    Returns:
+        ``(age, note)``: ``0.4 s`` and None; or, when the GPS time was not plausible (a
+        replayed log, a receiver clock that is off), ``0.4 s since arrival`` and ``GPS time
+        2005-06-08 17:15`` (UTC, to the minute: at most 25 characters).
+    """
+    age = Text(format_seconds(age_s))
+    if gps_time is None or from_gps:
+        return age, None
+    if gps_time.tzinfo is None:
+        gps_time = gps_time.replace(tzinfo=UTC)
+    age.append(" since arrival")
+    return age, Text(gps_time.astimezone(UTC).strftime("GPS time %Y-%m-%d %H:%M"), style="dim")
+
+
 def format_fix_mode(mode: int) -> str:
     """gpsd's TPV mode in cgps' words: 2 -> ``2D fix``, 3 -> ``3D fix``, else ``no fix``."""
     return {2: "2D fix", 3: "3D fix"}.get(mode, "no fix")

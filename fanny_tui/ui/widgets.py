@@ -29,6 +29,7 @@ from .formatting import (
     abbreviate_token,
     describe_exposure,
     describe_gps_source,
+    fix_measured_at,
     format_accuracy,
     format_bearing,
     format_clock,
@@ -37,6 +38,7 @@ from .formatting import (
     format_countdown,
     format_distance,
     format_duration,
+    format_fix_age,
     format_fix_mode,
     format_retry,
     format_seconds,
@@ -198,15 +200,12 @@ class SessionPanel(Static):
 
     @property
     def fix_age_s(self) -> float | None:
-        """Seconds since the fix was measured: since its GPS time (UTC), else since it
-        arrived; None without a fix."""
-        if self.fix is None or self.now is None:
+        """Seconds since the fix was measured: since its GPS time (UTC) when that is within
+        a few seconds of the device clock at its arrival, else since it arrived (a replayed
+        log's GPS time is the log's old date); None without a fix."""
+        if self.fix is None or self.now is None or self.fix_received_at is None:
             return None
-        measured = self.fix.time or self.fix_received_at
-        if measured is None:
-            return None
-        if measured.tzinfo is None:      # a GPS time without zone is UTC
-            measured = measured.replace(tzinfo=UTC)
+        measured, _ = fix_measured_at(self.fix.time, self.fix_received_at)
         return max(0.0, (self.now - measured).total_seconds())
 
     def _broker_grid(self) -> Table:
@@ -242,7 +241,7 @@ class SessionPanel(Static):
 
     def _gps_grid(self) -> Table:
         grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="dim", no_wrap=True)
+        grid.add_column(style="dim", no_wrap=True, min_width=4)
         grid.add_column(no_wrap=True, overflow="ellipsis")
         fix = self.fix
         if fix is None:
@@ -267,7 +266,11 @@ class SessionPanel(Static):
         if fix.hdop is not None:
             accuracy.append(f"  HDOP {fix.hdop:.1f}")
         grid.add_row("Acc", accuracy)
-        grid.add_row("Age", Text(format_seconds(self.fix_age_s)))
+        _, from_gps = fix_measured_at(fix.time, self.fix_received_at or _now(None))
+        age, note = format_fix_age(self.fix_age_s, fix.time, from_gps)
+        grid.add_row("Age", age)
+        if note is not None:
+            grid.add_row("", note)
         grid.add_row("Pos", Text(f"{format_coordinate(fix.latitude)}° "
                                  f"{format_coordinate(fix.longitude)}°"))
         return grid

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from rich.text import Text
 
 from fanny_tui.events import (
     BrokerDisconnected,
@@ -23,11 +24,13 @@ from fanny_tui.ui.formatting import (
     describe_event,
     describe_exposure,
     describe_gps_source,
+    fix_measured_at,
     format_accuracy,
     format_bearing,
     format_contact,
     format_distance,
     format_duration,
+    format_fix_age,
     format_retry,
     format_seconds,
     peer_name,
@@ -140,3 +143,36 @@ def test_failures_are_logged_in_plain_words_with_the_raw_reason():
     pending = describe_event(PositivePending(count=2, reason=reason, retry_in_s=1.0))
     assert pending is not None and pending.plain.startswith(
         "2 tokens kept until the broker has them: no broker answers at that address")
+
+
+# -- the age of a fix -----------------------------------------------------------------------
+
+ARRIVED = datetime(2026, 12, 1, 5, 30, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("gps_time", "measured", "from_gps"), [
+    (None, ARRIVED, False),                                           # no GPS time
+    (ARRIVED - timedelta(seconds=1.5), ARRIVED - timedelta(seconds=1.5), True),
+    (ARRIVED + timedelta(seconds=2), ARRIVED + timedelta(seconds=2), True),   # clock behind
+    (ARRIVED - timedelta(seconds=5), ARRIVED - timedelta(seconds=5), True),   # the bound
+    (ARRIVED - timedelta(seconds=5.1), ARRIVED, False),
+    (ARRIVED + timedelta(minutes=3), ARRIVED, False),
+    (datetime(2005, 6, 8, 17, 15, 2, tzinfo=UTC), ARRIVED, False),   # a replayed log
+    ((ARRIVED - timedelta(seconds=1)).replace(tzinfo=None), ARRIVED - timedelta(seconds=1),
+     True),                                                           # zoneless: UTC
+])
+def test_a_fix_is_aged_from_its_gps_time_only_when_that_is_plausible(gps_time, measured,
+                                                                     from_gps):
+    assert fix_measured_at(gps_time, ARRIVED) == (measured, from_gps)
+
+
+def test_the_age_says_when_it_counts_from_the_arrival():
+    assert format_fix_age(1.25, ARRIVED, True) == (Text("1.2 s"), None)
+    assert format_fix_age(0.0, None, False) == (Text("0.0 s"), None)
+    age, note = format_fix_age(3.0, datetime(2005, 6, 8, 17, 15, 2, tzinfo=UTC), False)
+    assert age.plain == "3.0 s since arrival"
+    assert note is not None and note.plain == "GPS time 2005-06-08 17:15"
+    assert len(note.plain) <= 25                      # the GPS half's value column at 80x24
+    age, note = format_fix_age(None, ARRIVED.replace(tzinfo=None), False)
+    assert age.plain == "– since arrival" and note is not None
+    assert note.plain == "GPS time 2026-12-01 05:30"

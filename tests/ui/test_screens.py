@@ -10,7 +10,7 @@ engine would emit them, and the app's clock is a :class:`~tests.ui.kit.SettableC
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -205,6 +205,14 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         await post(pilot, app, GpsFix(latitude=44.0, longitude=-1.0, accuracy_m=3.0, mode=3,
                                       time=(clock.now - timedelta(seconds=3)).replace(tzinfo=None)))
         assert "Age  3.0 s" in rendered(session)               # a zoneless GPS time is UTC
+        # A replayed log: its GPS time is the log's date, years before the device clock. The
+        # age counts from the arrival, and the panel says so.
+        await post(pilot, app, GpsFix(latitude=44.0, longitude=-1.0, accuracy_m=3.0, mode=3,
+                                      time=datetime(2005, 6, 8, 17, 15, 2, tzinfo=UTC)))
+        shown = rendered(session)
+        assert "Age  0.0 s since arrival" in shown and "GPS time 2005-06-08 17:15" in shown
+        await tick(pilot, app, clock, 4)
+        assert "Age  4.0 s since arrival" in rendered(session)
         assert "44.06" not in log_text(app)                   # positions never in the log
 
 
