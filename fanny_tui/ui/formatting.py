@@ -176,6 +176,42 @@ def peer_name(peer: int) -> str:
     return f"peer {peer}"
 
 
+STATE_WORDS = {"exchanging": "open"}
+"""Handshake states in a tester's words, where they differ (``exchanging``: the data channel
+is open, the witness messages go over it)."""
+
+
+def format_state(state: str, candidates: str | None = None) -> str:
+    """A peer's handshake state with the ICE candidate types of its data channel:
+    ``connecting``, ``open (host)``, ``stored (relay)``, ``failed``.
+
+    Args:
+        state: ``HandshakeProgress.state`` (``matched``, ``connecting``, ``exchanging``,
+            ``stored``, ``closed``, ``failed``).
+        candidates: the selected pair's types (:func:`fanny_tui.ui.peers.candidate_pair`),
+            None when not known.
+    """
+    word = STATE_WORDS.get(state, state)
+    return word if candidates is None else f"{word} ({candidates})"
+
+
+CLOSE_REASONS = {
+    "parted": "parted",
+    "max_contact": "max. contact time",
+    "peer_closed": "the peer closed it",
+    "channel_lost": "channel lost",
+    "stopped": "app stopped",
+    "aborted": "aborted",
+}
+"""Why a contact closed (``ContactClosed.reason``), in a tester's words."""
+
+
+def describe_close_reason(reason: str) -> str:
+    """``ContactClosed.reason`` in words (``peer_closed`` -> ``the peer closed it``); an
+    unknown reason is kept as it is."""
+    return CLOSE_REASONS.get(reason, reason)
+
+
 def abbreviate_token(token: str) -> str:
     """The first 8 hex characters of a witness token and an ellipsis, e.g. ``1a2b3c4d…``."""
     return f"{token[:8]}…"
@@ -367,7 +403,8 @@ def describe_event(event: Event) -> Text | None:
             return Text(line)
         case ContactClosed(peer=peer, reason=reason, contact=contact, token_stored=stored):
             left = "token stored" if stored else "no token"
-            return Text.assemble(f"{peer_name(peer)}: contact over (", reason,
+            return Text.assemble(f"{peer_name(peer)}: contact over (",
+                                 describe_close_reason(reason),
                                  f"): {describe_contact(contact)}; {left}")
         case TokensExpired(count=count):
             return Text(f"{plural(count, 'expired token')} deleted")

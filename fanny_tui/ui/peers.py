@@ -28,6 +28,7 @@ from ..events import (
     PeerUpdate,
     TokenStored,
 )
+from ..protocol.contact import ContactMeasures, merge_measures
 
 LINGER_S = 10.0
 """Seconds a peer's row stays after its contact closed or its exchange failed."""
@@ -55,6 +56,11 @@ class LivePeer:
             gives one, else measured here between the two events).
         contact: the contact's measures once the token is stored or the contact closed.
         reason: why the exchange failed or the contact closed.
+        token: the witness token stored for this contact (from ``token_stored``), to update
+            its row in the Tokens panel when the contact closes; None before.
+        candidates: the ICE candidate types of the data channel's selected pair, from
+            :class:`~fanny_tui.events.ChannelOpen` (see :func:`candidate_pair`); None before
+            the channel opened or when aiortc did not tell.
     """
 
     peer: int
@@ -72,6 +78,32 @@ class LivePeer:
     match_to_token_s: float | None = None
     contact: Contact | None = None
     reason: str | None = None
+    token: str | None = None
+    candidates: str | None = None
+
+
+def merged_contact(earlier: Contact | None, latest: Contact) -> Contact:
+    """A token's exposure after one more contact of the same pair (same session, same token):
+    as the store merges it (:func:`fanny_tui.protocol.contact.merge_measures`: durations and
+    samples add up, the closest is the smaller, the median the latest's)."""
+    if earlier is None:
+        return latest
+    merged = merge_measures(ContactMeasures(earlier.duration_s, earlier.closest_m,
+                                            earlier.median_m, earlier.samples),
+                            ContactMeasures(latest.duration_s, latest.closest_m,
+                                            latest.median_m, latest.samples))
+    return Contact(duration_s=merged.duration_s, closest_m=merged.closest_m,
+                   median_m=merged.median_m, samples=merged.samples)
+
+
+def candidate_pair(local: str | None, remote: str | None) -> str | None:
+    """The ICE candidate types of a selected pair (RFC 8445 5.1.1: ``host``, ``srflx``,
+    ``prflx``, ``relay``) in a few characters: ``host`` when both ends are of one type,
+    ``srflx/prflx`` (local/remote) when not, the one known when the other is None; None when
+    neither is known."""
+    if local is None or remote is None or local == remote:
+        return local or remote
+    return f"{local}/{remote}"
 
 
 class LivePeers:
@@ -131,17 +163,19 @@ class LivePeers:
                     live.state = state
                 if state == "failed":
                     live.ended_at = live.ended_at or now
-            case ChannelOpen(peer=peer):
+            case ChannelOpen(peer=peer, local_candidate=local, remote_candidate=remote):
                 live = self._get(peer, now)
                 if live.state in ("matched", "connecting"):
                     live.state = "exchanging"
+                live.candidates = candidate_pair(local, remote)
             case PeerUpdate():
                 live = self._get(event.peer, now)
                 live.distance_m, live.bearing_deg = event.distance_m, event.bearing_deg
                 live.peer_accuracy_m, live.within = event.peer_accuracy_m, event.within
                 live.within_s, live.samples = event.within_s, event.samples
-            case TokenStored(peer=peer, contact=contact, match_to_token_s=latency):
+            case TokenStored(peer=peer, token=token, contact=contact, match_to_token_s=latency):
                 live = self._get(peer, now)
+                live.token = token
                 if live.state not in ENDED_STATES:
                     live.state = "stored"
                 if latency is None and live.match_to_token_s is None and live.role != "?":

@@ -20,6 +20,7 @@ from ..engine import EngineSnapshot
 from ..events import (
     BrokerConnected,
     BrokerDisconnected,
+    ContactClosed,
     Event,
     ExposureAlert,
     GpsFix,
@@ -31,7 +32,7 @@ from ..events import (
     TokenStored,
 )
 from ..protocol.codes import normalize_code
-from .formatting import describe_event, format_utc
+from .formatting import describe_event, describe_gps_source, format_utc
 from .peers import LivePeers
 from .widgets import (
     EventLog,
@@ -212,8 +213,12 @@ class MainScreen(Screen[None]):
                 return  # logged by _show_fix only when the fix mode changes
             case GpsLost(reason=reason):
                 self.session.set_lost(reason)
-            case TokenStored(token=token, expires_at=expires_at, contact=contact):
-                self.tokens.add_token(token, expires_at, contact=contact, now=now)
+            case TokenStored(token=token, expires_at=expires_at, contact=contact, new=new):
+                self.tokens.show_stored(token, expires_at, contact, new=new, now=now)
+            case ContactClosed(peer=peer, contact=contact, token_stored=True):
+                token = self.live_peers[peer].token if peer in self.live_peers else None
+                if token is not None:
+                    self.tokens.show_closed(token, contact)
             case ExposureAlert(count=count, contacts=contacts):
                 self.banner.add_alert(count, contacts)
             case PositivesPolled(received=received, next_poll_in_s=next_in):
@@ -241,6 +246,10 @@ class MainScreen(Screen[None]):
         self.session.set_fix(fix, now)
         if previous is None or (previous.mode >= 3) != (fix.mode >= 3):
             mode = "3D" if fix.mode >= 3 else "2D"
+            not_receiver = describe_gps_source(fix.source)
+            if not_receiver is not None:
+                self.log_view.add(fix.event, f"{mode} position: {not_receiver}", at=now)
+                return
             used = "?" if fix.satellites_used is None else str(fix.satellites_used)
             self.log_view.add(fix.event, f"{mode} fix ({used} satellites used)", at=now)
 
@@ -253,7 +262,10 @@ HELP_TERMS = (
     ("Match", "The broker saw another device within the radius. The two then connect "
               "directly (SDP offer/answer, ICE) and open a data channel; the broker never sees "
               "what they say. Live peers shows each: distance, bearing, time within the "
-              "radius, the peer's GPS accuracy, handshake state, time from match to token."),
+              "radius, the peer's GPS accuracy, handshake state, time from match to token. "
+              "\"open (host)\": the data channel is open, and how ICE connected the two: "
+              "host on one network, srflx or prflx across a NAT, relay through a TURN "
+              "server."),
     ("Contact", "While the channel is open the two devices exchange positions directly and "
                 "measure the contact: time within the radius, closest and median distance."),
     ("Token", "Both devices derive the same witness token from their contact IDs and keep it "

@@ -27,6 +27,7 @@ from .formatting import (
     DASH,
     EXPOSURE_NEXT_STEP,
     abbreviate_token,
+    describe_close_reason,
     describe_exposure,
     describe_gps_source,
     fix_measured_at,
@@ -42,11 +43,12 @@ from .formatting import (
     format_fix_mode,
     format_retry,
     format_seconds,
+    format_state,
     format_utc,
     peer_name,
     plural,
 )
-from .peers import LivePeer, RadarCell, radar_cells
+from .peers import LivePeer, RadarCell, merged_contact, radar_cells
 
 MAX_LOG_LINES = 1000
 """Lines kept in the event log."""
@@ -290,12 +292,14 @@ class PeersTable(DataTable[Text]):
     """Live peers: one row per peer in contact now (see :class:`~fanny_tui.ui.peers.LivePeers`).
 
     Columns: name, distance (coloured by the accuracy rule's verdict), bearing, time within
-    the radius so far, the peer's accuracy, handshake state, time from match to token, and
-    why the exchange failed or the contact closed (remote text, shown literally).
+    the radius so far, the peer's accuracy, handshake state with the ICE candidate types of
+    the data channel once it opened (``open (host)``, ``stored (relay)``: a relayed pair went
+    through TURN), time from match to token, and why the exchange failed or the contact
+    closed (remote text, shown literally).
     """
 
     COLUMNS = (("Peer", "peer", 7), ("Dist", "distance", 6), ("Bearing", "bearing", 7),
-               ("Within", "within", 6), ("Acc", "accuracy", 7), ("State", "state", 10),
+               ("Within", "within", 6), ("Acc", "accuracy", 6), ("State (ICE)", "state", 14),
                ("→Token", "latency", 6), ("Why ended", "reason", None))
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -339,9 +343,10 @@ class PeersTable(DataTable[Text]):
             Text(format_bearing(live.bearing_deg)),
             Text(format_duration(live.within_s) if live.samples or live.within_s else DASH),
             Text(format_accuracy(live.peer_accuracy_m)),
-            Text(state, style=HANDSHAKE_STYLES.get(state, "")),
+            Text(format_state(state, live.candidates), style=HANDSHAKE_STYLES.get(state, "")),
             Text(format_seconds(live.match_to_token_s)),
-            Text(live.reason or "", style="dim"),
+            Text(describe_close_reason(live.reason) if state == "closed" and live.reason
+                 else live.reason or "", style="dim"),
         ]
 
 
@@ -404,6 +409,7 @@ class TokensTable(DataTable[Text]):
         self.border_title = "Tokens"
         self._expiry: dict[str, datetime] = {}
         self._contacts: dict[str, Contact] = {}
+        self._earlier: dict[str, Contact] = {}   # a token's exposure before the open contact
 
     def on_mount(self) -> None:
         """Add the columns."""
@@ -450,6 +456,30 @@ class TokensTable(DataTable[Text]):
             self._sort()
         self._retitle()
 
+    def show_stored(self, token: str, expires_at: datetime, contact: Contact | None, *,
+                    new: bool, now: datetime | None = None) -> None:
+        """A ``token_stored`` event: the token with its contact's measures so far.
+
+        A token stored again (``new`` False: the same pair met again in one session) shows its
+        earlier exposure grown by this contact, as the store keeps it.
+        """
+        earlier = None if new else self._contacts.get(token)
+        if earlier is None:
+            self._earlier.pop(token, None)
+        else:
+            self._earlier[token] = earlier
+        if contact is not None:
+            contact = merged_contact(earlier, contact)
+        self.add_token(token, expires_at, contact=contact, now=now)
+
+    def show_closed(self, token: str, contact: Contact) -> None:
+        """A ``contact_closed`` event of a contact that stored ``token``: its final measures
+        (what the contact measured after the token was stored counts too)."""
+        if token not in self._expiry:
+            return
+        self._contacts[token] = merged_contact(self._earlier.pop(token, None), contact)
+        self.update_cell(token, "contact", Text(format_contact(self._contacts[token])))
+
     def sync(self, stored: Iterable[StoredToken], now: datetime | None = None) -> None:
         """Make the table show exactly ``stored`` (rows added, removed or re-marked)."""
         wanted = {item.token: item for item in stored}
@@ -457,6 +487,7 @@ class TokensTable(DataTable[Text]):
             if token not in wanted:
                 del self._expiry[token]
                 self._contacts.pop(token, None)
+                self._earlier.pop(token, None)
                 self.remove_row(token)
         for item in wanted.values():
             # A store that keeps the contact with the token (issue 6) gives it here too.

@@ -128,6 +128,11 @@ def test_contacts_are_logged_with_their_measures():
         "(2m05s within the radius, closest 2.1 m, median 4.0 m)")
     closed = describe_event(ContactClosed(peer=2, reason="parted", contact=CONTACT,
                                           token_stored=False))
+    lost = describe_event(ContactClosed(peer=2, reason="peer_closed", contact=CONTACT,
+                                        token_stored=True))
+    assert lost is not None and lost.plain.startswith(
+        "peer 2: contact over (the peer closed it): ")
+    assert lost.plain.endswith("; token stored")
     assert closed is not None and closed.plain == (
         "peer 2: contact over (parted): 2m05s within the radius, closest 2.1 m, "
         "median 4.0 m; no token")

@@ -15,7 +15,15 @@ from fanny_tui.events import (
     PeerUpdate,
     TokenStored,
 )
-from fanny_tui.ui.peers import LINGER_S, SILENT_S, LivePeer, LivePeers, radar_cells
+from fanny_tui.ui.formatting import format_state
+from fanny_tui.ui.peers import (
+    LINGER_S,
+    SILENT_S,
+    LivePeer,
+    LivePeers,
+    candidate_pair,
+    radar_cells,
+)
 
 from .kit import T0
 
@@ -37,7 +45,7 @@ def test_a_contact_from_match_to_close_then_gone():
     assert peers[1].state == "matched" and peers[1].role == "offerer"
     peers.apply(HandshakeProgress(peer=1, state="connecting"), at(0.1))
     peers.apply(ChannelOpen(peer=1, local_candidate="host", remote_candidate="host"), at(0.3))
-    assert peers[1].state == "exchanging"
+    assert peers[1].state == "exchanging" and peers[1].candidates == "host"
     peers.apply(update(1, 4.3, 47.0), at(1))
     live = peers[1]
     assert (live.distance_m, live.bearing_deg, live.peer_accuracy_m) == (4.3, 47.0, 5.0)
@@ -50,6 +58,20 @@ def test_a_contact_from_match_to_close_then_gone():
     assert live.state == "closed" and live.reason == "parted" and live.within_s == 125.0
     assert peers.expire(at(200 + LINGER_S - 0.1)) == [] and 1 in peers   # seen ending
     assert peers.expire(at(200 + LINGER_S)) == [1] and 1 not in peers and len(peers) == 0
+
+
+def test_the_ice_candidate_types_go_with_the_state():
+    assert candidate_pair("host", "host") == "host"
+    assert candidate_pair("srflx", "prflx") == "srflx/prflx"
+    assert candidate_pair("relay", None) == "relay" and candidate_pair(None, "host") == "host"
+    assert candidate_pair(None, None) is None
+    peers = LivePeers()
+    peers.apply(MatchFound(peer=4, role="answerer"), at(0))
+    assert format_state(peers[4].state, peers[4].candidates) == "matched"
+    peers.apply(ChannelOpen(peer=4, local_candidate="relay", remote_candidate="relay"), at(1))
+    assert format_state(peers[4].state, peers[4].candidates) == "open (relay)"
+    peers.apply(HandshakeProgress(peer=4, state="stored"), at(2))
+    assert format_state(peers[4].state, peers[4].candidates) == "stored (relay)"
 
 
 def test_a_failed_exchange_lingers_then_goes():

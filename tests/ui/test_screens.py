@@ -112,7 +112,7 @@ async def test_live_peers_show_the_contact_and_go_after_it_ends(quiet, data_dir,
                    update(1, 4.3, 47.0, within_s=125.0),
                    MatchFound(peer=2, role="answerer"), update(2, 14.0, 200.0, "uncertain"))
         row = [cell.plain for cell in main.peers.get_row("1")]
-        assert row == ["peer 1", "4.3 m", "047° NE", "2m05s", "±5.0 m", "exchanging", "–", ""]
+        assert row == ["peer 1", "4.3 m", "047° NE", "2m05s", "±5.0 m", "open (host)", "–", ""]
         assert main.peers.get_cell("2", "distance").plain == "14 m"
         assert "Live peers (2)" in rendered(main.peers)
         radar = rendered(main.radar)
@@ -121,13 +121,13 @@ async def test_live_peers_show_the_contact_and_go_after_it_ends(quiet, data_dir,
         await post(pilot, app, TokenStored(peer=1, token=TOKENS[0],
                                            expires_at=main.tokens._expiry[TOKENS[0]],
                                            new=False, contact=CONTACT, match_to_token_s=1.26))
-        assert main.peers.get_cell("1", "state").plain == "stored"
+        assert main.peers.get_cell("1", "state").plain == "stored (host)"
         assert main.peers.get_cell("1", "latency").plain == "1.3 s"
         await post(pilot, app,
                    ContactClosed(peer=1, reason="parted", contact=CONTACT, token_stored=True),
                    HandshakeProgress(peer=2, state="failed"),
                    HandshakeFailed(peer=2, reason="handshake timed out"))
-        assert main.peers.get_cell("1", "state").plain == "closed"
+        assert main.peers.get_cell("1", "state").plain == "closed (host)"
         assert main.peers.get_cell("1", "reason").plain == "parted"
         assert main.peers.get_cell("2", "reason").plain == "handshake timed out"
         await tick(pilot, app, clock, LINGER_S - 1)
@@ -202,6 +202,8 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         assert "GPS  2D fix" in shown and "receiver (gpsd)" in shown
         assert "no GPS" not in shown and "4 used / – visible" in shown
         assert "Age  0.0 s" in shown                          # no GPS time: since it came
+        log = log_text(app)
+        assert "3D position: fixed position (no GPS)" in log and "2D fix (4 satellites used)" in log
         await post(pilot, app, GpsFix(latitude=44.0, longitude=-1.0, accuracy_m=3.0, mode=3,
                                       time=(clock.now - timedelta(seconds=3)).replace(tzinfo=None)))
         assert "Age  3.0 s" in rendered(session)               # a zoneless GPS time is UTC
@@ -278,6 +280,37 @@ async def test_token_rows_show_their_contact(quiet, data_dir, clock):
                                            contact=CONTACT, match_to_token_s=0.8))
         assert tokens.get_cell(TOKENS[1], "contact").plain == "2m05s ≤2.1 m"
         assert "2m05s ≤2.1 m" in rendered(tokens)
+
+
+async def test_a_token_row_follows_its_contact_to_the_end_and_the_next_meeting(
+        quiet, data_dir, clock):
+    # As the engine reports a contact with the token at the first witness (min_contact_s 0):
+    # the token comes with the measures so far; the close brings the contact's final ones.
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        tokens, token = app.main_screen.tokens, "7" * 64
+        expires = (T0 + timedelta(days=14)).replace(hour=4, minute=0)
+        first = Contact(duration_s=0.0, closest_m=9.4, median_m=9.4, samples=1)
+        await post(pilot, app, MatchFound(peer=5, role="offerer"),
+                   TokenStored(peer=5, token=token, expires_at=expires, new=True,
+                               contact=first, match_to_token_s=0.1))
+        assert tokens.get_cell(token, "contact").plain == "0s ≤9.4 m"
+        final = Contact(duration_s=14.0, closest_m=3.0, median_m=4.7, samples=15)
+        await post(pilot, app, ContactClosed(peer=5, reason="parted", contact=final,
+                                             token_stored=True))
+        assert tokens.get_cell(token, "contact").plain == "14s ≤3.0 m"
+        # The same pair meets again in this session: same token, its exposure grows.
+        await tick(pilot, app, clock, LINGER_S)
+        await post(pilot, app, MatchFound(peer=6, role="answerer"),
+                   TokenStored(peer=6, token=token, expires_at=expires, new=False,
+                               contact=first, match_to_token_s=0.1))
+        assert tokens.get_cell(token, "contact").plain == "14s ≤3.0 m"
+        again = Contact(duration_s=20.0, closest_m=5.0, median_m=6.0, samples=21)
+        await post(pilot, app, ContactClosed(peer=6, reason="max_contact", contact=again,
+                                             token_stored=True))
+        assert tokens.get_cell(token, "contact").plain == "34s ≤3.0 m"
+        assert tokens.row_count == len(TOKENS) + 1
 
 
 async def test_a_refusal_toast_does_not_stay_beside_a_later_success(quiet, data_dir, clock):
