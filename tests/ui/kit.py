@@ -1,5 +1,6 @@
 """Helpers for the UI tests: a real engine with a test-fed position source, a settable clock,
-and ways to read what is shown (loopback ports that refuse or never answer: tests/helpers.py)."""
+the tokens a test store holds, and ways to read what is shown (fixtures: tests/ui/conftest.py;
+loopback ports that refuse or never answer: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,30 @@ from textual.widget import Widget
 
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import Engine
-from fanny_tui.events import GpsFix, GpsLost
+from fanny_tui.events import Contact, GpsFix, GpsLost
 from fanny_tui.ui import FannyApp, make_app
 from tests.helpers import TIME_UNIT
 
 T0 = datetime(2099, 1, 1, 9, 30, tzinfo=UTC)
 """The UI clock's start in tests that fix it. Tokens stored for them expire days after it, and
 far after the real clock, so that the engine's sweep (on the real clock) keeps them."""
+
+TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
+"""The witness tokens the ``data_dir`` fixture's store holds, soonest expiry first."""
+
+TOKEN_DAYS = (5, 10, 15)
+"""Days after :data:`T0` (at 04:00 UTC) when each of :data:`TOKENS` expires."""
+
+CONTACT = Contact(duration_s=125.0, closest_m=2.1, median_m=4.0, samples=25)
+"""A contact's measures: 2m05s within the radius, closest 2.1 m."""
+
+REFUSED = "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 8765)"
+"""The reason the broker link gives for a refused connection."""
+
+
+def expiry(days: int) -> datetime:
+    """04:00 UTC, ``days`` days after :data:`T0` (a stored expiry: on the deletion hour)."""
+    return (T0 + timedelta(days=days)).replace(hour=4, minute=0)
 
 
 class QueueSource:
@@ -69,6 +87,12 @@ def build(config: Config, data_dir: Path, *items: GpsFix | GpsLost,
     if clock is None:
         return make_app(engine, title="FANNY test", declare_hint=declare_hint), engine
     return make_app(engine, title="FANNY test", declare_hint=declare_hint, clock=clock), engine
+
+
+async def started(pilot: Pilot[None], app: FannyApp) -> None:
+    """Wait until the app shows the ``data_dir`` fixture's stored tokens (the engine runs)."""
+    await wait_until(pilot, lambda: app.main_screen.tokens.row_count == len(TOKENS),
+                     "the stored tokens in the table")
 
 
 async def wait_until(pilot: Pilot[None], predicate: Callable[[], object], what: str,

@@ -8,16 +8,13 @@ disconnected), with a position source fed by the test, and drives the app with T
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 from textual.command import CommandList, CommandPalette
 from textual.message import Message
 from textual.pilot import Pilot
 
-from fanny_tui.config import Config
 from fanny_tui.events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -38,34 +35,14 @@ from fanny_tui.store import TokenStore
 from fanny_tui.ui import EngineEvent, FannyApp
 from fanny_tui.ui.formatting import format_countdown
 from fanny_tui.ui.screens import ConfirmDeclareScreen
-from tests.helpers import loopback_port
 
-from .kit import build, log_text, rendered, ui_config, wait_until
+from .kit import TOKENS, build, log_text, rendered, started, wait_until
 
 SIZE = (120, 40)
-TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
 FIX = GpsFix(latitude=44.0688172, longitude=-1.2345678, accuracy_m=4.2, mode=3,
              satellites_used=8, satellites_visible=12)
 MARKUP = "peer[/] [bold]x[/bold"
 """Remote text that raises MarkupError if anything renders it as console markup."""
-
-
-@pytest.fixture
-def config() -> Iterator[Config]:
-    """The broker's port refuses connections: it stays disconnected, retrying."""
-    with loopback_port(listening=False) as port:
-        yield ui_config(port)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """A data directory whose store holds the three TOKENS, expiring 5, 10 and 15 days on."""
-    store = TokenStore.in_dir(tmp_path)
-    now = datetime.now(UTC)
-    for days, token in zip((5, 10, 15), TOKENS, strict=True):
-        store.add(token, expiry_for(now - timedelta(days=15 - days)))
-    store.close()
-    return tmp_path
 
 
 def pending_in_store(data_dir: Path) -> dict[str, list[str]]:
@@ -84,9 +61,7 @@ def count_in_store(data_dir: Path) -> int:
         store.close()
 
 
-async def started(pilot: Pilot[None], app: FannyApp) -> None:
-    await wait_until(pilot, lambda: app.main_screen.tokens.row_count == len(TOKENS),
-                     "the stored tokens in the table")
+
 
 
 # -- start-up ---------------------------------------------------------------------------

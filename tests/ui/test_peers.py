@@ -7,7 +7,6 @@ from datetime import timedelta
 from fanny_tui.events import (
     BrokerConnected,
     ChannelOpen,
-    Contact,
     ContactClosed,
     HandshakeFailed,
     HandshakeProgress,
@@ -25,9 +24,7 @@ from fanny_tui.ui.peers import (
     radar_cells,
 )
 
-from .kit import T0
-
-CONTACT = Contact(duration_s=125.0, closest_m=2.1, median_m=4.0, samples=25)
+from .kit import CONTACT, T0
 
 
 def at(seconds: float):

@@ -9,13 +9,10 @@ engine would emit them, and the app's clock is a :class:`~tests.ui.kit.SettableC
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from fanny_tui.config import Config
 from fanny_tui.events import (
     BrokerDisconnected,
     ChannelOpen,
@@ -35,46 +32,25 @@ from fanny_tui.events import (
     PositivesPolled,
     TokenStored,
 )
-from fanny_tui.store import TokenStore
 from fanny_tui.ui import EngineEvent, FannyApp
 from fanny_tui.ui.peers import LINGER_S
 from fanny_tui.ui.screens import ConfirmDeclareScreen, HelpScreen
-from tests.helpers import loopback_port
 
-from .kit import T0, SettableClock, build, log_text, rendered, ui_config, wait_until
+from .kit import (
+    CONTACT,
+    REFUSED,
+    T0,
+    TOKENS,
+    SettableClock,
+    build,
+    expiry,
+    log_text,
+    rendered,
+    started,
+    wait_until,
+)
 
 WIDE, SMALL = (160, 48), (80, 24)
-TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
-CONTACT = Contact(duration_s=125.0, closest_m=2.1, median_m=4.0, samples=25)
-REFUSED = "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 8765)"
-
-
-@pytest.fixture
-def quiet() -> Iterator[Config]:
-    """A broker address that accepts connections and never answers."""
-    with loopback_port(listening=True) as port:
-        yield ui_config(port)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """A store with the three TOKENS, expiring 5, 10 and 15 days after T0 at 04:00 UTC."""
-    store = TokenStore.in_dir(tmp_path)
-    for days, token in zip((5, 10, 15), TOKENS, strict=True):
-        store.add(token, (T0 + timedelta(days=days)).replace(hour=4, minute=0))
-    store.close()
-    return tmp_path
-
-
-@pytest.fixture
-def clock() -> SettableClock:
-    return SettableClock()
-
-
-async def started(pilot, app: FannyApp) -> None:
-    await wait_until(pilot, lambda: app.main_screen.tokens.row_count == len(TOKENS),
-                     "the stored tokens in the table")
-
 
 async def post(pilot, app: FannyApp, *events: Event) -> None:
     """Deliver ``events`` as the engine would, and let the app draw them."""
@@ -290,26 +266,23 @@ async def test_a_token_row_follows_its_contact_to_the_end_and_the_next_meeting(
     async with app.run_test(size=SMALL) as pilot:
         await started(pilot, app)
         tokens, token = app.main_screen.tokens, "7" * 64
-        expires = (T0 + timedelta(days=14)).replace(hour=4, minute=0)
         first = Contact(duration_s=0.0, closest_m=9.4, median_m=9.4, samples=1)
-        await post(pilot, app, MatchFound(peer=5, role="offerer"),
-                   TokenStored(peer=5, token=token, expires_at=expires, new=True,
-                               contact=first, match_to_token_s=0.1))
-        assert tokens.get_cell(token, "contact").plain == "0s ≤9.4 m"
-        final = Contact(duration_s=14.0, closest_m=3.0, median_m=4.7, samples=15)
-        await post(pilot, app, ContactClosed(peer=5, reason="parted", contact=final,
-                                             token_stored=True))
-        assert tokens.get_cell(token, "contact").plain == "14s ≤3.0 m"
-        # The same pair meets again in this session: same token, its exposure grows.
-        await tick(pilot, app, clock, LINGER_S)
-        await post(pilot, app, MatchFound(peer=6, role="answerer"),
-                   TokenStored(peer=6, token=token, expires_at=expires, new=False,
-                               contact=first, match_to_token_s=0.1))
-        assert tokens.get_cell(token, "contact").plain == "14s ≤3.0 m"
-        again = Contact(duration_s=20.0, closest_m=5.0, median_m=6.0, samples=21)
-        await post(pilot, app, ContactClosed(peer=6, reason="max_contact", contact=again,
-                                             token_stored=True))
-        assert tokens.get_cell(token, "contact").plain == "34s ≤3.0 m"
+        meetings = [  # peer, new token, final measures, row at the token, row at the close
+            (5, True, Contact(duration_s=14.0, closest_m=3.0, median_m=4.7, samples=15),
+             "0s ≤9.4 m", "14s ≤3.0 m"),
+            # The same pair meets again in this session: same token, its exposure grows.
+            (6, False, Contact(duration_s=20.0, closest_m=5.0, median_m=6.0, samples=21),
+             "14s ≤3.0 m", "34s ≤3.0 m"),
+        ]
+        for peer, new, final, at_token, at_close in meetings:
+            await post(pilot, app, MatchFound(peer=peer, role="offerer"),
+                       TokenStored(peer=peer, token=token, expires_at=expiry(14), new=new,
+                                   contact=first, match_to_token_s=0.1))
+            assert tokens.get_cell(token, "contact").plain == at_token
+            await post(pilot, app, ContactClosed(peer=peer, reason="parted", contact=final,
+                                                 token_stored=True))
+            assert tokens.get_cell(token, "contact").plain == at_close
+            await tick(pilot, app, clock, LINGER_S)
         assert tokens.row_count == len(TOKENS) + 1
 
 

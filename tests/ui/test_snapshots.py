@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from textual.pilot import Pilot
 
+from fanny_tui.config import Config
 from fanny_tui.events import (
     BrokerDisconnected,
     ChannelOpen,
-    Contact,
     ExposureAlert,
     GpsFix,
     HandshakeFailed,
@@ -30,29 +30,9 @@ from fanny_tui.events import (
     PositivesPolled,
     TokenStored,
 )
-from fanny_tui.store import TokenStore
 from fanny_tui.ui import EngineEvent, FannyApp
-from tests.helpers import loopback_port
 
-from .kit import T0, SettableClock, build, ui_config, wait_until
-
-TOKENS = ["1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56, "9c0d1e2f" + "2" * 56]
-CONTACT = Contact(duration_s=125.0, closest_m=2.1, median_m=4.0, samples=25)
-REFUSED = "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 8765)"
-
-
-def _expiry(days: int):
-    return (T0 + timedelta(days=days)).replace(hour=4, minute=0)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    store = TokenStore.in_dir(tmp_path)
-    for days, token in zip((5, 10, 15), TOKENS, strict=True):
-        store.add(token, _expiry(days))
-    store.close()
-    return tmp_path
-
+from .kit import CONTACT, REFUSED, T0, TOKENS, SettableClock, build, expiry, wait_until
 
 SCENE = [
     BrokerDisconnected(reason=REFUSED, retry_in_s=27.76),
@@ -65,7 +45,7 @@ SCENE = [
     ChannelOpen(peer=1, local_candidate="host", remote_candidate="host"),
     PeerUpdate(peer=1, distance_m=4.3, bearing_deg=47.0, peer_accuracy_m=5.0, within="in",
                within_s=125.0, samples=25),
-    TokenStored(peer=1, token=TOKENS[0], expires_at=_expiry(5), new=False, contact=CONTACT,
+    TokenStored(peer=1, token=TOKENS[0], expires_at=expiry(5), new=False, contact=CONTACT,
                 match_to_token_s=1.3),
     MatchFound(peer=2, role="answerer"),
     PeerUpdate(peer=2, distance_m=14.0, bearing_deg=200.0, peer_accuracy_m=12.0,
@@ -89,34 +69,30 @@ async def _scene(pilot: Pilot[None], *, alert: bool = False) -> None:
     await pilot.pause()
 
 
-def _app(data_dir: Path, port: int) -> FannyApp:
-    app, _ = build(ui_config(port), data_dir, clock=SettableClock(),
+def _app(config: Config, data_dir: Path) -> FannyApp:
+    app, _ = build(config, data_dir, clock=SettableClock(),
                    declare_hint="demo code: K7QF-3M9X-TR2B-8HJD")
     return app
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)])
-def test_main_screen(snap_compare, data_dir, size):
-    with loopback_port(listening=True) as port:
-        assert snap_compare(_app(data_dir, port), terminal_size=size, run_before=_scene)
+def test_main_screen(snap_compare, quiet, data_dir, size):
+    assert snap_compare(_app(quiet, data_dir), terminal_size=size, run_before=_scene)
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)])
-def test_main_screen_with_an_exposure_alert(snap_compare, data_dir, size):
+def test_main_screen_with_an_exposure_alert(snap_compare, quiet, data_dir, size):
     async def scene(pilot: Pilot[None]) -> None:
         await _scene(pilot, alert=True)
 
-    with loopback_port(listening=True) as port:
-        assert snap_compare(_app(data_dir, port), terminal_size=size, run_before=scene)
+    assert snap_compare(_app(quiet, data_dir), terminal_size=size, run_before=scene)
 
 
-def test_radar_at_80x24(snap_compare, data_dir):
-    with loopback_port(listening=True) as port:
-        assert snap_compare(_app(data_dir, port), terminal_size=(80, 24), run_before=_scene,
-                            press=["r"])
+def test_radar_at_80x24(snap_compare, quiet, data_dir):
+    assert snap_compare(_app(quiet, data_dir), terminal_size=(80, 24), run_before=_scene,
+                        press=["r"])
 
 
-def test_help_at_80x24(snap_compare, data_dir):
-    with loopback_port(listening=True) as port:
-        assert snap_compare(_app(data_dir, port), terminal_size=(80, 24), run_before=_scene,
-                            press=["question_mark"])
+def test_help_at_80x24(snap_compare, quiet, data_dir):
+    assert snap_compare(_app(quiet, data_dir), terminal_size=(80, 24), run_before=_scene,
+                        press=["question_mark"])
