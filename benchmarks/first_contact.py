@@ -9,9 +9,10 @@ so that the first match comes 2 s or more after start. Figures:
 * ``first_contact_ms``: broker match -> token stored on both devices, for that first match
   (the engines' own ``TokenStored.match_to_token_s``, the larger of the two), beside a later
   contact in the same process (the peer).
-* ``later_contact_ms``: the later contacts (a fresh engine meets the first device, one after
-  the other), beside the floor: two bare aiortc peers in one process, offer and answer relayed
-  by a bare websockets relay, data channel open, a 32-byte token sent and acknowledged.
+* ``later_contact_ms``: the later contacts (the second device stopped, fresh engines meet the
+  first device one after the other), beside the floor: two bare aiortc peers in one process,
+  offer and answer relayed by a bare websockets relay, data channel open, a 32-byte token sent
+  and acknowledged.
 """
 
 from __future__ import annotations
@@ -72,13 +73,14 @@ async def _kit(later: int) -> dict[str, object]:
         async with start_broker(settings) as broker:
             config = device_config(broker.url)
             started = time.monotonic()
-            async with (running_device(config, Path(tmp) / "a",
-                                       LateFix(LAT, LON, FIX_AFTER_S)) as a,
-                        running_device(config, Path(tmp) / "b",
-                                       LateFix(LAT + METRE_LAT, LON, FIX_AFTER_S)) as b):
-                first = await _contact(a, b, 30)
-                imported_at_match = "aiortc" in sys.modules
-                after_start = time.monotonic() - started
+            async with running_device(config, Path(tmp) / "a",
+                                      LateFix(LAT, LON, FIX_AFTER_S)) as a:
+                async with running_device(config, Path(tmp) / "b",
+                                          LateFix(LAT + METRE_LAT, LON, FIX_AFTER_S)) as b:
+                    first = await _contact(a, b, 30)
+                    imported_at_match = "aiortc" in sys.modules
+                    after_start = time.monotonic() - started
+                # b has stopped: each later device meets a alone (one exchange at a time)
                 later_s = []
                 for i in range(later):
                     a.events.clear()
