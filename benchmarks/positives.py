@@ -14,8 +14,8 @@ loopback, through a byte-counting relay):
   they are (the page-by-page ``match_positives`` and cursor writes today, a bulk check once
   it exists): timed by wrapping the store instance's public methods, so no method is named.
   Floor: a Python set intersection of the published tokens with the stored ones.
-* ``empty_poll_ms``: one ``poll_once`` with nothing new, beside a bare WebSocket
-  connect + ping + close to the same broker.
+* ``empty_poll_ms`` / ``empty_poll_bytes``: one ``poll_once`` with nothing new (time; bytes
+  both ways), beside a bare WebSocket connect + ping + close to the same broker.
 """
 
 from __future__ import annotations
@@ -133,7 +133,9 @@ async def run(scale: Scale) -> list[Figure]:
                     result = await poll_once(store, url, timeout_s=30)
                     empty.append(time.perf_counter() - t0)
                     empty_bytes = counts.down + counts.up
-                    bare.append(await _bare_round_trip(f"ws://{LOOPBACK}:{broker.port}"))
+                    counts.reset()
+                    bare.append(await _bare_round_trip(url))
+                    bare_bytes = counts.down + counts.up
         finally:
             store.close()
 
@@ -167,7 +169,11 @@ async def run(scale: Scale) -> list[Figure]:
         figures.append(Figure(
             "empty_poll_ms", 1000 * sum(empty) / len(empty), 1000 * sum(bare) / len(bare), "ms",
             len(empty), f"poll_once with nothing new ({empty_bytes} bytes both ways, handshake "
-            "included); peer: bare WebSocket connect + ping + close to the broker",
-            "poll with nothing new < 200 B"))
+            "included); peer: bare WebSocket connect + ping + close to the broker", ""))
+        figures.append(Figure(
+            "empty_poll_bytes", float(empty_bytes), float(bare_bytes), "B", 1,
+            "bytes both ways of one poll_once with nothing new (its own connection: the "
+            "WebSocket opening handshake and close included); peer: the bytes of a bare "
+            "WebSocket connect + ping + close to the broker", "poll with nothing new < 200 B"))
     return figures
 
