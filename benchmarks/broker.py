@@ -1,0 +1,175 @@
+"""The broker under load (issue 7, point 5): live positions in the broker's own state.
+
+Devices are placed on a square lattice 50 m apart (constant density whatever their number:
+400 per square kilometre, about 36 in the 3 x 3 grid cells of 100 m that a lookup visits)
+and fed through the public methods of the broker's :class:`~broker.state.BrokerState`
+(``connect``, ``update_position``), the same calls the server makes for a ``hello`` and a
+``position``; no WebSocket is opened for them (a million sockets would measure the kernel,
+not the broker). Figures:
+
+* ``update_us``: the cost of one position update (a device moving by up to 2 m) with N live
+  positions (1,000,000; ``--quick``: 20,000) beside the same at 1,000 (the peer), measured in
+  alternating rounds (medians): the ratio is the growth. ``update_us_sparse``: the same with
+  the devices 200 m apart (25 per square kilometre).
+* ``position_bytes``: resident memory per live position (session + position + the pairs it
+  matched), from the process's RSS before and after filling a running broker's state.
+* ``housekeeping_stall_ms``: the longest event-loop stall of a running broker holding those
+  N positions over two housekeeping intervals, beside the same broker's longest stall over
+  the same time before they were added (the machine's own noise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from broker.server import BrokerSettings, start_broker
+from broker.state import BrokerState
+from fanny_tui.protocol.proximity import METRES_PER_DEGREE
+
+from .common import LOOPBACK, Budget, Figure, LoopStall, Scale
+
+SPACING_M = 50.0
+SPARSE_SPACING_M = 200.0
+RADIUS_M = 30.0
+LAT0, LON0 = 48.80, 2.20
+
+
+def rss_bytes() -> int:
+    """This process's resident set size, bytes (Linux /proc)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _place(i: int, side: int, spacing_m: float = SPACING_M) -> tuple[float, float]:
+    row, col = divmod(i, side)
+    lat = LAT0 + row * spacing_m / METRES_PER_DEGREE
+    lon = LON0 + col * spacing_m / (METRES_PER_DEGREE * math.cos(math.radians(LAT0)))
+    return lat, lon
+
+
+def populate(state: BrokerState, count: int, now: float, budget: Budget,
+             spacing_m: float = SPACING_M) -> list[str]:
+    """Connect ``count`` sessions and give each a position on a lattice ``spacing_m`` apart
+    (bounded by ``budget``: fewer when it runs out). Returns the session IDs."""
+    side = math.ceil(math.sqrt(count))
+    sessions = []
+    for i in range(count):
+        if i % 10_000 == 0 and budget.over:
+            break
+        session_id = str(uuid.uuid4())
+        state.connect(session_id, RADIUS_M, now)
+        lat, lon = _place(i, side, spacing_m)
+        state.update_position(session_id, lat, lon, 4.0, now)
+        sessions.append(session_id)
+    return sessions
+
+
+def update_cost(state: BrokerState, sessions: list[str], updates: int, now: float,
+                rng: random.Random, spacing_m: float = SPACING_M) -> float:
+    """Mean seconds per ``update_position`` of a random live session moved by up to 2 m."""
+    side = math.ceil(math.sqrt(len(sessions)))
+    jitter = 2.0 / METRES_PER_DEGREE
+    moves = []
+    for _ in range(updates):
+        i = rng.randrange(len(sessions))
+        lat, lon = _place(i, side, spacing_m)
+        moves.append((sessions[i], lat + rng.uniform(-jitter, jitter),
+                      lon + rng.uniform(-jitter, jitter)))
+    start = time.perf_counter()
+    for session_id, lat, lon in moves:
+        state.update_position(session_id, lat, lon, 4.0, now)
+    return (time.perf_counter() - start) / updates
+
+
+Lattice = tuple[BrokerState, list[str], float]
+
+
+def _alternate(peer: Lattice, measured: Lattice, updates: int, rng: random.Random,
+               rounds: int = 5) -> tuple[float, float]:
+    """Mean seconds per update of ``peer`` and of ``measured``, in alternating rounds (the
+    machine's load drifts: each figure is the median of its rounds)."""
+    costs: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for cost, (state, sessions, spacing) in zip(costs, (peer, measured), strict=True):
+            cost.append(update_cost(state, sessions, updates // rounds, time.monotonic(), rng,
+                                    spacing))
+    return statistics.median(costs[0]), statistics.median(costs[1])
+
+
+def _state(settings: BrokerSettings) -> BrokerState:
+    return BrokerState(settings.radius_max_m, settings.cooldown_s, settings.position_timeout_s,
+                       settings.route_ttl_s)
+
+
+async def run(scale: Scale) -> list[Figure]:
+    big = scale.pick(1_000_000, 20_000)
+    small = 1_000
+    updates = scale.pick(50_000, 5_000)
+    budget = Budget(scale.pick(600, 20))
+    rng = random.Random(7)
+    interval = scale.pick(5, 1)   # the default housekeeping interval in a full run
+
+    with tempfile.TemporaryDirectory(prefix="fanny-bench-") as tmp:
+        settings = BrokerSettings(host=LOOPBACK, port=0, db_path=Path(tmp) / "board.sqlite3",
+                                  housekeeping_interval_s=interval)
+        # The peer: the same cost with 1,000 live positions.
+        peer_state = _state(settings)
+        peer_sessions = populate(peer_state, small, time.monotonic(), budget)
+        peer = (peer_state, peer_sessions, SPACING_M)
+
+        async with start_broker(settings) as running:
+            state: BrokerState = running._broker.state   # the running broker's own state
+            async with LoopStall() as idle:
+                await asyncio.sleep(2 * interval + 0.5)
+            gc.collect()
+            before = rss_bytes()
+            sessions = populate(state, big, time.monotonic(), budget)
+            gc.collect()
+            per_position = (rss_bytes() - before) / len(sessions)
+            small_cost, big_cost = _alternate(peer, (state, sessions, SPACING_M), updates, rng)
+            del peer, peer_state, peer_sessions
+            live = state.position_count
+            async with LoopStall() as loaded:
+                await asyncio.sleep(2 * interval + 0.5)
+            still = state.position_count
+
+        # The same growth at a sparser density (25 per square kilometre).
+        lattices = []
+        for count in (small, big):
+            sparse_state = _state(settings)
+            placed = populate(sparse_state, count, time.monotonic(), budget, SPARSE_SPACING_M)
+            lattices.append((sparse_state, placed, SPARSE_SPACING_M))
+        sparse_small, sparse_big = _alternate(lattices[0], lattices[1], updates, rng)
+        sparse_n = len(lattices[1][1])
+        del lattices
+
+    short = "" if len(sessions) == big else f"; STOPPED at its bound: {len(sessions)} of {big}"
+    sparse_short = "" if sparse_n == big else f"; STOPPED at its bound: {sparse_n} of {big}"
+    return [
+        Figure("update_us", 1e6 * big_cost, 1e6 * small_cost, "us", len(sessions),
+               f"update_position with {len(sessions)} live positions; peer: with {small} "
+               f"(same density, {SPACING_M:g} m apart, radius {RADIUS_M:g} m), {updates} "
+               "updates each; ratio = growth" + short, "growth <= 1.5x"),
+        Figure("update_us_sparse", 1e6 * sparse_big, 1e6 * sparse_small, "us",
+               sparse_n, f"the same {SPARSE_SPACING_M:g} m apart (25 per square kilometre, "
+               f"a few devices in the cells a lookup visits); peer: {small} at that density; "
+               "ratio = growth" + sparse_short, "growth <= 1.5x"),
+        Figure("position_bytes", per_position, None, "B", len(sessions),
+               "RSS growth of the broker process per live position (session, position, "
+               "grid, matched pairs)" + short, "bounded"),
+        Figure("housekeeping_stall_ms", 1000 * loaded.worst_s, 1000 * idle.worst_s, "ms", live,
+               f"worst event-loop stall over {2 * interval + 0.5:g} s (housekeeping every "
+               f"{interval:g} s) with {live} live positions ({still} after); peer: the same "
+               "broker's worst stall before they were added" + short, "no stall over 10 ms"),
+    ]

@@ -1,0 +1,211 @@
+"""What every benchmark shares: the figure record, the run's scale, a byte-counting loopback
+relay, an event-loop stall monitor and a time budget.
+
+Everything here talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Figure:
+    """One measured figure beside its floor (or peer) measured in the same run.
+
+    Attributes:
+        name: short stable key (used in the JSON).
+        value: the kit's figure, in ``unit`` (None: not measured, see ``note``).
+        floor: the floor or peer, in the same unit (None: the issue names none).
+        unit: e.g. ``"B"``, ``"s"``, ``"ms"``, ``"us"``, ``"KiB"``.
+        n: how many things the figure is over (tokens, positions, samples...).
+        note: what the floor is, how the value was obtained, what bounded it.
+        target: the issue's target, as text.
+    """
+
+    name: str
+    value: float | None
+    floor: float | None
+    unit: str
+    n: int
+    note: str = ""
+    target: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        """``value / floor`` (None when either is missing or the floor is 0)."""
+        if self.value is None or self.floor is None or self.floor == 0:
+            return None
+        return self.value / self.floor
+
+    def as_json(self) -> dict[str, object]:
+        return {"value": self.value, "floor": self.floor, "ratio": self.ratio, "n": self.n,
+                "unit": self.unit, "target": self.target, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a run is: full (the issue's sizes) or ``--quick`` (a smoke run, < 60 s)."""
+
+    quick: bool
+
+    def pick(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+class Budget:
+    """A wall-clock bound for one benchmark's loops (monotonic seconds)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    @property
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def over(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+@dataclass
+class ByteCounts:
+    """Bytes relayed by :func:`byte_relay` since the last :meth:`reset`."""
+
+    down: int = 0     # server -> client
+    up: int = 0       # client -> server
+    connections: int = 0
+
+    def reset(self) -> None:
+        self.down = self.up = self.connections = 0
+
+
+@contextlib.asynccontextmanager
+async def byte_relay(target_port: int) -> AsyncIterator[tuple[int, ByteCounts]]:
+    """A TCP relay on a free loopback port to ``127.0.0.1:target_port`` counting the bytes
+    each way (WebSocket framing and all: what really crosses the network).
+
+    Yields:
+        ``(port, counts)``: connect to ``ws://127.0.0.1:port`` instead of the target.
+    """
+    counts = ByteCounts()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   down: bool) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if down:
+                    counts.down += len(data)
+                else:
+                    counts.up += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def on_client(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        counts.connections += 1
+        s_reader, s_writer = await asyncio.open_connection(LOOPBACK, target_port)
+        for task in (asyncio.create_task(pump(c_reader, s_writer, False)),
+                     asyncio.create_task(pump(s_reader, c_writer, True))):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(on_client, LOOPBACK, 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1]), counts
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+class LoopStall:
+    """Measures how late the event loop wakes a 1 ms sleeper: the longest stall seen.
+
+    Use as ``async with LoopStall() as stall: ...``; then ``stall.worst_s`` and
+    ``stall.samples``.
+    """
+
+    def __init__(self, tick_s: float = 0.001) -> None:
+        self.tick_s = tick_s
+        self.worst_s = 0.0
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _watch(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.tick_s)
+            late = time.perf_counter() - before - self.tick_s
+            self.samples += 1
+            self.worst_s = max(self.worst_s, late)
+
+    async def __aenter__(self) -> LoopStall:
+        self._task = asyncio.create_task(self._watch())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank; nan when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Timer:
+    """Accumulated wall time of wrapped calls (see :func:`time_methods`)."""
+
+    seconds: float = 0.0
+    calls: int = 0
+    names: dict[str, int] = field(default_factory=dict)
+
+
+def time_methods(obj: object, timer: Timer, skip: frozenset[str] = frozenset()) -> None:
+    """Wrap every public method of ``obj`` (on the instance) so that ``timer`` accumulates
+    the wall time spent in it, whatever the method (sync, or called from a thread).
+
+    Used to time the device's check through whatever API the kit's poll uses (a page-by-page
+    ``match_positives`` today, a bulk check once it exists) without naming it.
+    """
+    for name in dir(type(obj)):
+        if name.startswith("_") or name in skip:
+            continue
+        method = getattr(obj, name)
+        if not callable(method) or asyncio.iscoroutinefunction(method):
+            continue
+
+        def wrapped(*args: object, __method=method, __name=name, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return __method(*args, **kwargs)
+            finally:
+                timer.seconds += time.perf_counter() - start
+                timer.calls += 1
+                timer.names[__name] = timer.names.get(__name, 0) + 1
+
+        setattr(obj, name, wrapped)

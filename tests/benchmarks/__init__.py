@@ -1,0 +1,1 @@
+"""Tests of the benchmarks' harness (never of the timings it reports)."""
