@@ -28,6 +28,8 @@ from hypothesis.stateful import (
 from fanny_tui.protocol.contact import ContactSettings, Fix
 from fanny_tui.protocol.errors import LocalProtocolError
 from fanny_tui.protocol.handshake import (
+    MAX_FRAME_INTERVAL_S,
+    MIN_DATA_CHANNEL_VERSION,
     TERMINAL,
     ContactEnded,
     Established,
@@ -527,14 +529,68 @@ def test_ack_that_never_comes_fails_after_token_timeout_s() -> None:
 # --- failures --------------------------------------------------------------------------------
 
 
-def test_unsupported_version_is_refused() -> None:
-    machine = WitnessHandshake("responder", B)
+@pytest.mark.parametrize("role", ROLES)
+def test_a_version_below_the_lowest_supported_is_refused(role: str) -> None:
+    assert MIN_DATA_CHANNEL_VERSION == 2 == DATA_CHANNEL_VERSION
+    machine = WitnessHandshake(role, B)
     machine.channel_open(0.0)
     machine.data_to_send()
-    machine.receive_data(encode(hello(A, version=DATA_CHANNEL_VERSION + 1)), 0.0)
+    machine.receive_data(encode(hello(A, version=MIN_DATA_CHANNEL_VERSION - 1)), 0.0)
     assert [decode_peer_message(f) for f in machine.data_to_send()] == [
         Abort(reason="unsupported_version")]
     assert HandshakeFailed("unsupported_version") in machine.events()
+    assert machine.state is S.FAILED and machine.version is None
+
+
+@pytest.mark.parametrize("peer_version", [3, 7, 2**31 - 1])
+@pytest.mark.parametrize("role", ROLES)
+def test_a_higher_version_peer_is_answered_in_version_2(role: str, peer_version: int) -> None:
+    """docs/protocol.md, "Versions": the pair speaks min(own, peer's); a v2 side goes on."""
+    pair = ConnectionPair()
+    peer = other(role)
+    pair.open(role)
+    pair.open(peer)
+    # The higher-version peer's hello, as it would send it (same fields, higher version).
+    pair.link[role].clear()
+    pair.link[role].append(encode(hello(pair.ids[peer], version=peer_version)))
+    pair.pump()
+    assert pair[role].version == DATA_CHANNEL_VERSION
+    assert pair[peer].version == DATA_CHANNEL_VERSION  # its own hello said 2: it speaks 2
+    assert pair.result("initiator") == HandshakeCompleted(TOKEN, True)
+    assert pair.result("responder") == HandshakeCompleted(TOKEN, True)
+    assert pair.stores == {"initiator": {TOKEN: 1}, "responder": {TOKEN: 1}}
+
+
+@pytest.mark.parametrize("frame", [encode(hello(A)).encode(), b"", bytearray(b"{}")])
+def test_a_binary_frame_is_bad_message_whatever_it_holds(frame: bytes) -> None:
+    """A binary frame (even valid JSON in UTF-8) is refused: frames are text (PPID 51)."""
+    machine = WitnessHandshake("responder", B)
+    machine.channel_open(0.0)
+    machine.data_to_send()
+    machine.receive_data(frame, 0.0)
+    assert [decode_peer_message(f) for f in machine.data_to_send()] == [
+        Abort(reason="bad_message: binary frame")]
+    assert machine.events() == [HandshakeFailed("bad_message"),
+                                ContactEnded("aborted", machine.measures(), None)]
+
+
+@pytest.mark.parametrize("interval", [1.0, MAX_FRAME_INTERVAL_S, 60.0, 3600.0])
+def test_frames_leave_at_most_max_frame_interval_apart(interval: float) -> None:
+    """docs/protocol.md, "Positions": a peer_position or heartbeat at least every 10 s, even
+    with a longer position_interval_s (the broker positions keep that interval)."""
+    settings_ = with_(position_interval_s=interval, contact_gap_s=1000.0, max_contact_s=5000.0)
+    pair = ConnectionPair(initiator=settings_, responder=settings_)
+    pair.start()
+    sent_at: list[float] = []
+    while pair.now < 100.0:
+        pair.now += 0.25
+        pair.step("initiator", "tick", pair.now)
+        frames = list(pair.link["responder"])
+        pair.pump()
+        sent_at += [pair.now] * sum(isinstance(decode_peer_message(f), Heartbeat) for f in frames)
+    gaps = [b - a for a, b in zip([0.0, *sent_at], sent_at, strict=False)]
+    assert pair["initiator"].state is S.WITNESSED
+    assert max(gaps) == pytest.approx(min(interval, MAX_FRAME_INTERVAL_S))
 
 
 def test_same_contact_id_fails_both_sides() -> None:

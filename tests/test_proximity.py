@@ -4,6 +4,8 @@ scan everywhere, including at the poles and across the antimeridian (paper 3, st
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from fanny_tui.protocol.proximity import (
     Point,
     ProximityGrid,
     haversine_m,
+    within_radius,
 )
 
 finite = {"allow_nan": False, "allow_infinity": False}
@@ -161,3 +164,68 @@ def test_remove_and_move() -> None:
     grid.remove("a")  # absent: no effect
     assert len(grid) == 0 and grid.position("a") is None
     assert grid._rows == {}, "empty cells and rows are dropped"
+
+
+# --- the vectors of docs/protocol.md, "Distance" and "The accuracy rule" ----------------------
+
+_DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_DISTANCE_ROW = re.compile(rf"^\| {_NUM} \| {_NUM} \| {_NUM} \| {_NUM} \| (\d+\.\d{{3}}) \|$", re.M)
+_ACC = r"(\d+(?:\.\d+)?|–)"
+_RULE_ROW = re.compile(
+    rf"^\| {_NUM} \| {_NUM} \| {_ACC} \| {_ACC} \| `(in|uncertain|out)` \| [^|]+ \|$", re.M)
+
+
+def _doc_section(heading: str) -> str:
+    text = _DOC.read_text(encoding="utf-8")
+    return text.split(f"\n### {heading}\n", 1)[1].split("\n### ", 1)[0]
+
+
+def _distance_vectors() -> list[tuple[float, float, float, float, float]]:
+    rows = _DISTANCE_ROW.findall(_doc_section("Distance"))
+    return [tuple(float(v) for v in row) for row in rows]  # type: ignore[misc]
+
+
+def _rule_vectors() -> list[tuple[float, float, float | None, float | None, str]]:
+    def accuracy(text: str) -> float | None:
+        return None if text == "–" else float(text)
+    return [(float(d), float(r), accuracy(a), accuracy(b), verdict)
+            for d, r, a, b, verdict in _RULE_ROW.findall(_doc_section("The accuracy rule"))]
+
+
+def test_the_documented_earth_radius_is_the_one_used() -> None:
+    assert "**R = 6,371,008.8 m**" in _doc_section("Distance")
+    assert EARTH_RADIUS_M == 6_371_008.8
+
+
+def test_the_distance_vectors_are_all_read() -> None:
+    section = _doc_section("Distance")
+    table_rows = [line for line in section.splitlines()
+                  if line.startswith("| ") and not line.startswith(("| latitude", "|---"))]
+    assert len(table_rows) == len(_distance_vectors()) >= 8
+
+
+@pytest.mark.parametrize("vector", _distance_vectors(), ids=str)
+def test_haversine_matches_the_documented_vectors(
+        vector: tuple[float, float, float, float, float]) -> None:
+    lat1, lon1, lat2, lon2, metres = vector
+    assert haversine_m(lat1, lon1, lat2, lon2) == pytest.approx(metres, abs=0.0005)
+    assert haversine_m(lat2, lon2, lat1, lon1) == pytest.approx(metres, abs=0.0005)
+
+
+def test_the_rule_vectors_are_all_read_and_cover_every_verdict() -> None:
+    section = _doc_section("The accuracy rule")
+    table_rows = [line for line in section.splitlines()
+                  if line.startswith("| ") and line.count("|") == 7 and not line.startswith(
+                      ("| d ", "|---"))]
+    vectors = _rule_vectors()
+    assert len(table_rows) == len(vectors) >= 10
+    assert {v[4] for v in vectors} == {"in", "uncertain", "out"}
+
+
+@pytest.mark.parametrize("vector", _rule_vectors(), ids=str)
+def test_within_radius_matches_the_documented_vectors(
+        vector: tuple[float, float, float | None, float | None, str]) -> None:
+    distance, radius, a, b, verdict = vector
+    assert within_radius(distance, radius, a, b) == verdict
+    assert within_radius(distance, radius, b, a) == verdict  # symmetric in the two fixes

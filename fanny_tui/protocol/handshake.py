@@ -32,6 +32,12 @@ The exchange::
     parted / max_contact / channel_lost / stopped: whoever decides first
                  ── close(reason) ────────────►  both close the channel (ContactEnded)
 
+Versions: each side sends its own version (:data:`DATA_CHANNEL_VERSION`); the pair speaks
+``min`` of the two, and a side aborts with ``unsupported_version`` only when that is below
+:data:`MIN_DATA_CHANNEL_VERSION` (a version 3 peer is answered in version 2). Frames: each side
+sends a ``peer_position`` or ``heartbeat`` every ``position_interval_s``, at most
+:data:`MAX_FRAME_INTERVAL_S` apart; text frames only (a binary frame is ``bad_message``).
+
 The responder stores first and acks; the initiator stores on the ack. While a token is on its
 way (``AWAIT_ACK``) or being stored (``STORING``) neither side decides to end the contact; the
 initiator's ``token_timeout_s`` budget (from sending the token) bounds that wait. With an
@@ -74,6 +80,15 @@ from .tokens import craft_token, is_uuid4
 
 MAX_WIRE_ACCURACY_M = 100_000.0
 """The largest ``accuracy_m`` the wire accepts; a worse estimate is sent as this ceiling."""
+
+MIN_DATA_CHANNEL_VERSION = 2
+"""The lowest data channel version this side speaks. The pair speaks the effective version
+``min(DATA_CHANNEL_VERSION, peer_hello.version)``; below this one the exchange is aborted
+(``unsupported_version``). docs/protocol.md, "Versions"."""
+
+MAX_FRAME_INTERVAL_S = 10.0
+"""Seconds: a side sends a ``peer_position`` or ``heartbeat`` at least this often, whatever its
+``position_interval_s`` (docs/protocol.md, "Positions": the MUST bound a receiver relies on)."""
 
 
 class HandshakeState(enum.Enum):
@@ -192,6 +207,7 @@ class WitnessHandshake:
         self.meter: ContactMeter | None = None
         self.radius_m = self.settings.radius_m
         self.min_contact_s = self.settings.min_contact_s
+        self.version: int | None = None      # the effective version, once the hellos are in
         self._started: float = 0.0           # CONTACT entered
         self._heard: float = 0.0             # last frame from the peer
         self._next_send: float = 0.0         # next position/heartbeat
@@ -243,11 +259,17 @@ class WitnessHandshake:
         self._state = HandshakeState.AWAIT_HELLO
 
     def receive_data(self, data: str | bytes, now: float = 0.0) -> None:
-        """Feed one data channel message received at ``now``. Invalid or unexpected input ends
-        the exchange (``abort`` sent). Messages arriving after the end are ignored."""
+        """Feed one data channel message received at ``now``: ``str`` for a text frame (WebRTC
+        string, PPID 51), ``bytes`` for a binary one. Invalid or unexpected input ends the
+        exchange (``abort`` sent); a binary frame is invalid input (``abort``
+        ``bad_message: binary frame``), whatever it holds. Messages arriving after the end are
+        ignored."""
         if self._state in TERMINAL:
             return
         self._heard = now
+        if not isinstance(data, str):
+            self._fail("bad_message", "bad_message: binary frame", now, notify_peer=True)
+            return
         try:
             message = decode_peer_message(data)
         except MessageError as exc:
@@ -386,7 +408,8 @@ class WitnessHandshake:
 
     def _on_hello(self, message: PeerMessage, now: float) -> None:
         assert isinstance(message, PeerHello)
-        if message.version != DATA_CHANNEL_VERSION:
+        version = min(DATA_CHANNEL_VERSION, message.version)
+        if version < MIN_DATA_CHANNEL_VERSION:
             self._fail("unsupported_version", "unsupported_version", now, notify_peer=True)
             return
         if message.contact_id == self._contact_id:
@@ -398,6 +421,7 @@ class WitnessHandshake:
             self._peer_contact_id = message.contact_id
         self.radius_m = min(self.settings.radius_m, message.radius_m)
         self.min_contact_s = max(self.settings.min_contact_s, message.min_contact_s)
+        self.version = version
         self.meter = ContactMeter(self.radius_m, self.settings.contact_gap_s,
                                   self.settings.max_speed_mps)
         if self._fix is not None:
@@ -465,7 +489,7 @@ class WitnessHandshake:
                 accuracy = min(accuracy, MAX_WIRE_ACCURACY_M)
             self._send(PeerPosition(latitude=fix.latitude, longitude=fix.longitude,
                                     accuracy_m=accuracy))
-        self._next_send = now + self.settings.position_interval_s
+        self._next_send = now + min(self.settings.position_interval_s, MAX_FRAME_INTERVAL_S)
 
     def _send(self, message: PeerMessage) -> None:
         self._outgoing.append(encode(message))

@@ -224,10 +224,13 @@ Version = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 class PeerHello(_Message, tag="peer_hello"):
     """Peer -> peer: the first message of each side once the data channel is open (step 4).
 
-    ``version``: the data channel protocol version (:data:`DATA_CHANNEL_VERSION`); a peer that
-    does not speak it answers ``abort`` ``unsupported_version``. ``contact_id``: the sender's
-    contact ID. ``min_contact_s`` (seconds) and ``radius_m`` (metres): the sender's narrow
-    contact setting; the pair uses the larger ``min_contact_s`` and the smaller ``radius_m``.
+    ``version``: the highest data channel version the sender speaks
+    (:data:`DATA_CHANNEL_VERSION`); the pair speaks the lower of the two, and a side aborts
+    (``unsupported_version``) only when that is below the lowest it speaks (docs/protocol.md,
+    "Versions"). The fields of this message are the same in every version.
+    ``contact_id``: the sender's contact ID. ``min_contact_s`` (seconds) and ``radius_m``
+    (metres): the sender's narrow contact setting; the pair uses the larger ``min_contact_s``
+    and the smaller ``radius_m``.
     """
 
     version: Version

@@ -23,13 +23,20 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 EARTH_RADIUS_M = 6_371_008.8
+"""Metres: the IUGG mean Earth radius R1, the sphere of every distance of the protocol."""
 METRES_PER_DEGREE = math.pi * EARTH_RADIUS_M / 180.0
 
 K = TypeVar("K", bound=Hashable)
 
 
 def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Great-circle distance in metres between two WGS84 points given in degrees."""
+    """Great-circle distance in metres between two WGS84 points given in degrees.
+
+    The haversine formula on a sphere of radius :data:`EARTH_RADIUS_M`:
+    ``h = sin²(Δφ/2) + cos φ1 cos φ2 sin²(Δλ/2)``, ``d = 2 R asin(min(1, sqrt(h)))`` (the
+    ``min`` guards rounding near antipodal points). docs/protocol.md, "Distance", gives test
+    vectors that tests/test_proximity.py checks.
+    """
     phi1, phi2 = math.radians(lat1), math.radians(lat2)
     dphi = phi2 - phi1
     dlmb = math.radians(lon2 - lon1)

@@ -480,10 +480,17 @@ def test_a_recorded_exchange_replayed_to_a_third_device_stores_nothing() -> None
     assert not any(isinstance(e, StoreToken) for e in events)
 
 
-def test_an_unknown_version_is_refused() -> None:
+def test_a_version_below_2_is_refused_and_a_higher_one_spoken_as_2() -> None:
+    """docs/protocol.md, "Versions": effective version = min(own, peer's), abort below 2."""
+    responder = WitnessHandshake("responder", B)
+    responder.channel_open(0.0)
+    responder.receive_data(encode(hello(A, version=1)), 0.0)
+    sent, events = drain(responder)
+    assert sent[-1] == Abort(reason="unsupported_version")
+    assert HandshakeFailed("unsupported_version") in events
     responder = WitnessHandshake("responder", B)
     responder.channel_open(0.0)
     responder.receive_data(encode(hello(A, version=3)), 0.0)
     sent, events = drain(responder)
-    assert sent[-1] == Abort(reason="unsupported_version")
-    assert HandshakeFailed("unsupported_version") in events
+    assert not any(isinstance(m, Abort) for m in sent)
+    assert responder.version == DATA_CHANNEL_VERSION and responder.state is HandshakeState.CONTACT
