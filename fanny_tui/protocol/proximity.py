@@ -37,7 +37,7 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Point:
     """A WGS84 position in degrees."""
 
@@ -139,6 +139,7 @@ class ProximityGrid(Generic[K]):
         if not (0 < radius_m <= self.cell_m):
             raise ValueError(f"radius_m must be in (0, {self.cell_m}], got {radius_m}")
         row = math.floor((latitude + 90.0) / self._cell_deg)
+        max_dlat = radius_m / METRES_PER_DEGREE * (1.0 + 1e-9)
         ranges = self._column_ranges(latitude, longitude, radius_m)
         for r in (row - 1, row, row + 1):
             cells = self._rows.get(r)
@@ -155,6 +156,10 @@ class ProximityGrid(Generic[K]):
                         candidates.extend(cells[c] for c in range(first, last + 1) if c in cells)
             for members in candidates:
                 for key, point in members.items():
+                    # A great-circle distance is at least its north-south part: skip the
+                    # haversine for a point whose latitude alone puts it out of range.
+                    if abs(point.latitude - latitude) > max_dlat:
+                        continue
                     d = haversine_m(latitude, longitude, point.latitude, point.longitude)
                     if d <= radius_m:
                         yield key, d

@@ -216,6 +216,24 @@ async def test_position_dropped_after_timeout_real_clock(tmp_path):
         assert await b.barrier() == []
 
 
+async def test_housekeeping_expires_in_batches_and_keeps_serving(tmp_path, monkeypatch):
+    # One stale entry per batch: three positions need three batches with the loop free between.
+    monkeypatch.setattr("broker.server.EXPIRE_BATCH", 1)
+    async with (
+        running(tmp_path, position_timeout_s=0.3, housekeeping_interval_s=0.1) as broker,
+        Client.open(broker.url) as a, Client.open(broker.url) as b, Client.open(broker.url) as c,
+    ):
+        for n, client in enumerate((a, b, c)):
+            await client.hello()
+            await client.at(1000.0 * n)
+            await client.barrier()
+        assert (await healthz(broker.port))[1]["positions"] == 3
+        await eventually(lambda: _positions(broker.port, 0))
+        await a.at(0)
+        assert await a.barrier() == []
+        assert (await healthz(broker.port))[1]["positions"] == 1
+
+
 async def test_stale_position_never_matches_even_before_housekeeping(tmp_path):
     clock = FakeMonotonic()
     async with (
