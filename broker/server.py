@@ -10,7 +10,8 @@ One endpoint; the first accepted message of a connection decides its kind:
 
 Every refusal is an ``error`` message ``{code, message, field}``; the connection stays open
 (an oversized frame is the exception: websockets closes it with 1009; and a connection over the
-per-address cap gets ``too_many_connections`` and is closed with 1008). Refusal codes:
+per-address cap or the global cap ``max_connections`` gets ``too_many_connections`` and is
+closed with 1008). Refusal codes:
 ``bad_message``, ``unknown_type``, ``unknown_field`` (decoding, see
 :func:`~fanny_tui.protocol.messages.decode_client_message`), ``too_many_tokens``,
 ``hello_required``, ``already_hello``, ``unsupported_protocol``, ``wrong_connection``,
@@ -31,12 +32,16 @@ observer how many tokens an upload held or whether it was a decoy.
 Limits: ``max_message_bytes`` (default 65536: a padded upload fits exactly), 500 tokens per
 upload (``too_many_tokens``), ``position_rate_per_s`` / ``position_burst`` per connection (a
 token bucket; an excess position is ignored and answered ``rate_limited``),
-``max_connections_per_address`` and ``first_message_timeout_s``.
+``max_connections_per_address``, ``max_connections`` (all addresses together) and
+``first_message_timeout_s``.
 
 Each connection has one ordered outgoing queue. Answers to its own requests wait while the
 queue is half full (a client that sends faster than it reads only slows itself); messages
 caused by other clients (``match``, relayed ``signal``) never wait, and a client whose queue
-is full is closed (1008) instead of slowing down the others.
+is full is closed (1008) instead of slowing down the others. A client that stops reading
+altogether is dropped once one message has waited ``send_timeout_s`` to be written: the
+library's write buffer stays under its 32 KiB high-water mark, and the queue under
+``outbox_size`` messages, so the memory a connection can hold is bounded.
 
 Privacy: session IDs and positions live in :class:`~broker.state.BrokerState` (memory only);
 client addresses only as keys of the per-address connection counts (memory only).
@@ -122,6 +127,9 @@ _CLOSE_REPLACED = 4000
 _CLOSE_TOO_SLOW = 1008
 _CLOSE_POLICY = 1008
 _WARN_EVERY_S = 60.0
+WRITE_LIMIT_BYTES = 32 * 1024
+"""The library's write buffer high-water mark per connection: a send beyond it waits (at most
+``send_timeout_s``) for the client to read."""
 EXPIRE_BATCH = 1000
 """Stale entries dropped per step of housekeeping before yielding to the event loop (about
 2 ms of work at a million live positions: issue 7, point 5)."""
@@ -187,6 +195,10 @@ class BrokerSettings:
         position_burst: the bucket's size: positions accepted in a burst.
         max_connections_per_address: open connections allowed from one source address;
             0 disables the cap (behind a reverse proxy every client has the proxy's address).
+        max_connections: open connections allowed in all (every address together); 0
+            disables the cap. A connection over it is refused ``too_many_connections``.
+        send_timeout_s: the longest one message may wait to be written to a client (its TCP
+            window and the library's write buffer full); then the connection is dropped.
         certfile / keyfile: PEM certificate chain and private key: serve ``wss://`` (TLS >= 1.2).
             Both or neither.
 
@@ -217,6 +229,8 @@ class BrokerSettings:
     position_rate_per_s: float = 10.0
     position_burst: int = 20
     max_connections_per_address: int = 128
+    max_connections: int = 20_000
+    send_timeout_s: float = 10.0
     certfile: str | Path | None = None
     keyfile: str | Path | None = None
 
@@ -253,6 +267,8 @@ class BrokerSettings:
         _check_number("position_rate_per_s", self.position_rate_per_s, high=10_000.0)
         _check_int("position_burst", self.position_burst, 1, 100_000)
         _check_int("max_connections_per_address", self.max_connections_per_address, 0, 1_000_000)
+        _check_int("max_connections", self.max_connections, 0, 10_000_000)
+        _check_number("send_timeout_s", self.send_timeout_s, high=3600.0)
         for name in ("certfile", "keyfile"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str | Path) or not str(value)):
@@ -334,7 +350,7 @@ class _Client:
     """
 
     def __init__(self, ws: ServerConnection, outbox_size: int, tasks: set[asyncio.Task[Any]],
-                 bucket: _TokenBucket):
+                 bucket: _TokenBucket, send_timeout_s: float):
         self.ws = ws
         self.bucket = bucket
         self.address: str | None = None
@@ -343,8 +359,10 @@ class _Client:
         self.epoch = 0
         self.replaced = False
         self.closing = False
+        self.admitted = False
         self._tasks = tasks
         self._limit = outbox_size
+        self._send_timeout_s = send_timeout_s
         self._soft_limit = max(1, outbox_size // 2)
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._space = asyncio.Event()
@@ -357,11 +375,17 @@ class _Client:
                 text = await self._queue.get()
                 self._space.set()
                 try:
-                    await self.ws.send(text)
+                    await asyncio.wait_for(self.ws.send(text), self._send_timeout_s)
                 finally:
                     self._queue.task_done()
         except ConnectionClosed:
             pass
+        except TimeoutError:
+            # It does not read: its buffers would only grow. No close frame (it would wait
+            # behind the rest): drop the TCP connection.
+            logger.warning("dropping a client that does not read its messages (send timeout)")
+            self.closing = True
+            self.ws.transport.abort()
         finally:
             self._dead = True
             self._space.set()
@@ -496,6 +520,7 @@ class _Broker:
         self.clients: dict[str, _Client] = {}
         self.connections = 0
         self.per_address: dict[str, int] = {}     # memory only, never logged
+        self.admitted = 0                         # connections admitted and still open
         self.refused_connections = 0              # since the last warning about them
         self.last_refusal_warning = -math.inf
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -525,20 +550,32 @@ class _Broker:
 
     # --- connections ---------------------------------------------------------------------
 
-    def _admit(self, client: _Client) -> bool:
-        """Count the connection against its source address; False when over the cap."""
+    def _admit(self, client: _Client) -> str | None:
+        """Count the connection against the global cap and its source address's cap.
+
+        Returns:
+            ``None`` when admitted, else the refusal's message (the code is
+            ``too_many_connections`` either way).
+        """
+        total = self.settings.max_connections
+        if total and self.admitted >= total:
+            return "the broker is full: retry later"
         cap = self.settings.max_connections_per_address
-        if cap == 0:
-            return True
-        remote = client.ws.remote_address
-        address = str(remote[0]) if remote else "?"
-        if self.per_address.get(address, 0) >= cap:
-            return False
-        self.per_address[address] = self.per_address.get(address, 0) + 1
-        client.address = address
-        return True
+        if cap:
+            remote = client.ws.remote_address
+            address = str(remote[0]) if remote else "?"
+            if self.per_address.get(address, 0) >= cap:
+                return "too many connections from this address: close some and retry"
+            self.per_address[address] = self.per_address.get(address, 0) + 1
+            client.address = address
+        self.admitted += 1
+        client.admitted = True
+        return None
 
     def _release(self, client: _Client) -> None:
+        if client.admitted:
+            client.admitted = False
+            self.admitted -= 1
         if client.address is None:
             return
         left = self.per_address.get(client.address, 1) - 1
@@ -553,23 +590,25 @@ class _Broker:
         self.refused_connections += 1
         now = time.monotonic()
         if now - self.last_refusal_warning >= _WARN_EVERY_S:
-            logger.warning("refused %d connection(s) over the per-address cap of %d",
-                           self.refused_connections, self.settings.max_connections_per_address)
+            logger.warning("refused %d connection(s) over the per-address cap of %d "
+                           "or the global cap of %d",
+                           self.refused_connections, self.settings.max_connections_per_address,
+                           self.settings.max_connections)
             self.refused_connections = 0
             self.last_refusal_warning = now
 
     async def handle(self, ws: ServerConnection) -> None:
         bucket = _TokenBucket(self.settings.position_rate_per_s, self.settings.position_burst,
                               self.monotonic())
-        client = _Client(ws, self.settings.outbox_size, self.tasks, bucket)
+        client = _Client(ws, self.settings.outbox_size, self.tasks, bucket,
+                         self.settings.send_timeout_s)
         self.connections += 1
         logger.info("connection opened (%d open)", self.connections)
         try:
-            if not self._admit(client):
+            refusal = self._admit(client)
+            if refusal is not None:
                 self._warn_refused_connection()
-                await client.reply(_error(
-                    "too_many_connections",
-                    "too many connections from this address: close some and retry", None))
+                await client.reply(_error("too_many_connections", refusal, None))
                 await client.close_when_sent(_CLOSE_POLICY, "too many connections")
                 return
             await self._serve(client)
@@ -906,6 +945,7 @@ async def start_broker(
             compression=None,
             max_size=settings.max_message_bytes,
             max_queue=16,
+            write_limit=WRITE_LIMIT_BYTES,
             process_request=broker.process_request,
             ping_interval=settings.ping_interval_s,
             ping_timeout=settings.ping_timeout_s,
