@@ -212,11 +212,12 @@ class Engine:
         self._exchanges_changed = asyncio.Event()  # an exchange held its token or ended
         self._rotations = 0
         self._rng = random.SystemRandom()
+        self._preload: asyncio.Task[None] | None = None   # aiortc imported in a thread
         self._link = BrokerLink(
             config.broker.url,
             Hello(session_id=self._session_id, radius_m=config.protocol.radius_m),
             on_message=self._on_broker_message, on_event=self.emit,
-            on_connected=self._position_wakeup.set,
+            on_connected=self._on_broker_connected,
             reconnect_min_s=config.broker.reconnect_min_s,
             reconnect_max_s=config.broker.reconnect_max_s, ssl_context=ssl_context)
 
@@ -341,6 +342,8 @@ class Engine:
             try:
                 await self._stopped.wait()
             finally:
+                if self._preload is not None:
+                    tasks.append(self._preload)
                 for exchange in list(self._exchanges.values()):
                     if exchange.task is not None:
                         tasks.append(exchange.task)
@@ -364,6 +367,24 @@ class Engine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wakeup.wait(), seconds)
         wakeup.clear()
+
+    def _on_broker_connected(self) -> None:
+        self._position_wakeup.set()
+        if self._preload is None:
+            # No match can come before the link is up; the app's first paint is already done
+            # (it starts the engine once its panels are mounted). See _preload_aiortc.
+            self._preload = asyncio.create_task(self._preload_aiortc(), name="fanny-preload")
+
+    async def _preload_aiortc(self) -> None:
+        """Import aiortc in a worker thread, so that the first match costs what later ones do
+        (issue 7, point 4). The event loop keeps running meanwhile (the import holds the GIL
+        only between the interpreter's switch intervals). A failed import is logged: the
+        first exchange then fails with the same error, as it did before."""
+        from . import peer
+        try:
+            await asyncio.to_thread(peer.preload)
+        except ImportError as exc:
+            log.warning("aiortc could not be imported: %s", exc)
 
     # -- GPS and positions (paper 3, step 2) ----------------------------------------------
 
