@@ -86,10 +86,14 @@ class ProximityGrid(Generic[K]):
             raise ValueError(f"latitude out of range: {latitude}")
         if not (math.isfinite(longitude) and -180.0 <= longitude <= 180.0):
             raise ValueError(f"longitude out of range: {longitude}")
-        self.remove(key)
         point = Point(latitude, longitude)
         row, col = self._cell(point)
-        self._rows.setdefault(row, {}).setdefault(col, {})[key] = point
+        found = self._where.get(key)
+        if found is not None and found[0] == row and found[1] == col:
+            self._rows[row][col][key] = point       # same cell: replace in place
+        else:
+            self.remove(key)
+            self._rows.setdefault(row, {}).setdefault(col, {})[key] = point
         self._where[key] = (row, col, point)
 
     def remove(self, key: K) -> None:
