@@ -67,6 +67,7 @@ import math
 import ssl
 import time
 import traceback
+from collections import deque
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -347,7 +348,15 @@ class _Client:
     than it reads only slows itself down. Messages from other clients' activity
     (:meth:`post`: matches, relayed signals) never wait: if the queue is full, this client does
     not read and is closed, so it cannot stall the sender.
+
+    Memory (issue 7, point 5): an idle connection holds no queue, no event and no task; the
+    queue, the writer task and the "space" event are created when first needed, and the writer
+    ends whenever the queue is empty.
     """
+
+    __slots__ = ("ws", "bucket", "address", "kind", "session_id", "epoch", "replaced",
+                 "closing", "admitted", "_tasks", "_limit", "_send_timeout_s", "_soft_limit",
+                 "_queue", "_space", "_dead", "_writer")
 
     def __init__(self, ws: ServerConnection, outbox_size: int, tasks: set[asyncio.Task[Any]],
                  bucket: _TokenBucket, send_timeout_s: float):
@@ -364,53 +373,70 @@ class _Client:
         self._limit = outbox_size
         self._send_timeout_s = send_timeout_s
         self._soft_limit = max(1, outbox_size // 2)
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._space = asyncio.Event()
+        self._queue: deque[str] | None = None          # created with the first message
+        self._space: asyncio.Event | None = None       # created when a reply first waits
         self._dead = False
-        self._writer = asyncio.create_task(self._write())
+        self._writer: asyncio.Task[None] | None = None  # runs while the queue is not empty
+
+    def _pending(self) -> int:
+        return len(self._queue) if self._queue is not None else 0
+
+    def _enqueue(self, text: str) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(text)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
+        queue = self._queue
+        assert queue is not None
         try:
-            while True:
-                text = await self._queue.get()
-                self._space.set()
-                try:
-                    await asyncio.wait_for(self.ws.send(text), self._send_timeout_s)
-                finally:
-                    self._queue.task_done()
+            while queue:
+                text = queue.popleft()
+                if self._space is not None:
+                    self._space.set()
+                await asyncio.wait_for(self.ws.send(text), self._send_timeout_s)
         except ConnectionClosed:
-            pass
+            self._dead = True
         except TimeoutError:
             # It does not read: its buffers would only grow. No close frame (it would wait
             # behind the rest): drop the TCP connection.
             logger.warning("dropping a client that does not read its messages (send timeout)")
+            self._dead = True
             self.closing = True
             self.ws.transport.abort()
-        finally:
+        except asyncio.CancelledError:
             self._dead = True
-            self._space.set()
+            raise
+        finally:
+            self._writer = None
+            if self._space is not None:
+                self._space.set()
 
     async def reply(self, message: Any) -> None:
         """Queue an answer to this client's own request; waits while the queue is half full.
 
         ``message`` is a message struct, or its already encoded text (a padded ack).
         """
-        while self._queue.qsize() >= self._soft_limit and not self._dead:
+        while self._pending() >= self._soft_limit and not self._dead:
+            if self._space is None:
+                self._space = asyncio.Event()
             self._space.clear()
             await self._space.wait()
         if not self._dead:
-            self._queue.put_nowait(message if isinstance(message, str) else encode(message))
+            self._enqueue(message if isinstance(message, str) else encode(message))
 
     def post(self, message: Any) -> None:
         """Queue a message caused by another client, without waiting; a full queue closes it."""
         if self.closing or self._dead:
             return
-        if self._queue.qsize() >= self._limit:
+        if self._pending() >= self._limit:
             logger.warning("closing a client that does not read its messages (queue full)")
             self.closing = True
             self._spawn(self._close_slow())
             return
-        self._queue.put_nowait(encode(message))
+        self._enqueue(encode(message))
 
     async def _close_slow(self) -> None:
         # Its close frame would wait behind everything the client does not read: give the
@@ -422,8 +448,8 @@ class _Client:
 
     async def close_when_sent(self, code: int, reason: str, timeout: float = 2.0) -> None:
         """Close the connection once the queued messages went out (or ``timeout`` passed)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=timeout)
         await self.ws.close(code, reason)
 
     def close_soon(self, code: int, reason: str) -> None:
@@ -436,10 +462,12 @@ class _Client:
         task.add_done_callback(self._tasks.discard)
 
     async def finish(self) -> None:
-        """Stop the writer (the connection is over)."""
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-            await self._writer
+        """Stop the writer, if one runs (the connection is over)."""
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await writer
 
 
 class _TokenBucket:

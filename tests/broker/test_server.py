@@ -597,6 +597,26 @@ async def test_a_client_that_stops_reading_is_closed_and_others_are_unaffected(t
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
+async def test_an_idle_connection_holds_no_writer_task(tmp_path):
+    """Memory per connection: the writer task runs only while messages wait to be sent."""
+    async with running(tmp_path) as broker, Client.open(broker.url) as a, \
+            Client.open(broker.url) as b:
+        await a.hello()
+        await b.hello()
+        await a.at(0)
+        await b.at(3)
+        assert [type(m) for m in await b.barrier()] == [Match]
+        await a.expect(Match)
+        clients = broker._broker.clients
+        await eventually(lambda: _idle(clients))
+        tasks = {t.get_name() for t in asyncio.all_tasks()}
+        assert len(clients) == 2 and not any(c._writer for c in clients.values()), tasks
+
+
+async def _idle(clients) -> bool:
+    return all(c._writer is None and c._pending() == 0 for c in clients.values())
+
+
 async def test_a_client_that_pipelines_requests_is_slowed_not_dropped(tmp_path):
     async with (
         running(tmp_path, outbox_size=4, wall=FakeWall(WALL_NOW)) as broker,
