@@ -18,6 +18,7 @@ pole, walks only the occupied cells of the row. The antimeridian wraps.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
@@ -45,6 +46,20 @@ class Point:
     longitude: float
 
 
+class _Cell(Generic[K]):
+    """The keys of one grid cell and their coordinates side by side: ``coords`` holds the
+    latitude and longitude of ``keys[i]`` at ``2*i`` and ``2*i+1``, one contiguous block of
+    doubles, so a query reads a cell without touching an object per key."""
+
+    __slots__ = ("row", "col", "keys", "coords")
+
+    def __init__(self, row: int, col: int) -> None:
+        self.row = row
+        self.col = col
+        self.keys: list[K] = []
+        self.coords = array("d")
+
+
 class ProximityGrid(Generic[K]):
     """Keys at positions, with neighbour queries that never scan every key.
 
@@ -61,8 +76,8 @@ class ProximityGrid(Generic[K]):
         self.cell_m = cell_m
         self._cell_deg = cell_m / METRES_PER_DEGREE
         self._columns = math.ceil(360.0 / self._cell_deg)
-        self._rows: dict[int, dict[int, dict[K, Point]]] = {}
-        self._where: dict[K, tuple[int, int, Point]] = {}
+        self._rows: dict[int, dict[int, _Cell[K]]] = {}
+        self._where: dict[K, _Cell[K]] = {}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -72,13 +87,11 @@ class ProximityGrid(Generic[K]):
 
     def position(self, key: K) -> Point | None:
         """The position of ``key``, or ``None``."""
-        found = self._where.get(key)
-        return found[2] if found else None
-
-    def _cell(self, point: Point) -> tuple[int, int]:
-        row = math.floor((point.latitude + 90.0) / self._cell_deg)
-        col = math.floor((point.longitude + 180.0) / self._cell_deg) % self._columns
-        return row, col
+        cell = self._where.get(key)
+        if cell is None:
+            return None
+        i = 2 * cell.keys.index(key)
+        return Point(cell.coords[i], cell.coords[i + 1])
 
     def put(self, key: K, latitude: float, longitude: float) -> None:
         """Place or move ``key`` (degrees). Raises ValueError for out-of-range or non-finite."""
@@ -86,29 +99,47 @@ class ProximityGrid(Generic[K]):
             raise ValueError(f"latitude out of range: {latitude}")
         if not (math.isfinite(longitude) and -180.0 <= longitude <= 180.0):
             raise ValueError(f"longitude out of range: {longitude}")
-        point = Point(latitude, longitude)
-        row, col = self._cell(point)
-        found = self._where.get(key)
-        if found is not None and found[0] == row and found[1] == col:
-            self._rows[row][col][key] = point       # same cell: replace in place
-        else:
-            self.remove(key)
-            self._rows.setdefault(row, {}).setdefault(col, {})[key] = point
-        self._where[key] = (row, col, point)
+        row = math.floor((latitude + 90.0) / self._cell_deg)
+        col = math.floor((longitude + 180.0) / self._cell_deg) % self._columns
+        current = self._where.get(key)
+        if current is not None and current.row == row and current.col == col:
+            i = 2 * current.keys.index(key)                 # same cell: update in place
+            current.coords[i] = latitude
+            current.coords[i + 1] = longitude
+            return
+        if current is not None:
+            self._take_out(key, current)
+        cells = self._rows.setdefault(row, {})
+        cell = cells.get(col)
+        if cell is None:
+            cell = cells[col] = _Cell(row, col)
+        cell.keys.append(key)
+        cell.coords.append(latitude)
+        cell.coords.append(longitude)
+        self._where[key] = cell
 
     def remove(self, key: K) -> None:
         """Forget ``key``; no effect when absent."""
-        found = self._where.pop(key, None)
-        if found is None:
-            return
-        row, col, _ = found
-        cells = self._rows[row]
-        members = cells[col]
-        del members[key]
-        if not members:
-            del cells[col]
+        cell = self._where.get(key)
+        if cell is not None:
+            self._take_out(key, cell)
+
+    def _take_out(self, key: K, cell: _Cell[K]) -> None:
+        del self._where[key]
+        keys, coords = cell.keys, cell.coords
+        i = keys.index(key)
+        last = len(keys) - 1
+        if i != last:                                       # the last one fills the hole
+            keys[i] = keys[last]
+            coords[2 * i] = coords[2 * last]
+            coords[2 * i + 1] = coords[2 * last + 1]
+        keys.pop()
+        del coords[2 * last:]
+        if not keys:
+            cells = self._rows[cell.row]
+            del cells[cell.col]
             if not cells:
-                del self._rows[row]
+                del self._rows[cell.row]
 
     def _column_ranges(self, latitude: float, longitude: float, radius_m: float
                        ) -> list[tuple[int, int]] | None:
@@ -158,13 +189,15 @@ class ProximityGrid(Generic[K]):
                         candidates.extend(m for c, m in cells.items() if first <= c <= last)
                     else:
                         candidates.extend(cells[c] for c in range(first, last + 1) if c in cells)
-            for members in candidates:
-                for key, point in members.items():
+            for cell in candidates:
+                coords = cell.coords
+                for i, key in enumerate(cell.keys):
+                    lat = coords[2 * i]
                     # A great-circle distance is at least its north-south part: skip the
                     # haversine for a point whose latitude alone puts it out of range.
-                    if abs(point.latitude - latitude) > max_dlat:
+                    if abs(lat - latitude) > max_dlat:
                         continue
-                    d = haversine_m(latitude, longitude, point.latitude, point.longitude)
+                    d = haversine_m(latitude, longitude, lat, coords[2 * i + 1])
                     if d <= radius_m:
                         yield key, d
 

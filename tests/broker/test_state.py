@@ -339,8 +339,9 @@ def test_memory_per_live_position_is_bounded():
             state.update_position(session_id, north(50.0 * (i // 70)),
                                   LON + 50.0 * (i % 70) / METRES_PER_DEGREE, 5.0, 0.0)
         per_position = (tracemalloc.get_traced_memory()[0] - before) / n
+        print(f"{per_position:.0f} B per live position")
     finally:
         tracemalloc.stop()
-    # A session with its position, session ID text excluded (the caller holds it): ~540 B
-    # measured with slotted records and one copy of the coordinates (it was ~1.1 KB).
-    assert per_position < 700, per_position
+    # A session with its position, session ID text excluded (the caller holds it): ~340 B
+    # measured with slotted records and the coordinates as doubles in the grid's cells.
+    assert per_position < 450, per_position
