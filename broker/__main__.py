@@ -5,8 +5,8 @@ Usage::
     fanny-broker serve --host 127.0.0.1 --port 8765 --db PATH
                        [--radius-max-m M] [--cooldown-s S] [--position-timeout-s S]
                        [--open-declarations] [--certfile PEM --keyfile PEM]
-                       [--max-connections-per-address N] [--position-rate-per-s R]
-                       [--upload-answer-delay-s S] [--log-level LEVEL]
+                       [--max-connections-per-address N] [--max-connections N]
+                       [--position-rate-per-s R] [--upload-answer-delay-s S] [--log-level LEVEL]
     fanny-broker issue-code --db PATH [--ttl 1h]
 
 ``serve`` prints ``listening on ws://HOST:PORT`` (``wss://`` with ``--certfile``/``--keyfile``)
@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open connections allowed from one address, 0 for no cap (behind "
                             "a reverse proxy every client has its address) "
                             "(default: %(default)s)")
+    serve.add_argument("--max-connections", type=_count, default=20_000, metavar="N",
+                       help="open connections allowed in all, 0 for no cap; more are refused "
+                            "too_many_connections (default: %(default)s)")
     serve.add_argument("--position-rate-per-s", type=_positive, default=10.0, metavar="R",
                        help="positions per second one connection may send on average "
                             "(default: %(default)s)")
@@ -293,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cooldown_s=args.cooldown_s, position_timeout_s=args.position_timeout_s,
             open_declarations=args.open_declarations, certfile=args.certfile,
             keyfile=args.keyfile, max_connections_per_address=args.max_connections_per_address,
+            max_connections=args.max_connections,
             position_rate_per_s=args.position_rate_per_s,
             upload_answer_delay_s=args.upload_answer_delay_s)
     except ValueError as exc:

@@ -10,7 +10,8 @@ One endpoint; the first accepted message of a connection decides its kind:
 
 Every refusal is an ``error`` message ``{code, message, field}``; the connection stays open
 (an oversized frame is the exception: websockets closes it with 1009; and a connection over the
-per-address cap gets ``too_many_connections`` and is closed with 1008). Refusal codes:
+per-address cap or the global cap ``max_connections`` gets ``too_many_connections`` and is
+closed with 1008). Refusal codes:
 ``bad_message``, ``unknown_type``, ``unknown_field`` (decoding, see
 :func:`~fanny_tui.protocol.messages.decode_client_message`), ``too_many_tokens``,
 ``hello_required``, ``already_hello``, ``unsupported_protocol``, ``wrong_connection``,
@@ -31,12 +32,16 @@ observer how many tokens an upload held or whether it was a decoy.
 Limits: ``max_message_bytes`` (default 65536: a padded upload fits exactly), 500 tokens per
 upload (``too_many_tokens``), ``position_rate_per_s`` / ``position_burst`` per connection (a
 token bucket; an excess position is ignored and answered ``rate_limited``),
-``max_connections_per_address`` and ``first_message_timeout_s``.
+``max_connections_per_address``, ``max_connections`` (all addresses together) and
+``first_message_timeout_s``.
 
 Each connection has one ordered outgoing queue. Answers to its own requests wait while the
 queue is half full (a client that sends faster than it reads only slows itself); messages
 caused by other clients (``match``, relayed ``signal``) never wait, and a client whose queue
-is full is closed (1008) instead of slowing down the others.
+is full is closed (1008) instead of slowing down the others. A client that stops reading
+altogether is dropped once one message has waited ``send_timeout_s`` to be written: the
+library's write buffer stays under its 32 KiB high-water mark, and the queue under
+``outbox_size`` messages, so the memory a connection can hold is bounded.
 
 Privacy: session IDs and positions live in :class:`~broker.state.BrokerState` (memory only);
 client addresses only as keys of the per-address connection counts (memory only).
@@ -62,6 +67,7 @@ import math
 import ssl
 import time
 import traceback
+from collections import deque
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -122,6 +128,12 @@ _CLOSE_REPLACED = 4000
 _CLOSE_TOO_SLOW = 1008
 _CLOSE_POLICY = 1008
 _WARN_EVERY_S = 60.0
+WRITE_LIMIT_BYTES = 32 * 1024
+"""The library's write buffer high-water mark per connection: a send beyond it waits (at most
+``send_timeout_s``) for the client to read."""
+EXPIRE_BATCH = 1000
+"""Stale entries dropped per step of housekeeping before yielding to the event loop (about
+2 ms of work at a million live positions: issue 7, point 5)."""
 
 
 class SetupError(FannyError):
@@ -184,6 +196,10 @@ class BrokerSettings:
         position_burst: the bucket's size: positions accepted in a burst.
         max_connections_per_address: open connections allowed from one source address;
             0 disables the cap (behind a reverse proxy every client has the proxy's address).
+        max_connections: open connections allowed in all (every address together); 0
+            disables the cap. A connection over it is refused ``too_many_connections``.
+        send_timeout_s: the longest one message may wait to be written to a client (its TCP
+            window and the library's write buffer full); then the connection is dropped.
         certfile / keyfile: PEM certificate chain and private key: serve ``wss://`` (TLS >= 1.2).
             Both or neither.
 
@@ -214,6 +230,8 @@ class BrokerSettings:
     position_rate_per_s: float = 10.0
     position_burst: int = 20
     max_connections_per_address: int = 128
+    max_connections: int = 20_000
+    send_timeout_s: float = 10.0
     certfile: str | Path | None = None
     keyfile: str | Path | None = None
 
@@ -250,6 +268,8 @@ class BrokerSettings:
         _check_number("position_rate_per_s", self.position_rate_per_s, high=10_000.0)
         _check_int("position_burst", self.position_burst, 1, 100_000)
         _check_int("max_connections_per_address", self.max_connections_per_address, 0, 1_000_000)
+        _check_int("max_connections", self.max_connections, 0, 10_000_000)
+        _check_number("send_timeout_s", self.send_timeout_s, high=3600.0)
         for name in ("certfile", "keyfile"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str | Path) or not str(value)):
@@ -328,10 +348,18 @@ class _Client:
     than it reads only slows itself down. Messages from other clients' activity
     (:meth:`post`: matches, relayed signals) never wait: if the queue is full, this client does
     not read and is closed, so it cannot stall the sender.
+
+    Memory (issue 7, point 5): an idle connection holds no queue, no event and no task; the
+    queue, the writer task and the "space" event are created when first needed, and the writer
+    ends whenever the queue is empty.
     """
 
+    __slots__ = ("ws", "bucket", "address", "kind", "session_id", "epoch", "replaced",
+                 "closing", "admitted", "_tasks", "_limit", "_send_timeout_s", "_soft_limit",
+                 "_queue", "_space", "_dead", "_writer")
+
     def __init__(self, ws: ServerConnection, outbox_size: int, tasks: set[asyncio.Task[Any]],
-                 bucket: _TokenBucket):
+                 bucket: _TokenBucket, send_timeout_s: float):
         self.ws = ws
         self.bucket = bucket
         self.address: str | None = None
@@ -340,50 +368,75 @@ class _Client:
         self.epoch = 0
         self.replaced = False
         self.closing = False
+        self.admitted = False
         self._tasks = tasks
         self._limit = outbox_size
+        self._send_timeout_s = send_timeout_s
         self._soft_limit = max(1, outbox_size // 2)
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._space = asyncio.Event()
+        self._queue: deque[str] | None = None          # created with the first message
+        self._space: asyncio.Event | None = None       # created when a reply first waits
         self._dead = False
-        self._writer = asyncio.create_task(self._write())
+        self._writer: asyncio.Task[None] | None = None  # runs while the queue is not empty
+
+    def _pending(self) -> int:
+        return len(self._queue) if self._queue is not None else 0
+
+    def _enqueue(self, text: str) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(text)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
+        queue = self._queue
+        assert queue is not None
         try:
-            while True:
-                text = await self._queue.get()
-                self._space.set()
-                try:
-                    await self.ws.send(text)
-                finally:
-                    self._queue.task_done()
+            while queue:
+                text = queue.popleft()
+                if self._space is not None:
+                    self._space.set()
+                await asyncio.wait_for(self.ws.send(text), self._send_timeout_s)
         except ConnectionClosed:
-            pass
-        finally:
             self._dead = True
-            self._space.set()
+        except TimeoutError:
+            # It does not read: its buffers would only grow. No close frame (it would wait
+            # behind the rest): drop the TCP connection.
+            logger.warning("dropping a client that does not read its messages (send timeout)")
+            self._dead = True
+            self.closing = True
+            self.ws.transport.abort()
+        except asyncio.CancelledError:
+            self._dead = True
+            raise
+        finally:
+            self._writer = None
+            if self._space is not None:
+                self._space.set()
 
     async def reply(self, message: Any) -> None:
         """Queue an answer to this client's own request; waits while the queue is half full.
 
         ``message`` is a message struct, or its already encoded text (a padded ack).
         """
-        while self._queue.qsize() >= self._soft_limit and not self._dead:
+        while self._pending() >= self._soft_limit and not self._dead:
+            if self._space is None:
+                self._space = asyncio.Event()
             self._space.clear()
             await self._space.wait()
         if not self._dead:
-            self._queue.put_nowait(message if isinstance(message, str) else encode(message))
+            self._enqueue(message if isinstance(message, str) else encode(message))
 
     def post(self, message: Any) -> None:
         """Queue a message caused by another client, without waiting; a full queue closes it."""
         if self.closing or self._dead:
             return
-        if self._queue.qsize() >= self._limit:
+        if self._pending() >= self._limit:
             logger.warning("closing a client that does not read its messages (queue full)")
             self.closing = True
             self._spawn(self._close_slow())
             return
-        self._queue.put_nowait(encode(message))
+        self._enqueue(encode(message))
 
     async def _close_slow(self) -> None:
         # Its close frame would wait behind everything the client does not read: give the
@@ -395,8 +448,8 @@ class _Client:
 
     async def close_when_sent(self, code: int, reason: str, timeout: float = 2.0) -> None:
         """Close the connection once the queued messages went out (or ``timeout`` passed)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=timeout)
         await self.ws.close(code, reason)
 
     def close_soon(self, code: int, reason: str) -> None:
@@ -409,10 +462,12 @@ class _Client:
         task.add_done_callback(self._tasks.discard)
 
     async def finish(self) -> None:
-        """Stop the writer (the connection is over)."""
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-            await self._writer
+        """Stop the writer, if one runs (the connection is over)."""
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await writer
 
 
 class _TokenBucket:
@@ -493,6 +548,7 @@ class _Broker:
         self.clients: dict[str, _Client] = {}
         self.connections = 0
         self.per_address: dict[str, int] = {}     # memory only, never logged
+        self.admitted = 0                         # connections admitted and still open
         self.refused_connections = 0              # since the last warning about them
         self.last_refusal_warning = -math.inf
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -522,20 +578,32 @@ class _Broker:
 
     # --- connections ---------------------------------------------------------------------
 
-    def _admit(self, client: _Client) -> bool:
-        """Count the connection against its source address; False when over the cap."""
+    def _admit(self, client: _Client) -> str | None:
+        """Count the connection against the global cap and its source address's cap.
+
+        Returns:
+            ``None`` when admitted, else the refusal's message (the code is
+            ``too_many_connections`` either way).
+        """
+        total = self.settings.max_connections
+        if total and self.admitted >= total:
+            return "the broker is full: retry later"
         cap = self.settings.max_connections_per_address
-        if cap == 0:
-            return True
-        remote = client.ws.remote_address
-        address = str(remote[0]) if remote else "?"
-        if self.per_address.get(address, 0) >= cap:
-            return False
-        self.per_address[address] = self.per_address.get(address, 0) + 1
-        client.address = address
-        return True
+        if cap:
+            remote = client.ws.remote_address
+            address = str(remote[0]) if remote else "?"
+            if self.per_address.get(address, 0) >= cap:
+                return "too many connections from this address: close some and retry"
+            self.per_address[address] = self.per_address.get(address, 0) + 1
+            client.address = address
+        self.admitted += 1
+        client.admitted = True
+        return None
 
     def _release(self, client: _Client) -> None:
+        if client.admitted:
+            client.admitted = False
+            self.admitted -= 1
         if client.address is None:
             return
         left = self.per_address.get(client.address, 1) - 1
@@ -550,23 +618,25 @@ class _Broker:
         self.refused_connections += 1
         now = time.monotonic()
         if now - self.last_refusal_warning >= _WARN_EVERY_S:
-            logger.warning("refused %d connection(s) over the per-address cap of %d",
-                           self.refused_connections, self.settings.max_connections_per_address)
+            logger.warning("refused %d connection(s) over the per-address cap of %d "
+                           "or the global cap of %d",
+                           self.refused_connections, self.settings.max_connections_per_address,
+                           self.settings.max_connections)
             self.refused_connections = 0
             self.last_refusal_warning = now
 
     async def handle(self, ws: ServerConnection) -> None:
         bucket = _TokenBucket(self.settings.position_rate_per_s, self.settings.position_burst,
                               self.monotonic())
-        client = _Client(ws, self.settings.outbox_size, self.tasks, bucket)
+        client = _Client(ws, self.settings.outbox_size, self.tasks, bucket,
+                         self.settings.send_timeout_s)
         self.connections += 1
         logger.info("connection opened (%d open)", self.connections)
         try:
-            if not self._admit(client):
+            refusal = self._admit(client)
+            if refusal is not None:
                 self._warn_refused_connection()
-                await client.reply(_error(
-                    "too_many_connections",
-                    "too many connections from this address: close some and retry", None))
+                await client.reply(_error("too_many_connections", refusal, None))
                 await client.close_when_sent(_CLOSE_POLICY, "too many connections")
                 return
             await self._serve(client)
@@ -792,13 +862,22 @@ class _Broker:
 
     # --- housekeeping --------------------------------------------------------------------
 
+    async def _expire(self, now: float) -> int:
+        """Expire stale positions and pairs in batches of :data:`EXPIRE_BATCH`, yielding to
+        the event loop between batches (no stall, however many went stale at once)."""
+        dropped = self.state.expire(now, limit=EXPIRE_BATCH)
+        while self.state.expire_pending(now):
+            await asyncio.sleep(0)
+            dropped += self.state.expire(now, limit=EXPIRE_BATCH)
+        return dropped
+
     async def housekeeping(self) -> None:
         """Expire stale positions every interval; purge expired positives now and then."""
         next_purge = -math.inf
         while True:
             try:
                 now = self.monotonic()
-                dropped = self.state.expire(now)
+                dropped = await self._expire(now)
                 if dropped:
                     logger.info("dropped %d stale positions", dropped)
                 if time.monotonic() >= next_purge:
@@ -894,6 +973,7 @@ async def start_broker(
             compression=None,
             max_size=settings.max_message_bytes,
             max_queue=16,
+            write_limit=WRITE_LIMIT_BYTES,
             process_request=broker.process_request,
             ping_interval=settings.ping_interval_s,
             ping_timeout=settings.ping_timeout_s,

@@ -15,6 +15,14 @@ position is not stored by the server and does not feed any positions history"):
   ``max(cooldown_s, route_ttl_s)`` seconds. It enforces "one match per pair per cooldown" and
   is the signaling route of the pair (paper section 3, step 3).
 
+Housekeeping never scans (issue 7, point 5): positions and pairs are each kept in an
+:class:`~collections.OrderedDict` in the order of their last update (an update moves the entry
+to the end), so the stale ones are always at the front. :meth:`BrokerState.expire` pops from the
+front until it meets a fresh entry, or until its ``limit`` of entries is spent: the server calls
+it in small batches and yields to the event loop between them, so even a million positions
+going stale at once never stall the loop for long. ``now`` must not go backwards (a monotonic
+clock); if it did, an entry would only be dropped later, never early.
+
 Matching (paper section 3, step 3): when a session reports a position, the grid yields its
 neighbours (never a scan of every session); two sessions match when the accuracy rule
 (:func:`~fanny_tui.protocol.proximity.within_radius`, the same rule the devices' contact meter
@@ -28,6 +36,7 @@ and crafts the token), the other ``responder``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,16 +80,15 @@ class Connected:
     replaced: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class _Session:
     radius_m: float
     epoch: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Fix:
-    latitude: float
-    longitude: float
+    # The coordinates live in the grid only: one copy per live position.
     accuracy_m: float | None
     updated: float
 
@@ -126,8 +134,9 @@ class BrokerState:
         )
         self._grid: ProximityGrid[str] = ProximityGrid(self.radius_max_m)
         self._sessions: dict[str, _Session] = {}
-        self._fixes: dict[str, _Fix] = {}
-        self._matched: dict[tuple[str, str], float] = {}
+        # Both in the order of their last update, oldest first (see "Housekeeping" above).
+        self._fixes: OrderedDict[str, _Fix] = OrderedDict()
+        self._matched: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._epochs = 0
 
     # --- sessions ------------------------------------------------------------------------
@@ -238,7 +247,9 @@ class BrokerState:
         if session is None:
             raise LocalProtocolError("update_position for a session that is not connected")
         self._grid.put(session_id, latitude, longitude)
-        self._fixes[session_id] = _Fix(latitude, longitude, accuracy_m, now)
+        fixes = self._fixes
+        fixes[session_id] = _Fix(accuracy_m, now)
+        fixes.move_to_end(session_id)
         found = sorted(
             (distance, other)
             for other, distance in self._grid.near(latitude, longitude, session.radius_m)
@@ -246,7 +257,7 @@ class BrokerState:
         )
         notices: list[MatchNotice] = []
         for distance, other in found:
-            fix = self._fixes[other]
+            fix = fixes[other]
             if now - fix.updated > self.position_timeout_s:
                 continue
             radius = min(session.radius_m, self._sessions[other].radius_m)
@@ -257,6 +268,7 @@ class BrokerState:
             if last is not None and now - last < self.cooldown_s:
                 continue
             self._matched[pair] = now
+            self._matched.move_to_end(pair)
             initiator, responder = pair
             notices.append(MatchNotice(session_id, other,
                                        "initiator" if session_id == initiator else "responder"))
@@ -298,20 +310,55 @@ class BrokerState:
 
     # --- housekeeping --------------------------------------------------------------------
 
-    def expire(self, now: float) -> int:
-        """Drop positions older than ``position_timeout_s`` and forgotten pairs.
+    def expire(self, now: float, limit: int | None = None) -> int:
+        """Drop positions older than ``position_timeout_s`` and pairs older than
+        ``max(cooldown_s, route_ttl_s)``, oldest first, without scanning the fresh ones.
 
         Args:
             now: monotonic seconds.
+            limit: the most entries (positions and pairs together) to drop in this call, >= 1;
+                ``None``: every stale entry. :meth:`expire_pending` tells whether more are due.
 
         Returns:
             The number of positions dropped.
+
+        Raises:
+            ValueError: ``limit`` is not a positive integer.
         """
-        stale = [s for s, fix in self._fixes.items()
-                 if now - fix.updated > self.position_timeout_s]
-        for session_id in stale:
+        if limit is None:
+            budget = len(self._fixes) + len(self._matched)
+        elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        else:
+            budget = limit
+        fixes = self._fixes
+        oldest = now - self.position_timeout_s
+        dropped = 0
+        while dropped < budget and fixes:
+            session_id, fix = next(iter(fixes.items()))
+            if fix.updated >= oldest:
+                break
             self.drop_position(session_id)
-        keep_s = max(self.cooldown_s, self.route_ttl_s)
-        for pair in [p for p, at in self._matched.items() if now - at > keep_s]:
-            del self._matched[pair]
-        return len(stale)
+            dropped += 1
+        positions = dropped
+        matched = self._matched
+        oldest = now - max(self.cooldown_s, self.route_ttl_s)
+        while dropped < budget and matched:
+            pair, at = next(iter(matched.items()))
+            if at >= oldest:
+                break
+            del matched[pair]
+            dropped += 1
+        return positions
+
+    def expire_pending(self, now: float) -> bool:
+        """True when :meth:`expire` at ``now`` would drop something (O(1))."""
+        if self._fixes:
+            fix = next(iter(self._fixes.values()))
+            if fix.updated < now - self.position_timeout_s:
+                return True
+        if self._matched:
+            at = next(iter(self._matched.values()))
+            if at < now - max(self.cooldown_s, self.route_ttl_s):
+                return True
+        return False

@@ -20,7 +20,13 @@ loops going until :meth:`Engine.stop`:
   are exchanged peer to peer (``peer_update``), the token is stored once the pair was within
   the radius for ``min_contact_s`` (``token_stored`` with the contact's measures), and the
   contact's final measures go to the store when it closes (``contact_closed``). A handshake
-  slot (:data:`MAX_CONCURRENT_HANDSHAKES`) is held for the establishment only;
+  slot (:data:`MAX_CONCURRENT_HANDSHAKES`) is held for the establishment only. The wait for a
+  slot has a deadline and an order (crowds, issue 7 point 6): an exchange must be established
+  within ``handshake_timeout_s`` of its match, the budget its peer has too (both got the match
+  at the same moment), so it never starts after its peer gave up; one that would get less than
+  :data:`MIN_HANDSHAKE_BUDGET_S` fails as ``no_slot`` without starting. A freed slot goes first
+  to an exchange whose peer already sent its SDP offer or answer (that peer holds a slot and
+  its clock runs), then to the one matched first;
 * polling: every ``poll_interval_s`` the positive tokens are fetched on an anonymous connection
   and compared locally (paper 4, steps 3-4);
 * uploads: pending positive declarations are retried with backoff until acknowledged, or until
@@ -120,6 +126,9 @@ from .store import Alert, StoredToken, StoreError, TokenStore
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_HANDSHAKES = 8
+MIN_HANDSHAKE_BUDGET_S = 1.0
+"""An exchange that would get a handshake slot with less of its budget left fails ``no_slot``
+(at most half of ``handshake_timeout_s``)."""
 SWEEP_INTERVAL_S = 60.0
 _ENDED_NOT_FAILED = frozenset({"parted", "max_contact", "peer_closed", "stopped"})
 """How a contact may end before its token without the exchange counting as failed."""
@@ -158,9 +167,72 @@ class _Exchange:
     """The contact ID this exchange uses, read once when it starts (memory only)."""
     matched_at: float = 0.0
     """``time.monotonic()`` of the broker's match."""
+    deadline: float = 0.0
+    """``time.monotonic()`` by which the establishment must be done (its peer's deadline too)."""
     token_held: bool = False
     """This contact's token is in the store: closing it now loses no witness."""
     task: asyncio.Task[None] | None = None
+
+
+class _HandshakeSlots:
+    """At most ``size`` establishments at once; the wait has a deadline and an order.
+
+    A freed slot goes to the waiting exchange whose peer already signalled (an SDP offer or
+    answer in its inbox: that peer holds a slot and its budget runs), then to the earliest
+    deadline (the first matched). Both sides of a pair thus favour the same pairs.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: list[tuple[_Exchange, asyncio.Future[None]]] = []
+
+    @property
+    def free(self) -> int:
+        """Slots free now."""
+        return self._free
+
+    @property
+    def waiting(self) -> int:
+        """Exchanges waiting for a slot."""
+        return len(self._waiters)
+
+    async def acquire(self, exchange: _Exchange) -> bool:
+        """Wait for a slot until ``exchange.deadline`` (``time.monotonic()`` seconds).
+
+        Returns:
+            True with a slot held (call :meth:`release`), False when the deadline came first.
+
+        Raises:
+            asyncio.CancelledError: cancelled while waiting (no slot is kept).
+        """
+        if self._free and not self._waiters:
+            self._free -= 1
+            return True
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (exchange, granted)
+        self._waiters.append(entry)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, exchange.deadline - time.monotonic())):
+                    await asyncio.shield(granted)
+        except asyncio.CancelledError:
+            if granted.done():        # handed over just before the cancellation: give it back
+                self.release()
+            raise
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+        return granted.done()
+
+    def release(self) -> None:
+        """Give a slot back: to the best waiter (see the class), or to the pool."""
+        if not self._waiters:
+            self._free += 1
+            return
+        best = min(self._waiters,
+                   key=lambda e: (e[0].signaling.inbox.empty(), e[0].deadline))
+        self._waiters.remove(best)
+        best[1].set_result(None)
 
 
 @dataclass
@@ -204,7 +276,7 @@ class Engine:
         self._poll_wakeup = asyncio.Event()
         self._stopped = asyncio.Event()
         self._exchanges: dict[str, _Exchange] = {}
-        self._handshake_slots = asyncio.Semaphore(MAX_CONCURRENT_HANDSHAKES)
+        self._handshake_slots = _HandshakeSlots(MAX_CONCURRENT_HANDSHAKES)
         self._next_ordinal = 1
         self._unrecorded_alerts: set[str] = set()  # matches the store could not record yet
         self._rotation_lock = asyncio.Lock()     # one ID rotation at a time
@@ -212,11 +284,12 @@ class Engine:
         self._exchanges_changed = asyncio.Event()  # an exchange held its token or ended
         self._rotations = 0
         self._rng = random.SystemRandom()
+        self._preload: asyncio.Task[None] | None = None   # aiortc imported in a thread
         self._link = BrokerLink(
             config.broker.url,
             Hello(session_id=self._session_id, radius_m=config.protocol.radius_m),
             on_message=self._on_broker_message, on_event=self.emit,
-            on_connected=self._position_wakeup.set,
+            on_connected=self._on_broker_connected,
             reconnect_min_s=config.broker.reconnect_min_s,
             reconnect_max_s=config.broker.reconnect_max_s, ssl_context=ssl_context)
 
@@ -341,6 +414,8 @@ class Engine:
             try:
                 await self._stopped.wait()
             finally:
+                if self._preload is not None:
+                    tasks.append(self._preload)
                 for exchange in list(self._exchanges.values()):
                     if exchange.task is not None:
                         tasks.append(exchange.task)
@@ -364,6 +439,24 @@ class Engine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wakeup.wait(), seconds)
         wakeup.clear()
+
+    def _on_broker_connected(self) -> None:
+        self._position_wakeup.set()
+        if self._preload is None:
+            # No match can come before the link is up; the app's first paint is already done
+            # (it starts the engine once its panels are mounted). See _preload_aiortc.
+            self._preload = asyncio.create_task(self._preload_aiortc(), name="fanny-preload")
+
+    async def _preload_aiortc(self) -> None:
+        """Import aiortc in a worker thread, so that the first match costs what later ones do
+        (issue 7, point 4). The event loop keeps running meanwhile (the import holds the GIL
+        only between the interpreter's switch intervals). A failed import is logged: the
+        first exchange then fails with the same error, as it did before."""
+        from . import peer
+        try:
+            await asyncio.to_thread(peer.preload)
+        except ImportError as exc:
+            log.warning("aiortc could not be imported: %s", exc)
 
     # -- GPS and positions (paper 3, step 2) ----------------------------------------------
 
@@ -414,8 +507,10 @@ class Engine:
         if peer_session_id in self._exchanges:
             return
         # The contact ID is read once: an open contact keeps the ID it started with.
+        now = time.monotonic()
         exchange = _Exchange(self._next_ordinal, role, _PeerSignaling(self, peer_session_id),
-                             contact_id=self._contact_id, matched_at=time.monotonic())
+                             contact_id=self._contact_id, matched_at=now,
+                             deadline=now + self.config.protocol.handshake_timeout_s)
         self._next_ordinal += 1
         self._exchanges[peer_session_id] = exchange
         self.emit(MatchFound(peer=exchange.ordinal, role=role))
@@ -522,12 +617,19 @@ class Engine:
                 self._handshake_slots.release()
 
         try:
-            await self._handshake_slots.acquire()
+            released = not await self._handshake_slots.acquire(exchange)
+            budget = exchange.deadline - time.monotonic()
+            if budget < min(MIN_HANDSHAKE_BUDGET_S, protocol.handshake_timeout_s / 2):
+                release()   # too late: the peer gives up at the same deadline
+                log.info("witness exchange %d not started: no handshake slot in time",
+                         exchange.ordinal)
+                self._finish_failed(exchange, "no_slot")
+                return
             try:
                 result = await peer.run_witness(
                     role=exchange.role, contact_id=exchange.contact_id,  # type: ignore[arg-type]
                     signaling=exchange.signaling, webrtc=self.config.webrtc,
-                    store_token=store_token, timeout_s=protocol.handshake_timeout_s,
+                    store_token=store_token, timeout_s=budget,
                     on_progress=progress, contact=settings, own_fix=self._own_fix,
                     on_event=on_event)
             finally:

@@ -78,12 +78,17 @@ class Device:
 
 
 @contextlib.asynccontextmanager
-async def running_device(config: Config, data_dir: Path, source: object
+async def running_device(config: Config, data_dir: Path, source: object, *,
+                         subscriber: Callable[[Event], None] | None = None
                          ) -> AsyncIterator[Device]:
-    """Run an engine for the duration of the block, then stop it cleanly."""
+    """Run an engine for the duration of the block, then stop it cleanly.
+
+    ``subscriber``, if given, gets every event from the start too (e.g. to time them)."""
     engine = Engine(config, data_dir, source=source)
     device = Device(engine, data_dir)
     engine.subscribe(device.events.append)
+    if subscriber is not None:
+        engine.subscribe(subscriber)
     device.task = asyncio.create_task(engine.run())
     try:
         await device.wait_event("session_started", timeout=10)

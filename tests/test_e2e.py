@@ -445,7 +445,7 @@ async def test_token_after_min_contact_measured_peer_to_peer_then_the_pair_parts
             # handshake slot: those cover the establishment only.
             assert not a.of("contact_closed") and not b.of("contact_closed")
             for device in (a, b):
-                assert device.engine._handshake_slots._value == MAX_CONCURRENT_HANDSHAKES
+                assert device.engine._handshake_slots.free == MAX_CONCURRENT_HANDSHAKES
             walker.move_to(LAT + 200 * METRE_LAT, LON)
             closed = [await d.wait_event("contact_closed", timeout=10 * TIME_UNIT)
                       for d in (a, b)]

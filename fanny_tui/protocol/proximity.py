@@ -18,6 +18,7 @@ pole, walks only the occupied cells of the row. The antimeridian wraps.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
@@ -44,12 +45,26 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Point:
     """A WGS84 position in degrees."""
 
     latitude: float
     longitude: float
+
+
+class _Cell(Generic[K]):
+    """The keys of one grid cell and their coordinates side by side: ``coords`` holds the
+    latitude and longitude of ``keys[i]`` at ``2*i`` and ``2*i+1``, one contiguous block of
+    doubles, so a query reads a cell without touching an object per key."""
+
+    __slots__ = ("row", "col", "keys", "coords")
+
+    def __init__(self, row: int, col: int) -> None:
+        self.row = row
+        self.col = col
+        self.keys: list[K] = []
+        self.coords = array("d")
 
 
 class ProximityGrid(Generic[K]):
@@ -68,8 +83,8 @@ class ProximityGrid(Generic[K]):
         self.cell_m = cell_m
         self._cell_deg = cell_m / METRES_PER_DEGREE
         self._columns = math.ceil(360.0 / self._cell_deg)
-        self._rows: dict[int, dict[int, dict[K, Point]]] = {}
-        self._where: dict[K, tuple[int, int, Point]] = {}
+        self._rows: dict[int, dict[int, _Cell[K]]] = {}
+        self._where: dict[K, _Cell[K]] = {}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -79,13 +94,11 @@ class ProximityGrid(Generic[K]):
 
     def position(self, key: K) -> Point | None:
         """The position of ``key``, or ``None``."""
-        found = self._where.get(key)
-        return found[2] if found else None
-
-    def _cell(self, point: Point) -> tuple[int, int]:
-        row = math.floor((point.latitude + 90.0) / self._cell_deg)
-        col = math.floor((point.longitude + 180.0) / self._cell_deg) % self._columns
-        return row, col
+        cell = self._where.get(key)
+        if cell is None:
+            return None
+        i = 2 * cell.keys.index(key)
+        return Point(cell.coords[i], cell.coords[i + 1])
 
     def put(self, key: K, latitude: float, longitude: float) -> None:
         """Place or move ``key`` (degrees). Raises ValueError for out-of-range or non-finite."""
@@ -93,25 +106,47 @@ class ProximityGrid(Generic[K]):
             raise ValueError(f"latitude out of range: {latitude}")
         if not (math.isfinite(longitude) and -180.0 <= longitude <= 180.0):
             raise ValueError(f"longitude out of range: {longitude}")
-        self.remove(key)
-        point = Point(latitude, longitude)
-        row, col = self._cell(point)
-        self._rows.setdefault(row, {}).setdefault(col, {})[key] = point
-        self._where[key] = (row, col, point)
+        row = math.floor((latitude + 90.0) / self._cell_deg)
+        col = math.floor((longitude + 180.0) / self._cell_deg) % self._columns
+        current = self._where.get(key)
+        if current is not None and current.row == row and current.col == col:
+            i = 2 * current.keys.index(key)                 # same cell: update in place
+            current.coords[i] = latitude
+            current.coords[i + 1] = longitude
+            return
+        if current is not None:
+            self._take_out(key, current)
+        cells = self._rows.setdefault(row, {})
+        cell = cells.get(col)
+        if cell is None:
+            cell = cells[col] = _Cell(row, col)
+        cell.keys.append(key)
+        cell.coords.append(latitude)
+        cell.coords.append(longitude)
+        self._where[key] = cell
 
     def remove(self, key: K) -> None:
         """Forget ``key``; no effect when absent."""
-        found = self._where.pop(key, None)
-        if found is None:
-            return
-        row, col, _ = found
-        cells = self._rows[row]
-        members = cells[col]
-        del members[key]
-        if not members:
-            del cells[col]
+        cell = self._where.get(key)
+        if cell is not None:
+            self._take_out(key, cell)
+
+    def _take_out(self, key: K, cell: _Cell[K]) -> None:
+        del self._where[key]
+        keys, coords = cell.keys, cell.coords
+        i = keys.index(key)
+        last = len(keys) - 1
+        if i != last:                                       # the last one fills the hole
+            keys[i] = keys[last]
+            coords[2 * i] = coords[2 * last]
+            coords[2 * i + 1] = coords[2 * last + 1]
+        keys.pop()
+        del coords[2 * last:]
+        if not keys:
+            cells = self._rows[cell.row]
+            del cells[cell.col]
             if not cells:
-                del self._rows[row]
+                del self._rows[cell.row]
 
     def _column_ranges(self, latitude: float, longitude: float, radius_m: float
                        ) -> list[tuple[int, int]] | None:
@@ -146,6 +181,7 @@ class ProximityGrid(Generic[K]):
         if not (0 < radius_m <= self.cell_m):
             raise ValueError(f"radius_m must be in (0, {self.cell_m}], got {radius_m}")
         row = math.floor((latitude + 90.0) / self._cell_deg)
+        max_dlat = radius_m / METRES_PER_DEGREE * (1.0 + 1e-9)
         ranges = self._column_ranges(latitude, longitude, radius_m)
         for r in (row - 1, row, row + 1):
             cells = self._rows.get(r)
@@ -160,9 +196,15 @@ class ProximityGrid(Generic[K]):
                         candidates.extend(m for c, m in cells.items() if first <= c <= last)
                     else:
                         candidates.extend(cells[c] for c in range(first, last + 1) if c in cells)
-            for members in candidates:
-                for key, point in members.items():
-                    d = haversine_m(latitude, longitude, point.latitude, point.longitude)
+            for cell in candidates:
+                coords = cell.coords
+                for i, key in enumerate(cell.keys):
+                    lat = coords[2 * i]
+                    # A great-circle distance is at least its north-south part: skip the
+                    # haversine for a point whose latitude alone puts it out of range.
+                    if abs(lat - latitude) > max_dlat:
+                        continue
+                    d = haversine_m(latitude, longitude, lat, coords[2 * i + 1])
                     if d <= radius_m:
                         yield key, d
 

@@ -30,6 +30,7 @@ from fanny_tui.protocol.messages import (
     encode,
     encode_padded,
 )
+from tests.helpers import TIME_UNIT
 
 from .kit import (
     EXPIRY,
@@ -277,6 +278,61 @@ async def test_positions_over_the_rate_are_refused_and_ignored(tmp_path):
         assert [type(m) for m in await a.barrier()] == [Match]
         await a.at(0)
         await a.expect_error("rate_limited", None)
+
+
+async def test_connections_over_the_global_cap_are_refused_from_any_address(tmp_path):
+    async with running(tmp_path, max_connections=2, max_connections_per_address=0) as broker:
+        async with Client.open(broker.url) as c1, \
+                Client.open(broker.url, local_addr=("127.0.0.2", 0)) as c2:
+            await c1.hello()
+            await c2.hello()
+            async with Client.open(broker.url, local_addr=("127.0.0.3", 0)) as c3:
+                error = await c3.expect_error("too_many_connections", None)
+                assert "full" in error.message
+                with pytest.raises(ConnectionClosed) as closed:
+                    await c3.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            await c1.at(0)                                   # the admitted ones are unharmed
+            await c2.at(3)
+            assert [type(m) for m in await c2.barrier()] == [Match]
+        # Closed connections free their places.
+        async with Client.open(broker.url) as c4, Client.open(broker.url) as c5:
+            await c4.hello()
+            await c5.hello()
+
+
+async def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(tmp_path):
+    """The outbox is large, so the queue-full rule does not fire: the sleeper's TCP window and
+    the library's write buffer fill, one send waits longer than send_timeout_s: dropped."""
+    async with (
+        running(tmp_path, send_timeout_s=0.5, outbox_size=100_000) as broker,
+        Client.open(broker.url) as sender,
+        Client.open(broker.url, max_queue=1) as sleeper,
+    ):
+        await sender.hello()
+        await sleeper.hello()
+        sleeper.ws.transport.pause_reading()                 # nothing read at the TCP level
+        await sender.at(0)
+        await sleeper.at(2)
+        await sender.expect(Match)
+        big = "v=0 " + "a" * 30_000
+        sent = 0
+        for _ in range(40):                                  # 60 MB at most
+            for _ in range(50):
+                await sender.send(Signal(peer_session_id=sleeper.session_id,
+                                         sdp_type="offer", sdp=big))
+            sent += 50
+            if await _connections(broker.port, 1):
+                break
+            await asyncio.sleep(0.05)
+        await eventually(lambda: _connections(broker.port, 1), timeout=10 * TIME_UNIT)
+        print(f"the broker dropped the client that read nothing after {sent} signals")
+        await sender.at(0)                                   # the sender is served on
+        await sender.barrier()
+
+
+async def _connections(port: int, expected: int) -> bool:
+    return (await healthz(port))[1]["connections"] == expected
 
 
 async def test_connections_over_the_per_address_cap_are_refused_then_closed(tmp_path):

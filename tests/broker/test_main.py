@@ -242,6 +242,8 @@ def test_issue_code_as_root_gives_a_new_board_to_the_directory_owner(tmp_path, c
     (["serve", "--db", "x", "--keyfile", "k.pem"], "--certfile"),
     (["serve", "--db", "x", "--max-connections-per-address", "-1"],
      "--max-connections-per-address"),
+    (["serve", "--db", "x", "--max-connections", "-1"], "--max-connections:"),
+    (["serve", "--db", "x", "--max-connections", "10000001"], "--max-connections:"),
     (["serve", "--db", "x", "--position-rate-per-s", "0"], "--position-rate-per-s"),
     (["serve", "--db", "x", "--upload-answer-delay-s", "-1"], "--upload-answer-delay-s"),
     (["serve", "--db", "x", "--upload-answer-delay-s", "61"], "--upload-answer-delay-s"),

@@ -216,6 +216,24 @@ async def test_position_dropped_after_timeout_real_clock(tmp_path):
         assert await b.barrier() == []
 
 
+async def test_housekeeping_expires_in_batches_and_keeps_serving(tmp_path, monkeypatch):
+    # One stale entry per batch: three positions need three batches with the loop free between.
+    monkeypatch.setattr("broker.server.EXPIRE_BATCH", 1)
+    async with (
+        running(tmp_path, position_timeout_s=0.3, housekeeping_interval_s=0.1) as broker,
+        Client.open(broker.url) as a, Client.open(broker.url) as b, Client.open(broker.url) as c,
+    ):
+        for n, client in enumerate((a, b, c)):
+            await client.hello()
+            await client.at(1000.0 * n)
+            await client.barrier()
+        assert (await healthz(broker.port))[1]["positions"] == 3
+        await eventually(lambda: _positions(broker.port, 0))
+        await a.at(0)
+        assert await a.barrier() == []
+        assert (await healthz(broker.port))[1]["positions"] == 1
+
+
 async def test_stale_position_never_matches_even_before_housekeeping(tmp_path):
     clock = FakeMonotonic()
     async with (
@@ -577,6 +595,26 @@ async def test_a_client_that_stops_reading_is_closed_and_others_are_unaffected(t
             while True:
                 await sleeper.ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_an_idle_connection_holds_no_writer_task(tmp_path):
+    """Memory per connection: the writer task runs only while messages wait to be sent."""
+    async with running(tmp_path) as broker, Client.open(broker.url) as a, \
+            Client.open(broker.url) as b:
+        await a.hello()
+        await b.hello()
+        await a.at(0)
+        await b.at(3)
+        assert [type(m) for m in await b.barrier()] == [Match]
+        await a.expect(Match)
+        clients = broker._broker.clients
+        await eventually(lambda: _idle(clients))
+        tasks = {t.get_name() for t in asyncio.all_tasks()}
+        assert len(clients) == 2 and not any(c._writer for c in clients.values()), tasks
+
+
+async def _idle(clients) -> bool:
+    return all(c._writer is None and c._pending() == 0 for c in clients.values())
 
 
 async def test_a_client_that_pipelines_requests_is_slowed_not_dropped(tmp_path):

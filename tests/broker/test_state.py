@@ -270,3 +270,78 @@ def test_grid_matching_equals_brute_force(case):
                 expected.add((me, other, "initiator" if me == pair[0] else "responder"))
                 expected.add((other, me, "initiator" if other == pair[0] else "responder"))
         assert got == expected
+
+
+# --- housekeeping without a full scan (issue 7, point 5) -------------------------------------
+
+
+def test_expire_drops_the_least_recently_updated_first_and_keeps_refreshed_positions():
+    state = make(position_timeout_s=60.0, radius_max_m=10.0)
+    connect_all(state, (A, 5.0), (B, 5.0), (C, 5.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    state.update_position(B, north(1000), LON, None, 10.0)
+    state.update_position(C, north(2000), LON, None, 20.0)
+    state.update_position(A, LAT, LON, None, 30.0)       # refreshed: moves behind C
+    assert state.expire_pending(70.5)
+    assert state.expire(70.5) == 1                       # B (10 s) only: A was refreshed
+    assert not state.has_position(B) and state.has_position(A) and state.has_position(C)
+    assert not state.expire_pending(70.5)
+    assert state.expire(80.5) == 1 and not state.has_position(C)
+    assert state.expire(90.5) == 1 and state.position_count == 0
+
+
+def test_expire_with_a_limit_drops_at_most_that_many_then_resumes():
+    state = make(position_timeout_s=60.0, radius_max_m=10.0)
+    sessions = [f"{n:08x}-0000-4000-8000-000000000000" for n in range(250)]
+    for n, session_id in enumerate(sessions):
+        state.connect(session_id, 5.0, 0.0)
+        state.update_position(session_id, north(50.0 * n), LON, None, float(n) / 1000)
+    dropped, calls = 0, 0
+    while state.expire_pending(100.0):
+        got = state.expire(100.0, limit=100)
+        assert 1 <= got <= 100
+        dropped, calls = dropped + got, calls + 1
+    assert (dropped, calls, state.position_count) == (250, 3, 0)
+
+
+def test_expire_limit_counts_pairs_too_and_a_rematched_pair_stays():
+    state = make(cooldown_s=10.0, position_timeout_s=1000.0)
+    connect_all(state, (A, 20.0), (B, 20.0), (C, 20.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    assert len(state.update_position(B, north(5), LON, None, 0.0)) == 2     # A-B at 0
+    assert len(state.update_position(C, north(5), LON, None, 5.0)) == 4     # A-C, B-C at 5
+    assert len(state.update_position(B, north(5), LON, None, 11.0)) == 2    # A-B again at 11
+    state.expire(16.0, limit=1)                 # A-C (5 s) first: A-B was refreshed at 11
+    assert state.pair_count == 2
+    state.expire(16.0)
+    assert state.pair_count == 1                # only A-B (11 s) is left
+    state.check_route(A, B, 16.0)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True])
+def test_expire_refuses_a_bad_limit(limit):
+    with pytest.raises(ValueError, match="limit"):
+        make().expire(0.0, limit=limit)
+
+
+def test_memory_per_live_position_is_bounded():
+    import gc
+    import tracemalloc
+    n = 5000
+    sessions = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(n)]
+    state = make(radius_max_m=100.0)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i, session_id in enumerate(sessions):     # 50 m apart: 3 to 4 per grid cell
+            state.connect(session_id, 20.0, 0.0)
+            state.update_position(session_id, north(50.0 * (i // 70)),
+                                  LON + 50.0 * (i % 70) / METRES_PER_DEGREE, 5.0, 0.0)
+        per_position = (tracemalloc.get_traced_memory()[0] - before) / n
+        print(f"{per_position:.0f} B per live position")
+    finally:
+        tracemalloc.stop()
+    # A session with its position, session ID text excluded (the caller holds it): ~340 B
+    # measured with slotted records and the coordinates as doubles in the grid's cells.
+    assert per_position < 450, per_position
