@@ -918,7 +918,8 @@ async def test_a_peer_offering_only_mdns_names_witnesses_when_they_resolve_on_lo
     carried = log[0][1] if named == "initiator" else log[1][1]
     assert candidate_lines(carried)
     assert all(c.split(" ")[4].endswith(".local") for c in candidate_lines(carried))
-    assert records and set(responder.questions) == set(records)   # each name asked, by us
+    # Each of our names was asked (other programs on this machine may ask for theirs too).
+    assert records and set(records) <= set(responder.questions)
     assert mdns_tripwire == []                                     # never by aioice
 
 
