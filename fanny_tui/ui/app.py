@@ -79,7 +79,10 @@ class FannyApp(App[None]):
         Binding("d", "declare_positive", "Declare positive"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f1", "help", "Help", show=False),
-        Binding("q", "quit", "Quit"),
+        Binding("q", "quit", "Quit", key_display="q ^c"),
+        # Ctrl-C quits, as on any console program (Textual's default only says to press
+        # ctrl+q, which quits too). Priority: also while the declaration dialog has focus.
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
 
     def __init__(self, engine: Engine, *, title: str = "FANNY field kit",

@@ -281,8 +281,9 @@ HELP_TERMS = (
 )
 
 HELP_KEYS = (("d", "declare positive"), ("r", "radar instead of the tables (narrow screens)"),
+             ("Tab ↑↓", "move to the next panel, scroll its rows (tables, event log)"),
              ("? F1", "this help"), ("ctrl+p", "commands"), ("Esc", "close a dialog"),
-             ("q", "quit"))
+             ("q ctrl+c", "quit (ctrl+q too)"))
 
 
 def help_text() -> Group:

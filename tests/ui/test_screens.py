@@ -325,7 +325,7 @@ async def test_help_explains_the_words_and_the_keys(quiet, data_dir, clock, key)
         await pilot.pause()
         text = rendered(app.screen.query_one("#help-text"))
         for word in ("Match", "Contact", "Token", "Declare", "Exposure", "Keys",
-                     "d       declare positive", "q       quit"):
+                     "d         declare positive", "q ctrl+c  quit", "Tab ↑↓"):
             assert word in text, word
         await pilot.press("d")                                  # inert under the help
         await pilot.pause()
