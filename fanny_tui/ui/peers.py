@@ -54,7 +54,8 @@ class LivePeer:
             :class:`~fanny_tui.events.PeerUpdate` (None/0 before the first).
         match_to_token_s: seconds from the match to the token (the engine's figure when it
             gives one, else measured here between the two events).
-        contact: the contact's measures once the token is stored or the contact closed.
+        contact: the contact's measures once the token is stored (grown by each later
+            ``peer_update``, see :func:`grown_contact`), final once the contact closed.
         reason: why the exchange failed or the contact closed.
         token: the witness token stored for this contact (from ``token_stored``), to update
             its row in the Tokens panel when the contact closes; None before.
@@ -94,6 +95,20 @@ def merged_contact(earlier: Contact | None, latest: Contact) -> Contact:
                                             latest.median_m, latest.samples))
     return Contact(duration_s=merged.duration_s, closest_m=merged.closest_m,
                    median_m=merged.median_m, samples=merged.samples)
+
+
+def grown_contact(contact: Contact | None, update: PeerUpdate) -> Contact:
+    """The measures of an open contact so far after one more sample (``peer_update``): its
+    time within the radius and sample count are the update's, its closest distance the
+    smaller of the two (closest over every sample, paper 2); the median is the last one the
+    engine gave (a median of samples not kept here cannot be updated)."""
+    if contact is None:
+        return Contact(duration_s=update.within_s, closest_m=update.distance_m, median_m=None,
+                       samples=update.samples)
+    closest = update.distance_m if contact.closest_m is None else min(contact.closest_m,
+                                                                      update.distance_m)
+    return Contact(duration_s=max(contact.duration_s, update.within_s), closest_m=closest,
+                   median_m=contact.median_m, samples=max(contact.samples, update.samples))
 
 
 def candidate_pair(local: str | None, remote: str | None) -> str | None:
@@ -173,6 +188,8 @@ class LivePeers:
                 live.distance_m, live.bearing_deg = event.distance_m, event.bearing_deg
                 live.peer_accuracy_m, live.within = event.peer_accuracy_m, event.within
                 live.within_s, live.samples = event.within_s, event.samples
+                if live.token is not None and live.state not in ENDED_STATES:
+                    live.contact = grown_contact(live.contact, event)
             case TokenStored(peer=peer, token=token, contact=contact, match_to_token_s=latency):
                 live = self._get(peer, now)
                 live.token = token

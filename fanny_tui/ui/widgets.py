@@ -400,8 +400,9 @@ class TokensTable(DataTable[Text]):
     """Stored witness tokens: token, live countdown, the contact, upload marker, expiry (UTC).
 
     Rows are keyed by the full token and kept soonest expiry first. The contact (time within
-    the radius, closest distance) is shown when known: from the ``token_stored`` event, or
-    from the store when it keeps it.
+    the radius, closest distance) is shown when known: from the ``token_stored`` event, then
+    growing with the open contact's samples until it closes, or from the store when it keeps
+    it.
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -471,6 +472,14 @@ class TokensTable(DataTable[Text]):
         if contact is not None:
             contact = merged_contact(earlier, contact)
         self.add_token(token, expires_at, contact=contact, now=now)
+
+    def show_live(self, token: str, contact: Contact) -> None:
+        """The open contact that stored ``token`` measured more (a ``peer_update`` after the
+        token): its measures so far, added to the token's earlier exposure if any."""
+        if token not in self._expiry:
+            return
+        self._contacts[token] = merged_contact(self._earlier.get(token), contact)
+        self.update_cell(token, "contact", Text(format_contact(self._contacts[token])))
 
     def show_closed(self, token: str, contact: Contact) -> None:
         """A ``contact_closed`` event of a contact that stored ``token``: its final measures

@@ -286,6 +286,33 @@ async def test_a_token_row_follows_its_contact_to_the_end_and_the_next_meeting(
         assert tokens.row_count == len(TOKENS) + 1
 
 
+async def test_a_token_row_grows_with_its_open_contact(quiet, data_dir, clock):
+    # Trial finding 4: the token comes at the first witness ("0s ≤9.4 m"); while the contact
+    # stays open its row must follow the samples, not wait for the close.
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        tokens, token = app.main_screen.tokens, "8" * 64
+        first = Contact(duration_s=0.0, closest_m=9.4, median_m=9.4, samples=1)
+        await post(pilot, app, MatchFound(peer=7, role="answerer"),
+                   TokenStored(peer=7, token=token, expires_at=expiry(14), new=True,
+                               contact=first, match_to_token_s=0.2))
+        assert tokens.get_cell(token, "contact").plain == "0s ≤9.4 m"
+        await post(pilot, app, update(7, 3.2, 90.0, within_s=12.0))
+        assert tokens.get_cell(token, "contact").plain == "12s ≤3.2 m"
+        await post(pilot, app, update(7, 6.0, 90.0, within_s=20.0))   # closest stays 3.2
+        assert tokens.get_cell(token, "contact").plain == "20s ≤3.2 m"
+        await post(pilot, app, ContactClosed(peer=7, reason="parted", token_stored=True,
+                                             contact=Contact(21.0, 3.1, 5.0, 22)))
+        assert tokens.get_cell(token, "contact").plain == "21s ≤3.1 m"
+        await post(pilot, app, update(7, 1.0, 90.0, within_s=30.0))   # late: ignored
+        assert tokens.get_cell(token, "contact").plain == "21s ≤3.1 m"
+        # Samples of a peer without a token yet change no token row.
+        before = {t: tokens.get_cell(t, "contact").plain for t in TOKENS}
+        await post(pilot, app, MatchFound(peer=8, role="offerer"), update(8, 2.0, 10.0))
+        assert {t: tokens.get_cell(t, "contact").plain for t in TOKENS} == before
+
+
 async def test_a_refusal_toast_does_not_stay_beside_a_later_success(quiet, data_dir, clock):
     app, _ = build(quiet, data_dir, clock=clock)
     async with app.run_test(size=WIDE) as pilot:
