@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from rich.text import Text
 
-from ..describe import explain
+from ..describe import explain, explain_gps
 from ..events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -389,7 +389,7 @@ def describe_event(event: Event) -> Text | None:
         case BrokerDisconnected(reason=reason):
             return Text.assemble(explain(reason).headline, " (", reason, ")")
         case GpsLost(reason=reason):
-            return Text.assemble("no fix: ", reason)
+            return Text.assemble("no fix: ", explain_gps(reason).headline, " (", reason, ")")
         case MatchFound(peer=peer, role=role):
             return Text.assemble(f"{peer_name(peer)} within the radius, role ", role)
         case HandshakeFailed(peer=peer, reason=reason):

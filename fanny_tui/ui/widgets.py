@@ -20,7 +20,7 @@ from rich.text import Text
 from textual.events import Resize
 from textual.widgets import DataTable, RichLog, Static
 
-from ..describe import explain
+from ..describe import explain, explain_gps
 from ..events import Contact, GpsFix
 from ..store import StoredToken
 from .formatting import (
@@ -49,6 +49,9 @@ from .formatting import (
     plural,
 )
 from .peers import LivePeer, RadarCell, merged_contact, radar_cells
+
+WAITING_FOR_FIX = "waiting for the first fix"
+"""The GPS half before any fix or loss came (not a failure: no next step shown)."""
 
 MAX_LOG_LINES = 1000
 """Lines kept in the event log."""
@@ -113,7 +116,9 @@ class SessionPanel(Static):
     The broker column says why the broker cannot be reached in plain words, what to do, since
     when, and counts down to the next retry; the GPS column is what ``cgps`` users look for:
     mode, where the position comes from, satellites used/visible, eph and HDOP, the fix's age,
-    the position. Positions are shown here and nowhere else (never logged).
+    the position. Without a fix it says why in plain words and what to do
+    (:func:`fanny_tui.describe.explain_gps`), then the raw reason. Positions are shown here
+    and nowhere else (never logged).
     """
 
     GPS_WIDTH = 30
@@ -132,7 +137,7 @@ class SessionPanel(Static):
         self.retry_at: datetime | None = None
         self.fix: GpsFix | None = None
         self.fix_received_at: datetime | None = None
-        self.gps_detail: str = "waiting for the first fix"
+        self.gps_detail: str = WAITING_FOR_FIX
         self.now: datetime | None = None
 
     def on_mount(self) -> None:
@@ -242,17 +247,27 @@ class SessionPanel(Static):
         return grid
 
     def _gps_grid(self) -> Table:
+        # The labels keep their 4 columns: only the values column (wrappable) gives way when
+        # a value is too long for the half, and each value is cut with "…" or wrapped.
         grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="dim", no_wrap=True, min_width=4)
-        grid.add_column(no_wrap=True, overflow="ellipsis")
+        grid.add_column(style="dim", no_wrap=True, width=4)
+        grid.add_column(overflow="ellipsis")
         fix = self.fix
         if fix is None:
             grid.add_row("GPS", Text("no fix", style="bold yellow"))
-            grid.add_row("", Text(self.gps_detail, style="italic", no_wrap=True,
+            if self.gps_detail == WAITING_FOR_FIX:
+                grid.add_row("", Text(self.gps_detail, style="italic", no_wrap=True,
+                                      overflow="ellipsis"))
+                dash = Text(DASH, style="dim")
+                for label in ("Sats", "Acc", "Age", "Pos"):
+                    grid.add_row(label, dash)
+                return grid
+            failure = explain_gps(self.gps_detail)
+            grid.add_row("", Text(failure.headline, style="bold", no_wrap=True,
                                   overflow="ellipsis"))
-            dash = Text(DASH, style="dim")
-            for label in ("Sats", "Acc", "Age", "Pos"):
-                grid.add_row(label, dash)
+            grid.add_row("", Text(f"→ {failure.todo}", style="italic", overflow="fold"))
+            grid.add_row("", Text(self.gps_detail, style="dim", no_wrap=True,
+                                  overflow="ellipsis"))
             return grid
         not_receiver = describe_gps_source(fix.source)
         grid.add_row("GPS", Text(format_fix_mode(fix.mode),

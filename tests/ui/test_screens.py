@@ -9,6 +9,7 @@ engine would emit them, and the app's clock is a :class:`~tests.ui.kit.SettableC
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,6 +22,7 @@ from fanny_tui.events import (
     Event,
     ExposureAlert,
     GpsFix,
+    GpsLost,
     HandshakeFailed,
     HandshakeProgress,
     IdsRotated,
@@ -192,6 +194,33 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         await tick(pilot, app, clock, 4)
         assert "Age  4.0 s since arrival" in rendered(session)
         assert "44.06" not in log_text(app)                   # positions never in the log
+
+
+@pytest.mark.parametrize("size", [SMALL, WIDE])
+async def test_a_gps_failure_in_plain_words_with_a_next_step(quiet, data_dir, clock, size):
+    # Trial finding 7: at 80x24 the labels collapsed to "G…", "S…" and no next step was given.
+    reason = "gpsd at 127.0.0.1:2950 unreachable: Connect call failed ('127.0.0.1', 2950)"
+    app, _ = build(quiet, data_dir, GpsLost(reason=reason), clock=clock)
+    async with app.run_test(size=size) as pilot:
+        await started(pilot, app)
+        session = app.main_screen.session
+        await wait_until(pilot, lambda: session.gps_detail == reason, "the loss")
+        await pilot.pause()
+        shown = rendered(session)
+        assert "GPS  no fix" in shown and "gpsd is not running" in shown, shown
+        # The GPS half's values column, read top to bottom: what it says, then what to do.
+        lines = shown.splitlines()
+        column = next(line.index("GPS  no fix") for line in lines if "GPS  no fix" in line)
+        values = " ".join(" ".join(line[column + 5:].strip("│ ").split()) for line in lines)
+        assert ("no fix gpsd is not running → start gpsd (sudo systemctl start gpsd), or check "
+                "[gps] host and port gpsd at 127.0.0.1:2950 u") in values, shown
+        assert not re.search(r"(^|\s)[A-Z]…", shown), shown      # no label cut to "G…"
+        assert "no fix: gpsd is not running (gpsd at 127.0.0.1:2950" in log_text(app)
+        # Broker and GPS failing together both keep their labels and next steps.
+        await post(pilot, app, BrokerDisconnected(reason=REFUSED, retry_in_s=5.0))
+        shown = rendered(session)
+        assert "Broker disconnected" in shown and "GPS  no fix" in shown
+        assert "→ start the broker" in shown and "→ start gpsd" in shown
 
 
 # -- routine state in the status line, what matters in the log -----------------------------
