@@ -94,6 +94,16 @@ def _now(now: datetime | None) -> datetime:
     return now if now is not None else datetime.now(UTC)
 
 
+def hidden_rows_hint(table: DataTable[Text]) -> str:
+    """`` · 2 of 6 shown, Tab ↑↓ for more`` when some rows of ``table`` do not fit its
+    height (a short screen, the exposure banner up), else ``""``: for its title."""
+    visible = table.scrollable_content_region.height - (table.header_height
+                                                        if table.show_header else 0)
+    if visible <= 0 or table.row_count <= visible:
+        return ""
+    return f" · {visible} of {table.row_count} shown, Tab ↑↓ for more"
+
+
 class TitleBar(Static):
     """One line: the title, and where help is (hidden on short screens)."""
 
@@ -346,7 +356,16 @@ class PeersTable(DataTable[Text]):
                     if old != new:
                         self.update_cell(key, column, cell, update_width=column == "reason")
             self._shown[key] = plain
-        self.border_title = f"Live peers ({len(wanted)})" if wanted else "Live peers: none"
+        self._retitle()
+
+    def _retitle(self) -> None:
+        count = len(self._shown)
+        self.border_title = (f"Live peers ({count}){hidden_rows_hint(self)}" if count
+                             else "Live peers: none")
+
+    def on_resize(self, event: Resize) -> None:
+        """Say how to see the rows that no longer fit."""
+        self._retitle()
 
     @staticmethod
     def cells(live: LivePeer) -> list[Text]:
@@ -539,7 +558,11 @@ class TokensTable(DataTable[Text]):
         title = f"Tokens ({len(self._expiry)})"
         if pending:
             title += f" · {pending} pending upload"
-        self.border_title = title
+        self.border_title = title + hidden_rows_hint(self)
+
+    def on_resize(self, event: Resize) -> None:
+        """Say how to see the rows that no longer fit."""
+        self._retitle()
 
 
 def _pending_text(pending: bool) -> Text:
@@ -547,7 +570,8 @@ def _pending_text(pending: bool) -> Text:
 
 
 class ExposureBanner(Static):
-    """Hidden until an exposure alert; then the alert, the contacts' measures, the next step."""
+    """Hidden until an exposure alert; then the alert, the contacts' measures (wrapped; at most
+    :data:`~fanny_tui.ui.formatting.BANNER_CONTACTS` listed), the next step."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -576,10 +600,12 @@ class ExposureBanner(Static):
         """Render the alert for the width (nothing before the first alert)."""
         if not self.total:
             return
+        # Wrapped, never cut: with many contacts the first few are listed, the rest counted
+        # (the event log has them all), so the banner stays at 2-3 lines at 80 columns.
         compact = self.size.width < 120
         self.update(Group(
             Text(describe_exposure(self.total, self.contacts, compact=compact),
-                 no_wrap=compact, overflow="ellipsis"),
+                 overflow="fold"),
             Text(EXPOSURE_NEXT_STEP, style="not bold")))
 
 
@@ -653,14 +679,15 @@ class EventLog(RichLog):
     """One line per event: time (UTC), event name, text. Markup is off (remote text).
 
     Lines are wrapped to the log's width and wrapped again when it is resized, so no
-    character is lost (a long reason continues on the next line).
+    character is lost (a long reason continues on the next line). Continuation lines are
+    indented under the text, past the time, so that none starts like a timestamp.
     """
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, markup=False, highlight=False, wrap=True, min_width=20,
                          max_lines=MAX_LOG_LINES)
         self.border_title = "Event log"
-        self._entries: deque[Text] = deque(maxlen=MAX_LOG_LINES)
+        self._entries: deque[tuple[Text, Text]] = deque(maxlen=MAX_LOG_LINES)
         self._width = 0
 
     def add(self, name: str, text: Text | str, *, at: datetime | None = None) -> None:
@@ -671,15 +698,20 @@ class EventLog(RichLog):
             text: what happened; a ``str`` is shown literally, never parsed as markup.
             at: when (default: now), shown as UTC.
         """
-        line = Text.assemble((format_clock(_now(at)), "dim"), " ",
-                             (name, EVENT_STYLES.get(name, "bold")), "  ")
-        line.append_text(text if isinstance(text, Text) else Text(text))
-        self._entries.append(line)
-        self._write(line)
+        stamp = Text(format_clock(_now(at)), style="dim")
+        body = Text.assemble((name, EVENT_STYLES.get(name, "bold")), "  ")
+        body.append_text(text if isinstance(text, Text) else Text(text))
+        self._entries.append((stamp, body))
+        self._write(stamp, body)
 
-    def _write(self, line: Text) -> None:
+    def _write(self, stamp: Text, body: Text) -> None:
         # Wrapped at the visible width (the scrollbar's gutter is always reserved, see
         # app.tcss), never at RichLog's min_width: wider lines would lose their last characters.
+        # Two columns: the body wraps (long words fold) in its own column, a hanging indent.
+        line = Table.grid(padding=(0, 1))
+        line.add_column(no_wrap=True)
+        line.add_column(overflow="fold")
+        line.add_row(stamp, body)
         width = self.scrollable_content_region.width
         self.write(line, width=width if self._width and width > 0 else None)
 
@@ -689,8 +721,8 @@ class EventLog(RichLog):
         if self._width and width != self._width and self._entries:
             self._width = width
             self.clear()
-            for line in self._entries:
-                self._write(line)
+            for stamp, body in self._entries:
+                self._write(stamp, body)
         self._width = width
 
     @property

@@ -422,6 +422,51 @@ async def test_80x24_keeps_every_essential_part_on_screen(quiet, data_dir, clock
         assert TOKENS[0][:8] in rendered(main.tokens)          # still at least one row
 
 
+async def test_80x24_with_a_long_alert_wraps_it_and_says_how_to_scroll(quiet, data_dir, clock):
+    # Trial finding 7: "…contact 7s ≤0.0 m; …" cut, and 2 of 3 token rows shown silently.
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        main = app.main_screen
+        contacts = tuple(Contact(duration_s=7.0 + n, closest_m=0.5 + n, median_m=3.0,
+                                 samples=8) for n in range(6))
+        await post(pilot, app, ExposureAlert(count=6, contacts=contacts))
+        await pilot.pause()
+        shown = rendered(main.banner)
+        flat = " ".join(shown.split())
+        assert ("6 stored tokens were declared positive: contacts 7s ≤0.5 m; 8s ≤1.5 m; "
+                "9s ≤2.5 m; 10s ≤3.5 m; and 2 more (event log)") in flat, shown
+        assert "Next: get tested" in shown and main.banner.region.height <= 3
+        assert "12s within the radius, closest 5.5 m" in " ".join(log_text(app).split())
+        title = str(main.tokens.border_title)
+        visible = main.tokens.scrollable_content_region.height - 1
+        assert visible < len(TOKENS)
+        assert f"Tokens (3) · {visible} of 3 shown, Tab ↑↓ for more" == title
+        assert "Tab ↑↓ for more" in rendered(main.tokens)
+        # Larger: every row fits, no hint.
+        await pilot.resize_terminal(160, 48)
+        await pilot.pause()
+        await pilot.pause()
+        assert str(main.tokens.border_title) == "Tokens (3)"
+
+
+async def test_a_refused_declaration_is_a_short_brief_notice(quiet, data_dir, clock):
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL, notifications=True) as pilot:
+        await started(pilot, app)
+        await post(pilot, app, PositiveRefused(reason="code_invalid", count=3))
+        [notice] = app._notifications
+        assert notice.title == "Declaration refused" and notice.timeout <= 8
+        assert notice.message == ("The declaration code is not valid. 3 tokens kept here; "
+                                  "press d to retry.")
+        await wait_until(pilot, lambda: app.screen.query("Toast"), "the notice")
+        await pilot.pause()
+        toast = app.screen.query_one("Toast")
+        assert toast.region.width <= 44 and toast.region.height <= 5, toast.region
+        # The whole sentence stays in the log.
+        assert "not issued for this broker" in " ".join(log_text(app).split())
+
+
 async def test_log_lines_wrap_without_losing_a_character(quiet, data_dir, clock):
     app, _ = build(quiet, data_dir, clock=clock)
     async with app.run_test(size=SMALL) as pilot:
@@ -437,6 +482,12 @@ async def test_log_lines_wrap_without_losing_a_character(quiet, data_dir, clock)
         assert all(len(line.rstrip()) <= log.scrollable_content_region.width
                    for line in log.plain_lines)
         assert [w for w in shown_words() if w.startswith("w")] == words
+        # Continuation lines are indented past the time: none reads like a timestamp.
+        lines = log.plain_lines
+        start = next(i for i, line in enumerate(lines) if line.startswith("09:30:00 error  w000"))
+        rest = lines[start + 1:]
+        assert len(rest) >= 3 and all(line.startswith(" " * 9) and line[9] == "w"
+                                      for line in rest), rest
         narrow_lines = len(log.plain_lines)
         await pilot.resize_terminal(160, 48)
         await pilot.pause()
