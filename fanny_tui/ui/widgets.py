@@ -48,7 +48,7 @@ from .formatting import (
     peer_name,
     plural,
 )
-from .peers import LivePeer, RadarCell, merged_contact, radar_cells
+from .peers import RANGE_RINGS, LivePeer, RadarCell, merged_contact, radar_cells
 
 WAITING_FOR_FIX = "waiting for the first fix"
 """The GPS half before any fix or loss came (not a failure: no next step shown)."""
@@ -388,7 +388,8 @@ class RadarView(Static):
     """The live peers at their bearing and distance around this device, north up.
 
     Rings at the match radius and twice it; each peer is its ordinal's last digit, green
-    within the radius, yellow uncertain (accuracy), white outside, dim beyond the edge.
+    within the radius, yellow uncertain (accuracy), white outside, dim beyond the edge (with an
+    arrow on the edge pointing its way; the legend then says so).
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -418,9 +419,12 @@ class RadarView(Static):
             for cell in row:
                 line.append(*_radar_piece(cell))
             lines.append(line)
+        edge_m = RANGE_RINGS * self.radius_m
         legend = Text(f"ring {format_distance(self.radius_m)}, edge "
-                      f"{format_distance(2 * self.radius_m)}, north up", style="dim",
+                      f"{format_distance(edge_m)}, north up", style="dim",
                       no_wrap=True, overflow="ellipsis")
+        if any(p.distance_m is not None and p.distance_m > edge_m for p in self.peers):
+            legend.append(", ↗ a peer beyond the edge")
         self.update(Group(*lines, legend))
 
 

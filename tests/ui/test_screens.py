@@ -134,6 +134,12 @@ async def test_the_radar_replaces_the_tables_on_r_when_narrow(quiet, data_dir, c
         await pilot.pause()
         assert main.radar.size.height >= 8 and main.peers.size.height == 0
         assert "3" in rendered(main.radar) and "◉" in rendered(main.radar)
+        assert "beyond the edge" not in rendered(main.radar)
+        # A peer beyond the edge (20 m at radius 10 m): drawn inside it, an arrow on it, and
+        # the legend says what the arrow means.
+        await post(pilot, app, MatchFound(peer=4, role="offerer"), update(4, 80.0, 180.0))
+        shown = rendered(main.radar)
+        assert "4" in shown and "↓" in shown and "↗ a peer beyond the edge" in shown, shown
         await pilot.press("r")
         await pilot.pause()
         assert main.radar.size.width == 0 and main.peers.size.height > 0
