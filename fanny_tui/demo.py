@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import shutil
 import signal
 import sys
@@ -38,11 +39,16 @@ from types import FrameType
 from .cli import EXIT_BROKEN_PIPE, STOP_SIGNALS, JsonLinesOut
 from .config import Config, parse_config
 from .events import Event, ExposureAlert, TokenStored
+from .protocol.proximity import EARTH_RADIUS_M
 
 # A quiet square in Toulouse (WGS84 degrees); any spot works: the walkers stay within metres.
 DEMO_LATITUDE = 43.604500
 DEMO_LONGITUDE = 1.444000
 WALK_RADIUS_M = 6.0
+WALK_START_OFFSET_M = 3.0
+"""Each simulated device walks around its own point this far from the tester's (metres), so
+that no two walkers start at one spot; with walks of at most 6 m the tester and a device are
+never more than 15 m apart (the demo's radius)."""
 CODE_TTL = timedelta(hours=24)
 """How long the demo's declaration codes stay valid."""
 STOPPING_NOTICE_AFTER_S = 0.5
@@ -50,6 +56,21 @@ STOPPING_NOTICE_AFTER_S = 0.5
 WATCH_BEFORE_DECLARING_S = 12.0
 """The simulated device declares positive no earlier than this after the start (seconds), so
 that the tester first watches matches, handshakes and countdowns."""
+
+
+def walk_start(index: int, devices: int) -> tuple[float, float]:
+    """Where simulated device ``index`` (1..``devices``) starts and walks around: on a circle
+    of :data:`WALK_START_OFFSET_M` metres around the tester's start, evenly spaced, so that no
+    two walkers start at the same point (a first contact at 0.0 m would look like a bug).
+
+    Returns:
+        ``(latitude, longitude)``, WGS84 degrees (flat-earth offset, exact to millimetres).
+    """
+    bearing = math.tau * (index - 1) / max(devices, 1)
+    metres_per_deg_lat = math.pi * EARTH_RADIUS_M / 180.0
+    metres_per_deg_lon = metres_per_deg_lat * math.cos(math.radians(DEMO_LATITUDE))
+    return (DEMO_LATITUDE + WALK_START_OFFSET_M * math.cos(bearing) / metres_per_deg_lat,
+            DEMO_LONGITUDE + WALK_START_OFFSET_M * math.sin(bearing) / metres_per_deg_lon)
 
 
 def demo_config(broker_url: str) -> Config:
@@ -112,7 +133,7 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
                             source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE,
                                               radius_m=WALK_RADIUS_M, seed=1))
             others = [Engine(config, root / f"device-{i}",
-                             source=WalkSource(DEMO_LATITUDE, DEMO_LONGITUDE,
+                             source=WalkSource(*walk_start(i, devices),
                                                radius_m=WALK_RADIUS_M, seed=100 + i))
                       for i in range(1, devices + 1)]
             tester_tokens: set[str] = set()

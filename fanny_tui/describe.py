@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Explanation", "explain"]
+__all__ = ["Explanation", "explain", "explain_gps"]
 
 _MAX_DETAIL = 160
 _TYPE_PREFIX = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exceeded|Closed\w*|Invalid\w*|"
@@ -176,6 +176,55 @@ def explain(failure: BaseException | str, *, url: str | None = None) -> Explanat
                     "retry; if it lasts, check the log")
     return made("unexpected failure", f"unexpected failure ({detail})",
                 "retry; if it lasts, check the log and report it")
+
+
+def explain_gps(reason: str) -> Explanation:
+    """Explain why there is no usable position, in plain words, with the next step.
+
+    Args:
+        reason: a ``gps_lost`` event's ``reason`` as :mod:`fanny_tui.gps` makes it: ``gpsd at
+            HOST:PORT unreachable: Connection refused``, ``... did not answer within 5 s``,
+            ``connection to ... lost: ...``, ``gpsd closed the connection``, ``no position
+            from gpsd for 5 s``, ``no fix (gpsd mode 1)``, ``receiver in simulation mode
+            (gpsd status 7)``, ``no fix in the NMEA log (...)``.
+
+    Returns:
+        The :class:`Explanation` (``headline`` at most 26 characters, for the GPS half of the
+        Session panel at 80 columns; ``todo`` at most 76). Never raises.
+    """
+    text = reason.strip()
+    lowered = text.lower()
+    detail = _one_line(text)
+
+    def made(headline: str, what: str, todo: str) -> Explanation:
+        return Explanation(what, todo, detail, headline)
+
+    if "unreachable" in lowered and any(s in lowered for s in ("refused", "errno 111",
+                                                               "connect call failed")):
+        return made("gpsd is not running", "nothing accepts connections at gpsd's address "
+                    "(gpsd is not running, or the host or port is wrong)",
+                    "start gpsd (sudo systemctl start gpsd), or check [gps] host and port")
+    if "unreachable" in lowered or "did not answer" in lowered:
+        return made("gpsd does not answer", "gpsd cannot be reached at its address",
+                    "check that gpsd runs (systemctl status gpsd) and [gps] host and port")
+    if ("connection to" in lowered and "lost" in lowered) or "closed the connection" in lowered:
+        return made("gpsd went away", "the connection to gpsd was lost",
+                    "nothing to do if it comes back: reconnecting; else restart gpsd")
+    if "no position from gpsd" in lowered:
+        return made("gpsd sends no position", "gpsd answers but sends no position",
+                    "check the receiver is plugged in and seen by gpsd (run cgps)")
+    if "receiver in" in lowered or "not measured" in lowered:
+        return made("position not measured", "the receiver reports a position it did not "
+                    "measure (dead reckoning, time only or simulation mode)",
+                    "check the receiver's mode with cgps; set it to normal GNSS operation")
+    if "nmea" in lowered:
+        return made("no fix in the NMEA log", "the NMEA log has no usable fix here",
+                    "check [gps] path: a log recorded with a fix (RMC status A)")
+    if "no fix" in lowered:
+        return made("the receiver has no fix", "the GPS receiver has no position fix yet",
+                    "go outdoors, clear view of the sky; a first fix can take minutes")
+    return made("no usable position", f"no usable position ({detail})" if detail else
+                "no usable position", "check the receiver and gpsd (cgps); see the log")
 
 
 def _split(failure: BaseException | str) -> tuple[str, str]:

@@ -214,3 +214,28 @@ def test_the_demo_app_quits_at_once(tmp_path, key):
     expected = 0 if key else 128 + signal.SIGINT
     assert os.waitstatus_to_exitcode(status) == expected
     assert _left_behind(tmp_path) == []
+
+
+@pytest.mark.parametrize("devices", [1, 3, 5])
+def test_no_two_walkers_start_at_one_spot(devices):
+    # Trial finding 16: walkers started at the tester's exact point, so the first tokens and
+    # the alert said "closest 0.0 m". Each device now walks around its own point, 3 m out.
+    from fanny_tui.demo import (
+        DEMO_LATITUDE,
+        DEMO_LONGITUDE,
+        WALK_RADIUS_M,
+        WALK_START_OFFSET_M,
+        demo_config,
+        walk_start,
+    )
+    from fanny_tui.protocol.proximity import haversine_m
+
+    tester = (DEMO_LATITUDE, DEMO_LONGITUDE)
+    starts = [tester] + [walk_start(i, devices) for i in range(1, devices + 1)]
+    for i, start in enumerate(starts[1:], start=1):
+        assert haversine_m(*tester, *start) == pytest.approx(WALK_START_OFFSET_M, abs=0.01)
+        for other in starts[i + 1:]:
+            assert haversine_m(*start, *other) > 1.0
+    # The tester and any device stay within the demo's radius: the demo still matches.
+    radius = demo_config("ws://127.0.0.1:1").protocol.radius_m
+    assert radius >= WALK_START_OFFSET_M + 2 * WALK_RADIUS_M

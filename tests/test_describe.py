@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from fanny_tui.describe import Explanation, explain
+from fanny_tui.describe import Explanation, explain, explain_gps
+from fanny_tui.events import GpsLost
+from fanny_tui.gps import GpsdSource
 from fanny_tui.link import _describe, anonymous_connection
 from fanny_tui.protocol.messages import Error, encode
 
@@ -211,3 +213,60 @@ def test_an_unknown_failure_keeps_its_text_on_one_line():
     assert str(explain("")) == "an unknown failure: retry; if it lasts, check the log"
     assert explain(ConnectionRefusedError(111, "x")).what.startswith(
         "nothing accepts connections at the broker's address")
+
+
+# -- GPS failures ----------------------------------------------------------------------------
+
+
+async def _first_loss(port: int) -> str:
+    """The reason of the first ``gps_lost`` the real gpsd client gives for ``port``."""
+    stream = GpsdSource("127.0.0.1", port, stale_after_s=30.0, connect_timeout_s=TIME_UNIT
+                        ).stream()
+    try:
+        item = await anext(stream)
+    finally:
+        await stream.aclose()
+    assert isinstance(item, GpsLost)
+    return item.reason
+
+
+def _check_gps_plain(explanation: Explanation) -> None:
+    """The headline fits the GPS half of the Session panel at 80 columns (25 characters), the
+    next step three of its lines; no exception names."""
+    _check_plain(explanation)
+    assert len(explanation.headline) <= 25, explanation.headline
+
+
+async def test_gpsd_not_running_says_start_gpsd():
+    with loopback_port(listening=False) as port:
+        reason = await _first_loss(port)
+    explained = explain_gps(reason)
+    assert explained.headline == "gpsd is not running", (reason, explained)
+    assert "start gpsd" in explained.todo and "[gps] host and port" in explained.todo
+    assert explained.detail == reason
+    _check_gps_plain(explained)
+
+
+@pytest.mark.parametrize(("reason", "headline", "todo"), [
+    # As fanny_tui.gps makes them (the other real ones need a receiver or gpsd's states).
+    ("gpsd at 127.0.0.1:2947 did not answer within 5 s", "gpsd does not answer",
+     "systemctl status gpsd"),
+    ("gpsd at 127.0.0.1:2947 unreachable: Network is unreachable", "gpsd does not answer",
+     "[gps] host and port"),
+    ("connection to gpsd at 127.0.0.1:2947 lost: Connection reset by peer", "gpsd went away",
+     "reconnecting"),
+    ("gpsd closed the connection", "gpsd went away", "restart gpsd"),
+    ("no position from gpsd for 5 s", "gpsd sends no position", "cgps"),
+    ("no fix (gpsd mode 1)", "the receiver has no fix", "sky"),
+    ("receiver in simulation mode (gpsd status 8)", "position not measured", "cgps"),
+    ("receiver in dead-reckoning mode, position not measured (NMEA GGA quality 6)",
+     "position not measured", "normal GNSS"),
+    ("no fix in the NMEA log (RMC status V or GGA quality 0)", "no fix in the NMEA log",
+     "[gps] path"),
+    ("something new", "no usable position", "cgps"),
+])
+def test_gps_failures_in_plain_words(reason, headline, todo):
+    explained = explain_gps(reason)
+    assert explained.headline == headline, explained
+    assert todo in explained.todo, explained
+    _check_gps_plain(explained)

@@ -33,11 +33,14 @@ from ..events import (
     TokensExpired,
 )
 from ..store import StoreError
-from .formatting import describe_refusal, plural
+from .formatting import plural, refusal_toast
 from .screens import Clock, ConfirmDeclareScreen, HelpScreen, MainScreen, utc_now
 
 STOP_TIMEOUT_S = 10.0
 """How long quitting waits for the engine to finish before cancelling it (seconds)."""
+
+REFUSAL_TOAST_S = 8.0
+"""How long the "Declaration refused" notice stays up (seconds); the log keeps it."""
 
 _TOKENS_CHANGED = (PositiveDeclared, PositivePending, PositiveRefused, TokensExpired,
                    ExposureAlert)
@@ -79,7 +82,10 @@ class FannyApp(App[None]):
         Binding("d", "declare_positive", "Declare positive"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f1", "help", "Help", show=False),
-        Binding("q", "quit", "Quit"),
+        Binding("q", "quit", "Quit", key_display="q ^c"),
+        # Ctrl-C quits, as on any console program (Textual's default only says to press
+        # ctrl+q, which quits too). Priority: also while the declaration dialog has focus.
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
 
     def __init__(self, engine: Engine, *, title: str = "FANNY field kit",
@@ -199,8 +205,10 @@ class FannyApp(App[None]):
         elif isinstance(event, IdsRotated):
             self.main_screen.session.set_session(self.engine.session_short)
         if isinstance(event, PositiveRefused):
-            self.notify(describe_refusal(event.reason, event.count), title="Declaration refused",
-                        severity="error", markup=False, timeout=30)
+            # Short and brief: the log keeps the whole sentence; the toast must not hide
+            # the Tokens panel and the log for long.
+            self.notify(refusal_toast(event.reason, event.count), title="Declaration refused",
+                        severity="error", markup=False, timeout=REFUSAL_TOAST_S)
         elif isinstance(event, PositiveDeclared) and event.count:
             # The success replaces an earlier refusal's toast: never both side by side.
             self.clear_notifications()

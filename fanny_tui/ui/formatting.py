@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from rich.text import Text
 
-from ..describe import explain
+from ..describe import explain, explain_gps
 from ..events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -342,28 +342,50 @@ def describe_refusal(reason: str, count: int) -> str:
             "again with a valid code")
 
 
+def refusal_toast(reason: str, count: int) -> str:
+    """A refused declaration in a few words, for a brief notice: why, and that the tokens
+    stay (the event log has :func:`describe_refusal`'s full sentence).
+
+    Args:
+        reason: the broker's refusal code (``code_used``...).
+        count: tokens kept on the device.
+    """
+    why = REFUSAL_TEXTS.get(reason, f"refused ({reason})").split(" (", 1)[0]
+    return f"{why[:1].upper()}{why[1:]}. {plural(count, 'token')} kept here; press d to retry."
+
+
 EXPOSURE_NEXT_STEP = "Next: get tested, follow your health authority, tell the test lead (? help)"
 """What to do after an exposure alert (shown in the banner)."""
 
 
+BANNER_CONTACTS = 4
+"""At most this many contacts are listed in the exposure banner; the rest are counted (the
+event log lists them all)."""
+
+
 def describe_exposure(total: int, contacts: tuple[Contact, ...] | list[Contact], *,
-                      compact: bool = False) -> str:
+                      compact: bool = False, limit: int | None = BANNER_CONTACTS) -> str:
     """The exposure banner's first line: how many tokens matched and their contacts' measures.
 
     Args:
         total: stored tokens declared positive so far.
         contacts: the measures of the matched tokens' contacts that are known (paper 2).
         compact: for a narrow screen: contacts as ``2m05s ≤2.1 m`` (:func:`format_contact`).
+        limit: list at most this many contacts, then ``and N more (event log)``; None: all.
     """
     verb = "was" if total == 1 else "were"
     text = f"⚠ EXPOSURE ALERT: {plural(total, 'stored token')} {verb} declared positive"
+    shown = list(contacts) if limit is None else list(contacts)[:limit]
+    more = len(contacts) - len(shown)
+    rest = f"; and {more} more (event log)" if more else ""
     if compact:
-        if contacts:
-            text += ": contact " + "; ".join(format_contact(c) for c in contacts)
+        if shown:
+            label = "contact" if len(contacts) == 1 else "contacts"
+            text += f": {label} " + "; ".join(format_contact(c) for c in shown) + rest
         return text
     text += ": you may have been exposed."
-    if contacts:
-        text += " Contact: " + "; ".join(describe_contact(c) for c in contacts) + "."
+    if shown:
+        text += " Contact: " + "; ".join(describe_contact(c) for c in shown) + rest + "."
     return text
 
 
@@ -389,7 +411,7 @@ def describe_event(event: Event) -> Text | None:
         case BrokerDisconnected(reason=reason):
             return Text.assemble(explain(reason).headline, " (", reason, ")")
         case GpsLost(reason=reason):
-            return Text.assemble("no fix: ", reason)
+            return Text.assemble("no fix: ", explain_gps(reason).headline, " (", reason, ")")
         case MatchFound(peer=peer, role=role):
             return Text.assemble(f"{peer_name(peer)} within the radius, role ", role)
         case HandshakeFailed(peer=peer, reason=reason):

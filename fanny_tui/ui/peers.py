@@ -54,7 +54,8 @@ class LivePeer:
             :class:`~fanny_tui.events.PeerUpdate` (None/0 before the first).
         match_to_token_s: seconds from the match to the token (the engine's figure when it
             gives one, else measured here between the two events).
-        contact: the contact's measures once the token is stored or the contact closed.
+        contact: the contact's measures once the token is stored (grown by each later
+            ``peer_update``, see :func:`grown_contact`), final once the contact closed.
         reason: why the exchange failed or the contact closed.
         token: the witness token stored for this contact (from ``token_stored``), to update
             its row in the Tokens panel when the contact closes; None before.
@@ -94,6 +95,20 @@ def merged_contact(earlier: Contact | None, latest: Contact) -> Contact:
                                             latest.median_m, latest.samples))
     return Contact(duration_s=merged.duration_s, closest_m=merged.closest_m,
                    median_m=merged.median_m, samples=merged.samples)
+
+
+def grown_contact(contact: Contact | None, update: PeerUpdate) -> Contact:
+    """The measures of an open contact so far after one more sample (``peer_update``): its
+    time within the radius and sample count are the update's, its closest distance the
+    smaller of the two (closest over every sample, paper 2); the median is the last one the
+    engine gave (a median of samples not kept here cannot be updated)."""
+    if contact is None:
+        return Contact(duration_s=update.within_s, closest_m=update.distance_m, median_m=None,
+                       samples=update.samples)
+    closest = update.distance_m if contact.closest_m is None else min(contact.closest_m,
+                                                                      update.distance_m)
+    return Contact(duration_s=max(contact.duration_s, update.within_s), closest_m=closest,
+                   median_m=contact.median_m, samples=max(contact.samples, update.samples))
 
 
 def candidate_pair(local: str | None, remote: str | None) -> str | None:
@@ -173,6 +188,8 @@ class LivePeers:
                 live.distance_m, live.bearing_deg = event.distance_m, event.bearing_deg
                 live.peer_accuracy_m, live.within = event.peer_accuracy_m, event.within
                 live.within_s, live.samples = event.within_s, event.samples
+                if live.token is not None and live.state not in ENDED_STATES:
+                    live.contact = grown_contact(live.contact, event)
             case TokenStored(peer=peer, token=token, contact=contact, match_to_token_s=latency):
                 live = self._get(peer, now)
                 live.token = token
@@ -234,8 +251,10 @@ def radar_cells(peers: list[LivePeer], radius_m: float, width: int, height: int
 
     Rings are drawn at the radius and at :data:`RANGE_RINGS` radii (the edge). Each peer with
     a distance and bearing is drawn as its ordinal (last digit) at its bearing and distance;
-    beyond the edge, on the edge (kind ``peer-far``). Terminal cells are about twice as tall as
-    wide, so one row spans two columns' worth of metres.
+    beyond the edge, just inside it with an arrow on the edge pointing its way (both kind
+    ``peer-far``, see :data:`ARROWS`). Every peer is drawn: one whose cell is taken (or that
+    would touch another's digit sideways) goes to the nearest free cell. Terminal cells are
+    about twice as tall as wide, so one row spans two columns' worth of metres.
 
     Args:
         peers: the live peers (those without a sample yet are not drawn).
@@ -270,13 +289,50 @@ def radar_cells(peers: list[LivePeer], radius_m: float, width: int, height: int
         x, y = to_cell(span_m * 1.0, bearing)
         x, y = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
         grid[y][x] = RadarCell(label, "label")
-    grid[round(cy)][round(cx)] = RadarCell("◉", "self")
+    centre = (round(cx), round(cy))
+    grid[centre[1]][centre[0]] = RadarCell("◉", "self")
+    taken: set[tuple[int, int]] = {centre}       # self, peers' digits and far peers' arrows
+    digits: set[tuple[int, int]] = {centre}    # nothing touches them sideways (reads "34")
     for live in peers:
         if live.distance_m is None or live.bearing_deg is None:
             continue
         far = live.distance_m > span_m
-        x, y = to_cell(min(live.distance_m, span_m), live.bearing_deg)
-        x, y = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
+        if far:   # the arrow on the edge, pointing the peer's way; the digit just inside
+            ax, ay = _clamp(to_cell(span_m, live.bearing_deg), width, height)
+            if (ax, ay) not in taken:
+                grid[ay][ax] = RadarCell(ARROWS[round(live.bearing_deg / 45) % 8], "peer-far")
+                taken.add((ax, ay))
+            ideal = _clamp(to_cell(max(0.0, span_m - per_row_m), live.bearing_deg),
+                           width, height)
+        else:
+            ideal = _clamp(to_cell(live.distance_m, live.bearing_deg), width, height)
+        x, y = _free_cell(ideal, taken, digits, width, height)
         kind = "peer-far" if far else f"peer-{live.within or 'out'}"
         grid[y][x] = RadarCell(str(live.peer % 10), kind)
+        taken.add((x, y))
+        digits.add((x, y))
     return grid
+
+
+ARROWS = "↑↗→↘↓↙←↖"
+"""A far peer's arrow on the radar's edge, by bearing (north, north-east, ... clockwise)."""
+
+_NEARBY = sorted(((dx, dy) for dx in range(-4, 5) for dy in range(-2, 3)),
+                 key=lambda d: (d[0] ** 2 + 4 * d[1] ** 2, abs(d[1]), d[1], d[0]))
+"""Cells near a peer's place, nearest first (a row is about two columns' worth of metres)."""
+
+
+def _clamp(cell: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    return min(max(cell[0], 0), width - 1), min(max(cell[1], 0), height - 1)
+
+
+def _free_cell(ideal: tuple[int, int], taken: set[tuple[int, int]],
+               digits: set[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    """The cell nearest ``ideal`` where a peer's digit neither hides another nor touches one
+    sideways (``3`` beside ``4`` would read ``34``); ``ideal`` itself if the grid is full."""
+    for dx, dy in _NEARBY:
+        x, y = ideal[0] + dx, ideal[1] + dy
+        if (0 <= x < width and 0 <= y < height and (x, y) not in taken
+                and (x - 1, y) not in digits and (x + 1, y) not in digits):
+            return x, y
+    return ideal

@@ -25,6 +25,7 @@ from ..events import (
     ExposureAlert,
     GpsFix,
     GpsLost,
+    PeerUpdate,
     PositiveDeclared,
     PositivePending,
     PositiveRefused,
@@ -215,6 +216,10 @@ class MainScreen(Screen[None]):
                 self.session.set_lost(reason)
             case TokenStored(token=token, expires_at=expires_at, contact=contact, new=new):
                 self.tokens.show_stored(token, expires_at, contact, new=new, now=now)
+            case PeerUpdate(peer=peer) if peer in self.live_peers:
+                live = self.live_peers[peer]
+                if live.token is not None and live.contact is not None and live.ended_at is None:
+                    self.tokens.show_live(live.token, live.contact)
             case ContactClosed(peer=peer, contact=contact, token_stored=True):
                 token = self.live_peers[peer].token if peer in self.live_peers else None
                 if token is not None:
@@ -281,8 +286,9 @@ HELP_TERMS = (
 )
 
 HELP_KEYS = (("d", "declare positive"), ("r", "radar instead of the tables (narrow screens)"),
+             ("Tab ↑↓", "move to the next panel, scroll its rows (tables, event log)"),
              ("? F1", "this help"), ("ctrl+p", "commands"), ("Esc", "close a dialog"),
-             ("q", "quit"))
+             ("q ctrl+c", "quit (ctrl+q too)"))
 
 
 def help_text() -> Group:

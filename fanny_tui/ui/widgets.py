@@ -20,7 +20,7 @@ from rich.text import Text
 from textual.events import Resize
 from textual.widgets import DataTable, RichLog, Static
 
-from ..describe import explain
+from ..describe import explain, explain_gps
 from ..events import Contact, GpsFix
 from ..store import StoredToken
 from .formatting import (
@@ -48,7 +48,10 @@ from .formatting import (
     peer_name,
     plural,
 )
-from .peers import LivePeer, RadarCell, merged_contact, radar_cells
+from .peers import RANGE_RINGS, LivePeer, RadarCell, merged_contact, radar_cells
+
+WAITING_FOR_FIX = "waiting for the first fix"
+"""The GPS half before any fix or loss came (not a failure: no next step shown)."""
 
 MAX_LOG_LINES = 1000
 """Lines kept in the event log."""
@@ -91,6 +94,16 @@ def _now(now: datetime | None) -> datetime:
     return now if now is not None else datetime.now(UTC)
 
 
+def hidden_rows_hint(table: DataTable[Text]) -> str:
+    """`` · 2 of 6 shown, Tab ↑↓ for more`` when some rows of ``table`` do not fit its
+    height (a short screen, the exposure banner up), else ``""``: for its title."""
+    visible = table.scrollable_content_region.height - (table.header_height
+                                                        if table.show_header else 0)
+    if visible <= 0 or table.row_count <= visible:
+        return ""
+    return f" · {visible} of {table.row_count} shown, Tab ↑↓ for more"
+
+
 class TitleBar(Static):
     """One line: the title, and where help is (hidden on short screens)."""
 
@@ -113,7 +126,9 @@ class SessionPanel(Static):
     The broker column says why the broker cannot be reached in plain words, what to do, since
     when, and counts down to the next retry; the GPS column is what ``cgps`` users look for:
     mode, where the position comes from, satellites used/visible, eph and HDOP, the fix's age,
-    the position. Positions are shown here and nowhere else (never logged).
+    the position. Without a fix it says why in plain words and what to do
+    (:func:`fanny_tui.describe.explain_gps`), then the raw reason. Positions are shown here
+    and nowhere else (never logged).
     """
 
     GPS_WIDTH = 30
@@ -132,7 +147,7 @@ class SessionPanel(Static):
         self.retry_at: datetime | None = None
         self.fix: GpsFix | None = None
         self.fix_received_at: datetime | None = None
-        self.gps_detail: str = "waiting for the first fix"
+        self.gps_detail: str = WAITING_FOR_FIX
         self.now: datetime | None = None
 
     def on_mount(self) -> None:
@@ -242,17 +257,27 @@ class SessionPanel(Static):
         return grid
 
     def _gps_grid(self) -> Table:
+        # The labels keep their 4 columns: only the values column (wrappable) gives way when
+        # a value is too long for the half, and each value is cut with "…" or wrapped.
         grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="dim", no_wrap=True, min_width=4)
-        grid.add_column(no_wrap=True, overflow="ellipsis")
+        grid.add_column(style="dim", no_wrap=True, width=4)
+        grid.add_column(overflow="ellipsis")
         fix = self.fix
         if fix is None:
             grid.add_row("GPS", Text("no fix", style="bold yellow"))
-            grid.add_row("", Text(self.gps_detail, style="italic", no_wrap=True,
+            if self.gps_detail == WAITING_FOR_FIX:
+                grid.add_row("", Text(self.gps_detail, style="italic", no_wrap=True,
+                                      overflow="ellipsis"))
+                dash = Text(DASH, style="dim")
+                for label in ("Sats", "Acc", "Age", "Pos"):
+                    grid.add_row(label, dash)
+                return grid
+            failure = explain_gps(self.gps_detail)
+            grid.add_row("", Text(failure.headline, style="bold", no_wrap=True,
                                   overflow="ellipsis"))
-            dash = Text(DASH, style="dim")
-            for label in ("Sats", "Acc", "Age", "Pos"):
-                grid.add_row(label, dash)
+            grid.add_row("", Text(f"→ {failure.todo}", style="italic", overflow="fold"))
+            grid.add_row("", Text(self.gps_detail, style="dim", no_wrap=True,
+                                  overflow="ellipsis"))
             return grid
         not_receiver = describe_gps_source(fix.source)
         grid.add_row("GPS", Text(format_fix_mode(fix.mode),
@@ -331,7 +356,16 @@ class PeersTable(DataTable[Text]):
                     if old != new:
                         self.update_cell(key, column, cell, update_width=column == "reason")
             self._shown[key] = plain
-        self.border_title = f"Live peers ({len(wanted)})" if wanted else "Live peers: none"
+        self._retitle()
+
+    def _retitle(self) -> None:
+        count = len(self._shown)
+        self.border_title = (f"Live peers ({count}){hidden_rows_hint(self)}" if count
+                             else "Live peers: none")
+
+    def on_resize(self, event: Resize) -> None:
+        """Say how to see the rows that no longer fit."""
+        self._retitle()
 
     @staticmethod
     def cells(live: LivePeer) -> list[Text]:
@@ -354,7 +388,8 @@ class RadarView(Static):
     """The live peers at their bearing and distance around this device, north up.
 
     Rings at the match radius and twice it; each peer is its ordinal's last digit, green
-    within the radius, yellow uncertain (accuracy), white outside, dim beyond the edge.
+    within the radius, yellow uncertain (accuracy), white outside, dim beyond the edge (with an
+    arrow on the edge pointing its way; the legend then says so).
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -384,9 +419,12 @@ class RadarView(Static):
             for cell in row:
                 line.append(*_radar_piece(cell))
             lines.append(line)
+        edge_m = RANGE_RINGS * self.radius_m
         legend = Text(f"ring {format_distance(self.radius_m)}, edge "
-                      f"{format_distance(2 * self.radius_m)}, north up", style="dim",
+                      f"{format_distance(edge_m)}, north up", style="dim",
                       no_wrap=True, overflow="ellipsis")
+        if any(p.distance_m is not None and p.distance_m > edge_m for p in self.peers):
+            legend.append(", ↗ a peer beyond the edge")
         self.update(Group(*lines, legend))
 
 
@@ -400,8 +438,9 @@ class TokensTable(DataTable[Text]):
     """Stored witness tokens: token, live countdown, the contact, upload marker, expiry (UTC).
 
     Rows are keyed by the full token and kept soonest expiry first. The contact (time within
-    the radius, closest distance) is shown when known: from the ``token_stored`` event, or
-    from the store when it keeps it.
+    the radius, closest distance) is shown when known: from the ``token_stored`` event, then
+    growing with the open contact's samples until it closes, or from the store when it keeps
+    it.
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -472,6 +511,14 @@ class TokensTable(DataTable[Text]):
             contact = merged_contact(earlier, contact)
         self.add_token(token, expires_at, contact=contact, now=now)
 
+    def show_live(self, token: str, contact: Contact) -> None:
+        """The open contact that stored ``token`` measured more (a ``peer_update`` after the
+        token): its measures so far, added to the token's earlier exposure if any."""
+        if token not in self._expiry:
+            return
+        self._contacts[token] = merged_contact(self._earlier.get(token), contact)
+        self.update_cell(token, "contact", Text(format_contact(self._contacts[token])))
+
     def show_closed(self, token: str, contact: Contact) -> None:
         """A ``contact_closed`` event of a contact that stored ``token``: its final measures
         (what the contact measured after the token was stored counts too)."""
@@ -515,7 +562,11 @@ class TokensTable(DataTable[Text]):
         title = f"Tokens ({len(self._expiry)})"
         if pending:
             title += f" · {pending} pending upload"
-        self.border_title = title
+        self.border_title = title + hidden_rows_hint(self)
+
+    def on_resize(self, event: Resize) -> None:
+        """Say how to see the rows that no longer fit."""
+        self._retitle()
 
 
 def _pending_text(pending: bool) -> Text:
@@ -523,7 +574,8 @@ def _pending_text(pending: bool) -> Text:
 
 
 class ExposureBanner(Static):
-    """Hidden until an exposure alert; then the alert, the contacts' measures, the next step."""
+    """Hidden until an exposure alert; then the alert, the contacts' measures (wrapped; at most
+    :data:`~fanny_tui.ui.formatting.BANNER_CONTACTS` listed), the next step."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -552,10 +604,12 @@ class ExposureBanner(Static):
         """Render the alert for the width (nothing before the first alert)."""
         if not self.total:
             return
+        # Wrapped, never cut: with many contacts the first few are listed, the rest counted
+        # (the event log has them all), so the banner stays at 2-3 lines at 80 columns.
         compact = self.size.width < 120
         self.update(Group(
             Text(describe_exposure(self.total, self.contacts, compact=compact),
-                 no_wrap=compact, overflow="ellipsis"),
+                 overflow="fold"),
             Text(EXPOSURE_NEXT_STEP, style="not bold")))
 
 
@@ -629,14 +683,15 @@ class EventLog(RichLog):
     """One line per event: time (UTC), event name, text. Markup is off (remote text).
 
     Lines are wrapped to the log's width and wrapped again when it is resized, so no
-    character is lost (a long reason continues on the next line).
+    character is lost (a long reason continues on the next line). Continuation lines are
+    indented under the text, past the time, so that none starts like a timestamp.
     """
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, markup=False, highlight=False, wrap=True, min_width=20,
                          max_lines=MAX_LOG_LINES)
         self.border_title = "Event log"
-        self._entries: deque[Text] = deque(maxlen=MAX_LOG_LINES)
+        self._entries: deque[tuple[Text, Text]] = deque(maxlen=MAX_LOG_LINES)
         self._width = 0
 
     def add(self, name: str, text: Text | str, *, at: datetime | None = None) -> None:
@@ -647,15 +702,20 @@ class EventLog(RichLog):
             text: what happened; a ``str`` is shown literally, never parsed as markup.
             at: when (default: now), shown as UTC.
         """
-        line = Text.assemble((format_clock(_now(at)), "dim"), " ",
-                             (name, EVENT_STYLES.get(name, "bold")), "  ")
-        line.append_text(text if isinstance(text, Text) else Text(text))
-        self._entries.append(line)
-        self._write(line)
+        stamp = Text(format_clock(_now(at)), style="dim")
+        body = Text.assemble((name, EVENT_STYLES.get(name, "bold")), "  ")
+        body.append_text(text if isinstance(text, Text) else Text(text))
+        self._entries.append((stamp, body))
+        self._write(stamp, body)
 
-    def _write(self, line: Text) -> None:
+    def _write(self, stamp: Text, body: Text) -> None:
         # Wrapped at the visible width (the scrollbar's gutter is always reserved, see
         # app.tcss), never at RichLog's min_width: wider lines would lose their last characters.
+        # Two columns: the body wraps (long words fold) in its own column, a hanging indent.
+        line = Table.grid(padding=(0, 1))
+        line.add_column(no_wrap=True)
+        line.add_column(overflow="fold")
+        line.add_row(stamp, body)
         width = self.scrollable_content_region.width
         self.write(line, width=width if self._width and width > 0 else None)
 
@@ -665,8 +725,8 @@ class EventLog(RichLog):
         if self._width and width != self._width and self._entries:
             self._width = width
             self.clear()
-            for line in self._entries:
-                self._write(line)
+            for stamp, body in self._entries:
+                self._write(stamp, body)
         self._width = width
 
     @property

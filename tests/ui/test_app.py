@@ -11,9 +11,11 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from textual.command import CommandList, CommandPalette
 from textual.message import Message
 from textual.pilot import Pilot
+from textual.widgets._footer import FooterKey
 
 from fanny_tui.events import (
     BrokerConnected,
@@ -132,6 +134,39 @@ async def test_q_stops_the_engine_and_quits(config, data_dir):
     assert app.return_code == 0 and app.error is None
     assert worker.state.name == "SUCCESS"       # engine.run() returned: the store is closed
     assert count_in_store(data_dir) == len(TOKENS)
+
+
+@pytest.mark.parametrize("dialog", [False, True])
+async def test_ctrl_c_quits_like_q_even_in_the_declare_dialog(config, data_dir, dialog):
+    # A tester presses Ctrl-C to leave a console program (trial finding 5): it quits, with the
+    # engine stopped cleanly, from the main screen and from a dialog with a text field.
+    app, _ = build(config, data_dir, FIX)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        worker = app.engine_worker
+        assert worker is not None
+        if dialog:
+            await pilot.press("d")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDeclareScreen),
+                             "the dialog")
+            await pilot.press(*"K7QF")
+        await pilot.press("ctrl+c")
+        await wait_until(pilot, lambda: worker.is_finished, "the engine worker to finish")
+    assert app.return_code == 0 and app.error is None
+    assert worker.state.name == "SUCCESS"
+    assert count_in_store(data_dir) == len(TOKENS)
+    assert pending_in_store(data_dir) == {}                     # nothing was declared
+
+
+async def test_the_footer_says_ctrl_c_quits(config, data_dir):
+    app, _ = build(config, data_dir, FIX)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot, app)
+        await pilot.pause()
+        keys = {(key.key_display, key.description) for key in app.screen.query(FooterKey)}
+        assert ("q ^c", "Quit") in keys, keys
+        [quit_key] = [key for key in app.screen.query(FooterKey) if key.description == "Quit"]
+        assert "q ^c Quit" in rendered(quit_key)
 
 
 # -- declare positive ---------------------------------------------------------------------

@@ -150,10 +150,37 @@ def test_the_radar_puts_peers_at_their_bearing_and_distance():
     assert (20, 5) not in rings and (20, 15) in rings          # the radius ring, due south
 
 
-def test_a_far_peer_is_drawn_on_the_edge_and_dim():
-    grid = radar_cells([peer(7, 500.0, 0.0, within="out")], 10.0, 41, 21)
+def test_a_far_peer_is_drawn_inside_the_edge_with_an_arrow_and_dim():
+    grid = radar_cells([peer(7, 500.0, 0.0, within="out"), peer(8, 90.0, 90.0)],
+                       10.0, 41, 21)
+    assert find(grid, "↑") == [(20, 0)] and grid[0][20].kind == "peer-far"   # on the edge
     [(x, y)] = find(grid, "7")
-    assert (x, y) == (20, 0) and grid[y][x].kind == "peer-far"
+    assert (x, y) == (20, 1) and grid[y][x].kind == "peer-far"               # just inside
+    assert find(grid, "→") == [(40, 10)]                                     # due east
+    [(x, y)] = find(grid, "8")
+    assert (x, y) == (38, 10) and grid[y][x].kind == "peer-far"
+
+
+def test_peers_at_one_place_are_all_drawn_apart():
+    # Three peers in the same cell, one on this device's own cell, one a column away.
+    close = [peer(1, 5.0, 180.0), peer(2, 5.0, 180.0), peer(3, 5.0, 180.0),
+             peer(4, 0.2, 0.0), peer(5, 5.0, 170.0)]
+    grid = radar_cells(close, 10.0, 41, 21)
+    assert find(grid, "◉") == [(20, 10)]                      # never hidden by a peer
+    places = {str(n): find(grid, str(n)) for n in range(1, 6)}
+    assert all(len(cells) == 1 for cells in places.values()), places
+    assert places["1"] == [(20, 12)]                          # the first keeps its place
+    cells = [cells[0] for cells in places.values()]
+    for x, y in cells:                                        # no digit touches another
+        assert (x - 1, y) not in cells and (x + 1, y) not in cells, cells
+        assert abs(x - 20) <= 5 and abs(y - 12) <= 3          # and each stays near its place
+
+
+def test_every_peer_is_drawn_on_a_radar_at_80x24():
+    # The radar's content at 80x24 (narrow, short, `r`): 76 x 10 cells.
+    live = [peer(n, 3.0 + 0.1 * n, 150.0 + n, "in") for n in range(1, 7)]
+    grid = radar_cells(live, 15.0, 76, 10)
+    assert all(len(find(grid, str(n))) == 1 for n in range(1, 7))
 
 
 def test_verdicts_are_kinds():

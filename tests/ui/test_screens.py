@@ -9,6 +9,7 @@ engine would emit them, and the app's clock is a :class:`~tests.ui.kit.SettableC
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,6 +22,7 @@ from fanny_tui.events import (
     Event,
     ExposureAlert,
     GpsFix,
+    GpsLost,
     HandshakeFailed,
     HandshakeProgress,
     IdsRotated,
@@ -132,6 +134,12 @@ async def test_the_radar_replaces_the_tables_on_r_when_narrow(quiet, data_dir, c
         await pilot.pause()
         assert main.radar.size.height >= 8 and main.peers.size.height == 0
         assert "3" in rendered(main.radar) and "◉" in rendered(main.radar)
+        assert "beyond the edge" not in rendered(main.radar)
+        # A peer beyond the edge (20 m at radius 10 m): drawn inside it, an arrow on it, and
+        # the legend says what the arrow means.
+        await post(pilot, app, MatchFound(peer=4, role="offerer"), update(4, 80.0, 180.0))
+        shown = rendered(main.radar)
+        assert "4" in shown and "↓" in shown and "↗ a peer beyond the edge" in shown, shown
         await pilot.press("r")
         await pilot.pause()
         assert main.radar.size.width == 0 and main.peers.size.height > 0
@@ -192,6 +200,33 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         await tick(pilot, app, clock, 4)
         assert "Age  4.0 s since arrival" in rendered(session)
         assert "44.06" not in log_text(app)                   # positions never in the log
+
+
+@pytest.mark.parametrize("size", [SMALL, WIDE])
+async def test_a_gps_failure_in_plain_words_with_a_next_step(quiet, data_dir, clock, size):
+    # Trial finding 7: at 80x24 the labels collapsed to "G…", "S…" and no next step was given.
+    reason = "gpsd at 127.0.0.1:2950 unreachable: Connect call failed ('127.0.0.1', 2950)"
+    app, _ = build(quiet, data_dir, GpsLost(reason=reason), clock=clock)
+    async with app.run_test(size=size) as pilot:
+        await started(pilot, app)
+        session = app.main_screen.session
+        await wait_until(pilot, lambda: session.gps_detail == reason, "the loss")
+        await pilot.pause()
+        shown = rendered(session)
+        assert "GPS  no fix" in shown and "gpsd is not running" in shown, shown
+        # The GPS half's values column, read top to bottom: what it says, then what to do.
+        lines = shown.splitlines()
+        column = next(line.index("GPS  no fix") for line in lines if "GPS  no fix" in line)
+        values = " ".join(" ".join(line[column + 5:].strip("│ ").split()) for line in lines)
+        assert ("no fix gpsd is not running → start gpsd (sudo systemctl start gpsd), or check "
+                "[gps] host and port gpsd at 127.0.0.1:2950 u") in values, shown
+        assert not re.search(r"(^|\s)[A-Z]…", shown), shown      # no label cut to "G…"
+        assert "no fix: gpsd is not running (gpsd at 127.0.0.1:2950" in log_text(app)
+        # Broker and GPS failing together both keep their labels and next steps.
+        await post(pilot, app, BrokerDisconnected(reason=REFUSED, retry_in_s=5.0))
+        shown = rendered(session)
+        assert "Broker disconnected" in shown and "GPS  no fix" in shown
+        assert "→ start the broker" in shown and "→ start gpsd" in shown
 
 
 # -- routine state in the status line, what matters in the log -----------------------------
@@ -286,6 +321,33 @@ async def test_a_token_row_follows_its_contact_to_the_end_and_the_next_meeting(
         assert tokens.row_count == len(TOKENS) + 1
 
 
+async def test_a_token_row_grows_with_its_open_contact(quiet, data_dir, clock):
+    # Trial finding 4: the token comes at the first witness ("0s ≤9.4 m"); while the contact
+    # stays open its row must follow the samples, not wait for the close.
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        tokens, token = app.main_screen.tokens, "8" * 64
+        first = Contact(duration_s=0.0, closest_m=9.4, median_m=9.4, samples=1)
+        await post(pilot, app, MatchFound(peer=7, role="answerer"),
+                   TokenStored(peer=7, token=token, expires_at=expiry(14), new=True,
+                               contact=first, match_to_token_s=0.2))
+        assert tokens.get_cell(token, "contact").plain == "0s ≤9.4 m"
+        await post(pilot, app, update(7, 3.2, 90.0, within_s=12.0))
+        assert tokens.get_cell(token, "contact").plain == "12s ≤3.2 m"
+        await post(pilot, app, update(7, 6.0, 90.0, within_s=20.0))   # closest stays 3.2
+        assert tokens.get_cell(token, "contact").plain == "20s ≤3.2 m"
+        await post(pilot, app, ContactClosed(peer=7, reason="parted", token_stored=True,
+                                             contact=Contact(21.0, 3.1, 5.0, 22)))
+        assert tokens.get_cell(token, "contact").plain == "21s ≤3.1 m"
+        await post(pilot, app, update(7, 1.0, 90.0, within_s=30.0))   # late: ignored
+        assert tokens.get_cell(token, "contact").plain == "21s ≤3.1 m"
+        # Samples of a peer without a token yet change no token row.
+        before = {t: tokens.get_cell(t, "contact").plain for t in TOKENS}
+        await post(pilot, app, MatchFound(peer=8, role="offerer"), update(8, 2.0, 10.0))
+        assert {t: tokens.get_cell(t, "contact").plain for t in TOKENS} == before
+
+
 async def test_a_refusal_toast_does_not_stay_beside_a_later_success(quiet, data_dir, clock):
     app, _ = build(quiet, data_dir, clock=clock)
     async with app.run_test(size=WIDE) as pilot:
@@ -325,7 +387,7 @@ async def test_help_explains_the_words_and_the_keys(quiet, data_dir, clock, key)
         await pilot.pause()
         text = rendered(app.screen.query_one("#help-text"))
         for word in ("Match", "Contact", "Token", "Declare", "Exposure", "Keys",
-                     "d       declare positive", "q       quit"):
+                     "d         declare positive", "q ctrl+c  quit", "Tab ↑↓"):
             assert word in text, word
         await pilot.press("d")                                  # inert under the help
         await pilot.pause()
@@ -366,6 +428,51 @@ async def test_80x24_keeps_every_essential_part_on_screen(quiet, data_dir, clock
         assert TOKENS[0][:8] in rendered(main.tokens)          # still at least one row
 
 
+async def test_80x24_with_a_long_alert_wraps_it_and_says_how_to_scroll(quiet, data_dir, clock):
+    # Trial finding 7: "…contact 7s ≤0.0 m; …" cut, and 2 of 3 token rows shown silently.
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        main = app.main_screen
+        contacts = tuple(Contact(duration_s=7.0 + n, closest_m=0.5 + n, median_m=3.0,
+                                 samples=8) for n in range(6))
+        await post(pilot, app, ExposureAlert(count=6, contacts=contacts))
+        await pilot.pause()
+        shown = rendered(main.banner)
+        flat = " ".join(shown.split())
+        assert ("6 stored tokens were declared positive: contacts 7s ≤0.5 m; 8s ≤1.5 m; "
+                "9s ≤2.5 m; 10s ≤3.5 m; and 2 more (event log)") in flat, shown
+        assert "Next: get tested" in shown and main.banner.region.height <= 3
+        assert "12s within the radius, closest 5.5 m" in " ".join(log_text(app).split())
+        title = str(main.tokens.border_title)
+        visible = main.tokens.scrollable_content_region.height - 1
+        assert visible < len(TOKENS)
+        assert f"Tokens (3) · {visible} of 3 shown, Tab ↑↓ for more" == title
+        assert "Tab ↑↓ for more" in rendered(main.tokens)
+        # Larger: every row fits, no hint.
+        await pilot.resize_terminal(160, 48)
+        await pilot.pause()
+        await pilot.pause()
+        assert str(main.tokens.border_title) == "Tokens (3)"
+
+
+async def test_a_refused_declaration_is_a_short_brief_notice(quiet, data_dir, clock):
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL, notifications=True) as pilot:
+        await started(pilot, app)
+        await post(pilot, app, PositiveRefused(reason="code_invalid", count=3))
+        [notice] = app._notifications
+        assert notice.title == "Declaration refused" and notice.timeout <= 8
+        assert notice.message == ("The declaration code is not valid. 3 tokens kept here; "
+                                  "press d to retry.")
+        await wait_until(pilot, lambda: app.screen.query("Toast"), "the notice")
+        await pilot.pause()
+        toast = app.screen.query_one("Toast")
+        assert toast.region.width <= 44 and toast.region.height <= 5, toast.region
+        # The whole sentence stays in the log.
+        assert "not issued for this broker" in " ".join(log_text(app).split())
+
+
 async def test_log_lines_wrap_without_losing_a_character(quiet, data_dir, clock):
     app, _ = build(quiet, data_dir, clock=clock)
     async with app.run_test(size=SMALL) as pilot:
@@ -381,6 +488,12 @@ async def test_log_lines_wrap_without_losing_a_character(quiet, data_dir, clock)
         assert all(len(line.rstrip()) <= log.scrollable_content_region.width
                    for line in log.plain_lines)
         assert [w for w in shown_words() if w.startswith("w")] == words
+        # Continuation lines are indented past the time: none reads like a timestamp.
+        lines = log.plain_lines
+        start = next(i for i, line in enumerate(lines) if line.startswith("09:30:00 error  w000"))
+        rest = lines[start + 1:]
+        assert len(rest) >= 3 and all(line.startswith(" " * 9) and line[9] == "w"
+                                      for line in rest), rest
         narrow_lines = len(log.plain_lines)
         await pilot.resize_terminal(160, 48)
         await pilot.pause()

@@ -21,8 +21,10 @@ from fanny_tui.config import Config
 from fanny_tui.events import (
     BrokerDisconnected,
     ChannelOpen,
+    Contact,
     ExposureAlert,
     GpsFix,
+    GpsLost,
     HandshakeFailed,
     HandshakeProgress,
     MatchFound,
@@ -96,3 +98,21 @@ def test_radar_at_80x24(snap_compare, quiet, data_dir):
 def test_help_at_80x24(snap_compare, quiet, data_dir):
     assert snap_compare(_app(quiet, data_dir), terminal_size=(80, 24), run_before=_scene,
                         press=["question_mark"])
+
+
+def test_gps_failure_and_a_long_alert_at_80x24(snap_compare, quiet, data_dir):
+    # Trial finding 7: gpsd unreachable and an alert with many contacts, on a Pi console:
+    # labels whole, a next step for the GPS, the banner wrapped, the tables say how to scroll.
+    async def scene(pilot: Pilot[None]) -> None:
+        await _scene(pilot)
+        contacts = tuple(Contact(duration_s=7.0 + n, closest_m=0.5 + n, median_m=3.0,
+                                 samples=8) for n in range(6))
+        app = pilot.app
+        for event in (GpsLost(reason="gpsd at 127.0.0.1:2950 unreachable: Connect call failed "
+                                     "('127.0.0.1', 2950)"),
+                      ExposureAlert(count=6, contacts=contacts)):
+            app.post_message(EngineEvent(event))
+        await pilot.pause()
+        await pilot.pause()
+
+    assert snap_compare(_app(quiet, data_dir), terminal_size=(80, 24), run_before=scene)
