@@ -24,20 +24,38 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, PrivacyConfig, parse_config
-from ..events import ContactClosed, Event, HandshakeFailed, MatchFound, TokenStored
+from ..events import (
+    Contact,
+    ContactClosed,
+    Event,
+    HandshakeFailed,
+    IdsRotated,
+    MatchFound,
+    TokenStored,
+)
+from ..protocol.proximity import haversine_m
 from ..store import TokenStore
 from .metrics import Metrics, detections, evaluate
-from .scenario import NOISE_KEYS, PROTOCOL_KEYS, NoiseSpec, Scenario, check_protocol, parse_noise
+from .scenario import (
+    NOISE_KEYS,
+    PROTOCOL_KEYS,
+    NoiseSpec,
+    Scenario,
+    Track,
+    check_protocol,
+    parse_noise,
+)
 from .tracks import NoiseModel, SimClock, TrackSource
-from .truth import TrueContact, true_contacts
+from .truth import Pair, TrueContact, close_intervals, pair, true_contacts
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +153,91 @@ def grid(sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
 
 
 @dataclass(frozen=True)
+class PairReport:
+    """One pair of devices, the truth beside what the devices measured (the ``--json`` record's
+    ``pairs``: every detected pair and every missed true pair).
+
+    Attributes:
+        pair: the two device names (sorted).
+        true: a true pair (at least one true contact); ``detected``: the stores share a token.
+        true_closest_m: the closest true distance over the scenario, metres (None: never both
+            present).
+        true_within_s: scenario seconds the true distance was within the truth radius, in all;
+            ``true_longest_s``: the longest such interval.
+        first_token_s: the scenario second a shared token was first on both devices (None:
+            not detected).
+        measured_within_s / measured_closest_m: the largest time within the radius and the
+            smallest closest distance the two devices' stored contacts carried
+            (``TokenStored.contact``, scenario seconds and metres; None: no measure).
+    """
+
+    pair: Pair
+    true: bool
+    detected: bool
+    true_closest_m: float | None
+    true_within_s: float
+    true_longest_s: float
+    first_token_s: float | None = None
+    measured_within_s: float | None = None
+    measured_closest_m: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready record (metres to 0.1, seconds to 1)."""
+        def r(value: float | None, digits: int) -> float | None:
+            return None if value is None else round(value, digits)
+        return {"pair": list(self.pair), "true": self.true, "detected": self.detected,
+                "true_closest_m": r(self.true_closest_m, 1),
+                "true_within_s": r(self.true_within_s, 0),
+                "true_longest_s": r(self.true_longest_s, 0),
+                "first_token_s": r(self.first_token_s, 0),
+                "measured_within_s": r(self.measured_within_s, 0),
+                "measured_closest_m": r(self.measured_closest_m, 1)}
+
+
+def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair, float],
+                 measured: Mapping[Pair, Sequence[Contact]]) -> tuple[PairReport, ...]:
+    """The :class:`PairReport` of every detected pair and every missed true pair.
+
+    Args:
+        scenario: its tracks and ``[truth] radius_m`` give the true distances.
+        metrics: the run's verdict (its false and missed pairs).
+        first_token: per detected pair, its first token (from :func:`detections`).
+        measured: per detected pair, the contact measures stored with its tokens, in
+            scenario seconds (either device's).
+    """
+    tracks = {t.name: t for t in scenario.tracks}
+    true_pairs = set(metrics.missed_pairs) | (set(first_token) - set(metrics.false_pairs))
+    out = []
+    for key in sorted(set(first_token) | set(metrics.missed_pairs)):
+        intervals = close_intervals(tracks[key[0]], tracks[key[1]], scenario.truth.radius_m)
+        spans = [end - start for start, end, _ in intervals]
+        contacts = measured.get(key, ())
+        durations = [c.duration_s for c in contacts]
+        closest = [c.closest_m for c in contacts if c.closest_m is not None]
+        out.append(PairReport(
+            pair=key, true=key in true_pairs, detected=key in first_token,
+            true_closest_m=_closest_m(tracks[key[0]], tracks[key[1]]),
+            true_within_s=sum(spans), true_longest_s=max(spans, default=0.0),
+            first_token_s=first_token.get(key),
+            measured_within_s=max(durations) if durations else None,
+            measured_closest_m=min(closest) if closest else None))
+    return tuple(out)
+
+
+def _closest_m(first: Track, second: Track, step_s: float = 1.0) -> float | None:
+    """The closest true distance of two tracks while both are present (sampled every second)."""
+    begin, end = max(first.start_s, second.start_s), min(first.end_s, second.end_s)
+    if begin > end:
+        return None
+    best = math.inf
+    for k in range(int(math.floor((end - begin) / step_s + 1e-9)) + 1):
+        p, q = first.position_at(begin + k * step_s), second.position_at(begin + k * step_s)
+        if p is not None and q is not None:
+            best = min(best, haversine_m(p[0], p[1], q[0], q[1]))
+    return None if best == math.inf else best
+
+
+@dataclass(frozen=True)
 class RunResult:
     """The outcome of one run (every duration in scenario seconds unless named ``real``).
 
@@ -149,6 +252,11 @@ class RunResult:
         match_to_token_s: per stored token, match to token as the engine measured it.
         late_fixes: fixes skipped because the event loop was late (0 in a sane run).
         real_s / cpu_s: wall-clock and CPU seconds of the run (process time, all threads).
+        closes: per device and contact, why its data channel closed (``ContactClosed.reason``:
+            ``parted``, ``max_contact``, ``channel_lost``, ...) and how many times.
+        rotations: ID rotations of all devices by reason (``schedule``, ``declared``).
+        pairs: per detected, false or missed pair, a :class:`PairReport` (the truth beside
+            what the devices measured), sorted by pair.
     """
 
     scenario: str
@@ -168,6 +276,9 @@ class RunResult:
     cpu_s: float
     tokens: int = 0
     match_to_token_s: tuple[float, ...] = ()
+    closes: dict[str, int] = field(default_factory=dict)
+    rotations: dict[str, int] = field(default_factory=dict)
+    pairs: tuple[PairReport, ...] = ()
 
     @property
     def cpu_percent(self) -> float:
@@ -185,6 +296,8 @@ class RunResult:
                 "matches": self.matches, "tokens": self.tokens, "failures": self.failures,
                 "measured_contacts_s": list(self.measured_contacts_s),
                 "match_to_token_s": list(self.match_to_token_s),
+                "closes": self.closes, "rotations": self.rotations,
+                "pairs": [p.as_dict() for p in self.pairs],
                 "late_fixes": self.late_fixes, "real_s": round(self.real_s, 2),
                 "cpu_s": round(self.cpu_s, 2), "cpu_percent": round(self.cpu_percent, 1)}
 
@@ -199,18 +312,29 @@ class _Recorder:
         self.failures: Counter[str] = Counter()
         self.contacts_s: list[float] = []
         self.match_to_token_s: list[float] = []
+        self.closes: Counter[str] = Counter()
+        self.rotations: Counter[str] = Counter()
+        self.measured: dict[str, list[Contact]] = {}    # per token, in scenario seconds
 
     def __call__(self, event: Event) -> None:
+        speed = self.clock.speed
         if isinstance(event, TokenStored):
             self.first_stored.setdefault(event.token, self.clock.now_s())
             if event.match_to_token_s is not None:
-                self.match_to_token_s.append(event.match_to_token_s * self.clock.speed)
+                self.match_to_token_s.append(event.match_to_token_s * speed)
+            if event.contact is not None:
+                c = event.contact
+                self.measured.setdefault(event.token, []).append(
+                    Contact(c.duration_s * speed, c.closest_m, c.median_m, c.samples))
         elif isinstance(event, MatchFound):
             self.matches += 1
         elif isinstance(event, HandshakeFailed):
             self.failures[event.reason.split(":", 1)[0]] += 1
         elif isinstance(event, ContactClosed):
-            self.contacts_s.append(event.contact.duration_s * self.clock.speed)
+            self.contacts_s.append(event.contact.duration_s * speed)
+            self.closes[event.reason] += 1
+        elif isinstance(event, IdsRotated):
+            self.rotations[event.reason] += 1
 
 
 async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None = None,
@@ -298,19 +422,34 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         stored[track.name] = {token: recorder.first_stored.get(token, scenario.duration_s)
                               for token in on_disk}
     failures: Counter[str] = Counter()
+    closes: Counter[str] = Counter()
+    rotations: Counter[str] = Counter()
     for recorder in recorders:
         failures.update(recorder.failures)
+        closes.update(recorder.closes)
+        rotations.update(recorder.rotations)
     effective = check_protocol({**scenario.protocol, **protocol_over})
+    first_token = detections(stored)
+    metrics = evaluate(contacts, first_token)
+    measured: dict[Pair, list[Contact]] = {}
+    for (name_a, tokens_a), (name_b, tokens_b) in itertools.combinations(stored.items(), 2):
+        shared = tokens_a.keys() & tokens_b.keys()
+        key = pair(name_a, name_b)
+        for token in shared:
+            for recorder in recorders:
+                measured.setdefault(key, []).extend(recorder.measured.get(token, ()))
     return RunResult(
         scenario=scenario.name, settings=settings, speed=speed, devices=len(engines),
         radius_m=effective.radius_m, sigma_m=noise.sigma_m,
         min_contact_s=effective.min_contact_s, contacts=tuple(contacts),
-        metrics=evaluate(contacts, detections(stored)),
+        metrics=metrics,
         matches=sum(r.matches for r in recorders) // 2, failures=dict(failures),
         measured_contacts_s=tuple(sorted(s for r in recorders for s in r.contacts_s)),
         late_fixes=sum(s.late for s in sources), real_s=real_s, cpu_s=cpu_s,
         tokens=len({t for tokens in stored.values() for t in tokens}),
-        match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)))
+        match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)),
+        closes=dict(closes), rotations=dict(rotations),
+        pairs=pair_reports(scenario, metrics, first_token, measured))
 
 
 async def _all_connected(engines: Sequence[Any], tasks: Sequence[asyncio.Task[None]],
