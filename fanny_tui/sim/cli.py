@@ -122,7 +122,7 @@ async def _run_all(scenarios: Sequence[Scenario], settings: Sequence[dict[str, f
                       f"{result.late_fixes}", highlight=False)
             err.print(f"    contacts closed: {_counts(result.closes)}; ID rotations: "
                       f"{_counts(result.rotations)}; handshake failures: "
-                      f"{_counts(result.failures)}", highlight=False)
+                      f"{_counts(result.failures)}", highlight=False, soft_wrap=True)
             results.append(result)
     return results
 

@@ -73,3 +73,8 @@ def test_json_output_of_a_real_run(small_scenario, capsys):
     assert (record["precision"], record["recall"]) == (1.0, 1.0)
     assert "[1/1] small: 3 devices, 150 s at speed 20, radius_m=10" in err
     assert "real time" in err
+    # one line per run: why the contacts closed, the rotations (none in 150 s), the failures
+    line = next(line for line in err.splitlines() if "contacts closed:" in line)
+    assert "ID rotations: none; handshake failures: none" in line, err
+    assert [p["pair"] for p in record["pairs"]] == [["a", "b"]]
+    assert record["rotations"] == {} and isinstance(record["closes"], dict)
