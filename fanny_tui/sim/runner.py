@@ -13,9 +13,11 @@ duration given to the engines (``position_interval_s``, ``min_contact_s``, ``con
 rotation_interval_s``) and the broker's match cool-down, position time-out and housekeeping
 interval. Multiplied by K: ``max_speed_mps`` and the broker's position rate limit. Times
 measured on the engines are multiplied back by K: every figure reported is in scenario
-seconds. What is not compressed: the network and aiortc (``handshake_timeout_s`` stays real; a
-0.3 s handshake counts as 0.3 K scenario seconds of latency), so keep K such that a handshake
-stays well under ``position_interval_s`` / K.
+seconds. What is not compressed: the network and aiortc (``handshake_timeout_s`` stays real,
+and with it the token's ack budget, ``token_timeout_s``; a 0.3 s handshake counts as 0.3 K
+scenario seconds of latency), so keep K such that a handshake stays well under
+``position_interval_s`` / K. The heartbeat loss, ``max(3 position_interval_s, contact_gap_s)``,
+follows its scaled parts.
 """
 
 from __future__ import annotations
