@@ -61,8 +61,11 @@ from .truth import Pair, TrueContact, close_intervals, pair, true_contacts
 
 log = logging.getLogger(__name__)
 
-#: The settings ``--sweep`` may vary: the devices' [protocol] keys and the [noise] keys.
-SWEEP_KEYS = PROTOCOL_KEYS + NOISE_KEYS
+#: The devices' [privacy] keys ``--sweep`` may vary (scenario seconds, divided by the speed).
+PRIVACY_KEYS = ("rotation_interval_s",)
+
+#: The settings ``--sweep`` may vary: the devices' [protocol] and [privacy] keys, the [noise] keys.
+SWEEP_KEYS = PROTOCOL_KEYS + PRIVACY_KEYS + NOISE_KEYS
 
 #: Protocol durations divided by the speed (scenario seconds -> real seconds).
 SCALED_DURATIONS = ("position_interval_s", "poll_interval_s", "min_contact_s", "contact_gap_s",
@@ -82,22 +85,25 @@ class SimError(Exception):
     """A run could not be carried out (one line saying why)."""
 
 
-def split_settings(settings: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    """Split ``--sweep``/override settings into (protocol, noise) keys.
+def split_settings(settings: Mapping[str, float]
+                   ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Split ``--sweep``/override settings into (protocol, noise, privacy) keys.
 
     Raises:
         SimError: an unknown key (one line listing the known ones).
     """
-    protocol, noise = {}, {}
+    protocol, noise, privacy = {}, {}, {}
     for key, value in settings.items():
         if key in PROTOCOL_KEYS:
             protocol[key] = float(value)
         elif key in NOISE_KEYS:
             noise[key] = float(value)
+        elif key in PRIVACY_KEYS:
+            privacy[key] = float(value)
         else:
             raise SimError(f"{key}: not a setting fanny-sim can vary; known: "
                            f"{', '.join(SWEEP_KEYS)}")
-    return protocol, noise
+    return protocol, noise, privacy
 
 
 def device_protocol(scenario_protocol: Mapping[str, float], overrides: Mapping[str, float],
@@ -126,23 +132,31 @@ def prepare(scenario: Scenario, settings: Mapping[str, float], speed: float | No
     speed = float(scenario.speed if speed is None else speed)
     if not speed > 0:
         raise SimError(f"--speed: expected a number > 0, got {speed!r}")
-    protocol_over, noise_over = split_settings(settings)
+    protocol_over, noise_over, privacy_over = split_settings(settings)
     try:
         noise = parse_noise({**asdict(scenario.noise), **noise_over})
         protocol = device_protocol(scenario.protocol, protocol_over, speed)
+        parse_config({"privacy": {k: v / speed for k, v in privacy_over.items()}})
     except ConfigError as exc:
         raise SimError(f"{scenario.name}: {exc} (at speed {speed:g})") from None
     return speed, protocol, noise
 
 
-def device_config(broker_url: str, protocol: Mapping[str, float], speed: float) -> Config:
+def device_config(broker_url: str, protocol: Mapping[str, float], speed: float,
+                  rotation_interval_s: float = PrivacyConfig.rotation_interval_s) -> Config:
     """The configuration of every simulated device: loopback-only ICE, fast reconnects, the
     scaled ``[protocol]`` table (from :func:`device_protocol`) and the ID rotation interval
-    (``[privacy] rotation_interval_s``, its default) divided by ``speed``."""
+    (``[privacy] rotation_interval_s``, scenario seconds, default the device default) divided
+    by ``speed``.
+
+    Raises:
+        ConfigError: the scaled rotation interval is out of range
+            (``privacy.rotation_interval_s``).
+    """
     return parse_config({
         "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
         "protocol": dict(protocol),
-        "privacy": {"rotation_interval_s": PrivacyConfig.rotation_interval_s / speed},
+        "privacy": {"rotation_interval_s": rotation_interval_s / speed},
         "webrtc": {"host_addresses": ["127.0.0.1"]},
     })
 
@@ -348,7 +362,8 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         scenario: the loaded scenario.
         workdir: an empty directory for the broker's SQLite file and the devices' stores.
         speed: time compression K (default: the scenario's ``speed``).
-        settings: protocol or noise keys overriding the scenario's (see :data:`SWEEP_KEYS`).
+        settings: protocol, privacy or noise keys overriding the scenario's (see
+            :data:`SWEEP_KEYS`).
         connect_timeout_s: real seconds to wait for every engine to reach the broker.
 
     Returns:
@@ -367,7 +382,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
 
     settings = dict(settings or {})
     speed, protocol, noise = prepare(scenario, settings, speed)
-    protocol_over, _ = split_settings(settings)
+    protocol_over, _, privacy_over = split_settings(settings)
     model = NoiseModel(noise)
     contacts = true_contacts(scenario.tracks, scenario.truth.radius_m, scenario.truth.duration_s)
     clock = SimClock(speed)
@@ -385,7 +400,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
     recorders: list[_Recorder] = []
     dirs: list[Path] = []
     async with start_broker(broker_settings) as broker:
-        config = device_config(broker.url, protocol, speed)
+        config = device_config(broker.url, protocol, speed, **privacy_over)
         engines = []
         for index, (track, seen) in enumerate(zip(scenario.tracks, observations, strict=True)):
             source = TrackSource(seen, clock, accuracy_m=model.accuracy_m,

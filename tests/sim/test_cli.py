@@ -17,6 +17,7 @@ def test_parse_sweep():
     assert parse_sweep(["radius_m=10,15,25", "min_contact_s=0,60"]) == {
         "radius_m": [10.0, 15.0, 25.0], "min_contact_s": [0.0, 60.0]}
     assert parse_sweep([]) == {}
+    assert parse_sweep(["rotation_interval_s=300,900"]) == {"rotation_interval_s": [300.0, 900.0]}
 
 
 @pytest.mark.parametrize(("items", "message"), [

@@ -48,14 +48,24 @@ def test_the_device_configuration_is_loopback_only_and_scaled():
     assert config.broker.url == "ws://127.0.0.1:9"
 
 
+def test_a_swept_rotation_interval_is_scaled_like_the_default(small_scenario):
+    config = device_config("ws://127.0.0.1:9", device_protocol({}, {}, 10.0), 10.0,
+                           rotation_interval_s=300.0)
+    assert config.privacy.rotation_interval_s == 30.0
+    scenario = load_scenario(small_scenario)
+    prepare(scenario, {"rotation_interval_s": 300.0}, None)        # 30 s real: fine
+    with pytest.raises(SimError, match="privacy.rotation_interval_s"):
+        prepare(scenario, {"rotation_interval_s": 5.0}, None)      # 0.5 s real: below 1 s
+
+
 def test_a_speed_that_pushes_a_setting_out_of_range_is_named():
     with pytest.raises(ConfigError, match="protocol.max_speed_mps"):
         device_protocol({}, {}, speed=100.0)
 
 
-def test_settings_are_split_into_protocol_and_noise_keys():
-    assert split_settings({"radius_m": 15, "sigma_m": 3}) == ({"radius_m": 15.0},
-                                                              {"sigma_m": 3.0})
+def test_settings_are_split_into_protocol_noise_and_privacy_keys():
+    assert split_settings({"radius_m": 15, "sigma_m": 3, "rotation_interval_s": 300}) == (
+        {"radius_m": 15.0}, {"sigma_m": 3.0}, {"rotation_interval_s": 300.0})
     with pytest.raises(SimError, match="radius: not a setting"):
         split_settings({"radius": 15})
 
