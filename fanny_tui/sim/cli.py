@@ -76,6 +76,11 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _counts(counts: dict[str, int]) -> str:
+    """``{"parted": 3, "stopped": 1}`` -> ``"parted 3, stopped 1"`` (``"none"`` if empty)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
 def results_table(results: Sequence[RunResult], swept: Sequence[str]) -> Table:
     """The rich table of a set of runs (one row each)."""
     table = Table(title="fanny-sim: pairs judged against the true contacts")
@@ -115,6 +120,9 @@ async def _run_all(scenarios: Sequence[Scenario], settings: Sequence[dict[str, f
                       f"{_fmt(result.metrics.recall)}; real {result.real_s:.1f} s, CPU "
                       f"{result.cpu_percent:.0f} % of one core, late fixes "
                       f"{result.late_fixes}", highlight=False)
+            err.print(f"    contacts closed: {_counts(result.closes)}; ID rotations: "
+                      f"{_counts(result.rotations)}; handshake failures: "
+                      f"{_counts(result.failures)}", highlight=False, soft_wrap=True)
             results.append(result)
     return results
 

@@ -13,9 +13,11 @@ duration given to the engines (``position_interval_s``, ``min_contact_s``, ``con
 rotation_interval_s``) and the broker's match cool-down, position time-out and housekeeping
 interval. Multiplied by K: ``max_speed_mps`` and the broker's position rate limit. Times
 measured on the engines are multiplied back by K: every figure reported is in scenario
-seconds. What is not compressed: the network and aiortc (``handshake_timeout_s`` stays real; a
-0.3 s handshake counts as 0.3 K scenario seconds of latency), so keep K such that a handshake
-stays well under ``position_interval_s`` / K.
+seconds. What is not compressed: the network and aiortc (``handshake_timeout_s`` stays real,
+and with it the token's ack budget, ``token_timeout_s``; a 0.3 s handshake counts as 0.3 K
+scenario seconds of latency), so keep K such that a handshake stays well under
+``position_interval_s`` / K. The heartbeat loss, ``max(3 position_interval_s, contact_gap_s)``,
+follows its scaled parts.
 """
 
 from __future__ import annotations
@@ -24,25 +26,46 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, PrivacyConfig, parse_config
-from ..events import ContactClosed, Event, HandshakeFailed, MatchFound, TokenStored
+from ..events import (
+    Contact,
+    ContactClosed,
+    Event,
+    HandshakeFailed,
+    IdsRotated,
+    MatchFound,
+    TokenStored,
+)
+from ..protocol.proximity import haversine_m
 from ..store import TokenStore
 from .metrics import Metrics, detections, evaluate
-from .scenario import NOISE_KEYS, PROTOCOL_KEYS, NoiseSpec, Scenario, check_protocol, parse_noise
+from .scenario import (
+    NOISE_KEYS,
+    PROTOCOL_KEYS,
+    NoiseSpec,
+    Scenario,
+    Track,
+    check_protocol,
+    parse_noise,
+)
 from .tracks import NoiseModel, SimClock, TrackSource
-from .truth import TrueContact, true_contacts
+from .truth import Pair, TrueContact, close_intervals, pair, true_contacts
 
 log = logging.getLogger(__name__)
 
-#: The settings ``--sweep`` may vary: the devices' [protocol] keys and the [noise] keys.
-SWEEP_KEYS = PROTOCOL_KEYS + NOISE_KEYS
+#: The devices' [privacy] keys ``--sweep`` may vary (scenario seconds, divided by the speed).
+PRIVACY_KEYS = ("rotation_interval_s",)
+
+#: The settings ``--sweep`` may vary: the devices' [protocol] and [privacy] keys, the [noise] keys.
+SWEEP_KEYS = PROTOCOL_KEYS + PRIVACY_KEYS + NOISE_KEYS
 
 #: Protocol durations divided by the speed (scenario seconds -> real seconds).
 SCALED_DURATIONS = ("position_interval_s", "poll_interval_s", "min_contact_s", "contact_gap_s",
@@ -62,22 +85,25 @@ class SimError(Exception):
     """A run could not be carried out (one line saying why)."""
 
 
-def split_settings(settings: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    """Split ``--sweep``/override settings into (protocol, noise) keys.
+def split_settings(settings: Mapping[str, float]
+                   ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Split ``--sweep``/override settings into (protocol, noise, privacy) keys.
 
     Raises:
         SimError: an unknown key (one line listing the known ones).
     """
-    protocol, noise = {}, {}
+    protocol, noise, privacy = {}, {}, {}
     for key, value in settings.items():
         if key in PROTOCOL_KEYS:
             protocol[key] = float(value)
         elif key in NOISE_KEYS:
             noise[key] = float(value)
+        elif key in PRIVACY_KEYS:
+            privacy[key] = float(value)
         else:
             raise SimError(f"{key}: not a setting fanny-sim can vary; known: "
                            f"{', '.join(SWEEP_KEYS)}")
-    return protocol, noise
+    return protocol, noise, privacy
 
 
 def device_protocol(scenario_protocol: Mapping[str, float], overrides: Mapping[str, float],
@@ -106,23 +132,31 @@ def prepare(scenario: Scenario, settings: Mapping[str, float], speed: float | No
     speed = float(scenario.speed if speed is None else speed)
     if not speed > 0:
         raise SimError(f"--speed: expected a number > 0, got {speed!r}")
-    protocol_over, noise_over = split_settings(settings)
+    protocol_over, noise_over, privacy_over = split_settings(settings)
     try:
         noise = parse_noise({**asdict(scenario.noise), **noise_over})
         protocol = device_protocol(scenario.protocol, protocol_over, speed)
+        parse_config({"privacy": {k: v / speed for k, v in privacy_over.items()}})
     except ConfigError as exc:
         raise SimError(f"{scenario.name}: {exc} (at speed {speed:g})") from None
     return speed, protocol, noise
 
 
-def device_config(broker_url: str, protocol: Mapping[str, float], speed: float) -> Config:
+def device_config(broker_url: str, protocol: Mapping[str, float], speed: float,
+                  rotation_interval_s: float = PrivacyConfig.rotation_interval_s) -> Config:
     """The configuration of every simulated device: loopback-only ICE, fast reconnects, the
     scaled ``[protocol]`` table (from :func:`device_protocol`) and the ID rotation interval
-    (``[privacy] rotation_interval_s``, its default) divided by ``speed``."""
+    (``[privacy] rotation_interval_s``, scenario seconds, default the device default) divided
+    by ``speed``.
+
+    Raises:
+        ConfigError: the scaled rotation interval is out of range
+            (``privacy.rotation_interval_s``).
+    """
     return parse_config({
         "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
         "protocol": dict(protocol),
-        "privacy": {"rotation_interval_s": PrivacyConfig.rotation_interval_s / speed},
+        "privacy": {"rotation_interval_s": rotation_interval_s / speed},
         "webrtc": {"host_addresses": ["127.0.0.1"]},
     })
 
@@ -132,6 +166,91 @@ def grid(sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
     keys = list(sweep)
     return [dict(zip(keys, values, strict=True))
             for values in itertools.product(*(sweep[k] for k in keys))]
+
+
+@dataclass(frozen=True)
+class PairReport:
+    """One pair of devices, the truth beside what the devices measured (the ``--json`` record's
+    ``pairs``: every detected pair and every missed true pair).
+
+    Attributes:
+        pair: the two device names (sorted).
+        true: a true pair (at least one true contact); ``detected``: the stores share a token.
+        true_closest_m: the closest true distance over the scenario, metres (None: never both
+            present).
+        true_within_s: scenario seconds the true distance was within the truth radius, in all;
+            ``true_longest_s``: the longest such interval.
+        first_token_s: the scenario second a shared token was first on both devices (None:
+            not detected).
+        measured_within_s / measured_closest_m: the largest time within the radius and the
+            smallest closest distance the two devices' stored contacts carried
+            (``TokenStored.contact``, scenario seconds and metres; None: no measure).
+    """
+
+    pair: Pair
+    true: bool
+    detected: bool
+    true_closest_m: float | None
+    true_within_s: float
+    true_longest_s: float
+    first_token_s: float | None = None
+    measured_within_s: float | None = None
+    measured_closest_m: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready record (metres to 0.1, seconds to 1)."""
+        def r(value: float | None, digits: int) -> float | None:
+            return None if value is None else round(value, digits)
+        return {"pair": list(self.pair), "true": self.true, "detected": self.detected,
+                "true_closest_m": r(self.true_closest_m, 1),
+                "true_within_s": r(self.true_within_s, 0),
+                "true_longest_s": r(self.true_longest_s, 0),
+                "first_token_s": r(self.first_token_s, 0),
+                "measured_within_s": r(self.measured_within_s, 0),
+                "measured_closest_m": r(self.measured_closest_m, 1)}
+
+
+def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair, float],
+                 measured: Mapping[Pair, Sequence[Contact]]) -> tuple[PairReport, ...]:
+    """The :class:`PairReport` of every detected pair and every missed true pair.
+
+    Args:
+        scenario: its tracks and ``[truth] radius_m`` give the true distances.
+        metrics: the run's verdict (its false and missed pairs).
+        first_token: per detected pair, its first token (from :func:`detections`).
+        measured: per detected pair, the contact measures stored with its tokens, in
+            scenario seconds (either device's).
+    """
+    tracks = {t.name: t for t in scenario.tracks}
+    true_pairs = set(metrics.missed_pairs) | (set(first_token) - set(metrics.false_pairs))
+    out = []
+    for key in sorted(set(first_token) | set(metrics.missed_pairs)):
+        intervals = close_intervals(tracks[key[0]], tracks[key[1]], scenario.truth.radius_m)
+        spans = [end - start for start, end, _ in intervals]
+        contacts = measured.get(key, ())
+        durations = [c.duration_s for c in contacts]
+        closest = [c.closest_m for c in contacts if c.closest_m is not None]
+        out.append(PairReport(
+            pair=key, true=key in true_pairs, detected=key in first_token,
+            true_closest_m=_closest_m(tracks[key[0]], tracks[key[1]]),
+            true_within_s=sum(spans), true_longest_s=max(spans, default=0.0),
+            first_token_s=first_token.get(key),
+            measured_within_s=max(durations) if durations else None,
+            measured_closest_m=min(closest) if closest else None))
+    return tuple(out)
+
+
+def _closest_m(first: Track, second: Track, step_s: float = 1.0) -> float | None:
+    """The closest true distance of two tracks while both are present (sampled every second)."""
+    begin, end = max(first.start_s, second.start_s), min(first.end_s, second.end_s)
+    if begin > end:
+        return None
+    best = math.inf
+    for k in range(int(math.floor((end - begin) / step_s + 1e-9)) + 1):
+        p, q = first.position_at(begin + k * step_s), second.position_at(begin + k * step_s)
+        if p is not None and q is not None:
+            best = min(best, haversine_m(p[0], p[1], q[0], q[1]))
+    return None if best == math.inf else best
 
 
 @dataclass(frozen=True)
@@ -149,6 +268,11 @@ class RunResult:
         match_to_token_s: per stored token, match to token as the engine measured it.
         late_fixes: fixes skipped because the event loop was late (0 in a sane run).
         real_s / cpu_s: wall-clock and CPU seconds of the run (process time, all threads).
+        closes: per device and contact, why its data channel closed (``ContactClosed.reason``:
+            ``parted``, ``max_contact``, ``channel_lost``, ...) and how many times.
+        rotations: ID rotations of all devices by reason (``schedule``, ``declared``).
+        pairs: per detected, false or missed pair, a :class:`PairReport` (the truth beside
+            what the devices measured), sorted by pair.
     """
 
     scenario: str
@@ -168,6 +292,9 @@ class RunResult:
     cpu_s: float
     tokens: int = 0
     match_to_token_s: tuple[float, ...] = ()
+    closes: dict[str, int] = field(default_factory=dict)
+    rotations: dict[str, int] = field(default_factory=dict)
+    pairs: tuple[PairReport, ...] = ()
 
     @property
     def cpu_percent(self) -> float:
@@ -185,6 +312,8 @@ class RunResult:
                 "matches": self.matches, "tokens": self.tokens, "failures": self.failures,
                 "measured_contacts_s": list(self.measured_contacts_s),
                 "match_to_token_s": list(self.match_to_token_s),
+                "closes": self.closes, "rotations": self.rotations,
+                "pairs": [p.as_dict() for p in self.pairs],
                 "late_fixes": self.late_fixes, "real_s": round(self.real_s, 2),
                 "cpu_s": round(self.cpu_s, 2), "cpu_percent": round(self.cpu_percent, 1)}
 
@@ -199,18 +328,29 @@ class _Recorder:
         self.failures: Counter[str] = Counter()
         self.contacts_s: list[float] = []
         self.match_to_token_s: list[float] = []
+        self.closes: Counter[str] = Counter()
+        self.rotations: Counter[str] = Counter()
+        self.measured: dict[str, list[Contact]] = {}    # per token, in scenario seconds
 
     def __call__(self, event: Event) -> None:
+        speed = self.clock.speed
         if isinstance(event, TokenStored):
             self.first_stored.setdefault(event.token, self.clock.now_s())
             if event.match_to_token_s is not None:
-                self.match_to_token_s.append(event.match_to_token_s * self.clock.speed)
+                self.match_to_token_s.append(event.match_to_token_s * speed)
+            if event.contact is not None:
+                c = event.contact
+                self.measured.setdefault(event.token, []).append(
+                    Contact(c.duration_s * speed, c.closest_m, c.median_m, c.samples))
         elif isinstance(event, MatchFound):
             self.matches += 1
         elif isinstance(event, HandshakeFailed):
             self.failures[event.reason.split(":", 1)[0]] += 1
         elif isinstance(event, ContactClosed):
-            self.contacts_s.append(event.contact.duration_s * self.clock.speed)
+            self.contacts_s.append(event.contact.duration_s * speed)
+            self.closes[event.reason] += 1
+        elif isinstance(event, IdsRotated):
+            self.rotations[event.reason] += 1
 
 
 async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None = None,
@@ -222,7 +362,8 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         scenario: the loaded scenario.
         workdir: an empty directory for the broker's SQLite file and the devices' stores.
         speed: time compression K (default: the scenario's ``speed``).
-        settings: protocol or noise keys overriding the scenario's (see :data:`SWEEP_KEYS`).
+        settings: protocol, privacy or noise keys overriding the scenario's (see
+            :data:`SWEEP_KEYS`).
         connect_timeout_s: real seconds to wait for every engine to reach the broker.
 
     Returns:
@@ -241,7 +382,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
 
     settings = dict(settings or {})
     speed, protocol, noise = prepare(scenario, settings, speed)
-    protocol_over, _ = split_settings(settings)
+    protocol_over, _, privacy_over = split_settings(settings)
     model = NoiseModel(noise)
     contacts = true_contacts(scenario.tracks, scenario.truth.radius_m, scenario.truth.duration_s)
     clock = SimClock(speed)
@@ -259,7 +400,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
     recorders: list[_Recorder] = []
     dirs: list[Path] = []
     async with start_broker(broker_settings) as broker:
-        config = device_config(broker.url, protocol, speed)
+        config = device_config(broker.url, protocol, speed, **privacy_over)
         engines = []
         for index, (track, seen) in enumerate(zip(scenario.tracks, observations, strict=True)):
             source = TrackSource(seen, clock, accuracy_m=model.accuracy_m,
@@ -298,19 +439,34 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         stored[track.name] = {token: recorder.first_stored.get(token, scenario.duration_s)
                               for token in on_disk}
     failures: Counter[str] = Counter()
+    closes: Counter[str] = Counter()
+    rotations: Counter[str] = Counter()
     for recorder in recorders:
         failures.update(recorder.failures)
+        closes.update(recorder.closes)
+        rotations.update(recorder.rotations)
     effective = check_protocol({**scenario.protocol, **protocol_over})
+    first_token = detections(stored)
+    metrics = evaluate(contacts, first_token)
+    measured: dict[Pair, list[Contact]] = {}
+    for (name_a, tokens_a), (name_b, tokens_b) in itertools.combinations(stored.items(), 2):
+        shared = tokens_a.keys() & tokens_b.keys()
+        key = pair(name_a, name_b)
+        for token in shared:
+            for recorder in recorders:
+                measured.setdefault(key, []).extend(recorder.measured.get(token, ()))
     return RunResult(
         scenario=scenario.name, settings=settings, speed=speed, devices=len(engines),
         radius_m=effective.radius_m, sigma_m=noise.sigma_m,
         min_contact_s=effective.min_contact_s, contacts=tuple(contacts),
-        metrics=evaluate(contacts, detections(stored)),
+        metrics=metrics,
         matches=sum(r.matches for r in recorders) // 2, failures=dict(failures),
         measured_contacts_s=tuple(sorted(s for r in recorders for s in r.contacts_s)),
         late_fixes=sum(s.late for s in sources), real_s=real_s, cpu_s=cpu_s,
         tokens=len({t for tokens in stored.values() for t in tokens}),
-        match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)))
+        match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)),
+        closes=dict(closes), rotations=dict(rotations),
+        pairs=pair_reports(scenario, metrics, first_token, measured))
 
 
 async def _all_connected(engines: Sequence[Any], tasks: Sequence[asyncio.Task[None]],

@@ -17,6 +17,7 @@ def test_parse_sweep():
     assert parse_sweep(["radius_m=10,15,25", "min_contact_s=0,60"]) == {
         "radius_m": [10.0, 15.0, 25.0], "min_contact_s": [0.0, 60.0]}
     assert parse_sweep([]) == {}
+    assert parse_sweep(["rotation_interval_s=300,900"]) == {"rotation_interval_s": [300.0, 900.0]}
 
 
 @pytest.mark.parametrize(("items", "message"), [
@@ -73,3 +74,8 @@ def test_json_output_of_a_real_run(small_scenario, capsys):
     assert (record["precision"], record["recall"]) == (1.0, 1.0)
     assert "[1/1] small: 3 devices, 150 s at speed 20, radius_m=10" in err
     assert "real time" in err
+    # one line per run: why the contacts closed, the rotations (none in 150 s), the failures
+    line = next(line for line in err.splitlines() if "contacts closed:" in line)
+    assert "ID rotations: none; handshake failures: none" in line, err
+    assert [p["pair"] for p in record["pairs"]] == [["a", "b"]]
+    assert record["rotations"] == {} and isinstance(record["closes"], dict)

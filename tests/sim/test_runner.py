@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from fanny_tui.config import ConfigError
+from fanny_tui.events import Contact, ContactClosed, IdsRotated, MatchFound, TokenStored
+from fanny_tui.sim.metrics import evaluate
 from fanny_tui.sim.runner import (
     SimError,
+    _Recorder,
     device_config,
     device_protocol,
     grid,
+    pair_reports,
     prepare,
     run_scenario,
     split_settings,
 )
-from fanny_tui.sim.scenario import load_scenario
+from fanny_tui.sim.scenario import Scenario, TruthSpec, load_scenario
+from fanny_tui.sim.tracks import SimClock
+from fanny_tui.sim.truth import TrueContact, true_contacts
 from tests.helpers import TIME_UNIT
+from tests.sim.conftest import standing
 
 
 def test_protocol_durations_are_divided_by_the_speed_and_the_speed_bound_multiplied():
@@ -39,14 +48,24 @@ def test_the_device_configuration_is_loopback_only_and_scaled():
     assert config.broker.url == "ws://127.0.0.1:9"
 
 
+def test_a_swept_rotation_interval_is_scaled_like_the_default(small_scenario):
+    config = device_config("ws://127.0.0.1:9", device_protocol({}, {}, 10.0), 10.0,
+                           rotation_interval_s=300.0)
+    assert config.privacy.rotation_interval_s == 30.0
+    scenario = load_scenario(small_scenario)
+    prepare(scenario, {"rotation_interval_s": 300.0}, None)        # 30 s real: fine
+    with pytest.raises(SimError, match="privacy.rotation_interval_s"):
+        prepare(scenario, {"rotation_interval_s": 5.0}, None)      # 0.5 s real: below 1 s
+
+
 def test_a_speed_that_pushes_a_setting_out_of_range_is_named():
     with pytest.raises(ConfigError, match="protocol.max_speed_mps"):
         device_protocol({}, {}, speed=100.0)
 
 
-def test_settings_are_split_into_protocol_and_noise_keys():
-    assert split_settings({"radius_m": 15, "sigma_m": 3}) == ({"radius_m": 15.0},
-                                                              {"sigma_m": 3.0})
+def test_settings_are_split_into_protocol_noise_and_privacy_keys():
+    assert split_settings({"radius_m": 15, "sigma_m": 3, "rotation_interval_s": 300}) == (
+        {"radius_m": 15.0}, {"sigma_m": 3.0}, {"rotation_interval_s": 300.0})
     with pytest.raises(SimError, match="radius: not a setting"):
         split_settings({"radius": 15})
 
@@ -86,3 +105,66 @@ async def test_a_small_scenario_with_real_engines_finds_the_one_true_pair(small_
     assert result.cpu_s > 0.0
     record = result.as_dict()
     assert record["precision"] == 1.0 and record["true_contacts"][0]["pair"] == ["a", "b"]
+    # the pair's truth beside its measures: 3 m apart all along, measured within the radius
+    [report] = result.pairs
+    assert (report.pair, report.true, report.detected) == (("a", "b"), True, True)
+    assert report.true_closest_m == pytest.approx(3.0, abs=0.01)
+    assert report.true_within_s == pytest.approx(150.0)
+    assert report.first_token_s == m.latencies_s[0]
+    assert report.measured_closest_m is not None and report.measured_closest_m < 10.0
+    assert record["pairs"][0]["pair"] == ["a", "b"]
+    # nothing rotates in 150 s (the interval is 900 s), and no contact was cut by a rotation
+    assert result.rotations == {}
+    assert set(result.closes) <= {"stopped", "peer_closed", "channel_lost"}, result.closes
+
+
+def test_the_recorder_counts_closes_and_rotations_and_scales_measures_back():
+    recorder = _Recorder(SimClock(10.0))
+    contact = Contact(duration_s=12.5, closest_m=1.5, median_m=4.0, samples=20)
+    recorder(MatchFound(peer=1, role="initiator"))
+    recorder(TokenStored(peer=1, token="t1", expires_at=datetime(2026, 5, 20, 4, tzinfo=UTC),
+                         contact=contact, match_to_token_s=0.8))
+    recorder(ContactClosed(peer=1, reason="parted", contact=contact, token_stored=True))
+    recorder(ContactClosed(peer=2, reason="parted", contact=contact, token_stored=False))
+    recorder(ContactClosed(peer=3, reason="max_contact", contact=contact, token_stored=True))
+    recorder(IdsRotated(reason="schedule"))
+    assert recorder.matches == 1
+    assert dict(recorder.closes) == {"parted": 2, "max_contact": 1}
+    assert dict(recorder.rotations) == {"schedule": 1}
+    # engine (real) seconds times the speed: scenario seconds; distances unchanged
+    assert recorder.match_to_token_s == [8.0]
+    assert recorder.contacts_s == [125.0, 125.0, 125.0]
+    [stored] = recorder.measured["t1"]
+    assert (stored.duration_s, stored.closest_m, stored.median_m) == (125.0, 1.5, 4.0)
+
+
+def test_pair_reports_set_the_truth_beside_the_measures():
+    tracks = (standing("a", 0, 0, 0, 400), standing("b", 3, 0, 0, 400),
+              standing("c", 40, 0, 0, 400), standing("d", 0, 5, 100, 150))
+    scenario = Scenario(name="t", tracks=tracks, duration_s=400.0,
+                        truth=TruthSpec(radius_m=10.0, duration_s=300.0))
+    contacts = true_contacts(tracks, 10.0, 300.0)
+    assert [c.pair for c in contacts] == [("a", "b")]
+    # a-c detected though 40 m apart (a false pair), a-b missed, b-d never a true contact
+    first = {("a", "c"): 50.0}
+    metrics = evaluate(contacts, first)
+    reports = pair_reports(scenario, metrics, first,
+                           {("a", "c"): [Contact(90.0, 6.0, 9.0, 18), Contact(40.0, 8.0, 9.5, 8)]})
+    assert [r.pair for r in reports] == [("a", "b"), ("a", "c")]
+    missed, false = reports
+    assert (missed.true, missed.detected, missed.first_token_s) == (True, False, None)
+    assert missed.true_closest_m == pytest.approx(3.0, abs=0.01)
+    assert missed.true_within_s == pytest.approx(400.0) == missed.true_longest_s
+    assert missed.measured_within_s is None and missed.measured_closest_m is None
+    assert (false.true, false.detected, false.first_token_s) == (False, True, 50.0)
+    assert false.true_closest_m == pytest.approx(40.0, abs=0.01) and false.true_within_s == 0
+    assert (false.measured_within_s, false.measured_closest_m) == (90.0, 6.0)
+    assert false.as_dict()["pair"] == ["a", "c"]
+
+
+def test_a_true_contact_that_never_overlaps_in_time_has_no_closest_distance():
+    tracks = (standing("a", 0, 0, 0, 100), standing("b", 1, 0, 200, 300))
+    scenario = Scenario(name="t", tracks=tracks, duration_s=300.0)
+    metrics = evaluate([TrueContact("a", "b", 0.0, 1.0, 1.0)], {})
+    [report] = pair_reports(scenario, metrics, {}, {})
+    assert report.true_closest_m is None and report.true_within_s == 0
