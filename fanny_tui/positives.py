@@ -317,8 +317,7 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
     received = matched = 0
     async with anonymous_connection(url, timeout_s=timeout_s, ssl_context=ssl_context) as ch:
         for _ in range(max_pages):
-            cursor = store.poll_cursor()
-            await ch.send(PositivesPoll(cursor=cursor, accept=list(formats)))
+            await ch.send(PositivesPoll(cursor=store.poll_cursor(), accept=list(formats)))
             while True:
                 answer = await ch.receive()
                 if isinstance(answer, Positives):           # one JSON page answers the poll
@@ -335,9 +334,7 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     raise MessageError("the broker's answer to the poll was not positives")
                 received += len(tokens)
                 matched += _compare(store, tokens, on_match, on_unrecorded_match)
-                if next_cursor != cursor:
-                    store.set_poll_cursor(next_cursor)
-                    cursor = next_cursor
+                store.set_poll_cursor(next_cursor)   # durable, frame by frame
                 if done:
                     break
             if not more:
