@@ -1036,6 +1036,8 @@ async def start_broker(
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping
+        if broker.announce_task is not None:
+            broker.announce_task.cancel()        # it may wait out announce_interval_s
         for task in list(broker.tasks):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task

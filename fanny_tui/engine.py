@@ -22,7 +22,10 @@ loops going until :meth:`Engine.stop`:
   contact's final measures go to the store when it closes (``contact_closed``). A handshake
   slot (:data:`MAX_CONCURRENT_HANDSHAKES`) is held for the establishment only;
 * polling: every ``poll_interval_s`` the positive tokens are fetched on an anonymous connection
-  and compared locally (paper 4, steps 3-4);
+  and compared locally (paper 4, steps 3-4), in one streamed binary poll however many there are;
+  when the broker announces new ones on the session connection (``positives_available``), a
+  poll follows after a random delay of at most ``poll_interval_s`` / 10; a failed poll is a
+  ``positives_poll_failed`` event;
 * uploads: pending positive declarations are retried with backoff until acknowledged, or until
   the broker refuses their declaration code (the tokens then stay, un-marked: ``positive_refused``);
 * decoys (``[privacy] decoy_uploads``, off by default): a decoy upload, padded like a real one,

@@ -234,3 +234,16 @@ async def test_a_large_board_streams_in_bounded_frames(tmp_path):
     assert end.cursor == n
     assert all(decode_batch_frame(f).token_count <= 8192 for f in frames)
     assert sorted(tokens_of(frames)) == sorted(t.token for t in tokens)
+
+
+async def test_a_pending_announcement_does_not_hold_up_the_shutdown(tmp_path):
+    loop = asyncio.get_running_loop()
+    async with running(tmp_path, wall=FakeWall(WALL_NOW), announce_interval_s=600.0) as broker:
+        async with Client.open(broker.url) as s, Client.open(broker.url) as anon:
+            await s.hello()
+            for n in (1, 2):                     # the second waits out the interval
+                await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(n)]))
+                await anon.expect(PositiveAck)
+            assert await s.expect(PositivesAvailable) == PositivesAvailable(cursor=1)
+        began = loop.time()
+    assert loop.time() - began < 5 * TIME_UNIT
