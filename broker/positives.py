@@ -691,7 +691,8 @@ class BatchPages:
     last range. :meth:`invalidate` (after a purge that deleted tokens) drops every frame. The
     cache holds at most ``cache_bytes``; the least recently used frames go first.
 
-    Thread-safe: :meth:`frame` runs in a worker thread (it may read the board).
+    Thread-safe: :meth:`frame` runs in a worker thread (it may read the board); pollers that
+    ask for the same uncached range at the same time wait for the one encoding it.
 
     Args:
         board: the board to read.
@@ -714,6 +715,7 @@ class BatchPages:
         self._lock = threading.Lock()
         self._frames: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
         self._size = 0
+        self._encoding: dict[tuple[int, int], threading.Event] = {}
         self._generation = 0
         self.encoded = 0
         """Frames encoded so far (a cache miss each): for tests and benchmarks."""
@@ -735,24 +737,35 @@ class BatchPages:
             BoardError: the board failed.
         """
         key = (lo, hi)
-        with self._lock:
-            if key in self._frames:
-                self._frames.move_to_end(key)
-                return self._frames[key]
-            generation = self._generation
-        rows = self.board.rows(lo, hi, now)
-        data = encode_token_frame(hi, group_by_hour(rows)) if rows else None
+        while True:
+            with self._lock:
+                if key in self._frames:
+                    self._frames.move_to_end(key)
+                    return self._frames[key]
+                busy = self._encoding.get(key)
+                if busy is None:        # this thread encodes it; the others wait for it
+                    self._encoding[key] = threading.Event()
+                    generation = self._generation
+                    break
+            busy.wait()
+        try:
+            rows = self.board.rows(lo, hi, now)
+            data = encode_token_frame(hi, group_by_hour(rows)) if rows else None
+        except BaseException:
+            with self._lock:
+                self._encoding.pop(key).set()
+            raise
         with self._lock:
             self.encoded += 1
-            if generation != self._generation:   # a purge came in between: do not keep it
-                return data
             size = len(data) if data else _EMPTY_COST
-            if key not in self._frames and size <= self.cache_bytes:
+            # Not kept if a purge came in between (it may hold purged tokens).
+            if generation == self._generation and size <= self.cache_bytes:
                 self._frames[key] = data
                 self._size += size
                 while self._size > self.cache_bytes:
                     _, dropped = self._frames.popitem(last=False)
                     self._size -= len(dropped) if dropped else _EMPTY_COST
+            self._encoding.pop(key).set()   # cached first: a waiter finds it
         return data
 
     def invalidate(self) -> None:
