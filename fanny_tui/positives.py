@@ -304,7 +304,9 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
         on_unrecorded_match: called with the matching tokens when the store could not be
             written (disk full, read-only), before the StoreError is raised: the exposure is
             real even though it can be neither recorded nor the tokens deleted yet.
-        formats: the answer formats accepted (``()``: JSON pages only, for debugging).
+        formats: the answer formats accepted (``()``: JSON pages only, for debugging). A
+            broker older than ``batch1`` refuses the ``accept`` field (``unknown_field``): the
+            poll is then sent again without it, for JSON pages.
 
     Returns:
         A :class:`PollResult`. ``matched > 0`` means an exposure; an alert was recorded in the
@@ -318,8 +320,16 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
     async with anonymous_connection(url, timeout_s=timeout_s, ssl_context=ssl_context) as ch:
         for _ in range(max_pages):
             await ch.send(PositivesPoll(cursor=store.poll_cursor(), accept=list(formats)))
+            more = True                        # poll again (unless the answer says otherwise)
             while True:
-                answer = await ch.receive()
+                try:
+                    answer = await ch.receive()
+                except BrokerRefused as exc:
+                    if formats and exc.error.code == "unknown_field" \
+                            and exc.error.field == "accept":
+                        formats = ()       # a broker older than batch1: ask for JSON pages
+                        break
+                    raise
                 if isinstance(answer, Positives):           # one JSON page answers the poll
                     tokens, next_cursor, done, more = (
                         [t.token for t in answer.tokens], answer.cursor, True, answer.more)
@@ -328,8 +338,7 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     if isinstance(frame, EndFrame):
                         tokens, next_cursor, done, more = [], frame.cursor, True, frame.more
                     else:
-                        tokens, next_cursor, done, more = (
-                            frame.hex_tokens(), frame.cursor, False, False)
+                        tokens, next_cursor, done = frame.hex_tokens(), frame.cursor, False
                 else:
                     raise MessageError("the broker's answer to the poll was not positives")
                 received += len(tokens)

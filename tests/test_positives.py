@@ -38,9 +38,12 @@ from fanny_tui.protocol.expiry import expiry_for, is_on_the_hour
 from fanny_tui.protocol.messages import (
     MAX_TOKENS_PER_UPLOAD,
     UPLOAD_SIZE_BYTES,
+    Error,
+    Positives,
     PositiveToken,
     PositiveUpload,
     decode_client_message,
+    encode,
     encode_padded,
 )
 from fanny_tui.store import TokenStore
@@ -396,3 +399,28 @@ async def test_a_catch_up_cut_off_resumes_after_the_last_frame_compared(tmp_path
         rest = await poll_once(store, broker.url)
         assert rest.received == 7000
         assert store.poll_cursor() == 10_000
+
+
+async def test_a_broker_older_than_batch1_is_polled_in_json(tmp_path, store):
+    """A stand-in for a broker before ``accept`` existed: it refuses the unknown field, as the
+    old ``forbid_unknown_fields`` decoder did, and answers a plain poll with a JSON page."""
+    mine = next(iter(fill(store, 1)))
+    polls: list[dict[str, Any]] = []
+
+    async def old_broker(ws: Any) -> None:
+        async for raw in ws:
+            poll = json.loads(raw)
+            polls.append(poll)
+            if "accept" in poll:
+                await ws.send(encode(Error(code="unknown_field", message="Object contains "
+                                           "unknown field `accept`", field="accept")))
+            else:
+                await ws.send(encode(Positives(cursor=5, tokens=[PositiveToken(
+                    token=mine, expires_at=expiry_for(datetime.now(UTC)))])))
+
+    async with websockets.serve(old_broker, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        result = await poll_once(store, f"ws://127.0.0.1:{port}")
+    assert result == PollResult(received=1, matched=1)
+    assert [sorted(p) for p in polls] == [["accept", "type"], ["type"]]   # cursor 0: left out
+    assert store.poll_cursor() == 5

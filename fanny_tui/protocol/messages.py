@@ -188,13 +188,14 @@ class PositiveAck(_Message, tag="positive_ack"):
 PositivesFormat = Annotated[str, Meta(min_length=1, max_length=16)]
 
 
-class PositivesPoll(_Message, tag="positives_poll"):
+class PositivesPoll(_Message, tag="positives_poll", omit_defaults=True):
     """Anonymous client -> broker: positive tokens published after ``cursor`` (step 3).
 
     ``accept``: the answer formats this device reads, preferred first. A broker that knows
     ``batch1`` (:mod:`fanny_tui.protocol.batch`) answers in binary frames, the whole board
     after ``cursor`` in one answer; otherwise (and when ``accept`` is empty) it answers one
-    JSON :class:`Positives` page, the form kept for debugging.
+    JSON :class:`Positives` page, the form kept for debugging. Fields at their default are
+    left out of the JSON (a poll without ``accept`` is what brokers before it understand).
     """
 
     cursor: Cursor = 0
