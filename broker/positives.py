@@ -40,6 +40,7 @@ import hashlib
 import re
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from fanny_tui.protocol.batch import encode_token_frame, group_by_hour
 from fanny_tui.protocol.errors import FannyError
 from fanny_tui.protocol.expiry import DEFAULT_LIFETIME_DAYS, require_utc
 from fanny_tui.protocol.messages import PositiveToken
@@ -199,6 +201,26 @@ class PositiveBoard(Protocol):
 
         Raises:
             ValueError: ``cursor`` < 0 or ``limit`` < 1.
+            BoardError: the storage failed.
+        """
+        ...
+
+    def last_cursor(self) -> int:
+        """The cursor of the last token ever published (0: none), for binary batches.
+
+        Raises:
+            BoardError: the storage failed.
+        """
+        ...
+
+    def rows(self, after: int, upto: int, now: datetime) -> list[tuple[str, int]]:
+        """The unexpired tokens with ``after < cursor <= upto``, in publication order.
+
+        Returns:
+            ``(token hex, expires_at in Unix seconds)`` pairs, for
+            :func:`fanny_tui.protocol.batch.encode_token_frame`.
+
+        Raises:
             BoardError: the storage failed.
         """
         ...
@@ -592,6 +614,29 @@ class SqlitePositiveBoard:
                   for _, token, exp in rows]
         return tokens, new_cursor, more
 
+    def last_cursor(self) -> int:
+        """See :meth:`PositiveBoard.last_cursor`."""
+        with self._lock:
+            try:
+                row = self._conn().execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'positives'").fetchone()
+            except sqlite3.Error as exc:
+                raise BoardError(f"the positive board could not be read: {exc}") from None
+        return int(row[0]) if row else 0
+
+    def rows(self, after: int, upto: int, now: datetime | None = None
+             ) -> list[tuple[str, int]]:
+        """See :meth:`PositiveBoard.rows`; ``now=None`` means the current UTC time."""
+        at = _epoch(_current(now))
+        with self._lock:
+            try:
+                return self._conn().execute(
+                    "SELECT token, expires_at FROM positives "
+                    "WHERE seq > ? AND seq <= ? AND expires_at > ? ORDER BY seq",
+                    (after, upto, at)).fetchall()
+            except sqlite3.Error as exc:
+                raise BoardError(f"the positive board could not be read: {exc}") from None
+
     def purge_expired(self, now: datetime | None = None) -> int:
         """See :meth:`PositiveBoard.purge_expired`; ``now=None`` means the current UTC time.
 
@@ -626,3 +671,106 @@ class SqlitePositiveBoard:
                 pass
             finally:
                 db.close()
+
+
+DEFAULT_FRAME_SPAN = 8192
+"""Board cursors covered by one binary token frame: at most this many tokens (256 KiB)."""
+_EMPTY_COST = 64
+"""Bytes an empty range counts for in the cache bound (its key and entry)."""
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+"""Most bytes of encoded frames :class:`BatchPages` keeps (least recently used dropped)."""
+
+
+class BatchPages:
+    """Binary token frames of a board (``batch1``), each encoded once and shared by pollers.
+
+    The board is append-only between purges, so the tokens with ``lo < cursor <= hi`` never
+    change until the next purge: the frame of a cursor range is cached under ``(lo, hi)``.
+    Ranges are cut at multiples of ``frame_span`` (:meth:`spans`), so that every device
+    catching up gets the same frames, and every device that is up to date asks for the same
+    last range. :meth:`invalidate` (after a purge that deleted tokens) drops every frame. The
+    cache holds at most ``cache_bytes``; the least recently used frames go first.
+
+    Thread-safe: :meth:`frame` runs in a worker thread (it may read the board); pollers that
+    ask for the same uncached range at the same time wait for the one encoding it.
+
+    Args:
+        board: the board to read.
+        frame_span: board cursors per frame, >= 1 (a frame holds at most this many tokens).
+        cache_bytes: most bytes of frames kept, >= 0 (0: nothing cached).
+
+    Raises:
+        ValueError: ``frame_span`` < 1 or ``cache_bytes`` < 0.
+    """
+
+    def __init__(self, board: PositiveBoard, frame_span: int = DEFAULT_FRAME_SPAN,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if isinstance(frame_span, bool) or not isinstance(frame_span, int) or frame_span < 1:
+            raise ValueError("BatchPages.frame_span must be an integer >= 1")
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError("BatchPages.cache_bytes must be an integer >= 0")
+        self.board = board
+        self.frame_span = frame_span
+        self.cache_bytes = cache_bytes
+        self._lock = threading.Lock()
+        self._frames: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
+        self._size = 0
+        self._encoding: dict[tuple[int, int], threading.Event] = {}
+        self._generation = 0
+        self.encoded = 0
+        """Frames encoded so far (a cache miss each): for tests and benchmarks."""
+
+    def spans(self, cursor: int, high: int) -> Iterator[tuple[int, int]]:
+        """The ``(lo, hi)`` cursor ranges covering ``cursor < c <= high``, cut at multiples
+        of ``frame_span``."""
+        lo = cursor
+        while lo < high:
+            hi = min((lo // self.frame_span + 1) * self.frame_span, high)
+            yield lo, hi
+            lo = hi
+
+    def frame(self, lo: int, hi: int, now: datetime) -> bytes | None:
+        """The encoded token frame of the unexpired tokens with ``lo < cursor <= hi`` (its
+        cursor is ``hi``), or None when the range holds none. Cached.
+
+        Raises:
+            BoardError: the board failed.
+        """
+        key = (lo, hi)
+        while True:
+            with self._lock:
+                if key in self._frames:
+                    self._frames.move_to_end(key)
+                    return self._frames[key]
+                busy = self._encoding.get(key)
+                if busy is None:        # this thread encodes it; the others wait for it
+                    self._encoding[key] = threading.Event()
+                    generation = self._generation
+                    break
+            busy.wait()
+        try:
+            rows = self.board.rows(lo, hi, now)
+            data = encode_token_frame(hi, group_by_hour(rows)) if rows else None
+        except BaseException:
+            with self._lock:
+                self._encoding.pop(key).set()
+            raise
+        with self._lock:
+            self.encoded += 1
+            size = len(data) if data else _EMPTY_COST
+            # Not kept if a purge came in between (it may hold purged tokens).
+            if generation == self._generation and size <= self.cache_bytes:
+                self._frames[key] = data
+                self._size += size
+                while self._size > self.cache_bytes:
+                    _, dropped = self._frames.popitem(last=False)
+                    self._size -= len(dropped) if dropped else _EMPTY_COST
+            self._encoding.pop(key).set()   # cached first: a waiter finds it
+        return data
+
+    def invalidate(self) -> None:
+        """Drop every cached frame (tokens were purged)."""
+        with self._lock:
+            self._frames.clear()
+            self._size = 0
+            self._generation += 1

@@ -82,6 +82,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from fanny_tui.protocol.batch import BATCH_FORMAT, encode_end_frame
 from fanny_tui.protocol.codes import code_hash
 from fanny_tui.protocol.errors import FannyError, MessageError
 from fanny_tui.protocol.messages import (
@@ -95,6 +96,7 @@ from fanny_tui.protocol.messages import (
     PositionLost,
     PositiveAck,
     Positives,
+    PositivesAvailable,
     PositivesPoll,
     PositiveUpload,
     Signal,
@@ -109,6 +111,7 @@ from .positives import (
     DEFAULT_CODE_GRACE,
     DEFAULT_MAX_EXPIRY_AHEAD,
     DEFAULT_MAX_UPLOADS_PER_CODE,
+    BatchPages,
     BoardError,
     CodePolicy,
     PositiveBoard,
@@ -194,6 +197,18 @@ class BrokerSettings:
         position_rate_per_s: positions per second one connection may send on average (a
             token bucket refilled at this rate); an excess position is ignored, ``rate_limited``.
         position_burst: the bucket's size: positions accepted in a burst.
+        poll_rate_per_s / poll_burst: the same token bucket for ``positives_poll`` on one
+            connection (an excess poll is answered ``rate_limited``). One binary poll streams
+            the whole board, so a device needs one poll per cycle.
+        signal_rate_per_s / signal_burst: the same for ``signal`` on one session connection
+            (an excess signal is not relayed, ``rate_limited``).
+        batch_frame_tokens: board cursors (so at most tokens) per binary token frame.
+        batch_cache_bytes: most bytes of encoded binary frames kept and shared (0: none).
+        announce_positives: send ``positives_available`` to every session connection after
+            new positives are committed (False: devices learn of them at their next poll).
+        announce_interval_s: the least time between two ``positives_available``
+            announcements; uploads committed meanwhile share the next one (0: announce each
+            commit at once).
         max_connections_per_address: open connections allowed from one source address;
             0 disables the cap (behind a reverse proxy every client has the proxy's address).
         max_connections: open connections allowed in all (every address together); 0
@@ -229,6 +244,14 @@ class BrokerSettings:
     max_uploads_per_code: int = DEFAULT_MAX_UPLOADS_PER_CODE
     position_rate_per_s: float = 10.0
     position_burst: int = 20
+    poll_rate_per_s: float = 0.2
+    poll_burst: int = 5
+    signal_rate_per_s: float = 10.0
+    signal_burst: int = 60
+    batch_frame_tokens: int = 8192
+    batch_cache_bytes: int = 64 * 1024 * 1024
+    announce_positives: bool = True
+    announce_interval_s: float = 20.0
     max_connections_per_address: int = 128
     max_connections: int = 20_000
     send_timeout_s: float = 10.0
@@ -267,6 +290,17 @@ class BrokerSettings:
         _check_int("max_uploads_per_code", self.max_uploads_per_code, 1, 10_000)
         _check_number("position_rate_per_s", self.position_rate_per_s, high=10_000.0)
         _check_int("position_burst", self.position_burst, 1, 100_000)
+        _check_number("poll_rate_per_s", self.poll_rate_per_s, high=10_000.0)
+        _check_int("poll_burst", self.poll_burst, 1, 100_000)
+        _check_number("signal_rate_per_s", self.signal_rate_per_s, high=10_000.0)
+        _check_int("signal_burst", self.signal_burst, 1, 100_000)
+        _check_int("batch_frame_tokens", self.batch_frame_tokens, 1, 100_000)
+        _check_int("batch_cache_bytes", self.batch_cache_bytes, 0, 2**40)
+        if not isinstance(self.announce_positives, bool):
+            raise ValueError(f"BrokerSettings.announce_positives: expected true or false, "
+                             f"got {self.announce_positives!r}")
+        _check_number("announce_interval_s", self.announce_interval_s, high=86_400.0,
+                      low_open=False)
         _check_int("max_connections_per_address", self.max_connections_per_address, 0, 1_000_000)
         _check_int("max_connections", self.max_connections, 0, 10_000_000)
         _check_number("send_timeout_s", self.send_timeout_s, high=3600.0)
@@ -354,14 +388,16 @@ class _Client:
     ends whenever the queue is empty.
     """
 
-    __slots__ = ("ws", "bucket", "address", "kind", "session_id", "epoch", "replaced",
-                 "closing", "admitted", "_tasks", "_limit", "_send_timeout_s", "_soft_limit",
-                 "_queue", "_space", "_dead", "_writer")
+    __slots__ = ("ws", "bucket", "poll_bucket", "signal_bucket", "address", "kind",
+                 "session_id", "epoch", "replaced", "closing", "admitted", "_tasks", "_limit",
+                 "_send_timeout_s", "_soft_limit", "_queue", "_space", "_dead", "_writer")
 
     def __init__(self, ws: ServerConnection, outbox_size: int, tasks: set[asyncio.Task[Any]],
                  bucket: _TokenBucket, send_timeout_s: float):
         self.ws = ws
         self.bucket = bucket
+        self.poll_bucket = bucket     # replaced by the broker: polls and signals have their own
+        self.signal_bucket = bucket
         self.address: str | None = None
         self.kind = "unknown"
         self.session_id: str | None = None
@@ -373,7 +409,7 @@ class _Client:
         self._limit = outbox_size
         self._send_timeout_s = send_timeout_s
         self._soft_limit = max(1, outbox_size // 2)
-        self._queue: deque[str] | None = None          # created with the first message
+        self._queue: deque[str | bytes] | None = None  # created with the first message
         self._space: asyncio.Event | None = None       # created when a reply first waits
         self._dead = False
         self._writer: asyncio.Task[None] | None = None  # runs while the queue is not empty
@@ -381,7 +417,7 @@ class _Client:
     def _pending(self) -> int:
         return len(self._queue) if self._queue is not None else 0
 
-    def _enqueue(self, text: str) -> None:
+    def _enqueue(self, text: str | bytes) -> None:
         if self._queue is None:
             self._queue = deque()
         self._queue.append(text)
@@ -414,18 +450,21 @@ class _Client:
             if self._space is not None:
                 self._space.set()
 
-    async def reply(self, message: Any) -> None:
+    async def reply(self, message: Any, window: int | None = None) -> None:
         """Queue an answer to this client's own request; waits while the queue is half full.
 
-        ``message`` is a message struct, or its already encoded text (a padded ack).
+        ``message`` is a message struct, its already encoded text (a padded ack), or the
+        bytes of a binary frame. ``window``: wait until fewer than this many messages are
+        queued (default: half the queue), e.g. 2 to stream large frames one by one.
         """
-        while self._pending() >= self._soft_limit and not self._dead:
+        limit = self._soft_limit if window is None else window
+        while self._pending() >= limit and not self._dead:
             if self._space is None:
                 self._space = asyncio.Event()
             self._space.clear()
             await self._space.wait()
         if not self._dead:
-            self._enqueue(message if isinstance(message, str) else encode(message))
+            self._enqueue(message if isinstance(message, str | bytes) else encode(message))
 
     def post(self, message: Any) -> None:
         """Queue a message caused by another client, without waiting; a full queue closes it."""
@@ -436,7 +475,7 @@ class _Client:
             self.closing = True
             self._spawn(self._close_slow())
             return
-        self._enqueue(encode(message))
+        self._enqueue(message if isinstance(message, str) else encode(message))
 
     async def _close_slow(self) -> None:
         # Its close frame would wait behind everything the client does not read: give the
@@ -552,6 +591,9 @@ class _Broker:
         self.refused_connections = 0              # since the last warning about them
         self.last_refusal_warning = -math.inf
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.pages = BatchPages(board, settings.batch_frame_tokens, settings.batch_cache_bytes)
+        self.announce_task: asyncio.Task[None] | None = None
+        self.announced_at = -math.inf
 
     def counts(self) -> dict[str, int]:
         return {
@@ -630,6 +672,10 @@ class _Broker:
                               self.monotonic())
         client = _Client(ws, self.settings.outbox_size, self.tasks, bucket,
                          self.settings.send_timeout_s)
+        client.poll_bucket = _TokenBucket(self.settings.poll_rate_per_s,
+                                          self.settings.poll_burst, self.monotonic())
+        client.signal_bucket = _TokenBucket(self.settings.signal_rate_per_s,
+                                            self.settings.signal_burst, self.monotonic())
         self.connections += 1
         logger.info("connection opened (%d open)", self.connections)
         try:
@@ -778,6 +824,10 @@ class _Broker:
         elif isinstance(message, PositionLost):
             self.state.drop_position(session_id)
         elif isinstance(message, Signal):
+            if not client.signal_bucket.take(self.monotonic()):
+                raise Refusal(
+                    f"too many signals: at most {self.settings.signal_rate_per_s:g} per second "
+                    "on average; this one was not relayed", code="rate_limited", field=None)
             self.state.check_route(session_id, message.peer_session_id, self.monotonic())
             target = self.clients.get(message.peer_session_id)
             if target is None:
@@ -841,11 +891,20 @@ class _Broker:
             # Sent only now: the tokens are committed (paper section 4, step 2: the device
             # deletes its tokens when it receives this ack).
             logger.info("positive upload committed (%d tokens)", count)
+            if count and self.settings.announce_positives:
+                self.announce()
         return encode_padded(PositiveAck(upload_id=upload.upload_id, count=count),
                              ACK_SIZE_BYTES)
 
     async def _on_anonymous_message(self, client: _Client, message: Any) -> None:
         if isinstance(message, PositivesPoll):
+            if not client.poll_bucket.take(self.monotonic()):
+                raise Refusal(
+                    f"too many polls: at most {self.settings.poll_rate_per_s:g} per second on "
+                    "average; poll again later", code="rate_limited", field=None)
+            if BATCH_FORMAT in message.accept:
+                await self._poll_batches(client, message.cursor)
+                return
             try:
                 tokens, cursor, more = await asyncio.to_thread(
                     self.board.since, message.cursor, self.settings.poll_limit, self.wall_clock())
@@ -859,6 +918,57 @@ class _Broker:
             raise Refusal("this is an anonymous connection (positives only): session messages "
                           "need their own connection opened with hello",
                           code="wrong_connection", field="type")
+
+    async def _poll_batches(self, client: _Client, cursor: int) -> None:
+        """Answer a poll in ``batch1`` binary frames: every unexpired token after ``cursor``
+        up to the board's last cursor when the poll came, then the end frame.
+
+        Frames come from :class:`~broker.positives.BatchPages` (encoded once, shared) and are
+        queued one at a time (``window=2``), so a whole board streams in bounded memory.
+        """
+        now = self.wall_clock()
+        try:
+            high = await asyncio.to_thread(self.board.last_cursor)
+            if cursor > high:   # the board was reset: start over, never miss tokens
+                cursor = 0
+            sent = 0
+            for lo, hi in self.pages.spans(cursor, high):
+                frame = await asyncio.to_thread(self.pages.frame, lo, hi, now)
+                if frame is not None:
+                    await client.reply(frame, window=2)
+                    sent += 1
+        except BoardError as exc:
+            logger.error("positive board failure on poll: %s", exc)
+            raise Refusal("the broker could not read the board; retry later",
+                          code="unavailable", field=None) from None
+        await client.reply(encode_end_frame(high), window=2)
+        logger.info("positives poll answered (%d binary frames)", sent)
+
+    def announce(self) -> None:
+        """Announce new positives to every session connection, at most once per
+        ``announce_interval_s`` (commits in between share the next announcement)."""
+        if self.announce_task is not None and not self.announce_task.done():
+            return
+        self.announce_task = asyncio.create_task(self._announce())
+        self.tasks.add(self.announce_task)
+        self.announce_task.add_done_callback(self.tasks.discard)
+
+    async def _announce(self) -> None:
+        wait = self.announced_at + self.settings.announce_interval_s - self.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self.announced_at = self.monotonic()
+        try:
+            cursor = await asyncio.to_thread(self.board.last_cursor)
+        except BoardError as exc:
+            logger.error("positive board failure on announcement: %s", exc)
+            return
+        message = encode(PositivesAvailable(cursor=cursor))   # the same text to all
+        for i, client in enumerate(list(self.clients.values())):
+            client.post(message)
+            if i % 1000 == 999:
+                await asyncio.sleep(0)   # many sessions: let the loop breathe
+        logger.info("positives announced to %d sessions", len(self.clients))
 
     # --- housekeeping --------------------------------------------------------------------
 
@@ -884,6 +994,7 @@ class _Broker:
                     next_purge = time.monotonic() + self.settings.purge_interval_s
                     purged = await asyncio.to_thread(self.board.purge_expired, self.wall_clock())
                     if purged:
+                        self.pages.invalidate()
                         logger.info("purged %d expired positive tokens", purged)
             except BoardError as exc:
                 logger.error("positive board failure on purge: %s", exc)
@@ -904,6 +1015,7 @@ class RunningBroker:
         port: the bound TCP port (the real one when the settings said 0).
         url: ``ws://HOST:PORT`` to connect to (``wss://`` with TLS).
         board: the positive-token board in use (for inspection; the server owns its calls).
+        pages: the shared encoded binary frames of the board (for inspection).
     """
 
     def __init__(self, broker: _Broker, server: Server, port: int) -> None:
@@ -913,6 +1025,7 @@ class RunningBroker:
         self.host = broker.settings.host
         self.port = port
         self.board = broker.board
+        self.pages = broker.pages
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"{'wss' if self.settings.tls else 'ws'}://{host}:{port}"
 
@@ -1002,6 +1115,8 @@ async def start_broker(
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping
+        if broker.announce_task is not None:
+            broker.announce_task.cancel()        # it may wait out announce_interval_s
         for task in list(broker.tasks):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task

@@ -28,7 +28,10 @@ loops going until :meth:`Engine.stop`:
   to an exchange whose peer already sent its SDP offer or answer (that peer holds a slot and
   its clock runs), then to the one matched first;
 * polling: every ``poll_interval_s`` the positive tokens are fetched on an anonymous connection
-  and compared locally (paper 4, steps 3-4);
+  and compared locally (paper 4, steps 3-4), in one streamed binary poll however many there are;
+  when the broker announces new ones on the session connection (``positives_available``), a
+  poll follows after a random delay of at most ``poll_interval_s`` / 10; a failed poll is a
+  ``positives_poll_failed`` event;
 * uploads: pending positive declarations are retried with backoff until acknowledged, or until
   the broker refuses their declaration code (the tokens then stay, un-marked: ``positive_refused``);
 * decoys (``[privacy] decoy_uploads``, off by default): a decoy upload, padded like a real one,
@@ -108,6 +111,7 @@ from .events import (
     PositivePending,
     PositiveRefused,
     PositivesPolled,
+    PositivesPollFailed,
     SessionStarted,
     TokensExpired,
     TokenStored,
@@ -119,7 +123,14 @@ from .protocol.codes import normalize_code
 from .protocol.contact import ContactMeasures, ContactSettings, Fix
 from .protocol.expiry import expiry_for
 from .protocol.handshake import ContactEnded, Established, PeerSample
-from .protocol.messages import Hello, Match, Position, PositionLost, Signal
+from .protocol.messages import (
+    Hello,
+    Match,
+    Position,
+    PositionLost,
+    PositivesAvailable,
+    Signal,
+)
 from .protocol.tokens import new_id
 from .store import Alert, StoredToken, StoreError, TokenStore
 
@@ -274,6 +285,7 @@ class Engine:
         self._position_wakeup = asyncio.Event()
         self._upload_wakeup = asyncio.Event()
         self._poll_wakeup = asyncio.Event()
+        self._announced_poll: asyncio.TimerHandle | None = None   # a poll after an announcement
         self._stopped = asyncio.Event()
         self._exchanges: dict[str, _Exchange] = {}
         self._handshake_slots = _HandshakeSlots(MAX_CONCURRENT_HANDSHAKES)
@@ -421,6 +433,9 @@ class Engine:
                         tasks.append(exchange.task)
                 await _cancel_all(tasks)
                 self._exchanges.clear()
+                if self._announced_poll is not None:
+                    self._announced_poll.cancel()
+                    self._announced_poll = None
 
     async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run one loop forever; an unexpected crash is reported and the loop restarted."""
@@ -490,6 +505,8 @@ class Engine:
                 log.debug("match declined: the IDs are about to rotate")
                 return
             self._start_exchange(message.peer_session_id, message.role)
+        elif isinstance(message, PositivesAvailable):
+            self._on_announcement(message.cursor)
         elif isinstance(message, Signal):
             exchange = self._exchanges.get(message.peer_session_id)
             if exchange is None:
@@ -705,7 +722,12 @@ class Engine:
             log.debug("decoy upload %s", "answered" if answered else "not answered")
 
     async def _poll_loop(self) -> None:
+        """Poll the positives every ``poll_interval_s``, at once on :meth:`poll_now`, and after
+        a random delay when the broker announces new positives (:meth:`_on_announcement`)."""
         assert self._store is not None
+        interval = self.config.protocol.poll_interval_s
+        failed_since: datetime | None = None
+        attempts = 0
         while True:
             try:
                 result = await poll_once(
@@ -716,10 +738,36 @@ class Engine:
             except StoreError as exc:
                 self.emit(EngineError(message=str(exc)))
             except Exception as exc:
-                log.info("positives poll failed: %s", _describe(exc))
+                attempts += 1
+                failed_since = failed_since or datetime.now(UTC)
+                log.info("positives poll failed (%d in a row): %s", attempts, _describe(exc))
+                self.emit(PositivesPollFailed(reason=_describe(exc), since=failed_since,
+                                              attempts=attempts, next_poll_in_s=interval))
             else:
-                self.emit(PositivesPolled(received=result.received))
-            await self._sleep_or(self._poll_wakeup, self.config.protocol.poll_interval_s)
+                failed_since, attempts = None, 0
+                self.emit(PositivesPolled(received=result.received, next_poll_in_s=interval))
+            await self._sleep_or(self._poll_wakeup, interval)
+
+    def _on_announcement(self, cursor: int) -> None:
+        """The broker announced new positives up to ``cursor`` on the session connection.
+
+        Unless this device already holds them or a poll is already scheduled for an
+        announcement, poll after a random delay, uniform in [0, ``poll_interval_s`` / 10]
+        (30 s at the default 300 s), so that the poll on the anonymous connection is not
+        timed to the session (docs/protocol.md, ``positives_available``).
+        """
+        if self._announced_poll is not None or self._store is None:
+            return
+        if cursor <= self._store.poll_cursor():
+            return
+        delay = self._rng.uniform(0.0, self.config.protocol.poll_interval_s / 10)
+
+        def due() -> None:
+            self._announced_poll = None
+            if self._store is not None and cursor > self._store.poll_cursor():
+                self._poll_wakeup.set()
+
+        self._announced_poll = asyncio.get_running_loop().call_later(delay, due)
 
     def _alert_unrecorded(self, tokens: set[str]) -> None:
         """Alert on matches the store could not record (it cannot be written): once each."""

@@ -252,6 +252,25 @@ class PositivesPolled(Event):
 
 
 @dataclass(frozen=True)
+class PositivesPollFailed(Event):
+    """A poll of positive tokens failed: exposure checks are not happening (paper 4, step 4).
+
+    Emitted at every failed poll (broker unreachable, refused, a bad answer); the next
+    :class:`PositivesPolled` ends the run of failures.
+    """
+
+    event: ClassVar[str] = "positives_poll_failed"
+    reason: str
+    """One line: why the last poll failed."""
+    since: datetime
+    """UTC instant of the first failed poll of the current run of failures."""
+    attempts: int
+    """Failed polls in a row, this one included."""
+    next_poll_in_s: float | None = None
+    """Seconds until the next scheduled poll."""
+
+
+@dataclass(frozen=True)
 class ExposureAlert(Event):
     """``count`` stored tokens were declared positive: the tester was exposed (paper 4, step 4).
 

@@ -42,6 +42,8 @@ failure        ``peer``, ``reason`` (``handshake_failed``)
 contact        ``peer``, ``reason``, ``token_stored`` (bool), ``digest`` (of the token this
                contact stored, else null), ``contact`` (``contact_closed``)
 poll           ``received``, ``next_poll_in_s``
+poll_failed    ``reason``, ``since``, ``attempts`` (a poll of positives failed; exposure checks
+               are not happening)
 alert          ``count``, ``contacts`` (list of ``contact`` objects)
 declared       ``count`` (the broker acknowledged a positive upload)
 pending        ``count``, ``reason`` (a positive upload not acknowledged yet)
@@ -108,6 +110,7 @@ from .events import (
     PositivePending,
     PositiveRefused,
     PositivesPolled,
+    PositivesPollFailed,
     SessionStarted,
     TokensExpired,
     TokenStored,
@@ -277,6 +280,9 @@ class Journal:
             return "broker_down", {"reason": scrub(event.reason)}
         if isinstance(event, PositivesPolled):
             return "poll", {"received": event.received, "next_poll_in_s": event.next_poll_in_s}
+        if isinstance(event, PositivesPollFailed):
+            return "poll_failed", {"reason": scrub(event.reason), "since": _iso(event.since),
+                                   "attempts": event.attempts}
         if isinstance(event, ExposureAlert):
             return "alert", {"count": event.count,
                              "contacts": [_contact(c) for c in event.contacts]}

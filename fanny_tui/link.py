@@ -309,7 +309,34 @@ class AnonymousChannel:
         else:
             raise ValueError(f"only positive uploads are padded, not {type(message).__name__}")
         await self._ws.send(text)
-        answer = decode_broker_message(await asyncio.wait_for(self._ws.recv(), self._timeout))
+        answer = await self.receive()
+        if isinstance(answer, bytes):
+            raise MessageError("the broker answered in binary to a request that is not a "
+                               "binary poll")
+        return answer
+
+    async def send(self, message: ClientToBroker) -> None:
+        """Send ``message`` without waiting for an answer (a poll streamed in frames).
+
+        Raises:
+            websockets.ConnectionClosed: the connection dropped.
+        """
+        await self._ws.send(encode(message))
+
+    async def receive(self) -> BrokerToClient | bytes:
+        """The next frame from the broker: a decoded JSON message, or the bytes of a binary
+        frame (``batch1``, :mod:`fanny_tui.protocol.batch`; decoded by the caller).
+
+        Raises:
+            BrokerRefused: the broker answered with ``error``.
+            MessageError: a text frame did not decode.
+            TimeoutError: nothing within the timeout.
+            websockets.ConnectionClosed: the connection dropped.
+        """
+        raw = await asyncio.wait_for(self._ws.recv(), self._timeout)
+        if isinstance(raw, bytes):
+            return raw
+        answer = decode_broker_message(raw)
         if isinstance(answer, Error):
             raise BrokerRefused(answer)
         return answer

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from .link import BrokerRefused, anonymous_connection
+from .protocol.batch import BATCH_FORMAT, EndFrame, decode_batch_frame
 from .protocol.codes import normalize_code
 from .protocol.contact import ContactMeasures
 from .protocol.errors import MessageError
@@ -252,25 +253,60 @@ async def send_decoy(url: str, *, timeout_s: float = 15.0,
     return True
 
 
+def _compare(store: TokenStore, tokens: list[str],
+             on_match: Callable[[int, list[ContactMeasures]], None] | None,
+             on_unrecorded_match: Callable[[set[str]], None] | None) -> int:
+    """Compare published tokens with the store; delete and alert on matches (paper 4, step 4).
+
+    Returns the number of stored tokens matched. Raises StoreError (after
+    ``on_unrecorded_match``) when the store could not be written.
+    """
+    if not tokens:
+        return 0
+    try:
+        contacts = store.contacts_of(tokens) if on_match is not None else []
+        found = store.match_positives(tokens, datetime.now(UTC))
+    except StoreError:
+        if on_unrecorded_match is not None:
+            unrecorded = store.matching_tokens(tokens)
+            if unrecorded:
+                on_unrecorded_match(unrecorded)
+        raise
+    if found and on_match is not None:
+        on_match(found, contacts)
+    return found
+
+
 async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     ssl_context: ssl.SSLContext | None = None, max_pages: int = 100,
                     on_match: Callable[[int, list[ContactMeasures]], None] | None = None,
-                    on_unrecorded_match: Callable[[set[str]], None] | None = None
+                    on_unrecorded_match: Callable[[set[str]], None] | None = None,
+                    formats: tuple[str, ...] = (BATCH_FORMAT,)
                     ) -> PollResult:
     """Fetch positives since the stored cursor, compare locally, delete matches.
+
+    The poll asks for the binary ``batch1`` form (``formats``): the broker streams every
+    token after the cursor in frames of at most a few thousand tokens, then an end frame;
+    each frame is compared and its cursor stored durably before the next one is read, so
+    memory stays flat and an interrupted catch-up resumes where it stopped. A broker that
+    does not know ``batch1`` answers JSON ``positives`` pages, which are read the same way.
 
     Args:
         store: the token store.
         url: the broker's URL.
-        timeout_s: seconds to connect and to wait for each page.
+        timeout_s: seconds to connect and to wait for each frame or page.
         ssl_context: for ``wss://``.
-        max_pages: most pages fetched in one call.
+        max_pages: most polls sent on the connection in one call (a JSON page, or a binary
+            answer the broker ended with ``more``).
         on_match: called with the number of stored tokens matched and their stored contact
-            measures (those measured) as soon as a page matched (its alert is recorded), even
-            if a later page or write then fails.
+            measures (those measured) as soon as a frame or page matched (its alert is
+            recorded), even if a later one or a write then fails.
         on_unrecorded_match: called with the matching tokens when the store could not be
             written (disk full, read-only), before the StoreError is raised: the exposure is
             real even though it can be neither recorded nor the tokens deleted yet.
+        formats: the answer formats accepted (``()``: JSON pages only, for debugging). A
+            broker older than ``batch1`` refuses the ``accept`` field (``unknown_field``): the
+            poll is then sent again without it, for JSON pages.
 
     Returns:
         A :class:`PollResult`. ``matched > 0`` means an exposure; an alert was recorded in the
@@ -278,29 +314,38 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
 
     Raises:
         OSError, TimeoutError, websockets.WebSocketException, BrokerRefused, MessageError,
-        StoreError: as :func:`upload_pending`; the cursor only advances past compared pages.
+        StoreError: as :func:`upload_pending`; the cursor only advances past compared tokens.
     """
     received = matched = 0
     async with anonymous_connection(url, timeout_s=timeout_s, ssl_context=ssl_context) as ch:
         for _ in range(max_pages):
-            answer = await ch.request(PositivesPoll(cursor=store.poll_cursor()))
-            if not isinstance(answer, Positives):
-                raise MessageError("the broker's answer to the poll was not positives")
-            received += len(answer.tokens)
-            tokens = [t.token for t in answer.tokens]
-            try:
-                contacts = store.contacts_of(tokens) if on_match is not None else []
-                found = store.match_positives(tokens, datetime.now(UTC))
-            except StoreError:
-                if on_unrecorded_match is not None:
-                    unrecorded = store.matching_tokens(tokens)
-                    if unrecorded:
-                        on_unrecorded_match(unrecorded)
-                raise
-            if found and on_match is not None:
-                on_match(found, contacts)
-            matched += found
-            store.set_poll_cursor(answer.cursor)
-            if not answer.more:
+            await ch.send(PositivesPoll(cursor=store.poll_cursor(), accept=list(formats)))
+            more = True                        # poll again (unless the answer says otherwise)
+            while True:
+                try:
+                    answer = await ch.receive()
+                except BrokerRefused as exc:
+                    if formats and exc.error.code == "unknown_field" \
+                            and exc.error.field == "accept":
+                        formats = ()       # a broker older than batch1: ask for JSON pages
+                        break
+                    raise
+                if isinstance(answer, Positives):           # one JSON page answers the poll
+                    tokens, next_cursor, done, more = (
+                        [t.token for t in answer.tokens], answer.cursor, True, answer.more)
+                elif isinstance(answer, bytes):
+                    frame = decode_batch_frame(answer)
+                    if isinstance(frame, EndFrame):
+                        tokens, next_cursor, done, more = [], frame.cursor, True, frame.more
+                    else:
+                        tokens, next_cursor, done = frame.hex_tokens(), frame.cursor, False
+                else:
+                    raise MessageError("the broker's answer to the poll was not positives")
+                received += len(tokens)
+                matched += _compare(store, tokens, on_match, on_unrecorded_match)
+                store.set_poll_cursor(next_cursor)   # durable, frame by frame
+                if done:
+                    break
+            if not more:
                 break
     return PollResult(received=received, matched=matched)

@@ -28,6 +28,7 @@ from fanny_tui.protocol.messages import (
     PositionLost,
     PositiveAck,
     Positives,
+    PositivesAvailable,
     PositivesPoll,
     PositiveToken,
     PositiveUpload,
@@ -48,7 +49,7 @@ TOKEN = "0123456789abcdef" * 4
 HOUR = datetime(2026, 12, 14, 4, tzinfo=UTC)
 
 CLIENT_TO_BROKER = {Hello, Position, PositionLost, Signal, PositiveUpload, PositivesPoll}
-BROKER_TO_CLIENT = {Welcome, Match, Signal, PositiveAck, Positives, Error}
+BROKER_TO_CLIENT = {Welcome, Match, Signal, PositiveAck, Positives, PositivesAvailable, Error}
 PEER = {PeerHello, PeerPosition, Heartbeat, TokenOffer, TokenAck, Close, Abort}
 DECODERS = {"client": decode_client_message, "broker": decode_broker_message,
             "peer": decode_peer_message}
@@ -88,7 +89,9 @@ STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     PositiveUpload: st.builds(PositiveUpload, upload_id=uuid4s,
                               tokens=st.lists(positive_tokens, max_size=5)),
     PositiveAck: st.builds(PositiveAck, upload_id=uuid4s, count=st.integers(0, 10**6)),
-    PositivesPoll: st.builds(PositivesPoll, cursor=st.integers(0, 2**62)),
+    PositivesPoll: st.builds(PositivesPoll, cursor=st.integers(0, 2**62),
+                             accept=st.lists(st.text(min_size=1, max_size=16), max_size=8)),
+    PositivesAvailable: st.builds(PositivesAvailable, cursor=st.integers(0, 2**62)),
     Positives: st.builds(Positives, cursor=st.integers(0, 2**62),
                          tokens=st.lists(positive_tokens, max_size=5), more=st.booleans()),
     Error: st.builds(Error, code=st.text(max_size=64), message=short_text,
@@ -116,7 +119,8 @@ EXAMPLES: dict[type, Any] = {
     Signal: Signal(peer_session_id=SID, sdp_type="offer", sdp="v=0\r\n"),
     PositiveUpload: PositiveUpload(upload_id=SID, tokens=[PositiveToken(TOKEN, HOUR)]),
     PositiveAck: PositiveAck(upload_id=SID, count=1),
-    PositivesPoll: PositivesPoll(cursor=7),
+    PositivesPoll: PositivesPoll(cursor=7, accept=["batch1"]),
+    PositivesAvailable: PositivesAvailable(cursor=9),
     Positives: Positives(cursor=8, tokens=[PositiveToken(TOKEN, HOUR)], more=True),
     Error: Error(code="bad_message", message="latitude out of range", field="latitude"),
     PeerHello: PeerHello(version=2, contact_id=CID, min_contact_s=30.0, radius_m=10.0),

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,17 +26,24 @@ from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.positives import (
     CODE_REFUSALS,
     DECOY_MAX_TOKENS,
+    PollResult,
     declare,
     decoy_upload,
+    poll_once,
     send_decoy,
     upload_pending,
 )
+from fanny_tui.protocol.batch import BATCH_FORMAT
 from fanny_tui.protocol.expiry import expiry_for, is_on_the_hour
 from fanny_tui.protocol.messages import (
     MAX_TOKENS_PER_UPLOAD,
     UPLOAD_SIZE_BYTES,
+    Error,
+    Positives,
+    PositiveToken,
     PositiveUpload,
     decode_client_message,
+    encode,
     encode_padded,
 )
 from fanny_tui.store import TokenStore
@@ -331,3 +339,88 @@ def test_decoy_tokens_are_plausible():
             assert is_on_the_hour(token.expires_at)
         assert len(json.loads(encode_padded(upload, UPLOAD_SIZE_BYTES))["padding"]) > 0
     assert len(ids) == 50 and len(counts) > 1
+
+
+# --- polls (paper 4, step 4): binary batches, one poll for the whole board ------------------
+
+
+def publish(broker: RunningBroker, tokens: list[str], expires_at: datetime) -> None:
+    """Put tokens on the board as committed uploads would (open declarations)."""
+    for start in range(0, len(tokens), 50_000):
+        broker.board.add(str(uuid.uuid4()), [PositiveToken(token=t, expires_at=expires_at)
+                                             for t in tokens[start:start + 50_000]],
+                         datetime.now(UTC), code_required=False)
+
+
+@pytest.mark.parametrize("formats", [(BATCH_FORMAT,), ()], ids=["batch1", "json"])
+async def test_a_device_catches_up_on_the_whole_board_in_one_poll(tmp_path, store, formats):
+    expires_at = expiry_for(datetime.now(UTC))
+    mine = list(fill(store, 40))
+    witnessed, kept = mine[:25], mine[25:]
+    published = [os.urandom(32).hex() for _ in range(20_000)]
+    published[7_000:7_000] = witnessed
+    recorder = Recorder()
+    alerts: list[int] = []
+    async with running(tmp_path, recorder, batch_frame_tokens=4096, poll_limit=100_000) as broker:
+        publish(broker, published, expires_at)
+        result = await poll_once(store, broker.url, on_match=lambda n, _: alerts.append(n))
+        polls = [raw for _, raw in recorder.frames if '"positives_poll"' in raw]
+        assert len(polls) == 1                               # one poll, streamed answer
+        assert result == PollResult(received=len(published), matched=len(witnessed))
+        assert sum(alerts) == len(witnessed)
+        assert store.poll_cursor() == len(published)
+        assert sorted(t for t in kept if store.matching_tokens([t])) == sorted(kept)
+        assert store.count() == len(kept)                    # only the matches deleted
+        assert sum(a.count for a in store.alerts()) == len(witnessed)
+        again = await poll_once(store, broker.url, on_match=lambda n, _: alerts.append(n))
+        assert again == PollResult(received=0, matched=0)
+        assert sum(a.count for a in store.alerts()) == len(witnessed)   # alerted once
+
+
+async def test_a_catch_up_cut_off_resumes_after_the_last_frame_compared(tmp_path, store):
+    expires_at = expiry_for(datetime.now(UTC))
+    published = [os.urandom(32).hex() for _ in range(10_000)]
+    async with running(tmp_path, batch_frame_tokens=1000) as broker:
+        publish(broker, published, expires_at)
+        cursors: list[int] = []
+        real = store.set_poll_cursor
+
+        def cut_after_three(cursor: int) -> None:
+            real(cursor)
+            cursors.append(cursor)
+            if len(cursors) == 3:
+                raise ConnectionError("cut")
+
+        store.set_poll_cursor = cut_after_three            # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
+            await poll_once(store, broker.url)
+        store.set_poll_cursor = real                        # type: ignore[method-assign]
+        assert store.poll_cursor() == 3000                  # durable, frame by frame
+        rest = await poll_once(store, broker.url)
+        assert rest.received == 7000
+        assert store.poll_cursor() == 10_000
+
+
+async def test_a_broker_older_than_batch1_is_polled_in_json(tmp_path, store):
+    """A stand-in for a broker before ``accept`` existed: it refuses the unknown field, as the
+    old ``forbid_unknown_fields`` decoder did, and answers a plain poll with a JSON page."""
+    mine = next(iter(fill(store, 1)))
+    polls: list[dict[str, Any]] = []
+
+    async def old_broker(ws: Any) -> None:
+        async for raw in ws:
+            poll = json.loads(raw)
+            polls.append(poll)
+            if "accept" in poll:
+                await ws.send(encode(Error(code="unknown_field", message="Object contains "
+                                           "unknown field `accept`", field="accept")))
+            else:
+                await ws.send(encode(Positives(cursor=5, tokens=[PositiveToken(
+                    token=mine, expires_at=expiry_for(datetime.now(UTC)))])))
+
+    async with websockets.serve(old_broker, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        result = await poll_once(store, f"ws://127.0.0.1:{port}")
+    assert result == PollResult(received=1, matched=1)
+    assert [sorted(p) for p in polls] == [["accept", "type"], ["type"]]   # cursor 0: left out
+    assert store.poll_cursor() == 5

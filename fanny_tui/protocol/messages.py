@@ -185,10 +185,21 @@ class PositiveAck(_Message, tag="positive_ack"):
     padding: Padding = ""
 
 
-class PositivesPoll(_Message, tag="positives_poll"):
-    """Anonymous client -> broker: positive tokens published after ``cursor`` (step 3)."""
+PositivesFormat = Annotated[str, Meta(min_length=1, max_length=16)]
+
+
+class PositivesPoll(_Message, tag="positives_poll", omit_defaults=True):
+    """Anonymous client -> broker: positive tokens published after ``cursor`` (step 3).
+
+    ``accept``: the answer formats this device reads, preferred first. A broker that knows
+    ``batch1`` (:mod:`fanny_tui.protocol.batch`) answers in binary frames, the whole board
+    after ``cursor`` in one answer; otherwise (and when ``accept`` is empty) it answers one
+    JSON :class:`Positives` page, the form kept for debugging. Fields at their default are
+    left out of the JSON (a poll without ``accept`` is what brokers before it understand).
+    """
 
     cursor: Cursor = 0
+    accept: Annotated[list[PositivesFormat], Meta(max_length=8)] = []
 
 
 class Positives(_Message, tag="positives"):
@@ -200,6 +211,18 @@ class Positives(_Message, tag="positives"):
     cursor: Cursor
     tokens: list[PositiveToken]
     more: bool = False
+
+
+class PositivesAvailable(_Message, tag="positives_available"):
+    """Broker -> every session connection: new positive tokens were published (section 4).
+
+    The same message goes to every connected session at once (it reveals nothing about any of
+    them); ``cursor`` is the board's cursor after the new batch. A device that is behind it
+    polls on its *anonymous* connection after a random delay, so that the poll is not timed
+    to its session.
+    """
+
+    cursor: Cursor
 
 
 class Error(_Message, tag="error"):
@@ -283,7 +306,8 @@ class Abort(_Message, tag="abort"):
 
 
 ClientToBroker = Hello | Position | PositionLost | Signal | PositiveUpload | PositivesPoll
-BrokerToClient = Welcome | Match | Signal | PositiveAck | Positives | Error
+BrokerToClient = (Welcome | Match | Signal | PositiveAck | Positives | PositivesAvailable
+                  | Error)
 PeerMessage = PeerHello | PeerPosition | Heartbeat | TokenOffer | TokenAck | Close | Abort
 
 _encoder = msgspec.json.Encoder()
@@ -379,6 +403,6 @@ def message_type(message: msgspec.Struct) -> str:
 
 ALL_MESSAGES: tuple[type[_Message], ...] = (
     Hello, Welcome, Position, PositionLost, Match, Signal, PositiveUpload, PositiveAck,
-    PositivesPoll, Positives, Error, PeerHello, PeerPosition, Heartbeat, TokenOffer, TokenAck,
-    Close, Abort,
+    PositivesPoll, Positives, PositivesAvailable, Error, PeerHello, PeerPosition, Heartbeat,
+    TokenOffer, TokenAck, Close, Abort,
 )

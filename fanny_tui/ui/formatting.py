@@ -29,6 +29,7 @@ from ..events import (
     PositivePending,
     PositiveRefused,
     PositivesPolled,
+    PositivesPollFailed,
     SessionStarted,
     TokensExpired,
     TokenStored,
@@ -448,6 +449,10 @@ def describe_event(event: Event) -> Text | None:
             if contacts:
                 text += "; " + "; ".join(describe_contact(c) for c in contacts)
             return Text(text)
+        case PositivesPollFailed(attempts=1, reason=reason):
+            return Text(f"checking positives failed: {reason}")
+        case PositivesPollFailed():
+            return None   # the status line counts the failures that follow
         case EngineError(message=message):
             return Text(message)
     return None

@@ -30,6 +30,7 @@ from ..events import (
     PositivePending,
     PositiveRefused,
     PositivesPolled,
+    PositivesPollFailed,
     TokenStored,
 )
 from ..protocol.codes import normalize_code
@@ -229,6 +230,8 @@ class MainScreen(Screen[None]):
             case PositivesPolled(received=received, next_poll_in_s=next_in):
                 self.status.set_polled(received, next_in if next_in is not None
                                        else self.poll_interval_s, now)
+            case PositivesPollFailed(attempts=attempts, since=since, next_poll_in_s=next_in):
+                self.status.set_poll_failed(attempts, since, next_in, now)
             case PositivePending(count=count, reason=reason, retry_in_s=retry):
                 self.status.set_pending(count, retry, now)
                 if reason == self._pending_reason:

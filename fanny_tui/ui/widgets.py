@@ -625,6 +625,7 @@ class StatusLine(Static):
         self.next_poll_at: datetime | None = None
         self.pending_count = 0
         self.pending_retry_at: datetime | None = None
+        self.poll_failing: tuple[int, datetime] | None = None   # (attempts, since)
         self.now: datetime | None = None
 
     def on_mount(self) -> None:
@@ -634,6 +635,15 @@ class StatusLine(Static):
     def set_polled(self, received: int, next_in_s: float | None, now: datetime) -> None:
         """A poll of positive tokens finished at ``now``; the next is in ``next_in_s`` s."""
         self.polled_at, self.polled_received, self.now = now, received, now
+        self.next_poll_at = None if next_in_s is None else now + timedelta(seconds=next_in_s)
+        self.poll_failing = None
+        self.redraw()
+
+    def set_poll_failed(self, attempts: int, since: datetime, next_in_s: float | None,
+                        now: datetime) -> None:
+        """``attempts`` polls in a row failed since ``since``: exposure checks are not
+        happening (shown until a poll succeeds)."""
+        self.poll_failing, self.now = (attempts, since), now
         self.next_poll_at = None if next_in_s is None else now + timedelta(seconds=next_in_s)
         self.redraw()
 
@@ -656,15 +666,20 @@ class StatusLine(Static):
         if self.now is not None:
             line.append(f"{format_clock(self.now)} UTC", style="bold")
             line.append(" │ ", style="dim")
-        if self.polled_at is None:
+        if self.poll_failing is not None:
+            attempts, since = self.poll_failing
+            line.append(f"⚠ positives check failing since {format_clock(since)} "
+                        f"({plural(attempts, 'attempt')})", style="bold red")
+        elif self.polled_at is None:
             line.append("positives: not checked yet", style="dim")
         else:
             line.append(f"positives checked {format_clock(self.polled_at)} "
                         f"({self.polled_received} new)")
-            if self.next_poll_at is not None and self.now is not None:
-                left = (self.next_poll_at - self.now).total_seconds()
-                line.append(" · next check " + (f"in {format_duration(left)}" if left > 0
-                                                else "now"))
+        checked = self.poll_failing is not None or self.polled_at is not None
+        if checked and self.next_poll_at is not None and self.now is not None:
+            left = (self.next_poll_at - self.now).total_seconds()
+            line.append(" · next check " + (f"in {format_duration(left)}" if left > 0
+                                            else "now"))
         if self.pending_count:
             line.append(" │ ", style="dim")
             line.append(f"⇡ {plural(self.pending_count, 'token')} waiting for the broker",

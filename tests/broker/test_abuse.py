@@ -185,8 +185,9 @@ async def test_decoys_are_answered_like_uploads_and_discarded(tmp_path):
 async def test_every_upload_answer_waits_the_minimum_delay(tmp_path):
     delay = 0.3
     async with (
+        # announce_positives: the session expects only its own answer here.
         running(tmp_path, wall=FakeWall(WALL_NOW), open_declarations=False,
-                upload_answer_delay_s=delay) as broker,
+                upload_answer_delay_s=delay, announce_positives=False) as broker,
         Client.open(broker.url) as anon, Client.open(broker.url) as session,
     ):
         await session.hello()

@@ -50,6 +50,7 @@ from fanny_tui.protocol.messages import (
     Match,
     PositiveAck,
     Positives,
+    PositivesAvailable,
     Welcome,
     decode_broker_message,
 )
@@ -88,8 +89,10 @@ class ThreadedBroker:
     def __init__(self, tmp: Path) -> None:
         # No keepalive pings: their payload comes from the random module, which, used by
         # another thread while Hypothesis draws, looks like a strategy using random.
+        # poll_burst: the well-behaved anonymous client polls after every example.
         self.settings = settings_for(tmp, open_declarations=False, upload_answer_delay_s=0.0,
-                                     max_connections_per_address=0, ping_interval_s=None)
+                                     max_connections_per_address=0, ping_interval_s=None,
+                                     poll_burst=100_000)
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.running: RunningBroker | None = None
@@ -181,7 +184,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
 # --- one example -----------------------------------------------------------------------------
 
 
-ALLOWED_MESSAGES = (Error, Welcome, Match, PositiveAck, Positives)
+ALLOWED_MESSAGES = (Error, Welcome, Match, PositiveAck, Positives, PositivesAvailable)
 DOCUMENTED = documented_error_codes()
 
 
@@ -233,7 +236,7 @@ def run_example(fuzzed: Fuzzed, frames: list[str | bytes], counter: dict[str, in
         message = decode_broker_message(fuzzed.session.recv(timeout=10))
         if isinstance(message, Error) and message.code == "already_hello":
             break
-        assert isinstance(message, Match | Error), message
+        assert isinstance(message, Match | Error | PositivesAvailable), message
         if isinstance(message, Error):
             assert message.code == "rate_limited", message
     fuzzed.anon.send(json.dumps({"type": "positives_poll", "cursor": 0}))

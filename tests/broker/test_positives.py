@@ -15,6 +15,7 @@ import pytest
 from broker import Refusal
 from broker.positives import (
     SCHEMA_VERSION,
+    BatchPages,
     BoardError,
     CodePolicy,
     CodeRecord,
@@ -23,6 +24,7 @@ from broker.positives import (
     check_code,
     check_upload,
 )
+from fanny_tui.protocol.batch import TokenFrame, decode_batch_frame
 from fanny_tui.protocol.codes import code_hash, format_code
 from fanny_tui.protocol.messages import PositiveToken
 
@@ -545,3 +547,57 @@ def test_a_crash_before_the_commit_leaves_the_code_unused(path):
         assert again.add(U1, [tok(7)], NOW, code_hash=code_hash(CODE)) == 1
     finally:
         again.close()
+
+
+# --- BatchPages: binary frames encoded once, shared ----------------------------------------
+
+
+def test_pages_cut_ranges_at_multiples_of_the_span(board):
+    pages = BatchPages(board, frame_span=4)
+    assert list(pages.spans(0, 10)) == [(0, 4), (4, 8), (8, 10)]
+    assert list(pages.spans(6, 10)) == [(6, 8), (8, 10)]
+    assert list(pages.spans(10, 10)) == []
+
+
+def test_a_frame_holds_the_unexpired_tokens_of_its_range(board):
+    soon = datetime(2026, 3, 1, 11, 0, tzinfo=UTC)
+    board.add("00000000-0000-4000-8000-000000000001",
+              [tok(1), tok(2, soon), tok(3)], NOW, code_required=False)
+    pages = BatchPages(board, frame_span=8)
+    frame = decode_batch_frame(pages.frame(0, 3, soon))
+    assert isinstance(frame, TokenFrame) and frame.cursor == 3
+    assert sorted(frame.hex_tokens()) == [tok(1).token, tok(3).token]
+    assert pages.frame(3, 3, NOW) is None                  # an empty range: no frame
+
+
+def test_pollers_asking_at_once_share_one_encoding(board):
+    board.add("00000000-0000-4000-8000-000000000001",
+              [tok(n) for n in range(2000)], NOW, code_required=False)
+    pages = BatchPages(board, frame_span=4096)
+    results: list[bytes | None] = []
+    threads = [threading.Thread(target=lambda: results.append(pages.frame(0, 2000, NOW)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert pages.encoded == 1
+    assert len(set(results)) == 1 and results[0] is not None
+
+
+def test_the_cache_is_bounded_and_drops_the_least_recently_used(board):
+    board.add("00000000-0000-4000-8000-000000000001",
+              [tok(n) for n in range(12)], NOW, code_required=False)
+    one = 14 + 1 + 2 + 4 * 32                               # a frame of 4 tokens, one expiry
+    pages = BatchPages(board, frame_span=4, cache_bytes=2 * one)
+    for lo, hi in pages.spans(0, 12):
+        pages.frame(lo, hi, NOW)
+    assert pages.encoded == 3
+    pages.frame(4, 8, NOW)                                  # cached: the last two are kept
+    pages.frame(8, 12, NOW)
+    assert pages.encoded == 3
+    pages.frame(0, 4, NOW)                                  # dropped: encoded again
+    assert pages.encoded == 4
+    pages.invalidate()
+    pages.frame(8, 12, NOW)
+    assert pages.encoded == 5

@@ -551,7 +551,9 @@ async def test_oversized_frame_closes_only_that_client(tmp_path):
 
 async def test_a_client_that_stops_reading_is_closed_and_others_are_unaffected(tmp_path):
     async with (
-        running(tmp_path, outbox_size=8, max_message_bytes=64 * 1024) as broker,
+        # signal_burst: the flood must reach the sleeper, not the signal rate limit.
+        running(tmp_path, outbox_size=8, max_message_bytes=64 * 1024,
+                signal_burst=100_000) as broker,
         Client.open(broker.url) as sender,
         Client.open(broker.url, max_queue=1) as sleeper,
         Client.open(broker.url) as bystander,
@@ -619,7 +621,8 @@ async def _idle(clients) -> bool:
 
 async def test_a_client_that_pipelines_requests_is_slowed_not_dropped(tmp_path):
     async with (
-        running(tmp_path, outbox_size=4, wall=FakeWall(WALL_NOW)) as broker,
+        # poll_burst: this is about the outbox, not the poll rate limit.
+        running(tmp_path, outbox_size=4, wall=FakeWall(WALL_NOW), poll_burst=1000) as broker,
         Client.open(broker.url) as anon,
     ):
         for _ in range(300):

@@ -32,6 +32,7 @@ from fanny_tui.events import (
     PositivePending,
     PositiveRefused,
     PositivesPolled,
+    PositivesPollFailed,
     TokenStored,
 )
 from fanny_tui.ui import EngineEvent, FannyApp
@@ -258,6 +259,26 @@ async def test_polls_and_retries_go_to_the_status_line_not_the_log(quiet, data_d
         assert log.count("positive_pending") == 2 and "positive_declared" in log
         assert "(3 new) · next check in 5m00s" in status.text.plain
         assert "waiting for the broker" not in status.text.plain
+
+
+async def test_failed_polls_show_in_the_status_line_until_one_succeeds(quiet, data_dir, clock):
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        status = app.main_screen.status
+        since = clock.now - timedelta(minutes=10)
+        for attempts in (1, 2, 3):
+            await post(pilot, app, PositivesPollFailed(
+                reason="OSError: connection refused", since=since, attempts=attempts,
+                next_poll_in_s=300.0))
+        assert status.text.plain.startswith(
+            "09:30:00 UTC │ ⚠ positives check failing since 09:20:00 (3 attempts) · next check "
+            "in 5m00s")
+        assert log_text(app).count("positives_poll_failed") == 1    # the first one only
+        assert "connection refused" in log_text(app)
+        await post(pilot, app, PositivesPolled(received=0, next_poll_in_s=300.0))
+        assert "failing" not in status.text.plain
+        assert "positives checked 09:30:00 (0 new)" in status.text.plain
 
 
 # -- the alert, tokens, declaring ---------------------------------------------------------------
