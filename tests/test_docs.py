@@ -59,8 +59,14 @@ def _optional_fields(cls: type) -> dict[str, str]:
     """Field name -> JSON text of its default, for every field that may be omitted."""
     defaults = cls.__struct_defaults__
     fields = cls.__struct_fields__[len(cls.__struct_fields__) - len(defaults):]
-    return {name: msgspec.json.encode(default).decode() for name, default in zip(
+    return {name: msgspec.json.encode(_value(default)).decode() for name, default in zip(
         fields, defaults, strict=True)}
+
+
+def _value(default: object) -> object:
+    """A struct default as a value: a mutable default (``[]``) is held as a factory."""
+    factory = getattr(default, "factory", None)
+    return factory() if callable(factory) else default
 
 
 @pytest.mark.parametrize("cls", PEER_MESSAGES, ids=lambda c: c.__struct_config__.tag)

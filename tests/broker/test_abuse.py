@@ -306,7 +306,8 @@ async def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(tmp
     """The outbox is large, so the queue-full rule does not fire: the sleeper's TCP window and
     the library's write buffer fill, one send waits longer than send_timeout_s: dropped."""
     async with (
-        running(tmp_path, send_timeout_s=0.5, outbox_size=100_000) as broker,
+        running(tmp_path, send_timeout_s=0.5, outbox_size=100_000,
+                signal_rate_per_s=10_000.0, signal_burst=100_000) as broker,
         Client.open(broker.url) as sender,
         Client.open(broker.url, max_queue=1) as sleeper,
     ):
