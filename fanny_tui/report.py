@@ -40,7 +40,8 @@ and the time of its ``start`` record) already read from another file (one line o
 counted once). A device whose GPS source is not a receiver (``gps_source`` of its ``start``
 records, ``source`` of its fixes: anything but ``gpsd``, e.g. ``fixed`` or an ``nmea`` replay)
 has ``gps_receiver`` false, is marked in the tables and named on stderr: its fix and accuracy
-figures do not measure GPS in the field.
+figures do not measure GPS in the field. These warnings (also in ``warnings``) leave the exit
+code as it is.
 
 ``--json`` schema (``v`` 1; seconds, metres; null where there is no value)::
 
