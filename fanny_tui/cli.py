@@ -3,7 +3,7 @@
 ::
 
     fanny-tui [--config FILE] [--data-dir DIR] [--headless]   run the app (or the bare engine)
-    fanny-tui tokens [--data-dir DIR] [--json]                 list the token store
+    fanny-tui tokens [--data-dir DIR] [--json]                 list the token store and alerts
     fanny-tui declare-positive [--code CODE] [--config FILE] [--data-dir DIR]
                                                                upload all tokens (paper 4, 5)
     fanny-tui demo [--devices N] [--headless]                  the whole kit on this machine
@@ -15,7 +15,8 @@
 broker down) is one line on stderr and a non-zero exit code, never a traceback.
 
 Exit codes: 0 done; 1 failed (a declaration not acknowledged, the data directory in use by
-another process); 2 usage or configuration error; 130 interrupted (SIGINT before the engine
+another process); 2 usage or configuration error (e.g. a ``[journal] path`` whose directory
+does not exist: it is never created); 130 interrupted (SIGINT before the engine
 ran); 141 (128 + SIGPIPE, as Unix tools killed by SIGPIPE) when stdout was closed by its reader
 (``fanny-tui --headless | head -n 2``): the engine is stopped cleanly, nothing more is printed.
 The run and ``declare-positive`` hold the data directory's lock (:mod:`fanny_tui.datadir`);
@@ -139,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="run the engine without UI; JSON events on stdout, one per line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     tokens = sub.add_parser("tokens", parents=[common], help="list the stored tokens")
-    tokens.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    tokens.add_argument("--json", action="store_true",
+                        help='one JSON object on stdout: {"tokens": [...], "alerts": [...]}')
     declare = sub.add_parser("declare-positive", parents=[common],
                              help="upload every stored token as positive (no UI)")
     declare.add_argument("--code", metavar="CODE", default=None,
@@ -317,13 +319,33 @@ def _notify_when_started(engine: Engine, notify: Callable[[], None]) -> None:
     unsubscribe = engine.subscribe(on_event)
 
 
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def plural(count: int, word: str) -> str:
+    """``1 token``, ``2 tokens`` (as fanny_tui.ui.formatting.plural, which the command line
+    does not import: importing fanny_tui.ui loads Textual, about a second on a Pi)."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
+    """``fanny-tui tokens``: the token store and the exposure alerts already raised.
+
+    ``--json`` prints one object (times UTC, ISO 8601; seconds, metres)::
+
+        {"tokens": [{"token": str, "expires_at": str, "pending_upload": bool,
+                     "contact": {"duration_s": float, "closest_m": float | null,
+                                 "median_m": float | null, "samples": int} | null,
+                     "meetings": int}],
+         "alerts": [{"noticed_at": str, "count": int}]}
+    """
     def metres(value: float | None) -> str:
         return "?" if value is None else f"{value:.1f} m"
 
     if not (data_dir / "tokens.sqlite3").exists():
         if as_json:
-            print("[]")
+            print(json.dumps({"tokens": [], "alerts": []}, indent=2))
         else:
             print(f"no token store in {data_dir}")
         return EXIT_OK
@@ -334,15 +356,17 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
     finally:
         store.close()
     if as_json:
-        print(json.dumps([{"token": t.token,
-                           "expires_at": t.expires_at.isoformat().replace("+00:00", "Z"),
-                           "pending_upload": t.pending,
-                           "contact": None if t.contact is None else {
-                               "duration_s": t.contact.duration_s,
-                               "closest_m": t.contact.closest_m,
-                               "median_m": t.contact.median_m,
-                               "samples": t.contact.samples},
-                           "meetings": t.meetings} for t in tokens], indent=2))
+        print(json.dumps({
+            "tokens": [{"token": t.token, "expires_at": _utc(t.expires_at),
+                        "pending_upload": t.pending,
+                        "contact": None if t.contact is None else {
+                            "duration_s": t.contact.duration_s,
+                            "closest_m": t.contact.closest_m,
+                            "median_m": t.contact.median_m,
+                            "samples": t.contact.samples},
+                        "meetings": t.meetings} for t in tokens],
+            "alerts": [{"noticed_at": _utc(a.noticed_at), "count": a.count} for a in alerts]},
+            indent=2))
         return EXIT_OK
     now = datetime.now(UTC)
     if not tokens:
@@ -359,8 +383,8 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
                   + (f", {t.meetings} meetings" if t.meetings > 1 else ""))
     for alert in alerts:
         # Matched tokens are deleted when the alert is raised (paper 4, step 4).
-        print(f"exposure alert {alert.noticed_at:%Y-%m-%d %H:%M}Z: {alert.count} stored "
-              f"token(s) declared positive (deleted from the store)")
+        print(f"exposure alert {alert.noticed_at:%Y-%m-%d %H:%M}Z: "
+              f"{plural(alert.count, 'stored token')} declared positive (deleted from the store)")
     return EXIT_OK
 
 
@@ -382,6 +406,9 @@ async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
         if store.pending_count() == 0:
             print("no tokens to upload: nothing declared")
             return EXIT_OK
+        print(f"{APP_NAME}: uploading {plural(store.pending_count(), 'token')}: waiting for "
+              f"the broker at {config.broker.url} (up to {timeout_s:g} s)...", file=sys.stderr,
+              flush=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         delays = backoff(1.0, 10.0)()
@@ -414,21 +441,22 @@ def _report_declaration(store: TokenStore, outcomes: Sequence[object], reason: s
     deleted = sum(o.count for o in done if o.acknowledged)
     status = EXIT_OK
     if any(o.acknowledged for o in done):
-        print(f"positive declared: {deleted} tokens acknowledged by the broker and "
+        print(f"positive declared: {plural(deleted, 'token')} acknowledged by the broker and "
               f"deleted from this device")
     for outcome in done:
         if not outcome.acknowledged:
             hint = ("run again with --code CODE" if outcome.refused == "code_required"
                     else "run again with a valid code (--code CODE)")
             print(f"fanny-tui: the broker refused the declaration code ({outcome.refused}: "
-                  f"{outcome.message}); {outcome.count} tokens are kept on this device, not "
+                  f"{outcome.message}); {plural(outcome.count, 'token')} "
+                  f"{'is' if outcome.count == 1 else 'are'} kept on this device, not "
                   f"uploaded: {hint}", file=sys.stderr)
             status = EXIT_FAILED
     kept = store.pending_count()
     if kept:
-        print(f"fanny-tui: the broker did not acknowledge: {reason}; {kept} tokens are kept on "
-              f"this device and will be sent again (run this command again or start fanny-tui)",
-              file=sys.stderr)
+        print(f"fanny-tui: the broker did not acknowledge: {reason}; {plural(kept, 'token')} "
+              f"{'is' if kept == 1 else 'are'} kept on this device and will be sent again (run "
+              f"this command again or start fanny-tui)", file=sys.stderr)
         status = EXIT_FAILED
     return status
 
@@ -481,6 +509,12 @@ def _main(argv: Sequence[str] | None) -> int:
             if notice:
                 print(f"{APP_NAME}: {notice}", file=sys.stderr, flush=True)
             return asyncio.run(_declare_positive(config, data_dir, args.timeout, code))
+        if config.journal.path is not None:
+            from .journal import check_path
+
+            problem = check_path(config.journal.path)
+            if problem:
+                raise UsageError(problem)
         return _cmd_run(config, data_dir, args.headless, log_level, notice)
     except ConfigError as exc:
         print(f"{APP_NAME}: config error: {exc}", file=sys.stderr)

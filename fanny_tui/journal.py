@@ -164,7 +164,8 @@ class Journal:
     """An append-only JSON-lines journal of one device's runs; :meth:`handle` is the subscriber.
 
     Args:
-        path: the journal file (created 0600 if missing, appended to otherwise).
+        path: the journal file (created 0600 if missing, appended to otherwise); its directory
+            must exist (it is not created).
         settings: the ``start`` record's fields (see :func:`settings_of`).
         on_error: called once with an :class:`~fanny_tui.events.EngineError` when the journal
             cannot be opened or written (then it writes nothing more).
@@ -195,7 +196,6 @@ class Journal:
         self._digests: dict[int, str] = {}
         self._unsubscribe: Callable[[], None] | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.device = device or _existing_label(self.path) or new_device_label()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                          0o600)
@@ -372,6 +372,30 @@ def settings_of(config: Config) -> dict[str, Any]:
             "contact_gap_s": protocol.contact_gap_s, "max_contact_s": protocol.max_contact_s,
             "rotation_interval_s": config.privacy.rotation_interval_s,
             "gps_source": config.gps.source}
+
+
+def check_path(path: Path) -> str | None:
+    """What makes ``path`` unusable as a journal file, as one line naming ``journal.path``;
+    None when it can be opened for appending (its directory exists and is writable, and it is
+    not a directory). Checked at start, so that a typo in the path is not a journal silently
+    written elsewhere nor a directory tree created (directories are never created).
+    """
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        return f"journal.path: {path} is a directory, not a file"
+    if not parent.exists():
+        missing = parent
+        while not missing.parent.exists():
+            missing = missing.parent
+        return (f"journal.path: the directory {parent} does not exist ({missing} is missing); "
+                f"create it first or choose another path")
+    if not parent.is_dir():
+        return f"journal.path: {parent} is not a directory"
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        return f"journal.path: {target} is not writable (permission denied)"
+    return None
 
 
 def attach(engine: Engine) -> Journal | None:

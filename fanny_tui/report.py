@@ -25,12 +25,32 @@ record (else at its last record). A contact is measured by its ``contact`` recor
 ``contact`` of its ``token`` record); it is seen by ``both`` devices when its token digest
 appears in the journals of two or more devices, by ``one`` when in one device's only.
 
+Every contact is also listed (``contact_list``), to be compared with a field test's ground truth:
+the sides (one per device's witness exchange: its ``match``, ``token`` and ``contact`` records)
+with the same token digest are one contact, paired in time order when a device has several (a
+repeated meeting under the same token); a side without a token is a contact of its own. A
+contact's ``start`` is its earliest ``match`` time (else its first record's), ``end`` its latest
+``contact`` record's (null while none closed it); ``duration_s`` is the longest of its sides'
+durations, ``closest_m`` the smallest closest distance, ``median_m`` the mean of the sides'
+medians, ``match_to_token_s`` the slowest side's. Each input lists the device labels its records
+carry, so that each file (and label) can be noted against its tester.
+
+A journal given twice is read once: the same file (one line on stderr), or a run (a device label
+and the time of its ``start`` record) already read from another file (one line on stderr, the run
+counted once). A device whose GPS source is not a receiver (``gps_source`` of its ``start``
+records, ``source`` of its fixes: anything but ``gpsd``, e.g. ``fixed`` or an ``nmea`` replay)
+has ``gps_receiver`` false, is marked in the tables and named on stderr: its fix and accuracy
+figures do not measure GPS in the field. These warnings (also in ``warnings``) leave the exit
+code as it is.
+
 ``--json`` schema (``v`` 1; seconds, metres; null where there is no value)::
 
     {
       "v": 1,
-      "inputs": [{"file": str, "records": int, "skipped": int, "error": str | null}],
-      "devices": [{"device": str, "runs": int, "observed_s": float, "matches": int,
+      "inputs": [{"file": str, "records": int, "skipped": int, "error": str | null,
+                  "devices": [str]}],
+      "devices": [{"device": str, "files": [str], "gps_sources": [str], "gps_receiver": bool,
+                   "runs": int, "observed_s": float, "matches": int,
                    "tokens": int, "failures": int, "no_fix_s": float,
                    "no_fix_fraction": float | null, "fix_losses": int,
                    "accuracy_m": DIST, "outages": int, "outage_s": float, "polls": int,
@@ -44,9 +64,22 @@ appears in the journals of two or more devices, by ``one`` when in one device's 
       "ice_candidates": {"LOCAL/REMOTE": count},
       "contacts": {"count": int, "duration_s": DIST, "closest_m": DIST, "median_m": DIST},
       "pairing": {"both": int, "one": int, "without_token": int},
+      "contact_list": [{"digest": str | null, "devices": [str], "start": UTC | null,
+                        "end": UTC | null, "duration_s": float | null,
+                        "closest_m": float | null, "median_m": float | null,
+                        "match_to_token_s": float | null,
+                        "sides": [{"device": str, "file": str, "run": int, "peer": int,
+                                   "matched_at": UTC | null, "closed_at": UTC | null,
+                                   "duration_s": float | null, "closest_m": float | null,
+                                   "median_m": float | null,
+                                   "match_to_token_s": float | null}]}],
       "accuracy_m": DIST,
-      "polls": int, "alerts": int, "outages": int, "ids_rotated": int
+      "polls": int, "alerts": int, "outages": int, "ids_rotated": int,
+      "warnings": [str]
     }
+
+    UTC = "2026-12-01T09:00:30.000Z" (ISO 8601, milliseconds); contact_list sorted by start;
+    run counted from 0 in each file.
 
     DIST = {"count": int, "p50": float | null, "p90": float | null, "p95": float | null,
             "max": float | null,
@@ -59,11 +92,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -249,6 +283,8 @@ def distribution(values: Sequence[float], bins: Sequence[float]) -> dict[str, An
 @dataclass
 class _Device:
     name: str
+    files: list[str] = field(default_factory=list)
+    gps_sources: set[str] = field(default_factory=set)
     runs: int = 0
     observed_s: float = 0.0
     no_fix_s: float = 0.0
@@ -260,7 +296,25 @@ class _Device:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Side:
+    """One device's witness exchange (a peer of one run of one file): one side of a contact."""
+
+    device: str
+    file: str
+    run: int
+    peer: int
+    first_at: datetime
+    matched_at: datetime | None = None
+    closed_at: datetime | None = None
+    digest: str | None = None
+    contact: dict[str, Any] | None = None
+    match_to_token_s: float | None = None
+
+
 _NOT_SETTINGS = {"v", "at", "device", "kind"}
+GPS_RECEIVER_SOURCES = frozenset({"gpsd"})
+"""GPS sources that are a receiver in the field (``fixed`` and an ``nmea`` replay are not)."""
 
 
 def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
@@ -269,23 +323,40 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
     outcome: dict[tuple[str, str, int, int], str] = {}
     contacts: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     contact_digest: dict[tuple[str, str, int, int], str | None] = {}
+    sides: dict[tuple[str, str, int, int], _Side] = {}
     digests: dict[str, set[str]] = defaultdict(set)
     latencies: list[float] = []
     reasons: Counter[str] = Counter()
     ice: Counter[str] = Counter()
+    runs_seen: dict[tuple[str, datetime], str] = {}
+    warnings: list[str] = []
     for source in inputs:
         by_device: dict[str, list[Record]] = defaultdict(list)
         for record in source.records:
             by_device[record.device].append(record)
         for name, records in by_device.items():
             device = devices.setdefault(name, _Device(name))
+            if source.file not in device.files:
+                device.files.append(source.file)
             for run, run_records in enumerate(_runs(records)):
+                run_id = (name, run_records[0].at)
+                if run_id in runs_seen and runs_seen[run_id] != source.file:
+                    warnings.append(
+                        f"{source.file}: the run of {name} from {_iso(run_id[1])} is also in "
+                        f"{runs_seen[run_id]} (the same journal given twice?); counted once")
+                    continue
+                runs_seen[run_id] = source.file
                 _timeline(device, run_records)
                 for r in run_records:
                     key = (source.file, name, run, r.data.get("peer", 0))
                     device.counts[r.kind] += 1
+                    side = None
+                    if r.kind in ("match", "token", "failure", "contact"):
+                        side = sides.setdefault(key, _Side(name, source.file, run, key[3], r.at))
                     if r.kind == "match":
                         outcome.setdefault(key, "unfinished")
+                        if side is not None and side.matched_at is None:
+                            side.matched_at = r.at
                     elif r.kind == "token":
                         outcome[key] = "stored"
                         digests[r.data["digest"]].add(name)
@@ -294,6 +365,10 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
                             latencies.append(float(r.data["match_to_token_s"]))
                         if r.data["contact"] is not None:
                             contacts.setdefault(key, r.data["contact"])
+                        if side is not None:
+                            side.digest = r.data["digest"]
+                            if side.match_to_token_s is None:
+                                side.match_to_token_s = r.data["match_to_token_s"]
                     elif r.kind == "failure":
                         if outcome.get(key) != "stored":
                             outcome[key] = "failed"
@@ -307,6 +382,9 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
                             contact_digest.setdefault(key, None)
                         if outcome.get(key) in (None, "unfinished") and not r.data["token_stored"]:
                             outcome[key] = "no_token"
+                        if side is not None:
+                            side.closed_at = r.at
+                            side.digest = r.data["digest"] or side.digest
                     elif r.kind == "channel_open":
                         ice[f"{r.data['local_candidate'] or '?'}/"
                             f"{r.data['remote_candidate'] or '?'}"] += 1
@@ -315,15 +393,31 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
                     elif r.kind == "start":
                         device.settings = {k: v for k, v in r.data.items()
                                            if k not in _NOT_SETTINGS}
+                        if isinstance(r.data.get("gps_source"), str):
+                            device.gps_sources.add(r.data["gps_source"])
+                    elif r.kind == "gps" and isinstance(r.data.get("source"), str):
+                        device.gps_sources.add(r.data["source"])
+    for key, measures in contacts.items():
+        if key in sides:
+            sides[key].contact = measures
+    for d in sorted(devices.values(), key=lambda d: d.name):
+        if d.gps_sources - GPS_RECEIVER_SOURCES:
+            warnings.append(
+                f"{d.name}: GPS source {', '.join(sorted(d.gps_sources))}, not a receiver: its "
+                f"fix and accuracy figures do not measure GPS in the field")
     outcomes = Counter(outcome.values())
     stored, failed = outcomes["stored"], outcomes["failed"]
     measured = list(contacts.values())
     seen = {d for d in contact_digest.values() if d}
     accuracy = [a for d in devices.values() for a in d.accuracy]
+    labels: dict[str, list[str]] = defaultdict(list)
+    for d in sorted(devices.values(), key=lambda d: d.name):
+        for file in d.files:
+            labels[file].append(d.name)
     return {
         "v": 1,
         "inputs": [{"file": i.file, "records": len(i.records), "skipped": i.skipped,
-                    "error": i.error} for i in inputs],
+                    "error": i.error, "devices": labels.get(i.file, [])} for i in inputs],
         "devices": [_device_json(d) for d in sorted(devices.values(), key=lambda d: d.name)],
         "matches": sum(d.counts["match"] for d in devices.values()),
         "handshakes": {"stored": stored, "failed": failed, "no_token": outcomes["no_token"],
@@ -342,12 +436,67 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
         "pairing": {"both": sum(1 for d in seen if len(digests[d]) >= 2),
                     "one": sum(1 for d in seen if len(digests[d]) == 1),
                     "without_token": sum(1 for d in contact_digest.values() if d is None)},
+        "contact_list": _contact_list(
+            [s for s in sides.values() if s.digest is not None or s.contact is not None]),
         "accuracy_m": distribution(accuracy, ACCURACY_BINS_M),
         "polls": sum(d.counts["poll"] for d in devices.values()),
         "alerts": sum(d.counts["alert"] for d in devices.values()),
         "outages": sum(d.counts["broker_down"] for d in devices.values()),
         "ids_rotated": sum(d.counts["ids_rotated"] for d in devices.values()),
+        "warnings": warnings,
     }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _side_start(side: _Side) -> datetime:
+    return side.matched_at or side.first_at
+
+
+def _contact_list(all_sides: list[_Side]) -> list[dict[str, Any]]:
+    """The contacts made of ``all_sides`` (see the module docstring), sorted by start."""
+    groups: list[list[_Side]] = []
+    by_digest: dict[str, dict[str, list[_Side]]] = defaultdict(lambda: defaultdict(list))
+    for side in all_sides:
+        if side.digest is None:
+            groups.append([side])
+        else:
+            by_digest[side.digest][side.device].append(side)
+    for per_device in by_digest.values():
+        ordered = [sorted(s, key=_side_start) for _, s in sorted(per_device.items())]
+        for i in range(max(len(s) for s in ordered)):
+            groups.append([s[i] for s in ordered if i < len(s)])
+    result = [_contact_json(group) for group in groups]
+    result.sort(key=lambda c: (c["start"] or "", c["devices"]))
+    return result
+
+
+def _contact_json(group: list[_Side]) -> dict[str, Any]:
+    def figures(name: str) -> list[float]:
+        return [float(s.contact[name]) for s in group
+                if s.contact is not None and s.contact.get(name) is not None]
+
+    durations, closest, medians = figures("duration_s"), figures("closest_m"), figures("median_m")
+    latencies = [float(s.match_to_token_s) for s in group if s.match_to_token_s is not None]
+    closed = [s.closed_at for s in group if s.closed_at is not None]
+    return {
+        "digest": group[0].digest,
+        "devices": [s.device for s in group],
+        "start": _iso(min(_side_start(s) for s in group)),
+        "end": _iso(max(closed)) if closed else None,
+        "duration_s": max(durations) if durations else None,
+        "closest_m": min(closest) if closest else None,
+        "median_m": round(sum(medians) / len(medians), 3) if medians else None,
+        "match_to_token_s": max(latencies) if latencies else None,
+        "sides": [{"device": s.device, "file": s.file, "run": s.run, "peer": s.peer,
+                   "matched_at": _iso(s.matched_at), "closed_at": _iso(s.closed_at),
+                   **{k: None if s.contact is None else s.contact.get(k)
+                      for k in ("duration_s", "closest_m", "median_m")},
+                   "match_to_token_s": s.match_to_token_s} for s in group]}
 
 
 def _runs(records: list[Record]) -> list[list[Record]]:
@@ -391,7 +540,9 @@ def _timeline(device: _Device, records: list[Record]) -> None:
 
 
 def _device_json(d: _Device) -> dict[str, Any]:
-    return {"device": d.name, "runs": d.runs, "observed_s": round(d.observed_s, 3),
+    return {"device": d.name, "files": d.files, "gps_sources": sorted(d.gps_sources),
+            "gps_receiver": not d.gps_sources - GPS_RECEIVER_SOURCES, "runs": d.runs,
+            "observed_s": round(d.observed_s, 3),
             "matches": d.counts["match"], "tokens": d.counts["token"],
             "failures": d.counts["failure"], "no_fix_s": round(d.no_fix_s, 3),
             "no_fix_fraction": (round(d.no_fix_s / d.observed_s, 4) if d.observed_s > 0
@@ -440,10 +591,11 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
     Table = partial(RichTable, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
 
     inputs = Table(title="Journals")
-    for column in ("file", "records", "skipped"):
-        inputs.add_column(column, justify="left" if column == "file" else "right")
+    for column in ("file", "device", "records", "skipped"):
+        inputs.add_column(column, justify="left" if column in ("file", "device") else "right",
+                          no_wrap=column == "device")
     for i in report["inputs"]:
-        inputs.add_row(i["file"], str(i["records"]),
+        inputs.add_row(i["file"], "\n".join(i["devices"]) or "–", str(i["records"]),
                        i["error"] if i["error"] else str(i["skipped"]))
     console.print(inputs)
 
@@ -464,9 +616,15 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
         share = d["no_fix_fraction"]
         acc = d["accuracy_m"]
         quality.add_row(
-            d["device"], _span(d["no_fix_s"]) + ("" if share is None else f" ({share:.0%})"),
+            d["device"] + ("" if d["gps_receiver"] else " *"),
+            _span(d["no_fix_s"]) + ("" if share is None else f" ({share:.0%})"),
             str(d["fix_losses"]), f"{_num(acc['p50'])} / {_num(acc['p95'], ' m')}",
             f"{d['outages']} ({_span(d['outage_s'])})")
+    not_receivers = [d for d in report["devices"] if not d["gps_receiver"]]
+    if not_receivers:
+        quality.caption = "* GPS source not a receiver (" + "; ".join(
+            f"{d['device']}: {', '.join(d['gps_sources'])}" for d in not_receivers) + ")"
+        quality.caption_justify = "left"
     console.print(quality)
 
     hs = report["handshakes"]
@@ -491,6 +649,9 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
                     f"{report['polls']} / {report['alerts']} / {report['outages']}")
     summary.add_row("ID rotations", str(report["ids_rotated"]))
     console.print(summary)
+
+    if report["contact_list"]:
+        console.print(_contact_table(report["contact_list"], Table))
 
     for title, counts in (("Failure reasons", report["failure_reasons"]),
                           ("ICE candidate types (local/remote)", report["ice_candidates"])):
@@ -528,6 +689,30 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
         console.print(table)
 
 
+def _contact_table(contact_list: list[dict[str, Any]], table: Callable[..., Any]) -> Any:
+    """The "Contacts" table: one row per contact, to compare with the ground truth."""
+    days = sorted({c["start"][:10] for c in contact_list if c["start"]})
+    one_day = len(days) <= 1
+    contacts = table(title="Contacts (start in UTC" + (f", {days[0]})" if len(days) == 1
+                                                         else ")"))
+    for column in ("devices", "start", "duration", "closest", "median", "m→token"):
+        contacts.add_column(column, justify="left" if column == "devices" else "right",
+                            no_wrap=column in ("devices", "start"))
+    for c in contact_list:
+        who = " + ".join(c["devices"])
+        if c["digest"] is None:
+            who += " (no token)"
+        elif len(c["devices"]) == 1:
+            who += " only"
+        start = c["start"] or ""
+        start = start[11:19] if one_day else f"{start[5:10]} {start[11:19]}"
+        contacts.add_row(who, start or "–",
+                         "–" if c["duration_s"] is None else _span(c["duration_s"]),
+                         _num(c["closest_m"], " m"), _num(c["median_m"], " m"),
+                         _num(c["match_to_token_s"], " s", digits=2))
+    return contacts
+
+
 def run_report(paths: Sequence[str], *, as_json: bool, out: TextIO | None = None,
                err: TextIO | None = None, prog: str = "fanny-tui report") -> int:
     """Read ``paths``, print the report on ``out`` and each input problem on ``err``
@@ -538,7 +723,16 @@ def run_report(paths: Sequence[str], *, as_json: bool, out: TextIO | None = None
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    inputs = [read_journal(path) for path in paths]
+    inputs: list[Input] = []
+    read: dict[str, str] = {}  # the real path of each file read: the name it was given as
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in read:
+            print(f"{prog}: {path}: the same file as {read[real]}, given twice; read once",
+                  file=err)
+            continue
+        read[real] = str(path)
+        inputs.append(read_journal(path))
     for source in inputs:
         for problem in source.problems:
             print(f"{prog}: {problem}", file=err)
@@ -546,6 +740,8 @@ def run_report(paths: Sequence[str], *, as_json: bool, out: TextIO | None = None
         print(f"{prog}: no journal record could be read", file=err)
         return EXIT_NOTHING
     report = build_report(inputs)
+    for warning in report["warnings"]:
+        print(f"{prog}: {warning}", file=err)
     if as_json:
         out.write(json.dumps(report, indent=2) + "\n")
     else:

@@ -161,7 +161,7 @@ async def test_headless_devices_declare_positive_and_alert(tmp_path):
 
         listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "a",
                                   "--json"], capture_output=True, text=True, check=True)
-        assert [t["token"] for t in json.loads(listing.stdout)] == [token]
+        assert [t["token"] for t in json.loads(listing.stdout)["tokens"]] == [token]
 
         # A stops, then declares positive from the command line (no UI, no session) with the
         # code the test site gave (issued on the broker's database while it runs).
@@ -172,16 +172,18 @@ async def test_headless_devices_declare_positive_and_alert(tmp_path):
                                    "--code", code.lower()],
                                   capture_output=True, text=True, timeout=60)
         assert declared.returncode == 0, declared.stderr
-        assert "1 tokens acknowledged" in declared.stdout
+        assert "positive declared: 1 token acknowledged" in declared.stdout
         after = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "a",
                                 "--json"], capture_output=True, text=True, check=True)
-        assert json.loads(after.stdout) == []
+        assert json.loads(after.stdout) == {"tokens": [], "alerts": []}
 
         alert = await b.wait_for("exposure_alert", timeout=20)
         assert alert["count"] == 1
         remaining = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "b",
                                     "--json"], capture_output=True, text=True, check=True)
-        assert json.loads(remaining.stdout) == []
+        assert json.loads(remaining.stdout)["tokens"] == []
+        [raised] = json.loads(remaining.stdout)["alerts"]
+        assert raised["count"] == 1 and raised["noticed_at"].endswith("Z")
 
         # The broker goes away: B reports it.
         assert await _stop(broker) == 0
@@ -203,15 +205,19 @@ def test_declare_positive_with_broker_down_keeps_tokens(tmp_path):
     store = TokenStore.in_dir(tmp_path / "d")
     store.add("ab" * 32, datetime(2026, 12, 20, 4, tzinfo=UTC))
     store.close()
-    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    port = _free_port()
+    config = _write_config(tmp_path / "c.toml", port, LAT)
     result = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
                              "--data-dir", tmp_path / "d", "--timeout", "2"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "1 tokens are kept" in result.stderr
+    assert "1 token is kept" in result.stderr
     assert "Traceback" not in result.stderr
-    # The reason in plain words and what to do, on one line; no raw exception text.
-    lines = result.stderr.strip().splitlines()
+    # While it waits, one line says so; then the reason in plain words and what to do, on one
+    # line; no raw exception text.
+    waiting, *lines = result.stderr.strip().splitlines()
+    assert waiting == ("fanny-tui: uploading 1 token: waiting for the broker at "
+                       f"ws://127.0.0.1:{port} (up to 2 s)...")
     assert len(lines) == 1, result.stderr
     assert "the broker did not acknowledge: nothing accepts connections at ws://127.0.0.1:" in (
         lines[0])
@@ -219,7 +225,7 @@ def test_declare_positive_with_broker_down_keeps_tokens(tmp_path):
     assert "Errno" not in lines[0] and "Error" not in lines[0]
     listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "d",
                               "--json"], capture_output=True, text=True, check=True)
-    assert json.loads(listing.stdout) == [{"token": "ab" * 32,
+    assert json.loads(listing.stdout)["tokens"] == [{"token": "ab" * 32,
                                            "expires_at": "2026-12-20T04:00:00Z",
                                            "pending_upload": True,
                                            "contact": {"duration_s": 0.0, "closest_m": None,
@@ -256,10 +262,27 @@ def test_unusable_data_dir_is_one_clear_line(tmp_path):
     assert "token store" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_journal_path_in_a_missing_directory_is_refused_at_start(tmp_path):
+    (tmp_path / "file").write_text("")
+    for journal, problem in (
+            (tmp_path / "no" / "dir" / "j.jsonl",
+             f"journal.path: the directory {tmp_path}/no/dir does not exist"),
+            (tmp_path / "file" / "j.jsonl", f"journal.path: {tmp_path}/file is not a directory")):
+        config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+        config.write_text(config.read_text() + f'\n[journal]\npath = "{journal}"\n')
+        result = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
+                                 "--data-dir", tmp_path / "d"], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.startswith(f"fanny-tui: {problem}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / "no").exists()
+
+
 def test_tokens_on_empty_dir(tmp_path):
     result = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path, "--json"],
                             capture_output=True, text=True, check=True)
-    assert json.loads(result.stdout) == []
+    assert json.loads(result.stdout) == {"tokens": [], "alerts": []}
 
 
 def _stock(data_dir: Path, *tokens: str) -> None:
@@ -277,7 +300,7 @@ def _stock(data_dir: Path, *tokens: str) -> None:
 def _tokens_json(data_dir: Path) -> list[dict]:
     listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", data_dir, "--json"],
                              capture_output=True, text=True, check=True)
-    return json.loads(listing.stdout)
+    return json.loads(listing.stdout)["tokens"]
 
 
 async def test_declare_positive_codes_refused_and_accepted(tmp_path):
@@ -351,7 +374,16 @@ def test_tokens_lists_exposure_alerts_and_the_data_dir_error(tmp_path):
     result = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "d"],
                             capture_output=True, text=True, check=True)
     assert "ef" * 32 in result.stdout and "cd" * 32 not in result.stdout
-    assert "exposure alert 2026-12-06 09:00Z: 1 stored token(s) declared positive" in result.stdout
+    assert "exposure alert 2026-12-06 09:00Z: 1 stored token declared positive" in result.stdout
+    listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "d",
+                              "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(listing.stdout) == {
+        "tokens": [{"token": "ef" * 32, "expires_at": "2026-12-20T04:00:00Z",
+                    "pending_upload": False,
+                    "contact": {"duration_s": 0.0, "closest_m": None, "median_m": None,
+                                "samples": 0},
+                    "meetings": 1}],
+        "alerts": [{"noticed_at": "2026-12-06T09:00:00Z", "count": 1}]}
 
 
 def test_tokens_show_the_contact_measures(tmp_path):
@@ -488,7 +520,7 @@ def test_one_data_dir_for_one_process_at_a_time(tmp_path):
     declared = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
                                "--data-dir", data_dir, "--timeout", "1"],
                               capture_output=True, text=True, timeout=30 * TIME_UNIT)
-    assert "in use by" not in declared.stderr and "1 tokens are kept" in declared.stderr
+    assert "in use by" not in declared.stderr and "1 token is kept" in declared.stderr
 
 
 async def test_declare_positive_to_a_broker_with_an_untrusted_certificate(tmp_path):
@@ -508,12 +540,13 @@ async def test_declare_positive_to_a_broker_with_an_untrusted_certificate(tmp_pa
                              "--data-dir", tmp_path / "d", "--timeout", str(2 * TIME_UNIT)],
             capture_output=True, text=True, timeout=60 * TIME_UNIT)
     assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
+    waiting, *lines = result.stderr.strip().splitlines()
+    assert waiting.startswith("fanny-tui: uploading 1 token: waiting for the broker at wss://")
     assert len(lines) == 1, result.stderr
     assert ("the broker's TLS certificate is not signed by a CA this device trusts: set "
             "[broker] ca_file to the deployment's CA certificate (PEM)") in lines[0]
     assert "SSL" not in lines[0] and "Error" not in lines[0]
-    assert "1 tokens are kept on this device" in lines[0]
+    assert "1 token is kept on this device" in lines[0]
 
 
 async def test_the_app_says_once_that_no_config_file_was_read(tmp_path):
@@ -541,7 +574,7 @@ def test_a_long_token_list_piped_into_head_exits_quietly(tmp_path):
                f"echo ${{PIPESTATUS[0]}} >{shlex.quote(str(status))}")
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                             timeout=60 * TIME_UNIT)
-    assert result.stdout == "[\n"
+    assert result.stdout == "{\n"
     assert status.read_text().strip() == "141"
     assert result.stderr == ""
 

@@ -113,7 +113,7 @@ def test_the_demo_code_declares_and_the_demo_broker_requires_one(tmp_path):
         assert refused.returncode == 1 and "code_required" in refused.stderr, refused.stderr
         accepted = declare("--code", code)
         assert accepted.returncode == 0, accepted.stderr
-        assert "1 tokens acknowledged" in accepted.stdout
+        assert "positive declared: 1 token acknowledged" in accepted.stdout
         assert _tokens_json(tmp_path / "d") == []
     finally:
         elapsed, stderr = _stop_and_time(demo, signal.SIGTERM)

@@ -107,3 +107,23 @@ def test_a_documented_default_is_what_an_omitted_field_decodes_to() -> None:
     bare = '{"type":"peer_position","latitude":43.6,"longitude":1.4}'
     assert decode_peer_message(bare) == PeerPosition(latitude=43.6, longitude=1.4,
                                                      accuracy_m=None)
+
+
+def _event_names() -> set[str]:
+    from fanny_tui import events
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
+
+    return {cls.event for cls in subclasses(events.Event)}
+
+
+def test_readme_lists_every_headless_event_and_where_its_fields_are():
+    text = (ROOT / "README.md").read_text()
+    [row] = [line for line in text.splitlines() if line.startswith("| `fanny-tui --headless")]
+    names = _event_names()
+    assert len(names) >= 20  # the contract's events included (channel_open, peer_update...)
+    missing = sorted(name for name in names if f"`{name}`" not in row)
+    assert missing == [], f"--headless events missing from the README: {missing}"
+    assert "fanny_tui/events.py" in row
+    assert "positions and tokens" in row  # the warning: redirected to a file, they are on disk

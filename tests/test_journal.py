@@ -40,7 +40,7 @@ from fanny_tui.events import (
     TokenStored,
 )
 from fanny_tui.gps import FixedSource
-from fanny_tui.journal import Journal, token_digest
+from fanny_tui.journal import Journal, check_path, token_digest
 
 from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
 
@@ -71,7 +71,7 @@ def _fix(accuracy_m: float | None = 4.0, **fields: Any) -> GpsFix:
 
 def test_records_have_the_common_fields_and_the_file_is_0600(tmp_path):
     clock = Clock()
-    path = tmp_path / "sub" / "journal.jsonl"
+    path = tmp_path / "journal.jsonl"
     journal = Journal(path, settings={"radius_m": 15.0, "min_contact_s": 0.0}, clock=clock)
     clock.advance(1.5)
     journal.handle(MatchFound(peer=1, role="initiator"))
@@ -229,6 +229,28 @@ def test_an_unopenable_journal_is_one_error_event_and_never_raises(tmp_path):
     assert len(errors) == 1 and isinstance(errors[0], EngineError)
     message = errors[0].message
     assert "journal" in message and "journal.jsonl" in message and "\n" not in message
+    assert "(Not a directory)" in message  # the problem, not mkdir's "File exists"
+
+
+def test_a_missing_directory_is_not_created(tmp_path):
+    errors: list[Event] = []
+    journal = Journal(tmp_path / "no" / "such" / "journal.jsonl", on_error=errors.append)
+    journal.close()
+    assert journal.failed and not (tmp_path / "no").exists()
+    assert "(No such file or directory)" in errors[0].message  # type: ignore[attr-defined]
+
+
+def test_check_path_names_journal_path_and_what_is_wrong(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert check_path(tmp_path / "journal.jsonl") is None
+    assert check_path(tmp_path / "file") is None  # an existing journal: appended to
+    assert check_path(tmp_path / "no" / "dir" / "j.jsonl") == (
+        f"journal.path: the directory {tmp_path}/no/dir does not exist ({tmp_path}/no is "
+        "missing); create it first or choose another path")
+    assert check_path(tmp_path / "file" / "j.jsonl") == (
+        f"journal.path: {tmp_path}/file is not a directory")
+    assert check_path(tmp_path) == f"journal.path: {tmp_path} is a directory, not a file"
+    assert not (tmp_path / "no").exists()
 
 
 def test_a_journal_that_cannot_be_written_reports_once_and_stops(tmp_path):

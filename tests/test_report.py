@@ -128,8 +128,9 @@ def test_report_over_two_journals_gives_the_counts_worked_out_by_hand(tmp_path, 
     code, report, err = _report(capsys, a, b)
     assert code == 0 and err == ""
     assert report["inputs"] == [
-        {"file": a, "records": len(JOURNAL_A), "skipped": 0, "error": None},
-        {"file": b, "records": len(JOURNAL_B), "skipped": 0, "error": None}]
+        {"file": a, "records": len(JOURNAL_A), "skipped": 0, "error": None, "devices": [A]},
+        {"file": b, "records": len(JOURNAL_B), "skipped": 0, "error": None, "devices": [B]}]
+    assert report["warnings"] == []
     assert report["matches"] == 8
     assert report["handshakes"] == {"stored": 4, "failed": 2, "no_token": 1, "unfinished": 1,
                                     "success_rate": pytest.approx(4 / 6)}
@@ -160,6 +161,102 @@ def test_report_over_two_journals_gives_the_counts_worked_out_by_hand(tmp_path, 
     assert (dev_b["runs"], dev_b["observed_s"], dev_b["no_fix_s"], dev_b["fix_losses"]) == (
         2, 100.0, 25.0, 0)
     assert (dev_b["matches"], dev_b["tokens"], dev_b["failures"]) == (3, 2, 1)
+    assert (dev_a["files"], dev_a["gps_sources"], dev_a["gps_receiver"]) == ([a], ["gpsd"], True)
+
+
+def _side(device: str, file: str, run: int, peer: int, matched_s: float, closed_s: float | None,
+          contact: dict[str, Any] | None, latency: float | None) -> dict[str, Any]:
+    return {"device": device, "file": file, "run": run, "peer": peer,
+            "matched_at": _at(matched_s), "closed_at": _at(closed_s),
+            **(contact and {k: contact[k] for k in ("duration_s", "closest_m", "median_m")}
+               or {"duration_s": None, "closest_m": None, "median_m": None}),
+            "match_to_token_s": latency}
+
+
+def _at(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return (T0 + timedelta(seconds=seconds)).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def test_every_contact_is_listed_with_both_devices_paired_by_digest(tmp_path, capsys):
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    b = _write(tmp_path, "b.jsonl", JOURNAL_B)
+    code, report, _ = _report(capsys, a, b)
+    assert code == 0
+    assert report["contact_list"] == [
+        {"digest": "11111111", "devices": [A, B], "start": _at(30), "end": _at(100),
+         "duration_s": 60.0, "closest_m": 1.5, "median_m": 3.75, "match_to_token_s": 3.0,
+         "sides": [_side(A, a, 0, 1, 30, 100, _contact(60.0, 1.5, 2.5, 12), 1.0),
+                   _side(B, b, 0, 1, 30, None, _contact(30.0, 4.0, 5.0, 6), 3.0)]},
+        {"digest": "33333333", "devices": [A], "start": _at(50), "end": None,
+         "duration_s": None, "closest_m": None, "median_m": None, "match_to_token_s": 2.0,
+         "sides": [_side(A, a, 0, 3, 50, None, None, 2.0)]},
+        {"digest": "77777777", "devices": [B], "start": _at(130), "end": None,
+         "duration_s": None, "closest_m": None, "median_m": None, "match_to_token_s": 5.0,
+         "sides": [_side(B, b, 1, 1, 130, None, None, 5.0)]},
+        {"digest": None, "devices": [A], "start": _at(140), "end": _at(150),
+         "duration_s": 20.0, "closest_m": 8.0, "median_m": 9.0, "match_to_token_s": None,
+         "sides": [_side(A, a, 0, 4, 140, 150, _contact(20.0, 8.0, 9.0, 4), None)]}]
+
+
+def test_repeated_meetings_under_one_token_are_paired_in_time_order(tmp_path, capsys):
+    def meeting(device: str, at_s: float, peer: int, duration_s: float) -> list[str]:
+        return [_line(device, at_s, "match", peer=peer, role="initiator"),
+                _token(device, at_s + 1, peer, "abababab", 1.0, None),
+                _line(device, at_s + duration_s, "contact", peer=peer, reason="parted",
+                      token_stored=True, digest="abababab",
+                      contact=_contact(duration_s, 1.0, 2.0, 3))]
+    a = _write(tmp_path, "a.jsonl", [_start(A, 0), *meeting(A, 10, 1, 20),
+                                     *meeting(A, 100, 2, 40)])
+    b = _write(tmp_path, "b.jsonl", [_start(B, 0), *meeting(B, 101, 7, 30),
+                                     *meeting(B, 11, 6, 10)])
+    code, report, _ = _report(capsys, a, b)
+    assert code == 0
+    listed = [(c["start"], c["end"], c["duration_s"], [(s["device"], s["peer"])
+                                                      for s in c["sides"]])
+              for c in report["contact_list"]]
+    assert listed == [(_at(10), _at(30), 20.0, [(A, 1), (B, 6)]),
+                      (_at(100), _at(140), 40.0, [(A, 2), (B, 7)])]
+
+
+def test_a_journal_given_twice_is_read_once_with_one_line_each(tmp_path, capsys):
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    copy = _write(tmp_path, "copy-of-a.jsonl", JOURNAL_A)
+    code, once, err = _report(capsys, a)
+    assert code == 0 and err == ""
+    code, twice, err = _report(capsys, a, f"{tmp_path}/./a.jsonl", copy)
+    assert code == 0
+    assert err.splitlines() == [
+        f"fanny-tui report: {tmp_path}/./a.jsonl: the same file as {a}, given twice; read once",
+        f"fanny-tui report: {copy}: the run of {A} from {_at(0)} is also in {a} (the same "
+        "journal given twice?); counted once"]
+    assert [i["file"] for i in twice["inputs"]] == [a, copy]
+    for key in ("matches", "handshakes", "contacts", "pairing", "contact_list", "polls"):
+        assert twice[key] == once[key], key
+    assert twice["devices"][0]["runs"] == 1 and twice["devices"][0]["files"] == [a, copy]
+
+
+def test_a_device_without_a_gps_receiver_is_flagged(tmp_path, capsys):
+    fixed = [_line(B, 0, "start", radius_m=15.0, min_contact_s=0.0, gps_source="fixed"),
+             _line(B, 5, "gps", fix=True, mode=3, source="fixed", satellites_used=0,
+                   satellites_visible=0, accuracy_m=5.0, hdop=None),
+             _line(B, 50, "stop")]
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    b = _write(tmp_path, "b.jsonl", fixed)
+    code, report, err = _report(capsys, a, b)
+    assert code == 0
+    warning = (f"{B}: GPS source fixed, not a receiver: its fix and accuracy figures do not "
+               "measure GPS in the field")
+    assert err == f"fanny-tui report: {warning}\n" and report["warnings"] == [warning]
+    dev_a, dev_b = report["devices"]
+    assert dev_a["gps_receiver"] is True
+    assert (dev_b["gps_sources"], dev_b["gps_receiver"]) == (["fixed"], False)
+    capsys.readouterr()
+    assert main(["report", a, b]) == 0
+    out = capsys.readouterr().out
+    assert f"{B} *" in out and f"* GPS source not a receiver ({B}: fixed)" in out
 
 
 def test_a_device_never_stopped_is_measured_to_its_last_record(tmp_path, capsys):
@@ -177,17 +274,25 @@ def test_json_schema(tmp_path, capsys):
     assert code == 0
     assert set(report) == {"v", "inputs", "devices", "matches", "handshakes", "match_to_token_s",
                            "failure_reasons", "ice_candidates", "contacts", "pairing",
-                           "accuracy_m", "polls", "alerts", "outages", "ids_rotated"}
+                           "accuracy_m", "polls", "alerts", "outages", "ids_rotated",
+                           "contact_list", "warnings"}
     assert report["v"] == 1
-    assert set(report["inputs"][0]) == {"file", "records", "skipped", "error"}
+    assert set(report["inputs"][0]) == {"file", "records", "skipped", "error", "devices"}
     assert set(report["devices"][0]) == {
-        "device", "runs", "observed_s", "matches", "tokens", "failures", "no_fix_s",
+        "device", "files", "gps_sources", "gps_receiver", "runs", "observed_s", "matches",
+        "tokens", "failures", "no_fix_s",
         "no_fix_fraction", "fix_losses", "accuracy_m", "outages", "outage_s", "polls", "alerts",
         "exposed_contacts", "ids_rotated", "errors", "settings"}
     assert set(report["handshakes"]) == {"stored", "failed", "no_token", "unfinished",
                                          "success_rate"}
     assert set(report["contacts"]) == {"count", "duration_s", "closest_m", "median_m"}
     assert set(report["pairing"]) == {"both", "one", "without_token"}
+    for contact in report["contact_list"]:
+        assert set(contact) == {"digest", "devices", "start", "end", "duration_s", "closest_m",
+                                "median_m", "match_to_token_s", "sides"}
+        assert all(set(side) == {"device", "file", "run", "peer", "matched_at", "closed_at",
+                                 "duration_s", "closest_m", "median_m", "match_to_token_s"}
+                   for side in contact["sides"])
     dists = [report["match_to_token_s"], report["accuracy_m"], report["devices"][0]["accuracy_m"],
              *(report["contacts"][k] for k in ("duration_s", "closest_m", "median_m"))]
     for dist in dists:
@@ -227,7 +332,7 @@ def test_a_missing_file_is_one_line_and_the_others_are_reported(tmp_path, capsys
     assert code == 1
     assert err == f"fanny-tui report: {missing}: cannot read (No such file or directory)\n"
     assert report["inputs"][0] == {"file": missing, "records": 0, "skipped": 0,
-                                   "error": "No such file or directory"}
+                                   "error": "No such file or directory", "devices": []}
     assert report["matches"] == 3
 
 
@@ -251,7 +356,9 @@ def test_tables_and_histograms_on_the_terminal(tmp_path, capsys):
     for text in ("Devices: witness exchanges", "Devices: GPS and broker", A, B,
                  "handshake success rate", "66.7%", "2.00 / 5.00 / 5.00 / 5.00 s",
                  "Failure reasons", "ice_failed", "Contact duration", "GPS accuracy",
-                 "40.0 s (20%)", "1 (20.0 s)", "1 / 2"):
+                 "40.0 s (20%)", "1 (20.0 s)", "1 / 2",
+                 "Contacts (start in UTC, 2026-12-01)", f"{A} + {B}", "09:00:30", "1m00s",
+                 "1.5 m", "3.8 m", "3.00 s", f"{A} only", f"{B} only", f"{A} (no token)"):
         assert text in out, text
     assert "█" * 30 in out  # the largest bin of a histogram is a full bar
     assert "1–2 s" in out and "0–0.1 s" not in out and "≥ 900 s" not in out  # empty ends cut

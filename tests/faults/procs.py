@@ -375,7 +375,7 @@ def board_upload_ids(db: Path) -> set[str]:
 
 
 async def tokens_json(data_dir: Path) -> list[dict[str, Any]]:
-    """``fanny-tui tokens --data-dir DIR --json``, parsed.
+    """The tokens of ``fanny-tui tokens --data-dir DIR --json``, parsed.
 
     Raises:
         AssertionError: the command failed (its stderr in the message).
@@ -385,4 +385,4 @@ async def tokens_json(data_dir: Path) -> list[dict[str, Any]]:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=CHILD_ENV)
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, f"fanny-tui tokens failed: {err.decode(errors='replace')}"
-    return json.loads(out)
+    return json.loads(out)["tokens"]

@@ -366,7 +366,7 @@ async def broker_restarted(workdir: Path, *, stop_signal: int = signal.SIGTERM,
         declared_at = time.time()
         out = await _declare_positive_cli(write_device_config(workdir / "positive.toml",
                                                               port=port), uploader)
-        assert "1 tokens acknowledged" in out, out
+        assert "1 token acknowledged" in out, out
         alerts = [(await d.wait_for("exposure_alert", after=i, timeout_s=20))[1]
                   for d, i in zip(devices, before, strict=True)]
         assert all(a["count"] == 1 for a in alerts), alerts

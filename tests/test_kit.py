@@ -1,0 +1,62 @@
+"""``./kit``: the kit is installed again only when pyproject.toml changed, and quietly.
+
+The venv here is a directory of small scripts standing in for the venv's ``python`` (which
+records how pip was called) and ``fanny-sim`` (which says it ran), so that what ``./kit sim``
+decides can be seen without a minute of real installation; ``./kit install`` runs for real in
+every developer's setup and in CI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from .helpers import TIME_UNIT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "pip-calls.txt"
+    scripts = {
+        "python": f'#!/bin/sh\necho "$@" >>"{calls}"\necho "pip chatter: a warning"\n',
+        "fanny-sim": '#!/bin/sh\necho "fanny-sim ran"\n',
+    }
+    for name, text in scripts.items():
+        (venv / "bin" / name).write_text(text)
+        (venv / "bin" / name).chmod(0o755)
+    return venv
+
+
+def _kit_sim(venv: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ROOT / "kit", "sim"], capture_output=True, text=True,
+                          env={**os.environ, "FANNY_VENV": str(venv)},
+                          timeout=30 * TIME_UNIT, check=True)
+
+
+def test_kit_installs_only_when_pyproject_changed_and_quietly(tmp_path):
+    venv = _venv(tmp_path)
+    calls = tmp_path / "pip-calls.txt"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+    first = _kit_sim(venv)                       # no stamp: installs, pip's output in the log
+    assert first.stdout == "fanny-sim ran\n"
+    assert first.stderr == (f"kit: installing the kit in {venv} (a minute or two the first "
+                            "time)...\n")
+    assert calls.read_text().splitlines() == ["-m pip install -q --upgrade pip",
+                                              "-m pip install -q -e ."]
+    assert (venv / ".kit-installed").read_text() == f"{digest} \n"
+    assert "pip chatter" in (venv / "kit-install.log").read_text()
+
+    again = _kit_sim(venv)                       # same pyproject.toml: no install at all
+    assert (again.stdout, again.stderr) == ("fanny-sim ran\n", "")
+    assert len(calls.read_text().splitlines()) == 2
+
+    (venv / ".kit-installed").write_text("0" * 64 + " \n")   # pyproject.toml changed since
+    _kit_sim(venv)
+    assert len(calls.read_text().splitlines()) == 4
+    assert (venv / ".kit-installed").read_text() == f"{digest} \n"
