@@ -22,7 +22,8 @@ codes, or 2, from before contact measures, is upgraded in place when opened for 
 Writes are durable (WAL, ``synchronous=FULL``) before a method returns. Every SQLite or file
 system failure (disk full, read-only directory, corrupt file) is raised as :class:`StoreError`
 with a one-line message naming the file; a failed write changes nothing (one transaction per
-method).
+method, rolled back on any exception, SQLite's or not: :mod:`fanny_tui.sqlite_util`, shared with
+the broker's board).
 
 Thread-safe: one connection guarded by a lock, so the aiortc adapter may call :meth:`add` from a
 worker thread.
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from .protocol.contact import ContactMeasures, merge_measures
 from .protocol.tokens import is_token
+from .sqlite_util import reading, transaction
 
 SCHEMA_VERSION = 3
 FILE_NAME = "tokens.sqlite3"
@@ -211,22 +213,21 @@ class TokenStore:
         with self._lock:
             self._db.close()
 
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        return StoreError(f"token store {self.path}: {exc}")
+
     @contextmanager
     def _write(self) -> Iterator[None]:
-        with self._lock:
-            try:
-                yield
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise StoreError(f"token store {self.path}: {exc}") from None
+        """Statements outside a transaction, under the lock (reads, pragmas)."""
+        with self._lock, reading(self._db, self._error):
+            yield
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._write():
-            self._db.execute("BEGIN IMMEDIATE")
-            yield self._db
-            self._db.execute("COMMIT")
+        """One write transaction under the lock, rolled back on any exception
+        (:func:`fanny_tui.sqlite_util.transaction`)."""
+        with self._lock, transaction(self._db, self._error) as db:
+            yield db
 
     # -- tokens --------------------------------------------------------------------------
 

@@ -390,3 +390,22 @@ def test_contacts_of_reads_the_matched_tokens_measures(store):
                 ContactMeasures(90.0, 1.0, 1.0, 18)]
     assert len(pending) == 1
     assert found == [m for t, m in zip((T1, T2, T3), expected, strict=True) if t not in pending]
+
+
+def test_a_non_sqlite_exception_rolls_the_write_back_and_later_writes_work(tmp_path, store):
+    """Issue 7, point 7: a write failing with a non-SQLite exception (here a corrupt measure
+    read back by the merge) left its transaction open, and every later write then failed."""
+    store.add(T1, EXPIRY, ContactMeasures(duration_s=5.0, samples=1))
+    other = sqlite3.connect(tmp_path / "tokens.sqlite3")
+    with other:
+        other.execute("UPDATE tokens SET duration_s = 'corrupt' WHERE token = ?", (T1,))
+    other.close()
+    with pytest.raises(ValueError):
+        store.grow_contact(T1, ContactMeasures(duration_s=1.0, samples=1))
+    assert not store._db.in_transaction
+    assert store.add(T2, EXPIRY)                  # the next write is not refused
+    store.set_poll_cursor(7)
+    store.close()
+    reopened = TokenStore.in_dir(tmp_path)        # and it is durable: committed, not pending
+    assert reopened.count() == 2 and reopened.poll_cursor() == 7
+    reopened.close()
