@@ -21,14 +21,17 @@ from fanny_tui.events import (
     TokenStored,
 )
 from fanny_tui.link import _describe, anonymous_connection, ssl_context_for
+from fanny_tui.positives import FINAL_REFUSALS
 from fanny_tui.protocol.messages import Error, PositivesPoll, encode
 from fanny_tui.ui.formatting import (
     EXPOSURE_NEXT_STEP,
+    REFUSAL_TEXTS,
     compass_point,
     describe_event,
     describe_exposure,
     describe_failure,
     describe_gps_source,
+    describe_refusal,
     format_accuracy,
     format_bearing,
     format_contact,
@@ -244,3 +247,11 @@ def test_every_failure_fits_the_session_panel_at_80_columns():
         failure = describe_failure(reason)
         assert len(failure.problem) <= 40, failure
         assert len(failure.hint) <= 2 * 38, failure
+
+
+def test_every_final_refusal_is_explained_with_what_to_do():
+    assert set(REFUSAL_TEXTS) == FINAL_REFUSALS
+    clock = describe_refusal("expiry_out_of_window", 4)
+    assert "clock" in clock and "4 tokens stay on this device" in clock
+    assert clock.endswith("declare again once this is fixed")
+    assert describe_refusal("code_used", 1).endswith("declare again with a valid code")
