@@ -602,7 +602,7 @@ class Engine:
         retry_delays = backoff(broker.reconnect_min_s, broker.reconnect_max_s)
         delays = retry_delays()
         while True:
-            if not self._store.pending_count():
+            if not await asyncio.to_thread(self._store.pending_count):
                 delays = retry_delays()
                 # Woken by declare_positive(); the periodic look also picks up a declaration
                 # made by `fanny-tui declare-positive` in another process on the same store.
@@ -618,7 +618,7 @@ class Engine:
             except Exception as exc:  # broker down, dropped, rate limited: keep tokens, retry
                 reason = _describe(exc)
             delay = next(delays)
-            count = self._store.pending_count()
+            count = await asyncio.to_thread(self._store.pending_count)
             if count:
                 self.emit(PositivePending(count=count, reason=reason,
                                           retry_in_s=round(delay, 1)))
