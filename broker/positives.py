@@ -52,6 +52,7 @@ from fanny_tui.protocol.batch import encode_token_frame, group_by_hour
 from fanny_tui.protocol.errors import FannyError
 from fanny_tui.protocol.expiry import DEFAULT_LIFETIME_DAYS, require_utc
 from fanny_tui.protocol.messages import PositiveToken
+from fanny_tui.sqlite_util import transaction
 
 from . import Refusal
 
@@ -484,20 +485,13 @@ class SqlitePositiveBoard:
     @contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """One write transaction under the lock: committed if the block ends normally, rolled
-        back on any exception; an SQLite error becomes ``BoardError("... could not WHAT")``."""
-        with self._lock:
-            db = self._conn()
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not {what}: {exc}") from None
+        back on any exception; an SQLite error becomes ``BoardError("... could not WHAT")``
+        (:func:`fanny_tui.sqlite_util.transaction`, shared with the device's token store)."""
+        def error(exc: sqlite3.Error) -> BoardError:
+            return BoardError(f"the positive board could not {what}: {exc}")
+
+        with self._lock, transaction(self._conn(), error) as db:
+            yield db
 
     def add(
         self,

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .protocol.expiry import DEFAULT_LIFETIME_DAYS
+
 
 class ConfigError(Exception):
     """A configuration key has a bad value. ``str(error)`` is one line naming the key."""
@@ -51,6 +53,13 @@ class GpsConfig:
     longitude: float | None = None
     accuracy_m: float = 5.0
     stale_after_s: float = 5.0
+
+
+MAX_TOKEN_LIFETIME_DAYS = DEFAULT_LIFETIME_DAYS
+"""The longest ``[protocol] token_lifetime_days`` (15, the paper's): the broker publishes expiries
+at most 16 days ahead (``broker.positives.DEFAULT_MAX_EXPIRY_AHEAD``: the lifetime plus the
+rounding up to the deletion hour, under a day), so a longer lifetime would make every positive
+declaration of this device be refused ``expiry_out_of_window``."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +245,8 @@ def _protocol(data: Mapping[str, Any]) -> ProtocolConfig:
     max_contact = s.number("max_contact_s", d.max_contact_s, low=1.0, high=86_400.0)
     return ProtocolConfig(
         radius_m=s.number("radius_m", d.radius_m, positive=True, high=10_000.0),
-        token_lifetime_days=s.integer("token_lifetime_days", d.token_lifetime_days, 1, 365),
+        token_lifetime_days=s.integer("token_lifetime_days", d.token_lifetime_days, 1,
+                                      MAX_TOKEN_LIFETIME_DAYS),
         deletion_hour_utc=s.integer("deletion_hour_utc", d.deletion_hour_utc, 0, 23),
         position_interval_s=s.number("position_interval_s", d.position_interval_s,
                                      low=0.05, high=3600.0),

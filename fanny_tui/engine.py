@@ -33,7 +33,8 @@ loops going until :meth:`Engine.stop`:
   poll follows after a random delay of at most ``poll_interval_s`` / 10; a failed poll is a
   ``positives_poll_failed`` event;
 * uploads: pending positive declarations are retried with backoff until acknowledged, or until
-  the broker refuses their declaration code (the tokens then stay, un-marked: ``positive_refused``);
+  the broker refuses them for good (their declaration code, or content a retry would meet again:
+  the tokens then stay, un-marked: ``positive_refused``);
 * decoys (``[privacy] decoy_uploads``, off by default): a decoy upload, padded like a real one,
   on a fresh anonymous connection at exponentially distributed intervals of mean
   ``decoy_interval_s`` (cover traffic: nothing changes on the device);
@@ -149,6 +150,38 @@ MAX_ACCURACY_M = 100_000.0
 """The largest ``accuracy_m`` the wire accepts (fanny_tui.protocol.messages.AccuracyM)."""
 ROTATION_JITTER = 0.2
 """Each ID rotation interval is ``rotation_interval_s`` times a uniform draw in [0.8, 1.2]."""
+CLOCK_SKEW_LIMIT_S = 300.0
+"""A receiver's fix time this far (seconds) from the device clock is reported (issue 7, 7)."""
+RECEIVER_SOURCES = frozenset({"gpsd", "nmea"})
+"""Fix sources whose ``time`` is the receiver's (GPS time), not the device clock's."""
+
+
+def clock_disagreement(fix: GpsFix, now: datetime) -> str | None:
+    """A one-line warning when the device clock disagrees with a receiver's GPS time, else None.
+
+    Token expiries (and so the broker's ``expiry_out_of_window``, 16 days), alerts and the
+    deletion hour all follow the device clock; a device without a real-time clock (a Raspberry
+    Pi) may start a day off. Only fixes from a receiver (:data:`RECEIVER_SOURCES`) carry GPS
+    time; a replayed log carries the time it was recorded, and is reported too.
+
+    Args:
+        fix: the fix (its ``time`` and ``source``).
+        now: the device clock, aware (UTC).
+
+    Returns:
+        None when the fix has no GPS time or they agree within :data:`CLOCK_SKEW_LIMIT_S`.
+    """
+    if fix.time is None or fix.source not in RECEIVER_SOURCES:
+        return None
+    skew = (now - fix.time).total_seconds()
+    if abs(skew) <= CLOCK_SKEW_LIMIT_S:
+        return None
+    hours = abs(skew) / 3600
+    amount = f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} hours"
+    return (f"the device clock is {amount} {'ahead of' if skew > 0 else 'behind'} GPS time "
+            f"({fix.time:%Y-%m-%d %H:%M} UTC from {fix.source}): token expiries follow the "
+            "device clock, so set it (e.g. chrony with gpsd), or positive declarations may be "
+            "refused (a replayed log carries the time it was recorded)")
 
 
 class _PeerSignaling:
@@ -291,6 +324,7 @@ class Engine:
         self._handshake_slots = _HandshakeSlots(MAX_CONCURRENT_HANDSHAKES)
         self._next_ordinal = 1
         self._unrecorded_alerts: set[str] = set()  # matches the store could not record yet
+        self._clock_checked = False              # the device clock was compared with GPS time
         self._rotation_lock = asyncio.Lock()     # one ID rotation at a time
         self._rotation_pending = False           # True: matches are declined (module docstring)
         self._exchanges_changed = asyncio.Event()  # an exchange held its token or ended
@@ -481,6 +515,11 @@ class Engine:
                 was_lost = self._fix is None
                 self._fix = item
                 self.emit(item)
+                if not self._clock_checked and item.time is not None:
+                    self._clock_checked = item.source in RECEIVER_SOURCES
+                    warning = clock_disagreement(item, datetime.now(UTC))
+                    if warning is not None:
+                        self.emit(EngineError(message=warning))
                 if was_lost:
                     self._position_wakeup.set()
             elif isinstance(item, GpsLost):
@@ -682,7 +721,7 @@ class Engine:
         retry_delays = backoff(broker.reconnect_min_s, broker.reconnect_max_s)
         delays = retry_delays()
         while True:
-            if not self._store.pending_count():
+            if not await asyncio.to_thread(self._store.pending_count):
                 delays = retry_delays()
                 # Woken by declare_positive(); the periodic look also picks up a declaration
                 # made by `fanny-tui declare-positive` in another process on the same store.
@@ -698,7 +737,7 @@ class Engine:
             except Exception as exc:  # broker down, dropped, rate limited: keep tokens, retry
                 reason = _describe(exc)
             delay = next(delays)
-            count = self._store.pending_count()
+            count = await asyncio.to_thread(self._store.pending_count)
             if count:
                 self.emit(PositivePending(count=count, reason=reason,
                                           retry_in_s=round(delay, 1)))

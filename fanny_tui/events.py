@@ -228,11 +228,15 @@ class PositivePending(Event):
 
 @dataclass(frozen=True)
 class PositiveRefused(Event):
-    """The broker refused a positive upload's declaration code (paper section 5).
+    """The broker refused a positive upload for good: its declaration code (paper section 5)
+    or its content (issue 7: a refusal that a retry would meet again).
 
-    ``reason``: ``code_required``, ``code_invalid``, ``code_expired`` or ``code_used``;
-    ``message``: the broker's explanation. The ``count`` tokens stay on the device, no longer
-    pending: declare again with a valid code. The refused upload is not retried.
+    ``reason``: ``code_required``, ``code_invalid``, ``code_expired`` or ``code_used``; or
+    ``expiry_out_of_window`` (device clock off, or a token lifetime longer than the broker
+    publishes), ``too_many_tokens``, ``duplicate_token``, ``bad_message``
+    (:data:`fanny_tui.positives.FINAL_REFUSALS`); ``message``: the broker's explanation. The
+    ``count`` tokens stay on the device, no longer pending: declare again (with a valid code,
+    or once the cause is fixed). The refused upload is not retried.
     """
 
     event: ClassVar[str] = "positive_refused"

@@ -11,8 +11,10 @@ Used by the engine and by ``fanny-tui declare-positive``; neither needs a sessio
   broker acknowledged the durable commit (privacy invariant 6). Without an ack the tokens stay
   and are sent again later with the same upload ID and code (the broker acknowledges a
   committed upload again without its consumed code). When the broker refuses the **code**
-  (:data:`CODE_REFUSALS`) the tokens stay on the device, un-marked, for a new declaration with
-  a valid code; that upload is never retried.
+  (:data:`CODE_REFUSALS`) or the **content** for a reason that would not change on a retry
+  (:data:`CONTENT_REFUSALS`: an expiry out of its window, too many tokens, a malformed
+  message) the tokens stay on the device, un-marked, for a new declaration; that upload is
+  never retried. Store reads and writes run in a worker thread, off the event loop.
 * :func:`send_decoy` sends a decoy upload (cover traffic, ``[privacy] decoy_uploads``): random
   tokens, the same size as a real upload, on its own fresh connection; the broker answers and
   discards it, and nothing changes on the device.
@@ -28,6 +30,7 @@ after its first commit (docs/protocol.md, ``positive_upload``). An upload refuse
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -50,6 +53,7 @@ from .protocol.messages import (
     PositivesPoll,
     PositiveToken,
     PositiveUpload,
+    encode_padded,
 )
 from .protocol.tokens import new_id
 from .store import PendingUpload, StoreError, TokenStore
@@ -58,6 +62,19 @@ log = logging.getLogger(__name__)
 
 CODE_REFUSALS = frozenset({"code_required", "code_invalid", "code_expired", "code_used"})
 """Broker refusals of an upload's declaration code: final for that upload (never retried)."""
+
+CONTENT_REFUSALS = frozenset({"expiry_out_of_window", "too_many_tokens", "duplicate_token",
+                              "bad_message"})
+"""Broker refusals of an upload's content: the same upload would be refused again (an expiry
+out of the broker's window, from a device clock off or a token lifetime longer than the broker
+publishes; more tokens than an upload may carry; a malformed message), so they are final too."""
+
+FINAL_REFUSALS = CODE_REFUSALS | CONTENT_REFUSALS
+"""Refusals after which an upload is never retried: its tokens stay, un-marked."""
+
+UPLOAD_TOO_LARGE = "too_many_tokens"
+"""The refusal recorded when a pending upload is too large to be sent at all (checked here,
+before the broker sees it: it does not fit in ``UPLOAD_SIZE_BYTES``)."""
 
 DECOY_MAX_TOKENS = 40
 """Most random tokens in a decoy upload (its size on the wire is the same whatever the count)."""
@@ -91,8 +108,8 @@ class UploadOutcome:
     Attributes:
         upload_id: the upload.
         count: tokens deleted (acknowledged) or kept and un-marked (refused).
-        refused: the refusal code (one of :data:`CODE_REFUSALS`) when the broker refused the
-            declaration code, else None (acknowledged).
+        refused: the refusal code (one of :data:`FINAL_REFUSALS`) when the broker refused the
+            upload for good, else None (acknowledged).
         message: the broker's one-line explanation of a refusal ("" when acknowledged).
     """
 
@@ -156,10 +173,12 @@ async def upload_pending(store: TokenStore, url: str, *, timeout_s: float = 15.0
     """Upload every pending positive upload; delete each one's tokens after its ack.
 
     Each upload goes on its own fresh anonymous connection, padded to ``UPLOAD_SIZE_BYTES``.
-    A refusal of the declaration code un-marks that upload's tokens (they stay on the device)
-    and moves on to the next upload. ``upload_conflict`` on a retried upload means that the
-    broker committed it earlier with more tokens (some have expired here since, which only
-    shrinks a pending upload): it counts as acknowledged.
+    A final refusal (:data:`FINAL_REFUSALS`: the code, or content the broker would refuse
+    again) un-marks that upload's tokens (they stay on the device) and moves on to the next
+    upload; so does an upload too large to be padded to ``UPLOAD_SIZE_BYTES`` (refusal
+    :data:`UPLOAD_TOO_LARGE`, decided here without sending it). ``upload_conflict`` on a
+    retried upload means that the broker committed it earlier with more tokens (some have
+    expired here since, which only shrinks a pending upload): it counts as acknowledged.
 
     Args:
         store: the token store.
@@ -176,33 +195,45 @@ async def upload_pending(store: TokenStore, url: str, *, timeout_s: float = 15.0
     Raises:
         OSError, TimeoutError, websockets.WebSocketException: the broker could not be reached
             or dropped before answering (the tokens of unanswered uploads are kept pending).
-        BrokerRefused: the broker refused an upload for another reason than its code
-            (``rate_limited``, ``unavailable``...): its tokens are kept pending, to retry.
+        BrokerRefused: the broker refused an upload for a passing reason (``rate_limited``,
+            ``unavailable``...; not one of :data:`FINAL_REFUSALS`): its tokens are kept
+            pending, to retry.
         MessageError: the broker's answer was not a matching ``positive_ack``.
         StoreError: the store failed (nothing deleted that was not acknowledged).
     """
     done: list[UploadOutcome] = []
-    for pending in store.pending():
+    for pending in await asyncio.to_thread(store.pending):
         message = upload_message(pending)
+        try:
+            encode_padded(message, UPLOAD_SIZE_BYTES)
+        except ValueError as exc:                 # would fail the same way on every retry
+            kept = await asyncio.to_thread(store.abandon_upload, pending.upload_id)
+            outcome = UploadOutcome(pending.upload_id, kept, UPLOAD_TOO_LARGE,
+                                    f"the upload cannot be sent: {exc}")
+            done.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+            continue
         try:
             async with anonymous_connection(url, timeout_s=timeout_s,
                                             ssl_context=ssl_context) as ch:
                 answer = await ch.request(message, size=UPLOAD_SIZE_BYTES)
         except BrokerRefused as exc:
-            if exc.error.code in CODE_REFUSALS:
-                kept = store.abandon_upload(pending.upload_id)
+            if exc.error.code in FINAL_REFUSALS:
+                kept = await asyncio.to_thread(store.abandon_upload, pending.upload_id)
                 outcome = UploadOutcome(pending.upload_id, kept, exc.error.code,
                                         exc.error.message)
             elif exc.error.code == "upload_conflict":
                 log.info("the broker already holds a larger version of a pending upload")
-                outcome = UploadOutcome(pending.upload_id,
-                                        store.complete_upload(pending.upload_id))
+                outcome = UploadOutcome(pending.upload_id, await asyncio.to_thread(
+                    store.complete_upload, pending.upload_id))
             else:
                 raise
         else:
             if not isinstance(answer, PositiveAck) or answer.upload_id != pending.upload_id:
                 raise MessageError("the broker's answer to the upload was not its positive_ack")
-            outcome = UploadOutcome(pending.upload_id, store.complete_upload(pending.upload_id))
+            outcome = UploadOutcome(pending.upload_id, await asyncio.to_thread(
+                store.complete_upload, pending.upload_id))
         done.append(outcome)
         if on_outcome is not None:
             on_outcome(outcome)

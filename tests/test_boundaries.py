@@ -40,7 +40,14 @@ def test_broker_imports_no_ui_and_no_webrtc():
     loaded = _modules_after_import("broker.server")
     assert not _top(loaded) & {"textual", "aiortc", "av", "aioice", "rich"}
     assert not {m for m in loaded if m.startswith("fanny_tui.")
-                and not m.startswith("fanny_tui.protocol")}
+                and not m.startswith("fanny_tui.protocol") and m != "fanny_tui.sqlite_util"}
+
+
+def test_shared_sqlite_plumbing_is_pure_stdlib():
+    # Imported by the broker and by the device's store: nothing from the kit, no third party.
+    loaded = _modules_after_import("fanny_tui.sqlite_util")
+    assert {m for m in loaded if m.startswith("fanny_tui.")} == {"fanny_tui.sqlite_util"}
+    assert not _top(loaded) & {"textual", "aiortc", "websockets", "msgspec", "rich"}
 
 
 def test_engine_imports_no_textual_and_aiortc_lazily():

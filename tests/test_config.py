@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from fanny_tui.config import Config, ConfigError, load_config, parse_config
+from broker.positives import DEFAULT_MAX_EXPIRY_AHEAD
+from fanny_tui.config import (
+    MAX_TOKEN_LIFETIME_DAYS,
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+)
+from fanny_tui.protocol.expiry import expiry_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +57,7 @@ def test_example_file_parses_and_documents_every_key(tmp_path):
     ({"protocol": {"radius_m": float("nan")}}, "protocol.radius_m"),
     ({"protocol": {"radius_m": 0}}, "protocol.radius_m"),
     ({"protocol": {"token_lifetime_days": 0}}, "protocol.token_lifetime_days"),
+    ({"protocol": {"token_lifetime_days": 16}}, "protocol.token_lifetime_days"),
     ({"protocol": {"deletion_hour_utc": 24}}, "protocol.deletion_hour_utc"),
     ({"protocol": {"poll_interval_s": 0}}, "protocol.poll_interval_s"),
     ({"protocol": {"colour": 1}}, "protocol.colour"),
@@ -101,3 +111,21 @@ def test_file_errors_name_the_file(tmp_path):
 def test_tomllib_is_the_reader():
     # config.example.toml is plain TOML 1.0 (no tool-specific syntax)
     tomllib.loads((ROOT / "config.example.toml").read_text())
+
+
+def test_the_longest_token_lifetime_fits_the_brokers_expiry_window():
+    """Issue 7, point 7: the config allowed 365 days while the broker refuses expiries more
+    than 16 days ahead; every allowed lifetime must give expiries the broker publishes."""
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    for minutes in range(0, 24 * 60, 7):               # contacts at every time of day
+        now = start + timedelta(minutes=minutes)
+        for hour in (0, 4, 23):
+            ahead = expiry_for(now, lifetime_days=MAX_TOKEN_LIFETIME_DAYS,
+                                deletion_hour_utc=hour) - now
+            assert ahead <= DEFAULT_MAX_EXPIRY_AHEAD
+    # One day more would not fit, at some time of day: the bound is the tightest.
+    assert any(expiry_for(start + timedelta(hours=h),
+                          lifetime_days=MAX_TOKEN_LIFETIME_DAYS + 1)
+               - (start + timedelta(hours=h)) > DEFAULT_MAX_EXPIRY_AHEAD for h in range(24))
+    config = parse_config({"protocol": {"token_lifetime_days": MAX_TOKEN_LIFETIME_DAYS}})
+    assert config.protocol.token_lifetime_days == 15

@@ -183,10 +183,15 @@ def _wait_exit(pid: int, fd: int, timeout: float) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("key", [b"q", None])
-def test_the_demo_app_quits_at_once(tmp_path, key):
+_A_TOKEN_SHOWN = re.compile(rb"Tokens \([1-9]")
+"""The tokens panel's title once the app shows a stored token."""
+
+
+@pytest.mark.parametrize(("key", "after_token"), [(b"q", False), (None, False), (b"q", True)])
+def test_the_demo_app_quits_at_once(tmp_path, key, after_token):
     """In a real terminal (a pty, 80x24): ``q`` (or SIGINT, what Ctrl-C sends before the app
-    takes the terminal) a few seconds in, while the scenario still waits: out in < 3 s."""
+    takes the terminal) a few seconds in, while the scenario still waits, or once a token was
+    shared (the ~15 s quit of issue 7, point 7): out in < 3 s."""
     env = {**_env(tmp_path), "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
     pid, fd = pty.fork()
     if pid == 0:                                           # the child: the demo, in the pty
@@ -196,7 +201,12 @@ def test_the_demo_app_quits_at_once(tmp_path, key):
     try:
         screen = _read_screen(fd, b"FANNY field kit: demo", 30 * TIME_UNIT)
         assert b"FANNY field kit: demo" in screen, screen[-2000:]
-        _read_screen(fd, b"\0never\0", 1.0 * TIME_UNIT)    # let matches and handshakes start
+        screen += _read_screen(fd, b"\0never\0", 1.0 * TIME_UNIT)  # matches, handshakes start
+        if after_token:
+            deadline = time.monotonic() + 60 * TIME_UNIT
+            while not _A_TOKEN_SHOWN.search(screen) and time.monotonic() < deadline:
+                screen = screen[-4096:] + _read_screen(fd, b"\0never\0", 0.2)
+            assert _A_TOKEN_SHOWN.search(screen), "no token shown in the app"
         started = time.monotonic()
         if key is None:
             os.kill(pid, signal.SIGINT)
@@ -210,6 +220,7 @@ def test_the_demo_app_quits_at_once(tmp_path, key):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+    print(f"demo app quit in {elapsed:.2f} s")
     assert elapsed < QUICK_S * TIME_UNIT, f"quitting took {elapsed:.1f} s"
     expected = 0 if key else 128 + signal.SIGINT
     assert os.waitstatus_to_exitcode(status) == expected

@@ -25,6 +25,7 @@ from broker.__main__ import issue_code
 from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.positives import (
     CODE_REFUSALS,
+    CONTENT_REFUSALS,
     DECOY_MAX_TOKENS,
     PollResult,
     declare,
@@ -259,6 +260,59 @@ async def test_a_refused_code_keeps_every_token_and_is_not_retried(tmp_path, sto
         assert again.acknowledged and again.count == 3
         assert set(made) <= board_tokens(broker)
         assert store.count() == 0
+
+
+# -- refused content: final too, never retried every 30 s (issue 7, point 7) ---------------
+
+
+def _corrupt_row(store: TokenStore, token: str, expires_at: datetime) -> None:
+    """A row the kit itself never writes (an older version's, or a damaged file)."""
+    with store._lock:
+        store._db.execute("INSERT INTO tokens (token, expires_at) VALUES (?, ?)",
+                          (token, int(expires_at.timestamp())))
+
+
+def _sent(recorder: Recorder) -> int:
+    """Upload frames the broker received, decodable or not."""
+    return sum('"positive_upload"' in raw for _, raw in recorder.frames)
+
+
+@pytest.mark.parametrize("reason", ["expiry_out_of_window", "too_many_tokens", "bad_message",
+                                    "too_large_to_send"])
+async def test_a_refused_content_keeps_every_token_and_is_not_retried(tmp_path, store, reason):
+    recorder = Recorder()
+    async with running(tmp_path, recorder, open_declarations=True) as broker:
+        made = set(fill(store, 3))
+        if reason == "expiry_out_of_window":
+            # token_lifetime_days 20 (the config allowed up to 365), or a clock days ahead.
+            late = expiry_for(datetime.now(UTC), lifetime_days=20)
+            extra = os.urandom(32).hex()
+            store.add(extra, late)
+            made.add(extra)
+        elif reason == "bad_message":
+            extra = "A" * 64                             # upper case: not a wire token
+            _corrupt_row(store, extra, expiry_for(datetime.now(UTC)))
+            made.add(extra)
+        else:                                              # one upload over the cap
+            count = MAX_TOKENS_PER_UPLOAD + (1 if reason == "too_many_tokens" else 300)
+            made |= set(fill(store, count - 3))
+        marked = store.begin_upload("0f0e5b1c-2a59-4b6e-9a51-3d7c1a2b3c4d", None)
+        assert len(marked) == len(made)
+        before = _sent(recorder)
+
+        [outcome] = await upload_pending(store, broker.url)
+
+        expected = "too_many_tokens" if reason == "too_large_to_send" else reason
+        assert (outcome.refused, outcome.count) == (expected, len(made))
+        assert outcome.message and not outcome.acknowledged
+        assert expected in CONTENT_REFUSALS
+        assert {t.token: t.pending for t in store.tokens()} == dict.fromkeys(made, False)
+        assert not board_tokens(broker) & made
+        sent = 0 if reason == "too_large_to_send" else 1   # decided here, never sent
+        assert _sent(recorder) == before + sent
+        # Not retried: the next round has nothing to send.
+        assert await upload_pending(store, broker.url) == []
+        assert _sent(recorder) == before + sent
 
 
 # -- lost acks: the retry is acknowledged without the consumed code -------------------------

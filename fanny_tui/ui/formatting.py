@@ -327,8 +327,14 @@ REFUSAL_TEXTS = {
     "code_invalid": "the declaration code is not valid (mistyped, or not issued for this broker)",
     "code_expired": "the declaration code has expired",
     "code_used": "the declaration code was already used",
+    "expiry_out_of_window": "the broker refused the tokens' expiry dates (is this device's "
+                            "clock right? is [protocol] token_lifetime_days longer than the "
+                            "broker accepts?)",
+    "too_many_tokens": "the upload held more tokens than one upload may carry",
+    "duplicate_token": "the upload held a token twice with different expiries",
+    "bad_message": "the broker could not read the upload (another kit version?)",
 }
-"""What each refusal of a declaration code means, for the tester."""
+"""What each final refusal of a declaration (its code, or its content) means, for the tester."""
 
 
 def describe_refusal(reason: str, count: int) -> str:
@@ -339,8 +345,9 @@ def describe_refusal(reason: str, count: int) -> str:
         count: tokens kept on the device.
     """
     why = REFUSAL_TEXTS.get(reason, f"the broker refused the declaration ({reason})")
-    return (f"{why}: {plural(count, 'token')} stay on this device, not uploaded; declare "
-            "again with a valid code")
+    then = ("declare again with a valid code" if reason.startswith("code_")
+            else "declare again once this is fixed")
+    return f"{why}: {plural(count, 'token')} stay on this device, not uploaded; {then}"
 
 
 def refusal_toast(reason: str, count: int) -> str:

@@ -18,12 +18,15 @@ from fanny_tui.events import (
     PositivesPolled,
     TokenStored,
 )
+from fanny_tui.positives import FINAL_REFUSALS
 from fanny_tui.ui.formatting import (
     EXPOSURE_NEXT_STEP,
+    REFUSAL_TEXTS,
     compass_point,
     describe_event,
     describe_exposure,
     describe_gps_source,
+    describe_refusal,
     fix_measured_at,
     format_accuracy,
     format_bearing,
@@ -181,3 +184,11 @@ def test_the_age_says_when_it_counts_from_the_arrival():
     age, note = format_fix_age(None, ARRIVED.replace(tzinfo=None), False)
     assert age.plain == "– since arrival" and note is not None
     assert note.plain == "GPS time 2026-12-01 05:30"
+
+
+def test_every_final_refusal_is_explained_with_what_to_do():
+    assert set(REFUSAL_TEXTS) == FINAL_REFUSALS
+    clock = describe_refusal("expiry_out_of_window", 4)
+    assert "clock" in clock and "4 tokens stay on this device" in clock
+    assert clock.endswith("declare again once this is fixed")
+    assert describe_refusal("code_used", 1).endswith("declare again with a valid code")
