@@ -95,7 +95,7 @@ class DataDirLock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already locked by this object")
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StoreError(f"cannot open the token store in {self.data_dir}: "

@@ -31,6 +31,8 @@ worker thread.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -256,7 +258,7 @@ class TokenStore:
                 self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
                                            check_same_thread=False, isolation_level=None)
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _private_file(path)
                 self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the token store {path}: {exc}") from None
@@ -641,3 +643,22 @@ class TokenStore:
         with self._transaction() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('poll_cursor', ?) "
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(cursor),))
+
+
+def _private_file(path: Path) -> None:
+    """Make ``path`` (and its directory, when created here) readable by this user only.
+
+    The store holds tokens and pending declaration codes: mode 0600 for the file, created so
+    before SQLite opens it (SQLite gives its ``-wal`` and ``-shm`` files the database file's
+    mode), and an older store's looser file, ``-wal`` and ``-shm`` are tightened. A directory
+    created here is 0700; an existing one is left as its owner set it.
+
+    Raises:
+        OSError: the directory or the file cannot be created or changed.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if each.stat().st_mode & 0o077:
+                each.chmod(0o600)

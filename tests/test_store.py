@@ -533,3 +533,26 @@ def test_memory_of_the_check_is_flat_in_the_published_count(tmp_path, store):
 
     small, large = peak(50_000), peak(500_000)
     assert large < 1.3 * small, (small, large)       # ten times the tokens, not the memory
+
+
+def test_the_store_is_readable_by_its_user_only(tmp_path):
+    """Tokens and pending declaration codes: file, -wal and -shm 0600, a new directory 0700."""
+    data_dir = tmp_path / "new" / "dir"
+    store = TokenStore.in_dir(data_dir)
+    try:
+        store.add(T1, EXPIRY)
+        files = [p for p in data_dir.iterdir() if p.name.startswith("tokens.sqlite3")]
+        assert {p.name for p in files} >= {"tokens.sqlite3", "tokens.sqlite3-wal"}
+        assert {p.name: p.stat().st_mode & 0o777 for p in files} == {
+            p.name: 0o600 for p in files}
+        assert data_dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        store.close()
+
+
+def test_an_older_store_readable_by_others_is_tightened(tmp_path):
+    TokenStore.in_dir(tmp_path).close()
+    path = tmp_path / "tokens.sqlite3"
+    path.chmod(0o644)
+    TokenStore.in_dir(tmp_path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
