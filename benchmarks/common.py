@@ -189,8 +189,8 @@ def time_methods(obj: object, timer: Timer, skip: frozenset[str] = frozenset()) 
     """Wrap every public method of ``obj`` (on the instance) so that ``timer`` accumulates
     the wall time spent in it, whatever the method (sync, or called from a thread).
 
-    Used to time the device's check through whatever API the kit's poll uses (a page-by-page
-    ``match_positives`` today, a bulk check once it exists) without naming it.
+    Used to time the device's check through whatever API the kit's poll uses (today the bulk
+    check of ``TokenStore.positives_check``) without naming it.
     """
     for name in dir(type(obj)):
         if name.startswith("_") or name in skip:

@@ -25,9 +25,9 @@ Positive uploads (paper section 4, step 2; section 5): a real upload needs a dec
 is checked and consumed even then. A ``decoy`` upload is validated like a real one, answered
 like one (the ack counts its distinct tokens) and discarded: nothing stored, no code looked at.
 Every answer to a ``positive_upload`` (ack or error, real or decoy) leaves no earlier than
-``upload_answer_delay_s`` after the upload was received, and acks are padded to
+``upload_answer_delay_s`` after the upload was received, and is padded to
 :data:`~fanny_tui.protocol.messages.ACK_SIZE_BYTES`, so neither timing nor size tells a network
-observer how many tokens an upload held or whether it was a decoy.
+observer how many tokens an upload held, whether it was a decoy, or whether it was refused.
 
 Limits: ``max_message_bytes`` (default 65536: a padded upload fits exactly), 500 tokens per
 upload (``too_many_tokens``), ``position_rate_per_s`` / ``position_burst`` per connection (a
@@ -557,6 +557,25 @@ def _error(code: str, message: str, field: str | None) -> Error:
     return Error(code=code[:64], message=message, field=field)
 
 
+def _upload_error(error: Error) -> str:
+    """The text of an ``error`` answering a ``positive_upload``: padded to exactly
+    ``ACK_SIZE_BYTES`` like the ack, so a refused upload's answer has the size of an
+    acknowledged one (trial finding 9). A refusal too long for it loses the end of its
+    ``message`` (then its ``field``) to fit."""
+    while True:
+        try:
+            return encode_padded(error, ACK_SIZE_BYTES)
+        except ValueError:
+            over = len(encode(error).encode("utf-8")) - ACK_SIZE_BYTES
+            if len(error.message) > 3:
+                keep = max(0, len(error.message.removesuffix("...")) - over - 3)
+                error = msgspec.structs.replace(error, message=error.message[:keep] + "...")
+            elif error.field is not None:
+                error = msgspec.structs.replace(error, field=None)
+            else:
+                raise
+
+
 def _classify(message: Any) -> str:
     if isinstance(message, Hello):
         return "session"
@@ -756,7 +775,9 @@ class _Broker:
             # Only the code: a field name comes from the client and could be anything.
             logger.debug("refused a message: %s", error.code)
             if _frame_type(raw) == "positive_upload":
-                await self._hold(received)   # even a malformed upload is answered late
+                await self._hold(received)   # even a malformed upload is answered late,
+                await client.reply(_upload_error(error))     # and at the ack's size
+                return
             await client.reply(error)
             return
         self._record(client.kind if client.kind != "unknown" else _classify(message), raw)
@@ -862,7 +883,7 @@ class _Broker:
             _log_internal_error("while handling an upload", exc)
             answer = _error("internal_error", "the broker failed on this message", None)
         await self._hold(received)
-        await client.reply(answer)
+        await client.reply(answer if isinstance(answer, str) else _upload_error(answer))
 
     async def _upload(self, upload: PositiveUpload) -> str:
         """Commit (or, for a decoy, only validate) an upload; return the padded ack text."""

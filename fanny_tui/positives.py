@@ -56,7 +56,7 @@ from .protocol.messages import (
     encode_padded,
 )
 from .protocol.tokens import new_id
-from .store import PendingUpload, StoreError, TokenStore
+from .store import PendingUpload, PositivesCheck, TokenStore, UnrecordedMatchError
 
 log = logging.getLogger(__name__)
 
@@ -284,28 +284,29 @@ async def send_decoy(url: str, *, timeout_s: float = 15.0,
     return True
 
 
-def _compare(store: TokenStore, tokens: list[str],
-             on_match: Callable[[int, list[ContactMeasures]], None] | None,
-             on_unrecorded_match: Callable[[set[str]], None] | None) -> int:
-    """Compare published tokens with the store; delete and alert on matches (paper 4, step 4).
+async def _record(store: TokenStore, check: PositivesCheck | None, cursor: int,
+                  on_match: Callable[[int, list[ContactMeasures]], None] | None,
+                  on_unrecorded_match: Callable[[set[str]], None] | None) -> int:
+    """Record a bulk check in ONE transaction, in a worker thread (paper 4, step 4).
 
-    Returns the number of stored tokens matched. Raises StoreError (after
-    ``on_unrecorded_match``) when the store could not be written.
+    Deletes only the stored tokens that matched, records one alert for them and moves the
+    durable poll cursor to ``cursor``. Returns the number of stored tokens matched (0: none).
+    Raises StoreError, after ``on_unrecorded_match`` when the write failed after a match.
+    ``check`` None: no token arrived, only the cursor moves (an end frame's or empty page's).
     """
-    if not tokens:
-        return 0
+    if check is None:
+        check = await asyncio.to_thread(store.positives_check)
     try:
-        contacts = store.contacts_of(tokens) if on_match is not None else []
-        found = store.match_positives(tokens, datetime.now(UTC))
-    except StoreError:
+        # shielded: a poll cancelled while it records still records (the thread would
+        # anyway), and the caller's cancellation goes on once it is written
+        found = await asyncio.shield(asyncio.to_thread(check.commit, cursor, datetime.now(UTC)))
+    except UnrecordedMatchError as exc:
         if on_unrecorded_match is not None:
-            unrecorded = store.matching_tokens(tokens)
-            if unrecorded:
-                on_unrecorded_match(unrecorded)
+            on_unrecorded_match(set(exc.tokens))
         raise
-    if found and on_match is not None:
-        on_match(found, contacts)
-    return found
+    if found.matched and on_match is not None:
+        on_match(found.matched, list(found.contacts))
+    return found.matched
 
 
 async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
@@ -314,13 +315,18 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     on_unrecorded_match: Callable[[set[str]], None] | None = None,
                     formats: tuple[str, ...] = (BATCH_FORMAT,)
                     ) -> PollResult:
-    """Fetch positives since the stored cursor, compare locally, delete matches.
+    """Fetch positives since the stored cursor, compare them in bulk, delete the matches.
 
     The poll asks for the binary ``batch1`` form (``formats``): the broker streams every
-    token after the cursor in frames of at most a few thousand tokens, then an end frame;
-    each frame is compared and its cursor stored durably before the next one is read, so
-    memory stays flat and an interrupted catch-up resumes where it stopped. A broker that
-    does not know ``batch1`` answers JSON ``positives`` pages, which are read the same way.
+    token after the cursor in frames of at most a few thousand tokens, then an end frame. A
+    broker that does not know ``batch1`` answers JSON ``positives`` pages, read the same way.
+    Each frame or page is compared in memory as it arrives (:meth:`TokenStore.positives_check`:
+    a set intersection with the stored tokens, memory flat in the number published) and the
+    outcome is recorded in ONE transaction per call, in a worker thread: the matched tokens
+    deleted (only those), one alert, the durable cursor. When the poll is cut mid-stream (the
+    connection drops, a frame is malformed, the call is cancelled), what was compared up to
+    the last complete frame or page is recorded with that frame's cursor before the error is
+    raised, so an interrupted catch-up resumes where it stopped.
 
     Args:
         store: the token store.
@@ -329,9 +335,10 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
         ssl_context: for ``wss://``.
         max_pages: most polls sent on the connection in one call (a JSON page, or a binary
             answer the broker ended with ``more``).
-        on_match: called with the number of stored tokens matched and their stored contact
-            measures (those measured) as soon as a frame or page matched (its alert is
-            recorded), even if a later one or a write then fails.
+        on_match: called once per call, after the transaction, with the number of stored
+            tokens matched and their stored contact measures (those measured), when some
+            matched (their alert is recorded) — even when the poll was cut and the error is
+            then raised.
         on_unrecorded_match: called with the matching tokens when the store could not be
             written (disk full, read-only), before the StoreError is raised: the exposure is
             real even though it can be neither recorded nor the tokens deleted yet.
@@ -347,36 +354,51 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
         OSError, TimeoutError, websockets.WebSocketException, BrokerRefused, MessageError,
         StoreError: as :func:`upload_pending`; the cursor only advances past compared tokens.
     """
-    received = matched = 0
-    async with anonymous_connection(url, timeout_s=timeout_s, ssl_context=ssl_context) as ch:
-        for _ in range(max_pages):
-            await ch.send(PositivesPoll(cursor=store.poll_cursor(), accept=list(formats)))
-            more = True                        # poll again (unless the answer says otherwise)
-            while True:
-                try:
-                    answer = await ch.receive()
-                except BrokerRefused as exc:
-                    if formats and exc.error.code == "unknown_field" \
-                            and exc.error.field == "accept":
-                        formats = ()       # a broker older than batch1: ask for JSON pages
+    first = cursor = await asyncio.to_thread(store.poll_cursor)
+    check: PositivesCheck | None = None     # read from the store at the first token (a
+    received = 0                            # poll with nothing new reads nothing more)
+    try:
+        async with anonymous_connection(url, timeout_s=timeout_s,
+                                        ssl_context=ssl_context) as ch:
+            for _ in range(max_pages):
+                await ch.send(PositivesPoll(cursor=cursor, accept=list(formats)))
+                more = True                    # poll again (unless the answer says otherwise)
+                while True:
+                    try:
+                        answer = await ch.receive()
+                    except BrokerRefused as exc:
+                        if formats and exc.error.code == "unknown_field" \
+                                and exc.error.field == "accept":
+                            formats = ()   # a broker older than batch1: ask for JSON pages
+                            break
+                        raise
+                    if isinstance(answer, Positives):       # one JSON page answers the poll
+                        if answer.tokens:
+                            if check is None:
+                                check = await asyncio.to_thread(store.positives_check)
+                            check.feed([t.token for t in answer.tokens])
+                            received += len(answer.tokens)
+                        cursor, more = answer.cursor, answer.more
                         break
-                    raise
-                if isinstance(answer, Positives):           # one JSON page answers the poll
-                    tokens, next_cursor, done, more = (
-                        [t.token for t in answer.tokens], answer.cursor, True, answer.more)
-                elif isinstance(answer, bytes):
+                    if not isinstance(answer, bytes):
+                        raise MessageError("the broker's answer to the poll was not positives")
                     frame = decode_batch_frame(answer)
                     if isinstance(frame, EndFrame):
-                        tokens, next_cursor, done, more = [], frame.cursor, True, frame.more
-                    else:
-                        tokens, next_cursor, done = frame.hex_tokens(), frame.cursor, False
-                else:
-                    raise MessageError("the broker's answer to the poll was not positives")
-                received += len(tokens)
-                matched += _compare(store, tokens, on_match, on_unrecorded_match)
-                store.set_poll_cursor(next_cursor)   # durable, frame by frame
-                if done:
+                        cursor, more = frame.cursor, frame.more
+                        break
+                    if check is None:
+                        check = await asyncio.to_thread(store.positives_check)
+                    for _, tokens in frame.groups:          # raw 32-byte tokens
+                        check.feed(tokens)                  # ~1 ms per 8192 tokens
+                        received += len(tokens)
+                    cursor = frame.cursor
+                if not more:
                     break
-            if not more:
-                break
+    except (Exception, asyncio.CancelledError):
+        if cursor != first:                   # keep what was compared, then re-raise
+            await _record(store, check, cursor, on_match, on_unrecorded_match)
+        raise
+    matched = 0
+    if cursor != first:
+        matched = await _record(store, check, cursor, on_match, on_unrecorded_match)
     return PollResult(received=received, matched=matched)

@@ -409,25 +409,6 @@ class TokenStore:
         return [StoredToken(t, _dt(e), u is not None, _measures(tuple(m)), meetings)
                 for t, e, u, *m, meetings in rows]
 
-    def contacts_of(self, tokens: Iterable[str]) -> list[ContactMeasures]:
-        """The stored measures of those of ``tokens`` that are stored (not pending upload)
-        and measured; reads only. Used to show the contacts of an exposure alert."""
-        wanted = [t for t in tokens if is_token(t)]
-        found: list[ContactMeasures] = []
-        if not self._has_measures:
-            return found
-        with self._write():
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
-                        "SELECT duration_s, closest_m, median_m, samples FROM tokens WHERE "
-                        f"upload_id IS NULL AND token IN ({marks}) ORDER BY token", chunk):
-                    measures = _measures(tuple(row))
-                    if measures is not None:
-                        found.append(measures)
-        return found
-
     def count(self) -> int:
         """Number of stored tokens."""
         with self._write():
@@ -536,48 +517,6 @@ class TokenStore:
 
     # -- exposure (paper 4, step 4) ---------------------------------------------------------
 
-    def match_positives(self, tokens: Iterable[str], now: datetime) -> int:
-        """Compare positive tokens with the store; delete the matches and record an alert.
-
-        Tokens of this device's own pending upload are not compared (they are this device's
-        own declaration coming back).
-
-        Returns:
-            The number of stored tokens that matched (0: no exposure).
-        """
-        wanted = [t for t in tokens if is_token(t)]
-        if not wanted:
-            return 0
-        with self._transaction() as db:
-            matched = 0
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                matched += db.execute(
-                    f"DELETE FROM tokens WHERE upload_id IS NULL AND token IN ({marks})", chunk
-                ).rowcount
-            if matched:
-                db.execute("INSERT INTO alerts (noticed_at, count) VALUES (?, ?)",
-                           (_ts(now), matched))
-        return matched
-
-    def matching_tokens(self, tokens: Iterable[str]) -> set[str]:
-        """The stored tokens (not pending upload) among ``tokens``; reads only.
-
-        Used to still raise an exposure alert when the store cannot be written (disk full,
-        read-only): the match is then shown but can be neither recorded nor deleted.
-        """
-        wanted = [t for t in tokens if is_token(t)]
-        found: set[str] = set()
-        with self._write():
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.update(row[0] for row in self._db.execute(
-                    f"SELECT token FROM tokens WHERE upload_id IS NULL AND token IN ({marks})",
-                    chunk))
-        return found
-
     def positives_check(self) -> PositivesCheck:
         """Start a bulk comparison of published positive tokens with the store (issue 7, 3).
 
@@ -637,12 +576,6 @@ class TokenStore:
         with self._write():
             row = self._db.execute("SELECT value FROM meta WHERE key = 'poll_cursor'").fetchone()
         return int(row[0]) if row else 0
-
-    def set_poll_cursor(self, cursor: int) -> None:
-        """Remember the cursor the broker returned."""
-        with self._transaction() as db:
-            db.execute("INSERT INTO meta (key, value) VALUES ('poll_cursor', ?) "
-                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(cursor),))
 
 
 def _private_file(path: Path) -> None:

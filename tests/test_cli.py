@@ -369,7 +369,8 @@ def test_tokens_lists_exposure_alerts_and_the_data_dir_error(tmp_path):
     store = TokenStore.in_dir(tmp_path / "d")
     store.add("cd" * 32, datetime(2026, 12, 20, 4, tzinfo=UTC))
     store.add("ef" * 32, datetime(2026, 12, 20, 4, tzinfo=UTC))
-    assert store.match_positives(["cd" * 32], datetime(2026, 12, 6, 9, tzinfo=UTC)) == 1
+    assert store.check_positives([["cd" * 32]], 1,
+                                 datetime(2026, 12, 6, 9, tzinfo=UTC)).matched == 1
     store.close()
     result = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", tmp_path / "d"],
                             capture_output=True, text=True, check=True)

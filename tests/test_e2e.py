@@ -28,7 +28,7 @@ from fanny_tui.engine import MAX_CONCURRENT_HANDSHAKES
 from fanny_tui.gps import FixedSource
 from fanny_tui.positives import declare, upload_pending
 from fanny_tui.protocol.expiry import expiry_for
-from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES
+from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES, PositiveToken
 from fanny_tui.protocol.tokens import craft_token
 from fanny_tui.store import StoreError, TokenStore
 
@@ -310,6 +310,9 @@ async def test_a_read_only_store_is_an_error_not_a_crash(tmp_path):
         _degrade(store, "query_only = 1")              # the file system went read-only
         with pytest.raises(StoreError, match="readonly"):
             await a.engine.declare_positive(_code(tmp_path))
+        now = datetime.now(UTC)                         # someone else's positive is published:
+        broker.board.add(os.urandom(16).hex(), [PositiveToken(token=os.urandom(32).hex(),
+                         expires_at=expiry_for(now))], now, code_required=False)
         error = await a.wait_event("error")             # the next poll cannot save its cursor
         assert "readonly" in error.message and "\n" not in error.message
         assert _held(a.data_dir) == dict.fromkeys(tokens, False)

@@ -23,6 +23,7 @@ import websockets
 
 from broker.__main__ import issue_code
 from broker.server import BrokerSettings, RunningBroker, start_broker
+from fanny_tui import positives
 from fanny_tui.positives import (
     CODE_REFUSALS,
     CONTENT_REFUSALS,
@@ -47,7 +48,7 @@ from fanny_tui.protocol.messages import (
     encode,
     encode_padded,
 )
-from fanny_tui.store import TokenStore
+from fanny_tui.store import PositivesCheck, PositivesMatch, TokenStore
 
 
 class Recorder:
@@ -423,7 +424,7 @@ async def test_a_device_catches_up_on_the_whole_board_in_one_poll(tmp_path, stor
         assert result == PollResult(received=len(published), matched=len(witnessed))
         assert sum(alerts) == len(witnessed)
         assert store.poll_cursor() == len(published)
-        assert sorted(t for t in kept if store.matching_tokens([t])) == sorted(kept)
+        assert {t.token for t in store.tokens()} == set(kept)
         assert store.count() == len(kept)                    # only the matches deleted
         assert sum(a.count for a in store.alerts()) == len(witnessed)
         again = await poll_once(store, broker.url, on_match=lambda n, _: alerts.append(n))
@@ -431,28 +432,71 @@ async def test_a_device_catches_up_on_the_whole_board_in_one_poll(tmp_path, stor
         assert sum(a.count for a in store.alerts()) == len(witnessed)   # alerted once
 
 
-async def test_a_catch_up_cut_off_resumes_after_the_last_frame_compared(tmp_path, store):
-    expires_at = expiry_for(datetime.now(UTC))
-    published = [os.urandom(32).hex() for _ in range(10_000)]
-    async with running(tmp_path, batch_frame_tokens=1000) as broker:
-        publish(broker, published, expires_at)
-        cursors: list[int] = []
-        real = store.set_poll_cursor
+def count_commits(store: TokenStore) -> list[int]:
+    """The cursors of every bulk check the store records from now on (one per poll)."""
+    cursors: list[int] = []
+    start = store.positives_check
 
-        def cut_after_three(cursor: int) -> None:
-            real(cursor)
+    def checking() -> PositivesCheck:
+        check = start()
+        commit = check.commit
+
+        def committing(cursor: int, now: datetime) -> PositivesMatch:
             cursors.append(cursor)
-            if len(cursors) == 3:
-                raise ConnectionError("cut")
+            return commit(cursor, now)
 
-        store.set_poll_cursor = cut_after_three            # type: ignore[method-assign]
+        check.commit = committing                           # type: ignore[method-assign]
+        return check
+
+    store.positives_check = checking                        # type: ignore[method-assign]
+    return cursors
+
+
+async def test_a_whole_catch_up_is_one_transaction(tmp_path, store):
+    mine = list(fill(store, 5))
+    published = [os.urandom(32).hex() for _ in range(10_000)] + mine[:2]
+    alerts: list[tuple[int, int]] = []
+    async with running(tmp_path, batch_frame_tokens=1000) as broker:
+        publish(broker, published, expiry_for(datetime.now(UTC)))
+        commits = count_commits(store)
+        result = await poll_once(store, broker.url,
+                                 on_match=lambda n, contacts: alerts.append((n, len(contacts))))
+        assert result == PollResult(received=10_002, matched=2)
+        assert commits == [10_002]                       # 11 frames, ONE write
+        assert alerts == [(2, 2)] and len(store.alerts()) == 1
+        assert await poll_once(store, broker.url) == PollResult(received=0, matched=0)
+        assert commits == [10_002]                       # nothing new: nothing written
+
+
+async def test_a_catch_up_cut_off_resumes_after_the_last_frame_compared(tmp_path, store,
+                                                                        monkeypatch):
+    mine = list(fill(store, 3))
+    expires_at = expiry_for(datetime.now(UTC))
+    early = [os.urandom(32).hex() for _ in range(2500)] + [mine[0]]   # within 3 frames
+    async with running(tmp_path, batch_frame_tokens=1000) as broker:
+        publish(broker, early, expires_at)
+        publish(broker, [os.urandom(32).hex() for _ in range(7499)], expires_at)
+        frames: list[int] = []
+        real = positives.decode_batch_frame
+
+        def cut_after_three(data: bytes) -> Any:
+            if len(frames) == 3:
+                raise ConnectionError("cut")
+            frames.append(1)
+            return real(data)
+
+        monkeypatch.setattr(positives, "decode_batch_frame", cut_after_three)
+        commits = count_commits(store)
+        alerts: list[int] = []
         with pytest.raises(ConnectionError):
-            await poll_once(store, broker.url)
-        store.set_poll_cursor = real                        # type: ignore[method-assign]
-        assert store.poll_cursor() == 3000                  # durable, frame by frame
+            await poll_once(store, broker.url, on_match=lambda n, _: alerts.append(n))
+        monkeypatch.setattr(positives, "decode_batch_frame", real)
+        assert commits == [3000]                            # what was compared, once
+        assert store.poll_cursor() == 3000 and alerts == [1]   # its match recorded
+        assert store.count() == 2
         rest = await poll_once(store, broker.url)
-        assert rest.received == 7000
-        assert store.poll_cursor() == 10_000
+        assert rest == PollResult(received=7000, matched=0)
+        assert store.poll_cursor() == 10_000 and len(store.alerts()) == 1
 
 
 async def test_a_broker_older_than_batch1_is_polled_in_json(tmp_path, store):

@@ -86,28 +86,17 @@ def test_second_declaration_gets_its_own_upload(store):
         "u-1": [T1], "u-2": [T2]}
 
 
-def test_match_positives_deletes_matches_and_records_alert(store):
-    now = datetime(2026, 12, 1, 12, tzinfo=UTC)
-    store.add(T1, EXPIRY)
-    store.add(T2, EXPIRY)
-    assert store.match_positives([T3], now) == 0
-    assert store.alerts() == []
-    assert store.match_positives([T1, T3, "not-a-token"], now) == 1
-    assert [t.token for t in store.tokens()] == [T2]   # paper 4, step 4: matched deleted
-    assert [(a.count, a.noticed_at) for a in store.alerts()] == [(1, now)]
-
-
 def test_own_pending_upload_is_not_an_exposure(store):
     store.add(T1, EXPIRY)
     store.begin_upload("u-1")
-    assert store.match_positives([T1], datetime.now(UTC)) == 0
+    assert store.check_positives([[T1]], 1, datetime.now(UTC)).matched == 0
     assert store.count() == 1
 
 
 def test_poll_cursor_persists(tmp_path, store):
     assert store.poll_cursor() == 0
-    store.set_poll_cursor(42)
-    store.set_poll_cursor(43)
+    store.check_positives([], 42, datetime.now(UTC))
+    store.check_positives([], 43, datetime.now(UTC))
     store.close()
     again = TokenStore.in_dir(tmp_path)
     assert again.poll_cursor() == 43
@@ -304,7 +293,7 @@ def test_query_only_store_refuses_writes_clearly(tmp_path, store):
     with store._lock:
         store._db.execute("PRAGMA query_only = 1")
     for write in (lambda: store.add(T2, EXPIRY), lambda: store.complete_upload("u-1"),
-                  lambda: store.abandon_upload("u-1"), lambda: store.set_poll_cursor(3),
+                  lambda: store.abandon_upload("u-1"), lambda: store.check_positives([], 3, EXPIRY),
                   lambda: store.sweep_expired(EXPIRY + timedelta(days=9))):
         with pytest.raises(StoreError, match="readonly"):
             write()
@@ -332,7 +321,6 @@ def test_v2_store_upgrades_in_place_to_v3(tmp_path):
     ro = TokenStore(path, read_only=True)  # fanny-tui tokens on an old file: no measures
     assert [(t.token, t.contact, t.meetings) for t in ro.tokens()] == [(T1, None, 1),
                                                                        (T2, None, 1)]
-    assert ro.contacts_of([T2]) == []
     ro.close()
     store = TokenStore(path)
     assert store.schema_version == SCHEMA_VERSION == 3
@@ -382,19 +370,6 @@ def test_no_instant_but_the_rounded_expiry_is_stored(tmp_path, store):
     assert row[0] % 3600 == 0
 
 
-def test_contacts_of_reads_the_matched_tokens_measures(store):
-    store.add(T1, EXPIRY, ContactMeasures(30.0, 1.0, 2.0, 6))
-    store.add(T2, EXPIRY, ContactMeasures(60.0, 4.0, 5.0, 12))
-    store.add(T3, EXPIRY, ContactMeasures(90.0, 1.0, 1.0, 18))
-    store.begin_upload("u-1", limit=1)  # T3 (latest expiry, then token order: desc) pending
-    pending = {t.token for t in store.pending()[0].tokens}
-    found = store.contacts_of([T1, T2, T3, "nope"])
-    expected = [ContactMeasures(30.0, 1.0, 2.0, 6), ContactMeasures(60.0, 4.0, 5.0, 12),
-                ContactMeasures(90.0, 1.0, 1.0, 18)]
-    assert len(pending) == 1
-    assert found == [m for t, m in zip((T1, T2, T3), expected, strict=True) if t not in pending]
-
-
 def test_a_non_sqlite_exception_rolls_the_write_back_and_later_writes_work(tmp_path, store):
     """Issue 7, point 7: a write failing with a non-SQLite exception (here a corrupt measure
     read back by the merge) left its transaction open, and every later write then failed."""
@@ -407,7 +382,7 @@ def test_a_non_sqlite_exception_rolls_the_write_back_and_later_writes_work(tmp_p
         store.grow_contact(T1, ContactMeasures(duration_s=1.0, samples=1))
     assert not store._db.in_transaction
     assert store.add(T2, EXPIRY)                  # the next write is not refused
-    store.set_poll_cursor(7)
+    store.check_positives([], 7, datetime.now(UTC))
     store.close()
     reopened = TokenStore.in_dir(tmp_path)        # and it is durable: committed, not pending
     assert reopened.count() == 2 and reopened.poll_cursor() == 7
@@ -447,7 +422,7 @@ def test_check_positives_deletes_only_matches_alerts_once_and_moves_the_cursor(t
 
 def test_a_poll_failing_half_way_changes_nothing(store):
     store.add(T1, EXPIRY)
-    store.set_poll_cursor(5)
+    store.check_positives([], 5, datetime.now(UTC))
 
     def chunks():
         yield [T1]
@@ -462,7 +437,7 @@ def test_a_poll_failing_half_way_changes_nothing(store):
 def test_a_match_the_store_cannot_record_is_still_reported(store):
     store.add(T1, EXPIRY)
     store.add(T2, EXPIRY)
-    store.set_poll_cursor(5)
+    store.check_positives([], 5, datetime.now(UTC))
     with store._lock:
         store._db.execute("PRAGMA query_only = 1")
     with pytest.raises(UnrecordedMatchError, match="readonly") as caught:

@@ -226,11 +226,17 @@ class PositivesAvailable(_Message, tag="positives_available"):
 
 
 class Error(_Message, tag="error"):
-    """Broker -> client: a request was refused. ``field`` names the failing field if any."""
+    """Broker -> client: a request was refused. ``field`` names the failing field if any.
+
+    ``padding``: spaces that bring every answer to a ``positive_upload`` (refusal or ack) to
+    the same size (:data:`ACK_SIZE_BYTES`), so its size does not tell a refused upload from an
+    acknowledged one; other errors are not padded.
+    """
 
     code: Annotated[str, Meta(max_length=64)]
     message: Reason
     field: str | None = None
+    padding: Padding = ""
 
 
 # --- data channel, peer to peer (paper section 3, steps 4-5; docs/protocol.md) ------------
@@ -327,7 +333,7 @@ def encode(message: msgspec.Struct) -> str:
     return _encoder.encode(message).decode("utf-8")
 
 
-def encode_padded(message: PositiveUpload | PositiveAck, size: int) -> str:
+def encode_padded(message: PositiveUpload | PositiveAck | Error, size: int) -> str:
     """Encode ``message`` with its ``padding`` filled so the JSON text is exactly ``size`` bytes.
 
     Raises:

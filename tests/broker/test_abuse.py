@@ -151,6 +151,48 @@ async def test_open_declarations_accept_no_code_but_check_a_sent_one(tmp_path):
 # --- decoys, padding and the minimum delay ----------------------------------------------------
 
 
+async def test_every_answer_to_an_upload_has_the_acks_size(tmp_path):
+    """Trial finding 9: a refused declaration's ``error`` was 117-143 bytes against the ack's
+    256, so its size told it apart. Acks and refusals of every kind are now one size."""
+    async with (
+        running(tmp_path, wall=FakeWall(WALL_NOW), open_declarations=False) as broker,
+        Client.open(broker.url) as anon,
+    ):
+        answers: dict[str, int] = {}
+        await anon.send(encode_padded(upload(2, first=1, code=new_code(broker)),
+                                      UPLOAD_SIZE_BYTES))
+        ack, raw = await ack_text(anon)
+        answers["ack"] = len(raw.encode())
+        refused = [
+            upload(1, first=10),                                        # code_required
+            upload(1, first=11, code="0000-0000-0000-0000"),            # code_invalid
+            upload(1, first=12, code=format_code(b"\x01" * 10)),          # unknown code
+            PositiveUpload(upload_id=new_id(), code=new_code(broker),   # expiry_out_of_window
+                           tokens=[positive(13, WALL_NOW.replace(minute=0))]),
+        ]
+        for message in refused:
+            await anon.send(encode_padded(message, UPLOAD_SIZE_BYTES))
+            raw = await anon.recv_text()
+            error = decode_broker_message(raw)
+            assert isinstance(error, Error), error
+            assert error.padding.strip() == ""
+            answers[error.code] = len(raw.encode())
+        # A malformed upload (a bad token; a field name the client chose, echoed back long)
+        bad = json.loads(encode(upload(1, first=20)))
+        bad["tokens"][0]["token"] = "zz"
+        await anon.send(json.dumps(bad))
+        raw = await anon.recv_text()
+        answers[decode_broker_message(raw).code] = len(raw.encode())
+        bad = json.loads(encode(upload(1, first=21)))
+        bad["x" * 300] = 1
+        await anon.send(json.dumps(bad))
+        raw = await anon.recv_text()
+        answers["long " + decode_broker_message(raw).code] = len(raw.encode())
+    assert set(answers) >= {"ack", "code_required", "code_invalid", "expiry_out_of_window",
+                            "bad_message", "long unknown_field"}, answers
+    assert set(answers.values()) == {ACK_SIZE_BYTES}, answers
+
+
 async def test_decoys_are_answered_like_uploads_and_discarded(tmp_path):
     async with (
         running(tmp_path, wall=FakeWall(WALL_NOW), open_declarations=False) as broker,

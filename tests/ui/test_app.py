@@ -248,7 +248,7 @@ async def test_exposure_banner_appears_on_alert(config, data_dir):
 
 async def test_exposure_banner_shown_at_start_for_past_alerts(config, data_dir):
     store = TokenStore.in_dir(data_dir)
-    assert store.match_positives([TOKENS[0]], datetime.now(UTC)) == 1   # records an alert
+    assert store.check_positives([[TOKENS[0]]], 1, datetime.now(UTC)).matched == 1  # an alert
     store.close()
     app, _ = build(config, data_dir)
     async with app.run_test(size=SIZE) as pilot:
