@@ -10,9 +10,11 @@ loopback, through a byte-counting relay):
 * ``catchup_s`` / ``catchup_polls``: an empty cursor catching up on the whole board: the time
   spent in polls, and how many poll cycles it took (``poll_once`` calls; the engine makes one
   every ``poll_interval_s``, 300 s by default).
-* ``check_s``: the time spent in the token store's methods during that catch-up, whatever
-  they are (the page-by-page ``match_positives`` and cursor writes today, a bulk check once
-  it exists): timed by wrapping the store instance's public methods, so no method is named.
+* ``check_s``: the time spent in the token store's code during that catch-up, whatever the
+  poll calls (the frame-by-frame ``match_positives`` and cursor writes, or the bulk
+  ``positives_check()`` whose returned object's ``feed`` and ``commit`` the poll calls):
+  timed by wrapping the store instance's public methods and those of the store's helper
+  objects they return (see :func:`~benchmarks.common.time_methods`), so no method is named.
   Floor: a Python set intersection of the published tokens with the stored ones.
 * ``empty_poll_ms`` / ``empty_poll_bytes``: one ``poll_once`` with nothing new (time; bytes
   both ways), beside a bare WebSocket connect + ping + close to the same broker.
