@@ -138,13 +138,15 @@ async def byte_relay(target_port: int) -> AsyncIterator[tuple[int, ByteCounts]]:
 class LoopStall:
     """Measures how late the event loop wakes a 1 ms sleeper: the longest stall seen.
 
-    Use as ``async with LoopStall() as stall: ...``; then ``stall.worst_s`` and
+    Use as ``async with LoopStall() as stall: ...``; then ``stall.worst_s``,
+    ``stall.worst_at`` (``time.perf_counter()`` when the worst stall began) and
     ``stall.samples``.
     """
 
     def __init__(self, tick_s: float = 0.001) -> None:
         self.tick_s = tick_s
         self.worst_s = 0.0
+        self.worst_at = math.nan
         self.samples = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -154,7 +156,8 @@ class LoopStall:
             await asyncio.sleep(self.tick_s)
             late = time.perf_counter() - before - self.tick_s
             self.samples += 1
-            self.worst_s = max(self.worst_s, late)
+            if late > self.worst_s:
+                self.worst_s, self.worst_at = late, before
 
     async def __aenter__(self) -> LoopStall:
         self._task = asyncio.create_task(self._watch())
