@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -137,13 +138,15 @@ async def byte_relay(target_port: int) -> AsyncIterator[tuple[int, ByteCounts]]:
 class LoopStall:
     """Measures how late the event loop wakes a 1 ms sleeper: the longest stall seen.
 
-    Use as ``async with LoopStall() as stall: ...``; then ``stall.worst_s`` and
+    Use as ``async with LoopStall() as stall: ...``; then ``stall.worst_s``,
+    ``stall.worst_at`` (``time.perf_counter()`` when the worst stall began) and
     ``stall.samples``.
     """
 
     def __init__(self, tick_s: float = 0.001) -> None:
         self.tick_s = tick_s
         self.worst_s = 0.0
+        self.worst_at = math.nan
         self.samples = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -153,7 +156,8 @@ class LoopStall:
             await asyncio.sleep(self.tick_s)
             late = time.perf_counter() - before - self.tick_s
             self.samples += 1
-            self.worst_s = max(self.worst_s, late)
+            if late > self.worst_s:
+                self.worst_s, self.worst_at = late, before
 
     async def __aenter__(self) -> LoopStall:
         self._task = asyncio.create_task(self._watch())
@@ -183,29 +187,52 @@ class Timer:
     seconds: float = 0.0
     calls: int = 0
     names: dict[str, int] = field(default_factory=dict)
+    _depth: threading.local = field(default_factory=threading.local, repr=False)
 
 
-def time_methods(obj: object, timer: Timer, skip: frozenset[str] = frozenset()) -> None:
+def time_methods(obj: object, timer: Timer, skip: frozenset[str] = frozenset(),
+                 prefix: str = "") -> None:
     """Wrap every public method of ``obj`` (on the instance) so that ``timer`` accumulates
     the wall time spent in it, whatever the method (sync, or called from a thread).
 
-    Used to time the device's check through whatever API the kit's poll uses (today the bulk
-    check of ``TokenStore.positives_check``) without naming it.
+    Used to time the device's check through whatever API the kit's poll uses (a page-by-page
+    ``match_positives``, or a bulk check object such as ``positives_check()`` whose ``feed``
+    and ``commit`` the poll calls) without naming it:
+
+    * an object returned by a wrapped method whose class is defined in the same module as
+      ``obj``'s (a helper object of the store) has its public methods wrapped too, named
+      ``"method().name"``;
+    * only the outermost wrapped call is timed and counted (per thread), so a method calling
+      another public one of the same object is not counted twice.
     """
+    module = type(obj).__module__
     for name in dir(type(obj)):
         if name.startswith("_") or name in skip:
             continue
+        if isinstance(getattr(type(obj), name, None), property):
+            continue
         method = getattr(obj, name)
-        if not callable(method) or asyncio.iscoroutinefunction(method):
+        if not callable(method) or asyncio.iscoroutinefunction(method) or isinstance(method, type):
             continue
 
-        def wrapped(*args: object, __method=method, __name=name, **kwargs: object) -> object:
+        def wrapped(*args: object, __method=method, __name=prefix + name, **kwargs: object
+                    ) -> object:
+            depth = getattr(timer._depth, "n", 0)
+            timer._depth.n = depth + 1
             start = time.perf_counter()
             try:
-                return __method(*args, **kwargs)
+                result = __method(*args, **kwargs)
             finally:
-                timer.seconds += time.perf_counter() - start
-                timer.calls += 1
-                timer.names[__name] = timer.names.get(__name, 0) + 1
+                timer._depth.n = depth
+                if depth == 0:
+                    timer.seconds += time.perf_counter() - start
+                    timer.calls += 1
+                    timer.names[__name] = timer.names.get(__name, 0) + 1
+            if type(result).__module__ == module and hasattr(result, "__dict__"):
+                time_methods(result, timer, prefix=f"{__name}().")
+            return result
 
-        setattr(obj, name, wrapped)
+        try:
+            setattr(obj, name, wrapped)
+        except AttributeError:   # a frozen dataclass, a tuple, slots: not a helper to time
+            return

@@ -10,10 +10,11 @@ loopback, through a byte-counting relay):
 * ``catchup_s`` / ``catchup_polls``: an empty cursor catching up on the whole board: the time
   spent in polls, and how many poll cycles it took (``poll_once`` calls; the engine makes one
   every ``poll_interval_s``, 300 s by default).
-* ``check_s``: the time spent in the token store's methods during that catch-up, whatever
-  they are, and in those of the bulk check the store hands out (``positives_check()``: its
-  ``feed`` per frame and its one ``commit``): timed by wrapping the store instance's public
-  methods and those of any object they return, so no method is named.
+* ``check_s``: the time spent in the token store's code during that catch-up, whatever the
+  poll calls (the frame-by-frame ``match_positives`` and cursor writes, or the bulk
+  ``positives_check()`` whose returned object's ``feed`` and ``commit`` the poll calls):
+  timed by wrapping the store instance's public methods and those of the store's helper
+  objects they return (see :func:`~benchmarks.common.time_methods`), so no method is named.
   Floor: a Python set intersection of the published tokens with the stored ones.
 * ``empty_poll_ms`` / ``empty_poll_bytes``: one ``poll_once`` with nothing new (time; bytes
   both ways), beside a bare WebSocket connect + ping + close to the same broker.
@@ -76,25 +77,6 @@ def fill_store(store: TokenStore, tokens: list[str], now: datetime) -> None:
         db.execute("PRAGMA synchronous = FULL")
 
 
-def _time_returned(store: TokenStore, timer: Timer) -> None:
-    """Also time the public methods of the objects the store's methods return (a bulk check
-    object, whose ``feed`` and ``commit`` are the check), beside the store's own."""
-    for name in dir(store):
-        method = getattr(store, name)
-        if name.startswith("_") or not callable(method) or getattr(type(store), name, None) \
-                is None or isinstance(getattr(type(store), name), property):
-            continue
-
-        def returning(*args: object, __method=method, **kwargs: object) -> object:
-            result = __method(*args, **kwargs)
-            if result is not None and not isinstance(
-                    result, (int, float, str, bytes, bool, list, tuple, dict, set, frozenset)):
-                time_methods(result, timer)
-            return result
-
-        setattr(store, name, returning)
-
-
 def _as_engine(count: int, contacts: object) -> None:
     """The engine passes an ``on_match`` (so the poll also reads the matched contacts)."""
 
@@ -126,7 +108,6 @@ async def run(scale: Scale) -> list[Figure]:
             fill_store(store, stored, now)
             timer = Timer()
             time_methods(store, timer, skip=frozenset({"close", "add"}))
-            _time_returned(store, timer)
             settings = BrokerSettings(host=LOOPBACK, port=0, db_path=board_path,
                                       open_declarations=True)
             async with start_broker(settings) as broker, byte_relay(broker.port) as (port, counts):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
-from benchmarks.common import Figure, LoopStall, byte_relay, percentile
+from benchmarks.common import Figure, LoopStall, Timer, byte_relay, percentile, time_methods
 
 
 def test_figure_ratio_and_json():
@@ -57,3 +58,50 @@ async def test_loop_stall_sees_a_blocked_loop():
         await asyncio.sleep(0.01)
     assert stall.samples > 0
     assert stall.worst_s >= 0.04   # the sleeper cannot wake before the loop is free again
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    matched: int
+
+
+class _Check:
+    """Like the store's bulk check object: returned by a store method, fed, then committed."""
+
+    def feed(self, chunk: list[str]) -> int:
+        time.sleep(0.01)
+        return len(chunk)
+
+    def commit(self) -> _Outcome:
+        time.sleep(0.01)
+        return _Outcome(1)
+
+
+class _Store:
+    def check(self) -> _Check:
+        return _Check()
+
+    def check_all(self, chunks: list[list[str]]) -> _Outcome:
+        check = self.check()     # a public method calling another: timed once
+        for chunk in chunks:
+            check.feed(chunk)
+        return check.commit()
+
+    def close(self) -> None:
+        time.sleep(0.05)
+
+
+def test_time_methods_follows_helper_objects_and_counts_nested_calls_once():
+    store, timer = _Store(), Timer()
+    time_methods(store, timer, skip=frozenset({"close"}))
+    check = store.check()
+    for _ in range(3):
+        check.feed(["a", "b"])
+    assert check.commit() == _Outcome(1)     # a frozen result is returned untouched
+    assert timer.names == {"check": 1, "check().feed": 3, "check().commit": 1}
+    assert timer.seconds >= 0.04             # the three feeds and the commit slept 40 ms
+    store.close()                            # skipped: not timed
+    assert timer.calls == 5
+    assert store.check_all([["a"], ["b"]]) == _Outcome(1)
+    assert timer.names["check_all"] == 1 and timer.names["check"] == 1   # nested: not counted
+    assert timer.calls == 6 and timer.seconds >= 0.07
