@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -195,3 +195,22 @@ async def eventually(predicate: Any, timeout: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached within the bound")
         await asyncio.sleep(0.02)
+
+
+async def flood_signals(sender: Any, peer_session_id: str,
+                        done: Callable[[], Awaitable[bool]]) -> int:
+    """Send 30 kB SDP offers to ``peer_session_id`` in rounds of 50 until ``await done()`` (at
+    most 40 rounds, about 60 MB); return how many were sent. For tests of a client that does
+    not read (the broker must drop it rather than let its buffers grow)."""
+    from fanny_tui.protocol.messages import Signal
+
+    big = "v=0 " + "a" * 30_000
+    sent = 0
+    for _ in range(40):
+        for _ in range(50):
+            await sender.send(Signal(peer_session_id=peer_session_id, sdp_type="offer", sdp=big))
+        sent += 50
+        if await done():
+            break
+        await asyncio.sleep(0.05)
+    return sent

@@ -41,6 +41,7 @@ from .kit import (
     FakeMonotonic,
     FakeWall,
     eventually,
+    flood_signals,
     healthz,
     new_id,
     positive,
@@ -359,16 +360,8 @@ async def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(tmp
         await sender.at(0)
         await sleeper.at(2)
         await sender.expect(Match)
-        big = "v=0 " + "a" * 30_000
-        sent = 0
-        for _ in range(40):                                  # 60 MB at most
-            for _ in range(50):
-                await sender.send(Signal(peer_session_id=sleeper.session_id,
-                                         sdp_type="offer", sdp=big))
-            sent += 50
-            if await _connections(broker.port, 1):
-                break
-            await asyncio.sleep(0.05)
+        sent = await flood_signals(sender, sleeper.session_id,
+                                   lambda: _connections(broker.port, 1))
         await eventually(lambda: _connections(broker.port, 1), timeout=10 * TIME_UNIT)
         print(f"the broker dropped the client that read nothing after {sent} signals")
         await sender.at(0)                                   # the sender is served on
@@ -402,10 +395,6 @@ async def test_connections_over_the_per_address_cap_are_refused_then_closed(tmp_
         async with Client.open(broker.url) as c4, Client.open(broker.url) as c5:
             await c4.hello()                                 # slots are given back
             await c5.hello()
-
-
-async def _connections(port: int, expected: int) -> bool:
-    return (await healthz(port))[1]["connections"] == expected
 
 
 async def test_garbage_does_not_extend_the_first_message_time_out(tmp_path):

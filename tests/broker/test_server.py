@@ -39,6 +39,7 @@ from .kit import (
     FakeMonotonic,
     FakeWall,
     eventually,
+    flood_signals,
     healthz,
     new_id,
     north,
@@ -564,7 +565,6 @@ async def test_a_client_that_stops_reading_is_closed_and_others_are_unaffected(t
         await sender.at(0)
         await sleeper.at(2)
         await sender.expect(Match)
-        big = "v=0 " + "a" * 30_000
         received: list = []
 
         async def read_all() -> None:          # the sender reads its mail until a probe
@@ -575,15 +575,8 @@ async def test_a_client_that_stops_reading_is_closed_and_others_are_unaffected(t
                 received.append(message)
 
         reader = asyncio.create_task(read_all())
-        sent = 0
-        for _ in range(40):                                # 60 MB at most
-            for _ in range(50):
-                await sender.send(Signal(peer_session_id=sleeper.session_id,
-                                         sdp_type="offer", sdp=big))
-            sent += 50
-            if await _sessions(broker.port, 2):
-                break
-            await asyncio.sleep(0.05)
+        sent = await flood_signals(sender, sleeper.session_id,
+                                   lambda: _sessions(broker.port, 2))
         await eventually(lambda: _sessions(broker.port, 2), timeout=10)
         print(f"the broker dropped the client that stopped reading after {sent} signals")
         await bystander.at(500)
