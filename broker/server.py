@@ -217,6 +217,11 @@ class BrokerSettings:
             window and the library's write buffer full); then the connection is dropped.
         certfile / keyfile: PEM certificate chain and private key: serve ``wss://`` (TLS >= 1.2).
             Both or neither.
+        redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL of the Redis server shared by
+            a region's brokers (live positions and routing, nothing persisted); ``None``: in
+            this process's memory (see :mod:`broker.backends`).
+        postgres_url: ``postgresql://`` URL of the PostgreSQL database of the positive board
+            shared by a region's brokers; ``None``: the SQLite file ``db_path``.
 
     Raises:
         ValueError: a value is out of range; the message names the attribute.
@@ -257,6 +262,8 @@ class BrokerSettings:
     send_timeout_s: float = 10.0
     certfile: str | Path | None = None
     keyfile: str | Path | None = None
+    redis_url: str | None = None
+    postgres_url: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -308,6 +315,13 @@ class BrokerSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str | Path) or not str(value)):
                 raise ValueError(f"BrokerSettings.{name}: expected a PEM file path, got {value!r}")
+        for name, schemes in (("redis_url", ("redis", "rediss", "unix")),
+                              ("postgres_url", ("postgresql", "postgres"))):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str)
+                                      or urlsplit(value).scheme not in schemes):
+                raise ValueError(f"BrokerSettings.{name}: expected a URL starting with "
+                                 f"{' or '.join(s + '://' for s in schemes)}, got {value!r}")
         if (self.certfile is None) != (self.keyfile is None):
             missing = "keyfile" if self.keyfile is None else "certfile"
             raise ValueError(f"BrokerSettings.{missing}: TLS needs both a certfile and a keyfile")
