@@ -205,13 +205,19 @@ return had
 # KEYS: session, fix, geo, t, polar.
 # ARGV: hash, session ID, latitude, longitude, accuracy ('' = unknown), position_timeout_ms,
 #       session_ttl_ms, polar (1: index in the polar set), prefix,
-#       search latitude, search radius m (0: no GEO search), scan polar (0/1).
+#       search latitude, search radius m (0: no GEO search), scan polar (0/1),
+#       radius and epoch of this process's connection of the session ('' when none: then a
+#       session key that expired, or that Redis lost in a restart, is written again).
 # Returns false when the session is not connected, else {own radius, then for each candidate
 # (a fresh position of a connected session): session ID, lat, lon, accuracy, radius}. Values
 # stay strings: a Lua number would be truncated to an integer on the way back.
 _UPDATE = _NOW_MS + """
 local radius = redis.call('HGET', KEYS[1], 'r')
-if not radius then return false end
+if not radius then
+  if ARGV[13] == '' then return false end
+  radius = ARGV[13]
+  redis.call('HSET', KEYS[1], 'r', radius, 'e', ARGV[14])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('HSET', KEYS[2], 'sid', ARGV[2], 'lat', ARGV[3], 'lon', ARGV[4], 'acc', ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
@@ -303,8 +309,10 @@ class RedisPositions:
         position_timeout_s: seconds after which a position without update expires.
         route_ttl_s: seconds after a match during which the pair may signal (None: cooldown_s).
         session_ttl_s: seconds a session key lives without activity (None: the larger of
-            ``position_timeout_s`` and 30 s); the holding broker refreshes it at every
-            :meth:`expire`, which must therefore run more often than this.
+            ``position_timeout_s`` and 30 s); the holding broker refreshes it in
+            :meth:`expire` every quarter of it, so :meth:`expire` must run at least that
+            often. A position of a session this process holds writes its key again if it
+            expired (or Redis restarted).
         prefix: prefix of every key (one region per Redis database).
         owns_client: close ``client`` in :meth:`close`.
 
@@ -338,6 +346,7 @@ class RedisPositions:
         # What this process knows of its own connections (see _Local): for the GEO search
         # radius, counts() and the refresh of session keys.
         self._local: dict[str, _Local] = {}
+        self._refreshed = -math.inf        # when expire() last refreshed the session keys
         self._closed = False
 
     def _session_key(self, h: str) -> str:
@@ -425,7 +434,9 @@ class RedisPositions:
                   "" if accuracy_m is None else repr(accuracy_m),
                   _ms(self.position_timeout_s), _ms(self.session_ttl_s),
                   "1" if abs(latitude) > GEO_LATITUDE_LIMIT else "0", self.prefix,
-                  repr(centre), repr(search), "1" if scan_polar else "0"])
+                  repr(centre), repr(search), "1" if scan_polar else "0",
+                  "" if local is None else repr(local.radius_m),
+                  "" if local is None else str(local.epoch)])
         if reply is None:
             raise LocalProtocolError("update_position for a session that is not connected")
         if local is not None:
@@ -494,7 +505,8 @@ class RedisPositions:
     async def expire(self, now: float) -> int:
         """One round of housekeeping: drop stale entries of the spatial index (their positions
         already expired on their own) in batches of :data:`~broker.backends.EXPIRE_BATCH`,
-        yielding between them, and refresh the keys of this process's sessions.
+        yielding between them, and refresh the keys of this process's sessions (once every
+        quarter of ``session_ttl_s`` of ``now``, monotonic seconds).
 
         Returns:
             The number of stale index entries dropped (by this broker: another one may have
@@ -510,6 +522,9 @@ class RedisPositions:
         for local in self._local.values():
             if local.updated is not None and now - local.updated > self.position_timeout_s:
                 local.updated = None
+        if now - self._refreshed < self.session_ttl_s / 4:
+            return dropped
+        self._refreshed = now
         sessions = list(self._local)
         ttl = _ms(self.session_ttl_s)
         for start in range(0, len(sessions), EXPIRE_BATCH):
@@ -618,9 +633,9 @@ class RedisRouter:
                 await self._deliver_all(text)
             return
         session_id = self._by_channel.get(channel)
-        if session_id is None:
-            return                       # unsubscribed meanwhile
-        recipient = self._recipients[session_id]
+        recipient = None if session_id is None else self._recipients.get(session_id)
+        if session_id is None or recipient is None:
+            return                       # detached meanwhile
         if data.startswith("m:"):
             recipient.post(data[2:])
         elif data.startswith("r:") and data[2:] != self.nonce:
@@ -657,11 +672,13 @@ class RedisRouter:
             if old is not recipient:
                 old.replace()
             return                       # already subscribed
-        await self.client.publish(channel, "r:" + self.nonce)
         self._by_channel[channel] = session_id
+        await self.client.publish(channel, "r:" + self.nonce)
         confirmed = self._expect_confirmation(channel)
         await self._pubsub.subscribe(channel)
         await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
+        if session_id not in self._recipients:       # detached meanwhile by another task
+            await self._pubsub.unsubscribe(channel)
 
     async def detach(self, session_id: str, recipient: Recipient) -> None:
         """The connection ended: stop holding the session unless a newer connection does."""

@@ -269,6 +269,37 @@ async def test_disconnect_and_position_lost_drop_the_position(redis_url: str) ->
             await one.positions.update_position(a, LAT, LON, 4.0, 0.0)
 
 
+async def test_session_keys_live_with_their_broker_and_go_with_it(redis_url: str) -> None:
+    ttl = 0.5 * TIME_UNIT
+    async with brokers(redis_url, count=1, session_ttl_s=ttl) as (one,):
+        a = new_id()
+        await one.positions.connect(a, 30.0, 0.0)
+        key = f"fanny:s:{session_hash(a)}"
+        with redis.Redis.from_url(redis_url, decode_responses=True) as raw:
+            # Housekeeping keeps the key of a session the broker holds...
+            began = time.monotonic()
+            while time.monotonic() - began < 3 * ttl:
+                await one.positions.expire(time.monotonic())
+                assert raw.exists(key)
+                await asyncio.sleep(ttl / 10)
+            # ...and a broker that stopped working (killed) leaves it to expire.
+            await until(lambda: not raw.exists(key), timeout=ttl + 5 * TIME_UNIT)
+
+
+async def test_a_position_writes_a_lost_session_again(redis_url: str) -> None:
+    """Redis restarted (without persistence, everything is gone): the sessions the brokers
+    hold come back with their next position and match again."""
+    async with brokers(redis_url) as (one, two):
+        a, b = new_id(), new_id()
+        await one.positions.connect(a, 30.0, 0.0)
+        epoch_b = (await two.positions.connect(b, 30.0, 0.0)).epoch
+        with redis.Redis.from_url(redis_url) as raw:
+            raw.flushall()
+        assert await one.positions.update_position(a, LAT, LON, 4.0, 0.0) == []
+        assert len(await two.positions.update_position(b, north(2), LON, 4.0, 0.0)) == 2
+        assert await two.positions.disconnect(b, epoch_b)     # the same connection
+
+
 async def test_bad_arguments_are_refused_before_redis(redis_url: str) -> None:
     async with brokers(redis_url, count=1) as (one,):
         a = new_id()
