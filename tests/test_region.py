@@ -40,7 +40,7 @@ from fanny_tui.protocol.messages import (
 )
 from fanny_tui.protocol.tokens import craft_token
 from fanny_tui.store import TokenStore
-from tests.broker.kit import Client, new_id, positive, real_expiry, token
+from tests.broker.kit import Client, eventually, new_id, positive, real_expiry, token
 from tests.broker.test_main import start, stop
 from tests.helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
 from tests.servers import redis_contents
@@ -215,9 +215,13 @@ async def test_a_killed_broker_loses_no_acknowledged_token_and_its_sessions_move
                     assert (await anon.expect(PositiveAck)).count == 1
                     os.killpg(processes[0].pid, signal.SIGKILL)   # right after its ack
                 a_session = a.session_id
-            # a's broker is dead: a is at once unreachable, though its session key remains
-            # until it expires.
-            assert await _signal_outcome(b, a_session) == "peer_unavailable"
+            # a's broker is dead: a is unreachable as soon as Redis has seen the dead
+            # subscriber's connection close (long before a's session key expires).
+
+            async def a_is_unreachable() -> bool:
+                return await _signal_outcome(b, a_session) == "peer_unavailable"
+
+            await eventually(a_is_unreachable, timeout=2 * TIME_UNIT)
             for url in urls[1:]:
                 async with Client.open(url) as poller:
                     await poller.send(PositivesPoll())
