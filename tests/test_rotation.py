@@ -107,7 +107,8 @@ async def test_scheduled_rotation_starts_a_new_session_and_the_old_one_is_gone(t
             assert d.engine._contact_id not in (old_contact, old_session, new_session)
             assert recorder.hellos[0] == old_session
 
-            async def the_new_session_said_hello() -> bool:   # ids_rotated comes before the new hello
+            # ids_rotated comes before the new hello
+            async def the_new_session_said_hello() -> bool:
                 return new_session in recorder.hellos[1:]
 
             await eventually(the_new_session_said_hello, timeout=5 * TIME_UNIT)
