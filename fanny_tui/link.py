@@ -26,7 +26,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import websockets
-from websockets.asyncio.client import ClientConnection, connect, process_exception
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import process_exception
 
 from .config import BrokerConfig, ConfigError
 from .events import BrokerConnected, BrokerDisconnected, Event
