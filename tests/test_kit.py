@@ -75,3 +75,30 @@ def test_kit_counts_the_test_install_as_the_device_one_but_not_the_base(tmp_path
     _kit_sim(venv)
     assert calls.read_text().splitlines()[-1] == "-m pip install -q -e .[tui]"
     assert (venv / ".kit-installed").read_text() == f"{digest} [tui]\n"
+
+
+def _kit_test(venv: Path, mypy_status: int) -> subprocess.CompletedProcess[str]:
+    calls = venv.parent / "pip-calls.txt"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    (venv / ".kit-installed").write_text(f"{digest} [tui,test]\n")   # installed: no pip
+    for name, status in (("ruff", 0), ("mypy", mypy_status)):
+        (venv / "bin" / name).write_text(f'#!/bin/sh\necho "{name} $*" >>"{calls}"\n'
+                                         f'exit {status}\n')
+        (venv / "bin" / name).chmod(0o755)
+    return subprocess.run([ROOT / "kit", "test", "tests/test_kit.py"], capture_output=True,
+                          text=True, env={**os.environ, "FANNY_VENV": str(venv)},
+                          timeout=30 * TIME_UNIT)
+
+
+def test_kit_test_runs_the_type_check_after_the_lint_and_stops_on_its_errors(tmp_path):
+    venv = _venv(tmp_path)
+    calls = tmp_path / "pip-calls.txt"
+    failed = _kit_test(venv, mypy_status=1)
+    assert failed.returncode == 1
+    assert calls.read_text().splitlines() == ["ruff check fanny_tui broker tests benchmarks",
+                                              "mypy "]          # no pytest after mypy failed
+    calls.unlink()
+    passed = _kit_test(venv, mypy_status=0)
+    assert passed.returncode == 0, passed.stderr
+    assert calls.read_text().splitlines() == ["ruff check fanny_tui broker tests benchmarks",
+                                              "mypy ", "-m pytest tests/test_kit.py"]

@@ -40,6 +40,7 @@ def test_the_base_dependencies_hold_nothing_of_the_field_device():
     assert not base & CLIENT_DISTRIBUTIONS
     extras = PROJECT["optional-dependencies"]
     assert _names(extras["tui"]) == CLIENT_DISTRIBUTIONS - {"av"}   # av comes with aiortc
+    assert "mypy" in _names(extras["test"])
     assert PROJECT["scripts"]["fanny-broker"] == "broker.__main__:main"
     assert PROJECT["scripts"]["fanny-tui"] == "fanny_tui.entry:tui"
     assert PROJECT["scripts"]["fanny-sim"] == "fanny_tui.entry:sim"
