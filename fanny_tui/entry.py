@@ -1,8 +1,9 @@
 """The console entry points of the field device: ``fanny-tui`` and ``fanny-sim`` (issue 8).
 
-The base install (``pip install fanny-field-kit``, or ``pip install .``) is the protocol and
-the broker only: a broker host gets no aiortc, PyAV or Textual. The field device is the
-``tui`` extra (``pip install 'fanny-field-kit[tui]'``; ``./kit`` installs it). Without it,
+The base install (the distribution ``fanny-field-kit`` without extras: ``pip install .`` from a
+checkout) is the protocol and the broker only: a broker host gets no aiortc, PyAV or Textual.
+The field device is the ``tui`` extra (``pip install 'fanny-field-kit[tui]'``, from a checkout
+``pip install '.[tui]'``; ``./kit`` installs it). Without it,
 ``fanny-tui`` and ``fanny-sim`` say in one line on stderr what to install and exit 2 (a usage
 error, as a bad config), instead of a traceback from an import deep inside the app.
 
