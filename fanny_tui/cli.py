@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+def _add_report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report = sub.add_parser(
         "report", help="merge several devices' run journals ([journal] path) into one report",
         description="Merge the run journals of several devices: matches, handshake success, "
@@ -234,7 +234,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Signals on which a headless run stops its engine cleanly (SIGHUP: the terminal closed)."""
 
 
-async def run_headless(engine: object) -> int:
+async def run_headless(engine: Engine) -> int:
     """Run the engine until SIGINT/SIGTERM/SIGHUP or a closed stdout, printing JSON events.
 
     Returns:
@@ -244,9 +244,6 @@ async def run_headless(engine: object) -> int:
         DataDirBusy: another process holds the data directory.
         StoreError: the token store cannot be opened.
     """
-    from .engine import Engine
-
-    assert isinstance(engine, Engine)
     loop = asyncio.get_running_loop()
     stopping: set[asyncio.Task[None]] = set()
 

@@ -169,7 +169,7 @@ class _Section:
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(self.key(key), f"an integer in [{low}, {high}]", value)
-        return value
+        return int(value)
 
     def string(self, key: str, default: str | None) -> str | None:
         value = self.data.get(key, default)

@@ -58,7 +58,7 @@ def holder_line(pid: int | None = None, argv: list[str] | None = None) -> str:
     argv = list(sys.argv) if argv is None else argv
     command = " ".join([Path(argv[0]).name, *argv[1:]]) if argv else "python"
     line = " ".join(f"pid {pid}: {command}".split())
-    return line[:_MAX_HOLDER]
+    return line[:_MAX_HOLDER].rstrip()   # cut at a space: no trailing one (as read back)
 
 
 class DataDirLock:

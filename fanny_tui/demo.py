@@ -31,15 +31,20 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from .cli import EXIT_BROKEN_PIPE, STOP_SIGNALS, JsonLinesOut
 from .config import Config, parse_config
 from .events import Event, ExposureAlert, TokenStored
 from .protocol.proximity import EARTH_RADIUS_M
+
+if TYPE_CHECKING:
+    from .engine import Engine  # imported when the demo runs (run_demo)
 
 # A quiet square in Toulouse (WGS84 degrees); any spot works: the walkers stay within metres.
 DEMO_LATITUDE = 43.604500
@@ -150,9 +155,14 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
                     out(event)
 
             tester.subscribe(on_tester)
+            def keep_tokens(tokens: set[str]) -> Callable[[Event], None]:
+                def on_event(event: Event) -> None:
+                    if isinstance(event, TokenStored):
+                        tokens.add(event.token)
+                return on_event
+
             for index, engine in enumerate(others):
-                engine.subscribe(lambda e, i=index: device_tokens[i].add(e.token)
-                                 if isinstance(e, TokenStored) else None)
+                engine.subscribe(keep_tokens(device_tokens[index]))
 
             async def scenario() -> None:
                 await asyncio.sleep(WATCH_BEFORE_DECLARING_S)
@@ -190,12 +200,10 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
             notice.cancel()
 
 
-async def _run_app(tester: object, hint: str, stop: _Stop, duration_s: float | None) -> int:
+async def _run_app(tester: Engine, hint: str, stop: _Stop, duration_s: float | None) -> int:
     """Run the tester's app until it quits (``q``), a stop signal or ``duration_s``."""
-    from .engine import Engine
     from .ui.app import make_app
 
-    assert isinstance(tester, Engine)
     app = make_app(tester, title="FANNY field kit: demo", declare_hint=hint)
     stopper = asyncio.create_task(stop.requested.wait())
     stopper.add_done_callback(lambda _: app.exit())
@@ -214,16 +222,13 @@ def _say_stopping() -> None:
               flush=True)
 
 
-async def _run_headless_tester(tester: object, alerted: asyncio.Event, stop: asyncio.Event,
+async def _run_headless_tester(tester: Engine, alerted: asyncio.Event, stop: asyncio.Event,
                                duration_s: float | None) -> bool:
     """Run the tester's engine until the alert (+0.5 s), a stop request or ``duration_s``.
 
     Returns:
         True if the exposure alert came.
     """
-    from .engine import Engine
-
-    assert isinstance(tester, Engine)
     run = asyncio.create_task(tester.run())
     waits = [asyncio.create_task(alerted.wait()), asyncio.create_task(stop.wait())]
     try:

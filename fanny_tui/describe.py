@@ -134,13 +134,14 @@ def explain(failure: BaseException | str, *, url: str | None = None) -> Explanat
                     "check the scheme (ws:// or wss://) and the port in [broker] url")
     refused = _REFUSED.search(text)
     if refused:   # fanny_tui.link.BrokerRefused, also inside "bad answer to hello: ..."
-        code = refused.group(1)
-        if code in _BUSY_CODES:
-            return made(f"broker busy ({code})",
-                        f"the broker at {where} is busy and turned this device away ({code})",
+        refusal = refused.group(1)
+        if refusal in _BUSY_CODES:
+            return made(f"broker busy ({refusal})",
+                        f"the broker at {where} is busy and turned this device away "
+                        f"({refusal})",
                         "wait: the device retries by itself")
-        return made(f"broker refused ({code})",
-                    f"the broker at {where} refused this device ({code})",
+        return made(f"broker refused ({refusal})",
+                    f"the broker at {where} refused this device ({refusal})",
                     "check that broker and device run the same kit version")
     if kind in ("TimeoutError", "CancelledError") or "timed out" in lowered or (
             lowered in ("timeout", "no answer to hello")):

@@ -91,6 +91,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .datadir import DataDirLock
@@ -124,16 +125,22 @@ from .protocol.codes import normalize_code
 from .protocol.contact import ContactMeasures, ContactSettings, Fix
 from .protocol.expiry import expiry_for
 from .protocol.handshake import ContactEnded, Established, PeerSample
+from .protocol.handshake import HandshakeCompleted as WitnessCompleted
+from .protocol.handshake import HandshakeFailed as WitnessFailed
 from .protocol.messages import (
     Hello,
     Match,
     Position,
     PositionLost,
     PositivesAvailable,
+    Role,
     Signal,
 )
 from .protocol.tokens import new_id
 from .store import Alert, StoredToken, StoreError, TokenStore
+
+if TYPE_CHECKING:
+    from .gps import PositionSource  # pynmea2 is imported with the first source built
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +212,7 @@ class _PeerSignaling:
 @dataclass
 class _Exchange:
     ordinal: int
-    role: str
+    role: Role
     signaling: _PeerSignaling
     contact_id: str = ""
     """The contact ID this exchange uses, read once when it starts (memory only)."""
@@ -302,7 +309,7 @@ class Engine:
         ConfigError: ``broker.ca_file`` is unusable (one line naming the key).
     """
 
-    def __init__(self, config: Config, data_dir: Path, *, source: object | None = None,
+    def __init__(self, config: Config, data_dir: Path, *, source: PositionSource | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
@@ -510,7 +517,8 @@ class Engine:
     # -- GPS and positions (paper 3, step 2) ----------------------------------------------
 
     async def _gps_loop(self) -> None:
-        async for item in self._source.stream():  # type: ignore[union-attr]
+        assert self._source is not None  # built by run() before the loops start
+        async for item in self._source.stream():
             if isinstance(item, GpsFix):
                 was_lost = self._fix is None
                 self._fix = item
@@ -559,7 +567,7 @@ class Engine:
             log.debug("broker message %s ignored on the session connection",
                       type(message).__name__)
 
-    def _start_exchange(self, peer_session_id: str, role: str) -> None:
+    def _start_exchange(self, peer_session_id: str, role: Role) -> None:
         if peer_session_id in self._exchanges:
             return
         # The contact ID is read once: an open contact keeps the ID it started with.
@@ -634,7 +642,7 @@ class Engine:
                                      peer_accuracy_m=sample.peer_accuracy_m,
                                      within=sample.verdict, within_s=sample.within_s,
                                      samples=sample.samples))
-            elif isinstance(event, peer.HandshakeCompleted):
+            elif isinstance(event, WitnessCompleted):
                 exchange.token_held = True
                 self._exchanges_changed.set()
                 measures = event.measures or ContactMeasures()
@@ -683,7 +691,7 @@ class Engine:
                 return
             try:
                 result = await peer.run_witness(
-                    role=exchange.role, contact_id=exchange.contact_id,  # type: ignore[arg-type]
+                    role=exchange.role, contact_id=exchange.contact_id,
                     signaling=exchange.signaling, webrtc=self.config.webrtc,
                     store_token=store_token, timeout_s=budget,
                     on_progress=progress, contact=settings, own_fix=self._own_fix,
@@ -701,7 +709,7 @@ class Engine:
         finally:
             self._exchanges.pop(peer_session_id, None)  # forget the peer's session ID
             self._exchanges_changed.set()
-        if isinstance(result, peer.HandshakeFailed):
+        if isinstance(result, WitnessFailed):
             if ended and ended[-1].reason in _ENDED_NOT_FAILED:
                 return  # the pair parted (or a side stopped) before the token: not a failure
             self._finish_failed(exchange, result.reason)

@@ -260,10 +260,10 @@ class Journal:
             return "failure", {"peer": event.peer, "reason": scrub(event.reason)}
         if isinstance(event, ContactClosed):
             self._matched_at.pop(event.peer, None)
-            digest = self._digests.pop(event.peer, None)
+            held = self._digests.pop(event.peer, None)
             return "contact", {"peer": event.peer, "reason": scrub(event.reason),
                                "token_stored": event.token_stored,
-                               "digest": digest if event.token_stored else None,
+                               "digest": held if event.token_stored else None,
                                "contact": _contact(event.contact)}
         if isinstance(event, BrokerConnected):
             outage_s = None

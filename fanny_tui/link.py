@@ -26,7 +26,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import websockets
-from websockets.asyncio.client import ClientConnection, connect, process_exception
+
+# process_exception: defined in websockets.asyncio.client in websockets 17.0 (our floor),
+# imported into it from websockets.client later; this import works with both, and only the
+# later ones' types say that it is not re-exported (the ignore)
+from websockets.asyncio.client import (  # type: ignore[attr-defined]
+    ClientConnection,
+    connect,
+    process_exception,
+)
 
 from .config import BrokerConfig, ConfigError
 from .events import BrokerConnected, BrokerDisconnected, Event

@@ -100,15 +100,16 @@ class StoredToken:
     meetings: int = 1
 
 
-def _measures(row: tuple[object, ...]) -> ContactMeasures | None:
+def _measures(row: tuple[float | None, float | None, float | None, int | None]
+              ) -> ContactMeasures | None:
     """ContactMeasures from (duration_s, closest_m, median_m, samples), None when unmeasured."""
     duration, closest, median, samples = row
     if duration is None:
         return None
-    return ContactMeasures(duration_s=float(duration),  # type: ignore[arg-type]
-                           closest_m=None if closest is None else float(closest),  # type: ignore[arg-type]
-                           median_m=None if median is None else float(median),  # type: ignore[arg-type]
-                           samples=int(samples or 0))  # type: ignore[call-overload]
+    return ContactMeasures(duration_s=float(duration),
+                           closest_m=None if closest is None else float(closest),
+                           median_m=None if median is None else float(median),
+                           samples=int(samples or 0))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,3 +160,82 @@ def loopback_port(*, listening: bool) -> Iterator[int]:
         yield sock.getsockname()[1]
     finally:
         sock.close()
+
+
+CLIENT_STACK = ("textual", "aiortc", "av", "aioice", "rich", "pynmea2", "gpxpy", "dns",
+                "platformdirs")
+"""Top-level modules of the field device's stack: the ``tui`` extra's distributions and
+aiortc's PyAV and aioice. A broker host installs none of them (issue 8, point 4)."""
+
+_BLOCKER = '''\
+"""sitecustomize of a test: these modules cannot be imported, as if not installed."""
+import os
+import sys
+
+_BLOCKED = frozenset({blocked!r})
+_LOG = {log!r}
+
+
+def _note(line):
+    with open(_LOG, "a", encoding="utf-8") as log:
+        log.write(line + "\\n")
+
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in _BLOCKED:
+            _note(f"refused {{name}}")
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Blocker())
+_note(f"installed in {{os.getpid()}}")
+for _name in sorted(_BLOCKED & set(sys.modules)):
+    _note(f"already imported {{_name}}")
+'''
+
+
+@dataclass
+class ImportBlocker:
+    """An environment for Python subprocesses in which some modules cannot be imported.
+
+    ``env`` puts a ``sitecustomize`` on ``PYTHONPATH`` that inserts a ``sys.meta_path``
+    finder refusing every module whose top-level name is in ``modules`` (ModuleNotFoundError,
+    as for a module that is not installed); every process started with it appends
+    ``installed in PID`` to ``log``, and ``refused NAME`` for each refused import.
+    """
+
+    modules: tuple[str, ...]
+    env: dict[str, str]
+    log: Path
+
+    @classmethod
+    def make(cls, tmp_path: Path, modules: tuple[str, ...] = CLIENT_STACK) -> ImportBlocker:
+        site = tmp_path / "import-blocker"
+        site.mkdir()
+        log = tmp_path / "import-blocker.log"
+        log.touch()
+        (site / "sitecustomize.py").write_text(
+            _BLOCKER.format(blocked=sorted(modules), log=str(log)), encoding="utf-8")
+        return cls(modules, {**os.environ, "PYTHONPATH": str(site)}, log)
+
+    def lines(self) -> list[str]:
+        """What the blocked processes noted so far."""
+        return self.log.read_text(encoding="utf-8").splitlines()
+
+    def refused(self) -> list[str]:
+        """The imports refused so far (``NAME``, in order)."""
+        return [line.removeprefix("refused ") for line in self.lines()
+                if line.startswith("refused ")]
+
+    def installed_in(self) -> int:
+        """How many processes ran with the blocker installed."""
+        return sum(line.startswith("installed in ") for line in self.lines())
+
+
+def console_script(name: str, fallback: str) -> list[str]:
+    """The command of the installed console script ``name`` (beside this Python), else
+    ``python -c FALLBACK`` (run from the checkout)."""
+    script = Path(sys.executable).with_name(name)
+    return [str(script)] if script.exists() else [sys.executable, "-c", fallback]

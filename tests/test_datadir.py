@@ -78,6 +78,18 @@ def test_holder_line_is_one_short_line():
     assert len(holder_line(1, ["x", "y" * 500])) == 200
 
 
+def test_a_holder_line_cut_at_a_space_reads_back_the_same(tmp_path):
+    argv = ["x", "y" * (200 - len("pid 1: x ") - 1), "zzz"]   # the 200th character is a space
+    line = holder_line(1, argv)
+    assert line == f"pid 1: x {argv[1]}" and len(line) == 199
+    data_dir = tmp_path / "data"
+    with DataDirLock(data_dir):
+        (data_dir / LOCK_NAME).write_text(line)   # as acquire() writes it, for this argv
+        with pytest.raises(DataDirBusy) as refused:
+            DataDirLock(data_dir).acquire()
+    assert refused.value.holder == line
+
+
 def test_one_object_cannot_lock_twice(tmp_path):
     lock = DataDirLock(tmp_path)
     lock.acquire()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from tools.floors import FAST_TESTS, SLOW_TESTS, FloorError, floors, requirements
+from tools.floors import EXTRAS, FAST_TESTS, SLOW_TESTS, FloorError, floors, requirements
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,15 @@ def test_every_declared_dependency_has_a_floor():
     assert pins["websockets"] == "17.0"          # connect(reconnect_delays=...)
     assert pins["textual"] == "6.0"              # Label.content
     assert pins["msgspec"] == "0.19"             # msgspec.structs.force_setattr
+
+
+def test_the_floors_cover_the_base_and_every_extra():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert set(EXTRAS) == set(project["optional-dependencies"])   # a new extra is checked too
+    pins = floors(requirements())
+    assert {"msgspec", "websockets"} <= set(pins)                  # the base (broker host)
+    assert {"aiortc", "platformdirs", "dnspython"} <= set(pins)    # the [tui] extra
+    assert pins["mypy"] == "1.11"                                  # the [test] extra
 
 
 @pytest.mark.parametrize("bad", ["textual", "textual<9", "textual>=6,<9", "textual==6.0"])

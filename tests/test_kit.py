@@ -45,18 +45,60 @@ def test_kit_installs_only_when_pyproject_changed_and_quietly(tmp_path):
 
     first = _kit_sim(venv)                       # no stamp: installs, pip's output in the log
     assert first.stdout == "fanny-sim ran\n"
-    assert first.stderr == (f"kit: installing the kit in {venv} (a minute or two the first "
-                            "time)...\n")
+    assert first.stderr == (f"kit: installing the kit[tui] in {venv} (a minute or two the "
+                            "first time)...\n")
     assert calls.read_text().splitlines() == ["-m pip install -q --upgrade pip",
-                                              "-m pip install -q -e ."]
-    assert (venv / ".kit-installed").read_text() == f"{digest} \n"
+                                              "-m pip install -q -e .[tui]"]
+    assert (venv / ".kit-installed").read_text() == f"{digest} [tui]\n"
     assert "pip chatter" in (venv / "kit-install.log").read_text()
 
     again = _kit_sim(venv)                       # same pyproject.toml: no install at all
     assert (again.stdout, again.stderr) == ("fanny-sim ran\n", "")
     assert len(calls.read_text().splitlines()) == 2
 
-    (venv / ".kit-installed").write_text("0" * 64 + " \n")   # pyproject.toml changed since
+    (venv / ".kit-installed").write_text("0" * 64 + " [tui]\n")   # pyproject.toml changed since
     _kit_sim(venv)
     assert len(calls.read_text().splitlines()) == 4
-    assert (venv / ".kit-installed").read_text() == f"{digest} \n"
+    assert (venv / ".kit-installed").read_text() == f"{digest} [tui]\n"
+
+
+def test_kit_counts_the_test_install_as_the_device_one_but_not_the_base(tmp_path):
+    venv = _venv(tmp_path)
+    calls = tmp_path / "pip-calls.txt"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+    (venv / ".kit-installed").write_text(f"{digest} [tui,test]\n")   # ./kit install's stamp
+    assert _kit_sim(venv).stderr == ""
+    assert not calls.exists()
+
+    (venv / ".kit-installed").write_text(f"{digest} \n")   # the base only (a broker host's)
+    _kit_sim(venv)
+    assert calls.read_text().splitlines()[-1] == "-m pip install -q -e .[tui]"
+    assert (venv / ".kit-installed").read_text() == f"{digest} [tui]\n"
+
+
+def _kit_test(venv: Path, mypy_status: int) -> subprocess.CompletedProcess[str]:
+    calls = venv.parent / "pip-calls.txt"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    (venv / ".kit-installed").write_text(f"{digest} [tui,test]\n")   # installed: no pip
+    for name, status in (("ruff", 0), ("mypy", mypy_status)):
+        (venv / "bin" / name).write_text(f'#!/bin/sh\necho "{name} $*" >>"{calls}"\n'
+                                         f'exit {status}\n')
+        (venv / "bin" / name).chmod(0o755)
+    return subprocess.run([ROOT / "kit", "test", "tests/test_kit.py"], capture_output=True,
+                          text=True, env={**os.environ, "FANNY_VENV": str(venv)},
+                          timeout=30 * TIME_UNIT)
+
+
+def test_kit_test_runs_the_type_check_after_the_lint_and_stops_on_its_errors(tmp_path):
+    venv = _venv(tmp_path)
+    calls = tmp_path / "pip-calls.txt"
+    failed = _kit_test(venv, mypy_status=1)
+    assert failed.returncode == 1
+    assert calls.read_text().splitlines() == ["ruff check fanny_tui broker tests benchmarks",
+                                              "mypy "]          # no pytest after mypy failed
+    calls.unlink()
+    passed = _kit_test(venv, mypy_status=0)
+    assert passed.returncode == 0, passed.stderr
+    assert calls.read_text().splitlines() == ["ruff check fanny_tui broker tests benchmarks",
+                                              "mypy ", "-m pytest tests/test_kit.py"]

@@ -1,9 +1,11 @@
 """Dependency floors: pin every declared dependency to its lowest allowed version (issue 7, 8).
 
 ``python tools/floors.py constraints`` prints a pip constraints file (``name==floor``) for every
-``name>=floor`` in pyproject.toml's ``dependencies`` and ``test`` extra; ``./kit test`` installs
-the kit with it in a second virtual environment (``.venv-floors``) and runs :data:`FAST_TESTS`
-there, so that a floor too low for the code fails CI instead of a tester's install.
+``name>=floor`` in pyproject.toml's ``dependencies`` (the base: protocol and broker), its ``tui``
+extra (the field device) and its ``test`` extra (:data:`EXTRAS`); ``./kit test`` installs the
+kit with all of them in a second virtual environment (``.venv-floors``) and runs
+:data:`FAST_TESTS` and the type check there, so that a floor too low for the code fails CI
+instead of a tester's install.
 
 ``python tools/floors.py verify`` (run by the floors environment's Python) checks that each
 pinned distribution is installed at exactly its floor.
@@ -57,6 +59,9 @@ SLOW_TESTS = (
 )
 """Test files run against the floors."""
 
+EXTRAS = ("tui", "test")
+"""The optional dependencies whose floors are checked with the base's (all of them)."""
+
 _FLOOR = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*>=\s*([^,;\s]+)\s*$")
 
 
@@ -65,9 +70,10 @@ class FloorError(Exception):
 
 
 def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
-    """The declared requirement strings: ``dependencies`` and the ``test`` extra."""
+    """The declared requirement strings: ``dependencies`` and the :data:`EXTRAS`."""
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    return [*project["dependencies"], *project.get("optional-dependencies", {}).get("test", [])]
+    extras = project.get("optional-dependencies", {})
+    return [*project["dependencies"], *(r for extra in EXTRAS for r in extras.get(extra, []))]
 
 
 def floors(requirements: list[str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 import msgspec.structs
@@ -73,13 +73,17 @@ Padding = Annotated[str, Meta(max_length=UPLOAD_SIZE_BYTES, pattern=r"^ *\Z")]
 class _Message(
     msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", kw_only=True
 ):
-    """Base of every message; ``type`` is the tag."""
+    """Base of every message; ``type`` is the tag.
+
+    Every subclass repeats ``frozen=True``: msgspec inherits it, but a type checker reads it
+    per class (PEP 681), and would otherwise let code assign to a message's fields.
+    """
 
 
 # --- session connection (paper section 3, steps 1-3) ---------------------------------------
 
 
-class Hello(_Message, tag="hello"):
+class Hello(_Message, tag="hello", frozen=True):
     """Client -> broker, first message of a session connection (step 1-2).
 
     ``radius_m``: the distance under which this device wants a witness; the broker matches
@@ -91,7 +95,7 @@ class Hello(_Message, tag="hello"):
     protocol: Annotated[int, Meta(ge=1)] = PROTOCOL_VERSION
 
 
-class Welcome(_Message, tag="welcome"):
+class Welcome(_Message, tag="welcome", frozen=True):
     """Broker -> client, answer to :class:`Hello`: the effective parameters."""
 
     radius_m: RadiusM
@@ -99,7 +103,7 @@ class Welcome(_Message, tag="welcome"):
     protocol: int = PROTOCOL_VERSION
 
 
-class Position(_Message, tag="position"):
+class Position(_Message, tag="position", frozen=True):
     """Client -> broker: latest position (step 2). Never stored, never logged by the broker."""
 
     latitude: Latitude
@@ -107,11 +111,11 @@ class Position(_Message, tag="position"):
     accuracy_m: AccuracyM | None = None
 
 
-class PositionLost(_Message, tag="position_lost"):
+class PositionLost(_Message, tag="position_lost", frozen=True):
     """Client -> broker: the GPS fix is lost; drop my position now (no stale position)."""
 
 
-class Match(_Message, tag="match"):
+class Match(_Message, tag="match", frozen=True):
     """Broker -> both clients: another session is within radius (step 3).
 
     ``role``: ``initiator`` opens the data channel and crafts the token; ``responder`` answers.
@@ -122,7 +126,7 @@ class Match(_Message, tag="match"):
     role: Role
 
 
-class Signal(_Message, tag="signal"):
+class Signal(_Message, tag="signal", frozen=True):
     """Signaling relayed by the broker between matched sessions (step 3, WebRTC JSEP).
 
     Client -> broker: ``peer_session_id`` is the destination. Broker -> client: it is the
@@ -155,7 +159,7 @@ class PositiveToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             msgspec.structs.force_setattr(self, "expires_at", utc)
 
 
-class PositiveUpload(_Message, tag="positive_upload"):
+class PositiveUpload(_Message, tag="positive_upload", frozen=True):
     """Anonymous client -> broker: the tokens of a positive declaration (section 4, step 2).
 
     ``upload_id`` is a fresh random UUIDv4 per declaration, unrelated to any session ID; a
@@ -174,7 +178,7 @@ class PositiveUpload(_Message, tag="positive_upload"):
     padding: Padding = ""
 
 
-class PositiveAck(_Message, tag="positive_ack"):
+class PositiveAck(_Message, tag="positive_ack", frozen=True):
     """Broker -> client: the upload is durably committed; the device may delete its tokens.
 
     ``padding`` makes every ack the same size (:data:`ACK_SIZE_BYTES`).
@@ -188,7 +192,7 @@ class PositiveAck(_Message, tag="positive_ack"):
 PositivesFormat = Annotated[str, Meta(min_length=1, max_length=16)]
 
 
-class PositivesPoll(_Message, tag="positives_poll", omit_defaults=True):
+class PositivesPoll(_Message, tag="positives_poll", frozen=True, omit_defaults=True):
     """Anonymous client -> broker: positive tokens published after ``cursor`` (step 3).
 
     ``accept``: the answer formats this device reads, preferred first. A broker that knows
@@ -202,7 +206,7 @@ class PositivesPoll(_Message, tag="positives_poll", omit_defaults=True):
     accept: Annotated[list[PositivesFormat], Meta(max_length=8)] = []
 
 
-class Positives(_Message, tag="positives"):
+class Positives(_Message, tag="positives", frozen=True):
     """Broker -> client: positive tokens after the poll's cursor (section 4, step 4).
 
     ``cursor``: pass it in the next poll. ``more``: another poll now would return more.
@@ -213,7 +217,7 @@ class Positives(_Message, tag="positives"):
     more: bool = False
 
 
-class PositivesAvailable(_Message, tag="positives_available"):
+class PositivesAvailable(_Message, tag="positives_available", frozen=True):
     """Broker -> every session connection: new positive tokens were published (section 4).
 
     The same message goes to every connected session at once (it reveals nothing about any of
@@ -225,7 +229,7 @@ class PositivesAvailable(_Message, tag="positives_available"):
     cursor: Cursor
 
 
-class Error(_Message, tag="error"):
+class Error(_Message, tag="error", frozen=True):
     """Broker -> client: a request was refused. ``field`` names the failing field if any.
 
     ``padding``: spaces that bring every answer to a ``positive_upload`` (refusal or ack) to
@@ -250,7 +254,7 @@ MinContactS = Annotated[float, Meta(ge=0.0, le=86_400.0, description="seconds")]
 Version = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 
 
-class PeerHello(_Message, tag="peer_hello"):
+class PeerHello(_Message, tag="peer_hello", frozen=True):
     """Peer -> peer: the first message of each side once the data channel is open (step 4).
 
     ``version``: the highest data channel version the sender speaks
@@ -268,7 +272,7 @@ class PeerHello(_Message, tag="peer_hello"):
     radius_m: RadiusM
 
 
-class PeerPosition(_Message, tag="peer_position"):
+class PeerPosition(_Message, tag="peer_position", frozen=True):
     """Peer -> peer: the sender's latest fix, every ``position_interval_s`` while the channel is
     open (never through the broker)."""
 
@@ -277,24 +281,24 @@ class PeerPosition(_Message, tag="peer_position"):
     accuracy_m: AccuracyM | None = None
 
 
-class Heartbeat(_Message, tag="heartbeat"):
+class Heartbeat(_Message, tag="heartbeat", frozen=True):
     """Peer -> peer: sent instead of ``peer_position`` when the sender has no fix."""
 
 
-class TokenOffer(_Message, tag="token"):
+class TokenOffer(_Message, tag="token", frozen=True):
     """Initiator -> responder: the token it crafted, once the pair's time within the radius
     reached the effective ``min_contact_s`` (steps 4-5)."""
 
     token: Token
 
 
-class TokenAck(_Message, tag="ack"):
+class TokenAck(_Message, tag="ack", frozen=True):
     """Responder -> initiator: the token is stored (or already was) on my side (step 5)."""
 
     token: Token
 
 
-class Close(_Message, tag="close"):
+class Close(_Message, tag="close", frozen=True):
     """Either peer: the contact ended normally; both close the channel.
 
     ``reason``: ``parted`` (no sample within the radius for ``contact_gap_s``),
@@ -305,7 +309,7 @@ class Close(_Message, tag="close"):
     reason: Reason
 
 
-class Abort(_Message, tag="abort"):
+class Abort(_Message, tag="abort", frozen=True):
     """Either peer: the exchange is abandoned (a failure), with a short reason."""
 
     reason: Reason
@@ -317,9 +321,10 @@ BrokerToClient = (Welcome | Match | Signal | PositiveAck | Positives | Positives
 PeerMessage = PeerHello | PeerPosition | Heartbeat | TokenOffer | TokenAck | Close | Abort
 
 _encoder = msgspec.json.Encoder()
-_client_decoder = msgspec.json.Decoder(ClientToBroker)
-_broker_decoder = msgspec.json.Decoder(BrokerToClient)
-_peer_decoder = msgspec.json.Decoder(PeerMessage)
+_T = TypeVar("_T")
+_client_decoder: msgspec.json.Decoder[ClientToBroker] = msgspec.json.Decoder(ClientToBroker)
+_broker_decoder: msgspec.json.Decoder[BrokerToClient] = msgspec.json.Decoder(BrokerToClient)
+_peer_decoder: msgspec.json.Decoder[PeerMessage] = msgspec.json.Decoder(PeerMessage)
 # The unknown name is the sender's and may hold backticks or newlines: all between the
 # first and last backtick (once the " - at `$...`" suffix is cut off) is the name.
 _UNKNOWN_RE = re.compile(r"^Object contains unknown field `(.*)`$", re.DOTALL)
@@ -346,7 +351,7 @@ def encode_padded(message: PositiveUpload | PositiveAck | Error, size: int) -> s
     return encode(msgspec.structs.replace(message, padding=" " * missing))
 
 
-def _decode(decoder: msgspec.json.Decoder, data: str | bytes, channel: str):  # type: ignore[no-untyped-def]
+def _decode(decoder: msgspec.json.Decoder[_T], data: str | bytes, channel: str) -> _T:
     try:
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
@@ -381,7 +386,7 @@ def decode_client_message(data: str | bytes) -> ClientToBroker:
     Raises:
         MessageError: invalid JSON, unknown type or field, wrong type or value (``field`` set).
     """
-    return _decode(_client_decoder, data, "client")  # type: ignore[no-any-return]
+    return _decode(_client_decoder, data, "client")
 
 
 def decode_broker_message(data: str | bytes) -> BrokerToClient:
@@ -390,7 +395,7 @@ def decode_broker_message(data: str | bytes) -> BrokerToClient:
     Raises:
         MessageError: as :func:`decode_client_message`.
     """
-    return _decode(_broker_decoder, data, "broker")  # type: ignore[no-any-return]
+    return _decode(_broker_decoder, data, "broker")
 
 
 def decode_peer_message(data: str | bytes) -> PeerMessage:
@@ -399,7 +404,7 @@ def decode_peer_message(data: str | bytes) -> PeerMessage:
     Raises:
         MessageError: as :func:`decode_client_message`.
     """
-    return _decode(_peer_decoder, data, "peer")  # type: ignore[no-any-return]
+    return _decode(_peer_decoder, data, "peer")
 
 
 def message_type(message: msgspec.Struct) -> str:

@@ -222,9 +222,9 @@ class MainScreen(Screen[None]):
                 if live.token is not None and live.contact is not None and live.ended_at is None:
                     self.tokens.show_live(live.token, live.contact)
             case ContactClosed(peer=peer, contact=contact, token_stored=True):
-                token = self.live_peers[peer].token if peer in self.live_peers else None
-                if token is not None:
-                    self.tokens.show_closed(token, contact)
+                held = self.live_peers[peer].token if peer in self.live_peers else None
+                if held is not None:
+                    self.tokens.show_closed(held, contact)
             case ExposureAlert(count=count, contacts=contacts):
                 self.banner.add_alert(count, contacts)
             case PositivesPolled(received=received, next_poll_in_s=next_in):

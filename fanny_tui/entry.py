@@ -1,0 +1,68 @@
+"""The console entry points of the field device: ``fanny-tui`` and ``fanny-sim`` (issue 8).
+
+The base install (the distribution ``fanny-field-kit`` without extras: ``pip install .`` from a
+checkout) is the protocol and the broker only: a broker host gets no aiortc, PyAV or Textual.
+The field device is the ``tui`` extra (``pip install 'fanny-field-kit[tui]'``, from a checkout
+``pip install '.[tui]'``; ``./kit`` installs it). Without it,
+``fanny-tui`` and ``fanny-sim`` say in one line on stderr what to install and exit 2 (a usage
+error, as a bad config), instead of a traceback from an import deep inside the app.
+
+This module imports only the standard library until the check has passed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+TUI_MODULES = ("platformdirs", "aiortc", "textual", "rich", "pynmea2", "gpxpy", "dns")
+"""The top-level modules of the ``tui`` extra's distributions (pyproject.toml), in that order;
+``dns`` is dnspython's."""
+INSTALL_TUI = "pip install 'fanny-field-kit[tui]'"
+"""What to run to get the field device's packages (from a checkout: ``pip install '.[tui]'``)."""
+EXIT_USAGE = 2
+"""Exit status when the extra is missing (as :data:`fanny_tui.cli.EXIT_USAGE`)."""
+
+
+def missing_tui_modules() -> list[str]:
+    """The modules of :data:`TUI_MODULES` that cannot be imported here (none imported)."""
+    missing = []
+    for name in TUI_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # a finder refused it (or a broken install): not usable either
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def without_tui(command: str) -> str | None:
+    """The one-line message for ``command`` when the ``tui`` extra is missing, else None."""
+    missing = missing_tui_modules()
+    if not missing:
+        return None
+    return (f"{command}: the field device's packages are not installed (missing: "
+            f"{', '.join(missing)}); install them with: {INSTALL_TUI}")
+
+
+def tui() -> int:
+    """``fanny-tui``: :func:`fanny_tui.cli.main` once the ``tui`` extra is there."""
+    message = without_tui("fanny-tui")
+    if message is not None:
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
+    from .cli import main
+
+    return main()
+
+
+def sim() -> int:
+    """``fanny-sim``: :func:`fanny_tui.sim.cli.main` once the ``tui`` extra is there."""
+    message = without_tui("fanny-sim")
+    if message is not None:
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
+    from .sim.cli import main
+
+    return main()
