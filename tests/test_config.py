@@ -40,7 +40,11 @@ def test_example_file_parses_and_documents_every_key(tmp_path):
                          ("storage", config.storage), ("privacy", config.privacy)):
         assert f"[{section}]" in text
         for key in cls.__dataclass_fields__:
+            key = "url" if (section, key) == ("broker", "urls") else key  # url = one or a list
             assert f"{key} =" in text, f"{section}.{key} is not documented in the example"
+    assert "[[positives]]" in text
+    for key in ("name", "url", "ca_file"):
+        assert f"# {key} = " in text.split("[[positives]]", 1)[1], f"positives.{key}"
 
 
 @pytest.mark.parametrize(("data", "key"), [
