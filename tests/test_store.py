@@ -167,7 +167,7 @@ def test_v1_store_upgrades_in_place(tmp_path):
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
 
     store = TokenStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     assert {t.token: t.pending for t in store.tokens()} == {T1: True, T2: False}
     [pending] = store.pending()
     assert (pending.upload_id, pending.code, [t.token for t in pending.tokens]) == (
@@ -179,7 +179,7 @@ def test_v1_store_upgrades_in_place(tmp_path):
     again = TokenStore(path)
     assert {p.upload_id: p.code for p in again.pending()} == {
         "u-old": None, "u-new": "K7QF3M9XTR2B8HJD"}
-    assert again.schema_version == 3
+    assert again.schema_version == 4
     assert again._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     again.close()
 
@@ -323,7 +323,7 @@ def test_v2_store_upgrades_in_place_to_v3(tmp_path):
                                                                        (T2, None, 1)]
     ro.close()
     store = TokenStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     assert [(t.token, t.contact) for t in store.tokens()] == [(T1, None), (T2, None)]
     assert {p.upload_id: p.code for p in store.pending()} == {"u-1": "K7QF3M9XTR2B8HJD"}
     # A token stored before schema 3 that is met again starts measuring from there.
