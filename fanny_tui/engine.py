@@ -38,7 +38,8 @@ loops going until :meth:`Engine.stop`:
   the broker refuses them for good (their declaration code, or content a retry would meet again:
   the tokens then stay, un-marked: ``positive_refused``); one loop per broker, each sending
   the declarations made to it;
-* decoys (``[privacy] decoy_uploads``, off by default): a decoy upload, padded like a real one,
+* decoys (``[privacy] decoy_uploads``, off by default; to each broker a declaration may go
+  to): a decoy upload, padded like a real one,
   on a fresh anonymous connection at exponentially distributed intervals of mean
   ``decoy_interval_s`` (cover traffic: nothing changes on the device);
 * sweep: expired tokens are deleted (paper 3, step 6);
@@ -485,6 +486,8 @@ class Engine:
                 loops.append((f"uploads {name}", self._upload_loop_for(other, context)))
             if self.config.privacy.decoy_uploads:
                 loops.append(("decoys", self._decoy_loop))
+                for name, (other, context) in self._others.items():
+                    loops.append((f"decoys {name}", self._decoy_loop_for(other, context)))
             tasks = [asyncio.create_task(self._guard(name, fn), name=f"fanny-{name}")
                      for name, fn in loops]
             try:
@@ -816,12 +819,22 @@ class Engine:
                                       message=outcome.message, broker=broker))
 
     async def _decoy_loop(self) -> None:
-        """Cover traffic: decoy uploads at exponentially distributed intervals (Poisson)."""
+        """Cover traffic: decoy uploads at exponentially distributed intervals (Poisson), to
+        the device's own broker (its current URL)."""
+        await self._decoys(lambda: self._link.url, self._ssl)
+
+    def _decoy_loop_for(self, other: PositivesBrokerConfig, context: ssl.SSLContext | None
+                        ) -> Callable[[], Awaitable[None]]:
+        """Decoys to one ``[[positives]]`` broker: a declaration may go there too, so its
+        uploads need the same cover as the device's own broker's."""
+        return lambda: self._decoys(lambda: other.url, context)
+
+    async def _decoys(self, url: Callable[[], str], context: ssl.SSLContext | None) -> None:
         rng = random.SystemRandom()
         rate = 1.0 / self.config.privacy.decoy_interval_s
         while True:
             await asyncio.sleep(rng.expovariate(rate))
-            answered = await send_decoy(self._link.url, ssl_context=self._ssl, rng=rng)
+            answered = await send_decoy(url(), ssl_context=context, rng=rng)
             log.debug("decoy upload %s", "answered" if answered else "not answered")
 
     async def _poll_loop(self) -> None:

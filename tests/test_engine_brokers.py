@@ -6,19 +6,23 @@
   published on the second while the first is down; each broker's cursor is kept in the store
   and survives a restart; a poll-only broker never receives a hello, a position or any session
   frame (the broker's recorder sees every frame it receives);
-* a declaration goes to the broker the tester picks, and only there.
+* a declaration goes to the broker the tester picks, and only there; decoy uploads go to
+  every broker a declaration may go to.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from fanny_tui.config import PrivacyConfig
 from fanny_tui.events import (
     BrokerConnected,
     ExposureAlert,
@@ -151,3 +155,21 @@ async def test_a_declaration_goes_to_the_broker_the_tester_picks(tmp_path):
             assert (declared.count, declared.broker) == (2, "health")
         assert board_tokens(health) == set(mine)
         assert board_tokens(main) == set()
+
+
+async def test_decoys_cover_the_poll_only_brokers_too(tmp_path):
+    # A declaration may go to a [[positives]] broker: its uploads need the same cover traffic.
+    frames: list[tuple[str, str]] = []
+    async with running(tmp_path / "main") as main, \
+            running(tmp_path / "health", recorder=_frames(frames)) as health:
+        config = replace(device_config(main.url, positives={"health": health.url}),
+                         privacy=PrivacyConfig(decoy_uploads=True, decoy_interval_s=1.0))
+
+        def decoys() -> int:
+            return sum(kind == "anonymous" and '"decoy":true' in raw for kind, raw in frames)
+
+        async with running_device(config, tmp_path / "x", _here()):
+            async with asyncio.timeout(15 * TIME_UNIT):
+                while decoys() < 2:
+                    await asyncio.sleep(0.05)
+        assert board_tokens(health) == set()                # discarded, as at any broker
