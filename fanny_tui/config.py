@@ -218,10 +218,12 @@ class _Section:
             raise ConfigError(key, "a ws:// or wss:// URL with a host", value)
         try:
             parts = urlsplit(value)
-            host = parts.hostname
-        except ValueError:
-            host = None
-        if parts.scheme not in ("ws", "wss") or not host:
+            # .port raises for a port that is not a number in [0, 65535]
+            good = (parts.scheme in ("ws", "wss") and bool(parts.hostname)
+                    and (parts.port is None or parts.port >= 0))
+        except ValueError:          # a malformed port or IPv6 address
+            good = False
+        if not good:
             raise ConfigError(key, "a ws:// or wss:// URL with a host", value)
         return value
 

@@ -50,6 +50,9 @@ def test_example_file_parses_and_documents_every_key(tmp_path):
 @pytest.mark.parametrize(("data", "key"), [
     ({"broker": {"url": "http://x"}}, "broker.url"),
     ({"broker": {"url": []}}, "broker.url"),
+    ({"broker": {"url": "ws://[::1"}}, "broker.url"),
+    ({"broker": {"url": ["ws://a:1", "ws://b:99999"]}}, "broker.url[1]"),
+    ({"positives": [{"url": "ws://h:port", "name": "h"}]}, "positives[0].url"),
     ({"broker": {"url": ["ws://a:1", "http://b"]}}, "broker.url[1]"),
     ({"broker": {"url": ["ws://a:1", 8765]}}, "broker.url[1]"),
     ({"broker": {"url": ["ws://a:1", "ws://b:2", "ws://a:1"]}}, "broker.url[2]"),
