@@ -4,7 +4,7 @@
 
     fanny-tui [--config FILE] [--data-dir DIR] [--headless]   run the app (or the bare engine)
     fanny-tui tokens [--data-dir DIR] [--json]                 list the token store and alerts
-    fanny-tui declare-positive [--code CODE] [--config FILE] [--data-dir DIR]
+    fanny-tui declare-positive [--code CODE] [--broker NAME] [--config FILE] [--data-dir DIR]
                                                                upload all tokens (paper 4, 5)
     fanny-tui demo [--devices N] [--headless]                  the whole kit on this machine
     fanny-tui report [--json] JOURNAL...                       merge devices' run journals
@@ -48,6 +48,8 @@ from .events import Event, SessionStarted, to_json_dict
 from .store import StoreError, TokenStore
 
 if TYPE_CHECKING:
+    import ssl
+
     from textual.app import App
 
     from .engine import Engine
@@ -148,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="the single-use declaration code from the health authority or "
                               "test site, e.g. K7QF-3M9X-TR2B-8HJD (omit only for a broker "
                               "with open declarations)")
+    declare.add_argument("--broker", metavar="NAME", default=None,
+                         help="the broker to declare to: [broker] name (the default) or the "
+                              "name of a [[positives]] broker of the config")
     declare.add_argument("--timeout", type=float, default=60.0, metavar="S",
                          help="give up waiting for the broker's ack after S seconds (default 60)")
     demo = sub.add_parser("demo", help="broker + this app + simulated devices on loopback")
@@ -385,12 +390,31 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _declaration_target(config: Config, name: str | None
+                        ) -> tuple[str | None, str, tuple[str, ...], ssl.SSLContext | None]:
+    """``--broker NAME``: (store target, name, URLs, TLS context); None for ``[broker]``.
+
+    Raises:
+        UsageError: no configured broker has that name.
+        ConfigError: its ``ca_file`` is unusable.
+    """
+    from .link import ssl_context_for
+
+    if name is None or name == config.broker.name:
+        return None, config.broker.name, config.broker.urls, ssl_context_for(config.broker)
+    for i, other in enumerate(config.positives):
+        if other.name == name:
+            return name, name, other.urls, ssl_context_for(other, key=f"positives[{i}]")
+    names = ", ".join([config.broker.name, *(o.name for o in config.positives)])
+    raise UsageError(f"--broker: no broker named {name!r} in the config (one of: {names})")
+
+
 async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
-                            code: str | None) -> int:
-    from .link import backoff, ssl_context_for
+                            code: str | None, broker: str | None = None) -> int:
+    from .link import backoff
     from .positives import UploadOutcome, declare, upload_pending
 
-    ssl_context = ssl_context_for(config.broker)
+    target, name, urls, ssl_context = _declaration_target(config, broker)
     lock = DataDirLock(data_dir)
     lock.acquire()
     try:
@@ -399,39 +423,49 @@ async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
         lock.release()
         raise
     try:
-        declare(store, code)
-        if store.pending_count() == 0:
+        declare(store, code, broker=target)
+
+        def pending() -> int:
+            return store.pending_counts().get(target, 0)
+
+        if pending() == 0:
             print("no tokens to upload: nothing declared")
             return EXIT_OK
-        print(f"{APP_NAME}: uploading {plural(store.pending_count(), 'token')}: waiting for "
-              f"the broker at {config.broker.url} (up to {timeout_s:g} s)...", file=sys.stderr,
-              flush=True)
+        url = urls[0]
+        which = "" if target is None else f"{name} "
+        print(f"{APP_NAME}: uploading {plural(pending(), 'token')}: waiting for the broker "
+              f"{which}at {url} (up to {timeout_s:g} s)...", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         delays = backoff(1.0, 10.0)()
         outcomes: list[UploadOutcome] = []
-        reason = str(explain("timeout", url=config.broker.url))
-        while store.pending_count() and loop.time() < deadline:
+        reason = str(explain("timeout", url=url))
+        attempt = 0
+        while pending() and loop.time() < deadline:
+            url = urls[attempt % len(urls)]     # one region's brokers: fail over in turn
+            attempt += 1
             try:
                 await asyncio.wait_for(
-                    upload_pending(store, config.broker.url, ssl_context=ssl_context,
-                                   on_outcome=outcomes.append),
+                    upload_pending(store, url, ssl_context=ssl_context,
+                                   on_outcome=outcomes.append, broker=target),
                     max(0.1, deadline - loop.time()))
             except StoreError:
                 raise
             except Exception as exc:
-                explained = explain(exc, url=config.broker.url)
+                explained = explain(exc, url=url)
                 reason = str(explained)
                 log.info("upload failed: %s", explained.detail)
                 await asyncio.sleep(min(next(delays), max(0.0, deadline - loop.time())))
-        return _report_declaration(store, outcomes, reason)
+        return _report_declaration(store, outcomes, reason, target)
     finally:
         store.close()
         lock.release()
 
 
-def _report_declaration(store: TokenStore, outcomes: Sequence[object], reason: str) -> int:
-    """Print what became of a declaration; the exit code (0 only if all was acknowledged)."""
+def _report_declaration(store: TokenStore, outcomes: Sequence[object], reason: str,
+                        target: str | None = None) -> int:
+    """Print what became of a declaration to ``target`` (None: ``[broker]``); the exit code
+    (0 only if all was acknowledged)."""
     from .positives import UploadOutcome
 
     done = [o for o in outcomes if isinstance(o, UploadOutcome)]
@@ -449,7 +483,7 @@ def _report_declaration(store: TokenStore, outcomes: Sequence[object], reason: s
                   f"{'is' if outcome.count == 1 else 'are'} kept on this device, not "
                   f"uploaded: {hint}", file=sys.stderr)
             status = EXIT_FAILED
-    kept = store.pending_count()
+    kept = store.pending_counts().get(target, 0)
     if kept:
         print(f"fanny-tui: the broker did not acknowledge: {reason}; {plural(kept, 'token')} "
               f"{'is' if kept == 1 else 'are'} kept on this device and will be sent again (run "
@@ -505,7 +539,9 @@ def _main(argv: Sequence[str] | None) -> int:
             _setup_logging(log_level)
             if notice:
                 print(f"{APP_NAME}: {notice}", file=sys.stderr, flush=True)
-            return asyncio.run(_declare_positive(config, data_dir, args.timeout, code))
+            _declaration_target(config, args.broker)   # a wrong name changes nothing
+            return asyncio.run(_declare_positive(config, data_dir, args.timeout, code,
+                                                 args.broker))
         if config.journal.path is not None:
             from .journal import check_path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,14 +30,52 @@ class ConfigError(Exception):
         self.key = key
 
 
+MAIN_BROKER = "main"
+"""The default ``[broker] name``: how events, the UI and the store name the main broker."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+"""A broker name: 1-32 letters, digits, ``.``, ``_`` or ``-``, starting with a letter or digit."""
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
-    """``[broker]``: where the broker is and how to reconnect (seconds)."""
+    """``[broker]``: the device's own broker (positions, signaling, positives), how to
+    reconnect (seconds).
 
-    url: str = "ws://127.0.0.1:8765"
+    ``urls``: one region's broker URLs (``[broker] url``, one URL or a list): the session
+    connection goes to one of them and fails over to the next when it fails (issue 8;
+    :class:`~fanny_tui.link.BrokerLink`). ``name``: how events, the UI and the store call it.
+    """
+
+    urls: tuple[str, ...] = ("ws://127.0.0.1:8765",)
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     ca_file: Path | None = None
+    name: str = MAIN_BROKER
+
+    @property
+    def url(self) -> str:
+        """The first URL of ``urls`` (the one tried first)."""
+        return self.urls[0]
+
+
+@dataclass(frozen=True)
+class PositivesBrokerConfig:
+    """One ``[[positives]]`` table: a broker polled for positive tokens only (paper 5:
+    several organizations' servers), never told a session ID or a position.
+
+    ``name``: how events, the UI, the store (its poll cursor) and ``declare-positive --broker``
+    call it; ``url``: its ``ws://`` or ``wss://`` URL; ``ca_file``: as ``[broker] ca_file``.
+    """
+
+    name: str
+    url: str
+    ca_file: Path | None = None
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """``(url,)``: the same shape as :attr:`BrokerConfig.urls`."""
+        return (self.url,)
 
 
 @dataclass(frozen=True)
@@ -131,6 +170,8 @@ class Config:
     """The whole client configuration."""
 
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    positives: tuple[PositivesBrokerConfig, ...] = ()
+    """``[[positives]]``: more brokers polled for positive tokens only (default none)."""
     gps: GpsConfig = field(default_factory=GpsConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
@@ -171,6 +212,29 @@ class _Section:
             raise ConfigError(self.key(key), f"an integer in [{low}, {high}]", value)
         return int(value)
 
+    def url(self, value: object, key: str) -> str:
+        """A ``ws://`` or ``wss://`` URL with a host (``key``: the name in errors)."""
+        if not isinstance(value, str):
+            raise ConfigError(key, "a ws:// or wss:// URL with a host", value)
+        try:
+            parts = urlsplit(value)
+            # .port raises for a port that is not a number in [0, 65535]
+            good = (parts.scheme in ("ws", "wss") and bool(parts.hostname)
+                    and (parts.port is None or parts.port >= 0))
+        except ValueError:          # a malformed port or IPv6 address
+            good = False
+        if not good:
+            raise ConfigError(key, "a ws:// or wss:// URL with a host", value)
+        return value
+
+    def broker_name(self, key: str, default: str | None) -> str:
+        """A broker name (:data:`_NAME`)."""
+        value = self.data.get(key, default)
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
+            raise ConfigError(self.key(key), "a name of 1-32 letters, digits, '.', '_' or '-'",
+                              value)
+        return value
+
     def string(self, key: str, default: str | None) -> str | None:
         value = self.data.get(key, default)
         if value is not None and not isinstance(value, str):
@@ -195,17 +259,55 @@ def _path(s: _Section, key: str, base: Path | None) -> Path | None:
 
 
 def _broker(data: Mapping[str, Any], base: Path | None) -> BrokerConfig:
-    s = _Section(data, "broker", {"url", "reconnect_min_s", "reconnect_max_s", "ca_file"})
-    url = s.string("url", BrokerConfig.url) or ""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ConfigError("broker.url", "a ws:// or wss:// URL with a host", url)
+    s = _Section(data, "broker", {"url", "reconnect_min_s", "reconnect_max_s", "ca_file",
+                                  "name"})
+    value = data.get("url", BrokerConfig.urls[0])
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError("broker.url", "a ws:// or wss:// URL, or a non-empty list of them",
+                              value)
+        urls = tuple(s.url(item, f"broker.url[{i}]") for i, item in enumerate(value))
+        for i, url in enumerate(urls):
+            if url in urls[:i]:
+                raise ConfigError(f"broker.url[{i}]", "a URL not already in the list", url)
+    else:
+        urls = (s.url(value, "broker.url"),)
     low = s.number("reconnect_min_s", BrokerConfig.reconnect_min_s, positive=True)
     high = s.number("reconnect_max_s", BrokerConfig.reconnect_max_s, positive=True)
     if high < low:
         raise ConfigError("broker.reconnect_max_s", f"a number >= reconnect_min_s ({low})", high)
-    return BrokerConfig(url=url, reconnect_min_s=low, reconnect_max_s=high,
-                        ca_file=_path(s, "ca_file", base))
+    return BrokerConfig(urls=urls, reconnect_min_s=low, reconnect_max_s=high,
+                        ca_file=_path(s, "ca_file", base), name=s.broker_name("name", MAIN_BROKER))
+
+
+def _positives(data: object, main: BrokerConfig, base: Path | None
+               ) -> tuple[PositivesBrokerConfig, ...]:
+    if not isinstance(data, list):
+        raise ConfigError("positives", "an array of tables ([[positives]] with url and name)",
+                          data)
+    names = {main.name}
+    urls = set(main.urls)
+    out: list[PositivesBrokerConfig] = []
+    for i, item in enumerate(data):
+        key = f"positives[{i}]"
+        s = _Section(item, key, {"url", "name", "ca_file"})
+        if "url" not in item:
+            raise ConfigError(f"{key}.url", "the ws:// or wss:// URL of a broker polled for "
+                              "positive tokens")
+        url = s.url(item["url"], f"{key}.url")
+        if url in urls:
+            raise ConfigError(f"{key}.url", "a broker not already configured (broker.url or "
+                              "another [[positives]])", url)
+        if "name" not in item:
+            raise ConfigError(f"{key}.name", "a name for this broker (shown in the UI, used by "
+                              "declare-positive --broker)")
+        name = s.broker_name("name", None)
+        if name in names:
+            raise ConfigError(f"{key}.name", "a name not used by another broker", name)
+        names.add(name)
+        urls.add(url)
+        out.append(PositivesBrokerConfig(name=name, url=url, ca_file=_path(s, "ca_file", base)))
+    return tuple(out)
 
 
 def _gps(data: Mapping[str, Any], base: Path | None) -> GpsConfig:
@@ -331,12 +433,15 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Co
     Raises:
         ConfigError: an unknown table or key, or a value of the wrong type or range.
     """
-    sections = {"broker", "gps", "protocol", "webrtc", "storage", "privacy", "journal"}
+    sections = {"broker", "positives", "gps", "protocol", "webrtc", "storage", "privacy",
+                "journal"}
     unknown = sorted(set(data) - sections)
     if unknown:
         raise ConfigError(unknown[0], f"one of the tables {sorted(sections)}")
+    broker = _broker(data.get("broker", {}), base_dir)
     return Config(
-        broker=_broker(data.get("broker", {}), base_dir),
+        broker=broker,
+        positives=_positives(data.get("positives", []), broker, base_dir),
         gps=_gps(data.get("gps", {}), base_dir),
         protocol=_protocol(data.get("protocol", {})),
         webrtc=_webrtc(data.get("webrtc", {})),

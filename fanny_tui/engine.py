@@ -31,11 +31,15 @@ loops going until :meth:`Engine.stop`:
   and compared locally (paper 4, steps 3-4), in one streamed binary poll however many there are;
   when the broker announces new ones on the session connection (``positives_available``), a
   poll follows after a random delay of at most ``poll_interval_s`` / 10; a failed poll is a
-  ``positives_poll_failed`` event;
+  ``positives_poll_failed`` event. Each ``[[positives]]`` broker (paper 5, issue 8) has its own
+  poll loop and durable cursor, so one broker down never holds up the others; those brokers
+  only ever see anonymous polls and the uploads the tester sends them;
 * uploads: pending positive declarations are retried with backoff until acknowledged, or until
   the broker refuses them for good (their declaration code, or content a retry would meet again:
-  the tokens then stay, un-marked: ``positive_refused``);
-* decoys (``[privacy] decoy_uploads``, off by default): a decoy upload, padded like a real one,
+  the tokens then stay, un-marked: ``positive_refused``); one loop per broker, each sending
+  the declarations made to it;
+* decoys (``[privacy] decoy_uploads``, off by default; to each broker a declaration may go
+  to): a decoy upload, padded like a real one,
   on a fresh anonymous connection at exponentially distributed intervals of mean
   ``decoy_interval_s`` (cover traffic: nothing changes on the device);
 * sweep: expired tokens are deleted (paper 3, step 6);
@@ -93,7 +97,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import Config
+from .config import Config, PositivesBrokerConfig
 from .datadir import DataDirLock
 from .events import (
     ChannelOpen,
@@ -306,7 +310,8 @@ class Engine:
             :func:`~fanny_tui.link.ssl_context_for`: ``ca_file``, else the system's CAs).
 
     Raises:
-        ConfigError: ``broker.ca_file`` is unusable (one line naming the key).
+        ConfigError: ``broker.ca_file`` or a ``positives[N].ca_file`` is unusable (one line
+            naming the key).
     """
 
     def __init__(self, config: Config, data_dir: Path, *, source: PositionSource | None = None,
@@ -319,6 +324,12 @@ class Engine:
         if ssl_context is None:
             ssl_context = ssl_context_for(config.broker)
         self._ssl = ssl_context
+        # The [[positives]] brokers, polled for positive tokens only (issue 8, paper 5).
+        self._others: dict[str, tuple[PositivesBrokerConfig, ssl.SSLContext | None]] = {
+            other.name: (other, ssl_context_for(other, key=f"positives[{i}]"))
+            for i, other in enumerate(config.positives)}
+        self._upload_wakeups = {name: asyncio.Event() for name in self._others}
+        self._poll_wakeups = {name: asyncio.Event() for name in self._others}
         self._subscribers: list[Callable[[Event], None]] = []
         self._store: TokenStore | None = None
         self._fix: GpsFix | None = None
@@ -339,12 +350,13 @@ class Engine:
         self._rng = random.SystemRandom()
         self._preload: asyncio.Task[None] | None = None   # aiortc imported in a thread
         self._link = BrokerLink(
-            config.broker.url,
+            config.broker.urls,
             Hello(session_id=self._session_id, radius_m=config.protocol.radius_m),
             on_message=self._on_broker_message, on_event=self.emit,
             on_connected=self._on_broker_connected,
             reconnect_min_s=config.broker.reconnect_min_s,
-            reconnect_max_s=config.broker.reconnect_max_s, ssl_context=ssl_context)
+            reconnect_max_s=config.broker.reconnect_max_s, ssl_context=ssl_context,
+            name=config.broker.name)
 
     # -- observation ----------------------------------------------------------------------
 
@@ -352,6 +364,12 @@ class Engine:
     def session_short(self) -> str:
         """The first 8 characters of the session ID, for display on this device only."""
         return self._session_id[:8]
+
+    @property
+    def broker_names(self) -> tuple[str, ...]:
+        """The brokers a declaration may go to: ``[broker] name`` first (the default), then
+        the ``[[positives]]`` names, as configured."""
+        return (self.config.broker.name, *self._others)
 
     @property
     def broker_connected(self) -> bool:
@@ -379,7 +397,8 @@ class Engine:
 
     # -- commands -------------------------------------------------------------------------
 
-    async def declare_positive(self, code: str | None = None) -> int:
+    async def declare_positive(self, code: str | None = None, *,
+                               broker: str | None = None) -> int:
         """Declare positive (paper 4, steps 1-2; paper 5 for the code).
 
         Every token not already pending is marked for upload at once, with the code (in
@@ -391,12 +410,15 @@ class Engine:
         Args:
             code: the declaration code as typed (``K7QF-3M9X-TR2B-8HJD``; case, spaces and
                 hyphens do not matter); None for a broker with open declarations.
+            broker: the name of the broker the declaration goes to (one of
+                :attr:`broker_names`; the code must be one it issued); None: ``[broker]``.
 
         Returns:
             The number of tokens in this declaration (0: nothing to upload).
 
         Raises:
-            ValueError: the code is malformed (checked before anything changes).
+            ValueError: the code is malformed, or ``broker`` is not a configured broker's name
+                (checked before anything changes).
             RuntimeError: the engine is not running.
             StoreError: the store could not be written (nothing changed; the IDs are rotated
                 all the same).
@@ -410,20 +432,26 @@ class Engine:
             raise RuntimeError("the engine is not running")
         if code is not None:
             normalize_code(code)  # a malformed code changes nothing, not even the IDs
+        if broker is not None and broker not in self.broker_names:
+            raise ValueError(f"unknown broker {broker!r}: expected one of "
+                             f"{', '.join(self.broker_names)}")
+        target = None if broker in (None, self.config.broker.name) else broker
         async with self._rotation_lock:
             await self._decline_matches_while(self._cancel_exchanges())
             try:
-                declaration = declare(self._store, code)
+                declaration = declare(self._store, code, broker=target)
             finally:
                 await self._rotate_now("declared")
         if declaration.count == 0:
-            self.emit(PositiveDeclared(count=0))
-        self._upload_wakeup.set()
+            self.emit(PositiveDeclared(count=0, broker=broker or self.config.broker.name))
+        (self._upload_wakeup if target is None else self._upload_wakeups[target]).set()
         return declaration.count
 
     async def poll_now(self) -> None:
-        """Poll the positive tokens now instead of at the next interval."""
+        """Poll the positive tokens now (every broker) instead of at the next interval."""
         self._poll_wakeup.set()
+        for wakeup in self._poll_wakeups.values():
+            wakeup.set()
 
     async def stop(self) -> None:
         """Ask :meth:`run` to finish (idempotent)."""
@@ -460,8 +488,13 @@ class Engine:
                 ("positions", self._position_loop), ("poll", self._poll_loop),
                 ("uploads", self._upload_loop), ("sweep", self._sweep_loop),
                 ("rotation", self._rotation_loop)]
+            for name, (other, context) in self._others.items():
+                loops.append((f"poll {name}", self._poll_loop_for(other, context)))
+                loops.append((f"uploads {name}", self._upload_loop_for(other, context)))
             if self.config.privacy.decoy_uploads:
                 loops.append(("decoys", self._decoy_loop))
+                for name, (other, context) in self._others.items():
+                    loops.append((f"decoys {name}", self._decoy_loop_for(other, context)))
             tasks = [asyncio.create_task(self._guard(name, fn), name=f"fanny-{name}")
                      for name, fn in loops]
             try:
@@ -724,20 +757,54 @@ class Engine:
     # -- positives (paper 4) --------------------------------------------------------------
 
     async def _upload_loop(self) -> None:
+        """Send the declarations made to the device's own broker (to its current URL).
+
+        A declaration made to a ``[[positives]]`` broker that is no longer configured stays
+        pending (it is never sent to another organization's broker): reported once.
+        """
         assert self._store is not None
+        try:
+            counts = await asyncio.to_thread(self._store.pending_counts)
+        except StoreError:
+            counts = {}
+        for target, count in counts.items():
+            if target is not None and target not in self._others:
+                self.emit(EngineError(
+                    message=f"{plural_tokens(count)} declared to the broker {target!r} wait "
+                    "for it, but no [[positives]] table names it any more: add it back to "
+                    "send them"))
+        await self._uploads(None, self.config.broker.name, lambda: self._link.url, self._ssl,
+                            self._upload_wakeup)
+
+    def _upload_loop_for(self, other: PositivesBrokerConfig, context: ssl.SSLContext | None
+                         ) -> Callable[[], Awaitable[None]]:
+        """The upload loop of one ``[[positives]]`` broker (declarations made to it)."""
+        return lambda: self._uploads(other.name, other.name, lambda: other.url, context,
+                                     self._upload_wakeups[other.name])
+
+    async def _uploads(self, target: str | None, name: str, url: Callable[[], str],
+                       context: ssl.SSLContext | None, wakeup: asyncio.Event) -> None:
+        """Upload the pending declarations for ``target`` (None: the device's own broker)
+        until acknowledged, retrying with the ``[broker]`` backoff; events name ``name``."""
+        assert self._store is not None
+        store = self._store
         broker = self.config.broker
         retry_delays = backoff(broker.reconnect_min_s, broker.reconnect_max_s)
         delays = retry_delays()
+
+        def answered(outcome: UploadOutcome) -> None:
+            self._upload_answered(outcome, name)
+
         while True:
-            if not await asyncio.to_thread(self._store.pending_count):
+            if not (await asyncio.to_thread(store.pending_counts)).get(target):
                 delays = retry_delays()
                 # Woken by declare_positive(); the periodic look also picks up a declaration
                 # made by `fanny-tui declare-positive` in another process on the same store.
-                await self._sleep_or(self._upload_wakeup, self.config.protocol.poll_interval_s)
+                await self._sleep_or(wakeup, self.config.protocol.poll_interval_s)
                 continue
             try:
-                await upload_pending(self._store, broker.url, ssl_context=self._ssl,
-                                     on_outcome=self._upload_answered)
+                await upload_pending(store, url(), ssl_context=context,
+                                     on_outcome=answered, broker=target)
                 continue
             except StoreError as exc:
                 reason = str(exc)
@@ -745,32 +812,55 @@ class Engine:
             except Exception as exc:  # broker down, dropped, rate limited: keep tokens, retry
                 reason = _describe(exc)
             delay = next(delays)
-            count = await asyncio.to_thread(self._store.pending_count)
+            count = (await asyncio.to_thread(store.pending_counts)).get(target)
             if count:
                 self.emit(PositivePending(count=count, reason=reason,
-                                          retry_in_s=round(delay, 1)))
-            await self._sleep_or(self._upload_wakeup, delay)
+                                          retry_in_s=round(delay, 1), broker=name))
+            await self._sleep_or(wakeup, delay)
 
-    def _upload_answered(self, outcome: UploadOutcome) -> None:
+    def _upload_answered(self, outcome: UploadOutcome, broker: str) -> None:
         if outcome.acknowledged:
-            self.emit(PositiveDeclared(count=outcome.count))
+            self.emit(PositiveDeclared(count=outcome.count, broker=broker))
         else:
             assert outcome.refused is not None
             self.emit(PositiveRefused(reason=outcome.refused, count=outcome.count,
-                                      message=outcome.message))
+                                      message=outcome.message, broker=broker))
 
     async def _decoy_loop(self) -> None:
-        """Cover traffic: decoy uploads at exponentially distributed intervals (Poisson)."""
+        """Cover traffic: decoy uploads at exponentially distributed intervals (Poisson), to
+        the device's own broker (its current URL)."""
+        await self._decoys(lambda: self._link.url, self._ssl)
+
+    def _decoy_loop_for(self, other: PositivesBrokerConfig, context: ssl.SSLContext | None
+                        ) -> Callable[[], Awaitable[None]]:
+        """Decoys to one ``[[positives]]`` broker: a declaration may go there too, so its
+        uploads need the same cover as the device's own broker's."""
+        return lambda: self._decoys(lambda: other.url, context)
+
+    async def _decoys(self, url: Callable[[], str], context: ssl.SSLContext | None) -> None:
         rng = random.SystemRandom()
         rate = 1.0 / self.config.privacy.decoy_interval_s
         while True:
             await asyncio.sleep(rng.expovariate(rate))
-            answered = await send_decoy(self.config.broker.url, ssl_context=self._ssl, rng=rng)
+            answered = await send_decoy(url(), ssl_context=context, rng=rng)
             log.debug("decoy upload %s", "answered" if answered else "not answered")
 
     async def _poll_loop(self) -> None:
-        """Poll the positives every ``poll_interval_s``, at once on :meth:`poll_now`, and after
-        a random delay when the broker announces new positives (:meth:`_on_announcement`)."""
+        """Poll the device's own broker's positives every ``poll_interval_s``, at once on
+        :meth:`poll_now`, and after a random delay when the broker announces new positives
+        (:meth:`_on_announcement`). Polls go to the URL the session link uses now."""
+        await self._polls(None, self.config.broker.name, lambda: self._link.url, self._ssl,
+                          self._poll_wakeup)
+
+    def _poll_loop_for(self, other: PositivesBrokerConfig, context: ssl.SSLContext | None
+                       ) -> Callable[[], Awaitable[None]]:
+        """The poll loop of one ``[[positives]]`` broker, with its own cursor."""
+        return lambda: self._polls(other.name, other.name, lambda: other.url, context,
+                                   self._poll_wakeups[other.name])
+
+    async def _polls(self, target: str | None, name: str, url: Callable[[], str],
+                     context: ssl.SSLContext | None, wakeup: asyncio.Event) -> None:
+        """Poll one broker forever (``target`` None: the device's own; events name ``name``)."""
         assert self._store is not None
         interval = self.config.protocol.poll_interval_s
         failed_since: datetime | None = None
@@ -778,22 +868,26 @@ class Engine:
         while True:
             try:
                 result = await poll_once(
-                    self._store, self.config.broker.url, ssl_context=self._ssl,
+                    self._store, url(), ssl_context=context, broker=target,
                     on_match=lambda count, contacts: self.emit(ExposureAlert(
-                        count=count, contacts=tuple(_contact(c) for c in contacts))),
-                    on_unrecorded_match=self._alert_unrecorded)
+                        count=count, contacts=tuple(_contact(c) for c in contacts),
+                        broker=name)),
+                    on_unrecorded_match=lambda tokens: self._alert_unrecorded(tokens, name))
             except StoreError as exc:
                 self.emit(EngineError(message=str(exc)))
             except Exception as exc:
                 attempts += 1
                 failed_since = failed_since or datetime.now(UTC)
-                log.info("positives poll failed (%d in a row): %s", attempts, _describe(exc))
+                log.info("positives poll of %s failed (%d in a row): %s", name, attempts,
+                         _describe(exc))
                 self.emit(PositivesPollFailed(reason=_describe(exc), since=failed_since,
-                                              attempts=attempts, next_poll_in_s=interval))
+                                              attempts=attempts, next_poll_in_s=interval,
+                                              broker=name))
             else:
                 failed_since, attempts = None, 0
-                self.emit(PositivesPolled(received=result.received, next_poll_in_s=interval))
-            await self._sleep_or(self._poll_wakeup, interval)
+                self.emit(PositivesPolled(received=result.received, next_poll_in_s=interval,
+                                          broker=name))
+            await self._sleep_or(wakeup, interval)
 
     def _on_announcement(self, cursor: int) -> None:
         """The broker announced new positives up to ``cursor`` on the session connection.
@@ -816,12 +910,12 @@ class Engine:
 
         self._announced_poll = asyncio.get_running_loop().call_later(delay, due)
 
-    def _alert_unrecorded(self, tokens: set[str]) -> None:
+    def _alert_unrecorded(self, tokens: set[str], broker: str) -> None:
         """Alert on matches the store could not record (it cannot be written): once each."""
         new = tokens - self._unrecorded_alerts
         if new:
             self._unrecorded_alerts |= new
-            self.emit(ExposureAlert(count=len(new)))
+            self.emit(ExposureAlert(count=len(new), broker=broker))
 
     async def _sweep_loop(self) -> None:
         assert self._store is not None
@@ -949,6 +1043,11 @@ def _contact(measures: ContactMeasures) -> Contact:
     """The event form of a contact's measures."""
     return Contact(duration_s=round(measures.duration_s, 3), closest_m=measures.closest_m,
                    median_m=measures.median_m, samples=measures.samples)
+
+
+def plural_tokens(count: int) -> str:
+    """``1 token``, ``2 tokens``."""
+    return f"{count} token{'' if count == 1 else 's'}"
 
 
 def _describe(exc: BaseException) -> str:

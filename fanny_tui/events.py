@@ -5,6 +5,8 @@ one into the JSON object that ``fanny-tui --headless`` prints (one per line on s
 
 No event carries a session ID, contact ID or the peer's session ID (privacy invariants 1 and 3):
 peers are named by a small in-memory ordinal (``peer``), unique for the life of the process.
+Events about one broker name it (``broker``: ``[broker] name``, ``main`` by default, or a
+``[[positives]]`` name; issue 8), never by anything it gave this device.
 Positions appear only in :class:`GpsFix`, which is shown, never written to disk by the kit.
 """
 
@@ -14,6 +16,9 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
+
+MAIN_BROKER = "main"
+"""The default broker name (``fanny_tui.config.MAIN_BROKER``)."""
 
 
 def _iso(moment: datetime) -> str:
@@ -36,20 +41,26 @@ class SessionStarted(Event):
 
 @dataclass(frozen=True)
 class BrokerConnected(Event):
-    """The session connection to the broker is up (hello answered)."""
+    """The session connection to the broker is up (hello answered). ``url``: the one of
+    ``[broker] url`` that answered; ``broker``: its name."""
 
     event: ClassVar[str] = "broker_connected"
     url: str
     radius_m: float
+    broker: str = MAIN_BROKER
 
 
 @dataclass(frozen=True)
 class BrokerDisconnected(Event):
-    """The session connection is down; the engine retries after ``retry_in_s`` seconds."""
+    """The session connection is down; the engine retries after ``retry_in_s`` seconds
+    (with several ``[broker] url``, on the next one). ``url``: the one that failed (``""``
+    when not known); ``broker``: its name."""
 
     event: ClassVar[str] = "broker_disconnected"
     reason: str
     retry_in_s: float
+    broker: str = MAIN_BROKER
+    url: str = ""
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,8 @@ class PositiveDeclared(Event):
 
     event: ClassVar[str] = "positive_declared"
     count: int
+    broker: str = MAIN_BROKER
+    """The broker the declaration went to."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,8 @@ class PositivePending(Event):
     count: int
     reason: str
     retry_in_s: float
+    broker: str = MAIN_BROKER
+    """The broker the declaration goes to."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +258,8 @@ class PositiveRefused(Event):
     reason: str
     count: int
     message: str = ""
+    broker: str = MAIN_BROKER
+    """The broker that refused it."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +270,8 @@ class PositivesPolled(Event):
     received: int
     next_poll_in_s: float | None = None
     """Seconds until the next scheduled poll."""
+    broker: str = MAIN_BROKER
+    """The broker polled (each broker is polled on its own)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +291,8 @@ class PositivesPollFailed(Event):
     """Failed polls in a row, this one included."""
     next_poll_in_s: float | None = None
     """Seconds until the next scheduled poll."""
+    broker: str = MAIN_BROKER
+    """The broker whose poll failed (the others are polled all the same)."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +306,8 @@ class ExposureAlert(Event):
     count: int
     contacts: tuple[Contact, ...] = ()
     """The stored measures of the matched tokens' contacts (those known)."""
+    broker: str = MAIN_BROKER
+    """The broker whose published positives matched."""
 
 
 @dataclass(frozen=True)

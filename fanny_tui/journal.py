@@ -41,13 +41,13 @@ token          ``peer``, ``new`` (bool), ``digest``, ``match_to_token_s``, ``con
 failure        ``peer``, ``reason`` (``handshake_failed``)
 contact        ``peer``, ``reason``, ``token_stored`` (bool), ``digest`` (of the token this
                contact stored, else null), ``contact`` (``contact_closed``)
-poll           ``received``, ``next_poll_in_s``
-poll_failed    ``reason``, ``since``, ``attempts`` (a poll of positives failed; exposure checks
-               are not happening)
-alert          ``count``, ``contacts`` (list of ``contact`` objects)
-declared       ``count`` (the broker acknowledged a positive upload)
-pending        ``count``, ``reason`` (a positive upload not acknowledged yet)
-refused        ``count``, ``reason`` (the broker refused the declaration code)
+poll           ``received``, ``next_poll_in_s``, ``broker``
+poll_failed    ``reason``, ``since``, ``attempts``, ``broker`` (a poll of positives failed;
+               exposure checks are not happening)
+alert          ``count``, ``contacts`` (list of ``contact`` objects), ``broker``
+declared       ``count``, ``broker`` (the broker acknowledged a positive upload)
+pending        ``count``, ``reason``, ``broker`` (a positive upload not acknowledged yet)
+refused        ``count``, ``reason``, ``broker`` (the broker refused the declaration code)
 expired        ``count`` (expired tokens deleted)
 error          ``message``
 ============== ===================================================================================
@@ -279,23 +279,27 @@ class Journal:
             self._outage_since = now
             return "broker_down", {"reason": scrub(event.reason)}
         if isinstance(event, PositivesPolled):
-            return "poll", {"received": event.received, "next_poll_in_s": event.next_poll_in_s}
+            return "poll", {"received": event.received, "next_poll_in_s": event.next_poll_in_s,
+                            "broker": event.broker}
         if isinstance(event, PositivesPollFailed):
             return "poll_failed", {"reason": scrub(event.reason), "since": _iso(event.since),
-                                   "attempts": event.attempts}
+                                   "attempts": event.attempts, "broker": event.broker}
         if isinstance(event, ExposureAlert):
             return "alert", {"count": event.count,
-                             "contacts": [_contact(c) for c in event.contacts]}
+                             "contacts": [_contact(c) for c in event.contacts],
+                             "broker": event.broker}
         if isinstance(event, SessionStarted):
             return "session", {}
         if isinstance(event, IdsRotated):
             return "ids_rotated", {"reason": event.reason}
         if isinstance(event, PositiveDeclared):
-            return "declared", {"count": event.count}
+            return "declared", {"count": event.count, "broker": event.broker}
         if isinstance(event, PositivePending):
-            return "pending", {"count": event.count, "reason": scrub(event.reason)}
+            return "pending", {"count": event.count, "reason": scrub(event.reason),
+                               "broker": event.broker}
         if isinstance(event, PositiveRefused):
-            return "refused", {"count": event.count, "reason": scrub(event.reason)}
+            return "refused", {"count": event.count, "reason": scrub(event.reason),
+                               "broker": event.broker}
         if isinstance(event, TokensExpired):
             return "expired", {"count": event.count}
         if isinstance(event, EngineError):

@@ -21,6 +21,11 @@ Used by the engine and by ``fanny-tui declare-positive``; neither needs a sessio
 * :func:`poll_once` fetches the positive tokens published since the stored cursor, compares them
   with the store locally, deletes the matches and reports the exposure (paper 4, step 4).
 
+Several brokers (issue 8, paper 5): a declaration goes to one broker, the tester's pick
+(``broker``: the name of a ``[[positives]]`` broker, None for the device's own, kept with each
+upload in the store), and each broker is polled on its own with its own durable cursor. In this
+module ``broker=None`` always means the device's own broker (``[broker]``).
+
 An upload holds at most :data:`~fanny_tui.protocol.messages.MAX_TOKENS_PER_UPLOAD` tokens, so a
 bigger declaration is several uploads, each with its own upload ID and the same code, sent one
 after the other: the broker accepts a code's further uploads for a short continuation window
@@ -124,7 +129,8 @@ class UploadOutcome:
         return self.refused is None
 
 
-def declare(store: TokenStore, code: str | None = None) -> Declaration:
+def declare(store: TokenStore, code: str | None = None, *, broker: str | None = None
+            ) -> Declaration:
     """Start a positive declaration: mark every token not already pending for upload.
 
     The tokens go in uploads of at most ``MAX_TOKENS_PER_UPLOAD`` (the most recent contacts in
@@ -134,6 +140,8 @@ def declare(store: TokenStore, code: str | None = None) -> Declaration:
         store: the token store.
         code: the declaration code as typed (checked and normalized here; None: no code, for a
             broker with open declarations).
+        broker: where the declaration goes: a ``[[positives]]`` broker's name (its code must
+            be one that broker issued), None for the device's own broker.
 
     Returns:
         The :class:`Declaration` (``count`` may be 0: nothing to upload; the code is then not
@@ -149,7 +157,8 @@ def declare(store: TokenStore, code: str | None = None) -> Declaration:
     count = 0
     while True:
         upload_id = new_id(os.urandom(16))
-        marked = store.begin_upload(upload_id, normalized, limit=MAX_TOKENS_PER_UPLOAD)
+        marked = store.begin_upload(upload_id, normalized, limit=MAX_TOKENS_PER_UPLOAD,
+                                    broker=broker)
         if not marked:
             break
         upload_ids.append(upload_id)
@@ -168,9 +177,10 @@ def upload_message(pending: PendingUpload) -> PositiveUpload:
 
 async def upload_pending(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                          ssl_context: ssl.SSLContext | None = None,
-                         on_outcome: Callable[[UploadOutcome], None] | None = None
-                         ) -> list[UploadOutcome]:
-    """Upload every pending positive upload; delete each one's tokens after its ack.
+                         on_outcome: Callable[[UploadOutcome], None] | None = None,
+                         broker: str | None = None) -> list[UploadOutcome]:
+    """Upload every pending positive upload for ``broker``; delete each one's tokens after
+    its ack.
 
     Each upload goes on its own fresh anonymous connection, padded to ``UPLOAD_SIZE_BYTES``.
     A final refusal (:data:`FINAL_REFUSALS`: the code, or content the broker would refuse
@@ -188,6 +198,8 @@ async def upload_pending(store: TokenStore, url: str, *, timeout_s: float = 15.0
         ssl_context: for ``wss://`` (see :func:`~fanny_tui.link.ssl_context_for`).
         on_outcome: called with each final outcome as it happens (even if a later upload then
             fails).
+        broker: whose pending uploads to send (to ``url``): a ``[[positives]]`` broker's name,
+            None for the device's own broker. Uploads declared to another broker are left.
 
     Returns:
         The :class:`UploadOutcome` of every upload answered by this call.
@@ -203,6 +215,8 @@ async def upload_pending(store: TokenStore, url: str, *, timeout_s: float = 15.0
     """
     done: list[UploadOutcome] = []
     for pending in await asyncio.to_thread(store.pending):
+        if pending.broker != broker:
+            continue
         message = upload_message(pending)
         try:
             encode_padded(message, UPLOAD_SIZE_BYTES)
@@ -286,7 +300,8 @@ async def send_decoy(url: str, *, timeout_s: float = 15.0,
 
 async def _record(store: TokenStore, check: PositivesCheck | None, cursor: int,
                   on_match: Callable[[int, list[ContactMeasures]], None] | None,
-                  on_unrecorded_match: Callable[[set[str]], None] | None) -> int:
+                  on_unrecorded_match: Callable[[set[str]], None] | None,
+                  broker: str | None) -> int:
     """Record a bulk check in ONE transaction, in a worker thread (paper 4, step 4).
 
     Deletes only the stored tokens that matched, records one alert for them and moves the
@@ -295,7 +310,7 @@ async def _record(store: TokenStore, check: PositivesCheck | None, cursor: int,
     ``check`` None: no token arrived, only the cursor moves (an end frame's or empty page's).
     """
     if check is None:
-        check = await asyncio.to_thread(store.positives_check)
+        check = await asyncio.to_thread(store.positives_check, broker)
     try:
         # shielded: a poll cancelled while it records still records (the thread would
         # anyway), and the caller's cancellation goes on once it is written
@@ -313,8 +328,8 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     ssl_context: ssl.SSLContext | None = None, max_pages: int = 100,
                     on_match: Callable[[int, list[ContactMeasures]], None] | None = None,
                     on_unrecorded_match: Callable[[set[str]], None] | None = None,
-                    formats: tuple[str, ...] = (BATCH_FORMAT,)
-                    ) -> PollResult:
+                    formats: tuple[str, ...] = (BATCH_FORMAT,),
+                    broker: str | None = None) -> PollResult:
     """Fetch positives since the stored cursor, compare them in bulk, delete the matches.
 
     The poll asks for the binary ``batch1`` form (``formats``): the broker streams every
@@ -345,6 +360,8 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
         formats: the answer formats accepted (``()``: JSON pages only, for debugging). A
             broker older than ``batch1`` refuses the ``accept`` field (``unknown_field``): the
             poll is then sent again without it, for JSON pages.
+        broker: whose cursor is read and moved: a ``[[positives]]`` broker's name, None for
+            the device's own broker (each board numbers its positives itself).
 
     Returns:
         A :class:`PollResult`. ``matched > 0`` means an exposure; an alert was recorded in the
@@ -354,7 +371,7 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
         OSError, TimeoutError, websockets.WebSocketException, BrokerRefused, MessageError,
         StoreError: as :func:`upload_pending`; the cursor only advances past compared tokens.
     """
-    first = cursor = await asyncio.to_thread(store.poll_cursor)
+    first = cursor = await asyncio.to_thread(store.poll_cursor, broker)
     check: PositivesCheck | None = None     # read from the store at the first token (a
     received = 0                            # poll with nothing new reads nothing more)
     try:
@@ -375,7 +392,8 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     if isinstance(answer, Positives):       # one JSON page answers the poll
                         if answer.tokens:
                             if check is None:
-                                check = await asyncio.to_thread(store.positives_check)
+                                check = await asyncio.to_thread(store.positives_check,
+                                                                broker)
                             check.feed([t.token for t in answer.tokens])
                             received += len(answer.tokens)
                         cursor, more = answer.cursor, answer.more
@@ -387,7 +405,7 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                         cursor, more = frame.cursor, frame.more
                         break
                     if check is None:
-                        check = await asyncio.to_thread(store.positives_check)
+                        check = await asyncio.to_thread(store.positives_check, broker)
                     for _, tokens in frame.groups:          # raw 32-byte tokens
                         check.feed(tokens)                  # ~1 ms per 8192 tokens
                         received += len(tokens)
@@ -396,9 +414,10 @@ async def poll_once(store: TokenStore, url: str, *, timeout_s: float = 15.0,
                     break
     except (Exception, asyncio.CancelledError):
         if cursor != first:                   # keep what was compared, then re-raise
-            await _record(store, check, cursor, on_match, on_unrecorded_match)
+            await _record(store, check, cursor, on_match, on_unrecorded_match, broker)
         raise
     matched = 0
     if cursor != first:
-        matched = await _record(store, check, cursor, on_match, on_unrecorded_match)
+        matched = await _record(store, check, cursor, on_match, on_unrecorded_match,
+                                broker)
     return PollResult(received=received, matched=matched)

@@ -11,14 +11,20 @@ One file, ``tokens.sqlite3`` in the data directory, holding:
 * ``uploads``: one row per positive upload not acknowledged yet: its ``upload_id`` and the
   declaration code that authorizes it (paper section 5), so that a retry after a restart still
   carries the code; the row goes with the ack, or when the broker refuses the code;
-* ``meta``: the positive-poll cursor;
+* ``uploads.broker`` (schema 4): the broker the tester picked for the declaration (issue 8:
+  the name of a ``[[positives]]`` broker; NULL for the device's own broker, ``[broker]``);
+* ``poll_cursors`` (schema 4): one durable positive-poll cursor per broker polled, keyed by
+  its name (``''`` for the device's own broker, whatever its configured name; before schema 4
+  that cursor was the ``meta`` row ``poll_cursor``, moved there by the upgrade);
+* ``meta``: nothing any more (kept for older readers);
 * ``alerts``: exposure alerts already raised (UTC instant and count), so a restart still shows
   them.
 
 Never stored: session IDs, contact IDs, positions, peer identities, the time of a contact (the
 only instant kept per token is its expiry, rounded up to the deletion hour).
-The schema version is in ``PRAGMA user_version`` (3; a version 1 file, from before declaration
-codes, or 2, from before contact measures, is upgraded in place when opened for writing).
+The schema version is in ``PRAGMA user_version`` (4; a version 1 file, from before declaration
+codes, 2, from before contact measures, or 3, from before several brokers, is upgraded in place
+when opened for writing).
 Writes are durable (WAL, ``synchronous=FULL``) before a method returns. Every SQLite or file
 system failure (disk full, read-only directory, corrupt file) is raised as :class:`StoreError`
 with a one-line message naming the file; a failed write changes nothing (one transaction per
@@ -45,10 +51,13 @@ from .protocol.contact import ContactMeasures, merge_measures
 from .protocol.tokens import is_token
 from .sqlite_util import reading, transaction
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 FILE_NAME = "tokens.sqlite3"
-READABLE_VERSIONS = (1, 2, 3)
-"""Schema versions a read-only open accepts (1 and 2 have no contact measures)."""
+READABLE_VERSIONS = (1, 2, 3, 4)
+"""Schema versions a read-only open accepts (1 and 2 have no contact measures, 1-3 one
+broker)."""
+MAIN_CURSOR = ""
+"""The ``poll_cursors`` key of the device's own broker (``broker=None`` in this API)."""
 
 _SCHEMA_V1 = (
     """CREATE TABLE IF NOT EXISTS tokens (
@@ -77,6 +86,17 @@ _MIGRATE_V2_TO_V3 = (
     "ALTER TABLE tokens ADD COLUMN median_m REAL",
     "ALTER TABLE tokens ADD COLUMN samples INTEGER",
     "ALTER TABLE tokens ADD COLUMN meetings INTEGER NOT NULL DEFAULT 1",
+)
+_MIGRATE_V3_TO_V4 = (
+    # Several brokers (issue 8): a declaration's broker, one poll cursor per broker.
+    "ALTER TABLE uploads ADD COLUMN broker TEXT",
+    """CREATE TABLE IF NOT EXISTS poll_cursors (
+        broker TEXT PRIMARY KEY,
+        cursor INTEGER NOT NULL CHECK (cursor >= 0)
+    )""",
+    "INSERT OR IGNORE INTO poll_cursors (broker, cursor) "
+    "SELECT '', CAST(value AS INTEGER) FROM meta WHERE key = 'poll_cursor'",
+    "DELETE FROM meta WHERE key = 'poll_cursor'",
 )
 _MEASURES = "duration_s, closest_m, median_m, samples, meetings"
 
@@ -117,12 +137,14 @@ class PendingUpload:
     """A positive upload not acknowledged yet: its ID, its declaration code and its tokens.
 
     ``code`` is the normalized declaration code (None: sent without one, for a broker with open
-    declarations).
+    declarations). ``broker``: the name of the ``[[positives]]`` broker it goes to, None for
+    the device's own broker.
     """
 
     upload_id: str
     code: str | None
     tokens: list[StoredToken]
+    broker: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,8 +200,10 @@ class PositivesCheck:
     loop between received chunks; :meth:`commit` writes (run it in a worker thread).
     """
 
-    def __init__(self, store: TokenStore, stored: frozenset[str]) -> None:
+    def __init__(self, store: TokenStore, stored: frozenset[str],
+                 broker: str | None = None) -> None:
         self._store = store
+        self._broker = MAIN_CURSOR if broker is None else broker
         self._stored = stored
         self._stored_raw = frozenset(bytes.fromhex(t) for t in stored)
         self._found: set[str] = set()
@@ -229,9 +253,9 @@ class PositivesCheck:
                 if matched:
                     db.execute("INSERT INTO alerts (noticed_at, count) VALUES (?, ?)",
                                (at, matched))
-                db.execute("INSERT INTO meta (key, value) VALUES ('poll_cursor', ?) "
-                           "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                           (str(cursor),))
+                db.execute("INSERT INTO poll_cursors (broker, cursor) VALUES (?, ?) "
+                           "ON CONFLICT (broker) DO UPDATE SET cursor = excluded.cursor",
+                           (self._broker, cursor))
         except StoreError as exc:
             if wanted:
                 raise UnrecordedMatchError(str(exc), frozenset(wanted)) from None
@@ -270,10 +294,12 @@ class TokenStore:
                     raise StoreError(f"{path} is not a token store of schema {SCHEMA_VERSION}")
                 self._has_uploads = version >= 2
                 self._has_measures = version >= 3
+                self._has_brokers = version >= 4
                 return
             self._migrate()
             self._has_uploads = True
             self._has_measures = True
+            self._has_brokers = True
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
         except StoreError:
@@ -292,7 +318,10 @@ class TokenStore:
                                  f"kit's {SCHEMA_VERSION}: upgrade fanny-tui")
             if version == SCHEMA_VERSION:
                 return
-            for statement in (*_SCHEMA_V1, *_MIGRATE_V1_TO_V2, *_MIGRATE_V2_TO_V3):
+            steps = {0: (*_SCHEMA_V1, *_MIGRATE_V1_TO_V2, *_MIGRATE_V2_TO_V3),
+                     1: (*_MIGRATE_V1_TO_V2, *_MIGRATE_V2_TO_V3), 2: _MIGRATE_V2_TO_V3,
+                     3: ()}
+            for statement in (*steps[version], *_MIGRATE_V3_TO_V4):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -435,7 +464,8 @@ class TokenStore:
     # -- positive declaration (paper 4, step 2; invariant 6) --------------------------------
 
     def begin_upload(self, upload_id: str, code: str | None = None, *,
-                     limit: int | None = None) -> list[StoredToken]:
+                     limit: int | None = None, broker: str | None = None
+                     ) -> list[StoredToken]:
         """Mark tokens not already pending as part of the positive upload ``upload_id``.
 
         Nothing is deleted: :meth:`complete_upload` does that once the broker acknowledged.
@@ -447,6 +477,8 @@ class TokenStore:
                 ack so that a retry after a restart still carries it (None: no code).
             limit: mark at most this many tokens (the wire's ``MAX_TOKENS_PER_UPLOAD``);
                 None marks them all.
+            broker: the name of the ``[[positives]]`` broker the tester picked, None for the
+                device's own broker (kept with the upload until the ack).
 
         Returns:
             The tokens now pending under ``upload_id`` (may be empty: then nothing is recorded).
@@ -465,8 +497,8 @@ class TokenStore:
             rows = db.execute("SELECT token, expires_at FROM tokens WHERE upload_id = ? "
                               "ORDER BY token", (upload_id,)).fetchall()
             if rows:
-                db.execute("INSERT INTO uploads (upload_id, code) VALUES (?, ?)",
-                           (upload_id, code))
+                db.execute("INSERT INTO uploads (upload_id, code, broker) VALUES (?, ?, ?)",
+                           (upload_id, code, broker))
         return [StoredToken(t, _dt(e), True) for t, e in rows]
 
     def pending_uploads(self) -> dict[str, list[StoredToken]]:
@@ -474,23 +506,41 @@ class TokenStore:
         return {p.upload_id: p.tokens for p in self.pending()}
 
     def pending(self) -> list[PendingUpload]:
-        """Positive uploads not acknowledged yet, each with its code and tokens."""
+        """Positive uploads not acknowledged yet, each with its code, tokens and broker."""
+        broker = "broker" if self._has_brokers else "NULL"
         with self._write():
             rows = self._db.execute("SELECT upload_id, token, expires_at FROM tokens WHERE "
                                     "upload_id IS NOT NULL ORDER BY upload_id, token").fetchall()
-            codes = dict(self._db.execute("SELECT upload_id, code FROM uploads").fetchall()
-                         if self._has_uploads else [])
+            uploads = {upload_id: (code, target) for upload_id, code, target in (
+                self._db.execute(f"SELECT upload_id, code, {broker} FROM uploads").fetchall()
+                if self._has_uploads else [])}
         tokens: dict[str, list[StoredToken]] = {}
         for upload_id, token, expires in rows:
             tokens.setdefault(upload_id, []).append(StoredToken(token, _dt(expires), True))
-        return [PendingUpload(upload_id, codes.get(upload_id), items)
-                for upload_id, items in tokens.items()]
+        out = []
+        for upload_id, items in tokens.items():
+            code, target = uploads.get(upload_id, (None, None))
+            out.append(PendingUpload(upload_id, code, items, target))
+        return out
 
     def pending_count(self) -> int:
         """Number of tokens in positive uploads not acknowledged yet."""
         with self._write():
             return int(self._db.execute(
                 "SELECT count(*) FROM tokens WHERE upload_id IS NOT NULL").fetchone()[0])
+
+    def pending_counts(self) -> dict[str | None, int]:
+        """Tokens in positive uploads not acknowledged yet, by broker (None: the device's own
+        broker; else a ``[[positives]]`` name); brokers with none are left out."""
+        target = "u.broker" if self._has_brokers else "NULL"
+        with self._write():
+            rows = self._db.execute(
+                f"SELECT {target}, count(*) FROM tokens t LEFT JOIN uploads u "
+                "ON u.upload_id = t.upload_id WHERE t.upload_id IS NOT NULL "
+                f"GROUP BY {target}").fetchall() if self._has_uploads else self._db.execute(
+                "SELECT NULL, count(*) FROM tokens WHERE upload_id IS NOT NULL "
+                "HAVING count(*) > 0").fetchall()
+        return {broker: int(count) for broker, count in rows}
 
     def complete_upload(self, upload_id: str) -> int:
         """The broker acknowledged ``upload_id``: delete its tokens and its code (paper 4, 2).
@@ -518,7 +568,7 @@ class TokenStore:
 
     # -- exposure (paper 4, step 4) ---------------------------------------------------------
 
-    def positives_check(self) -> PositivesCheck:
+    def positives_check(self, broker: str | None = None) -> PositivesCheck:
         """Start a bulk comparison of published positive tokens with the store (issue 7, 3).
 
         Reads the stored tokens not pending upload once (one short read under the lock; run it
@@ -526,15 +576,19 @@ class TokenStore:
         memory, off SQLite, and :meth:`PositivesCheck.commit` records everything at the end in
         one transaction. :meth:`check_positives` does the three at once.
 
+        Args:
+            broker: whose poll cursor the commit moves: a ``[[positives]]`` broker's name, None
+                for the device's own broker.
+
         Raises:
             StoreError: the store could not be read.
         """
         with self._write():
             rows = self._db.execute("SELECT token FROM tokens WHERE upload_id IS NULL").fetchall()
-        return PositivesCheck(self, frozenset(row[0] for row in rows))
+        return PositivesCheck(self, frozenset(row[0] for row in rows), broker)
 
     def check_positives(self, chunks: Iterable[Sequence[bytes | str]], cursor: int,
-                        now: datetime) -> PositivesMatch:
+                        now: datetime, broker: str | None = None) -> PositivesMatch:
         """Compare published positive tokens with the store in bulk, then record the outcome.
 
         Memory stays flat in the number published: one chunk at a time is compared with an
@@ -549,6 +603,8 @@ class TokenStore:
                 lowercase hex characters each; anything else never matches.
             cursor: the broker's cursor after the last chunk (stored with the outcome).
             now: the instant of the alert, aware (UTC).
+            broker: whose cursor moves (None: the device's own broker; see
+                :meth:`poll_cursor`).
 
         Returns:
             The :class:`PositivesMatch`: tokens received, stored tokens matched and deleted
@@ -560,7 +616,7 @@ class TokenStore:
             StoreError: the store could not be read or written (nothing changed).
             ValueError: ``now`` is naive or ``cursor`` < 0 (nothing changed).
         """
-        check = self.positives_check()
+        check = self.positives_check(broker)
         for chunk in chunks:
             check.feed(chunk)
         return check.commit(cursor, now)
@@ -572,10 +628,22 @@ class TokenStore:
                 "SELECT noticed_at, count FROM alerts ORDER BY id").fetchall()
         return [Alert(_dt(at), count) for at, count in rows]
 
-    def poll_cursor(self) -> int:
-        """The cursor to send with the next positives poll (0 at first)."""
+    def poll_cursor(self, broker: str | None = None) -> int:
+        """The cursor to send with the next positives poll of ``broker`` (0 at first).
+
+        Args:
+            broker: a ``[[positives]]`` broker's name, None for the device's own broker. Each
+                broker's board numbers its positives itself: one durable cursor per broker.
+        """
         with self._write():
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'poll_cursor'").fetchone()
+            if self._has_brokers:
+                row = self._db.execute("SELECT cursor FROM poll_cursors WHERE broker = ?",
+                                       (MAIN_CURSOR if broker is None else broker,)).fetchone()
+            elif broker is None:
+                row = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'poll_cursor'").fetchone()
+            else:
+                row = None
         return int(row[0]) if row else 0
 
 

@@ -34,13 +34,18 @@ SESSION_ID = "0f0e0d0c-0b0a-4908-8706-050403020100"
 """A fixed session ID (UUIDv4) for a broker link made by a test."""
 
 
-def device_config(broker_url: str, **protocol: float) -> Config:
-    """Loopback-only device configuration with short intervals for tests."""
+def device_config(broker_url: str | list[str], *,
+                  positives: dict[str, str] | None = None, **protocol: float) -> Config:
+    """Loopback-only device configuration with short intervals for tests.
+
+    ``broker_url``: ``[broker] url`` (one URL or a region's list); ``positives``: name -> URL
+    of ``[[positives]]`` brokers polled for positive tokens only."""
     settings = {"radius_m": 15.0, "position_interval_s": 0.3, "poll_interval_s": 1.0,
                 "handshake_timeout_s": 10.0}
     settings.update(protocol)
     return parse_config({
         "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        "positives": [{"name": name, "url": url} for name, url in (positives or {}).items()],
         "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
         "protocol": settings,
         "webrtc": {"host_addresses": ["127.0.0.1"]},

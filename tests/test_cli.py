@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
@@ -595,3 +596,33 @@ async def test_the_app_on_a_data_dir_in_use_says_so_and_exits_1(tmp_path):
     assert app.return_code == 1
     assert app.error == (f"cannot start: the data directory {tmp_path / 'd'} is in use by "
                          f"{holder_line()}: stop that process first, or use another --data-dir")
+
+
+async def test_declare_positive_to_a_poll_only_broker_picked_by_name(tmp_path):
+    settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "health.sqlite3",
+                              open_declarations=True, upload_answer_delay_s=0.0)
+    _stock(tmp_path / "d", "ab" * 32)
+    async with start_broker(settings) as health:
+        config = _write_config(tmp_path / "c.toml", _free_port(), LAT)   # [broker] is down
+        with config.open("a") as out:
+            out.write(f'\n[[positives]]\nname = "health"\nurl = "{health.url}"\n')
+
+        def declare(*more: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                                   "--data-dir", tmp_path / "d", "--timeout",
+                                   str(5 * TIME_UNIT), *more],
+                                  capture_output=True, text=True, timeout=60 * TIME_UNIT)
+
+        wrong = await asyncio.to_thread(declare, "--broker", "elsewhere")
+        assert wrong.returncode == 2
+        assert wrong.stderr.strip().splitlines() == [
+            "fanny-tui: --broker: no broker named 'elsewhere' in the config (one of: main, "
+            "health)"]
+        assert [t["pending_upload"] for t in _tokens_json(tmp_path / "d")] == [False]
+        done = await asyncio.to_thread(declare, "--broker", "health")
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.startswith("fanny-tui: uploading 1 token: waiting for the broker "
+                                      f"health at {health.url} ")
+        board, _, _ = health.board.since(0, 10, datetime.now(UTC))
+        assert [t.token for t in board] == ["ab" * 32]
+    assert _tokens_json(tmp_path / "d") == []

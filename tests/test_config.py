@@ -40,11 +40,34 @@ def test_example_file_parses_and_documents_every_key(tmp_path):
                          ("storage", config.storage), ("privacy", config.privacy)):
         assert f"[{section}]" in text
         for key in cls.__dataclass_fields__:
+            key = "url" if (section, key) == ("broker", "urls") else key  # url = one or a list
             assert f"{key} =" in text, f"{section}.{key} is not documented in the example"
+    assert "[[positives]]" in text
+    for key in ("name", "url", "ca_file"):
+        assert f"# {key} = " in text.split("[[positives]]", 1)[1], f"positives.{key}"
 
 
 @pytest.mark.parametrize(("data", "key"), [
     ({"broker": {"url": "http://x"}}, "broker.url"),
+    ({"broker": {"url": []}}, "broker.url"),
+    ({"broker": {"url": "ws://[::1"}}, "broker.url"),
+    ({"broker": {"url": ["ws://a:1", "ws://b:99999"]}}, "broker.url[1]"),
+    ({"positives": [{"url": "ws://h:port", "name": "h"}]}, "positives[0].url"),
+    ({"broker": {"url": ["ws://a:1", "http://b"]}}, "broker.url[1]"),
+    ({"broker": {"url": ["ws://a:1", 8765]}}, "broker.url[1]"),
+    ({"broker": {"url": ["ws://a:1", "ws://b:2", "ws://a:1"]}}, "broker.url[2]"),
+    ({"broker": {"name": "main broker"}}, "broker.name"),
+    ({"positives": {"url": "ws://h:1", "name": "h"}}, "positives"),
+    ({"positives": ["ws://h:1"]}, "positives[0]"),
+    ({"positives": [{"name": "h"}]}, "positives[0].url"),
+    ({"positives": [{"url": "ws://h:1"}]}, "positives[0].name"),
+    ({"positives": [{"url": "ws://h:1", "name": "h"}, {"url": "https://g", "name": "g"}]},
+     "positives[1].url"),
+    ({"positives": [{"url": "ws://127.0.0.1:8765", "name": "h"}]}, "positives[0].url"),
+    ({"positives": [{"url": "ws://h:1", "name": "main"}]}, "positives[0].name"),
+    ({"positives": [{"url": "ws://h:1", "name": "h"}, {"url": "ws://g:1", "name": "h"}]},
+     "positives[1].name"),
+    ({"positives": [{"url": "ws://h:1", "name": "h", "code": "x"}]}, "positives[0].code"),
     ({"broker": {"reconnect_min_s": 0}}, "broker.reconnect_min_s"),
     ({"broker": {"reconnect_min_s": 5, "reconnect_max_s": 1}}, "broker.reconnect_max_s"),
     ({"gps": {"source": "glonass"}}, "gps.source"),
@@ -129,3 +152,42 @@ def test_the_longest_token_lifetime_fits_the_brokers_expiry_window():
                - (start + timedelta(hours=h)) > DEFAULT_MAX_EXPIRY_AHEAD for h in range(24))
     config = parse_config({"protocol": {"token_lifetime_days": MAX_TOKEN_LIFETIME_DAYS}})
     assert config.protocol.token_lifetime_days == 15
+
+
+def test_broker_url_may_be_one_regions_list_and_positives_brokers_are_listed():
+    config = parse_config({
+        "broker": {"url": ["wss://b1.example:8765", "wss://b2.example:8765"], "name": "city"},
+        "positives": [{"name": "health-org", "url": "wss://p.health.example"},
+                      {"name": "region.2", "url": "ws://127.0.0.1:9000", "ca_file": "x.pem"}],
+    }, base_dir=Path("/etc/fanny"))
+    assert config.broker.urls == ("wss://b1.example:8765", "wss://b2.example:8765")
+    assert config.broker.url == "wss://b1.example:8765" and config.broker.name == "city"
+    assert [(p.name, p.url) for p in config.positives] == [
+        ("health-org", "wss://p.health.example"), ("region.2", "ws://127.0.0.1:9000")]
+    assert config.positives[1].ca_file == Path("/etc/fanny/x.pem")
+    assert parse_config({}).positives == () and parse_config({}).broker.name == "main"
+
+
+def test_a_positives_ca_file_for_a_ws_broker_names_its_table():
+    from fanny_tui.link import ssl_context_for
+
+    config = parse_config({"positives": [{"name": "h", "url": "ws://h:1", "ca_file": "x.pem"}]})
+    with pytest.raises(ConfigError, match=r"^positives\[0\]\.ca_file: "):
+        ssl_context_for(config.positives[0], key="positives[0]")
+
+
+def test_positives_tables_from_a_toml_file(tmp_path):
+    path = tmp_path / "device.toml"
+    text = ('[broker]\nurl = ["ws://127.0.0.1:8765", "ws://127.0.0.1:8766"]\n\n'
+            '[[positives]]\nname = "health"\nurl = "ws://127.0.0.1:9000"\n\n'
+            '[[positives]]\nname = "other"\nurl = "ws://127.0.0.1:{port}"\n')
+    path.write_text(text.format(port=9000))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: positives[1].url: expected a broker not already "
+                               "configured (broker.url or another [[positives]]), got "
+                               "'ws://127.0.0.1:9000'")
+    path.write_text(text.format(port=9001))
+    config = load_config(path)
+    assert [p.url for p in config.positives] == ["ws://127.0.0.1:9000", "ws://127.0.0.1:9001"]
+    assert len(config.broker.urls) == 2

@@ -199,7 +199,8 @@ def test_polls_alerts_rotations_and_scrubbed_free_text(tmp_path):
     path = tmp_path / "j.jsonl"
     journal = Journal(path)
     journal.handle(PositivesPolled(received=12, next_poll_in_s=300.0))
-    journal.handle(ExposureAlert(count=2, contacts=(Contact(400.0, 1.0, 2.0, 80),)))
+    journal.handle(ExposureAlert(count=2, contacts=(Contact(400.0, 1.0, 2.0, 80),),
+                                 broker="health"))
     journal.handle(IdsRotated(reason="schedule"))
     session_id = "3f0e8d7a-1c2b-4d5e-8f9a-0b1c2d3e4f50"
     journal.handle(HandshakeFailed(peer=1, reason=f"error: bad peer {session_id}"))
@@ -207,7 +208,8 @@ def test_polls_alerts_rotations_and_scrubbed_free_text(tmp_path):
     journal.close()
     records = {r["kind"]: r for r in _records(path)}
     assert records["poll"]["received"] == 12 and records["poll"]["next_poll_in_s"] == 300.0
-    assert records["alert"]["count"] == 2
+    assert records["poll"]["broker"] == "main"          # issue 8: which broker was polled
+    assert records["alert"]["count"] == 2 and records["alert"]["broker"] == "health"
     assert records["alert"]["contacts"] == [{"duration_s": 400.0, "closest_m": 1.0,
                                              "median_m": 2.0, "samples": 80}]
     assert records["ids_rotated"]["reason"] == "schedule"

@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import ConfigError
-from fanny_tui.events import Event
+from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
 from fanny_tui.gps import FixedSource
 from fanny_tui.link import BrokerLink, anonymous_connection, ssl_context_for
 from fanny_tui.protocol.expiry import expiry_for
@@ -38,8 +38,10 @@ from .helpers import (
     LAT,
     LON,
     SESSION_ID,
+    TIME_UNIT,
     collect_disconnects,
     link_config,
+    loopback_port,
     running_device,
     tls_broker,
 )
@@ -273,3 +275,51 @@ async def test_rehello_while_waiting_for_welcome_says_the_new_hello_before_any_m
     assert hellos == [SESSION_ID, OTHER_SESSION_ID]
     assert len(received) == 1   # the match of the new session only
     assert [type(e).__name__ for e in events] == ["BrokerDisconnected", "BrokerConnected"]
+
+
+# -- one region's brokers (issue 8): failover ------------------------------------------------
+
+
+async def test_a_region_of_brokers_fails_over_in_turn_and_retries_the_failed_one(tmp_path):
+    events: list[Event] = []
+    with loopback_port(listening=False) as dead_port:
+        dead = f"ws://127.0.0.1:{dead_port}"
+        settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "board.sqlite3")
+        async with start_broker(settings) as broker:
+            live, port = broker.url, broker.port
+            link = BrokerLink([dead, live], Hello(session_id=SESSION_ID, radius_m=10.0),
+                              on_message=lambda m: None, on_event=events.append,
+                              reconnect_min_s=0.05, reconnect_max_s=0.2, name="region")
+            task = asyncio.create_task(link.run())
+            try:
+                await _until(lambda: link.connected, 5 * TIME_UNIT)
+                assert link.url == live
+                first = [e for e in events if isinstance(e, BrokerDisconnected)]
+                assert [(e.url, e.broker) for e in first] == [(dead, "region")]
+                assert first[0].retry_in_s > 0           # the backoff, then the next URL
+                assert isinstance(events[-1], BrokerConnected)
+                assert (events[-1].url, events[-1].broker) == (live, "region")
+                seen = len(events)
+            except BaseException:
+                task.cancel()
+                raise
+        try:
+            # The live broker stopped: resumed on it at once (a restart?), then back to the
+            # first URL, round robin, which is still refused...
+            await _until(lambda: sum(isinstance(e, BrokerDisconnected) and e.url == dead
+                                     for e in events[seen:]) >= 2, 5 * TIME_UNIT)
+            lost = [e for e in events[seen:] if isinstance(e, BrokerDisconnected)]
+            assert (lost[0].url, lost[0].retry_in_s) == (live, 0.0)
+            assert lost[1].url == live and lost[1].retry_in_s > 0
+            assert {e.url for e in lost} == {dead, live}   # both tried in turn
+            assert not link.connected
+            # ...and the broker that failed is tried again: back up, the link returns to it.
+            settings = BrokerSettings(host="127.0.0.1", port=port,
+                                      db_path=tmp_path / "board.sqlite3")
+            async with start_broker(settings):
+                await _until(lambda: link.connected, 5 * TIME_UNIT)
+                assert link.url == live
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -437,8 +437,8 @@ def count_commits(store: TokenStore) -> list[int]:
     cursors: list[int] = []
     start = store.positives_check
 
-    def checking() -> PositivesCheck:
-        check = start()
+    def checking(broker: str | None = None) -> PositivesCheck:
+        check = start(broker)
         commit = check.commit
 
         def committing(cursor: int, now: datetime) -> PositivesMatch:

@@ -167,7 +167,7 @@ def test_v1_store_upgrades_in_place(tmp_path):
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
 
     store = TokenStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     assert {t.token: t.pending for t in store.tokens()} == {T1: True, T2: False}
     [pending] = store.pending()
     assert (pending.upload_id, pending.code, [t.token for t in pending.tokens]) == (
@@ -179,7 +179,7 @@ def test_v1_store_upgrades_in_place(tmp_path):
     again = TokenStore(path)
     assert {p.upload_id: p.code for p in again.pending()} == {
         "u-old": None, "u-new": "K7QF3M9XTR2B8HJD"}
-    assert again.schema_version == 3
+    assert again.schema_version == 4
     assert again._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     again.close()
 
@@ -323,7 +323,7 @@ def test_v2_store_upgrades_in_place_to_v3(tmp_path):
                                                                        (T2, None, 1)]
     ro.close()
     store = TokenStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     assert [(t.token, t.contact) for t in store.tokens()] == [(T1, None), (T2, None)]
     assert {p.upload_id: p.code for p in store.pending()} == {"u-1": "K7QF3M9XTR2B8HJD"}
     # A token stored before schema 3 that is met again starts measuring from there.
@@ -332,6 +332,54 @@ def test_v2_store_upgrades_in_place_to_v3(tmp_path):
     assert store.tokens()[1].meetings == 2
     assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store.close()
+
+
+# -- schema v4: several brokers (issue 8) ---------------------------------------------------
+
+V3_SCHEMA = V2_SCHEMA.replace("PRAGMA user_version = 2;", """
+ALTER TABLE tokens ADD COLUMN duration_s REAL;
+ALTER TABLE tokens ADD COLUMN closest_m REAL;
+ALTER TABLE tokens ADD COLUMN median_m REAL;
+ALTER TABLE tokens ADD COLUMN samples INTEGER;
+ALTER TABLE tokens ADD COLUMN meetings INTEGER NOT NULL DEFAULT 1;
+PRAGMA user_version = 3;
+""")
+
+
+def test_v3_store_upgrades_to_one_cursor_per_broker(tmp_path):
+    path = tmp_path / "tokens.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(V3_SCHEMA)
+    db.executemany("INSERT INTO tokens (token, expires_at, upload_id) VALUES (?, ?, ?)",
+                   [(T1, int(EXPIRY.timestamp()), "u-1"), (T2, int(EXPIRY.timestamp()), None)])
+    db.execute("INSERT INTO uploads VALUES ('u-1', NULL)")
+    db.execute("INSERT INTO meta VALUES ('poll_cursor', '17')")
+    db.commit()
+    db.close()
+    ro = TokenStore(path, read_only=True)
+    assert (ro.poll_cursor(), ro.poll_cursor("health")) == (17, 0)
+    assert [p.broker for p in ro.pending()] == [None] and ro.pending_counts() == {None: 1}
+    ro.close()
+
+    store = TokenStore(path)
+    assert store.schema_version == SCHEMA_VERSION == 4
+    # The one cursor of a v3 store was the device's own broker's: it stays that.
+    assert (store.poll_cursor(), store.poll_cursor("health")) == (17, 0)
+    assert store._db.execute("SELECT count(*) FROM meta").fetchone()[0] == 0
+    assert [(p.upload_id, p.broker) for p in store.pending()] == [("u-1", None)]
+    # Each broker's cursor moves alone; a declaration keeps the broker it goes to.
+    store.check_positives([], 5, EXPIRY, broker="health")
+    store.check_positives([], 20, EXPIRY)
+    assert [t.token for t in store.begin_upload("u-2", None, broker="health")] == [T2]
+    store.close()
+    again = TokenStore(path)
+    assert (again.poll_cursor(), again.poll_cursor("health"), again.poll_cursor("x")) == (
+        20, 5, 0)
+    assert {p.upload_id: p.broker for p in again.pending()} == {"u-1": None, "u-2": "health"}
+    assert again.pending_counts() == {None: 1, "health": 1}
+    assert again.complete_upload("u-2") == 1 and again.pending_counts() == {None: 1}
+    assert again._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    again.close()
 
 
 def test_measures_are_stored_and_grow_when_the_contact_closes(store):

@@ -109,7 +109,8 @@ class FannyApp(App[None]):
             self._main = MainScreen(config.broker.url, title=self.title,
                                     radius_m=config.protocol.radius_m,
                                     poll_interval_s=config.protocol.poll_interval_s,
-                                    clock=self.clock)
+                                    clock=self.clock, broker_name=config.broker.name,
+                                    other_brokers=tuple(p.name for p in config.positives))
         return self._main
 
     @property
@@ -255,23 +256,25 @@ class FannyApp(App[None]):
         """
         snapshot = self._snapshot()
         count = 0 if snapshot is None else sum(not t.pending for t in snapshot.tokens)
-        request = await self.push_screen_wait(ConfirmDeclareScreen(count, self.declare_hint))
+        request = await self.push_screen_wait(
+            ConfirmDeclareScreen(count, self.declare_hint, self.engine.broker_names))
         if request is None:
             self.main_screen.log_line("declare_positive", "cancelled: nothing was uploaded")
             return
         self.clear_notifications()   # an earlier refusal is old news once declared again
         try:
-            declared = await self.engine.declare_positive(request.code)
+            declared = await self.engine.declare_positive(request.code, broker=request.broker)
         except (RuntimeError, StoreError, ValueError) as exc:
             self.main_screen.log_line("error", f"declare positive failed: {exc}")
             self.notify(str(exc), title="Declare positive failed", severity="error",
                         markup=False)
             return
         with_code = "with the declaration code" if request.code else "without a code"
+        to = "" if request.broker is None else f" to the broker {request.broker}"
         self.main_screen.log_line(
             "declare_positive",
-            f"{declared} tokens marked for upload {with_code}; deleted here once the broker "
-            "has them")
+            f"{declared} tokens marked for upload{to} {with_code}; deleted here once the "
+            "broker has them")
         self._resync_tokens()
 
 

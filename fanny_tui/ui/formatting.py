@@ -14,6 +14,7 @@ from rich.text import Text
 
 from ..describe import explain, explain_gps
 from ..events import (
+    MAIN_BROKER,
     BrokerConnected,
     BrokerDisconnected,
     Contact,
@@ -400,14 +401,23 @@ def describe_exposure(total: int, contacts: tuple[Contact, ...] | list[Contact],
 # -- the event log --------------------------------------------------------------------------
 
 
-def describe_event(event: Event) -> Text | None:
+def describe_event(event: Event, *, main: str = MAIN_BROKER) -> Text | None:
     """One human line for the event log (without time or name), or None for events not logged.
 
     Routine events are not logged (the peers panel, the GPS panel and the status line show
     them): GPS fixes (one a second would drown the log, and positions never go into a log),
     handshake steps, data channels opening, peer position samples, and polls that brought
-    nothing. Remote text is kept literal (no markup).
+    nothing. Remote text is kept literal (no markup). An event about another broker than
+    ``main`` (the device's own, ``[broker] name``) starts with that broker's name.
     """
+    text = _describe_event(event)
+    broker = getattr(event, "broker", main)
+    if text is None or broker == main:
+        return text
+    return Text.assemble((f"{broker}: ", "bold"), text)
+
+
+def _describe_event(event: Event) -> Text | None:
     match event:
         case SessionStarted():
             return Text("new session: fresh session and contact IDs, kept in memory only")

@@ -14,10 +14,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Input, Label, Static
+from textual.widgets import Button, Footer, Input, Label, RadioButton, RadioSet, Static
 
 from ..engine import EngineSnapshot
 from ..events import (
+    MAIN_BROKER,
     BrokerConnected,
     BrokerDisconnected,
     ContactClosed,
@@ -72,6 +73,10 @@ class MainScreen(Screen[None]):
         radius_m: the configured match radius (metres) for the radar, until the broker's.
         poll_interval_s: seconds between polls of positives, when the engine does not say.
         clock: the current instant (default: the system clock, UTC).
+        broker_name: the device's own broker's name (``[broker] name``): its polls go to the
+            status line.
+        other_brokers: the ``[[positives]]`` brokers' names: the Session panel shows each
+            one's last poll, or that its polls fail (issue 8).
     """
 
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (140, "-wide")]
@@ -83,9 +88,12 @@ class MainScreen(Screen[None]):
 
     def __init__(self, broker_url: str, *, title: str = "FANNY field kit",
                  radius_m: float = 10.0, poll_interval_s: float | None = None,
-                 clock: Clock = utc_now) -> None:
+                 clock: Clock = utc_now, broker_name: str = MAIN_BROKER,
+                 other_brokers: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.broker_url = broker_url
+        self.broker_name = broker_name
+        self.other_brokers = other_brokers
         self.title_text = title
         self.radius_m = radius_m
         self.poll_interval_s = poll_interval_s
@@ -110,6 +118,7 @@ class MainScreen(Screen[None]):
 
     def on_mount(self) -> None:
         """Start the one-second refresh of countdowns and ages; tell the app."""
+        self.session.set_others(self.other_brokers)
         self.session.set_broker(False, f"connecting to {self.broker_url}…")
         self.tick()
         self.set_interval(1.0, self.tick)
@@ -227,6 +236,12 @@ class MainScreen(Screen[None]):
                     self.tokens.show_closed(held, contact)
             case ExposureAlert(count=count, contacts=contacts):
                 self.banner.add_alert(count, contacts)
+            case PositivesPolled(broker=broker, received=received) if (
+                    broker in self.other_brokers):
+                self.session.set_other_polled(broker, received, now)
+            case PositivesPollFailed(broker=broker, attempts=attempts, since=since) if (
+                    broker in self.other_brokers):
+                self.session.set_other_failing(broker, attempts, since)
             case PositivesPolled(received=received, next_poll_in_s=next_in):
                 self.status.set_polled(received, next_in if next_in is not None
                                        else self.poll_interval_s, now)
@@ -240,7 +255,7 @@ class MainScreen(Screen[None]):
             case PositiveDeclared() | PositiveRefused():
                 self._pending_reason = None
                 self.status.set_pending(0, None, now)
-        text = describe_event(event)
+        text = describe_event(event, main=self.broker_name)
         if text is not None:
             self.log_view.add(event.event, text, at=now)
 
@@ -337,9 +352,12 @@ class DeclareRequest:
         code: the declaration code as typed, already checked with
             :func:`~fanny_tui.protocol.codes.normalize_code`; None when left empty (a broker with
             open declarations).
+        broker: the name of the broker picked (issue 8), None for the device's own
+            (``[broker]``, also when it is the only one).
     """
 
     code: str | None
+    broker: str | None = None
 
 
 class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
@@ -349,17 +367,33 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
     length, a character outside the code's alphabet) is explained under the field and the
     dialog stays open: nothing is declared.
 
+    With several brokers (``[[positives]]``, issue 8) the tester also picks the broker the
+    declaration goes to, the one whose organization issued the code: the device's own broker
+    (the first, selected) or a poll-only one.
+
     Args:
         count: how many stored tokens the declaration would upload.
         hint: a line from the app shown under the code field (the demo's code), or None.
+        brokers: the brokers' names, the device's own first (the default); one or none: no
+            choice is shown.
     """
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, count: int, hint: str | None = None) -> None:
+    def __init__(self, count: int, hint: str | None = None,
+                 brokers: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.count = count
         self.hint = hint
+        self.brokers = brokers
+
+    @property
+    def broker(self) -> str | None:
+        """The broker picked: None for the device's own (the first), else its name."""
+        if len(self.brokers) < 2:
+            return None
+        index = self.query_one("#brokers", RadioSet).pressed_index
+        return None if index <= 0 else self.brokers[index]
 
     @property
     def question(self) -> str:
@@ -383,7 +417,7 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
 
     def compose(self) -> ComposeResult:
         """The question, the code field and the two buttons."""
-        with Vertical(id="dialog"):
+        with Vertical(id="dialog", classes="-brokers" if len(self.brokers) > 1 else ""):
             yield Label(Text("Declare positive", style="bold"), id="dialog-title")
             yield Label(Text(self.question), id="question")
             yield Label(Text("Declaration code from your test site or health authority:"),
@@ -394,6 +428,13 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
                 yield Label(Text(self.hint, style="bold"), id="declare-hint")
             yield Label(Text("Leave it empty only for a field-test broker with open "
                              "declarations.", style="dim"), id="code-hint")
+            if len(self.brokers) > 1:
+                yield Label(Text("Declare to (the broker that issued the code):"),
+                            id="brokers-label")
+                with RadioSet(id="brokers"):
+                    for i, name in enumerate(self.brokers):
+                        label = f"{name} (this device's broker)" if i == 0 else name
+                        yield RadioButton(Text(label), value=i == 0)
             with Horizontal(id="buttons"):
                 yield Button("Cancel", id="cancel")
                 yield Button("Declare", id="declare", variant="error")
@@ -406,14 +447,14 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
         """The request for the code typed, or None after showing what is wrong with it."""
         text = self.code_input.value.strip()
         if not text:
-            return DeclareRequest(None)
+            return DeclareRequest(None, self.broker)
         try:
             normalize_code(text)
         except ValueError as exc:
             self.query_one("#code-error", Label).update(f"Check the code: {exc}")
             self.code_input.focus()
             return None
-        return DeclareRequest(text)
+        return DeclareRequest(text, self.broker)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         """Typing clears the previous complaint."""

@@ -129,10 +129,18 @@ class SessionPanel(Static):
     the position. Without a fix it says why in plain words and what to do
     (:func:`fanny_tui.describe.explain_gps`), then the raw reason. Positions are shown here
     and nowhere else (never logged).
+
+    Under the broker, one line per ``[[positives]]`` broker (issue 8): its name, then when it
+    was last polled and how many new positives it had, or since when and how often its polls
+    fail. With such brokers, an outage of the device's own broker drops its raw reason line
+    (the event log has it) and cuts its hint to one line, so that two of them still fit at
+    80x24.
     """
 
     GPS_WIDTH = 30
     """Columns of the GPS half."""
+    NAME_WIDTH = 12
+    """Columns a poll-only broker's name may take (longer names are cut with "…")."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -149,6 +157,8 @@ class SessionPanel(Static):
         self.fix_received_at: datetime | None = None
         self.gps_detail: str = WAITING_FOR_FIX
         self.now: datetime | None = None
+        # poll-only brokers: name -> (last poll, new tokens) or (failing since, attempts)
+        self.others: dict[str, tuple[str, datetime | None, int]] = {}
 
     def on_mount(self) -> None:
         """Draw the initial state."""
@@ -157,6 +167,35 @@ class SessionPanel(Static):
     def on_resize(self, event: Resize) -> None:
         """The two halves are laid out for the width."""
         self.redraw()
+
+    def set_others(self, names: Iterable[str]) -> None:
+        """The ``[[positives]]`` brokers to show, none polled yet."""
+        self.others = {name: ("waiting", None, 0) for name in names}
+        self.redraw()
+
+    def set_other_polled(self, name: str, received: int, now: datetime) -> None:
+        """Poll-only broker ``name`` was polled at ``now`` and had ``received`` new tokens."""
+        self.others[name] = ("polled", now, received)
+        self.redraw()
+
+    def set_other_failing(self, name: str, attempts: int, since: datetime) -> None:
+        """``attempts`` polls of poll-only broker ``name`` failed in a row since ``since``."""
+        self.others[name] = ("failing", since, attempts)
+        self.redraw()
+
+    def _other_rows(self, grid: Table) -> None:
+        for name, (state, at, count) in self.others.items():
+            label = Text(name, style="dim", no_wrap=True, overflow="ellipsis")
+            label.truncate(self.NAME_WIDTH, overflow="ellipsis")
+            if state == "failing" and at is not None:
+                text = Text(f"⚠ polls failing since {format_clock(at)} "
+                            f"({plural(count, 'attempt')})", style="bold red")
+            elif at is not None:
+                text = Text(f"polled {format_clock(at)} ({count} new)", style="green")
+            else:
+                text = Text("not polled yet", style="dim")
+            text.no_wrap, text.overflow = True, "ellipsis"
+            grid.add_row(label, text)
 
     def set_session(self, session_short: str) -> None:
         """Show the short session ID (first 8 characters; shown on this device only)."""
@@ -236,6 +275,7 @@ class SessionPanel(Static):
             grid.add_row("Broker", state)
             grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
                                   overflow="ellipsis"))
+            self._other_rows(grid)
             return grid
         state = Text("disconnected", style="bold yellow")
         if self.retry_at is not None:
@@ -245,15 +285,21 @@ class SessionPanel(Static):
         if self.outage_since is None:
             grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
                                   overflow="ellipsis"))
+            self._other_rows(grid)
             return grid
         failure = explain(self.broker_detail)
-        grid.add_row("", Text(failure.headline, style="bold"))
-        grid.add_row("", Text(f"→ {failure.todo}", style="italic"))
+        wrap = not self.others   # with poll-only brokers below: one line each, cut with "…"
+        grid.add_row("", Text(failure.headline, style="bold", no_wrap=not wrap,
+                              overflow="fold" if wrap else "ellipsis"))
+        grid.add_row("", Text(f"→ {failure.todo}", style="italic", no_wrap=not wrap,
+                              overflow="fold" if wrap else "ellipsis"))
         grid.add_row("", Text(f"since {format_clock(self.outage_since)}, "
                               f"{plural(self.outage_attempts, 'attempt')}",
                               style="italic", no_wrap=True, overflow="ellipsis"))
-        grid.add_row("", Text(self.broker_detail, style="dim", no_wrap=True,
-                              overflow="ellipsis"))
+        if not self.others:
+            grid.add_row("", Text(self.broker_detail, style="dim", no_wrap=True,
+                                  overflow="ellipsis"))
+        self._other_rows(grid)
         return grid
 
     def _gps_grid(self) -> Table:

@@ -41,6 +41,15 @@ def quiet() -> Iterator[Config]:
 
 
 @pytest.fixture
+def quiet_region() -> Iterator[Config]:
+    """As ``quiet``, with two ``[[positives]]`` brokers (``health``, ``region-2``) whose
+    addresses accept connections and never answer either."""
+    with loopback_port(listening=True) as port, loopback_port(listening=True) as health, \
+            loopback_port(listening=True) as region:
+        yield ui_config(port, {"health": health, "region-2": region})
+
+
+@pytest.fixture
 def clock() -> SettableClock:
     """The app's clock, at T0 until the test moves it."""
     return SettableClock()

@@ -69,11 +69,14 @@ class SettableClock:
         return self.now
 
 
-def ui_config(port: int) -> Config:
-    """A device whose broker is ``ws://127.0.0.1:port``, fixed position, loopback ICE."""
+def ui_config(port: int, positives: dict[str, int] | None = None) -> Config:
+    """A device whose broker is ``ws://127.0.0.1:port``, fixed position, loopback ICE;
+    ``positives``: name -> port of ``[[positives]]`` brokers on loopback."""
     return parse_config({
         "broker": {"url": f"ws://127.0.0.1:{port}", "reconnect_min_s": 0.1,
                    "reconnect_max_s": 0.5},
+        "positives": [{"name": name, "url": f"ws://127.0.0.1:{other}"}
+                      for name, other in (positives or {}).items()],
         "gps": {"source": "fixed", "latitude": 44.0, "longitude": -1.0},
         "webrtc": {"host_addresses": ["127.0.0.1"]},
     })

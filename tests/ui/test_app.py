@@ -15,6 +15,7 @@ import pytest
 from textual.command import CommandList, CommandPalette
 from textual.message import Message
 from textual.pilot import Pilot
+from textual.widgets import RadioButton
 from textual.widgets._footer import FooterKey
 
 from fanny_tui.events import (
@@ -422,3 +423,31 @@ async def test_an_outage_is_shown_once_in_the_log_and_in_full_in_the_panel(confi
         lines = [line for line in main.log_view.plain_lines if "broker_disconnected" in line]
         assert len(lines) == 3, lines
         assert "connection closed (1001)" in lines[1] and "ConnectionRefusedError" in lines[2]
+
+
+async def test_the_declaration_goes_to_the_broker_picked_in_the_dialog(quiet_region, data_dir):
+    # Issue 8: with [[positives]] brokers the dialog offers them; the device's own is the default.
+    app, engine = build(quiet_region, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await pilot.press("d")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDeclareScreen),
+                         "the confirmation dialog")
+        dialog = app.screen
+        assert isinstance(dialog, ConfirmDeclareScreen)
+        assert dialog.brokers == engine.broker_names == ("main", "health", "region-2")
+        assert dialog.broker is None                        # the device's own, by default
+        buttons = list(dialog.query(RadioButton))
+        assert [str(b.label) for b in buttons] == [
+            "main (this device's broker)", "health", "region-2"]
+        await pilot.click(buttons[1])
+        await pilot.pause()
+        assert dialog.broker == "health"
+        await pilot.click("#declare")
+        await wait_until(pilot, lambda: "to the broker health" in log_text(app),
+                         "the declaration's log line")
+        store = TokenStore.in_dir(data_dir, read_only=True)
+        try:
+            assert [(p.broker, len(p.tokens)) for p in store.pending()] == [("health", 3)]
+        finally:
+            store.close()

@@ -192,3 +192,19 @@ def test_every_final_refusal_is_explained_with_what_to_do():
     assert "clock" in clock and "4 tokens stay on this device" in clock
     assert clock.endswith("declare again once this is fixed")
     assert describe_refusal("code_used", 1).endswith("declare again with a valid code")
+
+
+def test_log_lines_about_another_broker_start_with_its_name():
+    # Issue 8: events name their broker; the device's own broker's lines stay as they were.
+    from fanny_tui.events import PositivesPolled, PositivesPollFailed
+
+    assert describe_event(PositivesPolled(received=2)).plain == (
+        "2 positive tokens received and compared here")
+    assert describe_event(PositivesPolled(received=2, broker="city"), main="city").plain == (
+        "2 positive tokens received and compared here")
+    assert describe_event(PositivesPolled(received=2, broker="health")).plain == (
+        "health: 2 positive tokens received and compared here")
+    failed = PositivesPollFailed(reason="TimeoutError", since=datetime(2099, 1, 1, tzinfo=UTC),
+                                 attempts=1, broker="health")
+    assert describe_event(failed).plain == "health: checking positives failed: TimeoutError"
+    assert describe_event(PositivesPolled(received=0, broker="health")) is None

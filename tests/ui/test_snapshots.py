@@ -30,6 +30,7 @@ from fanny_tui.events import (
     MatchFound,
     PeerUpdate,
     PositivesPolled,
+    PositivesPollFailed,
     TokenStored,
 )
 from fanny_tui.ui import EngineEvent, FannyApp
@@ -116,3 +117,28 @@ def test_gps_failure_and_a_long_alert_at_80x24(snap_compare, quiet, data_dir):
         await pilot.pause()
 
     assert snap_compare(_app(quiet, data_dir), terminal_size=(80, 24), run_before=scene)
+
+
+OTHER_BROKERS = [
+    PositivesPolled(received=2, next_poll_in_s=300.0, broker="health"),
+    PositivesPollFailed(reason=REFUSED, since=T0 - timedelta(minutes=12), attempts=3,
+                        next_poll_in_s=300.0, broker="region-2"),
+]
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_main_screen_with_poll_only_brokers(snap_compare, quiet_region, data_dir, size):
+    # Issue 8: each [[positives]] broker's state under the device's own broker (down here).
+    async def scene(pilot: Pilot[None]) -> None:
+        await _scene(pilot)
+        for event in OTHER_BROKERS:
+            pilot.app.post_message(EngineEvent(event))
+        await pilot.pause()
+        await pilot.pause()
+
+    assert snap_compare(_app(quiet_region, data_dir), terminal_size=size, run_before=scene)
+
+
+def test_declare_dialog_offers_the_brokers_at_80x24(snap_compare, quiet_region, data_dir):
+    assert snap_compare(_app(quiet_region, data_dir), terminal_size=(80, 24),
+                        run_before=_scene, press=["d"])
