@@ -388,6 +388,40 @@ def test_a_version_1_board_is_upgraded_in_place(path):
     assert rows(path, "SELECT uploads FROM codes") == [(1,)]
 
 
+V2_CODES = """
+CREATE TABLE codes (
+    code_hash  TEXT    PRIMARY KEY CHECK (length(code_hash) = 64),
+    expires_at INTEGER NOT NULL,
+    uploads    INTEGER NOT NULL DEFAULT 0,
+    used_until INTEGER
+) WITHOUT ROWID;
+PRAGMA user_version = 2;
+"""
+"""The codes table of schema version 2 (issue 5), copied here verbatim."""
+
+
+def test_a_version_2_board_is_upgraded_and_its_used_codes_authorize_nothing_more(path):
+    used, fresh = format_code(bytes(10)), format_code(bytes([1] * 10))
+    window = int((NOW + timedelta(minutes=10)).timestamp())
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA + V2_CODES)
+        db.execute("INSERT INTO codes VALUES (?, ?, 1, ?)",
+                   (code_hash(used), int(SOON.timestamp()), window))
+        db.execute("INSERT INTO codes (code_hash, expires_at) VALUES (?, ?)",
+                   (code_hash(fresh), int(SOON.timestamp())))
+    board = SqlitePositiveBoard(path)
+    try:
+        assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert board.code_record(code_hash(used)).declaration_hash is None
+        # Used before declarations existed: within its old window, still used up.
+        refused(lambda: board.add(U1, [tok(1)], NOW, code_hash=code_hash(used),
+                                  declaration_hash=D1), "code_used")
+        assert board.add(U1, [tok(1)], NOW, code_hash=code_hash(fresh), declaration_hash=D1)
+        assert board.code_record(code_hash(fresh)).declaration_hash == D1
+    finally:
+        board.close()
+
+
 def test_a_failed_upgrade_leaves_the_version_1_file_untouched(path):
     with sqlite3.connect(path) as db:
         db.executescript(V1_SCHEMA)

@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from broker.backends import open_backends
 from broker.positives import BoardError, CodeRecord
 from broker.postgres_board import SCHEMA_VERSION, PostgresPositiveBoard
 from fanny_tui.positives import declare, poll_once, upload_pending
@@ -22,7 +23,7 @@ from fanny_tui.protocol.codes import code_hash, declaration_hash, format_code, n
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import Positives, PositivesPoll, PositiveToken
 from fanny_tui.store import TokenStore
-from tests.broker.kit import LON, Client, north, running
+from tests.broker.kit import LON, Client, north, running, settings_for
 from tests.helpers import loopback_port
 from tests.pg import PostgresServer
 
@@ -262,3 +263,16 @@ async def test_postgres_holds_only_what_the_sqlite_board_holds(tmp_path: Path,
                     f"{north(0):.4f}", f"{north(3):.4f}", f"{LON:.4f}"]:
         assert private not in text, private
     assert not upload_ids & set(session_ids)
+
+
+async def test_open_backends_opens_the_postgres_board_of_the_settings(tmp_path: Path,
+                                                                      postgres_url: str):
+    backends = await open_backends(settings_for(tmp_path, postgres_url=postgres_url))
+    try:
+        assert isinstance(backends.board, PostgresPositiveBoard) and backends.owns_board
+        assert not (tmp_path / "board.sqlite3").exists()               # no SQLite file made
+    finally:
+        await backends.close()
+    with pytest.raises(BoardError, match="^postgres_url: .*no_such_database"):
+        await open_backends(settings_for(
+            tmp_path, postgres_url=postgres_url.rsplit("/", 1)[0] + "/no_such_database"))
