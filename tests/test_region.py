@@ -7,8 +7,8 @@ SIGKILLed after acknowledging an upload loses none of it, its sessions are at on
 from the survivors, and a device of it that reconnects to a survivor keeps its signaling route.
 Redis is inspected after the scenario (no session ID, no position left).
 
-The board is the ``region_board`` fixture's parameter: today one SQLite file that every broker
-process opens (``--db``); a PostgreSQL database is another parameter of the same fixture.
+The board is the ``region_board`` fixture's parameter: one SQLite file that every broker process
+opens (``--db``), or one PostgreSQL database (``--postgres``), the scaled setting of issue 8.
 """
 
 from __future__ import annotations
@@ -59,12 +59,19 @@ class RegionBoard:
     args: tuple[str, ...]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def region_board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RegionBoard]:
-    """The shared board: ``sqlite`` is one SQLite file opened by every broker process."""
+    """The shared board: ``sqlite`` is one SQLite file opened by every broker process;
+    ``postgres`` one database on the test PostgreSQL server (tests/pg.py)."""
+    db = tmp_path / "region-board.sqlite3"
     if request.param == "sqlite":
-        db = tmp_path / "region-board.sqlite3"
         yield RegionBoard({"db_path": db}, ("--db", str(db)))
+    elif request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        # db_path is not opened with postgres_url (BrokerSettings still asks for one)
+        yield RegionBoard({"db_path": db, "postgres_url": url},
+                          ("--db", str(db), "--postgres", url))
+        assert not db.exists(), "a broker given postgres_url opened the SQLite board"
     else:  # pragma: no cover - a parameter without a board is a mistake in this file
         raise AssertionError(f"unknown board {request.param!r}")
 
