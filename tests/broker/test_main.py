@@ -464,3 +464,46 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     assert level is not None, security.stdout + security.stderr
     print(f"systemd-analyze security exposure: {level.group(1)} (0 best, 10 worst)")
     assert float(level.group(1)) <= 3.0
+
+
+# --- the documented command lines --------------------------------------------------------
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """Every ``fanny-broker ...`` line of a ```sh code block in README.md and docs/*.md
+    (continuation lines joined, trailing ``# comment`` and ``&`` dropped): (where, line)."""
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        fenced = False
+        lines = doc.read_text(encoding="utf-8").splitlines()
+        number = 0
+        while number < len(lines):
+            line = lines[number].strip()
+            number += 1
+            if line.startswith("```"):
+                fenced = not fenced and line == "```sh"
+                continue
+            if not (fenced and line.startswith("fanny-broker ")):
+                continue
+            where = f"{doc.name}:{number}"
+            while line.endswith("\\") and number < len(lines):
+                line = line[:-1] + " " + lines[number].strip()
+                number += 1
+            line = re.sub(r"\s+#.*$", "", line).removesuffix("&").strip()
+            found.append((where, line))
+    return found
+
+
+def test_every_documented_broker_command_line_parses():
+    commands = documented_commands()
+    assert len(commands) >= 8                            # README, field-testing, deployment
+    assert any("create-board" in line for _, line in commands)
+    for where, line in commands:
+        words = shlex.split(line)
+        try:
+            build_parser().parse_args(words[1:])
+        except SystemExit as exc:                      # --version, --help: printed, exit 0
+            assert exc.code == 0, f"{where}: {line}"
+        except Exception as exc:                       # the parser raises instead of exiting
+            raise AssertionError(f"{where}: {line}: {exc}") from None
