@@ -209,6 +209,7 @@ def broker_settings(from_file: Mapping[str, object], overrides: Mapping[str, obj
         field, detail = found.groups()
         raise BrokerConfigError(field, detail,
                                 source=None if field in overrides else source) from None
-    floats = {name: float(value) for name, value in vars(settings).items()
-              if float in _field_types()[name] and type(value) is int}
+    types = _field_types()
+    floats: dict[str, Any] = {name: float(value) for name, value in vars(settings).items()
+                              if float in types[name] and type(value) is int}
     return replace(settings, **floats), log_level    # TOML's 300 for a setting of 300.0
