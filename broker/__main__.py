@@ -134,6 +134,25 @@ def _option(field: str) -> str:
     return _OPTIONS.get(field, "--" + field.replace("_", "-"))
 
 
+_NUMBER_OPTIONS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
+    ("--radius-max-m", _positive, "M", "largest matching radius in metres"),
+    ("--cooldown-s", _positive, "S", "seconds before a pair can match again"),
+    ("--position-timeout-s", _positive, "S",
+     "seconds before a position without update is dropped"),
+    ("--max-connections-per-address", _count, "N",
+     "open connections allowed from one address, 0 for no cap (behind a reverse proxy every "
+     "client has its address)"),
+    ("--max-connections", _count, "N",
+     "open connections allowed in all, 0 for no cap; more are refused too_many_connections"),
+    ("--position-rate-per-s", _positive, "R",
+     "positions per second one connection may send on average"),
+    ("--upload-answer-delay-s", _non_negative, "S",
+     "least time before answering a positive upload"),
+)
+"""``serve``'s numeric options: (option, type, metavar, help); each sets the setting of its
+name (``--radius-max-m`` -> ``radius_max_m``)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fanny-broker`` (its errors raise instead of exiting).
 
@@ -163,34 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--postgres", dest="postgres_url", metavar="URL",
                        help="postgresql:// URL of the region's positive board (default: the "
                             "SQLite file --db)")
-    serve.add_argument("--radius-max-m", type=_positive, metavar="M",
-                       help=f"largest matching radius in metres (default: "
-                            f"{defaults.radius_max_m:g})")
-    serve.add_argument("--cooldown-s", type=_positive, metavar="S",
-                       help=f"seconds before a pair can match again (default: "
-                            f"{defaults.cooldown_s:g})")
-    serve.add_argument("--position-timeout-s", type=_positive, metavar="S",
-                       help=f"seconds before a position without update is dropped "
-                            f"(default: {defaults.position_timeout_s:g})")
+    for option, kind, metavar, text in _NUMBER_OPTIONS:
+        default = getattr(defaults, option[2:].replace("-", "_"))
+        serve.add_argument(option, type=kind, metavar=metavar,
+                           help=f"{text} (default: {default:g})")
     serve.add_argument("--open-declarations", action="store_true", default=None,
                        help="accept positive uploads WITHOUT a declaration code (field tests "
                             "only; a code that is sent is still checked)")
     serve.add_argument("--certfile", metavar="PEM",
                        help="TLS certificate chain: serve wss:// (needs --keyfile)")
     serve.add_argument("--keyfile", metavar="PEM", help="TLS private key (needs --certfile)")
-    serve.add_argument("--max-connections-per-address", type=_count, metavar="N",
-                       help=f"open connections allowed from one address, 0 for no cap (behind "
-                            f"a reverse proxy every client has its address) "
-                            f"(default: {defaults.max_connections_per_address})")
-    serve.add_argument("--max-connections", type=_count, metavar="N",
-                       help=f"open connections allowed in all, 0 for no cap; more are refused "
-                            f"too_many_connections (default: {defaults.max_connections})")
-    serve.add_argument("--position-rate-per-s", type=_positive, metavar="R",
-                       help=f"positions per second one connection may send on average "
-                            f"(default: {defaults.position_rate_per_s:g})")
-    serve.add_argument("--upload-answer-delay-s", type=_non_negative, metavar="S",
-                       help=f"least time before answering a positive upload "
-                            f"(default: {defaults.upload_answer_delay_s:g})")
     serve.add_argument("--log-level", type=_level, metavar="LEVEL",
                        help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     create = commands.add_parser(
