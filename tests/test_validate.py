@@ -57,6 +57,10 @@ def test_url():
             "u: expected a URL starting with redis:// or unix://, got ")
     assert message(validate.url, "u", "ws://:80/", ("ws",), host=True) == (
         "u: expected a URL starting with ws:// and naming a host, got 'ws://:80/'")
+    # a password in a refused URL is not echoed to the operator's terminal or journal
+    text = message(validate.url, "u", "http://broker:s3cret@db:5432/x", ("postgresql",))
+    assert "s3cret" not in text and text.endswith("got 'http://broker:***@db:5432/x'")
+    assert "p:w" not in message(validate.url, "u", "redis://u:p:w@h:99999", ("redis",))
 
 
 def test_command_line_text():

@@ -141,7 +141,8 @@ def url(key: str, value: object, schemes: Iterable[str], *, host: bool = False) 
     """A URL whose scheme is one of ``schemes`` (and, with ``host``, that names a host).
 
     Raises:
-        Invalid: ``expected a URL starting with ws:// or wss://`` (``... with a host``).
+        Invalid: ``expected a URL starting with ws:// or wss://`` (``... with a host``); the
+            value shown has its password, if any, replaced by ``***``.
     """
     allowed = tuple(schemes)
     wanted = "a URL starting with " + " or ".join(f"{s}://" for s in allowed)
@@ -149,14 +150,15 @@ def url(key: str, value: object, schemes: Iterable[str], *, host: bool = False) 
         wanted += " and naming a host"
     if not isinstance(value, str):
         raise Invalid(key, wanted, value)
+    shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)   # never echo a password
     try:
         parts = urlsplit(value)
         named, _ = parts.hostname, parts.port
     except ValueError:                   # a malformed port or IPv6 literal
-        raise Invalid(key, wanted, value) from None
+        raise Invalid(key, wanted, shown) from None
     if parts.scheme not in allowed or not value.lower().startswith(f"{parts.scheme}://") or (
             host and not named):
-        raise Invalid(key, wanted, value)
+        raise Invalid(key, wanted, shown)
     return value
 
 
