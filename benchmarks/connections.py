@@ -21,6 +21,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from broker.__main__ import create_board
 from fanny_tui.protocol.messages import Hello, Welcome, decode_broker_message, encode
 
 from .common import LOOPBACK, Budget, Figure, Scale
@@ -117,6 +118,7 @@ async def run(scale: Scale) -> list[Figure]:
     budget = Budget(scale.pick(300, 20))
     hello_size = len(encode(Hello(session_id=str(uuid.uuid4()), radius_m=30.0)))
     with tempfile.TemporaryDirectory(prefix="fanny-bench-") as tmp:
+        create_board(Path(tmp) / "board.sqlite3")      # as `fanny-broker create-board` does
         async with server_process(
                 "-m", "broker", "serve", "--host", LOOPBACK, "--port", "0",
                 "--db", str(Path(tmp) / "board.sqlite3"), "--max-connections-per-address", "0",

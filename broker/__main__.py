@@ -2,25 +2,39 @@
 
 Usage::
 
-    fanny-broker serve --host 127.0.0.1 --port 8765 --db PATH
+    fanny-broker serve [--config FILE] [--host 127.0.0.1] [--port 8765] [--db PATH]
+                       [--redis URL] [--postgres URL]
                        [--radius-max-m M] [--cooldown-s S] [--position-timeout-s S]
                        [--open-declarations] [--certfile PEM --keyfile PEM]
                        [--max-connections-per-address N] [--max-connections N]
                        [--position-rate-per-s R] [--upload-answer-delay-s S] [--log-level LEVEL]
+    fanny-broker create-board --db PATH [--if-missing]
     fanny-broker issue-code --db PATH [--ttl 1h]
+    fanny-broker --version
 
 ``serve`` prints ``listening on ws://HOST:PORT`` (``wss://`` with ``--certfile``/``--keyfile``)
 on stdout once the socket is bound, runs until SIGTERM or SIGINT, then stops gracefully (closes
-the server, waits for the handlers, closes the board) and exits 0. Without
+the server, waits for the handlers, closes the board) and exits 0. Its settings come from the
+defaults, then the TOML file ``--config FILE`` (every setting, documented in
+``broker.example.toml``; see :mod:`broker.config`), then the options given, which win. Without
 ``--open-declarations`` a positive upload needs a declaration code.
+
+``create-board`` creates an empty positive-token board (SQLite) at ``--db PATH`` and refuses a
+path that exists (``--if-missing``: then it does nothing, for a service's first start).
+``serve`` and ``issue-code`` never create a board: a mistyped path is refused in one line that
+names the path and the ``create-board`` command, instead of silently starting on an empty board.
+(The library API, :func:`broker.server.start_broker`, still creates a missing file: tests,
+the demo and the simulator start brokers in fresh temporary folders.)
 
 ``issue-code`` prints one declaration code (paper section 5) on stdout, e.g.
 ``K7QF-3M9X-TR2B-8HJD``, and stores only its SHA-256 and expiry in the board's database (the same
-file ``serve`` uses; it may be running). ``--ttl`` accepts ``90s``, ``30m``, ``1h``, ``2d`` (or
-plain seconds); the code must be used within it.
+file ``serve`` uses; it may be running). ``--ttl`` takes a number with its unit: ``90s``,
+``30m``, ``2h``, ``1d`` (a bare number is refused); the code must be used within it.
 
-Bad arguments, an unusable database file or unreadable TLS files print one line on stderr and
-exit 2; an address that cannot be bound exits 1.
+Bad arguments, a bad config file, a missing or unusable database file or unreadable TLS files
+print one line on stderr and exit 2 (a config file's error names the file and its key:
+``fanny-broker: config error: broker.toml: limits.position_rate_per_s: expected ...``); an
+address that cannot be bound exits 1.
 """
 
 from __future__ import annotations
@@ -29,18 +43,28 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import math
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from types import SimpleNamespace
+from typing import Any, NoReturn
 
+from fanny_tui import kit_version
+from fanny_tui.protocol import validate
 from fanny_tui.protocol.codes import code_hash, format_code
 
+from .config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    LOG_LEVELS,
+    BrokerConfigError,
+    broker_settings,
+    default_values,
+    load_broker_config,
+)
 from .positives import BoardError, SqlitePositiveBoard
 from .server import BrokerSettings, SetupError, start_broker
 
@@ -59,56 +83,34 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return value
+def _typed(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[str], Any]:
+    """An argparse type: ``check("", text, *args, **kwargs)`` (a :mod:`validate` function)."""
 
-
-def _number(*, zero_ok: bool) -> Callable[[str], float]:
-    """An argparse type: a finite number > 0 (or >= 0 when ``zero_ok``)."""
-    expected = "a number >= 0" if zero_ok else "a positive number"
-
-    def parse(text: str) -> float:
+    def parse(text: str) -> Any:
         try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+            return check("", text, *args, **kwargs)
+        except validate.Invalid as exc:
+            raise argparse.ArgumentTypeError(exc.detail) from None
 
     return parse
 
 
-_positive = _number(zero_ok=False)
-_non_negative = _number(zero_ok=True)
+_port = _typed(validate.integer_text, 0, 65535)
+_positive = _typed(validate.number_text, low=0.0, low_open=True)
+_non_negative = _typed(validate.number_text, low=0.0)
+_count = _typed(validate.integer_text, 0)
+_level = _typed(lambda key, text: validate.choice(key, text.upper(), LOG_LEVELS))
 
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_TTL = timedelta(days=30)
 """The longest a declaration code may stay valid."""
 
 
 def parse_ttl(text: str) -> timedelta:
-    """Parse a code lifetime: a number with an optional unit ``s``, ``m``, ``h`` or ``d``.
+    """Parse a code lifetime: a number and its unit ``s``, ``m``, ``h`` or ``d``.
 
     Args:
-        text: e.g. ``"90s"``, ``"30m"``, ``"1h"``, ``"1.5d"``, ``"600"`` (seconds).
+        text: e.g. ``"90s"``, ``"30m"``, ``"2h"``, ``"1.5d"``. A bare number (``"1"``) is
+            refused: it could be read as one second as well as one hour or one day.
 
     Returns:
         The lifetime, > 0 and at most :data:`MAX_TTL` (30 days).
@@ -116,96 +118,164 @@ def parse_ttl(text: str) -> timedelta:
     Raises:
         argparse.ArgumentTypeError: anything else (the message says what is accepted).
     """
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
-    if not found:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration like 90s, 30m, 1h or 2d, got {text!r}")
-    seconds = float(found.group(1)) * _TTL_UNITS[found.group(2) or "s"]
-    if not 0 < seconds <= MAX_TTL.total_seconds():
-        raise argparse.ArgumentTypeError(
-            f"expected a duration > 0 and at most 30d, got {text!r}")
+    try:
+        seconds = validate.duration_text("", text, high_s=MAX_TTL.total_seconds())
+    except validate.Invalid as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
     return timedelta(seconds=seconds)
 
 
-def _level(text: str) -> str:
-    level = text.upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise argparse.ArgumentTypeError(
-            f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {text!r}")
-    return level
+_OPTIONS = {"db_path": "--db", "redis_url": "--redis", "postgres_url": "--postgres"}
+"""Options whose name is not ``--`` + the setting with dashes."""
+
+
+def _option(field: str) -> str:
+    """The command-line option of a setting (``radius_max_m`` -> ``--radius-max-m``)."""
+    return _OPTIONS.get(field, "--" + field.replace("_", "-"))
+
+
+_NUMBER_OPTIONS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
+    ("--radius-max-m", _positive, "M", "largest matching radius in metres"),
+    ("--cooldown-s", _positive, "S", "seconds before a pair can match again"),
+    ("--position-timeout-s", _positive, "S",
+     "seconds before a position without update is dropped"),
+    ("--max-connections-per-address", _count, "N",
+     "open connections allowed from one address, 0 for no cap (behind a reverse proxy every "
+     "client has its address)"),
+    ("--max-connections", _count, "N",
+     "open connections allowed in all, 0 for no cap; more are refused too_many_connections"),
+    ("--position-rate-per-s", _positive, "R",
+     "positions per second one connection may send on average"),
+    ("--upload-answer-delay-s", _non_negative, "S",
+     "least time before answering a positive upload"),
+)
+"""``serve``'s numeric options: (option, type, metavar, help); each sets the setting of its
+name (``--radius-max-m`` -> ``radius_max_m``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``fanny-broker`` (its errors raise instead of exiting)."""
+    """The argument parser of ``fanny-broker`` (its errors raise instead of exiting).
+
+    Every option of ``serve`` that sets a :class:`BrokerSettings` attribute has the
+    attribute as its ``dest`` and ``None`` as its default (not given: the config file or the
+    default applies).
+    """
     parser = _Parser(prog=PROG, description="FANNY broker: proximity matching, signaling "
                      "relay and the anonymous positive-token board.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {kit_version()}",
+                        help="print the kit's version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the broker until SIGTERM/SIGINT")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default: %(default)s)")
-    serve.add_argument("--port", type=_port, default=8765,
-                       help="TCP port, 0 for a free one (default: %(default)s)")
-    serve.add_argument("--db", required=True, metavar="PATH",
-                       help="SQLite file of the positive-token board (created if missing)")
-    serve.add_argument("--radius-max-m", type=_positive, default=100.0, metavar="M",
-                       help="largest matching radius in metres (default: %(default)s)")
-    serve.add_argument("--cooldown-s", type=_positive, default=300.0, metavar="S",
-                       help="seconds before a pair can match again (default: %(default)s)")
-    serve.add_argument("--position-timeout-s", type=_positive, default=60.0, metavar="S",
-                       help="seconds before a position without update is dropped "
-                            "(default: %(default)s)")
-    serve.add_argument("--open-declarations", action="store_true",
+    defaults = SimpleNamespace(**default_values())
+    serve.add_argument("--config", metavar="FILE", type=Path,
+                       help="TOML file with any of the settings (see broker.example.toml); "
+                            "the options given here override it")
+    serve.add_argument("--host", help=f"address to bind (default: {DEFAULT_HOST})")
+    serve.add_argument("--port", type=_port,
+                       help=f"TCP port, 0 for a free one (default: {DEFAULT_PORT})")
+    serve.add_argument("--db", dest="db_path", metavar="PATH",
+                       help="SQLite file of the positive-token board, made with create-board "
+                            "(required here or as storage.db_path in --config)")
+    serve.add_argument("--redis", dest="redis_url", metavar="URL",
+                       help="redis:// URL of the Redis shared by a region's brokers (default: "
+                            "live positions and routes in this process's memory)")
+    serve.add_argument("--postgres", dest="postgres_url", metavar="URL",
+                       help="postgresql:// URL of the region's positive board (default: the "
+                            "SQLite file --db)")
+    for option, kind, metavar, text in _NUMBER_OPTIONS:
+        default = getattr(defaults, option[2:].replace("-", "_"))
+        serve.add_argument(option, type=kind, metavar=metavar,
+                           help=f"{text} (default: {default:g})")
+    serve.add_argument("--open-declarations", action="store_true", default=None,
                        help="accept positive uploads WITHOUT a declaration code (field tests "
                             "only; a code that is sent is still checked)")
     serve.add_argument("--certfile", metavar="PEM",
                        help="TLS certificate chain: serve wss:// (needs --keyfile)")
     serve.add_argument("--keyfile", metavar="PEM", help="TLS private key (needs --certfile)")
-    serve.add_argument("--max-connections-per-address", type=_count, default=128, metavar="N",
-                       help="open connections allowed from one address, 0 for no cap (behind "
-                            "a reverse proxy every client has its address) "
-                            "(default: %(default)s)")
-    serve.add_argument("--max-connections", type=_count, default=20_000, metavar="N",
-                       help="open connections allowed in all, 0 for no cap; more are refused "
-                            "too_many_connections (default: %(default)s)")
-    serve.add_argument("--position-rate-per-s", type=_positive, default=10.0, metavar="R",
-                       help="positions per second one connection may send on average "
-                            "(default: %(default)s)")
-    serve.add_argument("--upload-answer-delay-s", type=_non_negative, default=1.0, metavar="S",
-                       help="least time before answering a positive upload "
-                            "(default: %(default)s)")
-    serve.add_argument("--redis", metavar="URL",
-                       help="Redis shared by a region's brokers for live positions and routing "
-                            "(redis://HOST:PORT/DB; run it without persistence); default: this "
-                            "process's memory")
-    serve.add_argument("--postgres", metavar="URL",
-                       help="PostgreSQL database of the positive board shared by a region's "
-                            "brokers (postgresql://...); default: the SQLite file --db")
-    serve.add_argument("--log-level", type=_level, default="INFO", metavar="LEVEL",
-                       help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
+    serve.add_argument("--log-level", type=_level, metavar="LEVEL",
+                       help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    create = commands.add_parser(
+        "create-board", help="create an empty positive-token board (refuses an existing file)")
+    create.add_argument("--db", required=True, metavar="PATH",
+                        help="SQLite file to create (missing folders are created, mode 0700)")
+    create.add_argument("--if-missing", action="store_true",
+                        help="do nothing when PATH already exists (a service's first start)")
     issue = commands.add_parser(
         "issue-code", help="print a declaration code (one declaration) and store its hash")
     issue.add_argument("--db", required=True, metavar="PATH",
-                       help="SQLite file of the positive-token board (created if missing)")
+                       help="SQLite file of the positive-token board (made with create-board)")
     issue.add_argument("--ttl", type=parse_ttl, default=timedelta(hours=1), metavar="DURATION",
-                       help="how long the code may be used: 90s, 30m, 1h, 2d (default: 1h)")
+                       help="how long the code may be used, with its unit: 90s, 30m, 2h, 1d "
+                            "(default: 1h)")
     return parser
 
 
-def _option_names(text: str) -> str:
-    """Name command-line options, not dataclass fields, in a settings error."""
-    def option(found: re.Match[str]) -> str:
-        name = found.group(1)
-        special = {"db_path": "--db", "redis_url": "--redis", "postgres_url": "--postgres"}
-        return special.get(name, "--" + name.replace("_", "-"))
+SETTING_OPTIONS = ("host", "port", "db_path", "redis_url", "postgres_url", "radius_max_m",
+                   "cooldown_s", "position_timeout_s", "open_declarations", "certfile",
+                   "keyfile", "max_connections_per_address", "max_connections",
+                   "position_rate_per_s", "upload_answer_delay_s", "log_level")
+"""The ``dest`` of every ``serve`` option that overrides a config file setting."""
 
-    return re.sub(r"BrokerSettings\.(\w+)", option, text)
+
+def missing_board(db: str | Path) -> str | None:
+    """Why ``db`` cannot be used as an existing board (one line), or None if it exists.
+
+    The line names the path and the command that creates a board there.
+    """
+    if os.path.lexists(db):
+        return None
+    return (f"cannot open the positive board {db}: no such file (create it with: "
+            f"{PROG} create-board --db {db})")
+
+
+def create_board(db: str | Path, *, if_missing: bool = False) -> bool:
+    """Create an empty positive-token board at ``db`` (and its missing folders, mode 0700).
+
+    Args:
+        db: the SQLite file to create.
+        if_missing: an existing ``db`` is left as it is (else it is refused).
+
+    Returns:
+        True when a board was created, False when ``if_missing`` and ``db`` exists.
+
+    Raises:
+        BoardError: ``db`` exists (never overwritten), or cannot be created.
+    """
+    path = Path(db)
+    if os.path.lexists(path):
+        if if_missing:
+            return False
+        raise BoardError(f"{path} already exists: not overwritten (a board is created once; "
+                         "serve and issue-code use it as it is)")
+    try:
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, mode=0o700)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError as exc:
+        if exc.filename is not None and Path(exc.filename) == path:   # made meanwhile
+            if if_missing:
+                return False
+            raise BoardError(f"{path} already exists: not overwritten") from None
+        raise BoardError(f"cannot create the positive board {path}: {exc.filename} is not "
+                         "a folder") from None
+    except OSError as exc:
+        raise BoardError(f"cannot create the positive board {path}: "
+                         f"{exc.strerror or exc}") from None
+    try:
+        SqlitePositiveBoard(path).close()         # an empty file: the schema is written
+    except BoardError:
+        path.unlink(missing_ok=True)
+        raise
+    _match_directory_owner(path)
+    return True
 
 
 def issue_code(db: str, ttl: timedelta, now: datetime | None = None) -> tuple[str, datetime]:
     """Make a declaration code and store its hash and expiry in the board at ``db``.
 
     Args:
-        db: the board's SQLite file (created if missing; the broker may be running on it).
+        db: the board's SQLite file, made by :func:`create_board` (never created here; the
+            broker may be running on it).
         ttl: how long the code may be used.
         now: the current aware UTC time (default: now).
 
@@ -213,8 +283,12 @@ def issue_code(db: str, ttl: timedelta, now: datetime | None = None) -> tuple[st
         ``(code, expires_at)``: the code as printed (``XXXX-XXXX-XXXX-XXXX``) and its expiry.
 
     Raises:
-        BoardError: the file cannot be opened or written.
+        BoardError: the file does not exist (the message names ``create-board``), or cannot
+            be opened or written.
     """
+    refused = missing_board(db)
+    if refused:
+        raise BoardError(refused)
     now = datetime.now(UTC) if now is None else now
     code = format_code(os.urandom(10))
     expires_at = now + ttl
@@ -223,7 +297,7 @@ def issue_code(db: str, ttl: timedelta, now: datetime | None = None) -> tuple[st
         board.add_code(code_hash(code), expires_at)
     finally:
         board.close()
-    _match_directory_owner(Path(db))
+    _match_directory_owner(Path(db))          # the -wal and -shm files root may have made
     return code, expires_at
 
 
@@ -231,8 +305,8 @@ def _match_directory_owner(db: Path) -> None:
     """Give files root just created in the service's state directory to its owner.
 
     The unit runs the broker as a dynamic user that owns ``/var/lib/fanny-broker``; an
-    operator running ``issue-code`` as root on a board that did not exist yet would otherwise
-    leave a root-owned file the broker cannot write.
+    operator running ``create-board`` or ``issue-code`` as root would otherwise leave a
+    root-owned file the broker cannot write.
     """
     if os.geteuid() != 0:
         return
@@ -244,6 +318,17 @@ def _match_directory_owner(db: Path) -> None:
     except OSError as exc:
         print(f"{PROG}: warning: could not give {db} to the owner of its directory: "
               f"{exc.strerror or exc}", file=sys.stderr)
+
+
+def _create(args: argparse.Namespace) -> int:
+    try:
+        created = create_board(args.db, if_missing=args.if_missing)
+    except BoardError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: " + (f"created an empty positive board at {args.db}" if created else
+                         f"{args.db} exists: left as it is"), file=sys.stderr)
+    return 0
 
 
 def _issue(args: argparse.Namespace) -> int:
@@ -279,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        0 after a graceful stop (or ``--help``), 1 when the address cannot be bound, 2 for
-        bad arguments or an unusable database file.
+        0 after a graceful stop (or ``--help``, ``--version``), 1 when the address cannot be
+        bound, 2 for bad arguments, a bad config file or a missing or unusable database file.
     """
     parser = build_parser()
     try:
@@ -291,26 +376,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code) if isinstance(exc.code, int) else 0
     if args.command is None:
-        print(f"{PROG}: error: a command is required: serve or issue-code (see {PROG} --help)",
-              file=sys.stderr)
+        print(f"{PROG}: error: a command is required: serve, create-board or issue-code "
+              f"(see {PROG} --help)", file=sys.stderr)
         return 2
     if args.command == "issue-code":
         return _issue(args)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "create-board":
+        return _create(args)
     try:
-        settings = BrokerSettings(
-            host=args.host, port=args.port, db_path=args.db, radius_max_m=args.radius_max_m,
-            cooldown_s=args.cooldown_s, position_timeout_s=args.position_timeout_s,
-            open_declarations=args.open_declarations, certfile=args.certfile,
-            keyfile=args.keyfile, max_connections_per_address=args.max_connections_per_address,
-            max_connections=args.max_connections,
-            position_rate_per_s=args.position_rate_per_s,
-            upload_answer_delay_s=args.upload_answer_delay_s, redis_url=args.redis,
-            postgres_url=args.postgres)
-    except ValueError as exc:
-        print(f"{PROG}: error: {_option_names(str(exc))}", file=sys.stderr)
+        from_file = {} if args.config is None else load_broker_config(args.config)
+        given = {name: getattr(args, name) for name in SETTING_OPTIONS
+                 if getattr(args, name) is not None}
+        settings, log_level = broker_settings(from_file, given, source=args.config and
+                                              str(args.config))
+    except BrokerConfigError as exc:
+        if exc.source is None and exc.field in SETTING_OPTIONS:
+            print(f"{PROG}: error: {_option(exc.field)}: {exc.detail}", file=sys.stderr)
+        else:
+            print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return 2
+    refused = None if settings.postgres_url else missing_board(settings.db_path)
+    if refused:
+        print(f"{PROG}: error: {refused}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(_serve(settings))
     except (BoardError, SetupError) as exc:
@@ -318,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        print(f"{PROG}: error: cannot listen on {args.host} port {args.port}: {reason}",
+        print(f"{PROG}: error: cannot listen on {settings.host} port {settings.port}: {reason}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:

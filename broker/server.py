@@ -87,6 +87,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from fanny_tui.protocol import validate
 from fanny_tui.protocol.batch import BATCH_FORMAT, encode_end_frame
 from fanny_tui.protocol.codes import code_hash, declaration_hash
 from fanny_tui.protocol.errors import FannyError, MessageError
@@ -149,18 +150,12 @@ class SetupError(FannyError):
 
 def _check_number(name: str, value: object, *, low: float = 0.0, high: float = math.inf,
                   low_open: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"BrokerSettings.{name}: expected a finite number, got {value!r}")
-    if (value <= low if low_open else value < low) or value > high:
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        top = "" if high == math.inf else f" and <= {high:g}"
-        raise ValueError(f"BrokerSettings.{name}: expected a number {bound}{top}, got {value!r}")
+    validate.number(f"BrokerSettings.{name}", value, low=low,
+                    high=None if high == math.inf else high, low_open=low_open)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"BrokerSettings.{name}: expected an integer in [{low}, {high}], "
-                         f"got {value!r}")
+    validate.integer(f"BrokerSettings.{name}", value, low, high)
 
 
 @dataclass(frozen=True)
@@ -290,9 +285,7 @@ class BrokerSettings:
         if self.ping_timeout_s is not None:
             _check_number("ping_timeout_s", self.ping_timeout_s)
         _check_int("outbox_size", self.outbox_size, 1, 1_000_000)
-        if not isinstance(self.open_declarations, bool):
-            raise ValueError(f"BrokerSettings.open_declarations: expected true or false, "
-                             f"got {self.open_declarations!r}")
+        validate.boolean("BrokerSettings.open_declarations", self.open_declarations)
         _check_number("upload_answer_delay_s", self.upload_answer_delay_s, high=60.0,
                       low_open=False)
         _check_number("code_grace_s", self.code_grace_s, high=86_400.0, low_open=False)
@@ -305,9 +298,7 @@ class BrokerSettings:
         _check_int("signal_burst", self.signal_burst, 1, 100_000)
         _check_int("batch_frame_tokens", self.batch_frame_tokens, 1, 100_000)
         _check_int("batch_cache_bytes", self.batch_cache_bytes, 0, 2**40)
-        if not isinstance(self.announce_positives, bool):
-            raise ValueError(f"BrokerSettings.announce_positives: expected true or false, "
-                             f"got {self.announce_positives!r}")
+        validate.boolean("BrokerSettings.announce_positives", self.announce_positives)
         _check_number("announce_interval_s", self.announce_interval_s, high=86_400.0,
                       low_open=False)
         _check_int("max_connections_per_address", self.max_connections_per_address, 0, 1_000_000)
@@ -320,10 +311,8 @@ class BrokerSettings:
         for name, schemes in (("redis_url", ("redis", "rediss", "unix")),
                               ("postgres_url", ("postgresql", "postgres"))):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str)
-                                      or urlsplit(value).scheme not in schemes):
-                raise ValueError(f"BrokerSettings.{name}: expected a URL starting with "
-                                 f"{' or '.join(s + '://' for s in schemes)}, got {value!r}")
+            if value is not None:
+                validate.url(f"BrokerSettings.{name}", value, schemes)
         if (self.certfile is None) != (self.keyfile is None):
             missing = "keyfile" if self.keyfile is None else "certfile"
             raise ValueError(f"BrokerSettings.{missing}: TLS needs both a certfile and a keyfile")

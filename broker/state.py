@@ -35,11 +35,11 @@ and crafts the token), the other ``responder``.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
+from fanny_tui.protocol import validate
 from fanny_tui.protocol.errors import LocalProtocolError
 from fanny_tui.protocol.proximity import ProximityGrid, within_radius
 
@@ -98,11 +98,7 @@ def _pair(a: str, b: str) -> tuple[str, str]:
 
 
 def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
+    return validate.number(name, value, low=0.0, low_open=True)
 
 
 class BrokerState:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import platformdirs
 
+from . import kit_version
 from .config import Config, ConfigError, load_config, parse_config
 from .datadir import DataDirBusy, DataDirLock
 from .describe import explain
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 APP_NAME = "fanny-tui"
-DISTRIBUTION = "fanny-field-kit"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
@@ -103,16 +103,6 @@ def missing_config_notice(path: str | None) -> str | None:
     return (f"no config file at {default}: running on the defaults (broker "
             f"{parse_config({}).broker.url}); write one there or pass --config FILE "
             "(see config.example.toml)")
-
-
-def kit_version() -> str:
-    """The installed distribution's version (package metadata), e.g. ``0.1.0``."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
 
 
 def resolve_data_dir(config: Config, override: str | None) -> Path:

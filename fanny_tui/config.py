@@ -8,16 +8,17 @@ is the only function here that touches a file. ``config.example.toml`` documents
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
+from .protocol import validate
 from .protocol.expiry import DEFAULT_LIFETIME_DAYS
+
+_T = TypeVar("_T")
 
 
 class ConfigError(Exception):
@@ -196,36 +197,21 @@ class _Section:
 
     def number(self, key: str, default: float, *, low: float | None = None,
                high: float | None = None, positive: bool = False) -> float:
-        value = self.data.get(key, default)
-        if (isinstance(value, bool) or not isinstance(value, int | float)
-                or not math.isfinite(value)):
-            raise ConfigError(self.key(key), "a finite number", value)
-        if positive and value <= 0:
-            raise ConfigError(self.key(key), "a number > 0", value)
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise ConfigError(self.key(key), f"a number in [{low}, {high}]", value)
-        return float(value)
+        """A finite number in ``[low, high]`` (``> 0`` with ``positive``)."""
+        if positive and low is None:
+            low = 0.0
+        return self._valid(validate.number, key, default, low=low, high=high,
+                           low_open=positive)
 
     def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ConfigError(self.key(key), f"an integer in [{low}, {high}]", value)
-        return int(value)
+        return self._valid(validate.integer, key, default, low, high)
 
     def url(self, value: object, key: str) -> str:
         """A ``ws://`` or ``wss://`` URL with a host (``key``: the name in errors)."""
-        if not isinstance(value, str):
-            raise ConfigError(key, "a ws:// or wss:// URL with a host", value)
         try:
-            parts = urlsplit(value)
-            # .port raises for a port that is not a number in [0, 65535]
-            good = (parts.scheme in ("ws", "wss") and bool(parts.hostname)
-                    and (parts.port is None or parts.port >= 0))
-        except ValueError:          # a malformed port or IPv6 address
-            good = False
-        if not good:
-            raise ConfigError(key, "a ws:// or wss:// URL with a host", value)
-        return value
+            return validate.url(key, value, ("ws", "wss"), host=True)
+        except validate.Invalid as exc:
+            raise ConfigError(exc.key, exc.expected, exc.got) from None
 
     def broker_name(self, key: str, default: str | None) -> str:
         """A broker name (:data:`_NAME`)."""
@@ -237,15 +223,18 @@ class _Section:
 
     def string(self, key: str, default: str | None) -> str | None:
         value = self.data.get(key, default)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(self.key(key), "a string", value)
-        return value
+        return None if value is None else self._valid(validate.string, key, default)
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(self.key(key), "true or false", value)
-        return value
+        return self._valid(validate.boolean, key, default)
+
+    def _valid(self, check: Callable[..., _T], key: str, default: object, *args: Any,
+               **kwargs: Any) -> _T:
+        """``check(section.key, value, ...)``, its :class:`validate.Invalid` a ConfigError."""
+        try:
+            return check(self.key(key), self.data.get(key, default), *args, **kwargs)
+        except validate.Invalid as exc:
+            raise ConfigError(exc.key, exc.expected, exc.got) from None
 
 
 def _path(s: _Section, key: str, base: Path | None) -> Path | None:

@@ -7,8 +7,9 @@ this process, real aiortc over 127.0.0.1, the real broker). Once a simulated dev
 that the tester holds too, it declares positive; the tester's next poll raises the exposure
 alert.
 
-The demo broker requires declaration codes, as a real one does (paper 5): two codes are issued
-at start on its board (as ``fanny-broker issue-code`` does), one for the simulated device's
+The demo broker requires declaration codes, as a real one does (paper 5): its board is created
+(as ``fanny-broker create-board`` does) and two codes are issued on it at start (as
+``fanny-broker issue-code`` does), one for the simulated device's
 declaration and one for the tester, shown in the app's declare dialog, or printed once on stderr
 with ``--headless`` (``fanny-tui demo: broker ws://127.0.0.1:PORT, declaration code for this
 demo: XXXX-XXXX-XXXX-XXXX ...``; stdout stays JSON lines only).
@@ -115,7 +116,7 @@ class _Stop:
 
 
 async def _run(devices: int, headless: bool, duration_s: float | None, root: Path) -> int:
-    from broker.__main__ import issue_code
+    from broker.__main__ import create_board, issue_code
     from broker.server import BrokerSettings, start_broker
 
     from .engine import Engine
@@ -126,6 +127,7 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.on_signal, sig)
     db = root / "broker.sqlite3"
+    await asyncio.to_thread(create_board, db)  # as `fanny-broker create-board` does
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=db, cooldown_s=120.0,
                               position_timeout_s=15.0)
     stopping: list[asyncio.TimerHandle] = []   # the "stopping..." notice, once stopping

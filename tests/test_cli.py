@@ -134,8 +134,15 @@ async def _wait_healthy(port: int) -> None:
     raise AssertionError("the broker never answered /healthz")
 
 
+def _create_board(db: Path) -> None:
+    """``fanny-broker create-board --db``: serve and issue-code need the board to exist."""
+    subprocess.run([BIN / "fanny-broker", "create-board", "--db", db], capture_output=True,
+                   text=True, timeout=30, check=True)
+
+
 async def test_headless_devices_declare_positive_and_alert(tmp_path):
     port = _free_port()
+    _create_board(tmp_path / "broker.sqlite3")
     broker = await _spawn(str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
                           str(port), "--db", str(tmp_path / "broker.sqlite3"))
     devices: list[asyncio.subprocess.Process] = []
@@ -307,6 +314,7 @@ def _tokens_json(data_dir: Path) -> list[dict]:
 async def test_declare_positive_codes_refused_and_accepted(tmp_path):
     port = _free_port()
     db = tmp_path / "broker.sqlite3"
+    _create_board(db)
     broker = await _spawn(str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
                           str(port), "--db", str(db), "--upload-answer-delay-s", "0.05")
     try:

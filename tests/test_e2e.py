@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from broker.__main__ import issue_code
+from broker.__main__ import create_board, issue_code
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import parse_config
 from fanny_tui.engine import MAX_CONCURRENT_HANDSHAKES
@@ -137,6 +137,7 @@ async def test_witness_then_positive_then_exposure(tmp_path):
 
 async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path, unused_tcp_port):
     settings = _settings(tmp_path, port=unused_tcp_port)
+    create_board(tmp_path / "broker.sqlite3")          # as an operator does, once
     code = _code(tmp_path)                              # issued while the broker is down
     tokens = _stock(tmp_path / "a", 1)
     url = f"ws://127.0.0.1:{unused_tcp_port}"

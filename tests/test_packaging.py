@@ -145,7 +145,11 @@ async def test_the_broker_runs_without_the_client_stack(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr
     assert "serve" in done.stdout and "issue-code" in done.stdout
 
-    process, url = await start("--port", "0", "--db", str(tmp_path / "board.sqlite3"))
+    board = tmp_path / "board.sqlite3"
+    created = await asyncio.to_thread(subprocess.run, [*broker, "create-board", "--db", str(board)],
+                                      capture_output=True, text=True, timeout=30 * TIME_UNIT)
+    assert created.returncode == 0, created.stderr
+    process, url = await start("--port", "0", "--db", str(board))
     try:
         async with Client.open(url) as client:
             assert (await client.hello(radius_m=20.0)).radius_m == 20.0
@@ -157,6 +161,6 @@ async def test_the_broker_runs_without_the_client_stack(tmp_path, monkeypatch):
     status, err, _ = await stop(process, signal.SIGTERM)
     assert status == 0, err
     assert "Traceback" not in err
-    assert blocker.installed_in() == 2            # --help and serve, both with the blocker
+    assert blocker.installed_in() == 3   # --help, create-board and serve, all with the blocker
     assert blocker.refused() == []                # nothing even tried to import the client
     assert not [line for line in blocker.lines() if line.startswith("already imported")]

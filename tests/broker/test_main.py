@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shlex
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.__main__ import build_parser, main, parse_ttl
+from broker.__main__ import build_parser, create_board, main, parse_ttl
 from fanny_tui.protocol.codes import code_hash, normalize_code
 from fanny_tui.protocol.messages import (
     Match,
@@ -55,7 +56,8 @@ async def start(*args: str) -> tuple[asyncio.subprocess.Process, str]:
     line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
     found = re.fullmatch(r"listening on (wss?://127\.0\.0\.1:\d+)\n", line)
     if not found:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):    # it may have exited already
+            os.killpg(process.pid, signal.SIGKILL)
         _, err = await process.communicate()
         raise AssertionError(f"unexpected first line {line!r}; stderr: {err.decode()}")
     return process, found.group(1)
@@ -88,7 +90,11 @@ SECRET = "5e" * 32
 async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path):
     db = tmp_path / "board.sqlite3"
     port = free_port()
-    code = issue(db)[0].strip()          # issued before the broker ever ran: creates the board
+    create = subprocess.run([*command(), "create-board", "--db", str(db)], capture_output=True,
+                            text=True, timeout=60)
+    assert create.returncode == 0 and create.stdout == "", create.stderr
+    assert create.stderr == f"fanny-broker: created an empty positive board at {db}\n"
+    code = issue(db)[0].strip()          # issued before the broker ever ran
     process, url = await start("--host", "127.0.0.1", "--port", str(port), "--db", str(db),
                                "--log-level", "DEBUG", "--radius-max-m", "50",
                                "--upload-answer-delay-s", "0.2")
@@ -152,6 +158,7 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
 
 
 async def test_open_declarations_warns_and_healthz_says_open(tmp_path):
+    create_board(tmp_path / "b.sqlite3")
     process, url = await start("--port", "0", "--db", str(tmp_path / "b.sqlite3"),
                                "--open-declarations", "--upload-answer-delay-s", "0")
     try:
@@ -176,6 +183,7 @@ async def test_open_declarations_warns_and_healthz_says_open(tmp_path):
 
 def test_issue_code_prints_one_code_and_stores_only_its_hash(tmp_path, capsys):
     db = tmp_path / "sub" / "board.sqlite3"
+    create_board(db)
     before = datetime.now(UTC)
     assert main(["issue-code", "--db", str(db), "--ttl", "90m"]) == 0
     after = datetime.now(UTC)
@@ -198,18 +206,31 @@ def test_issue_code_prints_one_code_and_stores_only_its_hash(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text, seconds", [
-    ("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1.5h", 5400), ("600", 600),
+    ("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1.5h", 5400), ("600s", 600),
     (" 2H ", 7200), ("30d", 30 * 86400),
 ])
 def test_ttl_units(text, seconds):
     assert parse_ttl(text) == timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("ttl", ["0s", "31d", "1w", "-1h", "h", "1 hour", "nan", ""])
+@pytest.mark.parametrize("ttl", ["0s", "31d", "1w", "-1h", "h", "1 hour", "nan", "", "1", "600"])
 def test_bad_ttl_one_line_exit_2(tmp_path, capsys, ttl):
+    create_board(tmp_path / "b.sqlite3")
     assert main(["issue-code", "--db", str(tmp_path / "b.sqlite3"), "--ttl", ttl]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "--ttl" in err
+
+
+def test_a_ttl_without_unit_is_refused_saying_which_units(tmp_path, capsys):
+    """``--ttl 1`` used to mean one second: a code dead before it was read out."""
+    create_board(tmp_path / "b.sqlite3")
+    assert main(["issue-code", "--db", str(tmp_path / "b.sqlite3"), "--ttl", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("fanny-broker: error: argument --ttl: expected a duration with its unit "
+                   "(s, m, h or d), like 90s, 30m, 2h or 1d (a bare number is refused: it does "
+                   "not say which unit), got '1'\n")
+    with sqlite3.connect(tmp_path / "b.sqlite3") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM codes").fetchone() == (0,)
 
 
 def test_issue_code_on_an_unusable_file_one_line_exit_2(tmp_path, capsys):
@@ -220,7 +241,7 @@ def test_issue_code_on_an_unusable_file_one_line_exit_2(tmp_path, capsys):
     assert out == "" and err.count("\n") == 1 and "cannot open the positive board" in err
 
 
-def test_issue_code_as_root_gives_a_new_board_to_the_directory_owner(tmp_path, capsys):
+def test_create_board_as_root_gives_the_new_board_to_the_directory_owner(tmp_path, capsys):
     """The service's dynamic user owns its state directory; root's new file must be its."""
     state = tmp_path / "state"
     state.mkdir()
@@ -229,9 +250,11 @@ def test_issue_code_as_root_gives_a_new_board_to_the_directory_owner(tmp_path, c
         expected = 54321
     else:                                   # not root: nothing to hand over, files stay ours
         expected = os.geteuid()
-    assert main(["issue-code", "--db", str(state / "positives.sqlite3")]) == 0
+    assert main(["create-board", "--db", str(state / "positives.sqlite3")]) == 0
     assert [(p.name, p.stat().st_uid) for p in state.iterdir()] == [
         ("positives.sqlite3", expected)]
+    assert main(["issue-code", "--db", str(state / "positives.sqlite3")]) == 0
+    assert {p.stat().st_uid for p in state.iterdir()} == {expected}
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -257,7 +280,9 @@ def test_issue_code_as_root_gives_a_new_board_to_the_directory_owner(tmp_path, c
     (["serve", "--db", "x", "--upload-answer-delay-s", "61"], "--upload-answer-delay-s"),
     (["serve", "--db", "x", "--redis", "http://127.0.0.1:6379"], "--redis: expected a URL"),
     (["serve", "--db", "x", "--postgres", "mysql://127.0.0.1"], "--postgres: expected a URL"),
+    (["serve", "--db", "x", "--postgres", "sqlite:///x"], "--postgres: expected a URL"),
     (["issue-code"], "--db"),
+    (["create-board"], "--db"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
     assert main(argv) == 2
@@ -269,7 +294,7 @@ def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
 def test_unusable_database_path_one_line_exit_2(tmp_path, capsys):
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"not a database " * 200)
-    for db in (junk / "under" / "a-file.sqlite3", tmp_path, junk):
+    for db in (tmp_path, junk):
         assert main(["serve", "--port", "0", "--db", str(db), "--log-level", "ERROR"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "cannot open the positive board" in err, err
@@ -279,13 +304,66 @@ def test_unreachable_redis_one_line_exit_2(tmp_path, capsys):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))          # bound, not listening: connections are refused
         port = closed.getsockname()[1]
-        code = main(["serve", "--port", "0", "--db", str(tmp_path / "b.sqlite3"),
+        db = tmp_path / "b.sqlite3"
+        assert main(["create-board", "--db", str(db)]) == 0
+        capsys.readouterr()
+        code = main(["serve", "--port", "0", "--db", str(db),
                      "--redis", f"redis://127.0.0.1:{port}/0", "--log-level", "ERROR"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert err.startswith(f"fanny-broker: error: redis_url: cannot reach Redis at "
                           f"redis://127.0.0.1:{port}/0: "), err
+@pytest.mark.parametrize("command_line", [["serve", "--port", "0"], ["issue-code"]])
+def test_a_missing_board_is_refused_naming_the_path_and_the_command(tmp_path, capsys,
+                                                                    command_line):
+    """A mistyped --db used to start an empty board, where the tester's code is unknown."""
+    typo = tmp_path / "positive.sqlite3"
+    assert main([*command_line, "--db", str(typo)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"fanny-broker: error: cannot open the positive board {typo}: no such file (create "
+        f"it with: fanny-broker create-board --db {typo})\n")
+    assert list(tmp_path.iterdir()) == []                 # nothing was created
+
+
+def test_create_board_creates_folders_and_never_overwrites(tmp_path, capsys):
+    db = tmp_path / "state" / "sub" / "board.sqlite3"
+    assert main(["create-board", "--db", str(db)]) == 0
+    assert capsys.readouterr().err == f"fanny-broker: created an empty positive board at {db}\n"
+    assert (db.stat().st_mode & 0o777, db.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    assert main(["issue-code", "--db", str(db)]) == 0
+    code = capsys.readouterr().out.strip()
+    before = db.read_bytes()
+    assert main(["create-board", "--db", str(db)]) == 2
+    assert capsys.readouterr().err == (
+        f"fanny-broker: error: {db} already exists: not overwritten (a board is created once; "
+        "serve and issue-code use it as it is)\n")
+    assert main(["create-board", "--db", str(db), "--if-missing"]) == 0
+    assert capsys.readouterr().err == f"fanny-broker: {db} exists: left as it is\n"
+    assert db.read_bytes() == before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT code_hash FROM codes").fetchall() == [(code_hash(code),)]
+
+
+def test_create_board_refuses_any_existing_file(tmp_path, capsys):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a board")
+    assert main(["create-board", "--db", str(junk)]) == 2
+    assert "already exists: not overwritten" in capsys.readouterr().err
+    assert junk.read_text() == "not a board"
+    blocked = junk / "board.sqlite3"                      # its folder is a file
+    assert main(["create-board", "--db", str(blocked)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot create the positive board {blocked}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_version_prints_the_kit_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"fanny-broker {version('fanny-field-kit')}\n"
 
 
 def test_address_in_use_one_line_exit_1(tmp_path, capsys):
@@ -293,6 +371,7 @@ def test_address_in_use_one_line_exit_1(tmp_path, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        create_board(tmp_path / "b.sqlite3")
         code = main(["serve", "--port", str(port), "--db", str(tmp_path / "b.sqlite3"),
                      "--log-level", "ERROR"])
     assert code == 1
@@ -340,9 +419,12 @@ def test_unit_has_the_hardening_and_the_documented_command():
     unit = parse_unit(UNIT.read_text(encoding="utf-8"))
     service = unit["Service"]
     one = {key: values[-1] for key, values in service.items()}
-    assert one["ExecStart"] == ("fanny-broker serve --host 127.0.0.1 --port 8765 "
-                                "--db /var/lib/fanny-broker/positives.sqlite3 "
+    assert one["ExecStart"] == ("/usr/local/bin/fanny-broker serve --host 127.0.0.1 "
+                                "--port 8765 --db /var/lib/fanny-broker/positives.sqlite3 "
                                 "--max-connections-per-address 0")
+    # systemd runs no program by a bare name: both commands are absolute paths.
+    assert one["ExecStartPre"] == ("/usr/local/bin/fanny-broker create-board "
+                                   "--db /var/lib/fanny-broker/positives.sqlite3 --if-missing")
     expected = {
         "DynamicUser": "yes", "StateDirectory": "fanny-broker", "Restart": "on-failure",
         "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
@@ -355,34 +437,98 @@ def test_unit_has_the_hardening_and_the_documented_command():
     argv = shlex.split(one["ExecStart"])
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.host, args.port) == ("serve", "127.0.0.1", 8765)
-    assert Path(args.db).parent == Path("/var/lib") / one["StateDirectory"]
+    assert Path(args.db_path).parent == Path("/var/lib") / one["StateDirectory"]
     # Declaration codes are required (no --open-declarations); behind the loopback proxy the
     # per-address cap would count every client as one.
-    assert args.open_declarations is False and args.max_connections_per_address == 0
+    assert args.open_declarations is None and args.max_connections_per_address == 0
+    # The board it serves is the one ExecStartPre creates on the first start.
+    pre = build_parser().parse_args(shlex.split(one["ExecStartPre"])[1:])
+    assert (pre.command, pre.db, pre.if_missing) == ("create-board", args.db_path, True)
     # The documented issue-code command line is one our parser accepts, on the same file.
     documented = re.search(r"#\s+(fanny-broker issue-code .*)", UNIT.read_text())
     assert documented is not None
     issue = build_parser().parse_args(shlex.split(documented.group(1))[1:])
-    assert (issue.command, issue.db) == ("issue-code", args.db)
+    assert (issue.command, issue.db) == ("issue-code", args.db_path)
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
+    """The unit as shipped, unchanged, verified in a root where its program exists.
+
+    ``systemd-analyze verify`` checks that ExecStart's program exists and is executable, so
+    it runs with ``--root`` on a folder holding the system's units, the shipped unit and, at
+    the unit's absolute path, the installed ``fanny-broker`` script. The Debian package
+    ``systemd`` provides it; ``./kit test`` installs it where it is missing.
+    """
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not available here: only the parser test checked the unit")
-    # verify checks that ExecStart's program exists; point it at the installed script.
-    copy = tmp_path / "fanny-broker.service"
-    copy.write_text(UNIT.read_text(encoding="utf-8").replace(
-        "ExecStart=fanny-broker ", f"ExecStart={command()[0]} " if len(command()) == 1
-        else f"ExecStart={sys.executable} -m broker "), encoding="utf-8")
-    done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
-                          timeout=60)
-    complaints = [line for line in (done.stdout + done.stderr).splitlines()
-                  if "fanny-broker.service" in line]
-    assert done.returncode == 0 and complaints == [], done.stdout + done.stderr
-    security = subprocess.run([analyze, "security", "--offline=yes", str(copy)],
-                              capture_output=True, text=True, timeout=60)
+    assert analyze is not None, "systemd-analyze is missing: apt-get install systemd (./kit test)"
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    shutil.copyfile(UNIT, root / "etc/systemd/system" / UNIT.name)
+    one = {key: values[-1] for key, values in parse_unit(UNIT.read_text())["Service"].items()}
+    program = Path(shlex.split(one["ExecStart"])[0])
+    assert program.is_absolute() and program == Path(shlex.split(one["ExecStartPre"])[0])
+    installed = root / program.relative_to("/")
+    installed.parent.mkdir(parents=True)
+    script = Path(sys.executable).with_name("fanny-broker")
+    if script.exists():
+        shutil.copy2(script, installed)
+    else:                                   # run from a source tree: the module, as a script
+        installed.write_text(f"#!/bin/sh\nexec {sys.executable} -m broker \"$@\"\n")
+        installed.chmod(0o755)
+    done = subprocess.run([analyze, "verify", f"--root={root}", UNIT.name],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    installed.unlink()                      # the check is real: without the program it fails
+    done = subprocess.run([analyze, "verify", f"--root={root}", UNIT.name],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and f"Command {program} is not executable" in done.stderr
+    security = subprocess.run([analyze, "security", "--offline=yes", f"--root={root}",
+                               UNIT.name], capture_output=True, text=True, timeout=60)
     level = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
-    if level:
-        print(f"systemd-analyze security exposure: {level.group(1)} (0 best, 10 worst)")
-        assert float(level.group(1)) <= 3.0
+    assert level is not None, security.stdout + security.stderr
+    print(f"systemd-analyze security exposure: {level.group(1)} (0 best, 10 worst)")
+    assert float(level.group(1)) <= 3.0
+
+
+# --- the documented command lines --------------------------------------------------------
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """Every ``fanny-broker ...`` line of a ```sh code block in README.md and docs/*.md
+    (continuation lines joined, trailing ``# comment`` and ``&`` dropped): (where, line)."""
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        fenced = False
+        lines = doc.read_text(encoding="utf-8").splitlines()
+        number = 0
+        while number < len(lines):
+            line = lines[number].strip()
+            number += 1
+            if line.startswith("```"):
+                fenced = not fenced and line == "```sh"
+                continue
+            if not (fenced and line.startswith("fanny-broker ")):
+                continue
+            where = f"{doc.name}:{number}"
+            while line.endswith("\\") and number < len(lines):
+                line = line[:-1] + " " + lines[number].strip()
+                number += 1
+            line = re.sub(r"\s+#.*$", "", line).removesuffix("&").strip()
+            found.append((where, line))
+    return found
+
+
+def test_every_documented_broker_command_line_parses():
+    commands = documented_commands()
+    assert len(commands) >= 8                            # README, field-testing, deployment
+    assert any("create-board" in line for _, line in commands)
+    for where, line in commands:
+        words = shlex.split(line)
+        try:
+            build_parser().parse_args(words[1:])
+        except SystemExit as exc:                      # --version, --help: printed, exit 0
+            assert exc.code == 0, f"{where}: {line}"
+        except Exception as exc:                       # the parser raises instead of exiting
+            raise AssertionError(f"{where}: {line}: {exc}") from None

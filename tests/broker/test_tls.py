@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from broker.__main__ import main
+from broker.__main__ import create_board, main
 from broker.server import SetupError, server_ssl_context, start_broker
 from fanny_tui.protocol.messages import PositiveAck, Positives, PositivesPoll, PositiveUpload
 
@@ -122,6 +122,7 @@ async def test_unreadable_or_mismatched_tls_files_are_a_setup_error(tmp_path, pe
 
 
 def test_cli_bad_tls_files_one_line_exit_2(tmp_path, capsys):
+    create_board(tmp_path / "b.sqlite3")
     code = main(["serve", "--port", "0", "--db", str(tmp_path / "b.sqlite3"),
                  "--certfile", str(tmp_path / "nope.pem"), "--keyfile", str(tmp_path / "k.pem"),
                  "--log-level", "ERROR"])
@@ -132,6 +133,7 @@ def test_cli_bad_tls_files_one_line_exit_2(tmp_path, capsys):
 
 async def test_cli_serves_wss_with_certfile_and_keyfile(tmp_path, pem, ca):
     certfile, keyfile = pem
+    create_board(tmp_path / "b.sqlite3")
     process, url = await start("--port", "0", "--db", str(tmp_path / "b.sqlite3"),
                                "--certfile", str(certfile), "--keyfile", str(keyfile),
                                "--open-declarations", "--upload-answer-delay-s", "0")

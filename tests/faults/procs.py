@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from broker.__main__ import create_board
 from tests.gpsfake import free_port
 from tests.helpers import LAT, LON
 
@@ -104,6 +105,7 @@ class BrokerProcess:
         Raises:
             AssertionError: it exited or did not listen within ``timeout_s`` (with its log).
         """
+        create_board(self.db, if_missing=True)   # the first start; a restart keeps the board
         with open(self.log_path, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 *self.command, stdout=asyncio.subprocess.PIPE, stderr=log, env=CHILD_ENV)
