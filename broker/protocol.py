@@ -25,7 +25,8 @@ Inputs (methods): :meth:`~BrokerConnection.receive_frame`, :meth:`~BrokerConnect
 :meth:`~BrokerConnection.board_streamed`, :meth:`~BrokerConnection.refused`,
 :meth:`~BrokerConnection.unavailable`, :meth:`~BrokerConnection.failed`.
 
-Outputs (drained): :meth:`~BrokerConnection.actions` -- :class:`Send`, :class:`Post`,
+Outputs (drained): :meth:`~BrokerConnection.actions` (plain slotted dataclasses, not frozen:
+built once per frame, they are cheaper so; treat them as read-only) -- :class:`Send`, :class:`Post`,
 :class:`Close`, :class:`Record`, :class:`Connect`, :class:`Attach`, :class:`Disconnect`,
 :class:`UpdatePosition`, :class:`DropPosition`, :class:`RelaySignal`, :class:`StoreUpload`,
 :class:`CheckDecoy`, :class:`ReadBoard`, :class:`StreamBoard`, :class:`Announce`.
@@ -179,8 +180,10 @@ class TokenBucket:
     def take(self, now: float) -> bool:
         """Take one token at monotonic time ``now``; False (nothing taken) when empty. A
         ``now`` earlier than the last one refills nothing."""
-        self.level = min(self.burst, self.level + max(0.0, now - self.at) * self.rate)
-        self.at = max(self.at, now)
+        if now > self.at:
+            level = self.level + (now - self.at) * self.rate
+            self.level = level if level < self.burst else self.burst
+            self.at = now
         if self.level < 1.0:
             return False
         self.level -= 1.0
@@ -246,7 +249,7 @@ class Admission:
 # --- actions -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Queue ``frame`` to this connection, after what is already queued.
 
@@ -262,7 +265,7 @@ class Send:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Post:
     """Deliver ``frame`` (a ``match``) to the session ``session_id`` wherever it is connected
     (:meth:`~broker.backends.Router.post`); nothing happens when it is connected nowhere."""
@@ -271,7 +274,7 @@ class Post:
     frame: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close the connection with WebSocket ``code`` and ``reason`` (fixed text, no client
     data); ``flush``: once the queued frames went out, else at once."""
@@ -281,7 +284,7 @@ class Close:
     flush: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
     """Hand the received frame to the recorder (tests): ``kind`` is ``"session"``,
     ``"anonymous"`` or ``"unknown"``. Emitted only by a connection built with ``record``."""
@@ -290,7 +293,7 @@ class Record:
     frame: str | bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Connect:
     """Register the session (:meth:`~broker.backends.LivePositions.connect`); answer with
     :meth:`BrokerConnection.connected`."""
@@ -300,14 +303,14 @@ class Connect:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attach:
     """This connection now holds ``session_id`` (:meth:`~broker.backends.Router.attach`)."""
 
     session_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Disconnect:
     """The session connection ended: :meth:`~broker.backends.Router.detach` and
     :meth:`~broker.backends.LivePositions.disconnect` with ``epoch``."""
@@ -316,7 +319,7 @@ class Disconnect:
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpdatePosition:
     """Replace the session's position (WGS84 degrees, accuracy metres) and match it
     (:meth:`~broker.backends.LivePositions.update_position`); answer with
@@ -329,14 +332,14 @@ class UpdatePosition:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DropPosition:
     """Forget the session's position (:meth:`~broker.backends.LivePositions.drop_position`)."""
 
     session_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RelaySignal:
     """Check the route (:meth:`~broker.backends.LivePositions.check_route`: a
     :class:`~broker.Refusal` goes to :meth:`BrokerConnection.refused`), then post ``frame``
@@ -349,7 +352,7 @@ class RelaySignal:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StoreUpload:
     """Commit the upload to the board (:meth:`~broker.positives.PositiveBoard.add`, with the
     wall clock); answer with :meth:`BrokerConnection.upload_done` (the count) only once it
@@ -366,7 +369,7 @@ class StoreUpload:
     code_required: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckDecoy:
     """Validate a decoy's tokens like a real upload's
     (:func:`~broker.positives.check_upload`, wall clock), store nothing, look at no code;
@@ -376,7 +379,7 @@ class CheckDecoy:
     tokens: Sequence[PositiveToken]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReadBoard:
     """Read at most ``limit`` unexpired tokens after ``cursor``
     (:meth:`~broker.positives.PositiveBoard.since`); answer with
@@ -386,7 +389,7 @@ class ReadBoard:
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamBoard:
     """Send every unexpired token after ``cursor`` up to the board's last cursor as
     ``batch1`` binary frames, then the end frame (:mod:`fanny_tui.protocol.batch`; a cursor
@@ -396,7 +399,7 @@ class StreamBoard:
     cursor: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Announce:
     """New positives were committed: announce ``positives_available`` to every session
     (the broker spaces announcements by ``announce_interval_s``)."""
@@ -419,6 +422,8 @@ class ConnectionKind(enum.Enum):
     ANONYMOUS = "anonymous"   # positive uploads and polls only, never a session ID
     CLOSED = "closed"         # terminal: nothing more is read
 
+    __hash__ = object.__hash__   # members are singletons; Enum's own hash is Python code
+
 
 class Op(enum.Enum):
     """The store call a connection waits for (:attr:`BrokerConnection.awaiting`)."""
@@ -429,6 +434,8 @@ class Op(enum.Enum):
     STORE = "store"
     READ = "read"
     STREAM = "stream"
+
+    __hash__ = object.__hash__
 
 
 class Input(enum.Enum):
@@ -450,6 +457,8 @@ class Input(enum.Enum):
     REFUSED = "refused"
     UNAVAILABLE = "unavailable"
     FAILED = "failed"
+
+    __hash__ = object.__hash__
 
 
 K = ConnectionKind
@@ -532,12 +541,14 @@ class BrokerConnection:
     def __init__(self, limits: ConnectionLimits, now: float, *, record: bool = False) -> None:
         self.limits = limits
         self._record = record
-        self._kind = ConnectionKind.NEW
+        self.kind = ConnectionKind.NEW
+        """The current kind (read-only: a plain attribute, read on every frame)."""
         self._deadline = now + limits.first_message_timeout_s
         self._positions = TokenBucket(limits.position_rate_per_s, limits.position_burst, now)
         self._polls = TokenBucket(limits.poll_rate_per_s, limits.poll_burst, now)
         self._signals = TokenBucket(limits.signal_rate_per_s, limits.signal_burst, now)
-        self._awaiting: Op | None = None
+        self.awaiting: Op | None = None
+        """The store call whose answer is due, or ``None`` (read-only)."""
         self._greeting: str | None = None         # the session ID of a pending hello
         self._session_id: str | None = None       # memory only, never logged
         self._epoch = 0
@@ -547,16 +558,6 @@ class BrokerConnection:
         self._actions: list[Action] = []
 
     # -- observation --------------------------------------------------------------------
-
-    @property
-    def kind(self) -> ConnectionKind:
-        """The current kind."""
-        return self._kind
-
-    @property
-    def awaiting(self) -> Op | None:
-        """The store call whose answer is due, or ``None``."""
-        return self._awaiting
 
     @property
     def session_id(self) -> str | None:
@@ -573,7 +574,7 @@ class BrokerConnection:
         """Monotonic seconds at which :meth:`tick` closes a connection that sent no valid
         first message; ``None`` unless the connection is new (a hello the store failed on
         leaves it new, with its first deadline)."""
-        return self._deadline if self._kind is K.NEW else None
+        return self._deadline if self.kind is K.NEW else None
 
     def actions(self) -> list[Action]:
         """Drain the actions produced since the last call, in the order to execute them."""
@@ -589,11 +590,11 @@ class BrokerConnection:
         Raises:
             LocalProtocolError: a store answer is still due (:attr:`awaiting`).
         """
-        kind = self._kind
+        kind = self.kind
         if kind is K.CLOSED:
             return
-        if self._awaiting is not None:
-            raise LocalProtocolError(f"a frame while the answer of {self._awaiting.value} is "
+        if self.awaiting is not None:
+            raise LocalProtocolError(f"a frame while the answer of {self.awaiting.value} is "
                                      "due: feed it first")
         if not isinstance(frame, str):
             self._dispatch(Input.BINARY, frame, now, frame)
@@ -604,7 +605,14 @@ class BrokerConnection:
             upload = _frame_type(frame) == "positive_upload"
             self._dispatch(Input.UNDECODABLE, (exc, upload), now, frame)
             return
-        self._dispatch(type(message), message, now, frame)
+        # _dispatch, inlined: this is the path of every position.
+        handler = _TRANSITIONS.get((kind, type(message)))
+        if handler is None:
+            raise LocalProtocolError(f"{type(message).__name__} on a {kind.value} connection")
+        if self._record:
+            shown = _classify(message) if kind is K.NEW else kind.value
+            self._actions.append(Record(shown, frame))
+        handler(self, message, now)
 
     def tick(self, now: float) -> None:
         """Run the timer: close (1008) a connection without a valid first message once
@@ -651,7 +659,10 @@ class BrokerConnection:
         Raises:
             LocalProtocolError: no ``UpdatePosition`` is pending.
         """
-        self._answer(Op.UPDATE, Input.MATCHED, notices)
+        if self.awaiting is Op.UPDATE:    # _answer, inlined: the path of every position
+            _TRANSITIONS[self.kind, Input.MATCHED](self, notices, 0.0)
+        else:
+            self._answer(Op.UPDATE, Input.MATCHED, notices)
 
     def relayed(self) -> None:
         """The signal reached the peer's connection.
@@ -701,9 +712,9 @@ class BrokerConnection:
         Raises:
             LocalProtocolError: nothing is pending, or a ``Connect``.
         """
-        if self._awaiting is Op.CONNECT:
+        if self.awaiting is Op.CONNECT:
             raise LocalProtocolError("refused: the live-positions store refuses no hello")
-        self._answer(self._awaiting, Input.REFUSED, refusal)
+        self._answer(self.awaiting, Input.REFUSED, refusal)
 
     def unavailable(self) -> None:
         """The board failed on the pending call: refuse ``unavailable`` (retry later).
@@ -711,9 +722,9 @@ class BrokerConnection:
         Raises:
             LocalProtocolError: no board call is pending.
         """
-        if self._awaiting not in (Op.STORE, Op.READ, Op.STREAM):
+        if self.awaiting not in (Op.STORE, Op.READ, Op.STREAM):
             raise LocalProtocolError("unavailable: no board call is pending")
-        self._answer(self._awaiting, Input.UNAVAILABLE, None)
+        self._answer(self.awaiting, Input.UNAVAILABLE, None)
 
     def failed(self) -> None:
         """The pending call raised unexpectedly: answer ``internal_error`` (a hello that
@@ -722,31 +733,34 @@ class BrokerConnection:
         Raises:
             LocalProtocolError: nothing is pending.
         """
-        self._answer(self._awaiting, Input.FAILED, None)
+        self._answer(self.awaiting, Input.FAILED, None)
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _dispatch(self, key: Any, value: Any, now: float, frame: str | bytes | None = None
                   ) -> None:
-        handler = _TRANSITIONS.get((self._kind, key))
+        handler = _TRANSITIONS.get((self.kind, key))
         if handler is None:
             name = key.value if isinstance(key, Input) else key.__name__
-            raise LocalProtocolError(f"{name} on a {self._kind.value} connection")
+            raise LocalProtocolError(f"{name} on a {self.kind.value} connection")
         if frame is not None and self._record:
-            kind = self._kind
+            kind = self.kind
             shown = (_classify(value) if kind is K.NEW and not isinstance(key, Input)
                      else "unknown" if kind is K.GREETING else kind.value)
             self._actions.append(Record(shown, frame))
         handler(self, value, now)
 
     def _answer(self, op: Op | None, key: Input, value: Any) -> None:
-        if op is None or self._awaiting is not op:
-            due = "nothing" if self._awaiting is None else self._awaiting.value
+        if op is None or self.awaiting is not op:
+            due = "nothing" if self.awaiting is None else self.awaiting.value
             raise LocalProtocolError(f"{key.value} while {due} is pending")
-        self._dispatch(key, value, 0.0)
+        handler = _TRANSITIONS.get((self.kind, key))
+        if handler is None:
+            raise LocalProtocolError(f"{key.value} on a {self.kind.value} connection")
+        handler(self, value, 0.0)
 
     def _wait(self, op: Op, action: Action) -> None:
-        self._awaiting = op
+        self.awaiting = op
         self._actions.append(action)
 
     def _send_error(self, refusal: Refusal) -> None:
@@ -777,7 +791,7 @@ class BrokerConnection:
                 f"unsupported protocol version; this broker speaks {PROTOCOL_VERSION}",
                 code="unsupported_protocol", field="protocol"))
             return
-        self._kind = K.GREETING
+        self.kind = K.GREETING
         self._greeting = hello.session_id
         self._wait(Op.CONNECT, Connect(hello.session_id, hello.radius_m, now))
 
@@ -788,8 +802,9 @@ class BrokerConnection:
                 "on average; this one was ignored", code="rate_limited"))
             return
         assert self._session_id is not None
-        self._wait(Op.UPDATE, UpdatePosition(self._session_id, position.latitude,
-                                             position.longitude, position.accuracy_m, now))
+        self.awaiting = Op.UPDATE       # _wait, inlined: the path of every position
+        self._actions.append(UpdatePosition(self._session_id, position.latitude,
+                                            position.longitude, position.accuracy_m, now))
 
     def _position_lost(self, _message: PositionLost, _now: float) -> None:
         assert self._session_id is not None
@@ -808,7 +823,7 @@ class BrokerConnection:
         self._wait(Op.RELAY, RelaySignal(source, signal.peer_session_id, relayed, now))
 
     def _upload(self, upload: PositiveUpload, now: float) -> None:
-        self._kind = K.ANONYMOUS
+        self.kind = K.ANONYMOUS
         answer_at = now + self.limits.upload_answer_delay_s
         if upload.decoy:
             # Validated like a real upload, then discarded: nothing stored, no code looked at.
@@ -834,7 +849,7 @@ class BrokerConnection:
             now + self.limits.upload_answer_delay_s)
 
     def _poll(self, poll: PositivesPoll, now: float) -> None:
-        self._kind = K.ANONYMOUS
+        self.kind = K.ANONYMOUS
         if not self._polls.take(now):
             self._send_error(Refusal(
                 f"too many polls: at most {self.limits.poll_rate_per_s:g} per second on "
@@ -849,24 +864,24 @@ class BrokerConnection:
 
     def _tick(self, _value: None, now: float) -> None:
         if now >= self._deadline:
-            self._kind = K.CLOSED
+            self.kind = K.CLOSED
             self._actions.append(Close(CLOSE_POLICY, "no valid first message"))
 
     def _nothing(self, _value: Any, _now: float) -> None:
         return None
 
     def _refuse_connection(self, reason: str, _now: float) -> None:
-        self._kind = K.CLOSED
+        self.kind = K.CLOSED
         self._send_error(Refusal(reason, code="too_many_connections", field=None))
         self._actions.append(Close(CLOSE_POLICY, "too many connections"))
 
     def _replaced(self, _value: None, _now: float) -> None:
-        self._kind = K.CLOSED
+        self.kind = K.CLOSED
         self._actions.append(Close(CLOSE_REPLACED, "replaced by a newer connection",
                                    flush=False))
 
     def _lost(self, _value: None, _now: float) -> None:
-        self._kind = K.CLOSED
+        self.kind = K.CLOSED
         if self._attached:
             self._attached = False
             assert self._session_id is not None
@@ -876,9 +891,9 @@ class BrokerConnection:
         epoch, radius_m = value
         session_id = self._greeting
         assert session_id is not None
-        self._awaiting = None
+        self.awaiting = None
         self._greeting = None
-        self._kind = K.SESSION
+        self.kind = K.SESSION
         self._session_id, self._epoch, self._attached = session_id, epoch, True
         self._actions.append(Attach(session_id))
         self._actions.append(Send(encode(Welcome(
@@ -889,28 +904,28 @@ class BrokerConnection:
         epoch, _radius_m = value
         session_id = self._greeting
         assert session_id is not None
-        self._awaiting = None
+        self.awaiting = None
         self._greeting = None
         self._actions.append(Disconnect(session_id, epoch))
 
     def _matched(self, notices: Sequence[MatchNotice], _now: float) -> None:
-        self._awaiting = None
+        self.awaiting = None
         for notice in notices:
             self._actions.append(Post(notice.session_id, encode(
                 Match(peer_session_id=notice.peer_session_id, role=notice.role))))
 
     def _relayed(self, _value: None, _now: float) -> None:
-        self._awaiting = None
+        self.awaiting = None
 
     def _peer_gone(self, _value: None, _now: float) -> None:
-        self._awaiting = None
+        self.awaiting = None
         self._send_error(Refusal("the peer is not connected", code="peer_unavailable",
                                  field="peer_session_id"))
 
     def _upload_done(self, count: int, _now: float) -> None:
         upload = self._upload
         assert upload is not None
-        self._awaiting, self._upload = None, None
+        self.awaiting, self._upload = None, None
         self._actions.append(Send(encode_padded(
             PositiveAck(upload_id=upload.upload_id, count=count), ACK_SIZE_BYTES),
             not_before=self._answer_at))
@@ -919,42 +934,42 @@ class BrokerConnection:
 
     def _board_read(self, value: tuple[list[PositiveToken], int, bool], _now: float) -> None:
         tokens, cursor, more = value
-        self._awaiting = None
+        self.awaiting = None
         self._actions.append(Send(encode(Positives(cursor=cursor, tokens=tokens, more=more))))
 
     def _board_streamed(self, _value: None, _now: float) -> None:
-        self._awaiting = None
+        self.awaiting = None
 
     def _refused(self, refusal: Refusal, _now: float) -> None:
-        if self._awaiting is Op.STORE:
+        if self.awaiting is Op.STORE:
             self._upload = None
             self._send_upload_error(refusal, self._answer_at)
         else:
             self._send_error(refusal)
-        self._awaiting = None
+        self.awaiting = None
 
     def _unavailable(self, _value: None, _now: float) -> None:
-        if self._awaiting is Op.STORE:
+        if self.awaiting is Op.STORE:
             self._upload = None
             self._send_upload_error(Refusal("the broker could not store the upload; retry "
                                             "later", code="unavailable"), self._answer_at)
         else:
             self._send_error(Refusal("the broker could not read the board; retry later",
                                      code="unavailable"))
-        self._awaiting = None
+        self.awaiting = None
 
     def _failed(self, _value: None, _now: float) -> None:
         error = _error("internal_error", "the broker failed on this message", None)
-        if self._awaiting is Op.STORE:
+        if self.awaiting is Op.STORE:
             self._upload = None
             self._actions.append(Send(_upload_error(error), not_before=self._answer_at,
                                       error=error.code))
         else:
             self._actions.append(Send(INTERNAL_ERROR, error=error.code))
-        if self._awaiting is Op.CONNECT and self._kind is K.GREETING:
+        if self.awaiting is Op.CONNECT and self.kind is K.GREETING:
             self._greeting = None
-            self._kind = K.NEW      # the deadline of the first message still runs
-        self._awaiting = None
+            self.kind = K.NEW      # the deadline of the first message still runs
+        self.awaiting = None
 
 
 _Handler = Callable[[BrokerConnection, Any, float], None]

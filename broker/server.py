@@ -109,6 +109,7 @@ from .positives import (
 )
 from .protocol import (
     INTERNAL_ERROR,
+    Action,
     Admission,
     Announce,
     Attach,
@@ -625,7 +626,7 @@ class _Broker:
             else:
                 self._warn_refused_connection()
                 core.refuse_connection(refusal)
-                await self._run(client)
+                await self._run(client, core.actions())
         except ConnectionClosed:
             pass
         except Exception as exc:  # one bad client never harms the others
@@ -636,7 +637,7 @@ class _Broker:
                 client.address = None
             core.connection_lost()
             try:   # a shared store may fail: the connection is released all the same
-                await self._run(client)
+                await self._run(client, core.actions())
             except Exception as exc:
                 _log_internal_error("while ending a connection", exc)
             await client.finish()
@@ -646,48 +647,52 @@ class _Broker:
     async def _serve(self, client: _Client) -> None:
         """Read frames until the connection closes; the core decides, :meth:`_run` acts."""
         core, ws, monotonic = client.core, client.ws, self.monotonic
-        while core.kind is not ConnectionKind.CLOSED:
-            deadline = core.deadline
-            try:
-                raw = await (ws.recv() if deadline is None
-                             else asyncio.wait_for(ws.recv(), max(0.0, deadline - monotonic())))
-            except TimeoutError:
-                core.tick(monotonic())
-                await self._run(client)
-                continue
+        while (kind := core.kind) is not ConnectionKind.CLOSED:
+            if kind is ConnectionKind.NEW:   # the first-message deadline runs
+                deadline = core.deadline
+                assert deadline is not None
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), max(0.0, deadline - monotonic()))
+                except TimeoutError:
+                    core.tick(monotonic())
+                    await self._run(client, core.actions())
+                    continue
+            else:
+                raw = await ws.recv()
             try:
                 core.receive_frame(raw, monotonic())
-                await self._run(client)
+                await self._run(client, core.actions())
             except ConnectionClosed:
                 raise
             except Exception as exc:
                 _log_internal_error("while handling a message", exc)
                 await client.reply(INTERNAL_ERROR)
 
-    async def _run(self, client: _Client) -> None:
-        """Execute the core's actions in order, feeding the stores' answers back to it."""
+    async def _run(self, client: _Client, actions: list[Action]) -> None:
+        """Execute ``actions`` (drained from the core) in order, feeding the stores' answers
+        back to the core (a store call is always the last action of its batch: the actions of
+        its answer follow)."""
         core = client.core
-        actions = deque(core.actions())
         do = self._do
         while actions:
-            action = actions.popleft()
-            try:
-                await do[type(action)](client, action)
-            except ConnectionClosed:
-                raise
-            except Exception as exc:
-                if core.awaiting is None:
+            for action in actions:
+                try:
+                    await do[type(action)](client, action)
+                except ConnectionClosed:
                     raise
-                if isinstance(exc, Refusal):
-                    logger.debug("refused by a store: %s", exc.code)
-                    core.refused(exc)
-                elif isinstance(exc, BoardError):
-                    logger.error("positive board failure (%s): %s", core.awaiting.value, exc)
-                    core.unavailable()
-                else:
-                    _log_internal_error(f"in a store call ({core.awaiting.value})", exc)
-                    core.failed()
-            actions.extend(core.actions())
+                except Exception as exc:
+                    if core.awaiting is None:
+                        raise
+                    if isinstance(exc, Refusal):
+                        logger.debug("refused by a store: %s", exc.code)
+                        core.refused(exc)
+                    elif isinstance(exc, BoardError):
+                        logger.error("positive board failure (%s): %s", core.awaiting.value, exc)
+                        core.unavailable()
+                    else:
+                        _log_internal_error(f"in a store call ({core.awaiting.value})", exc)
+                        core.failed()
+            actions = core.actions()
 
     # --- actions -------------------------------------------------------------------------
 
