@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -796,3 +797,12 @@ def _check_invariants(conn: BrokerConnection, actions: list[Action], was_closed:
         if kind is K.ANONYMOUS:
             assert not isinstance(action, Connect | Attach | UpdatePosition | RelaySignal)
 
+
+
+def test_docs_give_the_state_machine_of_every_kind():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    section = text.split("## The broker connection (state machine)")[1].split("\n## ")[0]
+    for kind in ConnectionKind:
+        assert f"| `{kind.name}` |" in section, kind
+    for code in DOCUMENTED_CODES:                 # the error codes' table
+        assert f"| `{code}` |" in text, code
