@@ -553,7 +553,7 @@ class BrokerConnection:
         self._session_id: str | None = None       # memory only, never logged
         self._epoch = 0
         self._attached = False                    # a Disconnect is owed at the end
-        self._upload: PositiveUpload | None = None
+        self._pending_upload: PositiveUpload | None = None
         self._answer_at = 0.0                     # when the pending upload may be answered
         self._actions: list[Action] = []
 
@@ -827,7 +827,7 @@ class BrokerConnection:
         answer_at = now + self.limits.upload_answer_delay_s
         if upload.decoy:
             # Validated like a real upload, then discarded: nothing stored, no code looked at.
-            self._upload, self._answer_at = upload, answer_at
+            self._pending_upload, self._answer_at = upload, answer_at
             self._wait(Op.STORE, CheckDecoy(upload.tokens))
             return
         hashed = None
@@ -838,7 +838,7 @@ class BrokerConnection:
                 self._send_upload_error(Refusal(f"malformed declaration code: {exc}",
                                                 code="code_invalid", field="code"), answer_at)
                 return
-        self._upload, self._answer_at = upload, answer_at
+        self._pending_upload, self._answer_at = upload, answer_at
         self._wait(Op.STORE, StoreUpload(upload, hashed,
                                          code_required=not self.limits.open_declarations))
 
@@ -923,9 +923,9 @@ class BrokerConnection:
                                  field="peer_session_id"))
 
     def _upload_done(self, count: int, _now: float) -> None:
-        upload = self._upload
+        upload = self._pending_upload
         assert upload is not None
-        self.awaiting, self._upload = None, None
+        self.awaiting, self._pending_upload = None, None
         self._actions.append(Send(encode_padded(
             PositiveAck(upload_id=upload.upload_id, count=count), ACK_SIZE_BYTES),
             not_before=self._answer_at))
@@ -942,7 +942,7 @@ class BrokerConnection:
 
     def _refused(self, refusal: Refusal, _now: float) -> None:
         if self.awaiting is Op.STORE:
-            self._upload = None
+            self._pending_upload = None
             self._send_upload_error(refusal, self._answer_at)
         else:
             self._send_error(refusal)
@@ -950,7 +950,7 @@ class BrokerConnection:
 
     def _unavailable(self, _value: None, _now: float) -> None:
         if self.awaiting is Op.STORE:
-            self._upload = None
+            self._pending_upload = None
             self._send_upload_error(Refusal("the broker could not store the upload; retry "
                                             "later", code="unavailable"), self._answer_at)
         else:
@@ -961,7 +961,7 @@ class BrokerConnection:
     def _failed(self, _value: None, _now: float) -> None:
         error = _error("internal_error", "the broker failed on this message", None)
         if self.awaiting is Op.STORE:
-            self._upload = None
+            self._pending_upload = None
             self._actions.append(Send(_upload_error(error), not_before=self._answer_at,
                                       error=error.code))
         else:
