@@ -909,8 +909,9 @@ async def start_broker(
             ``settings.db_path``; the caller keeps ownership (it is not closed here).
         wall_clock: returns the current aware UTC time (default ``datetime.now(UTC)``);
             used for token expiry.
-        monotonic: returns monotonic seconds (default ``time.monotonic``); used for
-            positions, cooldowns and routes.
+        monotonic: returns monotonic seconds (default ``time.monotonic``); the one clock of
+            the connections' rules (:mod:`broker.protocol`: rate limits, the first-message
+            deadline, the upload answer delay) and of positions, cooldowns and routes.
 
     Yields:
         The :class:`RunningBroker`.
