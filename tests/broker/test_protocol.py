@@ -806,3 +806,54 @@ def test_docs_give_the_state_machine_of_every_kind():
         assert f"| `{kind.name}` |" in section, kind
     for code in DOCUMENTED_CODES:                 # the error codes' table
         assert f"| `{code}` |" in text, code
+
+
+_LEGAL_ANSWERS: dict[Op, list[tuple[str, tuple[Any, ...]]]] = {
+    Op.CONNECT: [("connected", (5, 30.0)), ("failed", ())],
+    Op.UPDATE: [("matched", ([],)), ("matched", ([MatchNotice(A, B, "initiator"),
+                                                 MatchNotice(B, A, "responder")],)),
+                ("failed", ())],
+    Op.RELAY: [("relayed", ()), ("peer_gone", ()),
+               ("refused", (Refusal("no route", code="not_matched",
+                                    field="peer_session_id"),)), ("failed", ())],
+    Op.STORE: [("upload_done", (0,)), ("upload_done", (3,)), ("unavailable", ()),
+               ("refused", (Refusal("used", code="code_used", field="code"),)), ("failed", ())],
+    Op.READ: [("board_read", ([positive(1)], 1, False)), ("unavailable", ()), ("failed", ())],
+    Op.STREAM: [("board_streamed", ()), ("unavailable", ()), ("failed", ())],
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(st.sampled_from(_FRAMES + _RAW), max_size=30), data=st.data())
+def test_a_well_behaved_adapter_never_meets_an_illegal_input_and_every_frame_is_answered(
+        frames, data):
+    """The adapter's loop with stores that answer anything legal: no LocalProtocolError, every
+    frame gets an output, and every upload exactly one answer, late and at the ack's size."""
+    conn = BrokerConnection(LIMITS, T0)
+    now = T0
+    for value in frames:
+        now += data.draw(st.floats(0.0, 2.0))
+        was_closed = conn.kind is K.CLOSED
+        frame = encode(value) if isinstance(value, msgspec.Struct) else value
+        conn.receive_frame(frame, now)
+        outputs = conn.actions()
+        _check_invariants(conn, outputs, was_closed)
+        answers = list(outputs)
+        while conn.awaiting is not None:
+            name, args = data.draw(st.sampled_from(_LEGAL_ANSWERS[conn.awaiting]))
+            getattr(conn, name)(*args)
+            more = conn.actions()
+            _check_invariants(conn, more, was_closed)
+            answers += more
+        if was_closed:
+            assert answers == []
+            continue
+        assert answers, f"{value!r} got no output"
+        is_upload = isinstance(value, PositiveUpload) or (
+            isinstance(value, str) and '"positive_upload"' in value)
+        late = [a for a in answers if isinstance(a, Send) and a.not_before is not None]
+        if is_upload:
+            assert len(late) == 1 and len(late[0].frame.encode()) == ACK_SIZE_BYTES
+            assert [a for a in answers if isinstance(a, Send)] == late
+        else:
+            assert late == []
