@@ -493,7 +493,10 @@ class _Client:
 
     def replace(self) -> None:
         """A newer connection of the same session exists: close this one (4000)
-        (:class:`~broker.backends.Recipient`)."""
+        (:class:`~broker.backends.Recipient`). Only a session connection is attached to a
+        session; on any other (already closed) it does nothing."""
+        if self.core.kind is not ConnectionKind.SESSION:
+            return
         self.core.replaced()
         for action in self.core.actions():   # only Close: the core decides nothing else here
             if isinstance(action, Close):
