@@ -26,6 +26,7 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed
 
+from broker.__main__ import create_board
 from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.gps import FixedSource
 from fanny_tui.protocol.messages import (
@@ -65,6 +66,7 @@ def region_board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Reg
     ``postgres`` one database on the test PostgreSQL server (tests/pg.py)."""
     db = tmp_path / "region-board.sqlite3"
     if request.param == "sqlite":
+        create_board(db)                  # as an operator does: fanny-broker create-board
         yield RegionBoard({"db_path": db}, ("--db", str(db)))
     elif request.param == "postgres":
         url = request.getfixturevalue("postgres_url")
