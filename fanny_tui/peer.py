@@ -219,13 +219,15 @@ def preload() -> None:
     127.0.0.1 only (no STUN or TURN server, nothing leaves the machine), a data channel
     opened and one byte sent, then both connections closed; bounded by
     :data:`WARMUP_TIMEOUT_S`. It carries no session ID, contact ID or token and touches no
-    file. A failed warm-up is logged at DEBUG and changes nothing else (the first match then
-    pays as it did before).
+    file; like the first exchange would, it installs :func:`install_host_address_filter`. A
+    failed warm-up is logged at DEBUG and changes nothing else (the first match then pays as
+    it did before).
 
     Blocking: call it from a worker thread (the engine does, once the broker link is up, so
     that neither start-up to ``broker_connected`` nor the TUI's first paint waits for it); the
-    warm-up runs on its own event loop in that thread, and is skipped when the calling thread
-    already runs one. Safe to call from several threads; calls after the first cost nothing.
+    warm-up runs on its own event loop in that thread; a call from a thread that already runs
+    an event loop only imports (a later call from a worker thread still warms up). Safe to
+    call from several threads; calls after the one that warmed up cost nothing.
 
     Raises:
         ImportError: aiortc is not installed (the first exchange would fail the same way).
@@ -238,11 +240,13 @@ def preload() -> None:
         from aioice import ice  # noqa: F401
         try:
             asyncio.get_running_loop()
+            return          # this thread runs a loop: asyncio.run() cannot, import only
         except RuntimeError:
-            try:
-                asyncio.run(_warm_up(WARMUP_TIMEOUT_S))
-            except Exception as exc:  # an optimisation only: any failure leaves things as they were
-                logger.debug("preload: warm-up exchange failed (%s)", type(exc).__name__)
+            pass
+        try:
+            asyncio.run(_warm_up(WARMUP_TIMEOUT_S))
+        except Exception as exc:  # an optimisation only: any failure leaves things as they were
+            logger.debug("preload: warm-up exchange failed (%s)", type(exc).__name__)
         _preloaded = True
 
 

@@ -281,8 +281,7 @@ def test_preload_warms_the_first_exchange_on_loopback_only() -> None:
             peer.preload()      # a running loop in this thread: no warm-up exchange
         asyncio.run(inside_a_loop())
         skipped = len(sdps)
-        peer._preloaded = False
-        peer.preload()
+        peer.preload()          # no loop running: the warm-up
         peer.preload()          # once per process
         print(json.dumps({
             "before": before, "after": backend in sys.modules, "skipped": skipped,
