@@ -7,12 +7,15 @@ and fed through the public methods of the broker's :class:`~broker.state.BrokerS
 ``position``; no WebSocket is opened for them (a million sockets would measure the kernel,
 not the broker). Figures:
 
-* ``update_us``: the cost of one position update (a device moving by up to 2 m) with N live
-  positions (1,000,000; ``--quick``: 20,000) beside the same at 1,000 (the peer), measured in
-  alternating rounds (medians): the ratio is the growth. ``update_us_sparse``: the same with
-  the devices 200 m apart (25 per square kilometre).
+* ``update_us``: the CPU cost (thread time) of one position update (a device moving by up to
+  2 m) with N live positions (1,000,000; ``--quick``: 20,000) beside the same at 1,000 (the
+  peer), measured in alternating rounds (medians): the ratio is the growth.
+  ``update_us_sparse``: the same with the devices 200 m apart (25 per square kilometre).
 * ``position_bytes``: resident memory per live position (session + position + the pairs it
   matched), from the process's RSS before and after filling a running broker's state.
+* ``gc_pause_ms``: one full pass of CPython's cyclic garbage collector in that broker process
+  with the N positions, beside the same before they were added: a stall the broker's own code
+  does not cause but its objects do (the collector walks every tracked object).
 * ``housekeeping_stall_ms``: the longest event-loop stall of a running broker holding those
   N positions over two housekeeping intervals, beside the same broker's longest stall over
   the same time before they were added (the machine's own noise).
@@ -20,7 +23,9 @@ not the broker). Figures:
   running broker's clock (its ``monotonic``) is moved ``position_timeout_s`` ahead, so that
   every position is stale at the next housekeeping (a million devices gone silent together,
   the worst case of the expiry); floor: the same idle stall. The note gives the time the
-  expiry took and the positions left after it (0 expected).
+  expiry took and the positions left after it (0 expected). ``expiry_batch_cpu_ms``: the
+  longest expiry batch of that drop in CPU time of the loop's thread (the broker's own code),
+  beside its wall time in the note (the difference: the process was not running).
 """
 
 from __future__ import annotations
@@ -82,7 +87,9 @@ def populate(state: BrokerState, count: int, now: float, budget: Budget,
 
 def update_cost(state: BrokerState, sessions: list[str], updates: int, now: float,
                 rng: random.Random, spacing_m: float = SPACING_M) -> float:
-    """Mean seconds per ``update_position`` of a random live session moved by up to 2 m."""
+    """Mean seconds per ``update_position`` of a random live session moved by up to 2 m, in
+    CPU time of this thread (``time.thread_time``): on a shared machine the wall clock also
+    counts the time the process was not running at all."""
     side = math.ceil(math.sqrt(len(sessions)))
     jitter = 2.0 / METRES_PER_DEGREE
     moves = []
@@ -91,10 +98,10 @@ def update_cost(state: BrokerState, sessions: list[str], updates: int, now: floa
         lat, lon = _place(i, side, spacing_m)
         moves.append((sessions[i], lat + rng.uniform(-jitter, jitter),
                       lon + rng.uniform(-jitter, jitter)))
-    start = time.perf_counter()
+    start = time.thread_time()
     for session_id, lat, lon in moves:
         state.update_position(session_id, lat, lon, 4.0, now)
-    return (time.perf_counter() - start) / updates
+    return (time.thread_time() - start) / updates
 
 
 Lattice = tuple[BrokerState, list[str], float]
@@ -110,6 +117,31 @@ def _alternate(peer: Lattice, measured: Lattice, updates: int, rng: random.Rando
             cost.append(update_cost(state, sessions, updates // rounds, time.monotonic(), rng,
                                     spacing))
     return statistics.median(costs[0]), statistics.median(costs[1])
+
+
+def _time_calls(obj: object, name: str) -> list[tuple[float, float]]:
+    """Wrap ``obj``'s method ``name`` on the instance; each call appends (thread CPU seconds,
+    wall seconds) to the returned list. ``del obj.name`` restores the class's method."""
+    method = getattr(obj, name)
+    calls: list[tuple[float, float]] = []
+
+    def timed(*args: object, **kwargs: object) -> object:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            calls.append((time.thread_time() - cpu, time.perf_counter() - wall))
+
+    setattr(obj, name, timed)
+    return calls
+
+
+def _full_collection() -> float:
+    """Seconds of one full pass of the cyclic garbage collector (what CPython runs on its own
+    once the long-lived objects grew by a quarter), on the event loop's thread."""
+    start = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - start
 
 
 def _state(settings: BrokerSettings) -> BrokerState:
@@ -137,10 +169,11 @@ async def run(scale: Scale) -> list[Figure]:
             state: BrokerState = running._broker.state   # the running broker's own state
             async with LoopStall() as idle:
                 await asyncio.sleep(2 * interval + 0.5)
-            gc.collect()
+            idle_gc_s = _full_collection()
             before = rss_bytes()
             sessions = populate(state, big, time.monotonic(), budget)
-            gc.collect()
+            loaded_gc_s = _full_collection()
+            tracked = len(gc.get_objects())
             per_position = (rss_bytes() - before) / len(sessions)
             small_cost, big_cost = _alternate(peer, (state, sessions, SPACING_M), updates, rng)
             del peer, peer_state, peer_sessions
@@ -152,6 +185,7 @@ async def run(scale: Scale) -> list[Figure]:
             # Every position stale at once: the broker's own clock moved past the timeout.
             ahead = settings.position_timeout_s + 1.0
             running._broker.monotonic = lambda: time.monotonic() + ahead
+            batches = _time_calls(state, "expire")   # the batches, in CPU and wall time
             expiry_start = time.perf_counter()
             expiry_s = math.nan
             async with LoopStall() as expiring:
@@ -163,6 +197,9 @@ async def run(scale: Scale) -> list[Figure]:
                 await asyncio.sleep(interval)   # and the next housekeeping, nothing left
             left = state.position_count
             worst_after = expiring.worst_at - expiry_start
+            del state.expire   # the instance's wrapper: the class's method again
+            batch_cpu = max((cpu for cpu, _ in batches), default=math.nan)
+            batch_wall = max((wall for _, wall in batches), default=math.nan)
 
         # The same growth at a sparser density (25 per square kilometre).
         lattices = []
@@ -180,7 +217,7 @@ async def run(scale: Scale) -> list[Figure]:
         Figure("update_us", 1e6 * big_cost, 1e6 * small_cost, "us", len(sessions),
                f"update_position with {len(sessions)} live positions; peer: with {small} "
                f"(same density, {SPACING_M:g} m apart, radius {RADIUS_M:g} m), {updates} "
-               "updates each; ratio = growth" + short, "growth <= 1.5x"),
+               "updates each, thread CPU time; ratio = growth" + short, "growth <= 1.5x"),
         Figure("update_us_sparse", 1e6 * sparse_big, 1e6 * sparse_small, "us",
                sparse_n, f"the same {SPARSE_SPACING_M:g} m apart (25 per square kilometre, "
                f"a few devices in the cells a lookup visits); peer: {small} at that density; "
@@ -188,6 +225,12 @@ async def run(scale: Scale) -> list[Figure]:
         Figure("position_bytes", per_position, None, "B", len(sessions),
                "RSS growth of the broker process per live position (session, position, "
                "grid, matched pairs)" + short, "bounded"),
+        Figure("gc_pause_ms", 1000 * loaded_gc_s, 1000 * idle_gc_s, "ms", len(sessions),
+               f"one full collection of the cyclic garbage collector (gc.collect()) in the "
+               f"broker process holding {len(sessions)} live positions ({tracked} objects "
+               "tracked by the collector); CPython runs one by itself whenever the long-lived "
+               "objects grew by a quarter (sessions replaced, a growing population); peer: the "
+               "same before the positions were added" + short, "no stall over 10 ms"),
         Figure("housekeeping_stall_ms", 1000 * loaded.worst_s, 1000 * idle.worst_s, "ms", live,
                f"worst event-loop stall over {2 * interval + 0.5:g} s (housekeeping every "
                f"{interval:g} s) with {live} live positions ({still} after); peer: the same "
@@ -197,7 +240,13 @@ async def run(scale: Scale) -> list[Figure]:
                f"stale at once (the broker's clock moved {ahead:g} s ahead); all dropped "
                f"within {expiry_s:.1f} s of the move, which includes the wait for the next "
                f"housekeeping (every {interval:g} s); {left} left after; the worst stall "
-               f"began {worst_after:.2f} s after the move"
+               f"began {worst_after:.2f} s after the move; {len(batches)} expiry batches, the "
+               f"longest {1000 * batch_cpu:.1f} ms of CPU, {1000 * batch_wall:.1f} ms of wall "
+               "time (the rest: the process not running)"
                "; peer: the same broker's worst stall before the positions were added" + short,
                "no stall over 10 ms"),
+        Figure("expiry_batch_cpu_ms", 1000 * batch_cpu, None, "ms", len(batches),
+               f"the longest of the {len(batches)} expiry batches of that drop in CPU time of "
+               f"the event loop's thread (the broker's own share of the stall; longest in wall "
+               f"time: {1000 * batch_wall:.1f} ms)" + short, "no stall over 10 ms"),
     ]

@@ -84,9 +84,14 @@ class ByteCounts:
     down: int = 0     # server -> client
     up: int = 0       # client -> server
     connections: int = 0
+    capture: bool = False   # also keep the bytes themselves (see :func:`websocket_parts`)
+    down_raw: bytearray = field(default_factory=bytearray)
+    up_raw: bytearray = field(default_factory=bytearray)
 
     def reset(self) -> None:
         self.down = self.up = self.connections = 0
+        self.down_raw.clear()
+        self.up_raw.clear()
 
 
 @contextlib.asynccontextmanager
@@ -108,6 +113,8 @@ async def byte_relay(target_port: int) -> AsyncIterator[tuple[int, ByteCounts]]:
                     counts.down += len(data)
                 else:
                     counts.up += len(data)
+                if counts.capture:
+                    (counts.down_raw if down else counts.up_raw).extend(data)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -133,6 +140,103 @@ async def byte_relay(target_port: int) -> AsyncIterator[tuple[int, ByteCounts]]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
+
+
+_REQUIRED_REQUEST = ("host", "upgrade", "connection", "sec-websocket-key",
+                     "sec-websocket-version")
+_REQUIRED_RESPONSE = ("upgrade", "connection", "sec-websocket-accept")
+_OPCODES = {0x0: "continuation", 0x1: "text", 0x2: "binary", 0x8: "close", 0x9: "ping",
+            0xA: "pong"}
+
+
+def _frames(data: bytes) -> list[tuple[str, int]]:
+    """``(opcode name, bytes on the wire)`` of each WebSocket frame in ``data`` (RFC 6455
+    section 5.2: 2 bytes, 2 or 8 more for a long length, 4 for a client's mask, payload)."""
+    out, i = [], 0
+    while i + 2 <= len(data):
+        opcode, second = data[i] & 0x0F, data[i + 1]
+        length, header = second & 0x7F, 2
+        if length == 126:
+            length, header = int.from_bytes(data[i + 2:i + 4], "big"), 4
+        elif length == 127:
+            length, header = int.from_bytes(data[i + 2:i + 10], "big"), 10
+        header += 4 if second & 0x80 else 0
+        out.append((_OPCODES.get(opcode, f"opcode {opcode}"), header + length))
+        i += header + length
+    return out
+
+
+@dataclass
+class WebSocketParts:
+    """One captured WebSocket connection cut into its parts (see :func:`websocket_parts`).
+
+    Attributes:
+        request: the HTTP upgrade request, bytes (request line, header fields, blank line).
+        response: the server's HTTP response to it, bytes.
+        request_fields: the request's header field names, in order.
+        response_fields: the response's header field names, in order.
+        up_frames / down_frames: ``(opcode name, bytes)`` of each frame, client -> server and
+            server -> client.
+        minimal_handshake: bytes of the smallest opening handshake RFC 6455 allows for this
+            request: only the fields it requires (section 4.1: Host, Upgrade, Connection,
+            Sec-WebSocket-Key, Sec-WebSocket-Version; section 4.2.2: Upgrade, Connection,
+            Sec-WebSocket-Accept) with the same values, and the status line
+            ``HTTP/1.1 101 `` (an empty reason phrase is allowed, RFC 9112 section 4).
+    """
+
+    request: int
+    response: int
+    request_fields: list[str]
+    response_fields: list[str]
+    up_frames: list[tuple[str, int]]
+    down_frames: list[tuple[str, int]]
+    minimal_handshake: int
+
+    @property
+    def total(self) -> int:
+        """Every byte both ways."""
+        return (self.request + self.response + sum(n for _, n in self.up_frames)
+                + sum(n for _, n in self.down_frames))
+
+    @property
+    def minimal_total(self) -> int:
+        """The same frames after the smallest opening handshake RFC 6455 allows."""
+        return self.total - self.request - self.response + self.minimal_handshake
+
+    def describe(self) -> str:
+        """One line: each part and its bytes."""
+        def frames(items: list[tuple[str, int]]) -> str:
+            return " + ".join(f"{name} {n}" for name, n in items) or "none"
+        return (f"upgrade request {self.request} B ({', '.join(self.request_fields)}), "
+                f"101 response {self.response} B ({', '.join(self.response_fields)}), "
+                f"frames up: {frames(self.up_frames)} B, down: {frames(self.down_frames)} B; "
+                f"RFC 6455 minimal handshake {self.minimal_handshake} B")
+
+
+def websocket_parts(up: bytes, down: bytes) -> WebSocketParts:
+    """Cut the bytes of ONE WebSocket connection (as :class:`ByteCounts` captures them) into
+    the opening handshake and the frames each way.
+
+    Raises:
+        ValueError: either direction does not start with a complete HTTP head.
+    """
+    heads = []
+    for data in (up, down):
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            raise ValueError("no complete HTTP head in the captured bytes")
+        lines = data[:end].decode("latin-1").split("\r\n")
+        fields = [(name.strip(), value.strip()) for name, _, value in
+                  (line.partition(":") for line in lines[1:])]
+        heads.append((end + 4, lines[0], fields))
+    (req_n, req_line, req_fields), (resp_n, _, resp_fields) = heads
+    minimal = len(req_line) + 2 + 2 + len("HTTP/1.1 101 ") + 2 + 2
+    for fields, required in ((req_fields, _REQUIRED_REQUEST), (resp_fields, _REQUIRED_RESPONSE)):
+        for name, value in fields:
+            if name.lower() in required:
+                minimal += len(name) + 2 + len(value) + 2
+    return WebSocketParts(req_n, resp_n, [n for n, _ in req_fields], [n for n, _ in resp_fields],
+                          _frames(up[req_n:]), _frames(down[resp_n:]), minimal)
 
 
 class LoopStall:

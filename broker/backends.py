@@ -46,9 +46,12 @@ __all__ = [
     "open_board",
 ]
 
-EXPIRE_BATCH = 1000
-"""Stale entries dropped per step of housekeeping before yielding to the event loop (about
-2 ms of work at a million live positions: issue 7, point 5)."""
+EXPIRE_BATCH = 250
+"""Stale entries dropped per step of housekeeping before yielding to the event loop (issue 7,
+point 5). A timer that falls due during a step runs only after the next step too, so a stall
+is about two steps: at a million live positions dropped in the order devices last moved
+(random in memory), 1,000 took up to 5-6 ms of CPU, 250 take up to 1.3 ms
+(docs/performance.md, "Expiry stall")."""
 
 
 @runtime_checkable

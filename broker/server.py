@@ -880,6 +880,19 @@ class RunningBroker:
         return self._broker.counts()
 
 
+def bare_upgrade(connection: ServerConnection, request: Request, response: Response) -> None:
+    """Send a ``101 Switching Protocols`` with only the fields RFC 6455 section 4.2.2 needs.
+
+    Drops ``Date`` (optional in a 1xx answer, RFC 9110 section 6.6.1) and ``Server`` from
+    the opening handshake's answer: every anonymous poll opens a fresh connection and pays
+    its handshake (59 of its bytes; docs/performance.md). Other answers (``/healthz``,
+    refusals) keep both.
+    """
+    if response.status_code == 101:
+        del response.headers["Date"]
+        del response.headers["Server"]
+
+
 @asynccontextmanager
 async def start_broker(
     settings: BrokerSettings,
@@ -930,6 +943,7 @@ async def start_broker(
             max_queue=16,
             write_limit=WRITE_LIMIT_BYTES,
             process_request=broker.process_request,
+            process_response=bare_upgrade,
             ping_interval=settings.ping_interval_s,
             ping_timeout=settings.ping_timeout_s,
             logger=_LibraryLogger(logging.getLogger("broker.websockets"), {}),

@@ -402,8 +402,12 @@ async def anonymous_connection(url: str, *, timeout_s: float = 15.0,
                                ) -> AsyncIterator[AnonymousChannel]:
     """Open an anonymous connection to the broker (paper 4; privacy invariant 4).
 
+    The upgrade request carries only the header fields RFC 6455 requires (no
+    ``User-Agent``): every poll opens a fresh connection and pays its handshake.
+
     Raises:
         OSError, TimeoutError, websockets.WebSocketException: the broker cannot be reached.
     """
-    async with _connect(url, ssl_context, open_timeout=timeout_s) as ws:
+    async with _connect(url, ssl_context, open_timeout=timeout_s,
+                        user_agent_header=None) as ws:
         yield AnonymousChannel(ws, timeout_s)

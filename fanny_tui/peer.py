@@ -113,6 +113,7 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -196,18 +197,87 @@ class _Abandon(Exception):
 # -- ICE host address restriction -------------------------------------------------------------
 
 
-def preload() -> None:
-    """Import aiortc (and through it aioice, cryptography, PyAV): ~0.2-0.6 s of imports.
+WARMUP_TIMEOUT_S = 5.0
+"""Seconds the start-up warm-up exchange of :func:`preload` may take before it is given up."""
 
-    Blocking and safe to call from a worker thread; a second call costs nothing. The engine
-    calls it in a thread once the broker link is up, so that the first match does not pay for
-    the import (issue 7, point 4). Changes nothing else: no monkeypatch, no connection.
+_preload_lock = threading.Lock()
+_preloaded = False
+
+
+def preload() -> None:
+    """Pay, once per process and off the first match, what a process's first exchange pays.
+
+    That is (issue 7, point 4; profiles in docs/performance.md):
+
+    * ``import aiortc`` (and through it aioice, cryptography, PyAV): ~0.2-0.6 s;
+    * the first use of what aiortc loads lazily: the DTLS certificate's key generation
+      (``RTCCertificate.generateCertificate`` imports cryptography's OpenSSL backend,
+      ~9-14 ms), the SDP parser's regular expressions, the DTLS and SCTP code paths.
+
+    For the second part it runs one whole warm-up exchange between two peer connections of
+    this process: one SDP offer and answer passed in memory, ICE host candidates on
+    127.0.0.1 only (no STUN or TURN server, nothing leaves the machine), a data channel
+    opened and one byte sent, then both connections closed; bounded by
+    :data:`WARMUP_TIMEOUT_S`. It carries no session ID, contact ID or token and touches no
+    file; like the first exchange would, it installs :func:`install_host_address_filter`. A
+    failed warm-up is logged at DEBUG and changes nothing else (the first match then pays as
+    it did before).
+
+    Blocking: call it from a worker thread (the engine does, once the broker link is up, so
+    that neither start-up to ``broker_connected`` nor the TUI's first paint waits for it); the
+    warm-up runs on its own event loop in that thread; a call from a thread that already runs
+    an event loop only imports (a later call from a worker thread still warms up). Safe to
+    call from several threads; calls after the one that warmed up cost nothing.
 
     Raises:
         ImportError: aiortc is not installed (the first exchange would fail the same way).
     """
-    import aiortc  # noqa: F401  (the import is the point)
-    from aioice import ice  # noqa: F401
+    global _preloaded
+    with _preload_lock:
+        if _preloaded:
+            return
+        import aiortc  # noqa: F401  (the import is the point)
+        from aioice import ice  # noqa: F401
+        try:
+            asyncio.get_running_loop()
+            return          # this thread runs a loop: asyncio.run() cannot, import only
+        except RuntimeError:
+            pass
+        try:
+            asyncio.run(_warm_up(WARMUP_TIMEOUT_S))
+        except Exception as exc:  # an optimisation only: any failure leaves things as they were
+            logger.debug("preload: warm-up exchange failed (%s)", type(exc).__name__)
+        _preloaded = True
+
+
+async def _warm_up(timeout_s: float) -> None:
+    """One loopback exchange between two local peer connections (see :func:`preload`)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    install_host_address_filter()
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[object] = loop.create_future()
+    with restrict_host_addresses(["127.0.0.1"]):
+        offerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        answerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        async with asyncio.timeout(timeout_s):
+            channel = offerer.createDataChannel(CHANNEL_LABEL + "-warmup")
+            channel.on("open", lambda: channel.send(b"\0"))
+
+            def on_channel(remote: RTCDataChannel) -> None:
+                remote.on("message", lambda m: received.done() or received.set_result(m))
+
+            answerer.on("datachannel", on_channel)
+            with restrict_host_addresses(["127.0.0.1"]):
+                await offerer.setLocalDescription(await offerer.createOffer())
+                await answerer.setRemoteDescription(offerer.localDescription)
+                await answerer.setLocalDescription(await answerer.createAnswer())
+                await offerer.setRemoteDescription(answerer.localDescription)
+            await received
+    finally:
+        await offerer.close()
+        await answerer.close()
 
 
 def install_host_address_filter() -> None:

@@ -20,6 +20,7 @@ import pytest
 import trustme
 from websockets.asyncio.server import ServerConnection, serve
 
+from benchmarks.common import byte_relay, websocket_parts
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import ConfigError
 from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
@@ -51,6 +52,36 @@ def _one_token(data_dir: Path) -> None:
     store = TokenStore.in_dir(data_dir)
     store.add("c" * 64, expiry_for(datetime.now(UTC)))
     store.close()
+
+
+# -- the anonymous connection's opening handshake -----------------------------------------
+
+
+async def test_an_empty_poll_opens_with_only_the_fields_rfc6455_requires(tmp_path, time_unit):
+    """Each poll pays a fresh connection's handshake (docs/performance.md): the device sends
+    no User-Agent on it, the broker's 101 carries no Date and no Server; /healthz keeps Date."""
+    from fanny_tui.positives import poll_once
+
+    store = TokenStore.in_dir(tmp_path / "device")
+    try:
+        settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "board.sqlite3")
+        async with start_broker(settings) as broker, byte_relay(broker.port) as (port, counts):
+            counts.capture = True
+            result = await poll_once(store, f"ws://127.0.0.1:{port}", timeout_s=10 * time_unit)
+            assert result.received == 0
+            await asyncio.sleep(0.1 * time_unit)   # the last close frame crosses the relay
+            parts = websocket_parts(bytes(counts.up_raw), bytes(counts.down_raw))
+            reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            health = await asyncio.wait_for(reader.read(), 5 * time_unit)
+            writer.close()
+    finally:
+        store.close()
+    assert parts.request_fields == ["Host", "Upgrade", "Connection", "Sec-WebSocket-Key",
+                                    "Sec-WebSocket-Version"]
+    assert parts.response_fields == ["Upgrade", "Connection", "Sec-WebSocket-Accept"]
+    assert parts.total == parts.minimal_total + len("Switching Protocols")
+    assert b"\r\nDate: " in health.partition(b"\r\n\r\n")[0]
 
 
 # -- ssl_context_for ------------------------------------------------------------------------

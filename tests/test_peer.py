@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import json
 import os
 import statistics
 import subprocess
@@ -249,6 +250,54 @@ def test_module_imports_without_aiortc() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_preload_warms_the_first_exchange_on_loopback_only() -> None:
+    """peer.preload() (issue 7, point 4) pays in advance what a process's first exchange paid:
+    the import, the DTLS certificate's OpenSSL backend (loaded on first use), one whole
+    exchange. Its warm-up offers and answers host candidates on 127.0.0.1 only, completes
+    (no failure logged), is done once per process and skipped inside a running event loop."""
+    code = textwrap.dedent("""
+        import asyncio, json, logging, sys
+        records = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+        logging.getLogger("fanny_tui.peer").addHandler(Keep())
+        logging.getLogger("fanny_tui.peer").setLevel(logging.DEBUG)
+        from fanny_tui import peer
+        from fanny_tui.peer import candidates_outside
+        import aiortc
+        backend = "cryptography.hazmat.backends.openssl"
+        before = backend in sys.modules
+        sdps = []
+        original = aiortc.RTCPeerConnection.setLocalDescription
+        async def recording(self, description):
+            await original(self, description)
+            sdps.append(self.localDescription.sdp)
+        aiortc.RTCPeerConnection.setLocalDescription = recording
+
+        async def inside_a_loop():
+            peer.preload()      # a running loop in this thread: no warm-up exchange
+        asyncio.run(inside_a_loop())
+        skipped = len(sdps)
+        peer.preload()          # no loop running: the warm-up
+        peer.preload()          # once per process
+        print(json.dumps({
+            "before": before, "after": backend in sys.modules, "skipped": skipped,
+            "sdps": len(sdps),
+            "candidates": sum(l.startswith("a=candidate:") for s in sdps for l in s.splitlines()),
+            "outside": [a for s in sdps for a in candidates_outside(s, ["127.0.0.1"])],
+            "failed": [m for m in records if "warm-up" in m]}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60 * TIME_UNIT, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["before"] is False and seen["after"] is True
+    assert seen["skipped"] == 0
+    assert seen["sdps"] == 2            # one offer, one answer: a single warm-up exchange
+    assert seen["candidates"] >= 2 and seen["outside"] == []
+    assert seen["failed"] == []
 
 
 # --- the happy path -------------------------------------------------------------------------

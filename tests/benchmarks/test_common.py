@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
-from benchmarks.common import Figure, LoopStall, Timer, byte_relay, percentile, time_methods
+from benchmarks.common import (
+    Figure,
+    LoopStall,
+    Timer,
+    byte_relay,
+    percentile,
+    time_methods,
+    websocket_parts,
+)
 
 
 def test_figure_ratio_and_json():
@@ -49,6 +57,41 @@ async def test_byte_relay_counts_what_crosses_it(time_unit):
                 assert counts.connections == 1
             counts.reset()
             assert (counts.down, counts.up, counts.connections) == (0, 0, 0)
+
+
+async def test_websocket_parts_cuts_a_captured_connection(time_unit):
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(echo, "127.0.0.1", 0, compression=None) as server:
+        target = server.sockets[0].getsockname()[1]
+        async with byte_relay(target) as (port, counts):
+            counts.capture = True
+            async with connect(f"ws://127.0.0.1:{port}", proxy=None, compression=None,
+                               open_timeout=5 * time_unit) as ws:
+                await ws.send("x" * 10)
+                await asyncio.wait_for(ws.recv(), 5 * time_unit)
+                await ws.send(b"y" * 300)      # a 16-bit extended payload length
+                await asyncio.wait_for(ws.recv(), 5 * time_unit)
+            await asyncio.sleep(0.1 * time_unit)   # the server's close frame crosses the relay
+            parts = websocket_parts(bytes(counts.up_raw), bytes(counts.down_raw))
+    assert parts.request_fields[:5] == ["Host", "Upgrade", "Connection", "Sec-WebSocket-Key",
+                                        "Sec-WebSocket-Version"]
+    assert "User-Agent" in parts.request_fields and "Date" in parts.response_fields
+    # client frames are masked (4 bytes), server frames are not; 300 needs 2 length bytes
+    assert parts.up_frames == [("text", 2 + 4 + 10), ("binary", 4 + 4 + 300), ("close", 8)]
+    assert parts.down_frames == [("text", 2 + 10), ("binary", 4 + 300), ("close", 4)]
+    assert parts.total == counts.up + counts.down
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    key_line = len("Sec-WebSocket-Key: ") + 24 + 2
+    accept_line = len("Sec-WebSocket-Accept: ") + 28 + 2
+    assert parts.minimal_handshake == (
+        len("GET / HTTP/1.1\r\n") + len(host) + len("Upgrade: websocket\r\n")
+        + len("Connection: Upgrade\r\n") + key_line + len("Sec-WebSocket-Version: 13\r\n")
+        + 2 + len("HTTP/1.1 101 \r\n") + len("Upgrade: websocket\r\n")
+        + len("Connection: Upgrade\r\n") + accept_line + 2)
+    assert parts.minimal_total < parts.total
 
 
 async def test_loop_stall_sees_a_blocked_loop():
