@@ -265,8 +265,12 @@ async def _warm_up(timeout_s: float) -> None:
             channel = offerer.createDataChannel(CHANNEL_LABEL + "-warmup")
             channel.on("open", lambda: channel.send(b"\0"))
 
+            def on_message(message: object) -> None:
+                if not received.done():
+                    received.set_result(message)
+
             def on_channel(remote: RTCDataChannel) -> None:
-                remote.on("message", lambda m: received.done() or received.set_result(m))
+                remote.on("message", on_message)
 
             answerer.on("datachannel", on_channel)
             with restrict_host_addresses(["127.0.0.1"]):
