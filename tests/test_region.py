@@ -250,3 +250,50 @@ async def test_a_killed_broker_loses_no_acknowledged_token_and_its_sessions_move
             status, err, _ = await stop(process, signal.SIGTERM)
             assert status == 0, err
             assert "Traceback" not in err, err
+
+
+async def test_a_device_of_a_killed_broker_fails_over_and_its_declaration_reaches_the_region(
+        redis_url: str, region_board: RegionBoard, tmp_path: Path) -> None:
+    """Two real ``fanny-broker serve`` processes on one Redis and one board; device x lists
+    both (``[broker] url``), device y only the second. x and y witness across the brokers;
+    the first broker is SIGKILLed; x fails over to the second, declares through it, and y is
+    alerted (issue 8, point 2)."""
+    processes = []
+    try:
+        urls = []
+        for _ in range(2):
+            process, url = await start("--port", "0", "--redis", redis_url, *region_board.args,
+                                       "--open-declarations", "--upload-answer-delay-s", "0",
+                                       "--log-level", "WARNING")
+            processes.append(process)
+            urls.append(url)
+        poll_s = 1.0
+        x_config = device_config(urls, poll_interval_s=poll_s)
+        y_config = device_config(urls[1], poll_interval_s=poll_s)
+        async with (
+            running_device(x_config, tmp_path / "x",
+                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as x,
+            running_device(y_config, tmp_path / "y",
+                           FixedSource(LAT + 3 * METRE_LAT, LON, 4.0, interval_s=0.2)) as y,
+        ):
+            connected = await x.wait_event("broker_connected", timeout=10 * TIME_UNIT)
+            assert connected.url == urls[0]
+            stored_x = await x.wait_event("token_stored", timeout=30 * TIME_UNIT)
+            stored_y = await y.wait_event("token_stored", timeout=30 * TIME_UNIT)
+            assert stored_x.token == stored_y.token
+            os.killpg(processes[0].pid, signal.SIGKILL)
+            await x.wait_for(lambda e: e.event == "broker_connected" and e.url == urls[1],
+                             timeout=20 * TIME_UNIT)
+            assert await x.engine.declare_positive() == 1
+            await x.wait_event("positive_declared", timeout=10 * TIME_UNIT)
+            alert = await y.wait_event("exposure_alert", timeout=2 * poll_s + 10 * TIME_UNIT)
+            assert alert.count == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError, IndexError):
+            os.killpg(processes[0].pid, signal.SIGKILL)
+        for process in processes[:1]:
+            await process.communicate()
+        for process in processes[1:]:
+            status, err, _ = await stop(process, signal.SIGTERM)
+            assert status == 0, err
+            assert "Traceback" not in err, err
