@@ -43,7 +43,12 @@ altogether is dropped once one message has waited ``send_timeout_s`` to be writt
 library's write buffer stays under its 32 KiB high-water mark, and the queue under
 ``outbox_size`` messages, so the memory a connection can hold is bounded.
 
-Privacy: session IDs and positions live in :class:`~broker.state.BrokerState` (memory only);
+Storage (:mod:`broker.backends`): sessions, positions and routes in
+:class:`~broker.backends.LivePositions` (memory only), delivery of ``match``, ``signal`` and
+``positives_available`` through a :class:`~broker.backends.Router`, positives in a
+:class:`~broker.positives.PositiveBoard`; :func:`~broker.backends.open_backends` picks them.
+
+Privacy: session IDs and positions live in the live-positions store (never persisted);
 client addresses only as keys of the per-address connection counts (memory only).
 Logs carry counts only: never a session ID, a position, a token, a declaration code or a client
 address (the websockets library logger is limited to WARNING and above, because its DEBUG
@@ -107,15 +112,14 @@ from fanny_tui.protocol.messages import (
 )
 
 from . import Refusal
+from .backends import Backends, MemoryPositions, open_backends
 from .positives import (
     DEFAULT_CODE_GRACE,
     DEFAULT_MAX_EXPIRY_AHEAD,
     DEFAULT_MAX_UPLOADS_PER_CODE,
     BatchPages,
     BoardError,
-    CodePolicy,
     PositiveBoard,
-    SqlitePositiveBoard,
     check_upload,
 )
 from .state import BrokerState
@@ -134,9 +138,6 @@ _WARN_EVERY_S = 60.0
 WRITE_LIMIT_BYTES = 32 * 1024
 """The library's write buffer high-water mark per connection: a send beyond it waits (at most
 ``send_timeout_s``) for the client to read."""
-EXPIRE_BATCH = 1000
-"""Stale entries dropped per step of housekeeping before yielding to the event loop (about
-2 ms of work at a million live positions: issue 7, point 5)."""
 
 
 class SetupError(FannyError):
@@ -509,6 +510,13 @@ class _Client:
         """Start closing the connection in the background."""
         self._spawn(self.ws.close(code, reason))
 
+    def replace(self) -> None:
+        """A newer connection of the same session exists: close this one (4000)
+        (:class:`~broker.backends.Recipient`)."""
+        if not self.replaced:
+            self.replaced = True
+            self.close_soon(_CLOSE_REPLACED, "replaced by a newer connection")
+
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
@@ -605,19 +613,19 @@ class _Broker:
     def __init__(
         self,
         settings: BrokerSettings,
-        board: PositiveBoard,
+        backends: Backends,
         recorder: Recorder | None,
         wall_clock: Callable[[], datetime],
         monotonic: Callable[[], float],
     ) -> None:
         self.settings = settings
-        self.board = board
+        self.backends = backends
+        self.positions = backends.positions
+        self.router = backends.router
+        self.board = board = backends.board
         self.recorder = recorder
         self.wall_clock = wall_clock
         self.monotonic = monotonic
-        self.state = BrokerState(settings.radius_max_m, settings.cooldown_s,
-                                 settings.position_timeout_s, settings.route_ttl_s)
-        self.clients: dict[str, _Client] = {}
         self.connections = 0
         self.per_address: dict[str, int] = {}     # memory only, never logged
         self.admitted = 0                         # connections admitted and still open
@@ -628,12 +636,15 @@ class _Broker:
         self.announce_task: asyncio.Task[None] | None = None
         self.announced_at = -math.inf
 
+    @property
+    def state(self) -> BrokerState | None:
+        """The embedded positions' pure state (the broker benchmark fills it directly);
+        ``None`` on a shared store."""
+        positions = self.positions
+        return positions.state if isinstance(positions, MemoryPositions) else None
+
     def counts(self) -> dict[str, int]:
-        return {
-            "connections": self.connections,
-            "sessions": self.state.session_count,
-            "positions": self.state.position_count,
-        }
+        return {"connections": self.connections, **self.positions.counts()}
 
     @property
     def declarations(self) -> str:
@@ -726,10 +737,13 @@ class _Broker:
         finally:
             self._release(client)
             if client.session_id is not None:
-                if self.state.disconnect(client.session_id, client.epoch):
-                    logger.info("session ended (%d sessions)", self.state.session_count)
-                if self.clients.get(client.session_id) is client:
-                    del self.clients[client.session_id]
+                try:   # a shared store may fail: the connection is released all the same
+                    await self.router.detach(client.session_id, client)
+                    if await self.positions.disconnect(client.session_id, client.epoch):
+                        logger.info("session ended (%d sessions)",
+                                    self.positions.counts()["sessions"])
+                except Exception as exc:
+                    _log_internal_error("while ending a session", exc)
             await client.finish()
             self.connections -= 1
             logger.info("connection closed (%d open)", self.connections)
@@ -824,20 +838,17 @@ class _Broker:
         if hello.protocol != PROTOCOL_VERSION:
             raise Refusal(f"unsupported protocol version; this broker speaks {PROTOCOL_VERSION}",
                           code="unsupported_protocol", field="protocol")
-        connected = self.state.connect(hello.session_id, hello.radius_m, self.monotonic())
+        connected = await self.positions.connect(hello.session_id, hello.radius_m,
+                                                 self.monotonic())
         if connected.replaced:
-            old = self.clients.get(hello.session_id)
-            if old is not None and old is not client:
-                old.replaced = True
-                old.close_soon(_CLOSE_REPLACED, "replaced by a newer connection")
             logger.info("session reconnected (old connection replaced)")
         client.kind = "session"
         client.session_id = hello.session_id
         client.epoch = connected.epoch
-        self.clients[hello.session_id] = client
+        await self.router.attach(hello.session_id, client)
         await client.reply(Welcome(radius_m=connected.radius_m,
                             position_timeout_s=self.settings.position_timeout_s))
-        logger.info("session started (%d sessions)", self.state.session_count)
+        logger.info("session started (%d sessions)", self.positions.counts()["sessions"])
 
     async def _on_session_message(self, client: _Client, message: Any) -> None:
         session_id = client.session_id
@@ -848,28 +859,28 @@ class _Broker:
                 raise Refusal(
                     f"too many positions: at most {self.settings.position_rate_per_s:g} per "
                     "second on average; this one was ignored", code="rate_limited", field=None)
-            notices = self.state.update_position(session_id, message.latitude,
-                                                 message.longitude, message.accuracy_m, now)
+            notices = await self.positions.update_position(
+                session_id, message.latitude, message.longitude, message.accuracy_m, now)
             for notice in notices:
-                target = self.clients.get(notice.session_id)
-                if target is not None:
-                    target.post(Match(peer_session_id=notice.peer_session_id, role=notice.role))
+                await self.router.post(notice.session_id, encode(
+                    Match(peer_session_id=notice.peer_session_id, role=notice.role)))
             if notices:
-                logger.info("match (%d sessions with a position)", self.state.position_count)
+                logger.info("match (%d sessions with a position)",
+                            self.positions.counts()["positions"])
         elif isinstance(message, PositionLost):
-            self.state.drop_position(session_id)
+            await self.positions.drop_position(session_id)
         elif isinstance(message, Signal):
             if not client.signal_bucket.take(self.monotonic()):
                 raise Refusal(
                     f"too many signals: at most {self.settings.signal_rate_per_s:g} per second "
                     "on average; this one was not relayed", code="rate_limited", field=None)
-            self.state.check_route(session_id, message.peer_session_id, self.monotonic())
-            target = self.clients.get(message.peer_session_id)
-            if target is None:
+            await self.positions.check_route(session_id, message.peer_session_id,
+                                             self.monotonic())
+            relayed = encode(Signal(peer_session_id=session_id, sdp_type=message.sdp_type,
+                                    sdp=message.sdp))
+            if not await self.router.post(message.peer_session_id, relayed):
                 raise Refusal("the peer is not connected", code="peer_unavailable",
                               field="peer_session_id")
-            target.post(Signal(peer_session_id=session_id, sdp_type=message.sdp_type,
-                               sdp=message.sdp))
             logger.debug("signal relayed (%s)", message.sdp_type)
         elif isinstance(message, Hello):
             raise Refusal("hello was already sent on this connection", code="already_hello",
@@ -999,22 +1010,10 @@ class _Broker:
             logger.error("positive board failure on announcement: %s", exc)
             return
         message = encode(PositivesAvailable(cursor=cursor))   # the same text to all
-        for i, client in enumerate(list(self.clients.values())):
-            client.post(message)
-            if i % 1000 == 999:
-                await asyncio.sleep(0)   # many sessions: let the loop breathe
-        logger.info("positives announced to %d sessions", len(self.clients))
+        sent = await self.router.broadcast(message)
+        logger.info("positives announced to %d sessions", sent)
 
     # --- housekeeping --------------------------------------------------------------------
-
-    async def _expire(self, now: float) -> int:
-        """Expire stale positions and pairs in batches of :data:`EXPIRE_BATCH`, yielding to
-        the event loop between batches (no stall, however many went stale at once)."""
-        dropped = self.state.expire(now, limit=EXPIRE_BATCH)
-        while self.state.expire_pending(now):
-            await asyncio.sleep(0)
-            dropped += self.state.expire(now, limit=EXPIRE_BATCH)
-        return dropped
 
     async def housekeeping(self) -> None:
         """Expire stale positions every interval; purge expired positives now and then."""
@@ -1022,7 +1021,7 @@ class _Broker:
         while True:
             try:
                 now = self.monotonic()
-                dropped = await self._expire(now)
+                dropped = await self.positions.expire(now)
                 if dropped:
                     logger.info("dropped %d stale positions", dropped)
                 if time.monotonic() >= next_purge:
@@ -1049,6 +1048,8 @@ class RunningBroker:
         host: the bound host as given in the settings.
         port: the bound TCP port (the real one when the settings said 0).
         url: ``ws://HOST:PORT`` to connect to (``wss://`` with TLS).
+        backends: the stores in use (:class:`~broker.backends.Backends`: live positions,
+            router, board).
         board: the positive-token board in use (for inspection; the server owns its calls).
         pages: the shared encoded binary frames of the board (for inspection).
     """
@@ -1059,6 +1060,7 @@ class RunningBroker:
         self.settings = broker.settings
         self.host = broker.settings.host
         self.port = port
+        self.backends = broker.backends
         self.board = broker.board
         self.pages = broker.pages
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -1082,7 +1084,7 @@ async def start_broker(
 
     The socket is bound when the block is entered. On exit the server stops accepting,
     closes every connection (1001), waits for the handlers, stops housekeeping and closes the
-    board (if it opened it).
+    backends (the board only if it opened it).
 
     Args:
         settings: see :class:`BrokerSettings`.
@@ -1099,19 +1101,14 @@ async def start_broker(
         The :class:`RunningBroker`.
 
     Raises:
-        SetupError: the TLS certificate or key cannot be loaded.
-        BoardError: the board file cannot be opened.
+        SetupError: the TLS certificate or key cannot be loaded, or a store named in the
+            settings cannot be reached.
+        BoardError: the board cannot be opened.
         OSError: the address cannot be bound (in use, not local...).
     """
     context = server_ssl_context(settings)
-    own_board = board is None
-    if board is None:
-        board = await asyncio.to_thread(
-            SqlitePositiveBoard, settings.db_path,
-            max_expiry_ahead=timedelta(seconds=settings.max_expiry_ahead_s),
-            code_policy=CodePolicy(grace=timedelta(seconds=settings.code_grace_s),
-                                   max_uploads=settings.max_uploads_per_code))
-    broker = _Broker(settings, board, recorder, wall_clock or (lambda: datetime.now(UTC)),
+    backends = await open_backends(settings, board)
+    broker = _Broker(settings, backends, recorder, wall_clock or (lambda: datetime.now(UTC)),
                      monotonic or time.monotonic)
     try:
         server = await serve(
@@ -1130,8 +1127,7 @@ async def start_broker(
             ssl=context,
         )
     except BaseException:
-        if own_board:
-            await asyncio.to_thread(board.close)
+        await backends.close()
         raise
     port = int(server.sockets[0].getsockname()[1])
     housekeeping = asyncio.create_task(broker.housekeeping())
@@ -1155,6 +1151,5 @@ async def start_broker(
         for task in list(broker.tasks):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
-        if own_board:
-            await asyncio.to_thread(board.close)
+        await backends.close()
         logger.info("broker stopped")

@@ -219,7 +219,7 @@ async def test_position_dropped_after_timeout_real_clock(tmp_path):
 
 async def test_housekeeping_expires_in_batches_and_keeps_serving(tmp_path, monkeypatch):
     # One stale entry per batch: three positions need three batches with the loop free between.
-    monkeypatch.setattr("broker.server.EXPIRE_BATCH", 1)
+    monkeypatch.setattr("broker.backends.EXPIRE_BATCH", 1)
     async with (
         running(tmp_path, position_timeout_s=0.3, housekeeping_interval_s=0.1) as broker,
         Client.open(broker.url) as a, Client.open(broker.url) as b, Client.open(broker.url) as c,
@@ -602,7 +602,7 @@ async def test_an_idle_connection_holds_no_writer_task(tmp_path):
         await b.at(3)
         assert [type(m) for m in await b.barrier()] == [Match]
         await a.expect(Match)
-        clients = broker._broker.clients
+        clients = broker.backends.router._recipients   # LocalRouter: the session connections
         await eventually(lambda: _idle(clients))
         tasks = {t.get_name() for t in asyncio.all_tasks()}
         assert len(clients) == 2 and not any(c._writer for c in clients.values()), tasks
