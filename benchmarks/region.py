@@ -45,6 +45,9 @@ region / embedded):
 * ``upload_cpu_ms``: CPU time per upload: brokers' and PostgreSQL's (every process of the
   cluster) together; the embedded broker's is its own (SQLite is in its process).
 
+The embedded broker is measured a second time after the regions
+(``embedded_again_...``, beside the first): the drift of the machine during the run.
+
 And what the stores take on this machine, measured in the same run on the same servers:
 ``redis_set_per_s`` (``redis-benchmark -t set``, 20 clients) and ``pgbench_tps``
 (``pgbench -N``, 2 clients). The machine has 2 cores shared by everything here (load
@@ -636,11 +639,18 @@ def _p(values: list[float], q: float) -> float:
     return 1e3 * percentile(values, q)
 
 
-def figures(embedded: Measured, regions: list[Measured], redis_set: float, pg_tps: float,
-            sizes: Sizes) -> list[Figure]:
-    """The table rows (see the module docstring)."""
-    rows: list[Figure] = []
+def figures(embedded: Measured, regions: list[Measured], again: Measured, redis_set: float,
+            pg_tps: float, sizes: Sizes) -> list[Figure]:
+    """The table rows (see the module docstring); ``again``: the embedded broker measured a
+    second time, after the regions (the run's drift)."""
     e = embedded
+    drift = "the embedded broker measured again after the regions; peer: the same before them"
+    rows = [
+        Figure("embedded_again_updates_per_s", again.per_s, e.per_s, "1/s", again.updates,
+               drift + " (the machine's drift during the run)"),
+        Figure("embedded_again_update_cpu_us", again.update_cpu_us, e.update_cpu_us, "us",
+               again.updates, drift),
+    ]
     for r in regions:
         n = r.brokers
         where = "across brokers" if n > 1 else "one broker"
@@ -709,7 +719,8 @@ async def run(scale: Scale) -> list[Figure]:
                                              [redis.cpu_s, postgres.cpu_s], rng))
             redis_set = redis_benchmark(redis, scale.pick(200_000, 20_000))
             pg_tps = pgbench(postgres, scale.pick(10, 2))
-    return figures(embedded, regions, redis_set, pg_tps, sizes)
+        again = await measure(common, 1, sizes, tmp, [], rng)
+    return figures(embedded, regions, again, redis_set, pg_tps, sizes)
 
 
 def _main(argv: list[str]) -> int:

@@ -73,7 +73,7 @@ def test_figures_are_ratios_to_the_embedded_broker():
                       broker_cpu_s=0.045, store_cpu_s=0.015, match_s=[0.002, 0.002],
                       upload_s=[0.02, 0.02], upload_broker_cpu_s=0.004,
                       upload_store_cpu_s=0.004)
-    rows = {f.name: f for f in figures(embedded, [region], 1e5, 1e3, sizes)}
+    rows = {f.name: f for f in figures(embedded, [region], embedded, 1e5, 1e3, sizes)}
     assert rows["region2_updates_per_s"].ratio == 1.5
     assert rows["region2_updates_per_s_broker"].value == 750
     assert math.isclose(rows["region2_update_cpu_us"].value, 40.0)
@@ -82,6 +82,7 @@ def test_figures_are_ratios_to_the_embedded_broker():
     assert math.isclose(rows["region2_match_ms"].ratio, 2.0)
     assert math.isclose(rows["region2_upload_cpu_ms"].ratio, 2.0)
     assert rows["pgbench_tps"].value == 1e3 and rows["pgbench_tps"].floor is None
+    assert rows["embedded_again_update_cpu_us"].ratio == 1.0
 
 
 async def test_load_generators_and_probes_on_a_real_broker(tmp_path, time_unit):
