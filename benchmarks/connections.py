@@ -73,7 +73,8 @@ async def server_process(*args: str, errors: Path | None = None
                 said = ("" if errors is None else
                         ": " + " | ".join(errors.read_text(errors="replace").strip()
                                           .splitlines()[-3:]))
-                raise RuntimeError(f"server {args[:2]} exited before listening{said}")
+                name = "python -c ..." if args[0] == "-c" else f"python {' '.join(args[:2])}"
+                raise RuntimeError(f"server {name} exited before listening{said}")
             if line.startswith("listening on "):
                 yield proc.pid, line.split()[-1]
                 return
