@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upload-answer-delay-s", type=_non_negative, default=1.0, metavar="S",
                        help="least time before answering a positive upload "
                             "(default: %(default)s)")
+    serve.add_argument("--redis", metavar="URL",
+                       help="Redis shared by a region's brokers for live positions and routing "
+                            "(redis://HOST:PORT/DB; run it without persistence); default: this "
+                            "process's memory")
+    serve.add_argument("--postgres", metavar="URL",
+                       help="PostgreSQL database of the positive board shared by a region's "
+                            "brokers (postgresql://...); default: the SQLite file --db")
     serve.add_argument("--log-level", type=_level, default="INFO", metavar="LEVEL",
                        help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     issue = commands.add_parser(
@@ -188,7 +195,8 @@ def _option_names(text: str) -> str:
     """Name command-line options, not dataclass fields, in a settings error."""
     def option(found: re.Match[str]) -> str:
         name = found.group(1)
-        return "--db" if name == "db_path" else "--" + name.replace("_", "-")
+        special = {"db_path": "--db", "redis_url": "--redis", "postgres_url": "--postgres"}
+        return special.get(name, "--" + name.replace("_", "-"))
 
     return re.sub(r"BrokerSettings\.(\w+)", option, text)
 
@@ -298,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             keyfile=args.keyfile, max_connections_per_address=args.max_connections_per_address,
             max_connections=args.max_connections,
             position_rate_per_s=args.position_rate_per_s,
-            upload_answer_delay_s=args.upload_answer_delay_s)
+            upload_answer_delay_s=args.upload_answer_delay_s, redis_url=args.redis,
+            postgres_url=args.postgres)
     except ValueError as exc:
         print(f"{PROG}: error: {_option_names(str(exc))}", file=sys.stderr)
         return 2

@@ -273,10 +273,6 @@ async def open_backends(settings: BrokerSettings,
     """
     from .server import SetupError
 
-    if settings.redis_url is not None:
-        raise SetupError("redis_url: this broker has no Redis backend yet")
-    state = BrokerState(settings.radius_max_m, settings.cooldown_s,
-                        settings.position_timeout_s, settings.route_ttl_s)
     owns = board is None
     if board is None:
         if settings.postgres_url is not None:
@@ -286,4 +282,50 @@ async def open_backends(settings: BrokerSettings,
             max_expiry_ahead=timedelta(seconds=settings.max_expiry_ahead_s),
             code_policy=CodePolicy(grace=timedelta(seconds=settings.code_grace_s),
                                    max_uploads=settings.max_uploads_per_code))
-    return Backends(MemoryPositions(state), LocalRouter(), board, owns_board=owns)
+    try:
+        positions, router = await _open_live(settings)
+    except BaseException:
+        if owns:
+            await asyncio.to_thread(board.close)
+        raise
+    return Backends(positions, router, board, owns_board=owns)
+
+
+async def _open_live(settings: BrokerSettings) -> tuple[LivePositions, Router]:
+    """Positions and router: in this process's memory, or in Redis with ``redis_url`` (see
+    :mod:`broker.redis_backend`; one client shared by both, closed with the positions).
+
+    Raises:
+        SetupError: Redis cannot be reached (one line naming ``redis_url``).
+    """
+    from .server import SetupError
+
+    if settings.redis_url is None:
+        state = BrokerState(settings.radius_max_m, settings.cooldown_s,
+                            settings.position_timeout_s, settings.route_ttl_s)
+        return MemoryPositions(state), LocalRouter()
+    from .redis_backend import RedisPositions, RedisRouter, connect_redis
+
+    try:
+        client = await connect_redis(settings.redis_url)
+    except ConnectionError as exc:
+        raise SetupError(f"redis_url: {exc}") from None
+    # A session key outlives a few housekeeping rounds (each refreshes it) and a position: a
+    # broker that dies leaves its sessions behind in Redis no longer than that.
+    session_ttl = max(settings.position_timeout_s, 4 * settings.housekeeping_interval_s, 10.0)
+    positions = RedisPositions(client, settings.radius_max_m, settings.cooldown_s,
+                               settings.position_timeout_s, settings.route_ttl_s,
+                               session_ttl_s=session_ttl, owns_client=True)
+    router = RedisRouter(client)
+    try:
+        await router.start()
+    except Exception as exc:
+        await router.close()
+        await positions.close()
+        raise SetupError(f"redis_url: cannot subscribe to Redis channels "
+                         f"({type(exc).__name__})") from None
+    except BaseException:
+        await router.close()
+        await positions.close()
+        raise
+    return positions, router

@@ -8,6 +8,7 @@ import pytest
 import trustme
 
 from tests.helpers import TIME_UNIT
+from tests.servers import redis_server, redis_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST_TESTS = (
     # Each dependency with a floor through the fast tests of the modules using it (< 2 min in
     # all on an idle 2-core machine): msgspec (messages), websockets (link, positives, broker
-    # server), textual and rich (ui), platformdirs (datadir, cli), pynmea2 (gps), gpxpy (sim
-    # scenarios), dnspython (mdns), aiortc (engine clock test: a real engine), sqlite3 (store).
+    # server), redis (broker's Redis backend), textual and rich (ui), platformdirs (datadir,
+    # cli), pynmea2 (gps), gpxpy (sim scenarios), dnspython (mdns), aiortc (engine clock test:
+    # a real engine), sqlite3 (store).
     "tests/test_messages.py",
     "tests/test_config.py",
     "tests/test_datadir.py",
@@ -42,6 +43,7 @@ FAST_TESTS = (
     "tests/test_engine_clock.py",
     "tests/broker/test_positives.py",
     "tests/broker/test_server.py",
+    "tests/broker/test_redis_backend.py",
     "tests/ui/test_formatting.py",
     "tests/ui/test_screens.py",
     "tests/ui/test_app.py",

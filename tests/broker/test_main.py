@@ -247,6 +247,8 @@ def test_issue_code_as_root_gives_a_new_board_to_the_directory_owner(tmp_path, c
     (["serve", "--db", "x", "--position-rate-per-s", "0"], "--position-rate-per-s"),
     (["serve", "--db", "x", "--upload-answer-delay-s", "-1"], "--upload-answer-delay-s"),
     (["serve", "--db", "x", "--upload-answer-delay-s", "61"], "--upload-answer-delay-s"),
+    (["serve", "--db", "x", "--redis", "http://127.0.0.1:6379"], "--redis: expected a URL"),
+    (["serve", "--db", "x", "--postgres", "mysql://127.0.0.1"], "--postgres: expected a URL"),
     (["issue-code"], "--db"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
@@ -263,6 +265,19 @@ def test_unusable_database_path_one_line_exit_2(tmp_path, capsys):
         assert main(["serve", "--port", "0", "--db", str(db), "--log-level", "ERROR"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "cannot open the positive board" in err, err
+
+
+def test_unreachable_redis_one_line_exit_2(tmp_path, capsys):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))          # bound, not listening: connections are refused
+        port = closed.getsockname()[1]
+        code = main(["serve", "--port", "0", "--db", str(tmp_path / "b.sqlite3"),
+                     "--redis", f"redis://127.0.0.1:{port}/0", "--log-level", "ERROR"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"fanny-broker: error: redis_url: cannot reach Redis at "
+                          f"redis://127.0.0.1:{port}/0: "), err
 
 
 def test_address_in_use_one_line_exit_1(tmp_path, capsys):
