@@ -5,10 +5,10 @@ Everything runs on this machine, on loopback (127.0.0.1) only, and is started an
 here: a ``redis-server`` (nothing persisted: ``--save ''``, ``--appendonly no``) and a
 PostgreSQL cluster (``initdb`` into a temporary directory, trust authentication, default
 durability: ``fsync`` on), each on a free port; each broker is its own process (its own
-core, its own event loop), started through :func:`broker.server.start_broker` with
-:class:`~broker.server.BrokerSettings` (``redis_url``, ``postgres_url``; none for the embedded
-broker). Four configurations, one after the other: the embedded broker alone, then 1, 2 and
-3 brokers on the shared stores (a fresh PostgreSQL database and an emptied Redis for each).
+core, its own event loop): ``python -m broker serve`` (``fanny-broker serve``) with
+``--redis URL --postgres URL``, or without them for the embedded broker. Four
+configurations, one after the other: the embedded broker alone, then 1, 2 and 3 brokers on
+the shared stores (a fresh PostgreSQL database and an emptied Redis for each).
 
 Load: two load generator processes (``python -m benchmarks.region load``), each holding half
 of the session connections (C per broker: 200; ``--quick``: 40), spread round-robin over the
@@ -19,10 +19,11 @@ square kilometre), and matches keep happening (a device passes a new device of e
 neighbouring row every 10 updates; radius 30 m). Each connection sends its positions as fast
 as its broker takes them, in windows of 20, each window closed by a barrier (a second
 ``hello``, answered ``already_hello`` in order: every position before it has been handled).
-The broker's per-connection position rate limit is raised for this (one connection stands for
-many devices' updates); every other setting is the broker's default, but
-``upload_answer_delay_s`` 0 (the minimum answer delay would hide the upload's cost) and
-``open_declarations`` (no declaration codes to issue).
+The broker's per-connection position rate limit is raised for this (``--position-rate-per-s
+10000``: one connection stands for many devices' updates; a position refused ``rate_limited``
+anyway is not counted); every other setting is the broker's default, but
+``--upload-answer-delay-s 0`` (the minimum answer delay would hide the upload's cost),
+``--open-declarations`` (no declaration codes to issue) and no per-address connection cap.
 
 Figures, for N = 1, 2, 3 brokers on Redis + PostgreSQL (``region{N}_...``), each beside the
 same figure of the embedded broker measured in the same run (the floor; ratio = N-broker
@@ -116,24 +117,18 @@ TOKENS_PER_UPLOAD = 100
 POSITION_RATE = 10_000.0
 """The brokers' per-connection position rate here (updates per second; default 10)."""
 
-BROKER_PROCESS = """
-import asyncio, json, logging, signal, sys
-from broker.server import BrokerSettings, start_broker
 
-async def main():
-    settings = BrokerSettings(**json.loads(sys.argv[1]))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with start_broker(settings) as broker:
-        print(f"listening on {broker.url}", flush=True)
-        await stop.wait()
 
-logging.basicConfig(level=logging.ERROR)
-asyncio.run(main())
-"""
-"""A broker process: ``start_broker`` with the settings given as JSON, until SIGTERM."""
+def serve_args(db: Path, stores: dict[str, str]) -> list[str]:
+    """``python`` arguments of one broker process: ``fanny-broker serve`` as an operator runs
+    it, on a free loopback port, with ``stores`` (``{"--redis": URL, "--postgres": URL}`` or
+    nothing: the embedded broker) and the changes the module docstring gives."""
+    args = ["-m", "broker", "serve", "--host", LOOPBACK, "--port", "0", "--db", str(db),
+            "--max-connections-per-address", "0", "--position-rate-per-s", f"{POSITION_RATE:g}",
+            "--upload-answer-delay-s", "0", "--open-declarations", "--log-level", "ERROR"]
+    for option, url in stores.items():
+        args += [option, url]
+    return args
 
 
 # --- /proc ------------------------------------------------------------------------------------
@@ -364,6 +359,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = float(spec["seconds"])
     counts = {"matches": 0, "refused": 0}
     sent = [0] * len(urls)
+    limited = [0] * len(urls)
     barrier_text = encode(Hello(session_id=str(uuid.uuid4()), radius_m=RADIUS_M))
 
     async def read(walker: _Walker) -> None:
@@ -374,6 +370,8 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                     counts["matches"] += 1
                 elif isinstance(message, Error) and message.code == "already_hello":
                     walker.barrier.put_nowait(message.code)
+                elif isinstance(message, Error) and message.code == "rate_limited":
+                    limited[walker.url] += 1   # that position was ignored: not an update
                 else:
                     counts["refused"] += 1
 
@@ -392,6 +390,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     readers = [asyncio.create_task(read(w)) for w in walkers]
     await asyncio.gather(*(window(w, 1) for w in walkers))   # every device has a position
     counts["matches"] = 0
+    limited[:] = [0] * len(urls)
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
@@ -408,7 +407,8 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
 
     await asyncio.gather(*(walk_until_end(w) for w in walkers))
     elapsed = time.perf_counter() - start
-    result = {"updates": sent, "seconds": elapsed, **counts,
+    updates = [s - n for s, n in zip(sent, limited, strict=True)]
+    result = {"updates": updates, "rate_limited": sum(limited), "seconds": elapsed, **counts,
               "cpu_s": time.process_time() - cpu_start}
     print(json.dumps(result), flush=True)
     await stdin.readline()   # "stop" (or EOF)
@@ -560,32 +560,32 @@ class Sizes:
     uploads: int
 
 
-async def measure(settings: dict[str, object], count: int, sizes: Sizes, tmp: Path,
+async def measure(stores: dict[str, str], count: int, sizes: Sizes, tmp: Path,
                   store_cpu: Sequence[Callable[[], float]], rng: random.Random) -> Measured:
-    """Run ``count`` broker processes with ``settings`` and measure them (see the module
-    docstring). ``store_cpu``: callables giving the shared stores' CPU seconds."""
+    """Run ``count`` broker processes on ``stores`` (see :func:`serve_args`) and measure them
+    (see the module docstring). ``store_cpu``: callables giving the shared stores' CPU
+    seconds."""
     got = Measured(count)
 
-    def stores() -> float:
+    def stores_cpu_s() -> float:
         return sum(cpu() for cpu in store_cpu)
 
     async with contextlib.AsyncExitStack() as stack:
         brokers = []
-        for i in range(count):
-            own = {**settings, "db_path": str(tmp / f"board-{count}-{i}.sqlite3")}
+        for _ in range(count):
+            db = tmp / f"board-{uuid.uuid4().hex[:12]}.sqlite3"   # a new board each
             brokers.append(await stack.enter_async_context(
-                server_process("-c", BROKER_PROCESS, json.dumps(own),
-                               errors=tmp / f"broker-{count}-{i}.stderr")))
+                server_process(*serve_args(db, stores), errors=db.with_suffix(".stderr"))))
         urls = [url for _, url in brokers]
         pids = [pid for pid, _ in brokers]
 
         load = LoadGenerators(urls, sizes.devices_per_broker * count, sizes.seconds)
         try:
             await load.start(timeout_s=120)
-            cpu0, store0 = sum(cpu_seconds(p) for p in pids), stores()
+            cpu0, store0 = sum(cpu_seconds(p) for p in pids), stores_cpu_s()
             results = await load.run(timeout_s=sizes.seconds + 120)
             got.broker_cpu_s = sum(cpu_seconds(p) for p in pids) - cpu0
-            got.store_cpu_s = stores() - store0
+            got.store_cpu_s = stores_cpu_s() - store0
         finally:
             await load.stop()
         per_broker = [sum(int(r["updates"][i]) for r in results)
@@ -600,11 +600,11 @@ async def measure(settings: dict[str, object], count: int, sizes: Sizes, tmp: Pa
         for i in range(sizes.probes):
             got.match_s.append(await match_latency(urls, i))
 
-        cpu0, store0 = sum(cpu_seconds(p) for p in pids), stores()
+        cpu0, store0 = sum(cpu_seconds(p) for p in pids), stores_cpu_s()
         for i in range(sizes.uploads):
             got.upload_s.append(await upload_latency(urls[i % count], rng))
         got.upload_broker_cpu_s = sum(cpu_seconds(p) for p in pids) - cpu0
-        got.upload_store_cpu_s = stores() - store0
+        got.upload_store_cpu_s = stores_cpu_s() - store0
     return got
 
 
@@ -702,24 +702,19 @@ async def run(scale: Scale) -> list[Figure]:
     sizes = Sizes(devices_per_broker=scale.pick(200, 40), seconds=scale.pick(10, 2),
                   probes=scale.pick(50, 8), uploads=scale.pick(50, 8))
     rng = random.Random(8)
-    common: dict[str, object] = {
-        "host": LOOPBACK, "port": 0, "max_connections_per_address": 0,
-        "position_rate_per_s": POSITION_RATE, "position_burst": 2 * WINDOW,
-        "upload_answer_delay_s": 0.0, "open_declarations": True}
     with tempfile.TemporaryDirectory(prefix="fanny-bench-") as name:
         tmp = Path(name)
-        embedded = await measure(common, 1, sizes, tmp, [], rng)
+        embedded = await measure({}, 1, sizes, tmp, [], rng)
         with redis_server(tmp) as redis, postgres_server() as postgres:
             regions = []
             for count in (1, 2, 3):
                 redis.cli("flushall")
-                settings = {**common, "redis_url": redis.url,
-                            "postgres_url": postgres.create_database()}
-                regions.append(await measure(settings, count, sizes, tmp,
+                stores = {"--redis": redis.url, "--postgres": postgres.create_database()}
+                regions.append(await measure(stores, count, sizes, tmp,
                                              [redis.cpu_s, postgres.cpu_s], rng))
             redis_set = redis_benchmark(redis, scale.pick(200_000, 20_000))
             pg_tps = pgbench(postgres, scale.pick(10, 2))
-        again = await measure(common, 1, sizes, tmp, [], rng)
+        again = await measure({}, 1, sizes, tmp, [], rng)
     return figures(embedded, regions, again, redis_set, pg_tps, sizes)
 
 
