@@ -96,7 +96,7 @@ from fanny_tui.protocol.messages import (
 )
 from fanny_tui.protocol.proximity import METRES_PER_DEGREE
 
-from .common import LOOPBACK, Budget, Figure, Scale, percentile
+from .common import LOOPBACK, Figure, Scale, percentile
 from .connections import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,54 +182,43 @@ def _run(command: Sequence[str], what: str, timeout: float = 60.0) -> str:
 class RedisServer:
     """A running ``redis-server`` on 127.0.0.1 (see :func:`redis_server`)."""
 
-    port: int
+    url: str
     pid: int
 
     @property
-    def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/")[0])
 
-    def cli(self, *args: str) -> str:
-        return _run(["redis-cli", "-h", LOOPBACK, "-p", str(self.port), *args], "redis-cli")
+    def flush(self) -> None:
+        """Empty it (``FLUSHALL``)."""
+        import redis
+        with redis.Redis.from_url(self.url) as client:
+            client.flushall()
 
     def cpu_s(self) -> float:
         return cpu_seconds(self.pid)
 
 
 @contextlib.contextmanager
-def redis_server(directory: Path, timeout_s: float = 10.0) -> Iterator[RedisServer]:
-    """Run ``redis-server`` on a free loopback port, persisting nothing (no RDB, no AOF),
-    its working directory ``directory``; stop it on exit.
+def redis_server(directory: Path) -> Iterator[RedisServer]:
+    """The tests' ``redis-server`` (tests/servers.py: a free loopback port, no RDB, no AOF,
+    ``directory`` its working directory), stopped on exit.
 
     Raises:
-        RuntimeError: it did not answer PING within ``timeout_s``.
+        RuntimeError: it is not installed or did not start (the message says why).
     """
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--bind", LOOPBACK, "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(directory), "--protected-mode", "yes",
-         "--logfile", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(port, proc.pid)
+    import pytest
+
+    from tests.servers import _redis_binary, _start_redis, _stop
+
     try:
-        budget = Budget(timeout_s)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start ({proc.returncode})")
-            with contextlib.suppress(RuntimeError):
-                if server.cli("ping").strip() == "PONG":
-                    break
-            if budget.over:
-                raise RuntimeError(f"redis-server did not answer within {timeout_s:g} s")
-            time.sleep(0.05)
-        yield server
+        process, url = _start_redis(_redis_binary(), directory)
+    except pytest.fail.Exception as exc:   # the tests' way to fail; here, one benchmark fails
+        raise RuntimeError(str(exc)) from None
+    try:
+        yield RedisServer(url, process.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(process)
 
 
 def _postgres_bin() -> Path:
@@ -708,7 +697,7 @@ async def run(scale: Scale) -> list[Figure]:
         with redis_server(tmp) as redis, postgres_server() as postgres:
             regions = []
             for count in (1, 2, 3):
-                redis.cli("flushall")
+                redis.flush()
                 stores = {"--redis": redis.url, "--postgres": postgres.create_database()}
                 regions.append(await measure(stores, count, sizes, tmp,
                                              [redis.cpu_s, postgres.cpu_s], rng))
