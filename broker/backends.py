@@ -43,6 +43,7 @@ __all__ = [
     "Recipient",
     "Router",
     "open_backends",
+    "open_board",
 ]
 
 EXPIRE_BATCH = 1000
@@ -271,17 +272,9 @@ async def open_backends(settings: BrokerSettings,
         BoardError: the board cannot be opened.
         SetupError: a store named in the settings cannot be reached.
     """
-    from .server import SetupError
-
     owns = board is None
     if board is None:
-        if settings.postgres_url is not None:
-            raise SetupError("postgres_url: this broker has no PostgreSQL backend yet")
-        board = await asyncio.to_thread(
-            SqlitePositiveBoard, settings.db_path,
-            max_expiry_ahead=timedelta(seconds=settings.max_expiry_ahead_s),
-            code_policy=CodePolicy(grace=timedelta(seconds=settings.code_grace_s),
-                                   max_uploads=settings.max_uploads_per_code))
+        board = await asyncio.to_thread(open_board, settings)
     try:
         positions, router = await _open_live(settings)
     except BaseException:
@@ -329,3 +322,27 @@ async def _open_live(settings: BrokerSettings) -> tuple[LivePositions, Router]:
         await positions.close()
         raise
     return positions, router
+
+
+def open_board(settings: BrokerSettings) -> PositiveBoard:
+    """Open the positive board the settings name (blocking: call it in a worker thread).
+
+    PostgreSQL (:class:`~broker.postgres_board.PostgresPositiveBoard`) with
+    ``settings.postgres_url``, else the SQLite file ``settings.db_path``; either with the
+    settings' expiry window and code policy (``max_expiry_ahead_s``, ``code_grace_s``,
+    ``max_uploads_per_code``).
+
+    Raises:
+        BoardError: the board cannot be opened (for PostgreSQL, one line naming
+            ``postgres_url``).
+    """
+    max_expiry_ahead = timedelta(seconds=settings.max_expiry_ahead_s)
+    policy = CodePolicy(grace=timedelta(seconds=settings.code_grace_s),
+                        max_uploads=settings.max_uploads_per_code)
+    if settings.postgres_url is not None:
+        from .postgres_board import PostgresPositiveBoard
+
+        return PostgresPositiveBoard(settings.postgres_url, max_expiry_ahead=max_expiry_ahead,
+                                     code_policy=policy)
+    return SqlitePositiveBoard(settings.db_path, max_expiry_ahead=max_expiry_ahead,
+                               code_policy=policy)

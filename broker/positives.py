@@ -13,8 +13,9 @@ only what it must:
   when the last of its tokens expires;
 * each declaration code (paper section 5, "signature of compliance") as its SHA-256 only
   (:func:`fanny_tui.protocol.codes.code_hash`), with its expiry, the number of uploads it
-  authorized and, once used, the end of its continuation window. Nothing links a code to the
-  upload IDs or tokens it authorized.
+  authorized and, once used, the end of its continuation window and the SHA-256 of the
+  declaration secret its first upload carried (:func:`fanny_tui.protocol.codes.
+  declaration_hash`). Nothing links a code to the upload IDs or tokens it authorized.
 
 No session ID, no address, no time of upload. Expired tokens are deleted (``secure_delete``
 overwrites their bytes).
@@ -22,21 +23,26 @@ overwrites their bytes).
 Declaration codes (:meth:`PositiveBoard.add`): an upload is published only with a valid,
 unexpired, unused code (unless the caller passes ``code_required=False``: open declarations),
 and the code is consumed in the same transaction that commits the tokens, so an upload that
-fails or a crash before the commit leaves the code unused. A declaration of more than
-:data:`~fanny_tui.protocol.messages.MAX_TOKENS_PER_UPLOAD` tokens is several uploads: the first
-commit consumes the code and opens a continuation window (:class:`CodePolicy`) during which a
-few more uploads with the same code are accepted; after it the code is ``code_used``. A retried
-``upload_id`` already committed is answered again without looking at the code.
+fails or a crash before the commit leaves the code unused. A code is one declaration (issue 8,
+point 3). A declaration of more than
+:data:`~fanny_tui.protocol.messages.MAX_TOKENS_PER_UPLOAD` tokens is several uploads, each with
+the same code and the same declaration secret: the first commit consumes the code, binds it to
+that secret and opens a continuation window (:class:`CodePolicy`) during which a few more
+uploads with the code *and the same secret* are accepted. Anyone else (no secret, another one)
+is refused ``code_used`` at once, and so is everyone after the window. A retried ``upload_id``
+already committed is answered again without looking at the code.
 
 :class:`PositiveBoard` is the interface the server uses (synchronous methods, run in a worker
 thread with :func:`asyncio.to_thread`); :class:`SqlitePositiveBoard` is the default
-implementation. Another backend (Redis, PostgreSQL) implements the same methods and reuses
-:func:`check_upload` and :func:`check_code` for the validation rules.
+implementation, :class:`broker.postgres_board.PostgresPositiveBoard` the one of a region of
+several brokers. Both run the same :func:`add_upload` (the order of the checks and what is
+written) over their own :class:`BoardWrite` transaction, so the rules live here once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import sqlite3
 import threading
@@ -56,11 +62,12 @@ from fanny_tui.sqlite_util import transaction
 
 from . import Refusal
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this code writes, kept in ``PRAGMA user_version``.
 
-1: ``positives`` and ``uploads``. 2: adds ``codes`` (declaration codes); a version 1 file is
-upgraded in place when opened."""
+1: ``positives`` and ``uploads``. 2: adds ``codes`` (declaration codes). 3: adds
+``codes.declaration_hash`` (a code is one declaration). An older file is upgraded in place when
+opened; a code used before version 3 has no declaration hash and authorizes nothing more."""
 
 DEFAULT_MAX_EXPIRY_AHEAD = timedelta(days=DEFAULT_LIFETIME_DAYS + 1)
 """How far ahead an uploaded expiry may be: the token lifetime (15 days) plus one day for the
@@ -68,12 +75,13 @@ rounding up to the deletion hour (paper section 3, step 6, footnote 3)."""
 
 DEFAULT_CODE_GRACE = timedelta(minutes=10)
 """How long after its first committed upload a code still authorizes the declaration's other
-uploads (a declaration of more than 500 tokens is several uploads)."""
+uploads, with the declaration secret of the first (a declaration of more than 500 tokens is
+several uploads)."""
 
 DEFAULT_MAX_UPLOADS_PER_CODE = 20
 """The most uploads one code authorizes (20 x 500 tokens)."""
 
-_CODE_HASH_RE = re.compile(r"[0-9a-f]{64}")
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ class CodePolicy:
 
     Attributes:
         grace: after the first committed upload, how long further uploads of the same
-            declaration may use the code (a declaration bigger than one upload).
+            declaration (same declaration secret) may use the code (a declaration bigger than
+            one upload).
         max_uploads: the most committed uploads one code authorizes, >= 1.
 
     Raises:
@@ -109,11 +118,15 @@ class CodeRecord:
         uploads: the number of committed uploads it authorized so far.
         used_until: after the first committed upload, the end of the continuation window
             (first commit + :attr:`CodePolicy.grace`); ``None`` while unused.
+        declaration_hash: after the first committed upload, the SHA-256 (64 hex) of the
+            declaration secret it carried: the only one the code accepts after; ``None``
+            while unused, or when that upload carried none (then nothing more is accepted).
     """
 
     expires_at: datetime
     uploads: int = 0
     used_until: datetime | None = None
+    declaration_hash: str | None = None
 
 
 class BoardError(FannyError):
@@ -140,6 +153,7 @@ class PositiveBoard(Protocol):
         *,
         code_hash: str | None = None,
         code_required: bool = True,
+        declaration_hash: str | None = None,
     ) -> int:
         """Publish the tokens of one positive declaration (paper section 4, step 2; section 5).
 
@@ -161,6 +175,9 @@ class PositiveBoard(Protocol):
                 client sent, or ``None`` if it sent none. A code that is sent is always checked
                 and consumed, even when ``code_required`` is False.
             code_required: refuse an upload without a code (False: open declarations).
+            declaration_hash: :func:`~fanny_tui.protocol.codes.declaration_hash` of the
+                declaration secret the client sent, or ``None``: the first commit binds the
+                code to it, later uploads need the same.
 
         Returns:
             The number of distinct tokens in the upload.
@@ -169,6 +186,7 @@ class PositiveBoard(Protocol):
             Refusal: ``code_required``, ``code_invalid``, ``code_expired``, ``code_used``
                 (field ``code``); see :func:`check_upload`; ``upload_conflict`` (field
                 ``upload_id``) when the ``upload_id`` is known with other tokens.
+            ValueError: a malformed ``code_hash`` or ``declaration_hash``.
             BoardError: the storage failed.
         """
         ...
@@ -230,7 +248,10 @@ class PositiveBoard(Protocol):
         """Delete every token with ``expires_at <= now``; returns how many were deleted.
 
         Also forgets codes that can no longer authorize anything (expired and, if used, past
-        their continuation window).
+        their continuation window), and upload IDs whose tokens all expired.
+
+        Raises:
+            BoardError: the storage failed.
         """
         ...
 
@@ -282,8 +303,12 @@ def check_code(
     *,
     code_required: bool,
     policy: CodePolicy,
+    declaration_hash: str | None = None,
 ) -> None:
     """The rules of declaration codes, for every board implementation (paper section 5).
+
+    A code is one declaration (issue 8, point 3): once used, it is accepted again only with the
+    declaration secret of its first upload, within the continuation window and the upload cap.
 
     Args:
         code_hash: the hash of the code the client sent, or ``None``.
@@ -291,11 +316,13 @@ def check_code(
         now: the current time, aware.
         code_required: whether an upload without a code is refused.
         policy: the continuation window and upload cap.
+        declaration_hash: the hash of the declaration secret the client sent, or ``None``.
 
     Raises:
         Refusal: field ``code``: ``code_required`` (no code and one is required);
             ``code_invalid`` (unknown); ``code_expired`` (never used and past its expiry);
-            ``code_used`` (used, and past its continuation window or its upload cap).
+            ``code_used`` (used, and sent without its declaration's secret, or past its
+            continuation window or its upload cap).
         ValueError: ``now`` is naive.
     """
     now = require_utc(now)
@@ -311,21 +338,108 @@ def check_code(
             raise Refusal("this declaration code has expired", code="code_expired",
                           field="code")
         return
-    if (record.used_until is None or record.used_until <= now
+    same = (record.declaration_hash is not None and declaration_hash is not None
+            and hmac.compare_digest(record.declaration_hash, declaration_hash))
+    if (not same or record.used_until is None or record.used_until <= now
             or record.uploads >= policy.max_uploads):
         raise Refusal("this declaration code was already used", code="code_used",
                       field="code")
 
 
-def check_code_hash(code_hash: str) -> str:
-    """Return ``code_hash`` if it is 64 lowercase hex characters.
+def check_code_hash(code_hash: str, what: str = "a code hash") -> str:
+    """Return ``code_hash`` if it is 64 lowercase hex characters (a SHA-256 in hex).
+
+    Args:
+        code_hash: the value to check.
+        what: how the error names it.
 
     Raises:
         ValueError: otherwise.
     """
-    if not isinstance(code_hash, str) or not _CODE_HASH_RE.fullmatch(code_hash):
-        raise ValueError("a code hash is 64 lowercase hex characters (SHA-256)")
+    if not isinstance(code_hash, str) or not _HASH_RE.fullmatch(code_hash):
+        raise ValueError(f"{what} is 64 lowercase hex characters (SHA-256)")
     return code_hash
+
+
+class BoardWrite(Protocol):
+    """One open write transaction of a board, as :func:`add_upload` drives it.
+
+    The board opens it, holds whatever lock makes its uploads one after the other (SQLite:
+    ``BEGIN IMMEDIATE``; PostgreSQL: a row lock), commits it after :func:`add_upload` returns
+    and rolls it back when it raises. Instants are aware UTC datetimes.
+    """
+
+    def upload(self, upload_id: str) -> tuple[int, str] | None:
+        """``(count, digest)`` of a committed ``upload_id``, or ``None``."""
+        ...
+
+    def code(self, code_hash: str) -> CodeRecord | None:
+        """What the board holds for ``code_hash``, or ``None``."""
+        ...
+
+    def publish(self, upload_id: str, tokens: Sequence[PositiveToken], digest: str) -> None:
+        """Insert the (distinct, sorted, non-empty) tokens after every published one, in this
+        order, skipping those already on the board, and record ``upload_id`` with their count,
+        ``digest`` and latest expiry."""
+        ...
+
+    def consume(self, code_hash: str, used_until: datetime,
+                declaration_hash: str | None) -> None:
+        """Count one more upload for the code; on its first, set its continuation window's
+        end and its declaration hash."""
+        ...
+
+
+def add_upload(
+    write: BoardWrite,
+    upload_id: str,
+    tokens: Sequence[PositiveToken],
+    now: datetime,
+    *,
+    code_hash: str | None,
+    declaration_hash: str | None,
+    code_required: bool,
+    policy: CodePolicy,
+    max_expiry_ahead: timedelta,
+) -> int:
+    """:meth:`PositiveBoard.add` over one open transaction: every board's checks and writes.
+
+    In order: a known ``upload_id`` is answered at once (or ``upload_conflict``); the code
+    (:func:`check_code`); the tokens (:func:`check_upload`); then the tokens, the upload ID and
+    the code's consumption are written. Nothing is written when a check fails.
+
+    Returns:
+        The number of distinct tokens in the upload.
+
+    Raises:
+        Refusal: as :meth:`PositiveBoard.add`.
+        ValueError: ``now`` is naive, or a malformed hash.
+    """
+    now = require_utc(now)
+    if code_hash is not None:
+        check_code_hash(code_hash)
+    if declaration_hash is not None:
+        check_code_hash(declaration_hash, "a declaration hash")
+    clean = distinct_tokens(tokens)
+    digest = _digest(clean)
+    known = write.upload(upload_id)
+    if known is not None:
+        if known[1] != digest:
+            raise Refusal("this upload_id was already used for other tokens",
+                          code="upload_conflict", field="upload_id")
+        return int(known[0])
+    record = None if code_hash is None else write.code(code_hash)
+    check_code(code_hash, record, now, code_required=code_required, policy=policy,
+               declaration_hash=declaration_hash)
+    # Checked only for a new upload: a retry whose ack was lost is answered even if some of
+    # its tokens expired in the meantime.
+    check_upload(tokens, now, max_expiry_ahead)
+    if clean:
+        write.publish(upload_id, clean, digest)
+        if code_hash is not None:
+            # Consumed in the transaction that commits the tokens.
+            write.consume(code_hash, now + policy.grace, declaration_hash)
+    return len(clean)
 
 
 def distinct_tokens(tokens: Sequence[PositiveToken]) -> list[PositiveToken]:
@@ -346,16 +460,38 @@ def distinct_tokens(tokens: Sequence[PositiveToken]) -> list[PositiveToken]:
     return [seen[t] for t in sorted(seen)]
 
 
-def _current(now: datetime | None) -> datetime:
+def current_time(now: datetime | None) -> datetime:
+    """``now`` checked aware, or the current UTC time when None.
+
+    Raises:
+        ValueError: ``now`` is naive.
+    """
     return datetime.now(UTC) if now is None else require_utc(now)
 
 
-def _epoch(moment: datetime) -> int:
+def unix_seconds(moment: datetime) -> int:
+    """An aware instant as whole Unix seconds (how both boards store instants).
+
+    Raises:
+        ValueError: ``moment`` is naive.
+    """
     return int(require_utc(moment).timestamp())
 
 
+def code_record(row: Sequence[int | str | None] | None) -> CodeRecord | None:
+    """A :class:`CodeRecord` from a stored ``(expires_at, uploads, used_until,
+    declaration_hash)`` row (instants in Unix seconds, as both boards store them), or None."""
+    if row is None:
+        return None
+    expires_at, uploads, used_until, declared = row
+    return CodeRecord(
+        expires_at=datetime.fromtimestamp(int(expires_at or 0), UTC), uploads=int(uploads or 0),
+        used_until=None if used_until is None else datetime.fromtimestamp(int(used_until), UTC),
+        declaration_hash=None if declared is None else str(declared))
+
+
 def _digest(tokens: Sequence[PositiveToken]) -> str:
-    text = "".join(f"{t.token}:{_epoch(t.expires_at)}\n" for t in tokens)
+    text = "".join(f"{t.token}:{unix_seconds(t.expires_at)}\n" for t in tokens)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
@@ -383,7 +519,13 @@ CREATE TABLE codes (
 ) WITHOUT ROWID;
 """
 
-_MIGRATIONS = {1: _SCHEMA_CODES}
+_SCHEMA_DECLARATIONS = """
+ALTER TABLE codes ADD COLUMN declaration_hash TEXT
+"""
+"""Version 3: ``declaration_hash`` is the SHA-256 of the declaration secret the code's first
+upload carried (no SQL comment: SQLite appends the column text to the table's CREATE text)."""
+
+_MIGRATIONS = {1: _SCHEMA_CODES, 2: _SCHEMA_DECLARATIONS}
 """``version -> SQL`` bringing a file from ``version`` to ``version + 1``."""
 
 
@@ -394,13 +536,45 @@ def _run_script(db: sqlite3.Connection, script: str) -> None:
             db.execute(statement)
 
 
+class _SqliteWrite:
+    """:class:`BoardWrite` over an SQLite connection inside ``BEGIN IMMEDIATE``."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def upload(self, upload_id: str) -> tuple[int, str] | None:
+        row = self.db.execute("SELECT count, digest FROM uploads WHERE upload_id = ?",
+                              (upload_id,)).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def code(self, code_hash: str) -> CodeRecord | None:
+        return SqlitePositiveBoard._code(self.db, code_hash)
+
+    def publish(self, upload_id: str, tokens: Sequence[PositiveToken], digest: str) -> None:
+        self.db.executemany(
+            "INSERT INTO positives (token, expires_at) VALUES (?, ?) "
+            "ON CONFLICT (token) DO NOTHING",
+            [(t.token, unix_seconds(t.expires_at)) for t in tokens])
+        self.db.execute(
+            "INSERT INTO uploads (upload_id, count, digest, keep_until) VALUES (?, ?, ?, ?)",
+            (upload_id, len(tokens), digest, max(unix_seconds(t.expires_at) for t in tokens)))
+
+    def consume(self, code_hash: str, used_until: datetime,
+                declaration_hash: str | None) -> None:
+        self.db.execute(
+            "UPDATE codes SET used_until = coalesce(used_until, ?), declaration_hash = "
+            "CASE WHEN uploads = 0 THEN ? ELSE declaration_hash END, uploads = uploads + 1 "
+            "WHERE code_hash = ?", (unix_seconds(used_until), declaration_hash, code_hash))
+
+
 class SqlitePositiveBoard:
     """:class:`PositiveBoard` in one SQLite file (WAL, ``synchronous=FULL``).
 
     Args:
         path: the database file; created (with its schema and, mode 0700, its missing parent
             directories) if missing. A file of an older schema version is upgraded in place
-            (version 1 -> 2 adds the ``codes`` table; nothing else changes).
+            (version 1 -> 2 adds the ``codes`` table, 2 -> 3 its ``declaration_hash`` column;
+            nothing else changes).
         max_expiry_ahead: the allowed expiry window, see :func:`check_upload`.
         code_policy: how declaration codes are consumed, see :class:`CodePolicy`.
 
@@ -501,59 +675,26 @@ class SqlitePositiveBoard:
         *,
         code_hash: str | None = None,
         code_required: bool = True,
+        declaration_hash: str | None = None,
     ) -> int:
         """See :meth:`PositiveBoard.add`; ``now=None`` means the current UTC time."""
-        now = _current(now)
-        if code_hash is not None:
-            check_code_hash(code_hash)
-        clean = distinct_tokens(tokens)
-        digest = _digest(clean)
+        now = current_time(now)
         with self._transaction("store an upload") as db:
-            known = db.execute("SELECT count, digest FROM uploads WHERE upload_id = ?",
-                               (upload_id,)).fetchone()
-            if known is not None:
-                if known[1] != digest:
-                    raise Refusal("this upload_id was already used for other tokens",
-                                  code="upload_conflict", field="upload_id")
-                return int(known[0])
-            record = None if code_hash is None else self._code(db, code_hash)
-            check_code(code_hash, record, now, code_required=code_required,
-                       policy=self.code_policy)
-            # Checked only for a new upload: a retry whose ack was lost is answered
-            # even if some of its tokens expired in the meantime.
-            check_upload(tokens, now, self.max_expiry_ahead)
-            if clean:
-                db.executemany(
-                    "INSERT INTO positives (token, expires_at) VALUES (?, ?) "
-                    "ON CONFLICT (token) DO NOTHING",
-                    [(t.token, _epoch(t.expires_at)) for t in clean])
-                db.execute(
-                    "INSERT INTO uploads (upload_id, count, digest, keep_until) "
-                    "VALUES (?, ?, ?, ?)",
-                    (upload_id, len(clean), digest, max(_epoch(t.expires_at) for t in clean)))
-                if code_hash is not None:
-                    # Consumed in the transaction that commits the tokens.
-                    db.execute(
-                        "UPDATE codes SET uploads = uploads + 1, "
-                        "used_until = coalesce(used_until, ?) WHERE code_hash = ?",
-                        (_epoch(now + self.code_policy.grace), code_hash))
-        return len(clean)
+            return add_upload(
+                _SqliteWrite(db), upload_id, tokens, now, code_hash=code_hash,
+                declaration_hash=declaration_hash, code_required=code_required,
+                policy=self.code_policy, max_expiry_ahead=self.max_expiry_ahead)
 
     @staticmethod
     def _code(db: sqlite3.Connection, code_hash: str) -> CodeRecord | None:
-        row = db.execute("SELECT expires_at, uploads, used_until FROM codes WHERE code_hash = ?",
-                         (code_hash,)).fetchone()
-        if row is None:
-            return None
-        expires_at, uploads, used_until = row
-        return CodeRecord(
-            expires_at=datetime.fromtimestamp(expires_at, UTC), uploads=int(uploads),
-            used_until=None if used_until is None else datetime.fromtimestamp(used_until, UTC))
+        return code_record(db.execute(
+            "SELECT expires_at, uploads, used_until, declaration_hash FROM codes "
+            "WHERE code_hash = ?", (code_hash,)).fetchone())
 
     def add_code(self, code_hash: str, expires_at: datetime) -> None:
         """See :meth:`PositiveBoard.add_code`."""
         check_code_hash(code_hash)
-        at = _epoch(expires_at)
+        at = unix_seconds(expires_at)
         with self._transaction("store a code") as db:
             try:
                 db.execute("INSERT INTO codes (code_hash, expires_at) VALUES (?, ?)",
@@ -582,7 +723,7 @@ class SqlitePositiveBoard:
             raise ValueError(f"cursor must be an integer >= 0, got {cursor!r}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
-        at = _epoch(_current(now))
+        at = unix_seconds(current_time(now))
         with self._lock:
             db = self._conn()
             try:
@@ -621,7 +762,7 @@ class SqlitePositiveBoard:
     def rows(self, after: int, upto: int, now: datetime | None = None
              ) -> list[tuple[str, int]]:
         """See :meth:`PositiveBoard.rows`; ``now=None`` means the current UTC time."""
-        at = _epoch(_current(now))
+        at = unix_seconds(current_time(now))
         with self._lock:
             try:
                 return self._conn().execute(
@@ -637,7 +778,7 @@ class SqlitePositiveBoard:
         Also forgets the upload IDs whose tokens all expired, and the codes past both their
         expiry and their continuation window.
         """
-        at = _epoch(_current(now))
+        at = unix_seconds(current_time(now))
         with self._transaction("purge") as db:
             purged = db.execute("DELETE FROM positives WHERE expires_at <= ?", (at,)).rowcount
             db.execute("DELETE FROM uploads WHERE keep_until <= ?", (at,))

@@ -88,7 +88,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from fanny_tui.protocol.batch import BATCH_FORMAT, encode_end_frame
-from fanny_tui.protocol.codes import code_hash
+from fanny_tui.protocol.codes import code_hash, declaration_hash
 from fanny_tui.protocol.errors import FannyError, MessageError
 from fanny_tui.protocol.messages import (
     ACK_SIZE_BYTES,
@@ -193,7 +193,8 @@ class BrokerSettings:
         upload_answer_delay_s: the least time, seconds, between receiving a
             ``positive_upload`` and sending its answer (ack or error, real or decoy), >= 0.
         code_grace_s: seconds after its first committed upload during which a code still
-            authorizes the other uploads of the same declaration (>= 0).
+            authorizes the other uploads of the same declaration, those with the same
+            ``declaration`` secret (>= 0).
         max_uploads_per_code: the most uploads one code authorizes (>= 1).
         position_rate_per_s: positions per second one connection may send on average (a
             token bucket refilled at this rate); an excess position is ignored, ``rate_limited``.
@@ -926,10 +927,13 @@ class _Broker:
                 except ValueError as exc:
                     raise Refusal(f"malformed declaration code: {exc}", code="code_invalid",
                                   field="code") from None
+            declared = (None if upload.declaration is None
+                        else declaration_hash(upload.declaration))
             try:
                 count = await asyncio.to_thread(
                     self.board.add, upload.upload_id, upload.tokens, now, code_hash=hashed,
-                    code_required=not self.settings.open_declarations)
+                    code_required=not self.settings.open_declarations,
+                    declaration_hash=declared)
             except BoardError as exc:
                 logger.error("positive board failure on upload: %s", exc)
                 raise Refusal("the broker could not store the upload; retry later",

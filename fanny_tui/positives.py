@@ -22,10 +22,15 @@ Used by the engine and by ``fanny-tui declare-positive``; neither needs a sessio
   with the store locally, deletes the matches and reports the exposure (paper 4, step 4).
 
 An upload holds at most :data:`~fanny_tui.protocol.messages.MAX_TOKENS_PER_UPLOAD` tokens, so a
-bigger declaration is several uploads, each with its own upload ID and the same code, sent one
-after the other: the broker accepts a code's further uploads for a short continuation window
-after its first commit (docs/protocol.md, ``positive_upload``). An upload refused ``code_used``
-(sent after that window) keeps its tokens, un-marked, for a declaration with a new code.
+bigger declaration is several uploads, each with its own upload ID and the same code and
+**declaration secret** (256 random bits, :func:`~fanny_tui.protocol.codes.new_declaration`),
+sent one after the other. A code is one declaration: the broker binds the code to the secret of
+its first committed upload and accepts the code again only with that secret, for a short
+continuation window (docs/protocol.md, ``positive_upload``); another device given the same code
+is refused at once. The secret is kept in memory only, beside the pending uploads
+(:meth:`~fanny_tui.store.TokenStore.declaration_for`): after a restart the remaining uploads of
+a declaration whose first upload was committed are refused ``code_used``, and so is an upload
+sent after the window; either keeps its tokens, un-marked, for a declaration with a new code.
 """
 
 from __future__ import annotations
@@ -36,12 +41,12 @@ import os
 import random
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from .link import BrokerRefused, anonymous_connection
 from .protocol.batch import BATCH_FORMAT, EndFrame, decode_batch_frame
-from .protocol.codes import normalize_code
+from .protocol.codes import DECLARATION_RANDOM_BYTES, new_declaration, normalize_code
 from .protocol.contact import ContactMeasures
 from .protocol.errors import MessageError
 from .protocol.expiry import DEFAULT_LIFETIME_DAYS, expiry_for
@@ -128,7 +133,10 @@ def declare(store: TokenStore, code: str | None = None) -> Declaration:
     """Start a positive declaration: mark every token not already pending for upload.
 
     The tokens go in uploads of at most ``MAX_TOKENS_PER_UPLOAD`` (the most recent contacts in
-    the first), each with a fresh random upload ID and the declaration code.
+    the first), each with a fresh random upload ID and the declaration code; with a code, the
+    declaration secret that binds them is made here and kept in memory with the store
+    (:meth:`~fanny_tui.store.TokenStore.declaration_for`; the one already kept for the same
+    code, if some of its uploads are still pending).
 
     Args:
         store: the token store.
@@ -156,13 +164,17 @@ def declare(store: TokenStore, code: str | None = None) -> Declaration:
         count += len(marked)
         if len(marked) < MAX_TOKENS_PER_UPLOAD:
             break
+    if upload_ids and normalized is not None:
+        store.declaration_for(normalized, new_declaration(os.urandom(DECLARATION_RANDOM_BYTES)))
     return Declaration(tuple(upload_ids), count)
 
 
 def upload_message(pending: PendingUpload) -> PositiveUpload:
-    """The wire message of a pending upload (its padding is added when sent)."""
+    """The wire message of a pending upload (its padding is added when sent): its code and,
+    with a code, its declaration secret."""
     return PositiveUpload(
         upload_id=pending.upload_id, code=pending.code,
+        declaration=None if pending.code is None else pending.declaration,
         tokens=[PositiveToken(token=t.token, expires_at=t.expires_at) for t in pending.tokens])
 
 
@@ -179,6 +191,8 @@ async def upload_pending(store: TokenStore, url: str, *, timeout_s: float = 15.0
     :data:`UPLOAD_TOO_LARGE`, decided here without sending it). ``upload_conflict`` on a
     retried upload means that the broker committed it earlier with more tokens (some have
     expired here since, which only shrinks a pending upload): it counts as acknowledged.
+    An upload with a code goes with the code's declaration secret kept in memory, or a fresh
+    one kept from now on (after a restart).
 
     Args:
         store: the token store.
@@ -203,6 +217,10 @@ async def upload_pending(store: TokenStore, url: str, *, timeout_s: float = 15.0
     """
     done: list[UploadOutcome] = []
     for pending in await asyncio.to_thread(store.pending):
+        if pending.code is not None and pending.declaration is None:
+            pending = replace(pending, declaration=await asyncio.to_thread(
+                store.declaration_for, pending.code,
+                new_declaration(os.urandom(DECLARATION_RANDOM_BYTES))))
         message = upload_message(pending)
         try:
             encode_padded(message, UPLOAD_SIZE_BYTES)

@@ -10,7 +10,9 @@ One file, ``tokens.sqlite3`` in the data directory, holding:
   the same pair, in one session, made this token), NULL for a token stored before schema 3;
 * ``uploads``: one row per positive upload not acknowledged yet: its ``upload_id`` and the
   declaration code that authorizes it (paper section 5), so that a retry after a restart still
-  carries the code; the row goes with the ack, or when the broker refuses the code;
+  carries the code; the row goes with the ack, or when the broker refuses the code (the
+  declaration secret that binds a declaration's uploads to one another is kept beside them in
+  memory only, :meth:`TokenStore.declaration_for`);
 * ``meta``: the positive-poll cursor;
 * ``alerts``: exposure alerts already raised (UTC instant and count), so a restart still shows
   them.
@@ -116,12 +118,15 @@ class PendingUpload:
     """A positive upload not acknowledged yet: its ID, its declaration code and its tokens.
 
     ``code`` is the normalized declaration code (None: sent without one, for a broker with open
-    declarations).
+    declarations). ``declaration`` is the declaration secret of that code's uploads, from
+    memory (:meth:`TokenStore.declaration_for`; None: none yet in this process, e.g. after a
+    restart, or no code).
     """
 
     upload_id: str
     code: str | None
     tokens: list[StoredToken]
+    declaration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -253,6 +258,7 @@ class TokenStore:
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._declarations: dict[str, str] = {}     # code -> declaration secret, memory only
         try:
             if read_only:
                 self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
@@ -429,7 +435,9 @@ class TokenStore:
             if deleted:
                 db.execute("DELETE FROM uploads WHERE upload_id NOT IN "
                            "(SELECT upload_id FROM tokens WHERE upload_id IS NOT NULL)")
-            return deleted
+        if deleted:
+            self._forget_declarations()
+        return deleted
 
     # -- positive declaration (paper 4, step 2; invariant 6) --------------------------------
 
@@ -479,11 +487,36 @@ class TokenStore:
                                     "upload_id IS NOT NULL ORDER BY upload_id, token").fetchall()
             codes = dict(self._db.execute("SELECT upload_id, code FROM uploads").fetchall()
                          if self._has_uploads else [])
+            secrets = dict(self._declarations)
         tokens: dict[str, list[StoredToken]] = {}
         for upload_id, token, expires in rows:
             tokens.setdefault(upload_id, []).append(StoredToken(token, _dt(expires), True))
-        return [PendingUpload(upload_id, codes.get(upload_id), items)
-                for upload_id, items in tokens.items()]
+        return [PendingUpload(upload_id, code, items,
+                              None if code is None else secrets.get(code))
+                for upload_id, items in tokens.items()
+                for code in [codes.get(upload_id)]]
+
+    def declaration_for(self, code: str, fresh: str) -> str:
+        """The declaration secret of the pending uploads of ``code``: the one already kept, or
+        ``fresh`` (now kept). Memory only, never written to the file; forgotten when no
+        pending upload has that code any more (ack, refusal, expiry) or the process ends.
+
+        Args:
+            code: the normalized declaration code.
+            fresh: a new secret (:func:`~fanny_tui.protocol.codes.new_declaration`), used
+                when none is kept for ``code``.
+        """
+        with self._lock:
+            return self._declarations.setdefault(code, fresh)
+
+    def _forget_declarations(self) -> None:
+        """Drop the secrets of codes no pending upload has any more (after a commit)."""
+        with self._write():
+            if self._declarations:
+                kept = {row[0] for row in self._db.execute(
+                    "SELECT DISTINCT code FROM uploads WHERE code IS NOT NULL")}
+                for code in set(self._declarations) - kept:
+                    del self._declarations[code]
 
     def pending_count(self) -> int:
         """Number of tokens in positive uploads not acknowledged yet."""
@@ -499,7 +532,10 @@ class TokenStore:
         """
         with self._transaction() as db:
             db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
-            return db.execute("DELETE FROM tokens WHERE upload_id = ?", (upload_id,)).rowcount
+            deleted = db.execute("DELETE FROM tokens WHERE upload_id = ?",
+                                 (upload_id,)).rowcount
+        self._forget_declarations()
+        return deleted
 
     def abandon_upload(self, upload_id: str) -> int:
         """The broker refused ``upload_id`` for its code: keep its tokens, un-mark them.
@@ -512,8 +548,10 @@ class TokenStore:
         """
         with self._transaction() as db:
             db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
-            return db.execute("UPDATE tokens SET upload_id = NULL WHERE upload_id = ?",
+            kept = db.execute("UPDATE tokens SET upload_id = NULL WHERE upload_id = ?",
                               (upload_id,)).rowcount
+        self._forget_declarations()
+        return kept
 
     # -- exposure (paper 4, step 4) ---------------------------------------------------------
 

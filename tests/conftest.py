@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 
 from tests.helpers import TIME_UNIT
+from tests.pg import PostgresServer, postgres_server
 from tests.servers import redis_server, redis_url  # noqa: F401  (fixtures)
 
 
@@ -30,3 +32,18 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     for i, blob in enumerate(server.cert_chain_pems):
         blob.write_to_path(str(paths["cert"]), append=i > 0)
     return paths
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """Debian's PostgreSQL, started once for the test session on a free loopback port and
+    stopped after it (tests/pg.py)."""
+    yield from postgres_server()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """The URL of a new, empty database on the test server, dropped after the test."""
+    url = postgres.new_database()
+    yield url
+    postgres.drop_database(url)

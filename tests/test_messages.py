@@ -87,7 +87,10 @@ STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
                                                                                 "answer"]),
                       sdp=st.text(min_size=1, max_size=500)),
     PositiveUpload: st.builds(PositiveUpload, upload_id=uuid4s,
-                              tokens=st.lists(positive_tokens, max_size=5)),
+                              tokens=st.lists(positive_tokens, max_size=5)) | st.builds(
+        PositiveUpload, upload_id=uuid4s, tokens=st.lists(positive_tokens, max_size=5),
+        code=st.text(min_size=1, max_size=64),
+        declaration=st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex)),
     PositiveAck: st.builds(PositiveAck, upload_id=uuid4s, count=st.integers(0, 10**6)),
     PositivesPoll: st.builds(PositivesPoll, cursor=st.integers(0, 2**62),
                              accept=st.lists(st.text(min_size=1, max_size=16), max_size=8)),
@@ -205,9 +208,11 @@ def position(**fields: Any) -> str:
     return json.dumps({"type": "position", "latitude": 44.0, "longitude": 5.0} | fields)
 
 
-def upload(expires_at: str = "2026-12-14T04:00:00Z", token: str = TOKEN, **extra: Any) -> str:
+def upload(expires_at: str = "2026-12-14T04:00:00Z", token: str = TOKEN, *,
+           fields: dict[str, Any] | None = None, **extra: Any) -> str:
     item: dict[str, Any] = {"token": token, "expires_at": expires_at} | extra
-    return json.dumps({"type": "positive_upload", "upload_id": SID, "tokens": [item]})
+    return json.dumps({"type": "positive_upload", "upload_id": SID, "tokens": [item]}
+                      | (fields or {}))
 
 
 @pytest.mark.parametrize(("text", "field"), [
@@ -238,6 +243,13 @@ def upload(expires_at: str = "2026-12-14T04:00:00Z", token: str = TOKEN, **extra
     (upload(expires_at="2026-12-14T04:00:00.5Z"), "tokens[0].expires_at"),
     (upload(expires_at="2026-12-14T06:00:00+01:30"), "tokens[0].expires_at"),  # 04:30 UTC
     (upload(expires_at="tomorrow"), "tokens[0].expires_at"),
+    # The declaration secret: 64 lowercase hex, and only with a code (issue 8, point 3).
+    (upload(fields={"code": "K7QF-3M9X-TR2B-8HJD", "declaration": TOKEN.upper()}),
+     "declaration"),
+    (upload(fields={"code": "K7QF-3M9X-TR2B-8HJD", "declaration": TOKEN[:-2]}), "declaration"),
+    (upload(fields={"code": "K7QF-3M9X-TR2B-8HJD", "declaration": TOKEN + "\n"}),
+     "declaration"),
+    (upload(fields={"declaration": TOKEN}), "declaration"),
 ])
 def test_bad_client_values_name_the_field(text: str, field: str) -> None:
     error = refuse(decode_client_message, text)

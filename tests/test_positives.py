@@ -184,6 +184,8 @@ async def test_every_upload_is_padded_to_one_size_and_big_ones_split(tmp_path, s
     assert [size for size, _ in uploads] == [UPLOAD_SIZE_BYTES] * 3
     assert {u.upload_id for _, u in uploads} == set(declaration.upload_ids)
     assert {u.code for _, u in uploads} == {code.replace("-", "")}   # one code, every upload
+    [secret] = {u.declaration for _, u in uploads}                   # and one declaration
+    assert secret is not None and len(secret) == 64
     assert sorted(len(u.tokens) for _, u in uploads) == [201, 500, 500]
     # The most recent contacts (latest expiry) went in the full uploads first.
     by_size = sorted((u for _, u in uploads), key=lambda u: len(u.tokens))
@@ -261,6 +263,79 @@ async def test_a_refused_code_keeps_every_token_and_is_not_retried(tmp_path, sto
         assert again.acknowledged and again.count == 3
         assert set(made) <= board_tokens(broker)
         assert store.count() == 0
+
+
+# -- a code is one declaration (issue 8, point 3) -------------------------------------------
+
+
+async def test_a_second_device_with_the_same_code_is_refused_at_once(tmp_path, store):
+    """Device A's declaration of 1001 tokens is three uploads; its first commits but its ack
+    is lost. Device B, given the same code, declares within the continuation window: refused
+    ``code_used`` at once, its tokens kept. A's retry then completes the whole declaration (the
+    first upload answered idempotently, the others with A's declaration secret)."""
+    recorder = Recorder()
+    async with running(tmp_path, recorder) as broker:               # 10 min window (default)
+        code = new_code(tmp_path)
+        made = fill(store, 2 * MAX_TOKENS_PER_UPLOAD + 1)
+        declaration = declare(store, code)
+        assert len(declaration.upload_ids) == 3
+        async with AckDropper(broker.port) as proxy:
+            with pytest.raises((websockets.ConnectionClosed, OSError)):
+                await upload_pending(store, proxy.url, timeout_s=5.0)
+        assert proxy.dropped == 1
+        first = len(board_tokens(broker))
+        assert first in (1, MAX_TOKENS_PER_UPLOAD)                 # one upload committed
+
+        other = TokenStore.in_dir(tmp_path / "other")
+        theirs = set(fill(other, 3))
+        declare(other, code)
+        [refusal] = await upload_pending(other, broker.url)
+        assert (refusal.refused, refusal.count) == ("code_used", 3)
+        assert {t.token: t.pending for t in other.tokens()} == dict.fromkeys(theirs, False)
+        assert not board_tokens(broker) & theirs
+        other.close()
+
+        outcomes = await upload_pending(store, broker.url)
+        assert [o.acknowledged for o in outcomes] == [True, True, True]
+        assert store.count() == 0 and board_tokens(broker) == set(made)
+    uploads = [u for _, u in recorder.uploads]
+    by_id: dict[str, set[str | None]] = {}
+    for upload in uploads:
+        by_id.setdefault(upload.upload_id, set()).add(upload.declaration)
+    ours = {d for i in declaration.upload_ids for d in by_id[i]}
+    assert len(ours) == 1 and None not in ours                  # one secret, also on the retry
+    assert len(by_id) == 4 and not ours & by_id[refusal.upload_id]
+
+
+async def test_the_declaration_secret_is_kept_in_memory_only(tmp_path):
+    """The secret is never written to the device's files; after a restart the rest of a
+    declaration whose first upload committed is refused ``code_used`` and keeps its tokens."""
+    data_dir = tmp_path / "device"
+    recorder = Recorder()
+    async with running(tmp_path, recorder) as broker:
+        store = TokenStore.in_dir(data_dir)
+        made = fill(store, MAX_TOKENS_PER_UPLOAD + 2)
+        declare(store, new_code(tmp_path))
+        secrets = {p.declaration for p in store.pending()}
+        assert len(secrets) == 1 and None not in secrets
+        [secret] = secrets
+        async with AckDropper(broker.port) as proxy:
+            with pytest.raises((websockets.ConnectionClosed, OSError)):
+                await upload_pending(store, proxy.url, timeout_s=5.0)
+        store.close()
+        on_disk = b"".join(f.read_bytes() for f in data_dir.rglob("*") if f.is_file())
+        assert secret.encode() not in on_disk and bytes.fromhex(secret) not in on_disk
+
+        restarted = TokenStore.in_dir(data_dir)                      # the device restarts
+        assert {p.declaration for p in restarted.pending()} == {None}
+        outcomes = await upload_pending(restarted, broker.url)
+        assert sorted((o.refused or "ack") for o in outcomes) == ["ack", "code_used"]
+        kept = {t.token for t in restarted.tokens()}
+        assert kept and kept | board_tokens(broker) == set(made)
+        assert all(not t.pending for t in restarted.tokens())
+        restarted.close()
+    # The retry after the restart carried a new secret: the broker holds only the first's.
+    assert len({u.declaration for _, u in recorder.uploads}) == 2
 
 
 # -- refused content: final too, never retried every 30 s (issue 7, point 7) ---------------
@@ -371,6 +446,7 @@ async def test_a_decoy_is_answered_discarded_and_the_same_size(tmp_path):
         assert board_tokens(broker) == set()
     [(size, upload)] = recorder.uploads
     assert size == UPLOAD_SIZE_BYTES and upload.decoy and upload.code is None
+    assert upload.declaration is None
 
 
 async def test_a_decoy_to_a_dead_broker_is_dropped_quietly(tmp_path):

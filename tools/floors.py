@@ -29,7 +29,8 @@ FAST_TESTS = (
     # all on an idle 2-core machine): msgspec (messages), websockets (link, positives, broker
     # server), redis (broker's Redis backend), textual and rich (ui), platformdirs (datadir,
     # cli), pynmea2 (gps), gpxpy (sim scenarios), dnspython (mdns), aiortc (engine clock test:
-    # a real engine), sqlite3 (store).
+    # a real engine), sqlite3 (store), psycopg (the PostgreSQL board: tests/broker/
+    # test_positives.py runs on both boards).
     "tests/test_messages.py",
     "tests/test_config.py",
     "tests/test_datadir.py",
@@ -42,6 +43,7 @@ FAST_TESTS = (
     "tests/test_boundaries.py",
     "tests/test_engine_clock.py",
     "tests/broker/test_positives.py",
+    "tests/broker/test_postgres_board.py",
     "tests/broker/test_server.py",
     "tests/broker/test_redis_backend.py",
     "tests/ui/test_formatting.py",

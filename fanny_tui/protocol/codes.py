@@ -8,7 +8,13 @@ Format: 16 symbols of Crockford's base32 (80 bits of entropy), shown in four gro
 e.g. ``K7QF-3M9X-TR2B-8HJD``. Reading is forgiving: case, spaces and hyphens are ignored and the
 look-alikes ``I``/``L`` read as ``1`` and ``O`` as ``0`` (Crockford's rules).
 
-Pure: the caller passes the random bytes (``os.urandom(10)``).
+A code is one declaration (issue 8, point 3): a declaration of more than 500 tokens is several
+uploads, and the device binds them with a **declaration secret** (:func:`new_declaration`, 256
+random bits, fresh per declaration, kept in memory only) sent with each of them. The broker keeps
+its SHA-256 (:func:`declaration_hash`) beside the code's at the first commit and then accepts the
+code again only with the same secret: a second device given the same code is refused at once.
+
+Pure: the caller passes the random bytes (``os.urandom(10)``, ``os.urandom(32)``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CODE_SYMBOLS = 16
 CODE_RANDOM_BYTES = 10
 """80 bits: 16 base32 symbols."""
+
+DECLARATION_RANDOM_BYTES = 32
+"""256 bits: a declaration secret is 64 lowercase hex characters."""
 
 _ALIASES = {"I": "1", "L": "1", "O": "0"}
 
@@ -68,3 +77,25 @@ def code_hash(text: str) -> str:
         ValueError: as :func:`normalize_code`.
     """
     return hashlib.sha256(normalize_code(text).encode("ascii")).hexdigest()
+
+
+def new_declaration(random32: bytes) -> str:
+    """A declaration secret: the 32 random bytes as 64 lowercase hex characters.
+
+    Raises:
+        ValueError: not exactly :data:`DECLARATION_RANDOM_BYTES` bytes.
+    """
+    if len(random32) != DECLARATION_RANDOM_BYTES:
+        raise ValueError(f"a declaration secret needs {DECLARATION_RANDOM_BYTES} random bytes")
+    return random32.hex()
+
+
+def declaration_hash(secret: str) -> str:
+    """SHA-256 (hex) of a declaration secret: what the broker stores beside the code's hash.
+
+    Raises:
+        ValueError: the secret is not 64 lowercase hex characters.
+    """
+    if len(secret) != 2 * DECLARATION_RANDOM_BYTES or secret.strip("0123456789abcdef"):
+        raise ValueError("a declaration secret is 64 lowercase hex characters")
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()

@@ -66,6 +66,9 @@ UPLOAD_SIZE_BYTES = 65_536
 ACK_SIZE_BYTES = 256
 """Every positive ack is padded to exactly this many bytes of JSON."""
 DeclarationCode = Annotated[str, Meta(min_length=1, max_length=64)]
+DeclarationSecret = Annotated[str, Meta(pattern=TOKEN_PATTERN, min_length=64, max_length=64,
+                                        description="64 lowercase hex characters, 256 random "
+                                                    "bits, fresh per declaration")]
 # "\Z", not "$": "$" also matches before a trailing newline, and padding is spaces only.
 Padding = Annotated[str, Meta(max_length=UPLOAD_SIZE_BYTES, pattern=r"^ *\Z")]
 
@@ -162,16 +165,28 @@ class PositiveUpload(_Message, tag="positive_upload"):
     retry reuses it so the broker answers it idempotently.
 
     ``code``: the single-use declaration code (paper section 5), as typed; required unless the
-    broker runs with open declarations. ``decoy``: a cover upload the broker answers like any
-    other and then discards. ``padding``: spaces that bring every upload to the same size
-    (:data:`UPLOAD_SIZE_BYTES`), so its size does not tell how many tokens it holds.
+    broker runs with open declarations. ``declaration``: the declaration secret
+    (:func:`~fanny_tui.protocol.codes.new_declaration`), the same in every upload of one
+    declaration, only with a ``code``: the first commit binds the code to it, and the broker
+    accepts the code again only with it (a code is one declaration). ``decoy``: a cover upload
+    the broker answers like any other and then discards. ``padding``: spaces that bring every
+    upload to the same size (:data:`UPLOAD_SIZE_BYTES`), so its size does not tell how many
+    tokens it holds.
+
+    Raises (on decode):
+        MessageError: field ``declaration`` when it comes without a ``code``.
     """
 
     upload_id: UploadId
     tokens: Annotated[list[PositiveToken], Meta(max_length=MAX_TOKENS_PER_UPLOAD)]
     code: DeclarationCode | None = None
+    declaration: DeclarationSecret | None = None
     decoy: bool = False
     padding: Padding = ""
+
+    def __post_init__(self) -> None:
+        if self.declaration is not None and self.code is None:
+            raise ValueError("declaration must come with a code")
 
 
 class PositiveAck(_Message, tag="positive_ack"):

@@ -81,6 +81,10 @@ async def stop(process: asyncio.subprocess.Process, signum: int) -> tuple[int, s
     return int(process.returncode or 0), err.decode(), time.monotonic() - began
 
 
+SECRET = "5e" * 32
+"""A declaration secret (issue 8, point 3): the same in every upload of one declaration."""
+
+
 async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path):
     db = tmp_path / "board.sqlite3"
     port = free_port()
@@ -105,7 +109,7 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
             await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(6, real_expiry())]))
             await anon.expect_error("code_required", "code")
             await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(5, real_expiry())],
-                                           code=code.lower()))
+                                           code=code.lower(), declaration=SECRET))
             assert (await anon.expect(PositiveAck)).count == 1
             await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(7, real_expiry())],
                                            code=later))
@@ -120,7 +124,7 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
     assert "listening on" in err and "positive upload committed (1 tokens)" in err
     assert "declarations=code" in err and "WARNING" not in err
     for private in [*session_ids, token(5), f"{LAT}", f"{north(3):.5f}", f"{LON:.5f}",
-                    code, code.replace("-", ""), later, code_hash(code)]:
+                    code, code.replace("-", ""), later, code_hash(code), SECRET]:
         assert private not in err, "a session ID, token, code or position reached the log"
 
     # Restart on a fresh port: the token committed before SIGTERM is still published.
@@ -131,9 +135,13 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
             assert [t.token for t in (await anon.expect(Positives)).tokens] == [
                 token(5), token(7)]
             # The code was consumed before the restart; within its continuation window it
-            # still authorizes another upload of the same declaration, counted durably.
-            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(8, real_expiry())],
+            # still authorizes another upload of the same declaration (its secret), counted
+            # durably; without the secret it is used up.
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(9, real_expiry())],
                                            code=code))
+            await anon.expect_error("code_used", "code")
+            await anon.send(PositiveUpload(upload_id=new_id(), tokens=[positive(8, real_expiry())],
+                                           code=code, declaration=SECRET))
             assert (await anon.expect(PositiveAck)).count == 1
     finally:
         status, err, _ = await stop(process, signal.SIGINT)
