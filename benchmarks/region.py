@@ -11,13 +11,13 @@ configurations, one after the other: the embedded broker alone, then 1, 2 and 3 
 the shared stores (a fresh PostgreSQL database and an emptied Redis for each).
 
 Load: two load generator processes (``python -m benchmarks.region load``), each holding half
-of the session connections (C per broker: 200; ``--quick``: 40), spread round-robin over the
+of the session connections (100 per broker; ``--quick``: 20), spread round-robin over the
 brokers, so that neighbours are connected to different brokers. The devices walk along rows
 20 m apart (even rows east, odd rows west, 2 m per update, wrapping around), 40 m apart in
 a row, the rows' length growing with the number of devices: constant density (1,250 per
 square kilometre), and matches keep happening (a device passes a new device of each
 neighbouring row every 10 updates; radius 30 m). Each connection sends its positions as fast
-as its broker takes them, in windows of 20, each window closed by a barrier (a second
+as its broker takes them, in windows of 10, each window closed by a barrier (a second
 ``hello``, answered ``already_hello`` in order: every position before it has been handled).
 The broker's per-connection position rate limit is raised for this (``--position-rate-per-s
 10000``: one connection stands for many devices' updates; a position refused ``rate_limited``
@@ -63,9 +63,7 @@ import contextlib
 import json
 import math
 import os
-import pwd
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +93,7 @@ from fanny_tui.protocol.messages import (
     encode_padded,
 )
 from fanny_tui.protocol.proximity import METRES_PER_DEGREE
+from tests.pg import ROLE, PostgresServer
 
 from .common import LOOPBACK, Figure, Scale, percentile
 from .connections import server_process
@@ -110,7 +109,7 @@ STEP_M = 2.0
 RADIUS_M = 30.0
 LAT0, LON0 = 48.80, 2.20
 PROBE_LAT = LAT0 + 0.1   # 11 km north of the walking devices: probes never meet them
-WINDOW = 20
+WINDOW = 10
 """Positions a connection sends before its barrier."""
 LOAD_GENERATORS = 2
 TOKENS_PER_UPLOAD = 100
@@ -164,11 +163,6 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
 
 # --- the stores ------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    from tests.gpsfake import free_port
-    return free_port()
-
-
 def _run(command: Sequence[str], what: str, timeout: float = 60.0) -> str:
     """Run ``command``; its stdout. Raises RuntimeError naming ``what`` with its stderr."""
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -221,86 +215,25 @@ def redis_server(directory: Path) -> Iterator[RedisServer]:
         _stop(process)
 
 
-def _postgres_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
-                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
-                   else 0)
-    if found:
-        return found[-1].parent
-    on_path = shutil.which("pg_ctl")
-    if on_path is None:
-        raise RuntimeError("PostgreSQL is not installed: no pg_ctl in /usr/lib/postgresql/*/bin "
-                           "or on PATH (Debian: apt-get install postgresql)")
-    return Path(on_path).parent
-
-
-@dataclass
-class PostgresServer:
-    """A running PostgreSQL cluster on 127.0.0.1 (see :func:`postgres_server`)."""
-
-    port: int
-    bin: Path
-    data: Path
-    user: str = "fanny"
-    databases: list[str] = field(default_factory=list)
-
-    def url(self, database: str) -> str:
-        return f"postgresql://{self.user}@{LOOPBACK}:{self.port}/{database}"
-
-    def client(self, program: str, *args: str, timeout: float = 120.0) -> str:
-        return _run([str(self.bin / program), "-h", LOOPBACK, "-p", str(self.port),
-                     "-U", self.user, *args], program, timeout)
-
-    def create_database(self) -> str:
-        """A new, empty database; its URL."""
-        name = f"fanny{len(self.databases)}"
-        self.client("createdb", name)
-        self.databases.append(name)
-        return self.url(name)
-
-    @property
-    def postmaster_pid(self) -> int:
-        return int((self.data / "postmaster.pid").read_text().split()[0])
-
-    def cpu_s(self) -> float:
-        """CPU seconds of the whole cluster: postmaster, backends, background workers."""
-        return cpu_seconds(self.postmaster_pid, children=True)
+def postgres_cpu_s(server: PostgresServer) -> float:
+    """CPU seconds of the whole cluster: postmaster, backends, background workers."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    return cpu_seconds(postmaster, children=True)
 
 
 @contextlib.contextmanager
-def postgres_server(timeout_s: float = 60.0) -> Iterator[PostgresServer]:
-    """Run a throw-away PostgreSQL cluster on a free loopback port (trust authentication,
-    no Unix socket, default durability) in a new temporary directory; stop it and delete the
-    directory on exit. As root, the server runs as the ``postgres`` user (PostgreSQL refuses
-    root).
+def postgres_server() -> Iterator[PostgresServer]:
+    """The tests' PostgreSQL (tests/pg.py: a throw-away cluster on a free loopback port, trust
+    authentication, run as ``postgres`` when root), but durable: PostgreSQL's default
+    ``fsync`` and ``full_page_writes``, as the SQLite board's ``synchronous=FULL``. Stopped and
+    deleted on exit.
 
     Raises:
-        RuntimeError: ``initdb`` or ``pg_ctl`` failed (the message has their error).
+        RuntimeError: it is not installed or did not start (the message says why).
     """
-    binaries = _postgres_bin()
-    as_user: list[str] = []
-    top = Path(tempfile.mkdtemp(prefix="fanny-bench-pg-"))
-    if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
-        os.chown(top, owner.pw_uid, owner.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data = top / "data"
-    port = _free_port()
-    server = PostgresServer(port, binaries, data)
-    try:
-        _run([*as_user, str(binaries / "initdb"), "-D", str(data), "-U", server.user,
-              "--auth=trust", "-E", "UTF8", "--no-sync"], "initdb", timeout_s)
-        _run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-l", str(top / "log"),
-              "-w", "-t", str(int(timeout_s)), "-o",
-              f"-p {port} -c listen_addresses={LOOPBACK} -c unix_socket_directories=''",
-              "start"], "pg_ctl start", timeout_s + 5)
-        yield server
-    finally:
-        if (data / "postmaster.pid").exists():
-            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                _run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
-                      "stop"], "pg_ctl stop", timeout_s)
-        shutil.rmtree(top, ignore_errors=True)
+    from tests.pg import postgres_server as start
+
+    yield from start(durable=True)
 
 
 # --- the walking devices (load generator processes) -------------------------------------------
@@ -560,11 +493,16 @@ async def measure(stores: dict[str, str], count: int, sizes: Sizes, tmp: Path,
         return sum(cpu() for cpu in store_cpu)
 
     async with contextlib.AsyncExitStack() as stack:
-        brokers = []
-        for _ in range(count):
-            db = tmp / f"board-{uuid.uuid4().hex[:12]}.sqlite3"   # a new board each
-            brokers.append(await stack.enter_async_context(
-                server_process(*serve_args(db, stores), errors=db.with_suffix(".stderr"))))
+        dbs = [tmp / f"board-{uuid.uuid4().hex[:12]}.sqlite3" for _ in range(count)]   # new
+        started = await asyncio.gather(*(   # all at once; every started one is stopped on exit
+            stack.enter_async_context(server_process(*serve_args(db, stores),
+                                                     errors=db.with_suffix(".stderr")))
+            for db in dbs), return_exceptions=True)
+        brokers: list[tuple[int, str]] = []
+        for outcome in started:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            brokers.append(outcome)
         urls = [url for _, url in brokers]
         pids = [pid for pid, _ in brokers]
 
@@ -612,10 +550,12 @@ def redis_benchmark(redis: RedisServer, requests: int) -> float:
 
 def pgbench(postgres: PostgresServer, seconds: int) -> float:
     """Transactions per second of ``pgbench -N`` (2 clients, scale 1) on a new database."""
-    database = postgres.create_database().rsplit("/", 1)[1]
-    postgres.client("pgbench", "-i", "-q", "-s", "1", database)
-    out = postgres.client("pgbench", "-n", "-N", "-c", "2", "-j", "2", "-T", str(seconds),
-                          database, timeout=seconds + 120)
+    database = postgres.new_database().rsplit("/", 1)[1]
+    client = [str(postgres.bin / "pgbench"), "-h", LOOPBACK, "-p", str(postgres.port),
+              "-U", ROLE]
+    _run([*client, "-i", "-q", "-s", "1", database], "pgbench -i", 120)
+    out = _run([*client, "-n", "-N", "-c", "2", "-j", "2", "-T", str(seconds), database],
+               "pgbench", seconds + 120)
     for line in out.splitlines():
         if line.startswith("tps = "):
             return float(line.split()[2])
@@ -688,8 +628,8 @@ def figures(embedded: Measured, regions: list[Measured], again: Measured, redis_
 
 
 async def run(scale: Scale) -> list[Figure]:
-    sizes = Sizes(devices_per_broker=scale.pick(200, 40), seconds=scale.pick(10, 2),
-                  probes=scale.pick(50, 8), uploads=scale.pick(50, 8))
+    sizes = Sizes(devices_per_broker=scale.pick(100, 20), seconds=scale.pick(10, 1),
+                  probes=scale.pick(50, 5), uploads=scale.pick(50, 5))
     rng = random.Random(8)
     with tempfile.TemporaryDirectory(prefix="fanny-bench-") as name:
         tmp = Path(name)
@@ -698,11 +638,12 @@ async def run(scale: Scale) -> list[Figure]:
             regions = []
             for count in (1, 2, 3):
                 redis.flush()
-                stores = {"--redis": redis.url, "--postgres": postgres.create_database()}
+                stores = {"--redis": redis.url, "--postgres": postgres.new_database()}
                 regions.append(await measure(stores, count, sizes, tmp,
-                                             [redis.cpu_s, postgres.cpu_s], rng))
-            redis_set = redis_benchmark(redis, scale.pick(200_000, 20_000))
-            pg_tps = pgbench(postgres, scale.pick(10, 2))
+                                             [redis.cpu_s, lambda: postgres_cpu_s(postgres)],
+                                             rng))
+            redis_set = redis_benchmark(redis, scale.pick(200_000, 10_000))
+            pg_tps = pgbench(postgres, scale.pick(10, 1))
         again = await measure({}, 1, sizes, tmp, [], rng)
     return figures(embedded, regions, again, redis_set, pg_tps, sizes)
 
