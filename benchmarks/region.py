@@ -279,9 +279,10 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     urls = [str(u) for u in spec["urls"]]
     first, count, total = int(spec["first"]), int(spec["count"]), int(spec["total"])
     seconds = float(spec["seconds"])
-    counts = {"matches": 0, "refused": 0}
+    counts = {"matches": 0}
+    refused: dict[str, int] = {}   # error code -> positions refused with it
     sent = [0] * len(urls)
-    limited = [0] * len(urls)
+    failed = [0] * len(urls)
     barrier_text = encode(Hello(session_id=str(uuid.uuid4()), radius_m=RADIUS_M))
 
     async def read(walker: _Walker) -> None:
@@ -292,10 +293,9 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                     counts["matches"] += 1
                 elif isinstance(message, Error) and message.code == "already_hello":
                     walker.barrier.put_nowait(message.code)
-                elif isinstance(message, Error) and message.code == "rate_limited":
-                    limited[walker.url] += 1   # that position was ignored: not an update
-                else:
-                    counts["refused"] += 1
+                elif isinstance(message, Error):   # the position was not handled
+                    failed[walker.url] += 1
+                    refused[message.code] = refused.get(message.code, 0) + 1
 
     async def window(walker: _Walker, size: int) -> None:
         for _ in range(size):
@@ -312,7 +312,8 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     readers = [asyncio.create_task(read(w)) for w in walkers]
     await asyncio.gather(*(window(w, 1) for w in walkers))   # every device has a position
     counts["matches"] = 0
-    limited[:] = [0] * len(urls)
+    failed[:] = [0] * len(urls)
+    refused.clear()
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
@@ -329,8 +330,8 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
 
     await asyncio.gather(*(walk_until_end(w) for w in walkers))
     elapsed = time.perf_counter() - start
-    updates = [s - n for s, n in zip(sent, limited, strict=True)]
-    result = {"updates": updates, "rate_limited": sum(limited), "seconds": elapsed, **counts,
+    updates = [s - n for s, n in zip(sent, failed, strict=True)]
+    result = {"updates": updates, "refused": refused, "seconds": elapsed, **counts,
               "cpu_s": time.process_time() - cpu_start}
     print(json.dumps(result), flush=True)
     await stdin.readline()   # "stop" (or EOF)
@@ -448,7 +449,7 @@ class Measured:
     updates_per_broker: list[int] = field(default_factory=list)
     seconds: float = math.nan
     matches: int = 0
-    refused: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
     broker_cpu_s: float = 0.0
     store_cpu_s: float = 0.0
     load_cpu_s: float = 0.0
@@ -521,7 +522,9 @@ async def measure(stores: dict[str, str], count: int, sizes: Sizes, tmp: Path,
         got.updates = sum(per_broker)
         got.seconds = max(float(r["seconds"]) for r in results)
         got.matches = sum(int(r["matches"]) for r in results)
-        got.refused = sum(int(r["refused"]) for r in results)
+        for r in results:
+            for code, n in r["refused"].items():
+                got.refused[code] = got.refused.get(code, 0) + int(n)
         got.load_cpu_s = sum(float(r["cpu_s"]) for r in results)
 
         for i in range(sizes.probes):
@@ -568,6 +571,13 @@ def _p(values: list[float], q: float) -> float:
     return 1e3 * percentile(values, q)
 
 
+def _refusals(got: Measured) -> str:
+    if not got.refused:
+        return "no position refused"
+    return ("positions refused, not counted as updates: "
+            + ", ".join(f"{code} {n}" for code, n in sorted(got.refused.items())))
+
+
 def figures(embedded: Measured, regions: list[Measured], again: Measured, redis_set: float,
             pg_tps: float, sizes: Sizes) -> list[Figure]:
     """The table rows (see the module docstring); ``again``: the embedded broker measured a
@@ -587,8 +597,9 @@ def figures(embedded: Measured, regions: list[Measured], again: Measured, redis_
             Figure(f"region{n}_updates_per_s", r.per_s, e.per_s, "1/s", r.updates,
                    f"{n} broker(s) on Redis + PostgreSQL, {sizes.devices_per_broker * n} "
                    f"walking devices ({sizes.devices_per_broker} per broker), {r.seconds:.1f} "
-                   f"s, {r.matches} matches received ({e.matches} embedded), {r.refused} "
-                   f"refusals; peer: the embedded broker, {sizes.devices_per_broker} devices; "
+                   f"s, {r.matches} matches received ({e.matches} embedded), "
+                   f"{_refusals(r)} (embedded: {_refusals(e)}); peer: the embedded broker, "
+                   f"{sizes.devices_per_broker} devices; "
                    f"load generators used {r.load_cpu_s:.1f} s CPU (embedded "
                    f"{e.load_cpu_s:.1f} s) on the same 2 cores"),
             Figure(f"region{n}_updates_per_s_broker", r.per_s / n, e.per_s, "1/s",

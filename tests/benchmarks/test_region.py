@@ -95,10 +95,27 @@ async def test_load_generators_and_probes_on_a_real_broker(tmp_path, time_unit):
         finally:
             await load.stop()
         assert len(results) == 2
-        assert all(r["refused"] == 0 for r in results)
+        assert all(r["refused"] == {} for r in results)
         assert sum(r["updates"][0] for r in results) >= 20 * WINDOW   # every device walked
         assert sum(r["matches"] for r in results) > 0                 # and met others
         assert all(p.returncode == 0 for p in load.procs)
 
         assert 0 < await match_latency([broker.url], 0) < 30
         assert 0 < await upload_latency(broker.url, random.Random(1)) < 30
+
+
+async def test_refused_positions_are_not_counted_as_updates(tmp_path, time_unit):
+    async with running(tmp_path, position_rate_per_s=1.0, position_burst=2,
+                       max_connections_per_address=0) as broker:
+        load = LoadGenerators([broker.url], total=4, seconds=0.3)
+        try:
+            await load.start(timeout_s=60 * time_unit)
+            results = await load.run(timeout_s=60 * time_unit)
+        finally:
+            await load.stop()
+    refused = sum(r["refused"].get("rate_limited", 0) for r in results)
+    updates = sum(r["updates"][0] for r in results)
+    assert refused > 0
+    # every position sent in the run was either counted or refused (whole windows were sent)
+    assert (updates + refused) % WINDOW == 0 and updates + refused >= 4 * WINDOW
+    assert updates < 4 * WINDOW
