@@ -37,6 +37,10 @@ region / embedded):
 * ``broker_capacity_per_s``: position updates one broker process takes per second of one
   core's CPU (1 / the broker process's own CPU time per update): the throughput per broker
   process once it has a core to itself.
+* ``redis_capacity_per_s``: position updates ``redis-server`` takes per second of its CPU
+  (it runs commands on one thread): the ceiling of a region on one Redis. The note of
+  ``update_cpu_us`` gives the Redis scripts and commands run per update (``INFO
+  commandstats``).
 * ``match_ms``: latency of a position update -> ``match``, median: two fresh sessions on two
   different brokers (the same one for N = 1 and the embedded broker), one holding a position,
   the other sends one 5 m away; the time until the first one receives its ``match`` (across
@@ -188,6 +192,23 @@ class RedisServer:
         import redis
         with redis.Redis.from_url(self.url) as client:
             client.flushall()
+
+    def reset_stats(self) -> None:
+        """Reset its command statistics (``CONFIG RESETSTAT``)."""
+        import redis
+        with redis.Redis.from_url(self.url) as client:
+            client.config_resetstat()
+
+    def commands(self) -> tuple[int, int, float]:
+        """Since the last :meth:`reset_stats`: commands run (Lua scripts' own calls included),
+        scripts run (``EVALSHA``, ``EVAL``) and microseconds spent inside commands."""
+        import redis
+        with redis.Redis.from_url(self.url) as client:
+            stats = client.info("commandstats")
+        calls = sum(int(v["calls"]) for v in stats.values())
+        scripts = sum(int(v["calls"]) for k, v in stats.items()
+                      if k in ("cmdstat_evalsha", "cmdstat_eval"))
+        return calls, scripts, sum(float(v["usec"]) for v in stats.values())
 
     def cpu_s(self) -> float:
         return cpu_seconds(self.pid)
@@ -450,13 +471,16 @@ class Measured:
     seconds: float = math.nan
     matches: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    redis_calls: int = 0
+    redis_scripts: int = 0
+    redis_usec: float = 0.0
     broker_cpu_s: float = 0.0
-    store_cpu_s: float = 0.0
+    store_cpu_s: dict[str, float] = field(default_factory=dict)
     load_cpu_s: float = 0.0
     match_s: list[float] = field(default_factory=list)
     upload_s: list[float] = field(default_factory=list)
     upload_broker_cpu_s: float = 0.0
-    upload_store_cpu_s: float = 0.0
+    upload_store_cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def per_s(self) -> float:
@@ -464,7 +488,7 @@ class Measured:
 
     @property
     def update_cpu_us(self) -> float:
-        return 1e6 * (self.broker_cpu_s + self.store_cpu_s) / self.updates
+        return 1e6 * (self.broker_cpu_s + sum(self.store_cpu_s.values())) / self.updates
 
     @property
     def capacity_per_s(self) -> float:
@@ -472,7 +496,8 @@ class Measured:
 
     @property
     def upload_cpu_ms(self) -> float:
-        return 1e3 * (self.upload_broker_cpu_s + self.upload_store_cpu_s) / len(self.upload_s)
+        return (1e3 * (self.upload_broker_cpu_s + sum(self.upload_store_cpu_s.values()))
+                / len(self.upload_s))
 
 
 @dataclass
@@ -484,14 +509,18 @@ class Sizes:
 
 
 async def measure(stores: dict[str, str], count: int, sizes: Sizes, tmp: Path,
-                  store_cpu: Sequence[Callable[[], float]], rng: random.Random) -> Measured:
+                  store_cpu: dict[str, Callable[[], float]], rng: random.Random,
+                  redis: RedisServer | None = None) -> Measured:
     """Run ``count`` broker processes on ``stores`` (see :func:`serve_args`) and measure them
-    (see the module docstring). ``store_cpu``: callables giving the shared stores' CPU
-    seconds."""
+    (see the module docstring). ``store_cpu``: the shared stores' names -> their CPU
+    seconds; ``redis``: the Redis whose commands per update are counted."""
     got = Measured(count)
 
-    def stores_cpu_s() -> float:
-        return sum(cpu() for cpu in store_cpu)
+    def stores_cpu_s() -> dict[str, float]:
+        return {name: cpu() for name, cpu in store_cpu.items()}
+
+    def since(before: dict[str, float]) -> dict[str, float]:
+        return {name: cpu - before[name] for name, cpu in stores_cpu_s().items()}
 
     async with contextlib.AsyncExitStack() as stack:
         dbs = [tmp / f"board-{uuid.uuid4().hex[:12]}.sqlite3" for _ in range(count)]   # new
@@ -511,9 +540,13 @@ async def measure(stores: dict[str, str], count: int, sizes: Sizes, tmp: Path,
         try:
             await load.start(timeout_s=120)
             cpu0, store0 = sum(cpu_seconds(p) for p in pids), stores_cpu_s()
+            if redis is not None:
+                redis.reset_stats()
             results = await load.run(timeout_s=sizes.seconds + 120)
+            if redis is not None:
+                got.redis_calls, got.redis_scripts, got.redis_usec = redis.commands()
             got.broker_cpu_s = sum(cpu_seconds(p) for p in pids) - cpu0
-            got.store_cpu_s = stores_cpu_s() - store0
+            got.store_cpu_s = since(store0)
         finally:
             await load.stop()
         per_broker = [sum(int(r["updates"][i]) for r in results)
@@ -534,7 +567,7 @@ async def measure(stores: dict[str, str], count: int, sizes: Sizes, tmp: Path,
         for i in range(sizes.uploads):
             got.upload_s.append(await upload_latency(urls[i % count], rng))
         got.upload_broker_cpu_s = sum(cpu_seconds(p) for p in pids) - cpu0
-        got.upload_store_cpu_s = stores_cpu_s() - store0
+        got.upload_store_cpu_s = since(store0)
     return got
 
 
@@ -569,6 +602,10 @@ def pgbench(postgres: PostgresServer, seconds: int) -> float:
 
 def _p(values: list[float], q: float) -> float:
     return 1e3 * percentile(values, q)
+
+
+def _split(cpu_s: dict[str, float], scale: float, unit: str) -> str:
+    return " + ".join(f"{name} {scale * s:.2f} {unit}" for name, s in cpu_s.items())
 
 
 def _refusals(got: Measured) -> str:
@@ -607,13 +644,20 @@ def figures(embedded: Measured, regions: list[Measured], again: Measured, redis_
                    + ", ".join(str(u) for u in r.updates_per_broker) + ")"),
             Figure(f"region{n}_update_cpu_us", r.update_cpu_us, e.update_cpu_us, "us",
                    r.updates, f"CPU per position update, brokers "
-                   f"{1e6 * r.broker_cpu_s / r.updates:.1f} us + Redis "
-                   f"{1e6 * r.store_cpu_s / r.updates:.1f} us; peer: the embedded broker "
-                   f"process (PostgreSQL there: {1e6 * e.store_cpu_s / e.updates:.1f} us)"),
+                   f"{1e6 * r.broker_cpu_s / r.updates:.1f} us + "
+                   + _split(r.store_cpu_s, 1e6 / r.updates, "us")
+                   + f"; Redis ran {r.redis_scripts / r.updates:.2f} scripts and "
+                   f"{r.redis_calls / r.updates:.1f} commands per update (the scripts' own "
+                   f"calls included), {r.redis_usec / r.updates:.1f} us inside them; peer: "
+                   "the embedded broker process"),
             Figure(f"region{n}_broker_capacity_per_s", r.capacity_per_s, e.capacity_per_s,
                    "1/s", r.updates, "position updates per CPU-second of one broker process "
                    "(its own CPU only, Redis not included): the throughput of a broker "
                    "process with a core to itself; peer: the embedded broker's"),
+            Figure(f"region{n}_redis_capacity_per_s",
+                   r.updates / r.store_cpu_s["Redis"] if r.store_cpu_s.get("Redis") else None,
+                   None, "1/s", r.updates, "position updates per CPU-second of redis-server "
+                   "(one thread): the most one Redis takes, whatever the number of brokers"),
             Figure(f"region{n}_match_ms", _p(r.match_s, 0.5), _p(e.match_s, 0.5), "ms",
                    len(r.match_s), f"position update -> match, median, {where} "
                    f"(p95 {_p(r.match_s, 0.95):.2f} ms; embedded p95 "
@@ -624,9 +668,9 @@ def figures(embedded: Measured, regions: list[Measured], again: Measured, redis_
                    f"{_p(e.upload_s, 0.95):.1f} ms); committed to PostgreSQL vs SQLite"),
             Figure(f"region{n}_upload_cpu_ms", r.upload_cpu_ms, e.upload_cpu_ms, "ms",
                    len(r.upload_s), f"CPU per upload: brokers "
-                   f"{1e3 * r.upload_broker_cpu_s / len(r.upload_s):.2f} ms + PostgreSQL "
-                   f"{1e3 * r.upload_store_cpu_s / len(r.upload_s):.2f} ms; peer: the "
-                   "embedded broker process (SQLite in it)"),
+                   f"{1e3 * r.upload_broker_cpu_s / len(r.upload_s):.2f} ms + "
+                   + _split(r.upload_store_cpu_s, 1e3 / len(r.upload_s), "ms")
+                   + "; peer: the embedded broker process (SQLite in it)"),
         ]
     rows += [
         Figure("redis_set_per_s", redis_set, None, "1/s", 1,
@@ -644,18 +688,17 @@ async def run(scale: Scale) -> list[Figure]:
     rng = random.Random(8)
     with tempfile.TemporaryDirectory(prefix="fanny-bench-") as name:
         tmp = Path(name)
-        embedded = await measure({}, 1, sizes, tmp, [], rng)
+        embedded = await measure({}, 1, sizes, tmp, {}, rng)
         with redis_server(tmp) as redis, postgres_server() as postgres:
             regions = []
             for count in (1, 2, 3):
                 redis.flush()
                 stores = {"--redis": redis.url, "--postgres": postgres.new_database()}
-                regions.append(await measure(stores, count, sizes, tmp,
-                                             [redis.cpu_s, lambda: postgres_cpu_s(postgres)],
-                                             rng))
+                cpu = {"Redis": redis.cpu_s, "PostgreSQL": lambda: postgres_cpu_s(postgres)}
+                regions.append(await measure(stores, count, sizes, tmp, cpu, rng, redis))
             redis_set = redis_benchmark(redis, scale.pick(200_000, 10_000))
             pg_tps = pgbench(postgres, scale.pick(10, 1))
-        again = await measure({}, 1, sizes, tmp, [], rng)
+        again = await measure({}, 1, sizes, tmp, {}, rng)
     return figures(embedded, regions, again, redis_set, pg_tps, sizes)
 
 

@@ -70,15 +70,17 @@ def test_figures_are_ratios_to_the_embedded_broker():
                         broker_cpu_s=0.02, match_s=[0.001, 0.001], upload_s=[0.01, 0.01],
                         upload_broker_cpu_s=0.004)
     region = Measured(2, updates=1500, updates_per_broker=[700, 800], seconds=1.0,
-                      broker_cpu_s=0.045, store_cpu_s=0.015, match_s=[0.002, 0.002],
+                      broker_cpu_s=0.045, store_cpu_s={"Redis": 0.01, "PostgreSQL": 0.005},
+                      match_s=[0.002, 0.002],
                       upload_s=[0.02, 0.02], upload_broker_cpu_s=0.004,
-                      upload_store_cpu_s=0.004)
+                      upload_store_cpu_s={"Redis": 0.0, "PostgreSQL": 0.004})
     rows = {f.name: f for f in figures(embedded, [region], embedded, 1e5, 1e3, sizes)}
     assert rows["region2_updates_per_s"].ratio == 1.5
     assert rows["region2_updates_per_s_broker"].value == 750
     assert math.isclose(rows["region2_update_cpu_us"].value, 40.0)
     assert math.isclose(rows["region2_update_cpu_us"].ratio, 2.0)
     assert math.isclose(rows["region2_broker_capacity_per_s"].ratio, (1500 / 0.045) / 50_000)
+    assert math.isclose(rows["region2_redis_capacity_per_s"].value, 1500 / 0.01)
     assert math.isclose(rows["region2_match_ms"].ratio, 2.0)
     assert math.isclose(rows["region2_upload_cpu_ms"].ratio, 2.0)
     assert rows["pgbench_tps"].value == 1e3 and rows["pgbench_tps"].floor is None
