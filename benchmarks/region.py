@@ -81,6 +81,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from broker.positives import SqlitePositiveBoard
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import (
     UPLOAD_SIZE_BYTES,
@@ -524,6 +525,9 @@ async def measure(stores: dict[str, str], count: int, sizes: Sizes, tmp: Path,
 
     async with contextlib.AsyncExitStack() as stack:
         dbs = [tmp / f"board-{uuid.uuid4().hex[:12]}.sqlite3" for _ in range(count)]   # new
+        if "--postgres" not in stores:
+            for db in dbs:   # an empty board, as `fanny-broker create-board` makes it
+                SqlitePositiveBoard(db).close()
         started = await asyncio.gather(*(   # all at once; every started one is stopped on exit
             stack.enter_async_context(server_process(*serve_args(db, stores),
                                                      errors=db.with_suffix(".stderr")))
