@@ -81,7 +81,7 @@ from fanny_tui.protocol.proximity import METRES_PER_DEGREE, haversine_m, within_
 
 from . import Refusal
 from .backends import EXPIRE_BATCH, Recipient
-from .state import Connected, MatchNotice, _positive
+from .state import Connected, MatchNotice, Role, _positive
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -463,8 +463,8 @@ class RedisPositions:
         for (_, other), won in zip(found, claimed, strict=True):
             if not won:
                 continue
-            mine = "initiator" if session_id < other else "responder"
-            theirs = "responder" if mine == "initiator" else "initiator"
+            mine: Role = "initiator" if session_id < other else "responder"
+            theirs: Role = "responder" if mine == "initiator" else "initiator"
             notices.append(MatchNotice(session_id, other, mine))
             notices.append(MatchNotice(other, session_id, theirs))
         return notices
@@ -733,7 +733,7 @@ class RedisRouter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         if self._pubsub is not None:
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
         for future in self._confirmations.values():
             future.cancel()
         self._confirmations.clear()

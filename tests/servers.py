@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -89,7 +90,8 @@ def redis_contents(client: redis.Redis) -> dict[str, list[str]]:
     ``["<TYPE>"]``."""
     contents: dict[str, list[str]] = {}
     for key in client.scan_iter(count=1000):
-        kind = client.type(key)
+        kind = str(client.type(key))
+        values: list[Any]
         if kind == "string":
             values = [client.get(key) or ""]
         elif kind == "hash":
@@ -97,10 +99,10 @@ def redis_contents(client: redis.Redis) -> dict[str, list[str]]:
         elif kind == "set":
             values = sorted(client.smembers(key))
         elif kind == "zset":
-            values = client.zrange(key, 0, -1)
+            values = list(client.zrange(key, 0, -1))
         else:
             values = [f"<{kind}>"]
-        contents[key] = values
+        contents[str(key)] = [str(value) for value in values]
     return contents
 
 

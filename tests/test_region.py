@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import redis
+from websockets.exceptions import ConnectionClosed
 
 from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.gps import FixedSource
@@ -154,6 +155,25 @@ async def test_three_brokers_share_positives_and_announcements(
                 await poller.send(PositivesPoll())
                 page = await poller.expect(Positives)
                 assert [t.token for t in page.tokens] == [token(1), token(2)]
+
+
+async def test_a_reconnect_through_another_broker_replaces_the_older_connection(
+        redis_url: str, region_board: RegionBoard) -> None:
+    async with (region(redis_url, region_board, 2) as (one, two),
+                Client.open(one.url) as old, Client.open(two.url) as new,
+                Client.open(one.url) as peer):
+        await old.hello()
+        await new.hello(session_id=old.session_id)
+        with pytest.raises(ConnectionClosed) as closed:
+            await old.recv(timeout=5 * TIME_UNIT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
+        # The session lives on through the newer connection: it matches a peer of broker one.
+        await peer.hello()
+        await new.at(0)
+        await new.barrier()
+        await peer.at(2)
+        assert (await new.expect(Match)).peer_session_id == peer.session_id
+        assert one.backends.router.local_count() == 1 and two.backends.router.local_count() == 1
 
 
 async def _signal_outcome(sender: Client, peer: str) -> str:
