@@ -43,7 +43,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-import psycopg.errors
 
 from fanny_tui.protocol.messages import PositiveToken
 

@@ -235,6 +235,37 @@ def test_sweep_forgets_an_upload_whose_tokens_all_expired(store):
     assert store._db.execute("SELECT count(*) FROM uploads").fetchone()[0] == 0
 
 
+def test_a_declaration_secret_is_kept_in_memory_per_code_until_its_last_upload(tmp_path,
+                                                                              store):
+    s1, s2 = "a1" * 32, "b2" * 32
+    for token in (T1, T2, T3):
+        store.add(token, EXPIRY)
+    store.begin_upload("u-1", "CODE1", limit=1)
+    store.begin_upload("u-2", "CODE1", limit=1)
+    store.begin_upload("u-3", "CODE2")
+    assert {p.declaration for p in store.pending()} == {None}        # none made yet
+    assert store.declaration_for("CODE1", s1) == s1
+    assert store.declaration_for("CODE1", s2) == s1                  # the kept one wins
+    assert store.declaration_for("CODE2", s2) == s2
+    assert {p.upload_id: p.declaration for p in store.pending()} == {
+        "u-1": s1, "u-2": s1, "u-3": s2}
+    files = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.is_file())
+    assert s1.encode() not in files and s2.encode() not in files    # memory only
+    assert store.complete_upload("u-1") == 1                         # u-2 still needs it
+    assert store.declaration_for("CODE1", s2) == s1
+    assert store.abandon_upload("u-2") == 1 and store.complete_upload("u-3") == 1
+    assert store.declaration_for("CODE1", s2) == s2                  # forgotten: a new one
+    assert store.declaration_for("CODE2", s1) == s1
+
+
+def test_a_declaration_secret_goes_with_its_expired_uploads(store):
+    store.add(T1, EXPIRY)
+    store.begin_upload("u-1", "CODE")
+    store.declaration_for("CODE", "a1" * 32)
+    assert store.sweep_expired(EXPIRY) == 1
+    assert store.declaration_for("CODE", "b2" * 32) == "b2" * 32
+
+
 # -- disk full and read-only: a clear error, nothing lost or half written -------------------
 
 
