@@ -122,7 +122,6 @@ POSITION_RATE = 10_000.0
 """The brokers' per-connection position rate here (updates per second; default 10)."""
 
 
-
 def serve_args(db: Path, stores: dict[str, str]) -> list[str]:
     """``python`` arguments of one broker process: ``fanny-broker serve`` as an operator runs
     it, on a free loopback port, with ``stores`` (``{"--redis": URL, "--postgres": URL}`` or
@@ -279,20 +278,20 @@ def walk(index: int, total: int, step: int) -> tuple[float, float]:
 @dataclass
 class _Walker:
     index: int
-    url: int
+    broker: int   # index of its broker's URL
     ws: ClientConnection
     step: int = 0
     barrier: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
 
 
-async def _hello(url: str) -> tuple[ClientConnection, str]:
+async def _hello(url: str) -> ClientConnection:
+    """A new session connection to ``url`` (a fresh session ID), once ``welcome`` came."""
     ws = await connect(url, proxy=None, compression=None, open_timeout=30, max_queue=None)
-    session_id = str(uuid.uuid4())
-    await ws.send(encode(Hello(session_id=session_id, radius_m=RADIUS_M)))
+    await ws.send(encode(Hello(session_id=str(uuid.uuid4()), radius_m=RADIUS_M)))
     answer = decode_broker_message(await asyncio.wait_for(ws.recv(), 30))
     if not isinstance(answer, Welcome):
         raise RuntimeError(f"the broker answered hello with {answer!r}")
-    return ws, session_id
+    return ws
 
 
 async def _load(spec: dict[str, Any]) -> dict[str, Any]:
@@ -316,7 +315,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                 elif isinstance(message, Error) and message.code == "already_hello":
                     walker.barrier.put_nowait(message.code)
                 elif isinstance(message, Error):   # the position was not handled
-                    failed[walker.url] += 1
+                    failed[walker.broker] += 1
                     refused[message.code] = refused.get(message.code, 0) + 1
 
     async def window(walker: _Walker, size: int) -> None:
@@ -329,7 +328,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
 
     walkers = []
     for index in range(first, first + count):
-        ws, _ = await _hello(urls[index % len(urls)])
+        ws = await _hello(urls[index % len(urls)])
         walkers.append(_Walker(index, index % len(urls), ws))
     readers = [asyncio.create_task(read(w)) for w in walkers]
     await asyncio.gather(*(window(w, 1) for w in walkers))   # every device has a position
@@ -348,7 +347,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     async def walk_until_end(walker: _Walker) -> None:
         while time.perf_counter() < end:
             await window(walker, WINDOW)
-            sent[walker.url] += WINDOW
+            sent[walker.broker] += WINDOW
 
     await asyncio.gather(*(walk_until_end(w) for w in walkers))
     elapsed = time.perf_counter() - start
@@ -422,8 +421,8 @@ async def match_latency(urls: list[str], index: int) -> float:
     there on the next broker (the same broker when there is one)."""
     lat = PROBE_LAT
     lon = LON0 + index * 200.0 / (METRES_PER_DEGREE * math.cos(math.radians(PROBE_LAT)))
-    waiting, _ = await _hello(urls[(index + 1) % len(urls)])
-    mover, _ = await _hello(urls[index % len(urls)])
+    waiting = await _hello(urls[(index + 1) % len(urls)])
+    mover = await _hello(urls[index % len(urls)])
     try:
         await waiting.send(encode(Position(latitude=lat, longitude=lon, accuracy_m=4.0)))
         await waiting.send(encode(Hello(session_id=str(uuid.uuid4()), radius_m=RADIUS_M)))
