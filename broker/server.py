@@ -1,4 +1,10 @@
-"""The broker's WebSocket server: decode -> state / board -> encode (paper sections 3 and 4).
+"""The broker's WebSocket server: a thin asyncio adapter (paper sections 3 and 4).
+
+Each connection's rules -- its kind, every refusal, limit and deadline -- are decided by the
+sans-I/O :class:`~broker.protocol.BrokerConnection`; this module reads frames, feeds them to
+it with the broker's monotonic clock, and executes the actions it returns: queue a frame,
+close, call the stores of :mod:`broker.backends` (feeding their answers back). The connection
+state machine is in docs/protocol.md ("The broker connection").
 
 One endpoint; the first accepted message of a connection decides its kind:
 
@@ -73,7 +79,7 @@ import ssl
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -82,34 +88,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgspec
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from fanny_tui.protocol.batch import BATCH_FORMAT, encode_end_frame
-from fanny_tui.protocol.codes import code_hash, declaration_hash
-from fanny_tui.protocol.errors import FannyError, MessageError
-from fanny_tui.protocol.messages import (
-    ACK_SIZE_BYTES,
-    MAX_TOKENS_PER_UPLOAD,
-    PROTOCOL_VERSION,
-    Error,
-    Hello,
-    Match,
-    Position,
-    PositionLost,
-    PositiveAck,
-    Positives,
-    PositivesAvailable,
-    PositivesPoll,
-    PositiveUpload,
-    Signal,
-    Welcome,
-    decode_client_message,
-    encode,
-    encode_padded,
-)
+from fanny_tui.protocol.batch import encode_end_frame
+from fanny_tui.protocol.errors import FannyError
+from fanny_tui.protocol.messages import PositivesAvailable, encode
 
 from . import Refusal
 from .backends import Backends, MemoryPositions, open_backends
@@ -122,6 +107,29 @@ from .positives import (
     PositiveBoard,
     check_upload,
 )
+from .protocol import (
+    INTERNAL_ERROR,
+    Action,
+    Admission,
+    Announce,
+    Attach,
+    BrokerConnection,
+    CheckDecoy,
+    Close,
+    Connect,
+    ConnectionKind,
+    ConnectionLimits,
+    Disconnect,
+    DropPosition,
+    Post,
+    ReadBoard,
+    Record,
+    RelaySignal,
+    Send,
+    StoreUpload,
+    StreamBoard,
+    UpdatePosition,
+)
 from .state import BrokerState
 
 logger = logging.getLogger("broker.server")
@@ -130,10 +138,7 @@ Recorder = Callable[[str, str], None]
 """``recorder(kind, raw)``: called with every frame received; kind is ``"session"``,
 ``"anonymous"`` or ``"unknown"`` (the connection's kind is not decided yet)."""
 
-_REASON_MAX = 200
-_CLOSE_REPLACED = 4000
 _CLOSE_TOO_SLOW = 1008
-_CLOSE_POLICY = 1008
 _WARN_EVERY_S = 60.0
 WRITE_LIMIT_BYTES = 32 * 1024
 """The library's write buffer high-water mark per connection: a send beyond it waits (at most
@@ -390,7 +395,8 @@ def _log_internal_error(what: str, exc: BaseException) -> None:
 
 
 class _Client:
-    """One WebSocket connection: its kind, its session (if any) and its outgoing queue.
+    """One WebSocket connection: its sans-I/O core (:class:`~broker.protocol.BrokerConnection`)
+    and its outgoing queue.
 
     Every message to the client goes through one queue drained by one writer task, so the
     client receives them in the order the broker decided them. Answers to the client's own
@@ -404,23 +410,15 @@ class _Client:
     ends whenever the queue is empty.
     """
 
-    __slots__ = ("ws", "bucket", "poll_bucket", "signal_bucket", "address", "kind",
-                 "session_id", "epoch", "replaced", "closing", "admitted", "_tasks", "_limit",
-                 "_send_timeout_s", "_soft_limit", "_queue", "_space", "_dead", "_writer")
+    __slots__ = ("ws", "core", "address", "closing", "_tasks", "_limit", "_send_timeout_s",
+                 "_soft_limit", "_queue", "_space", "_dead", "_writer")
 
-    def __init__(self, ws: ServerConnection, outbox_size: int, tasks: set[asyncio.Task[Any]],
-                 bucket: _TokenBucket, send_timeout_s: float):
+    def __init__(self, ws: ServerConnection, core: BrokerConnection, outbox_size: int,
+                 tasks: set[asyncio.Task[Any]], send_timeout_s: float):
         self.ws = ws
-        self.bucket = bucket
-        self.poll_bucket = bucket     # replaced by the broker: polls and signals have their own
-        self.signal_bucket = bucket
-        self.address: str | None = None
-        self.kind = "unknown"
-        self.session_id: str | None = None
-        self.epoch = 0
-        self.replaced = False
+        self.core = core
+        self.address: str | None = None      # set while admitted (memory only, never logged)
         self.closing = False
-        self.admitted = False
         self._tasks = tasks
         self._limit = outbox_size
         self._send_timeout_s = send_timeout_s
@@ -466,12 +464,12 @@ class _Client:
             if self._space is not None:
                 self._space.set()
 
-    async def reply(self, message: Any, window: int | None = None) -> None:
+    async def reply(self, frame: str | bytes, window: int | None = None) -> None:
         """Queue an answer to this client's own request; waits while the queue is half full.
 
-        ``message`` is a message struct, its already encoded text (a padded ack), or the
-        bytes of a binary frame. ``window``: wait until fewer than this many messages are
-        queued (default: half the queue), e.g. 2 to stream large frames one by one.
+        ``frame``: JSON text or the bytes of a binary frame. ``window``: wait until fewer
+        than this many messages are queued (default: half the queue), e.g. 2 to stream large
+        frames one by one.
         """
         limit = self._soft_limit if window is None else window
         while self._pending() >= limit and not self._dead:
@@ -480,10 +478,11 @@ class _Client:
             self._space.clear()
             await self._space.wait()
         if not self._dead:
-            self._enqueue(message if isinstance(message, str | bytes) else encode(message))
+            self._enqueue(frame)
 
-    def post(self, message: Any) -> None:
-        """Queue a message caused by another client, without waiting; a full queue closes it."""
+    def post(self, message: str) -> None:
+        """Queue a text frame caused by another client, without waiting; a full queue closes
+        this client (:class:`~broker.backends.Recipient`)."""
         if self.closing or self._dead:
             return
         if self._pending() >= self._limit:
@@ -491,7 +490,18 @@ class _Client:
             self.closing = True
             self._spawn(self._close_slow())
             return
-        self._enqueue(message if isinstance(message, str) else encode(message))
+        self._enqueue(message)
+
+    def replace(self) -> None:
+        """A newer connection of the same session exists: close this one (4000)
+        (:class:`~broker.backends.Recipient`). Only a session connection is attached to a
+        session; on any other (already closed) it does nothing."""
+        if self.core.kind is not ConnectionKind.SESSION:
+            return
+        self.core.replaced()
+        for action in self.core.actions():   # only Close: the core decides nothing else here
+            if isinstance(action, Close):
+                self._spawn(self.ws.close(action.code, action.reason))
 
     async def _close_slow(self) -> None:
         # Its close frame would wait behind everything the client does not read: give the
@@ -507,17 +517,6 @@ class _Client:
             await asyncio.wait({self._writer}, timeout=timeout)
         await self.ws.close(code, reason)
 
-    def close_soon(self, code: int, reason: str) -> None:
-        """Start closing the connection in the background."""
-        self._spawn(self.ws.close(code, reason))
-
-    def replace(self) -> None:
-        """A newer connection of the same session exists: close this one (4000)
-        (:class:`~broker.backends.Recipient`)."""
-        if not self.replaced:
-            self.replaced = True
-            self.close_soon(_CLOSE_REPLACED, "replaced by a newer connection")
-
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
@@ -532,85 +531,13 @@ class _Client:
                 await writer
 
 
-class _TokenBucket:
-    """A token bucket: ``rate`` tokens per second, at most ``burst`` stored (starts full)."""
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.level = float(burst)
-        self.at = now
-
-    def take(self, now: float) -> bool:
-        """Take one token at monotonic time ``now``; False (nothing taken) when empty."""
-        self.level = min(self.burst, self.level + max(0.0, now - self.at) * self.rate)
-        self.at = now
-        if self.level < 1.0:
-            return False
-        self.level -= 1.0
-        return True
-
-
-class _TypeOnly(msgspec.Struct):
-    type: str = ""
-
-
-_type_only = msgspec.json.Decoder(_TypeOnly)
-
-
-def _frame_type(raw: str) -> str | None:
-    """The ``type`` of a frame that failed full decoding, if it is a JSON object with one."""
-    try:
-        return _type_only.decode(raw).type
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-
-
-def _decode_refusal(exc: MessageError) -> Error:
-    """The ``error`` answering a frame that failed to decode (``too_many_tokens`` named)."""
-    if exc.field == "tokens" and "length <=" in str(exc):
-        return _error("too_many_tokens", f"an upload carries at most {MAX_TOKENS_PER_UPLOAD} "
-                      "tokens: send the others in another upload", "tokens")
-    return _error(exc.code, str(exc), exc.field)
-
-
-def _error(code: str, message: str, field: str | None) -> Error:
-    if len(message) > _REASON_MAX:
-        message = message[: _REASON_MAX - 3] + "..."
-    return Error(code=code[:64], message=message, field=field)
-
-
-def _upload_error(error: Error) -> str:
-    """The text of an ``error`` answering a ``positive_upload``: padded to exactly
-    ``ACK_SIZE_BYTES`` like the ack, so a refused upload's answer has the size of an
-    acknowledged one (trial finding 9). A refusal too long for it loses the end of its
-    ``message`` (then its ``field``) to fit."""
-    while True:
-        try:
-            return encode_padded(error, ACK_SIZE_BYTES)
-        except ValueError:
-            over = len(encode(error).encode("utf-8")) - ACK_SIZE_BYTES
-            if len(error.message) > 3:
-                keep = max(0, len(error.message.removesuffix("...")) - over - 3)
-                error = msgspec.structs.replace(error, message=error.message[:keep] + "...")
-            elif error.field is not None:
-                error = msgspec.structs.replace(error, field=None)
-            else:
-                raise
-
-
-def _classify(message: Any) -> str:
-    if isinstance(message, Hello):
-        return "session"
-    if isinstance(message, PositiveUpload | PositivesPoll):
-        return "anonymous"
-    return "unknown"
-
-
 # --- the broker ----------------------------------------------------------------------------
 
 
 class _Broker:
+    """The asyncio adapter: feeds each connection's :class:`~broker.protocol.BrokerConnection`
+    and executes its actions against the client and the backends."""
+
     def __init__(
         self,
         settings: BrokerSettings,
@@ -620,6 +547,7 @@ class _Broker:
         monotonic: Callable[[], float],
     ) -> None:
         self.settings = settings
+        self.limits = ConnectionLimits.from_settings(settings)
         self.backends = backends
         self.positions = backends.positions
         self.router = backends.router
@@ -628,14 +556,23 @@ class _Broker:
         self.wall_clock = wall_clock
         self.monotonic = monotonic
         self.connections = 0
-        self.per_address: dict[str, int] = {}     # memory only, never logged
-        self.admitted = 0                         # connections admitted and still open
+        self.admission = Admission(settings.max_connections,
+                                   settings.max_connections_per_address)
         self.refused_connections = 0              # since the last warning about them
         self.last_refusal_warning = -math.inf
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pages = BatchPages(board, settings.batch_frame_tokens, settings.batch_cache_bytes)
         self.announce_task: asyncio.Task[None] | None = None
         self.announced_at = -math.inf
+        self.max_expiry_ahead = timedelta(seconds=settings.max_expiry_ahead_s)
+        self._do: dict[type, Callable[[_Client, Any], Awaitable[None]]] = {
+            Send: self._send, Post: self._post, Close: self._close, Record: self._record,
+            Connect: self._connect, Attach: self._attach, Disconnect: self._disconnect,
+            UpdatePosition: self._update_position, DropPosition: self._drop_position,
+            RelaySignal: self._relay_signal, StoreUpload: self._store_upload,
+            CheckDecoy: self._check_decoy, ReadBoard: self._read_board,
+            StreamBoard: self._stream_board, Announce: self._announce_action,
+        }
 
     @property
     def state(self) -> BrokerState | None:
@@ -665,41 +602,6 @@ class _Broker:
 
     # --- connections ---------------------------------------------------------------------
 
-    def _admit(self, client: _Client) -> str | None:
-        """Count the connection against the global cap and its source address's cap.
-
-        Returns:
-            ``None`` when admitted, else the refusal's message (the code is
-            ``too_many_connections`` either way).
-        """
-        total = self.settings.max_connections
-        if total and self.admitted >= total:
-            return "the broker is full: retry later"
-        cap = self.settings.max_connections_per_address
-        if cap:
-            remote = client.ws.remote_address
-            address = str(remote[0]) if remote else "?"
-            if self.per_address.get(address, 0) >= cap:
-                return "too many connections from this address: close some and retry"
-            self.per_address[address] = self.per_address.get(address, 0) + 1
-            client.address = address
-        self.admitted += 1
-        client.admitted = True
-        return None
-
-    def _release(self, client: _Client) -> None:
-        if client.admitted:
-            client.admitted = False
-            self.admitted -= 1
-        if client.address is None:
-            return
-        left = self.per_address.get(client.address, 1) - 1
-        if left > 0:
-            self.per_address[client.address] = left
-        else:
-            self.per_address.pop(client.address, None)
-        client.address = None
-
     def _warn_refused_connection(self) -> None:
         # A count, never the address; at most one line a minute under a flood.
         self.refused_connections += 1
@@ -713,286 +615,200 @@ class _Broker:
             self.last_refusal_warning = now
 
     async def handle(self, ws: ServerConnection) -> None:
-        bucket = _TokenBucket(self.settings.position_rate_per_s, self.settings.position_burst,
-                              self.monotonic())
-        client = _Client(ws, self.settings.outbox_size, self.tasks, bucket,
+        core = BrokerConnection(self.limits, self.monotonic(), record=self.recorder is not None)
+        client = _Client(ws, core, self.settings.outbox_size, self.tasks,
                          self.settings.send_timeout_s)
-        client.poll_bucket = _TokenBucket(self.settings.poll_rate_per_s,
-                                          self.settings.poll_burst, self.monotonic())
-        client.signal_bucket = _TokenBucket(self.settings.signal_rate_per_s,
-                                            self.settings.signal_burst, self.monotonic())
         self.connections += 1
         logger.info("connection opened (%d open)", self.connections)
         try:
-            refusal = self._admit(client)
-            if refusal is not None:
+            remote = ws.remote_address
+            address = str(remote[0]) if remote else "?"
+            refusal = self.admission.admit(address)
+            if refusal is None:
+                client.address = address
+                await self._serve(client)
+            else:
                 self._warn_refused_connection()
-                await client.reply(_error("too_many_connections", refusal, None))
-                await client.close_when_sent(_CLOSE_POLICY, "too many connections")
-                return
-            await self._serve(client)
+                core.refuse_connection(refusal)
+                await self._run(client, core.actions())
         except ConnectionClosed:
             pass
         except Exception as exc:  # one bad client never harms the others
             _log_internal_error("in a connection", exc)
         finally:
-            self._release(client)
-            if client.session_id is not None:
-                try:   # a shared store may fail: the connection is released all the same
-                    await self.router.detach(client.session_id, client)
-                    if await self.positions.disconnect(client.session_id, client.epoch):
-                        logger.info("session ended (%d sessions)",
-                                    self.positions.counts()["sessions"])
-                except Exception as exc:
-                    _log_internal_error("while ending a session", exc)
+            if client.address is not None:
+                self.admission.release(client.address)
+                client.address = None
+            core.connection_lost()
+            try:   # a shared store may fail: the connection is released all the same
+                await self._run(client, core.actions())
+            except Exception as exc:
+                _log_internal_error("while ending a connection", exc)
             await client.finish()
             self.connections -= 1
             logger.info("connection closed (%d open)", self.connections)
 
     async def _serve(self, client: _Client) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.first_message_timeout_s
-        while not client.replaced:
-            if client.kind == "unknown":
+        """Read frames until the connection closes; the core decides, :meth:`_run` acts."""
+        core, ws, monotonic = client.core, client.ws, self.monotonic
+        while (kind := core.kind) is not ConnectionKind.CLOSED:
+            if kind is ConnectionKind.NEW:   # the first-message deadline runs
+                deadline = core.deadline
+                assert deadline is not None
                 try:
-                    raw = await asyncio.wait_for(client.ws.recv(), max(0.0, deadline - loop.time()))
+                    raw = await asyncio.wait_for(ws.recv(), max(0.0, deadline - monotonic()))
                 except TimeoutError:
-                    logger.info("closing a connection that sent no valid first message")
-                    await client.close_when_sent(1008, "no valid first message")
-                    return
+                    core.tick(monotonic())
+                    await self._run(client, core.actions())
+                    continue
             else:
-                raw = await client.ws.recv()
-            if client.replaced:
-                return
-            received = loop.time()
+                raw = await ws.recv()
             try:
-                await self._on_frame(client, raw, received)
+                core.receive_frame(raw, monotonic())
+                await self._run(client, core.actions())
             except ConnectionClosed:
                 raise
             except Exception as exc:
                 _log_internal_error("while handling a message", exc)
-                await client.reply(
-                    _error("internal_error", "the broker failed on this message", None))
+                await client.reply(INTERNAL_ERROR)
 
-    def _record(self, kind: str, raw: str | bytes) -> None:
+    async def _run(self, client: _Client, actions: list[Action]) -> None:
+        """Execute ``actions`` (drained from the core) in order, feeding the stores' answers
+        back to the core (a store call is always the last action of its batch: the actions of
+        its answer follow)."""
+        core = client.core
+        do = self._do
+        while actions:
+            for action in actions:
+                try:
+                    await do[type(action)](client, action)
+                except ConnectionClosed:
+                    raise
+                except Exception as exc:
+                    if core.awaiting is None:
+                        raise
+                    if isinstance(exc, Refusal):
+                        logger.debug("refused by a store: %s", exc.code)
+                        core.refused(exc)
+                    elif isinstance(exc, BoardError):
+                        logger.error("positive board failure (%s): %s", core.awaiting.value, exc)
+                        core.unavailable()
+                    else:
+                        _log_internal_error(f"in a store call ({core.awaiting.value})", exc)
+                        core.failed()
+            actions = core.actions()
+
+    # --- actions -------------------------------------------------------------------------
+
+    async def _send(self, client: _Client, action: Send) -> None:
+        if action.not_before is not None:
+            wait = action.not_before - self.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        if action.error is not None:
+            # Only the code: a field name comes from the client and could be anything.
+            logger.debug("refused a message: %s", action.error)
+        await client.reply(action.frame)
+
+    async def _post(self, _client: _Client, action: Post) -> None:
+        await self.router.post(action.session_id, action.frame)
+
+    async def _close(self, client: _Client, action: Close) -> None:
+        logger.info("closing a connection (%s)", action.reason)
+        if action.flush:
+            await client.close_when_sent(action.code, action.reason)
+        else:
+            client._spawn(client.ws.close(action.code, action.reason))
+
+    async def _record(self, _client: _Client, action: Record) -> None:
         if self.recorder is None:
             return
-        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        frame = action.frame
+        text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
         try:
-            self.recorder(kind, text)
+            self.recorder(action.kind, text)
         except Exception as exc:
             _log_internal_error("in the recorder", exc)
 
-    async def _hold(self, received: float) -> None:
-        """Wait until ``upload_answer_delay_s`` after ``received`` (loop time, seconds)."""
-        loop = asyncio.get_running_loop()
-        wait = received + self.settings.upload_answer_delay_s - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-    async def _on_frame(self, client: _Client, raw: str | bytes, received: float) -> None:
-        if isinstance(raw, bytes):
-            self._record(client.kind, raw)
-            await client.reply(
-                _error("bad_message", "binary frames are not accepted: send JSON text", None))
-            return
-        try:
-            message = decode_client_message(raw)
-        except MessageError as exc:
-            self._record(client.kind, raw)
-            error = _decode_refusal(exc)
-            # Only the code: a field name comes from the client and could be anything.
-            logger.debug("refused a message: %s", error.code)
-            if _frame_type(raw) == "positive_upload":
-                await self._hold(received)   # even a malformed upload is answered late,
-                await client.reply(_upload_error(error))     # and at the ack's size
-                return
-            await client.reply(error)
-            return
-        self._record(client.kind if client.kind != "unknown" else _classify(message), raw)
-        if isinstance(message, PositiveUpload):
-            await self._on_upload(client, message, received)
-            return
-        try:
-            if client.kind == "session":
-                await self._on_session_message(client, message)
-            elif client.kind == "anonymous":
-                await self._on_anonymous_message(client, message)
-            else:
-                await self._on_first_message(client, message)
-        except Refusal as exc:
-            logger.debug("refused a message: %s", exc.code)
-            await client.reply(_error(exc.code, str(exc), exc.field))
-
-    async def _on_first_message(self, client: _Client, message: Any) -> None:
-        if isinstance(message, Hello):
-            await self._hello(client, message)
-        elif isinstance(message, PositivesPoll):
-            client.kind = "anonymous"
-            logger.info("anonymous connection")
-            await self._on_anonymous_message(client, message)
-        else:
-            raise Refusal("send hello first (or open an anonymous connection for positives)",
-                          code="hello_required", field="type")
-
-    async def _hello(self, client: _Client, hello: Hello) -> None:
-        if hello.protocol != PROTOCOL_VERSION:
-            raise Refusal(f"unsupported protocol version; this broker speaks {PROTOCOL_VERSION}",
-                          code="unsupported_protocol", field="protocol")
-        connected = await self.positions.connect(hello.session_id, hello.radius_m,
-                                                 self.monotonic())
+    async def _connect(self, client: _Client, action: Connect) -> None:
+        connected = await self.positions.connect(action.session_id, action.radius_m, action.now)
         if connected.replaced:
             logger.info("session reconnected (old connection replaced)")
-        client.kind = "session"
-        client.session_id = hello.session_id
-        client.epoch = connected.epoch
-        await self.router.attach(hello.session_id, client)
-        await client.reply(Welcome(radius_m=connected.radius_m,
-                            position_timeout_s=self.settings.position_timeout_s))
+        client.core.connected(connected.epoch, connected.radius_m)
+
+    async def _attach(self, client: _Client, action: Attach) -> None:
+        await self.router.attach(action.session_id, client)
         logger.info("session started (%d sessions)", self.positions.counts()["sessions"])
 
-    async def _on_session_message(self, client: _Client, message: Any) -> None:
-        session_id = client.session_id
-        assert session_id is not None
-        if isinstance(message, Position):
-            now = self.monotonic()
-            if not client.bucket.take(now):
-                raise Refusal(
-                    f"too many positions: at most {self.settings.position_rate_per_s:g} per "
-                    "second on average; this one was ignored", code="rate_limited", field=None)
-            notices = await self.positions.update_position(
-                session_id, message.latitude, message.longitude, message.accuracy_m, now)
-            for notice in notices:
-                await self.router.post(notice.session_id, encode(
-                    Match(peer_session_id=notice.peer_session_id, role=notice.role)))
-            if notices:
-                logger.info("match (%d sessions with a position)",
-                            self.positions.counts()["positions"])
-        elif isinstance(message, PositionLost):
-            await self.positions.drop_position(session_id)
-        elif isinstance(message, Signal):
-            if not client.signal_bucket.take(self.monotonic()):
-                raise Refusal(
-                    f"too many signals: at most {self.settings.signal_rate_per_s:g} per second "
-                    "on average; this one was not relayed", code="rate_limited", field=None)
-            await self.positions.check_route(session_id, message.peer_session_id,
-                                             self.monotonic())
-            relayed = encode(Signal(peer_session_id=session_id, sdp_type=message.sdp_type,
-                                    sdp=message.sdp))
-            if not await self.router.post(message.peer_session_id, relayed):
-                raise Refusal("the peer is not connected", code="peer_unavailable",
-                              field="peer_session_id")
-            logger.debug("signal relayed (%s)", message.sdp_type)
-        elif isinstance(message, Hello):
-            raise Refusal("hello was already sent on this connection", code="already_hello",
-                          field="type")
+    async def _disconnect(self, client: _Client, action: Disconnect) -> None:
+        await self.router.detach(action.session_id, client)
+        if await self.positions.disconnect(action.session_id, action.epoch):
+            logger.info("session ended (%d sessions)", self.positions.counts()["sessions"])
+
+    async def _update_position(self, client: _Client, action: UpdatePosition) -> None:
+        notices = await self.positions.update_position(
+            action.session_id, action.latitude, action.longitude, action.accuracy_m, action.now)
+        if notices:
+            logger.info("match (%d sessions with a position)",
+                        self.positions.counts()["positions"])
+        client.core.matched(notices)
+
+    async def _drop_position(self, _client: _Client, action: DropPosition) -> None:
+        await self.positions.drop_position(action.session_id)
+
+    async def _relay_signal(self, client: _Client, action: RelaySignal) -> None:
+        await self.positions.check_route(action.source, action.destination, action.now)
+        if await self.router.post(action.destination, action.frame):
+            logger.debug("signal relayed")
+            client.core.relayed()
         else:
-            raise Refusal("positive uploads and polls are refused on a session connection: "
-                          "open a separate anonymous connection", code="wrong_connection",
-                          field="type")
+            client.core.peer_gone()
 
-    async def _on_upload(self, client: _Client, upload: PositiveUpload, received: float) -> None:
-        """Answer a ``positive_upload`` (any connection kind), never before the minimum delay."""
-        try:
-            if client.kind == "session":
-                raise Refusal("positive uploads and polls are refused on a session connection: "
-                              "open a separate anonymous connection", code="wrong_connection",
-                              field="type")
-            if client.kind == "unknown":
-                client.kind = "anonymous"
-                logger.info("anonymous connection")
-            answer: Any = await self._upload(upload)
-        except Refusal as exc:
-            logger.debug("refused a message: %s", exc.code)
-            answer = _error(exc.code, str(exc), exc.field)
-        except Exception as exc:
-            _log_internal_error("while handling an upload", exc)
-            answer = _error("internal_error", "the broker failed on this message", None)
-        await self._hold(received)
-        await client.reply(answer if isinstance(answer, str) else _upload_error(answer))
+    async def _store_upload(self, client: _Client, action: StoreUpload) -> None:
+        upload = action.upload
+        count = await asyncio.to_thread(
+            self.board.add, upload.upload_id, upload.tokens, self.wall_clock(),
+            code_hash=action.code_hash, code_required=action.code_required,
+            declaration_hash=action.declaration_hash)
+        # Answered only now: the tokens are committed (paper section 4, step 2: the device
+        # deletes its tokens when it receives the ack).
+        logger.info("positive upload committed (%d tokens)", count)
+        client.core.upload_done(count)
 
-    async def _upload(self, upload: PositiveUpload) -> str:
-        """Commit (or, for a decoy, only validate) an upload; return the padded ack text."""
+    async def _check_decoy(self, client: _Client, action: CheckDecoy) -> None:
+        count = len(check_upload(action.tokens, self.wall_clock(), self.max_expiry_ahead))
+        logger.info("decoy upload discarded")
+        client.core.upload_done(count)
+
+    async def _read_board(self, client: _Client, action: ReadBoard) -> None:
+        tokens, cursor, more = await asyncio.to_thread(
+            self.board.since, action.cursor, action.limit, self.wall_clock())
+        logger.info("positives poll answered (%d tokens)", len(tokens))
+        client.core.board_read(tokens, cursor, more)
+
+    async def _stream_board(self, client: _Client, action: StreamBoard) -> None:
+        """Every unexpired token after the cursor up to the board's last cursor when the poll
+        came, in ``batch1`` frames from :class:`~broker.positives.BatchPages` (encoded once,
+        shared), queued one at a time (``window=2``): a whole board in bounded memory."""
         now = self.wall_clock()
-        if upload.decoy:
-            # Validated like a real upload, then discarded: nothing stored, no code looked at.
-            count = len(check_upload(upload.tokens, now,
-                                     timedelta(seconds=self.settings.max_expiry_ahead_s)))
-            logger.info("decoy upload discarded")
-        else:
-            hashed = None
-            if upload.code is not None:
-                try:
-                    hashed = code_hash(upload.code)
-                except ValueError as exc:
-                    raise Refusal(f"malformed declaration code: {exc}", code="code_invalid",
-                                  field="code") from None
-            declared = (None if upload.declaration is None
-                        else declaration_hash(upload.declaration))
-            try:
-                count = await asyncio.to_thread(
-                    self.board.add, upload.upload_id, upload.tokens, now, code_hash=hashed,
-                    code_required=not self.settings.open_declarations,
-                    declaration_hash=declared)
-            except BoardError as exc:
-                logger.error("positive board failure on upload: %s", exc)
-                raise Refusal("the broker could not store the upload; retry later",
-                              code="unavailable", field=None) from None
-            # Sent only now: the tokens are committed (paper section 4, step 2: the device
-            # deletes its tokens when it receives this ack).
-            logger.info("positive upload committed (%d tokens)", count)
-            if count and self.settings.announce_positives:
-                self.announce()
-        return encode_padded(PositiveAck(upload_id=upload.upload_id, count=count),
-                             ACK_SIZE_BYTES)
-
-    async def _on_anonymous_message(self, client: _Client, message: Any) -> None:
-        if isinstance(message, PositivesPoll):
-            if not client.poll_bucket.take(self.monotonic()):
-                raise Refusal(
-                    f"too many polls: at most {self.settings.poll_rate_per_s:g} per second on "
-                    "average; poll again later", code="rate_limited", field=None)
-            if BATCH_FORMAT in message.accept:
-                await self._poll_batches(client, message.cursor)
-                return
-            try:
-                tokens, cursor, more = await asyncio.to_thread(
-                    self.board.since, message.cursor, self.settings.poll_limit, self.wall_clock())
-            except BoardError as exc:
-                logger.error("positive board failure on poll: %s", exc)
-                raise Refusal("the broker could not read the board; retry later",
-                              code="unavailable", field=None) from None
-            await client.reply(Positives(cursor=cursor, tokens=tokens, more=more))
-            logger.info("positives poll answered (%d tokens)", len(tokens))
-        else:
-            raise Refusal("this is an anonymous connection (positives only): session messages "
-                          "need their own connection opened with hello",
-                          code="wrong_connection", field="type")
-
-    async def _poll_batches(self, client: _Client, cursor: int) -> None:
-        """Answer a poll in ``batch1`` binary frames: every unexpired token after ``cursor``
-        up to the board's last cursor when the poll came, then the end frame.
-
-        Frames come from :class:`~broker.positives.BatchPages` (encoded once, shared) and are
-        queued one at a time (``window=2``), so a whole board streams in bounded memory.
-        """
-        now = self.wall_clock()
-        try:
-            high = await asyncio.to_thread(self.board.last_cursor)
-            if cursor > high:   # the board was reset: start over, never miss tokens
-                cursor = 0
-            sent = 0
-            for lo, hi in self.pages.spans(cursor, high):
-                frame = await asyncio.to_thread(self.pages.frame, lo, hi, now)
-                if frame is not None:
-                    await client.reply(frame, window=2)
-                    sent += 1
-        except BoardError as exc:
-            logger.error("positive board failure on poll: %s", exc)
-            raise Refusal("the broker could not read the board; retry later",
-                          code="unavailable", field=None) from None
+        cursor = action.cursor
+        high = await asyncio.to_thread(self.board.last_cursor)
+        if cursor > high:   # the board was reset: start over, never miss tokens
+            cursor = 0
+        sent = 0
+        for lo, hi in self.pages.spans(cursor, high):
+            frame = await asyncio.to_thread(self.pages.frame, lo, hi, now)
+            if frame is not None:
+                await client.reply(frame, window=2)
+                sent += 1
         await client.reply(encode_end_frame(high), window=2)
         logger.info("positives poll answered (%d binary frames)", sent)
+        client.core.board_streamed()
+
+    async def _announce_action(self, _client: _Client, _action: Announce) -> None:
+        self.announce()
+
+    # --- announcements -------------------------------------------------------------------
 
     def announce(self) -> None:
         """Announce new positives to every session connection, at most once per
@@ -1098,8 +914,9 @@ async def start_broker(
             ``settings.db_path``; the caller keeps ownership (it is not closed here).
         wall_clock: returns the current aware UTC time (default ``datetime.now(UTC)``);
             used for token expiry.
-        monotonic: returns monotonic seconds (default ``time.monotonic``); used for
-            positions, cooldowns and routes.
+        monotonic: returns monotonic seconds (default ``time.monotonic``); the one clock of
+            the connections' rules (:mod:`broker.protocol`: rate limits, the first-message
+            deadline, the upload answer delay) and of positions, cooldowns and routes.
 
     Yields:
         The :class:`RunningBroker`.
