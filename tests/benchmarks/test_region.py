@@ -121,3 +121,20 @@ async def test_refused_positions_are_not_counted_as_updates(tmp_path, time_unit)
     # every position sent in the run was either counted or refused (whole windows were sent)
     assert (updates + refused) % WINDOW == 0 and updates + refused >= 4 * WINDOW
     assert updates < 4 * WINDOW
+
+
+def test_the_benchmarks_postgres_is_durable_and_its_cpu_is_counted():
+    import psycopg
+
+    from benchmarks.region import postgres_cpu_s, postgres_server
+
+    with postgres_server() as server:
+        with psycopg.connect(server.url(), autocommit=True) as db:
+            settings = dict(db.execute("SELECT name, setting FROM pg_settings WHERE name IN "
+                                       "('fsync', 'full_page_writes')").fetchall())
+        assert settings == {"fsync": "on", "full_page_writes": "on"}   # tests/pg.py turns them off
+        before = postgres_cpu_s(server)
+        with psycopg.connect(server.url(), autocommit=True) as db:   # work in a backend
+            db.execute("SELECT sum(i) FROM generate_series(1, 2000000) AS i").fetchone()
+            assert postgres_cpu_s(server) > before      # the backend, alive
+        assert postgres_cpu_s(server) > before          # and once it has exited
