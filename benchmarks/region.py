@@ -2,13 +2,16 @@
 Redis and one PostgreSQL, beside the embedded broker (memory + SQLite), in the same run.
 
 Everything runs on this machine, on loopback (127.0.0.1) only, and is started and stopped
-here: a ``redis-server`` (nothing persisted: ``--save ''``, ``--appendonly no``) and a
-PostgreSQL cluster (``initdb`` into a temporary directory, trust authentication, default
-durability: ``fsync`` on), each on a free port; each broker is its own process (its own
+here, by the tests' own code (``tests/servers.py``, ``tests/pg.py``): a ``redis-server``
+(nothing persisted: ``--save ''``, ``--appendonly no``) and a PostgreSQL cluster (``initdb``
+into a temporary directory, trust authentication, default durability: ``fsync`` and
+``full_page_writes`` on, as the SQLite board's ``synchronous=FULL``), each on a free port;
+each broker is its own process (its own
 core, its own event loop): ``python -m broker serve`` (``fanny-broker serve``) with
 ``--redis URL --postgres URL``, or without them for the embedded broker. Four
-configurations, one after the other: the embedded broker alone, then 1, 2 and 3 brokers on
-the shared stores (a fresh PostgreSQL database and an emptied Redis for each).
+configurations, one after the other: the embedded broker alone (a new SQLite board), then 1,
+2 and 3 brokers on the shared stores (a fresh PostgreSQL database and an emptied Redis for
+each).
 
 Load: two load generator processes (``python -m benchmarks.region load``), each holding half
 of the session connections (100 per broker; ``--quick``: 20), spread round-robin over the
@@ -21,9 +24,10 @@ as its broker takes them, in windows of 10, each window closed by a barrier (a s
 ``hello``, answered ``already_hello`` in order: every position before it has been handled).
 The broker's per-connection position rate limit is raised for this (``--position-rate-per-s
 10000``: one connection stands for many devices' updates; a position refused ``rate_limited``
-anyway is not counted); every other setting is the broker's default, but
-``--upload-answer-delay-s 0`` (the minimum answer delay would hide the upload's cost),
-``--open-declarations`` (no declaration codes to issue) and no per-address connection cap.
+anyway, or answered with any other error, is not counted and its code is in the note);
+every other setting is the broker's default, but ``--upload-answer-delay-s 0`` (the minimum
+answer delay would hide the upload's cost), ``--open-declarations`` (no declaration codes to
+issue) and no per-address connection cap.
 
 Figures, for N = 1, 2, 3 brokers on Redis + PostgreSQL (``region{N}_...``), each beside the
 same figure of the embedded broker measured in the same run (the floor; ratio = N-broker
