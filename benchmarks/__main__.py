@@ -28,6 +28,7 @@ BENCHMARKS = {
     "connections": "broker memory per connection beside a bare websockets server",
     "first_contact": "first contact after start vs a later one vs bare aiortc peers",
     "alert": "alert latency after an acknowledged declaration (p95, default settings)",
+    "region": "1, 2 and 3 brokers on Redis + PostgreSQL beside the embedded broker",
 }
 """Name -> what it measures; each name is a module of this package with ``run(scale)``."""
 

@@ -54,17 +54,28 @@ def process_rss(pid: int) -> int:
 
 
 @contextlib.asynccontextmanager
-async def server_process(*args: str) -> AsyncIterator[tuple[int, str]]:
-    """Run ``python ARGS`` until it prints ``listening on URL``; yield ``(pid, url)``."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
+async def server_process(*args: str, errors: Path | None = None
+                         ) -> AsyncIterator[tuple[int, str]]:
+    """Run ``python ARGS`` until it prints ``listening on URL``; yield ``(pid, url)``.
+
+    ``errors``: a file for the process's stderr (default: discarded); its last lines are in
+    the RuntimeError raised when the process exits before listening.
+    """
+    with contextlib.ExitStack() as files:
+        stderr = (files.enter_context(errors.open("ab")) if errors is not None
+                  else asyncio.subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=stderr)
     try:
         assert proc.stdout is not None
         while True:
             line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
             if not line:
-                raise RuntimeError(f"server {args[:2]} exited before listening")
+                said = ("" if errors is None else
+                        ": " + " | ".join(errors.read_text(errors="replace").strip()
+                                          .splitlines()[-3:]))
+                name = "python -c ..." if args[0] == "-c" else f"python {' '.join(args[:2])}"
+                raise RuntimeError(f"server {name} exited before listening{said}")
             if line.startswith("listening on "):
                 yield proc.pid, line.split()[-1]
                 return

@@ -46,11 +46,14 @@ class PostgresServer:
     Args:
         root: an empty directory for the cluster, the socket and the log.
         port: the loopback TCP port to listen on.
+        durable: keep PostgreSQL's default ``fsync`` and ``full_page_writes`` (on), for a
+            benchmark that measures commits (benchmarks/region.py); the tests run without.
     """
 
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(self, root: Path, port: int, *, durable: bool = False) -> None:
         self.root = root
         self.port = port
+        self.durable = durable
         self.bin = _binaries()
         self.data = root / "data"
         self.log = root / "server.log"
@@ -72,8 +75,8 @@ class PostgresServer:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", ROLE, "--auth=trust",
                   "--no-sync", "-E", "UTF8", "--locale=C")
         options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                   f"-c unix_socket_directories={self.root} -c fsync=off "
-                   "-c full_page_writes=off -c max_connections=200")
+                   f"-c unix_socket_directories={self.root} -c max_connections=200"
+                   + ("" if self.durable else " -c fsync=off -c full_page_writes=off"))
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
                   "-t", "60", "-o", options, "start")
 
@@ -102,12 +105,13 @@ class PostgresServer:
         self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def postgres_server() -> Iterator[PostgresServer]:
-    """Start a test server in a fresh temporary directory; stop it and remove it after."""
+def postgres_server(*, durable: bool = False) -> Iterator[PostgresServer]:
+    """Start a test server in a fresh temporary directory; stop it and remove it after.
+    ``durable``: see :class:`PostgresServer`."""
     root = Path(tempfile.mkdtemp(prefix="fanny-pg-"))
     with loopback_port(listening=False) as port:
         pass                                    # a free port, released for the server
-    server = PostgresServer(root, port)
+    server = PostgresServer(root, port, durable=durable)
     try:
         server.start()
         yield server

@@ -35,7 +35,7 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _redis_binary() -> str:
+def redis_binary() -> str:
     found = shutil.which("redis-server") or next(
         (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if Path(p).exists()), None)
     if found is None:
@@ -45,7 +45,7 @@ def _redis_binary() -> str:
     return found
 
 
-def _start_redis(binary: str, directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_redis(binary: str, directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     """Start redis-server on a free loopback port; return it and its URL once it answers."""
     last_error = ""
     for _ in range(3):                       # a port taken between the probe and the bind
@@ -66,14 +66,14 @@ def _start_redis(binary: str, directory: Path) -> tuple[subprocess.Popen[bytes],
             except redis.exceptions.ConnectionError as exc:
                 last_error = str(exc)
             time.sleep(0.05)
-        _stop(process)
+        stop_redis(process)
         lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
         if lines:
             last_error = lines[-1]
     pytest.fail(f"redis-server did not start on a loopback port: {last_error}", pytrace=False)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_redis(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
         try:
@@ -110,11 +110,11 @@ def redis_contents(client: redis.Redis) -> dict[str, list[str]]:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL (``redis://127.0.0.1:PORT/0``) of a redis-server running for the whole test
     run, without persistence; stopped after the run."""
-    process, url = _start_redis(_redis_binary(), tmp_path_factory.mktemp("redis"))
+    process, url = start_redis(redis_binary(), tmp_path_factory.mktemp("redis"))
     try:
         yield url
     finally:
-        _stop(process)
+        stop_redis(process)
 
 
 @pytest.fixture
