@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
@@ -135,6 +135,12 @@ def _redacted(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+POOL_CONNECTIONS = 100
+"""Connections to Redis one broker process opens at most (commands in flight beyond wait)."""
+POOL_WAIT_S = 10.0
+"""The longest a command waits for a free connection; then it fails (``unavailable``)."""
+
+
 async def connect_redis(url: str, timeout_s: float = 5.0) -> Redis:
     """Open a client of the Redis server at ``url`` and check that it answers.
 
@@ -149,8 +155,14 @@ async def connect_redis(url: str, timeout_s: float = 5.0) -> Redis:
         ConnectionError: the server cannot be reached or refused the client; the one-line
             message names the URL without its password.
     """
-    client: Redis = Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout_s,
-                                   socket_timeout=None, health_check_interval=30)
+    # A blocking pool: with more commands in flight than connections, a command waits for a
+    # free connection (at most POOL_WAIT_S) instead of failing at once (redis-py's default pool
+    # raised MaxConnectionsError for 0.7-2 % of updates at 100 sessions per broker: the region
+    # benchmark, docs/performance.md).
+    pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
+        url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_S, decode_responses=True,
+        socket_connect_timeout=timeout_s, socket_timeout=None, health_check_interval=30)
+    client: Redis = Redis.from_pool(pool)
     try:
         await asyncio.wait_for(client.ping(), timeout_s)
     except (RedisError, OSError, TimeoutError) as exc:
