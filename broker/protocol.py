@@ -471,6 +471,11 @@ _ALL = tuple(K)
 INTERNAL_ERROR = encode(Error(code="internal_error", message="the broker failed on this message"))
 """The ``error`` text for a message the broker failed on (an exception, not a refusal)."""
 
+UNAVAILABLE = encode(Error(code="unavailable", message="a store of the broker is unavailable; "
+                           "retry later"))
+"""The ``error`` text for a message whose store action failed because the store cannot be
+reached (Redis down) outside a pending call (a ``Post``, ``Attach``, ``DropPosition``)."""
+
 
 class _TypeOnly(msgspec.Struct):
     type: str = ""
@@ -720,13 +725,15 @@ class BrokerConnection:
         self._answer(self.awaiting, Input.REFUSED, refusal)
 
     def unavailable(self) -> None:
-        """The board failed on the pending call: refuse ``unavailable`` (retry later).
+        """The store of the pending call cannot be reached (the board failed, Redis is down):
+        refuse ``unavailable`` (retry later). A hello whose registration failed leaves the
+        connection new, as :meth:`failed` does: the client may say hello again.
 
         Raises:
-            LocalProtocolError: no board call is pending.
+            LocalProtocolError: nothing is pending.
         """
-        if self.awaiting not in (Op.STORE, Op.READ, Op.STREAM):
-            raise LocalProtocolError("unavailable: no board call is pending")
+        if self.awaiting is None:
+            raise LocalProtocolError("unavailable: no store call is pending")
         self._answer(self.awaiting, Input.UNAVAILABLE, None)
 
     def failed(self) -> None:
@@ -965,9 +972,15 @@ class BrokerConnection:
             self._pending_upload = None
             self._send_upload_error(Refusal("the broker could not store the upload; retry "
                                             "later", code="unavailable"), self._answer_at)
-        else:
+        elif self.awaiting in (Op.READ, Op.STREAM):
             self._send_error(Refusal("the broker could not read the board; retry later",
                                      code="unavailable"))
+        else:
+            self._send_error(Refusal("the broker's live-positions store is unavailable; "
+                                     "retry later", code="unavailable", field=None))
+        if self.awaiting is Op.CONNECT and self.kind is K.GREETING:
+            self._greeting = None
+            self.kind = K.NEW      # the deadline of the first message still runs
         self.awaiting = None
 
     def _failed(self, _value: None, _now: float) -> None:
@@ -1041,10 +1054,11 @@ _TRANSITIONS: dict[tuple[ConnectionKind, Any], _Handler] = {
     **{(kind, Input.TICK): _C._nothing for kind in _ALL if kind is not K.NEW},
     **{(kind, Input.LOST): _C._lost for kind in _ALL},  # -> CLOSED
     (K.CLOSED, Input.REPLACED): _C._nothing,
-    # The stores' answers (GREETING: CONNECTED or FAILED; CLOSED: a connection replaced
+    # The stores' answers (GREETING: CONNECTED, UNAVAILABLE or FAILED; CLOSED: a connection replaced
     # while its call ran still takes the answer, so that its matches reach their sessions).
     (K.GREETING, Input.CONNECTED): _C._connected,       # -> SESSION
     (K.GREETING, Input.FAILED): _C._failed,             # -> NEW
+    (K.GREETING, Input.UNAVAILABLE): _C._unavailable,   # -> NEW
     (K.CLOSED, Input.CONNECTED): _C._connected_after_end,   # ended meanwhile: Disconnect
     **{(kind, key): handler for kind in (K.SESSION, K.ANONYMOUS, K.CLOSED)
        for key, handler in _RESULTS.items() if key is not Input.CONNECTED},

@@ -23,7 +23,8 @@ closed with 1008). Refusal codes:
 ``hello_required``, ``already_hello``, ``unsupported_protocol``, ``wrong_connection``,
 ``rate_limited``, ``not_matched``, ``peer_unavailable``, ``code_required``, ``code_invalid``,
 ``code_expired``, ``code_used``, ``expiry_out_of_window``, ``duplicate_token``,
-``upload_conflict``, ``too_many_connections``, ``unavailable`` (the board failed: retry later)
+``upload_conflict``, ``too_many_connections``, ``unavailable`` (a store -- the board, Redis --
+could not be reached: retry later)
 and ``internal_error``.
 
 Positive uploads (paper section 4, step 2; section 5): a real upload needs a declaration code
@@ -98,7 +99,7 @@ from fanny_tui.protocol.errors import FannyError
 from fanny_tui.protocol.messages import PositivesAvailable, encode
 
 from . import Refusal
-from .backends import Backends, MemoryPositions, open_backends
+from .backends import Backends, MemoryPositions, open_backends, store_unavailable
 from .positives import (
     DEFAULT_CODE_GRACE,
     DEFAULT_MAX_EXPIRY_AHEAD,
@@ -110,6 +111,7 @@ from .positives import (
 )
 from .protocol import (
     INTERNAL_ERROR,
+    UNAVAILABLE,
     Action,
     Admission,
     Announce,
@@ -374,6 +376,12 @@ class _LibraryLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         return msg, kwargs
 
 
+def _log_store_unavailable(what: str, exc: BaseException) -> None:
+    """Log, in one line without traceback nor message (no data), that a shared store could not
+    be reached (:func:`~broker.backends.store_unavailable`)."""
+    logger.error("store unavailable %s: %s", what, type(exc).__name__)
+
+
 def _log_internal_error(what: str, exc: BaseException) -> None:
     """Log an unexpected exception without its message (it could quote client data)."""
     frames = "".join(traceback.format_tb(exc.__traceback__))
@@ -632,7 +640,10 @@ class _Broker:
             try:   # a shared store may fail: the connection is released all the same
                 await self._run(client, core.actions())
             except Exception as exc:
-                _log_internal_error("while ending a connection", exc)
+                if store_unavailable(exc):   # its entries expire in the store on their own
+                    _log_store_unavailable("while ending a connection", exc)
+                else:
+                    _log_internal_error("while ending a connection", exc)
             await client.finish()
             self.connections -= 1
             logger.info("connection closed (%d open)", self.connections)
@@ -658,8 +669,12 @@ class _Broker:
             except ConnectionClosed:
                 raise
             except Exception as exc:
-                _log_internal_error("while handling a message", exc)
-                await client.reply(INTERNAL_ERROR)
+                if store_unavailable(exc):   # a Post, Attach, DropPosition... on a store gone
+                    _log_store_unavailable("while handling a message", exc)
+                    await client.reply(UNAVAILABLE)
+                else:
+                    _log_internal_error("while handling a message", exc)
+                    await client.reply(INTERNAL_ERROR)
 
     async def _run(self, client: _Client, actions: list[Action]) -> None:
         """Execute ``actions`` (drained from the core) in order, feeding the stores' answers
@@ -681,6 +696,9 @@ class _Broker:
                         core.refused(exc)
                     elif isinstance(exc, BoardError):
                         logger.error("positive board failure (%s): %s", core.awaiting.value, exc)
+                        core.unavailable()
+                    elif store_unavailable(exc):
+                        _log_store_unavailable(f"in a store call ({core.awaiting.value})", exc)
                         core.unavailable()
                     else:
                         _log_internal_error(f"in a store call ({core.awaiting.value})", exc)
@@ -819,7 +837,13 @@ class _Broker:
             logger.error("positive board failure on announcement: %s", exc)
             return
         message = encode(PositivesAvailable(cursor=cursor))   # the same text to all
-        sent = await self.router.broadcast(message)
+        try:
+            sent = await self.router.broadcast(message)
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            _log_store_unavailable("on announcement", exc)   # devices learn at their poll
+            return
         logger.info("positives announced to %d sessions", sent)
 
     # --- housekeeping --------------------------------------------------------------------
@@ -842,7 +866,10 @@ class _Broker:
             except BoardError as exc:
                 logger.error("positive board failure on purge: %s", exc)
             except Exception as exc:
-                _log_internal_error("in housekeeping", exc)
+                if store_unavailable(exc):
+                    _log_store_unavailable("in housekeeping", exc)
+                else:
+                    _log_internal_error("in housekeeping", exc)
             await asyncio.sleep(self.settings.housekeeping_interval_s)
 
 

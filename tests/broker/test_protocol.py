@@ -600,6 +600,33 @@ def test_a_hello_the_store_failed_on_leaves_the_connection_new():
     assert h.feed(Hello(session_id=A, radius_m=30.0)) == [Connect(A, 30.0, T0)]
 
 
+def test_a_hello_the_store_is_unavailable_for_is_refused_unavailable_and_stays_new():
+    """Redis down at hello: ``unavailable`` (the device's link retries, or fails over)."""
+    h = Harness()
+    h.feed(Hello(session_id=A, radius_m=30.0))
+    h.conn.unavailable()
+    [send] = h.conn.actions()
+    error = decode_broker_message(send.frame)
+    assert isinstance(error, Error) and send.error == "unavailable"
+    assert (error.code, error.field) == ("unavailable", None) and "retry" in error.message
+    assert h.conn.kind is K.NEW and h.conn.session_id is None and h.conn.awaiting is None
+    assert h.feed(Hello(session_id=A, radius_m=30.0)) == [Connect(A, 30.0, T0)]
+
+
+@pytest.mark.parametrize("frame", [position(), Signal(peer_session_id=B, sdp_type="offer",
+                                                     sdp=SDP)])
+def test_a_session_message_the_store_is_unavailable_for_keeps_the_session(frame):
+    h = _session()
+    [call] = [a for a in h.feed(frame) if not isinstance(a, Record)]
+    assert isinstance(call, UpdatePosition | RelaySignal)
+    h.conn.unavailable()
+    [send] = h.conn.actions()
+    error = decode_broker_message(send.frame)
+    assert isinstance(error, Error) and error.code == "unavailable"
+    assert h.conn.kind is K.SESSION and h.conn.awaiting is None
+    assert h.conn.session_id == A
+
+
 def test_the_recorder_sees_every_frame_with_the_kind_of_its_connection():
     h = Harness(record=True)
     bad = h.feed(position())
@@ -703,7 +730,7 @@ def test_the_wrong_answer_is_illegal_and_changes_nothing():
     h = Harness()
     h.feed(Hello(session_id=A, radius_m=30.0))
     before = h.snapshot()
-    for call, args in (("matched", ([],)), ("upload_done", (1,)), ("unavailable", ()),
+    for call, args in (("matched", ([],)), ("upload_done", (1,)), ("relayed", ()),
                        ("refused", (Refusal("no", code="not_matched"),))):
         with pytest.raises(LocalProtocolError):
             getattr(h.conn, call)(*args)
@@ -809,13 +836,14 @@ def test_docs_give_the_state_machine_of_every_kind():
 
 
 _LEGAL_ANSWERS: dict[Op, list[tuple[str, tuple[Any, ...]]]] = {
-    Op.CONNECT: [("connected", (5, 30.0)), ("failed", ())],
+    Op.CONNECT: [("connected", (5, 30.0)), ("unavailable", ()), ("failed", ())],
     Op.UPDATE: [("matched", ([],)), ("matched", ([MatchNotice(A, B, "initiator"),
                                                  MatchNotice(B, A, "responder")],)),
-                ("failed", ())],
+                ("unavailable", ()), ("failed", ())],
     Op.RELAY: [("relayed", ()), ("peer_gone", ()),
                ("refused", (Refusal("no route", code="not_matched",
-                                    field="peer_session_id"),)), ("failed", ())],
+                                    field="peer_session_id"),)), ("unavailable", ()),
+               ("failed", ())],
     Op.STORE: [("upload_done", (0,)), ("upload_done", (3,)), ("unavailable", ()),
                ("refused", (Refusal("used", code="code_used", field="code"),)), ("failed", ())],
     Op.READ: [("board_read", ([positive(1)], 1, False)), ("unavailable", ()), ("failed", ())],

@@ -19,8 +19,10 @@ from broker.server import BrokerSettings, start_broker
 from fanny_tui.protocol.codes import code_hash
 from fanny_tui.protocol.messages import (
     UPLOAD_SIZE_BYTES,
+    Error,
     Hello,
     Match,
+    Position,
     PositionLost,
     PositiveAck,
     Positives,
@@ -30,6 +32,7 @@ from fanny_tui.protocol.messages import (
     Welcome,
     encode_padded,
 )
+from tests.helpers import TIME_UNIT
 
 from .kit import (
     LAT,
@@ -366,6 +369,52 @@ async def test_no_ack_when_the_commit_fails(tmp_path):
             assert (await anon.expect(Positives)).tokens == []
     finally:
         board.close()
+
+
+async def test_a_redis_stopped_mid_run_is_answered_unavailable_and_logged_in_one_line(
+        tmp_path, own_redis, caplog):
+    """Redis down under a region's broker: every session message whose store call fails is
+    answered ``unavailable`` (retry later; a hello may be said again, or to another broker),
+    the connection stays open, and each failure is one log line without data or traceback."""
+    caplog.set_level(logging.DEBUG)
+    answer_s = 10 * TIME_UNIT                    # a refused reconnect fails at once
+    async with (
+        running(tmp_path, redis_url=own_redis.url) as broker,
+        Client.open(broker.url) as a,
+        Client.open(broker.url) as b,
+    ):
+        await a.hello()
+        await b.hello()
+        await a.at(0)
+        await b.at(3)
+        assert isinstance(await a.recv(answer_s), Match)     # Redis works: a and b match
+        assert isinstance(await b.recv(answer_s), Match)
+        own_redis.stop()
+        for message in (Position(latitude=north(1), longitude=LON, accuracy_m=4.0),
+                        Signal(peer_session_id=b.session_id, sdp_type="offer", sdp="v=0"),
+                        PositionLost()):
+            await a.send(message)
+            error = await a.recv(answer_s)
+            assert isinstance(error, Error) and (error.code, error.field) == (
+                "unavailable", None), (message, error)
+        async with Client.open(broker.url) as c:
+            for _ in range(2):                  # a hello not welcomed leaves it new
+                await c.send(Hello(session_id=new_id(), radius_m=30.0))
+                error = await c.recv(answer_s)
+                assert isinstance(error, Error) and error.code == "unavailable", error
+        await a.send(PositivesPoll(cursor=0))   # the connection is still a session's
+        assert (await a.expect_error("wrong_connection", "type")).code == "wrong_connection"
+    records = [r for r in caplog.records if not r.name.startswith("tests.")]
+    failures = [r for r in records if "store unavailable" in r.getMessage()]
+    assert {r.getMessage() for r in failures} >= {
+        "store unavailable in a store call (update): ConnectionError",
+        "store unavailable in a store call (relay): ConnectionError",
+        "store unavailable in a store call (connect): ConnectionError",
+        "store unavailable while handling a message: ConnectionError"}, failures
+    assert all(r.levelno == logging.ERROR and r.exc_info is None for r in failures)
+    text = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in records)
+    assert "internal error" not in text and "Traceback" not in text
+    assert a.session_id not in text and b.session_id not in text and "127.0.0." not in text
 
 
 async def test_idempotent_reupload(tmp_path):
