@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .positives import CodePolicy, PositiveBoard, SqlitePositiveBoard
+from .positives import BoardError, CodePolicy, PositiveBoard, SqlitePositiveBoard
 from .state import BrokerState, Connected, MatchNotice
 
 if TYPE_CHECKING:
@@ -362,5 +362,8 @@ def open_board(settings: BrokerSettings) -> PositiveBoard:
 
         return PostgresPositiveBoard(settings.postgres_url, max_expiry_ahead=max_expiry_ahead,
                                      code_policy=policy)
+    if settings.db_path is None:        # BrokerSettings refuses neither; a type guard
+        raise BoardError("db_path: expected the positive board's SQLite file (or a "
+                         "postgres_url)")
     return SqlitePositiveBoard(settings.db_path, max_expiry_ahead=max_expiry_ahead,
                                code_policy=policy)

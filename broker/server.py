@@ -172,7 +172,8 @@ class BrokerSettings:
     Attributes:
         host: address to bind (``127.0.0.1``; ``::1`` or ``0.0.0.0`` behind a reverse proxy).
         port: TCP port; 0 picks a free one (see :attr:`RunningBroker.port`).
-        db_path: the SQLite file of the positive-token board.
+        db_path: the SQLite file of the positive-token board; may be None with
+            ``postgres_url`` (then unused). One of the two is required.
         radius_max_m: the largest matching radius, metres (also the grid cell size).
         cooldown_s: seconds before the same pair of sessions can match again.
         position_timeout_s: seconds after which a position without update is dropped.
@@ -233,7 +234,7 @@ class BrokerSettings:
 
     host: str
     port: int
-    db_path: str | Path
+    db_path: str | Path | None = None
     radius_max_m: float = 100.0
     cooldown_s: float = 300.0
     position_timeout_s: float = 60.0
@@ -274,7 +275,11 @@ class BrokerSettings:
             raise ValueError(f"BrokerSettings.host: expected a host name or address, "
                              f"got {self.host!r}")
         _check_int("port", self.port, 0, 65535)
-        if not isinstance(self.db_path, str | Path) or not str(self.db_path):
+        if self.db_path is None:
+            if self.postgres_url is None:
+                raise ValueError("BrokerSettings.db_path: expected the positive board's SQLite "
+                                 "file (or a postgres_url), got None")
+        elif not isinstance(self.db_path, str | Path) or not str(self.db_path):
             raise ValueError(f"BrokerSettings.db_path: expected a file path, got {self.db_path!r}")
         _check_number("radius_max_m", self.radius_max_m, high=10_000.0)
         _check_number("cooldown_s", self.cooldown_s)
@@ -927,7 +932,7 @@ async def start_broker(
         recorder: called as ``recorder(kind, raw)`` with every frame received (tests use it to
             prove the broker never sees a contact ID). Must not block.
         board: a :class:`~broker.positives.PositiveBoard` to use instead of opening
-            ``settings.db_path``; the caller keeps ownership (it is not closed here).
+            the one the settings name; the caller keeps ownership (it is not closed here).
         wall_clock: returns the current aware UTC time (default ``datetime.now(UTC)``);
             used for token expiry.
         monotonic: returns monotonic seconds (default ``time.monotonic``); the one clock of

@@ -91,6 +91,27 @@ def test_the_command_line_overrides_the_file(tmp_path):
     assert (settings.port, settings.radius_max_m, settings.db_path) == (0, 50.0, "b.sqlite3")
 
 
+def test_db_path_is_optional_with_a_postgres_url(tmp_path):
+    """A region's broker keeps its board in PostgreSQL: no SQLite file to name (issue 8)."""
+    url = "postgresql://fanny@127.0.0.1:5432/fanny"
+    path = tmp_path / "region.toml"
+    path.write_text(f'[storage]\npostgres_url = "{url}"\n')
+    settings, _ = broker_settings(load_broker_config(path), {})
+    assert (settings.db_path, settings.postgres_url) == (None, url)
+    path.write_text(f'[storage]\ndb_path = ""\npostgres_url = "{url}"\n')   # "" = none
+    assert broker_settings(load_broker_config(path), {})[0].db_path is None
+    settings, _ = broker_settings({}, {"postgres_url": url})
+    assert settings.db_path is None
+    assert BrokerSettings("127.0.0.1", 0, postgres_url=url).db_path is None
+    with pytest.raises(ValueError, match=r"^BrokerSettings\.db_path: expected the positive "
+                                         r"board's SQLite file \(or a postgres_url\)"):
+        BrokerSettings("127.0.0.1", 0)
+    path.write_text('[storage]\ndb_path = ""\n')
+    with pytest.raises(BrokerConfigError, match=r"^storage.db_path: expected the positive "
+                                                r"board's SQLite file .* or its PostgreSQL"):
+        broker_settings(load_broker_config(path), {})
+
+
 @pytest.mark.parametrize("text, message", [
     ("[limits]\nposition_rate_per_s = -1\n",
      "limits.position_rate_per_s: expected a number > 0 and <= 10000, got -1"),
