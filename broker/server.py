@@ -111,7 +111,6 @@ from .positives import (
 )
 from .protocol import (
     INTERNAL_ERROR,
-    UNAVAILABLE,
     Action,
     Admission,
     Announce,
@@ -676,7 +675,8 @@ class _Broker:
             except Exception as exc:
                 if store_unavailable(exc):   # a Post, Attach, DropPosition... on a store gone
                     _log_store_unavailable("while handling a message", exc)
-                    await client.reply(UNAVAILABLE)
+                    core.store_unavailable()
+                    await self._run(client, core.actions())
                 else:
                     _log_internal_error("while handling a message", exc)
                     await client.reply(INTERNAL_ERROR)

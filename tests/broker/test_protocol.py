@@ -26,6 +26,7 @@ from broker import Refusal
 from broker.protocol import (
     CLOSE_POLICY,
     CLOSE_REPLACED,
+    CLOSE_TRY_AGAIN,
     INTERNAL_ERROR,
     Action,
     Admission,
@@ -615,16 +616,33 @@ def test_a_hello_the_store_is_unavailable_for_is_refused_unavailable_and_stays_n
 
 @pytest.mark.parametrize("frame", [position(), Signal(peer_session_id=B, sdp_type="offer",
                                                      sdp=SDP)])
-def test_a_session_message_the_store_is_unavailable_for_keeps_the_session(frame):
+def test_a_session_message_the_store_is_unavailable_for_closes_the_session(frame):
+    """The device says hello again: its session is registered anew once the store is back."""
     h = _session()
     [call] = [a for a in h.feed(frame) if not isinstance(a, Record)]
     assert isinstance(call, UpdatePosition | RelaySignal)
     h.conn.unavailable()
-    [send] = h.conn.actions()
+    send, close = h.conn.actions()
     error = decode_broker_message(send.frame)
-    assert isinstance(error, Error) and error.code == "unavailable"
-    assert h.conn.kind is K.SESSION and h.conn.awaiting is None
-    assert h.conn.session_id == A
+    assert isinstance(error, Error) and (error.code, error.field) == ("unavailable", None)
+    assert close == Close(CLOSE_TRY_AGAIN, "store unavailable: say hello again")
+    assert h.conn.kind is K.CLOSED and h.conn.awaiting is None
+    h.conn.connection_lost()
+    assert h.conn.actions() == [Disconnect(A, 7)]
+
+
+def test_a_store_action_without_answer_that_failed_closes_only_a_session():
+    h = _session()
+    h.feed(PositionLost())
+    h.conn.actions()
+    h.conn.store_unavailable()
+    send, close = h.conn.actions()
+    assert decode_broker_message(send.frame).code == "unavailable"
+    assert close.code == CLOSE_TRY_AGAIN and h.conn.kind is K.CLOSED
+    for other in (Harness(), _anonymous(), h):
+        before = other.snapshot()
+        other.conn.store_unavailable()
+        assert other.conn.actions() == [] and other.snapshot() == before
 
 
 def test_the_recorder_sees_every_frame_with_the_kind_of_its_connection():
@@ -755,7 +773,7 @@ _ANSWERS: list[tuple[str, tuple[Any, ...]]] = [
     ("relayed", ()), ("peer_gone", ()), ("upload_done", (0,)), ("upload_done", (4,)),
     ("board_read", ([positive(1)], 1, False)), ("board_streamed", ()),
     ("refused", (Refusal("refused", code="code_used", field="code"),)), ("unavailable", ()),
-    ("failed", ()), ("replaced", ()), ("connection_lost", ()),
+    ("failed", ()), ("replaced", ()), ("connection_lost", ()), ("store_unavailable", ()),
     ("refuse_connection", ("the broker is full: retry later",)),
 ]
 
