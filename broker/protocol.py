@@ -730,8 +730,8 @@ class BrokerConnection:
         refuse ``unavailable`` (retry later). A hello whose registration failed leaves the
         connection new, as :meth:`failed` does: the client may say hello again. A session's
         ``position`` or ``signal`` so refused also closes the connection (1013, try again
-        later): the device reconnects and says hello again, which registers its session anew
-        once the store is back (a store restarted empty has forgotten it).
+        later): the device reconnects and says hello again, here once the store is back or
+        on another broker of its list that reaches the store.
 
         Raises:
             LocalProtocolError: nothing is pending.
