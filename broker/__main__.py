@@ -257,7 +257,7 @@ def missing_board(db: str | Path | None, postgres_url: str | None = None) -> str
         if board_exists(postgres_url):
             return None
         return (f"postgres_url: the database holds no positive board (create it with: {PROG} "
-                f"create-board --postgres URL)")
+                f"create-board --postgres URL, or --config FILE)")
     if db is not None and os.path.lexists(db):
         return None
     return (f"cannot open the positive board {db}: no such file (create it with: "

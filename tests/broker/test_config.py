@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tomllib
 from dataclasses import fields
@@ -22,11 +23,13 @@ from broker.config import (
     parse_broker_config,
 )
 from broker.server import BrokerSettings
+from fanny_tui.config import parse_config
 
 from .kit import Client, healthz
 from .test_main import start, stop
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "broker.example.toml"
+DEPLOYMENT = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
 SETTINGS = {f.name for f in fields(BrokerSettings)}
 
 
@@ -194,3 +197,21 @@ async def test_serve_runs_on_the_file_and_options_override_it(tmp_path):
     status, err, _ = await stop(process, signal.SIGTERM)
     assert status == 0, err
     assert " DEBUG " in err                               # log_level from the file
+
+
+def test_the_deployment_guides_toml_blocks_are_valid_configs():
+    """Every ```toml block of docs/deployment.md is a valid broker config (or, with [broker],
+    a valid device config): the region's steps can be copied as they are."""
+    blocks = re.findall(r"^```toml\n(.*?)^```$", DEPLOYMENT.read_text(encoding="utf-8"),
+                        flags=re.S | re.M)
+    devices = 0
+    for text in blocks:
+        data = tomllib.loads(text)
+        if "broker" in data or "positives" in data:
+            config = parse_config(data)
+            assert config.broker.url, text
+            devices += 1
+        else:
+            settings, _ = broker_settings(parse_broker_config(data), {})
+            assert settings.postgres_url and settings.redis_url and settings.db_path is None
+    assert devices >= 2 and len(blocks) > devices      # the region's files and the devices'

@@ -371,7 +371,7 @@ def test_a_regions_board_is_created_and_given_codes_on_postgresql(postgres_url, 
     """Issue 8: the operator of a region creates its PostgreSQL board and issues codes into
     it, as with the SQLite file; nothing creates a board but create-board."""
     missing = ("fanny-broker: error: postgres_url: the database holds no positive board "
-               "(create it with: fanny-broker create-board --postgres URL)\n")
+               "(create it with: fanny-broker create-board --postgres URL, or --config FILE)\n")
     assert main(["issue-code", "--postgres", postgres_url]) == 2
     assert capsys.readouterr() == ("", missing)
     assert main(["serve", "--port", "0", "--postgres", postgres_url]) == 2
