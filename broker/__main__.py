@@ -8,8 +8,8 @@ Usage::
                        [--open-declarations] [--certfile PEM --keyfile PEM]
                        [--max-connections-per-address N] [--max-connections N]
                        [--position-rate-per-s R] [--upload-answer-delay-s S] [--log-level LEVEL]
-    fanny-broker create-board --db PATH [--if-missing]
-    fanny-broker issue-code --db PATH [--ttl 1h]
+    fanny-broker create-board [--config FILE] [--db PATH | --postgres URL] [--if-missing]
+    fanny-broker issue-code [--config FILE] [--db PATH | --postgres URL] [--ttl 1h]
     fanny-broker --version
 
 ``serve`` prints ``listening on ws://HOST:PORT`` (``wss://`` with ``--certfile``/``--keyfile``)
@@ -19,19 +19,25 @@ defaults, then the TOML file ``--config FILE`` (every setting, documented in
 ``broker.example.toml``; see :mod:`broker.config`), then the options given, which win. Without
 ``--open-declarations`` a positive upload needs a declaration code.
 
-``create-board`` creates an empty positive-token board (SQLite) at ``--db PATH`` and refuses a
-path that exists (``--if-missing``: then it does nothing, for a service's first start).
-``serve`` and ``issue-code`` never create a board: a mistyped path is refused in one line that
-names the path and the ``create-board`` command, instead of silently starting on an empty board.
-(The library API, :func:`broker.server.start_broker`, still creates a missing file: tests,
-the demo and the simulator start brokers in fresh temporary folders.)
+``create-board`` creates an empty positive-token board: an SQLite file at ``--db PATH``, or the
+tables of a region's board in the existing PostgreSQL database ``--postgres URL``; it refuses a
+file that exists or a database that holds a board (``--if-missing``: then it does nothing, for a
+service's first start). ``serve`` and ``issue-code`` never create a board: a mistyped path (or
+database name) is refused in one line that names it and the ``create-board`` command, instead of
+silently starting on an empty board. (The library API, :func:`broker.server.start_broker`, still
+creates a missing board: tests, the demo and the simulator start brokers in fresh folders.)
 
 ``issue-code`` prints one declaration code (paper section 5) on stdout, e.g.
-``K7QF-3M9X-TR2B-8HJD``, and stores only its SHA-256 and expiry in the board's database (the same
-file ``serve`` uses; it may be running). ``--ttl`` takes a number with its unit: ``90s``,
+``K7QF-3M9X-TR2B-8HJD``, and stores only its SHA-256 and expiry in the board (the same one
+``serve`` uses; it may be running). ``--ttl`` takes a number with its unit: ``90s``,
 ``30m``, ``2h``, ``1d`` (a bare number is refused); the code must be used within it.
 
-Bad arguments, a bad config file, a missing or unusable database file or unreadable TLS files
+All three commands find the board the same way: ``--postgres URL`` (or ``storage.postgres_url``
+of ``--config FILE``) names a PostgreSQL board, else ``--db PATH`` (or ``storage.db_path``) the
+SQLite file; one of them is required. ``create-board`` and ``issue-code`` read the whole config
+file (a bad key is refused as by ``serve``) but use only its storage settings.
+
+Bad arguments, a bad config file, a missing or unusable board or unreadable TLS files
 print one line on stderr and exit 2 (a config file's error names the file and its key:
 ``fanny-broker: config error: broker.toml: limits.position_rate_per_s: expected ...``); an
 address that cannot be bound exits 1.
@@ -65,7 +71,7 @@ from .config import (
     default_values,
     load_broker_config,
 )
-from .positives import BoardError, SqlitePositiveBoard
+from .positives import BoardError, PositiveBoard, SqlitePositiveBoard
 from .server import BrokerSettings, SetupError, start_broker
 
 PROG = "fanny-broker"
@@ -173,15 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help=f"address to bind (default: {DEFAULT_HOST})")
     serve.add_argument("--port", type=_port,
                        help=f"TCP port, 0 for a free one (default: {DEFAULT_PORT})")
-    serve.add_argument("--db", dest="db_path", metavar="PATH",
-                       help="SQLite file of the positive-token board, made with create-board "
-                            "(required here or as storage.db_path in --config)")
+    _board_options(serve)
     serve.add_argument("--redis", dest="redis_url", metavar="URL",
                        help="redis:// URL of the Redis shared by a region's brokers (default: "
                             "live positions and routes in this process's memory)")
-    serve.add_argument("--postgres", dest="postgres_url", metavar="URL",
-                       help="postgresql:// URL of the region's positive board (default: the "
-                            "SQLite file --db)")
     for option, kind, metavar, text in _NUMBER_OPTIONS:
         default = getattr(defaults, option[2:].replace("-", "_"))
         serve.add_argument(option, type=kind, metavar=metavar,
@@ -195,19 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", type=_level, metavar="LEVEL",
                        help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     create = commands.add_parser(
-        "create-board", help="create an empty positive-token board (refuses an existing file)")
-    create.add_argument("--db", required=True, metavar="PATH",
-                        help="SQLite file to create (missing folders are created, mode 0700)")
+        "create-board", help="create an empty positive-token board (refuses an existing one)")
+    _board_options(create, config=True, creating=True)
     create.add_argument("--if-missing", action="store_true",
-                        help="do nothing when PATH already exists (a service's first start)")
+                        help="do nothing when the board already exists (a service's first "
+                             "start)")
     issue = commands.add_parser(
         "issue-code", help="print a declaration code (one declaration) and store its hash")
-    issue.add_argument("--db", required=True, metavar="PATH",
-                       help="SQLite file of the positive-token board (made with create-board)")
+    _board_options(issue, config=True)
     issue.add_argument("--ttl", type=parse_ttl, default=timedelta(hours=1), metavar="DURATION",
                        help="how long the code may be used, with its unit: 90s, 30m, 2h, 1d "
                             "(default: 1h)")
     return parser
+
+
+def _board_options(command: argparse.ArgumentParser, *, config: bool = False,
+                   creating: bool = False) -> None:
+    """The options naming the positive board (``--db``, ``--postgres``; ``--config``), the
+    same for ``serve``, ``create-board`` and ``issue-code``."""
+    if config:
+        command.add_argument("--config", metavar="FILE", type=Path,
+                             help="the broker's TOML file (see broker.example.toml): its "
+                                  "storage settings name the board; the options here win")
+    command.add_argument(
+        "--db", dest="db_path", metavar="PATH",
+        help=("SQLite file to create (missing folders are created, mode 0700)" if creating else
+              "SQLite file of the positive-token board, made with create-board")
+        + " (or storage.db_path in --config; not needed with --postgres)")
+    command.add_argument(
+        "--postgres", dest="postgres_url", metavar="URL",
+        help="postgresql:// URL of a region's positive board, an existing database"
+             + (" (its tables are created here)" if creating else
+                ", made with create-board --postgres") + " (default: the SQLite file --db)")
 
 
 SETTING_OPTIONS = ("host", "port", "db_path", "redis_url", "postgres_url", "radius_max_m",
@@ -217,15 +237,56 @@ SETTING_OPTIONS = ("host", "port", "db_path", "redis_url", "postgres_url", "radi
 """The ``dest`` of every ``serve`` option that overrides a config file setting."""
 
 
-def missing_board(db: str | Path) -> str | None:
-    """Why ``db`` cannot be used as an existing board (one line), or None if it exists.
+def missing_board(db: str | Path | None, postgres_url: str | None = None) -> str | None:
+    """Why the board cannot be used as an existing one (one line), or None if it exists.
 
-    The line names the path and the command that creates a board there.
+    Args:
+        db: the SQLite file (used without ``postgres_url``).
+        postgres_url: a PostgreSQL board's URL: its database must hold the board's tables.
+
+    Returns:
+        The line, naming the path (not the URL: it may hold a password) and the command that
+        creates the board; or None.
+
+    Raises:
+        BoardError: the PostgreSQL server or database cannot be reached (one line).
     """
-    if os.path.lexists(db):
+    if postgres_url is not None:
+        from .postgres_board import board_exists
+
+        if board_exists(postgres_url):
+            return None
+        return (f"postgres_url: the database holds no positive board (create it with: {PROG} "
+                f"create-board --postgres URL, or --config FILE)")
+    if db is not None and os.path.lexists(db):
         return None
     return (f"cannot open the positive board {db}: no such file (create it with: "
             f"{PROG} create-board --db {db})")
+
+
+def create_postgres_board(url: str, *, if_missing: bool = False) -> bool:
+    """Create the tables of an empty positive-token board in the PostgreSQL database ``url``.
+
+    Args:
+        url: ``postgresql://`` URL of an existing database (``createdb`` makes one).
+        if_missing: a database that holds a board is left as it is (else it is refused).
+
+    Returns:
+        True when the board was created, False when ``if_missing`` and it exists.
+
+    Raises:
+        BoardError: the database holds a board already (never emptied), or cannot be
+            reached or written (one line starting with ``postgres_url:``).
+    """
+    from .postgres_board import PostgresPositiveBoard, board_exists
+
+    if board_exists(url):
+        if if_missing:
+            return False
+        raise BoardError("postgres_url: the database already holds a positive board: left as "
+                         "it is (a board is created once; serve and issue-code use it)")
+    PostgresPositiveBoard(url).close()       # CREATE TABLE IF NOT EXISTS, under a lock
+    return True
 
 
 def create_board(db: str | Path, *, if_missing: bool = False) -> bool:
@@ -270,34 +331,45 @@ def create_board(db: str | Path, *, if_missing: bool = False) -> bool:
     return True
 
 
-def issue_code(db: str, ttl: timedelta, now: datetime | None = None) -> tuple[str, datetime]:
-    """Make a declaration code and store its hash and expiry in the board at ``db``.
+def issue_code(db: str | Path | None, ttl: timedelta, now: datetime | None = None, *,
+               postgres_url: str | None = None) -> tuple[str, datetime]:
+    """Make a declaration code and store its hash and expiry in the board.
 
     Args:
         db: the board's SQLite file, made by :func:`create_board` (never created here; the
-            broker may be running on it).
+            broker may be running on it). Unused with ``postgres_url``.
         ttl: how long the code may be used.
         now: the current aware UTC time (default: now).
+        postgres_url: a region's PostgreSQL board, made by :func:`create_postgres_board`
+            (its brokers may be running on it).
 
     Returns:
         ``(code, expires_at)``: the code as printed (``XXXX-XXXX-XXXX-XXXX``) and its expiry.
 
     Raises:
-        BoardError: the file does not exist (the message names ``create-board``), or cannot
-            be opened or written.
+        BoardError: the board does not exist (the message names ``create-board``), or
+            cannot be opened or written.
     """
-    refused = missing_board(db)
+    refused = missing_board(db, postgres_url)
     if refused:
         raise BoardError(refused)
     now = datetime.now(UTC) if now is None else now
     code = format_code(os.urandom(10))
     expires_at = now + ttl
-    board = SqlitePositiveBoard(db)
+    board: PositiveBoard
+    if postgres_url is not None:
+        from .postgres_board import PostgresPositiveBoard
+
+        board = PostgresPositiveBoard(postgres_url)
+    else:
+        assert db is not None                 # missing_board refused None
+        board = SqlitePositiveBoard(db)
     try:
         board.add_code(code_hash(code), expires_at)
     finally:
         board.close()
-    _match_directory_owner(Path(db))          # the -wal and -shm files root may have made
+    if postgres_url is None and db is not None:
+        _match_directory_owner(Path(db))      # the -wal and -shm files root may have made
     return code, expires_at
 
 
@@ -320,20 +392,58 @@ def _match_directory_owner(db: Path) -> None:
               f"{exc.strerror or exc}", file=sys.stderr)
 
 
-def _create(args: argparse.Namespace) -> int:
+def _settings(args: argparse.Namespace, names: Sequence[str]
+              ) -> tuple[BrokerSettings, str] | None:
+    """The settings from ``--config`` and the options ``names`` given; None after printing a
+    config error in one line (the option's name when an option was wrong, else the file's
+    name and key)."""
     try:
-        created = create_board(args.db, if_missing=args.if_missing)
+        from_file = {} if args.config is None else load_broker_config(args.config)
+        given = {name: getattr(args, name) for name in names
+                 if getattr(args, name) is not None}
+        return broker_settings(from_file, given, source=args.config and str(args.config))
+    except BrokerConfigError as exc:
+        if exc.source is None and exc.field in SETTING_OPTIONS:
+            print(f"{PROG}: error: {_option(exc.field)}: {exc.detail}", file=sys.stderr)
+        else:
+            print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        return None
+
+
+_BOARD_OPTIONS = ("db_path", "postgres_url")
+"""The settings ``create-board`` and ``issue-code`` take as options."""
+
+
+def _create(args: argparse.Namespace) -> int:
+    found = _settings(args, _BOARD_OPTIONS)
+    if found is None:
+        return 2
+    settings = found[0]
+    try:
+        if settings.postgres_url is not None:
+            created = create_postgres_board(settings.postgres_url, if_missing=args.if_missing)
+            done = ("created an empty positive board in the PostgreSQL database" if created
+                    else "the PostgreSQL database holds a positive board: left as it is")
+        else:
+            assert settings.db_path is not None       # BrokerSettings refuses neither
+            created = create_board(settings.db_path, if_missing=args.if_missing)
+            done = (f"created an empty positive board at {settings.db_path}" if created else
+                    f"{settings.db_path} exists: left as it is")
     except BoardError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{PROG}: " + (f"created an empty positive board at {args.db}" if created else
-                         f"{args.db} exists: left as it is"), file=sys.stderr)
+    print(f"{PROG}: {done}", file=sys.stderr)
     return 0
 
 
 def _issue(args: argparse.Namespace) -> int:
+    found = _settings(args, _BOARD_OPTIONS)
+    if found is None:
+        return 2
+    settings = found[0]
     try:
-        code, expires_at = issue_code(args.db, args.ttl)
+        code, expires_at = issue_code(settings.db_path, args.ttl,
+                                      postgres_url=settings.postgres_url)
     except BoardError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -383,19 +493,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _issue(args)
     if args.command == "create-board":
         return _create(args)
-    try:
-        from_file = {} if args.config is None else load_broker_config(args.config)
-        given = {name: getattr(args, name) for name in SETTING_OPTIONS
-                 if getattr(args, name) is not None}
-        settings, log_level = broker_settings(from_file, given, source=args.config and
-                                              str(args.config))
-    except BrokerConfigError as exc:
-        if exc.source is None and exc.field in SETTING_OPTIONS:
-            print(f"{PROG}: error: {_option(exc.field)}: {exc.detail}", file=sys.stderr)
-        else:
-            print(f"{PROG}: config error: {exc}", file=sys.stderr)
+    found = _settings(args, SETTING_OPTIONS)
+    if found is None:
         return 2
-    refused = None if settings.postgres_url else missing_board(settings.db_path)
+    settings, log_level = found
+    try:
+        refused = missing_board(settings.db_path, settings.postgres_url)
+    except BoardError as exc:
+        refused = str(exc)
     if refused:
         print(f"{PROG}: error: {refused}", file=sys.stderr)
         return 2

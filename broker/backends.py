@@ -24,12 +24,13 @@ await the network).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .positives import CodePolicy, PositiveBoard, SqlitePositiveBoard
+from .positives import BoardError, CodePolicy, PositiveBoard, SqlitePositiveBoard
 from .state import BrokerState, Connected, MatchNotice
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ __all__ = [
     "Router",
     "open_backends",
     "open_board",
+    "store_unavailable",
 ]
 
 EXPIRE_BATCH = 250
@@ -157,6 +159,22 @@ class Router(Protocol):
     async def close(self) -> None:
         """Stop routing; idempotent."""
         ...
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a :class:`LivePositions` or :class:`Router` call, says that a
+    shared store cannot be reached now (Redis down, restarting or too slow: retry later)
+    rather than a bug.
+
+    True for the built-in ``ConnectionError`` and ``TimeoutError`` and for redis-py's
+    ``ConnectionError`` (``BusyLoadingError`` included) and ``TimeoutError``; the board's
+    failures are :class:`~broker.positives.BoardError`, checked apart. redis-py is looked at
+    only if it was imported (a process without ``redis_url`` never raises its errors).
+    """
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    redis = sys.modules.get("redis.exceptions")
+    return redis is not None and isinstance(exc, redis.ConnectionError | redis.TimeoutError)
 
 
 class MemoryPositions:
@@ -347,5 +365,8 @@ def open_board(settings: BrokerSettings) -> PositiveBoard:
 
         return PostgresPositiveBoard(settings.postgres_url, max_expiry_ahead=max_expiry_ahead,
                                      code_policy=policy)
+    if settings.db_path is None:        # BrokerSettings refuses neither; a type guard
+        raise BoardError("db_path: expected the positive board's SQLite file (or a "
+                         "postgres_url)")
     return SqlitePositiveBoard(settings.db_path, max_expiry_ahead=max_expiry_ahead,
                                code_policy=policy)

@@ -61,7 +61,7 @@ DEFAULT_LOG_LEVEL = "INFO"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 NONE_VALUES: dict[str, object] = {
-    "certfile": "", "keyfile": "", "redis_url": "", "postgres_url": "",
+    "db_path": "", "certfile": "", "keyfile": "", "redis_url": "", "postgres_url": "",
     "route_ttl_s": 0, "ping_interval_s": 0, "ping_timeout_s": 0,
 }
 """Settings that may be None, and the file value that means None (TOML has no null)."""
@@ -95,7 +95,8 @@ def _field_types() -> dict[str, tuple[type, ...]]:
 
 
 def default_values() -> dict[str, object]:
-    """Every setting as it is when the file does not give it (``db_path``: absent)."""
+    """Every setting as it is when the file does not give it (``db_path``: None, which
+    :func:`broker_settings` refuses unless ``postgres_url`` is given)."""
     values: dict[str, object] = {f.name: f.default for f in fields(BrokerSettings)
                                  if f.default is not MISSING}
     values.update(host=DEFAULT_HOST, port=DEFAULT_PORT, log_level=DEFAULT_LOG_LEVEL)
@@ -191,15 +192,17 @@ def broker_settings(from_file: Mapping[str, object], overrides: Mapping[str, obj
         ``(settings, log_level)``.
 
     Raises:
-        BrokerConfigError: a value out of range, or no ``db_path``. Its ``field`` is the
+        BrokerConfigError: a value out of range, or neither ``db_path`` nor ``postgres_url``
+            (the error names ``db_path``). Its ``field`` is the
             attribute; when the value came from ``overrides`` its ``source`` is None (the
             caller names the option instead of the key).
     """
     values: dict[str, Any] = {**default_values(), **from_file, **overrides}
     log_level = str(values.pop("log_level"))
-    if "db_path" not in values:
+    if values.get("db_path") is None and values.get("postgres_url") is None:
         raise BrokerConfigError("db_path", "expected the positive board's SQLite file (--db "
-                                "PATH, or db_path in [storage] of --config FILE)")
+                                "PATH, or db_path in [storage] of --config FILE) or its "
+                                "PostgreSQL database (--postgres URL, or postgres_url)")
     try:
         settings = BrokerSettings(**values)
     except ValueError as exc:

@@ -25,7 +25,9 @@ snapshot. The lock also makes "only one upload wins a code" hold across brokers.
 Durability: :meth:`PostgresPositiveBoard.add` returns after ``COMMIT`` returned, i.e. as durable
 as the server's ``synchronous_commit`` makes it (its default, ``on``: flushed to the WAL). The
 schema is created with ``CREATE TABLE IF NOT EXISTS`` when the board is opened (under an
-advisory lock, so brokers starting together do not race); the database itself must exist.
+advisory lock, so brokers starting together do not race); the database itself must exist. The
+``fanny-broker`` command does not rely on that: ``create-board --postgres URL`` creates the
+schema, and ``serve`` and ``issue-code`` refuse a database without it (:func:`board_exists`).
 
 Deleted rows (expired tokens) stay in the table files until ``VACUUM`` reclaims them
 (autovacuum does, by default; an operator may run ``VACUUM`` sooner), unlike SQLite's
@@ -95,6 +97,28 @@ _SCHEMA = (
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def board_exists(url: str, *, connect_timeout_s: float = 10.0) -> bool:
+    """Whether the PostgreSQL database at ``url`` holds a positive board (its ``board`` table,
+    as :class:`PostgresPositiveBoard` creates it). Reads only; creates nothing.
+
+    ``fanny-broker create-board --postgres`` creates the board explicitly; ``serve`` and
+    ``issue-code`` use this to refuse a database without one (a mistyped database name
+    would otherwise start an empty board), as they refuse a missing SQLite file.
+
+    Raises:
+        BoardError: the server cannot be reached, or the database does not exist: one line
+            starting with ``postgres_url:`` (without the URL: it may hold a password).
+    """
+    try:
+        with psycopg.connect(url, autocommit=True,
+                             connect_timeout=max(1, round(connect_timeout_s))) as db:
+            row = db.execute("SELECT to_regclass('board') IS NOT NULL").fetchone()
+    except psycopg.Error as exc:
+        raise BoardError(f"postgres_url: cannot open the positive board: "
+                         f"{_one_line(exc)}") from None
+    return bool(row and row[0])
 
 
 class _PostgresWrite:

@@ -23,7 +23,8 @@ Inputs (methods): :meth:`~BrokerConnection.receive_frame`, :meth:`~BrokerConnect
 :meth:`~BrokerConnection.relayed`, :meth:`~BrokerConnection.peer_gone`,
 :meth:`~BrokerConnection.upload_done`, :meth:`~BrokerConnection.board_read`,
 :meth:`~BrokerConnection.board_streamed`, :meth:`~BrokerConnection.refused`,
-:meth:`~BrokerConnection.unavailable`, :meth:`~BrokerConnection.failed`.
+:meth:`~BrokerConnection.unavailable`, :meth:`~BrokerConnection.store_unavailable`,
+:meth:`~BrokerConnection.failed`.
 
 Outputs (drained): :meth:`~BrokerConnection.actions` (plain slotted dataclasses, not frozen:
 built once per frame, they are cheaper so; treat them as read-only) -- :class:`Send`, :class:`Post`,
@@ -117,6 +118,9 @@ CLOSE_POLICY = 1008
 """WebSocket close code: policy violation (no valid first message, too many connections)."""
 CLOSE_REPLACED = 4000
 """WebSocket close code: a newer connection of the same session replaced this one."""
+CLOSE_TRY_AGAIN = 1013
+"""WebSocket close code "Try Again Later" (RFC 6455 section 7.4, IANA registry): the
+live-positions store of a session connection cannot be reached."""
 REASON_MAX = 200
 """The longest ``message`` of an ``error``, characters (longer ones end with ``...``)."""
 
@@ -459,6 +463,7 @@ class Input(enum.Enum):
     BOARD_STREAMED = "board_streamed"
     REFUSED = "refused"
     UNAVAILABLE = "unavailable"
+    STORE_DOWN = "store_unavailable"
     FAILED = "failed"
 
     __hash__ = object.__hash__
@@ -470,6 +475,7 @@ _ALL = tuple(K)
 
 INTERNAL_ERROR = encode(Error(code="internal_error", message="the broker failed on this message"))
 """The ``error`` text for a message the broker failed on (an exception, not a refusal)."""
+
 
 
 class _TypeOnly(msgspec.Struct):
@@ -720,14 +726,27 @@ class BrokerConnection:
         self._answer(self.awaiting, Input.REFUSED, refusal)
 
     def unavailable(self) -> None:
-        """The board failed on the pending call: refuse ``unavailable`` (retry later).
+        """The store of the pending call cannot be reached (the board failed, Redis is down):
+        refuse ``unavailable`` (retry later). A hello whose registration failed leaves the
+        connection new, as :meth:`failed` does: the client may say hello again. A session's
+        ``position`` or ``signal`` so refused also closes the connection (1013, try again
+        later): the device reconnects and says hello again, here once the store is back or
+        on another broker of its list that reaches the store.
 
         Raises:
-            LocalProtocolError: no board call is pending.
+            LocalProtocolError: nothing is pending.
         """
-        if self.awaiting not in (Op.STORE, Op.READ, Op.STREAM):
-            raise LocalProtocolError("unavailable: no board call is pending")
+        if self.awaiting is None:
+            raise LocalProtocolError("unavailable: no store call is pending")
         self._answer(self.awaiting, Input.UNAVAILABLE, None)
+
+    def store_unavailable(self) -> None:
+        """A store action that awaits no answer (:class:`Attach`, :class:`Post`,
+        :class:`DropPosition`) failed because its store cannot be reached: on a session
+        connection, refuse ``unavailable`` and close (1013), as :meth:`unavailable` does. No
+        effect on another kind of connection.
+        """
+        self._dispatch(Input.STORE_DOWN, None, 0.0)
 
     def failed(self) -> None:
         """The pending call raised unexpectedly: answer ``internal_error`` (a hello that
@@ -965,10 +984,22 @@ class BrokerConnection:
             self._pending_upload = None
             self._send_upload_error(Refusal("the broker could not store the upload; retry "
                                             "later", code="unavailable"), self._answer_at)
-        else:
+        elif self.awaiting in (Op.READ, Op.STREAM):
             self._send_error(Refusal("the broker could not read the board; retry later",
                                      code="unavailable"))
+        elif self.kind is K.SESSION:
+            self._session_store_down(None, _now)
+        else:
+            self._send_error(_LIVE_STORE_DOWN)
+        if self.awaiting is Op.CONNECT and self.kind is K.GREETING:
+            self._greeting = None
+            self.kind = K.NEW      # the deadline of the first message still runs
         self.awaiting = None
+
+    def _session_store_down(self, _value: None, _now: float) -> None:
+        self._send_error(_LIVE_STORE_DOWN)
+        self.kind = K.CLOSED
+        self._actions.append(Close(CLOSE_TRY_AGAIN, "store unavailable: say hello again"))
 
     def _failed(self, _value: None, _now: float) -> None:
         error = _error("internal_error", "the broker failed on this message", None)
@@ -985,6 +1016,9 @@ class BrokerConnection:
 
 
 _Handler = Callable[[BrokerConnection, Any, float], None]
+
+_LIVE_STORE_DOWN = Refusal("the broker's live-positions store is unavailable; retry later",
+                           code="unavailable")
 
 
 def _refuse(code: str, message: str, field: str | None = "type") -> _Handler:
@@ -1028,6 +1062,7 @@ _TRANSITIONS: dict[tuple[ConnectionKind, Any], _Handler] = {
     (K.SESSION, PositiveUpload): _C._upload_on_session,
     (K.SESSION, PositivesPoll): _NOT_ON_SESSION,
     (K.SESSION, Input.REPLACED): _C._replaced,          # -> CLOSED
+    (K.SESSION, Input.STORE_DOWN): _C._session_store_down,  # -> CLOSED
     # An anonymous connection.
     (K.ANONYMOUS, PositiveUpload): _C._upload,
     (K.ANONYMOUS, PositivesPoll): _C._poll,
@@ -1041,10 +1076,12 @@ _TRANSITIONS: dict[tuple[ConnectionKind, Any], _Handler] = {
     **{(kind, Input.TICK): _C._nothing for kind in _ALL if kind is not K.NEW},
     **{(kind, Input.LOST): _C._lost for kind in _ALL},  # -> CLOSED
     (K.CLOSED, Input.REPLACED): _C._nothing,
-    # The stores' answers (GREETING: CONNECTED or FAILED; CLOSED: a connection replaced
+    **{(kind, Input.STORE_DOWN): _C._nothing for kind in _ALL if kind is not K.SESSION},
+    # The stores' answers (GREETING: CONNECTED, UNAVAILABLE or FAILED; CLOSED: a connection replaced
     # while its call ran still takes the answer, so that its matches reach their sessions).
     (K.GREETING, Input.CONNECTED): _C._connected,       # -> SESSION
     (K.GREETING, Input.FAILED): _C._failed,             # -> NEW
+    (K.GREETING, Input.UNAVAILABLE): _C._unavailable,   # -> NEW
     (K.CLOSED, Input.CONNECTED): _C._connected_after_end,   # ended meanwhile: Disconnect
     **{(kind, key): handler for kind in (K.SESSION, K.ANONYMOUS, K.CLOSED)
        for key, handler in _RESULTS.items() if key is not Input.CONNECTED},

@@ -23,7 +23,8 @@ closed with 1008). Refusal codes:
 ``hello_required``, ``already_hello``, ``unsupported_protocol``, ``wrong_connection``,
 ``rate_limited``, ``not_matched``, ``peer_unavailable``, ``code_required``, ``code_invalid``,
 ``code_expired``, ``code_used``, ``expiry_out_of_window``, ``duplicate_token``,
-``upload_conflict``, ``too_many_connections``, ``unavailable`` (the board failed: retry later)
+``upload_conflict``, ``too_many_connections``, ``unavailable`` (a store -- the board, Redis --
+could not be reached: retry later)
 and ``internal_error``.
 
 Positive uploads (paper section 4, step 2; section 5): a real upload needs a declaration code
@@ -98,7 +99,7 @@ from fanny_tui.protocol.errors import FannyError
 from fanny_tui.protocol.messages import PositivesAvailable, encode
 
 from . import Refusal
-from .backends import Backends, MemoryPositions, open_backends
+from .backends import Backends, MemoryPositions, open_backends, store_unavailable
 from .positives import (
     DEFAULT_CODE_GRACE,
     DEFAULT_MAX_EXPIRY_AHEAD,
@@ -170,7 +171,8 @@ class BrokerSettings:
     Attributes:
         host: address to bind (``127.0.0.1``; ``::1`` or ``0.0.0.0`` behind a reverse proxy).
         port: TCP port; 0 picks a free one (see :attr:`RunningBroker.port`).
-        db_path: the SQLite file of the positive-token board.
+        db_path: the SQLite file of the positive-token board; may be None with
+            ``postgres_url`` (then unused). One of the two is required.
         radius_max_m: the largest matching radius, metres (also the grid cell size).
         cooldown_s: seconds before the same pair of sessions can match again.
         position_timeout_s: seconds after which a position without update is dropped.
@@ -231,7 +233,7 @@ class BrokerSettings:
 
     host: str
     port: int
-    db_path: str | Path
+    db_path: str | Path | None = None
     radius_max_m: float = 100.0
     cooldown_s: float = 300.0
     position_timeout_s: float = 60.0
@@ -272,7 +274,11 @@ class BrokerSettings:
             raise ValueError(f"BrokerSettings.host: expected a host name or address, "
                              f"got {self.host!r}")
         _check_int("port", self.port, 0, 65535)
-        if not isinstance(self.db_path, str | Path) or not str(self.db_path):
+        if self.db_path is None:
+            if self.postgres_url is None:
+                raise ValueError("BrokerSettings.db_path: expected the positive board's SQLite "
+                                 "file (or a postgres_url), got None")
+        elif not isinstance(self.db_path, str | Path) or not str(self.db_path):
             raise ValueError(f"BrokerSettings.db_path: expected a file path, got {self.db_path!r}")
         _check_number("radius_max_m", self.radius_max_m, high=10_000.0)
         _check_number("cooldown_s", self.cooldown_s)
@@ -372,6 +378,12 @@ class _LibraryLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
         return msg, kwargs
+
+
+def _log_store_unavailable(what: str, exc: BaseException) -> None:
+    """Log, in one line without traceback nor message (no data), that a shared store could not
+    be reached (:func:`~broker.backends.store_unavailable`)."""
+    logger.error("store unavailable %s: %s", what, type(exc).__name__)
 
 
 def _log_internal_error(what: str, exc: BaseException) -> None:
@@ -632,7 +644,10 @@ class _Broker:
             try:   # a shared store may fail: the connection is released all the same
                 await self._run(client, core.actions())
             except Exception as exc:
-                _log_internal_error("while ending a connection", exc)
+                if store_unavailable(exc):   # its entries expire in the store on their own
+                    _log_store_unavailable("while ending a connection", exc)
+                else:
+                    _log_internal_error("while ending a connection", exc)
             await client.finish()
             self.connections -= 1
             logger.info("connection closed (%d open)", self.connections)
@@ -658,8 +673,13 @@ class _Broker:
             except ConnectionClosed:
                 raise
             except Exception as exc:
-                _log_internal_error("while handling a message", exc)
-                await client.reply(INTERNAL_ERROR)
+                if store_unavailable(exc):   # a Post, Attach, DropPosition... on a store gone
+                    _log_store_unavailable("while handling a message", exc)
+                    core.store_unavailable()
+                    await self._run(client, core.actions())
+                else:
+                    _log_internal_error("while handling a message", exc)
+                    await client.reply(INTERNAL_ERROR)
 
     async def _run(self, client: _Client, actions: list[Action]) -> None:
         """Execute ``actions`` (drained from the core) in order, feeding the stores' answers
@@ -681,6 +701,9 @@ class _Broker:
                         core.refused(exc)
                     elif isinstance(exc, BoardError):
                         logger.error("positive board failure (%s): %s", core.awaiting.value, exc)
+                        core.unavailable()
+                    elif store_unavailable(exc):
+                        _log_store_unavailable(f"in a store call ({core.awaiting.value})", exc)
                         core.unavailable()
                     else:
                         _log_internal_error(f"in a store call ({core.awaiting.value})", exc)
@@ -819,7 +842,13 @@ class _Broker:
             logger.error("positive board failure on announcement: %s", exc)
             return
         message = encode(PositivesAvailable(cursor=cursor))   # the same text to all
-        sent = await self.router.broadcast(message)
+        try:
+            sent = await self.router.broadcast(message)
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            _log_store_unavailable("on announcement", exc)   # devices learn at their poll
+            return
         logger.info("positives announced to %d sessions", sent)
 
     # --- housekeeping --------------------------------------------------------------------
@@ -842,7 +871,10 @@ class _Broker:
             except BoardError as exc:
                 logger.error("positive board failure on purge: %s", exc)
             except Exception as exc:
-                _log_internal_error("in housekeeping", exc)
+                if store_unavailable(exc):
+                    _log_store_unavailable("in housekeeping", exc)
+                else:
+                    _log_internal_error("in housekeeping", exc)
             await asyncio.sleep(self.settings.housekeeping_interval_s)
 
 
@@ -913,7 +945,7 @@ async def start_broker(
         recorder: called as ``recorder(kind, raw)`` with every frame received (tests use it to
             prove the broker never sees a contact ID). Must not block.
         board: a :class:`~broker.positives.PositiveBoard` to use instead of opening
-            ``settings.db_path``; the caller keeps ownership (it is not closed here).
+            the one the settings name; the caller keeps ownership (it is not closed here).
         wall_clock: returns the current aware UTC time (default ``datetime.now(UTC)``);
             used for token expiry.
         monotonic: returns monotonic seconds (default ``time.monotonic``); the one clock of

@@ -10,7 +10,7 @@ import trustme
 
 from tests.helpers import TIME_UNIT
 from tests.pg import PostgresServer, postgres_server
-from tests.servers import redis_server, redis_url  # noqa: F401  (fixtures)
+from tests.servers import own_redis, redis_server, redis_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@
 privacy rule asks of an operator, docs/deployment.md), in a temporary directory, and stops it
 after the run. :func:`redis_url` (function scope) hands a test that server emptied
 (``FLUSHALL``), so that every test starts from nothing and may inspect everything left.
+:func:`own_redis` (function scope) starts a ``redis-server`` of the test's own, the same way,
+for a test that stops it mid-run (the shared one must keep running).
 
 A missing ``redis-server`` fails the tests that need it, with the command that installs it;
 they are never skipped (``./kit test`` installs it).
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +128,32 @@ def redis_url(redis_server: str) -> Iterator[str]:
     yield redis_server
     with redis.Redis.from_url(redis_server) as client:
         client.flushall()
+
+
+@dataclass
+class OwnRedis:
+    """A redis-server of one test (:func:`own_redis`), which the test may stop.
+
+    Attributes:
+        url: ``redis://127.0.0.1:PORT/0``.
+        process: the running server.
+    """
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        """Stop the server now (SIGTERM, waited for): its clients' next calls fail."""
+        _stop(self.process)
+
+
+@pytest.fixture
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
+    """A redis-server for this test alone, configured as :func:`redis_server`'s; stopped
+    after the test if the test did not stop it."""
+    process, url = _start_redis(_redis_binary(), tmp_path_factory.mktemp("own-redis"))
+    server = OwnRedis(url, process)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -26,7 +26,7 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed
 
-from broker.__main__ import create_board
+from broker.__main__ import create_board, create_postgres_board
 from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.gps import FixedSource
 from fanny_tui.protocol.messages import (
@@ -70,10 +70,8 @@ def region_board(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Reg
         yield RegionBoard({"db_path": db}, ("--db", str(db)))
     elif request.param == "postgres":
         url = request.getfixturevalue("postgres_url")
-        # db_path is not opened with postgres_url (BrokerSettings still asks for one)
-        yield RegionBoard({"db_path": db, "postgres_url": url},
-                          ("--db", str(db), "--postgres", url))
-        assert not db.exists(), "a broker given postgres_url opened the SQLite board"
+        create_postgres_board(url)        # as an operator does: create-board --postgres URL
+        yield RegionBoard({"postgres_url": url}, ("--postgres", url))   # no db_path needed
     else:  # pragma: no cover - a parameter without a board is a mistake in this file
         raise AssertionError(f"unknown board {request.param!r}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tomllib
 from dataclasses import fields
@@ -22,11 +23,13 @@ from broker.config import (
     parse_broker_config,
 )
 from broker.server import BrokerSettings
+from fanny_tui.config import parse_config
 
 from .kit import Client, healthz
 from .test_main import start, stop
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "broker.example.toml"
+DEPLOYMENT = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
 SETTINGS = {f.name for f in fields(BrokerSettings)}
 
 
@@ -89,6 +92,27 @@ def test_the_command_line_overrides_the_file(tmp_path):
     values = {"port": 9000, "radius_max_m": 50.0, "db_path": Path("a.sqlite3")}
     settings, _ = broker_settings(values, {"port": 0, "db_path": "b.sqlite3"})
     assert (settings.port, settings.radius_max_m, settings.db_path) == (0, 50.0, "b.sqlite3")
+
+
+def test_db_path_is_optional_with_a_postgres_url(tmp_path):
+    """A region's broker keeps its board in PostgreSQL: no SQLite file to name (issue 8)."""
+    url = "postgresql://fanny@127.0.0.1:5432/fanny"
+    path = tmp_path / "region.toml"
+    path.write_text(f'[storage]\npostgres_url = "{url}"\n')
+    settings, _ = broker_settings(load_broker_config(path), {})
+    assert (settings.db_path, settings.postgres_url) == (None, url)
+    path.write_text(f'[storage]\ndb_path = ""\npostgres_url = "{url}"\n')   # "" = none
+    assert broker_settings(load_broker_config(path), {})[0].db_path is None
+    settings, _ = broker_settings({}, {"postgres_url": url})
+    assert settings.db_path is None
+    assert BrokerSettings("127.0.0.1", 0, postgres_url=url).db_path is None
+    with pytest.raises(ValueError, match=r"^BrokerSettings\.db_path: expected the positive "
+                                         r"board's SQLite file \(or a postgres_url\)"):
+        BrokerSettings("127.0.0.1", 0)
+    path.write_text('[storage]\ndb_path = ""\n')
+    with pytest.raises(BrokerConfigError, match=r"^storage.db_path: expected the positive "
+                                                r"board's SQLite file .* or its PostgreSQL"):
+        broker_settings(load_broker_config(path), {})
 
 
 @pytest.mark.parametrize("text, message", [
@@ -173,3 +197,21 @@ async def test_serve_runs_on_the_file_and_options_override_it(tmp_path):
     status, err, _ = await stop(process, signal.SIGTERM)
     assert status == 0, err
     assert " DEBUG " in err                               # log_level from the file
+
+
+def test_the_deployment_guides_toml_blocks_are_valid_configs():
+    """Every ```toml block of docs/deployment.md is a valid broker config (or, with [broker],
+    a valid device config): the region's steps can be copied as they are."""
+    blocks = re.findall(r"^```toml\n(.*?)^```$", DEPLOYMENT.read_text(encoding="utf-8"),
+                        flags=re.S | re.M)
+    devices = 0
+    for text in blocks:
+        data = tomllib.loads(text)
+        if "broker" in data or "positives" in data:
+            config = parse_config(data)
+            assert config.broker.url, text
+            devices += 1
+        else:
+            settings, _ = broker_settings(parse_broker_config(data), {})
+            assert settings.postgres_url and settings.redis_url and settings.db_path is None
+    assert devices >= 2 and len(blocks) > devices      # the region's files and the devices'

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from broker.__main__ import build_parser, create_board, main, parse_ttl
@@ -359,6 +360,90 @@ def test_create_board_refuses_any_existing_file(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def _pg_tables(url: str) -> list[str]:
+    with psycopg.connect(url) as db:
+        return [row[0] for row in db.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename")]
+
+
+def test_a_regions_board_is_created_and_given_codes_on_postgresql(postgres_url, tmp_path,
+                                                                   capsys):
+    """Issue 8: the operator of a region creates its PostgreSQL board and issues codes into
+    it, as with the SQLite file; nothing creates a board but create-board."""
+    missing = ("fanny-broker: error: postgres_url: the database holds no positive board "
+               "(create it with: fanny-broker create-board --postgres URL, or --config FILE)\n")
+    assert main(["issue-code", "--postgres", postgres_url]) == 2
+    assert capsys.readouterr() == ("", missing)
+    assert main(["serve", "--port", "0", "--postgres", postgres_url]) == 2
+    assert capsys.readouterr() == ("", missing)
+    assert _pg_tables(postgres_url) == []                   # neither created anything
+    assert main(["create-board", "--postgres", postgres_url]) == 0
+    assert capsys.readouterr().err == (
+        "fanny-broker: created an empty positive board in the PostgreSQL database\n")
+    assert _pg_tables(postgres_url) == ["board", "codes", "positives", "uploads"]
+    assert main(["create-board", "--postgres", postgres_url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a positive board" in err
+    assert main(["create-board", "--postgres", postgres_url, "--if-missing"]) == 0
+    assert capsys.readouterr().err == (
+        "fanny-broker: the PostgreSQL database holds a positive board: left as it is\n")
+    assert main(["issue-code", "--postgres", postgres_url, "--ttl", "2h"]) == 0
+    code = capsys.readouterr().out.strip()
+    with psycopg.connect(postgres_url) as db:
+        (hashed, expires_at, uploads), = db.execute(
+            "SELECT code_hash, expires_at, uploads FROM codes").fetchall()
+    assert (hashed, uploads) == (code_hash(code), 0)
+    assert abs(expires_at - (datetime.now(UTC) + timedelta(hours=2)).timestamp()) < 60
+    assert list(tmp_path.iterdir()) == []                   # no SQLite file on the side
+
+
+def test_create_board_and_issue_code_read_the_storage_settings_of_the_config_file(
+        postgres_url, tmp_path, capsys):
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[storage]\npostgres_url = "{postgres_url}"\n[server]\nport = 0\n')
+    assert main(["create-board", "--config", str(config)]) == 0
+    assert main(["issue-code", "--config", str(config)]) == 0
+    code = capsys.readouterr().out.strip()
+    with psycopg.connect(postgres_url) as db:
+        assert db.execute("SELECT code_hash FROM codes").fetchall() == [(code_hash(code),)]
+    # An option wins over the file (as for serve): here the SQLite file beside it.
+    db_file = tmp_path / "local.sqlite3"
+    config.write_text('[storage]\ndb_path = "local.sqlite3"\n')
+    assert main(["create-board", "--config", str(config)]) == 0
+    assert main(["issue-code", "--config", str(config), "--ttl", "1h"]) == 0
+    local = capsys.readouterr().out.strip()
+    with sqlite3.connect(db_file) as conn:
+        assert conn.execute("SELECT code_hash FROM codes").fetchall() == [(code_hash(local),)]
+    # The whole file is checked, with serve's one-line errors naming the file and key.
+    config.write_text('[storage]\ndb_path = "local.sqlite3"\n[limits]\nposition_burst = 0\n')
+    assert main(["issue-code", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fanny-broker: config error: {config}: limits.position_burst: ")
+    config.write_text("[server]\nport = 0\n")
+    for command_line in (["issue-code"], ["create-board"], ["serve"]):
+        assert main([*command_line, "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--db: expected the positive board's SQLite file" in err
+        assert "--postgres URL" in err, err
+
+
+async def test_serve_on_postgresql_needs_no_db_path(postgres_url, tmp_path):
+    assert main(["create-board", "--postgres", postgres_url]) == 0
+    process, url = await start("--port", "0", "--postgres", postgres_url,
+                               "--open-declarations", "--upload-answer-delay-s", "0")
+    try:
+        async with Client.open(url) as anon:
+            await anon.send(PositiveUpload(upload_id=new_id(),
+                                           tokens=[positive(1, real_expiry())]))
+            assert (await anon.expect(PositiveAck)).count == 1
+    finally:
+        status, err, _ = await stop(process, signal.SIGTERM)
+    assert status == 0, err
+    with psycopg.connect(postgres_url) as db:
+        assert db.execute("SELECT token FROM positives").fetchall() == [(token(1),)]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_version_prints_the_kit_version(capsys):
     from importlib.metadata import version
 
@@ -443,12 +528,12 @@ def test_unit_has_the_hardening_and_the_documented_command():
     assert args.open_declarations is None and args.max_connections_per_address == 0
     # The board it serves is the one ExecStartPre creates on the first start.
     pre = build_parser().parse_args(shlex.split(one["ExecStartPre"])[1:])
-    assert (pre.command, pre.db, pre.if_missing) == ("create-board", args.db_path, True)
+    assert (pre.command, pre.db_path, pre.if_missing) == ("create-board", args.db_path, True)
     # The documented issue-code command line is one our parser accepts, on the same file.
     documented = re.search(r"#\s+(fanny-broker issue-code .*)", UNIT.read_text())
     assert documented is not None
     issue = build_parser().parse_args(shlex.split(documented.group(1))[1:])
-    assert (issue.command, issue.db) == ("issue-code", args.db_path)
+    assert (issue.command, issue.db_path) == ("issue-code", args.db_path)
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):

@@ -26,6 +26,7 @@ from broker import Refusal
 from broker.protocol import (
     CLOSE_POLICY,
     CLOSE_REPLACED,
+    CLOSE_TRY_AGAIN,
     INTERNAL_ERROR,
     Action,
     Admission,
@@ -600,6 +601,50 @@ def test_a_hello_the_store_failed_on_leaves_the_connection_new():
     assert h.feed(Hello(session_id=A, radius_m=30.0)) == [Connect(A, 30.0, T0)]
 
 
+def test_a_hello_the_store_is_unavailable_for_is_refused_unavailable_and_stays_new():
+    """Redis down at hello: ``unavailable`` (the device's link retries, or fails over)."""
+    h = Harness()
+    h.feed(Hello(session_id=A, radius_m=30.0))
+    h.conn.unavailable()
+    [send] = h.conn.actions()
+    error = decode_broker_message(send.frame)
+    assert isinstance(error, Error) and send.error == "unavailable"
+    assert (error.code, error.field) == ("unavailable", None) and "retry" in error.message
+    assert h.conn.kind is K.NEW and h.conn.session_id is None and h.conn.awaiting is None
+    assert h.feed(Hello(session_id=A, radius_m=30.0)) == [Connect(A, 30.0, T0)]
+
+
+@pytest.mark.parametrize("frame", [position(), Signal(peer_session_id=B, sdp_type="offer",
+                                                     sdp=SDP)])
+def test_a_session_message_the_store_is_unavailable_for_closes_the_session(frame):
+    """The device says hello again: its session is registered anew once the store is back."""
+    h = _session()
+    [call] = [a for a in h.feed(frame) if not isinstance(a, Record)]
+    assert isinstance(call, UpdatePosition | RelaySignal)
+    h.conn.unavailable()
+    send, close = h.conn.actions()
+    error = decode_broker_message(send.frame)
+    assert isinstance(error, Error) and (error.code, error.field) == ("unavailable", None)
+    assert close == Close(CLOSE_TRY_AGAIN, "store unavailable: say hello again")
+    assert h.conn.kind is K.CLOSED and h.conn.awaiting is None
+    h.conn.connection_lost()
+    assert h.conn.actions() == [Disconnect(A, 7)]
+
+
+def test_a_store_action_without_answer_that_failed_closes_only_a_session():
+    h = _session()
+    h.feed(PositionLost())
+    h.conn.actions()
+    h.conn.store_unavailable()
+    send, close = h.conn.actions()
+    assert decode_broker_message(send.frame).code == "unavailable"
+    assert close.code == CLOSE_TRY_AGAIN and h.conn.kind is K.CLOSED
+    for other in (Harness(), _anonymous(), h):
+        before = other.snapshot()
+        other.conn.store_unavailable()
+        assert other.conn.actions() == [] and other.snapshot() == before
+
+
 def test_the_recorder_sees_every_frame_with_the_kind_of_its_connection():
     h = Harness(record=True)
     bad = h.feed(position())
@@ -703,7 +748,7 @@ def test_the_wrong_answer_is_illegal_and_changes_nothing():
     h = Harness()
     h.feed(Hello(session_id=A, radius_m=30.0))
     before = h.snapshot()
-    for call, args in (("matched", ([],)), ("upload_done", (1,)), ("unavailable", ()),
+    for call, args in (("matched", ([],)), ("upload_done", (1,)), ("relayed", ()),
                        ("refused", (Refusal("no", code="not_matched"),))):
         with pytest.raises(LocalProtocolError):
             getattr(h.conn, call)(*args)
@@ -728,7 +773,7 @@ _ANSWERS: list[tuple[str, tuple[Any, ...]]] = [
     ("relayed", ()), ("peer_gone", ()), ("upload_done", (0,)), ("upload_done", (4,)),
     ("board_read", ([positive(1)], 1, False)), ("board_streamed", ()),
     ("refused", (Refusal("refused", code="code_used", field="code"),)), ("unavailable", ()),
-    ("failed", ()), ("replaced", ()), ("connection_lost", ()),
+    ("failed", ()), ("replaced", ()), ("connection_lost", ()), ("store_unavailable", ()),
     ("refuse_connection", ("the broker is full: retry later",)),
 ]
 
@@ -809,13 +854,14 @@ def test_docs_give_the_state_machine_of_every_kind():
 
 
 _LEGAL_ANSWERS: dict[Op, list[tuple[str, tuple[Any, ...]]]] = {
-    Op.CONNECT: [("connected", (5, 30.0)), ("failed", ())],
+    Op.CONNECT: [("connected", (5, 30.0)), ("unavailable", ()), ("failed", ())],
     Op.UPDATE: [("matched", ([],)), ("matched", ([MatchNotice(A, B, "initiator"),
                                                  MatchNotice(B, A, "responder")],)),
-                ("failed", ())],
+                ("unavailable", ()), ("failed", ())],
     Op.RELAY: [("relayed", ()), ("peer_gone", ()),
                ("refused", (Refusal("no route", code="not_matched",
-                                    field="peer_session_id"),)), ("failed", ())],
+                                    field="peer_session_id"),)), ("unavailable", ()),
+               ("failed", ())],
     Op.STORE: [("upload_done", (0,)), ("upload_done", (3,)), ("unavailable", ()),
                ("refused", (Refusal("used", code="code_used", field="code"),)), ("failed", ())],
     Op.READ: [("board_read", ([positive(1)], 1, False)), ("unavailable", ()), ("failed", ())],

@@ -19,8 +19,10 @@ from broker.server import BrokerSettings, start_broker
 from fanny_tui.protocol.codes import code_hash
 from fanny_tui.protocol.messages import (
     UPLOAD_SIZE_BYTES,
+    Error,
     Hello,
     Match,
+    Position,
     PositionLost,
     PositiveAck,
     Positives,
@@ -30,6 +32,7 @@ from fanny_tui.protocol.messages import (
     Welcome,
     encode_padded,
 )
+from tests.helpers import TIME_UNIT
 
 from .kit import (
     LAT,
@@ -366,6 +369,61 @@ async def test_no_ack_when_the_commit_fails(tmp_path):
             assert (await anon.expect(Positives)).tokens == []
     finally:
         board.close()
+
+
+async def test_a_redis_stopped_mid_run_is_answered_unavailable_and_logged_in_one_line(
+        tmp_path, own_redis, caplog):
+    """Redis down under a region's broker: a session message whose store call fails is
+    answered ``unavailable`` and its connection closed 1013 (try again later: the device says
+    hello again, on this broker or another); a hello is answered ``unavailable`` and may be
+    said again. Each failure is one log line, without data or traceback."""
+    caplog.set_level(logging.DEBUG)
+    answer_s = 10 * TIME_UNIT                    # a refused reconnect fails at once
+    async with (
+        running(tmp_path, redis_url=own_redis.url) as broker,
+        Client.open(broker.url) as a,
+        Client.open(broker.url) as b,
+        Client.open(broker.url) as d,
+    ):
+        for client in (a, b, d):
+            await client.hello()
+        await a.at(0)
+        await b.at(3)
+        assert isinstance(await a.recv(answer_s), Match)     # Redis works: a and b match
+        assert isinstance(await b.recv(answer_s), Match)
+        own_redis.stop()
+        for client, message in (
+                (a, PositionLost()),                             # DropPosition: no answer
+                (b, Position(latitude=north(1), longitude=LON, accuracy_m=4.0)),   # update
+                (d, Signal(peer_session_id=b.session_id, sdp_type="offer", sdp="v=0"))):
+            await client.send(message)
+            error = await client.recv(answer_s)
+            assert isinstance(error, Error) and (error.code, error.field) == (
+                "unavailable", None), (message, error)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.ws.recv(), answer_s)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+        async with Client.open(broker.url) as c:
+            for _ in range(2):                  # a hello not welcomed leaves it new
+                await c.send(Hello(session_id=new_id(), radius_m=30.0))
+                error = await c.recv(answer_s)
+                assert isinstance(error, Error) and error.code == "unavailable", error
+            await c.send(PositivesPoll(cursor=0))    # the board (SQLite here) still answers
+            assert isinstance(await c.recv(answer_s), Positives)
+    records = [r for r in caplog.records if not r.name.startswith("tests.")]
+    failures = [r for r in records if r.getMessage().startswith("store unavailable")]
+    assert {r.getMessage() for r in failures} >= {
+        "store unavailable while handling a message: ConnectionError",
+        "store unavailable in a store call (update): ConnectionError",
+        "store unavailable in a store call (relay): ConnectionError",
+        "store unavailable in a store call (connect): ConnectionError",
+        "store unavailable while ending a connection: ConnectionError"}, failures
+    assert all(r.levelno == logging.ERROR and r.exc_info is None for r in failures)
+    text = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in records)
+    assert "internal error" not in text and "Traceback" not in text
+    for session_id in (a.session_id, b.session_id, d.session_id):
+        assert session_id is not None and session_id not in text
+    assert "127.0.0." not in text
 
 
 async def test_idempotent_reupload(tmp_path):
