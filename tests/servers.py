@@ -144,14 +144,14 @@ class OwnRedis:
 
     def stop(self) -> None:
         """Stop the server now (SIGTERM, waited for): its clients' next calls fail."""
-        _stop(self.process)
+        stop_redis(self.process)
 
 
 @pytest.fixture
 def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
     """A redis-server for this test alone, configured as :func:`redis_server`'s; stopped
     after the test if the test did not stop it."""
-    process, url = _start_redis(_redis_binary(), tmp_path_factory.mktemp("own-redis"))
+    process, url = start_redis(redis_binary(), tmp_path_factory.mktemp("own-redis"))
     server = OwnRedis(url, process)
     try:
         yield server
