@@ -88,6 +88,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -549,6 +550,8 @@ class _Broker:
                                    settings.max_connections_per_address)
         self.refused_connections = 0              # since the last warning about them
         self.last_refusal_warning = -math.inf
+        self.store_failures = 0                   # Redis failures since the last line on them
+        self.last_store_failure_line = -math.inf
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pages = BatchPages(board, settings.batch_frame_tokens, settings.batch_cache_bytes)
         self.announce_task: asyncio.Task[None] | None = None
@@ -603,6 +606,20 @@ class _Broker:
             self.refused_connections = 0
             self.last_refusal_warning = now
 
+    def _log_store_failure(self, what: str, exc: RedisError) -> None:
+        """One line, no traceback, at most one a minute, for a failure of the shared
+        live-positions store (Redis down or unreachable): every position of every device
+        fails while it lasts, and a traceback each would flood the log."""
+        self.store_failures += 1
+        now = time.monotonic()
+        if now - self.last_store_failure_line >= _WARN_EVERY_S:
+            # The type only: a Redis error message may quote a command's arguments.
+            logger.error("live-positions store (Redis) failed %s: %s; %d failure(s) since "
+                         "the last line, answered internal_error; is Redis running?",
+                         what, type(exc).__name__, self.store_failures)
+            self.store_failures = 0
+            self.last_store_failure_line = now
+
     async def handle(self, ws: ServerConnection) -> None:
         core = BrokerConnection(self.limits, self.monotonic(), record=self.recorder is not None)
         client = _Client(ws, core, self.settings.outbox_size, self.tasks,
@@ -631,6 +648,8 @@ class _Broker:
             core.connection_lost()
             try:   # a shared store may fail: the connection is released all the same
                 await self._run(client, core.actions())
+            except RedisError as exc:
+                self._log_store_failure("while ending a connection", exc)
             except Exception as exc:
                 _log_internal_error("while ending a connection", exc)
             await client.finish()
@@ -682,6 +701,9 @@ class _Broker:
                     elif isinstance(exc, BoardError):
                         logger.error("positive board failure (%s): %s", core.awaiting.value, exc)
                         core.unavailable()
+                    elif isinstance(exc, RedisError):
+                        self._log_store_failure(f"in a store call ({core.awaiting.value})", exc)
+                        core.failed()
                     else:
                         _log_internal_error(f"in a store call ({core.awaiting.value})", exc)
                         core.failed()
@@ -841,6 +863,8 @@ class _Broker:
                         logger.info("purged %d expired positive tokens", purged)
             except BoardError as exc:
                 logger.error("positive board failure on purge: %s", exc)
+            except RedisError as exc:
+                self._log_store_failure("in housekeeping", exc)
             except Exception as exc:
                 _log_internal_error("in housekeeping", exc)
             await asyncio.sleep(self.settings.housekeeping_interval_s)

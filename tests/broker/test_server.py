@@ -30,6 +30,7 @@ from fanny_tui.protocol.messages import (
     Welcome,
     encode_padded,
 )
+from tests.servers import _redis_binary, _start_redis, _stop
 
 from .kit import (
     LAT,
@@ -802,3 +803,26 @@ async def test_port_in_use_raises_oserror_and_closes_the_board(tmp_path):
             async with start_broker(settings):
                 pass
     assert not (tmp_path / "other.sqlite3-wal").exists()
+
+
+async def test_a_redis_outage_is_one_log_line_without_traceback(tmp_path, caplog):
+    # A region broker whose Redis dies: every position (and every housekeeping sweep) fails
+    # while it lasts; each is answered internal_error and the log gets one line, not a
+    # traceback per call (issue 8 trial: a 35-line traceback per position update).
+    caplog.set_level(logging.INFO)
+    process, url = _start_redis(_redis_binary(), tmp_path)
+    try:
+        async with running(tmp_path, redis_url=url) as broker, \
+                Client.open(broker.url) as device:
+            await device.hello()
+            _stop(process)
+            for metres in (0, 1, 2):
+                await device.at(metres)
+                await device.expect_error("internal_error")
+    finally:
+        _stop(process)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("broker")]
+    failures = [line for line in lines if "live-positions store (Redis) failed" in line]
+    assert len(failures) == 1, lines
+    assert "ConnectionError" in failures[0]
+    assert not any('File "' in line or "internal error" in line for line in lines), lines
