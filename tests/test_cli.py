@@ -634,3 +634,23 @@ async def test_declare_positive_to_a_poll_only_broker_picked_by_name(tmp_path):
         board, _, _ = health.board.since(0, 10, datetime.now(UTC))
         assert [t.token for t in board] == ["ab" * 32]
     assert _tokens_json(tmp_path / "d") == []
+
+
+@pytest.mark.parametrize(("argv", "refused"), [
+    (["declare-positive", "--timeout", "-5"],
+     "argument --timeout: expected a number > 0, got '-5'"),
+    (["declare-positive", "--timeout", "nan"], "argument --timeout: expected a finite number > 0"),
+    (["demo", "--duration", "-1"], "argument --duration: expected a number > 0, got '-1'"),
+    (["demo", "--duration", "inf"], "argument --duration: expected a finite number > 0"),
+    (["demo", "--devices", "0"], "argument --devices: expected an integer >= 1, got '0'"),
+])
+def test_nonsense_durations_and_counts_are_refused_by_name(argv, refused, capsys):
+    # A negative --timeout used to give up at once (the tokens stayed pending); a negative
+    # --duration ran the demo and reported "no alert" (exit 1).
+    from fanny_tui.cli import _parser
+
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert refused in capsys.readouterr().err
+    assert _parser().parse_args([argv[0], argv[1], "2"]) is not None
