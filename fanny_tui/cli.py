@@ -429,8 +429,9 @@ async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
             return EXIT_OK
         url = urls[0]
         which = "" if target is None else f"{name} "
+        others = "" if len(urls) == 1 else f", then the next of its {len(urls)} URLs in turn"
         print(f"{APP_NAME}: uploading {plural(pending(), 'token')}: waiting for the broker "
-              f"{which}at {url} (up to {timeout_s:g} s)...", file=sys.stderr, flush=True)
+              f"{which}at {url}{others} (up to {timeout_s:g} s)...", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         delays = backoff(1.0, 10.0)()
