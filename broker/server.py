@@ -314,11 +314,11 @@ class BrokerSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str | Path) or not str(value)):
                 raise ValueError(f"BrokerSettings.{name}: expected a PEM file path, got {value!r}")
-        for name, schemes in (("redis_url", ("redis", "rediss", "unix")),
-                              ("postgres_url", ("postgresql", "postgres"))):
-            value = getattr(self, name)
-            if value is not None:
-                validate.url(f"BrokerSettings.{name}", value, schemes)
+        if self.redis_url is not None:
+            validate.redis_url("BrokerSettings.redis_url", self.redis_url)
+        if self.postgres_url is not None:
+            validate.url("BrokerSettings.postgres_url", self.postgres_url,
+                         ("postgresql", "postgres"))
         if (self.certfile is None) != (self.keyfile is None):
             missing = "keyfile" if self.keyfile is None else "certfile"
             raise ValueError(f"BrokerSettings.{missing}: TLS needs both a certfile and a keyfile")

@@ -164,6 +164,22 @@ def url(key: str, value: object, schemes: Iterable[str], *, host: bool = False) 
     return value
 
 
+def redis_url(key: str, value: object) -> str:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL (:func:`url`) whose path, if any, is
+    a database number (``redis://HOST:PORT/0``): redis-py reads any other path (``/fanny``,
+    a typo) as database 0, silently.
+
+    Raises:
+        Invalid: another scheme, or a path that is not ``/`` and a number.
+    """
+    text = url(key, value, ("redis", "rediss", "unix"))
+    parts = urlsplit(text)
+    if parts.scheme != "unix" and not re.fullmatch(r"/?|/\d+", parts.path):
+        shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", text)
+        raise Invalid(key, "a database number as the URL's path (redis://HOST:PORT/0)", shown)
+    return text
+
+
 # --- text typed on a command line -------------------------------------------------------------
 
 
