@@ -86,6 +86,7 @@ class _Parser(argparse.ArgumentParser):
 _typed = validate.argument_type
 
 _port = _typed(validate.integer_text, 0, 65535)
+_postgres_url = _typed(validate.url, ("postgresql", "postgres"))
 _positive = _typed(validate.number_text, low=0.0, low_open=True)
 _non_negative = _typed(validate.number_text, low=0.0)
 _count = _typed(validate.integer_text, 0)
@@ -192,8 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do nothing when PATH already exists (a service's first start)")
     issue = commands.add_parser(
         "issue-code", help="print a declaration code (one declaration) and store its hash")
-    issue.add_argument("--db", required=True, metavar="PATH",
+    where = issue.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", metavar="PATH",
                        help="SQLite file of the positive-token board (made with create-board)")
+    where.add_argument("--postgres", metavar="URL", type=_postgres_url,
+                       help="postgresql:// URL of a region's positive board (the brokers' "
+                            "postgres_url): the code is valid on every broker of the region")
     issue.add_argument("--ttl", type=parse_ttl, default=timedelta(hours=1), metavar="DURATION",
                        help="how long the code may be used, with its unit: 90s, 30m, 2h, 1d "
                             "(default: 1h)")
@@ -260,12 +265,16 @@ def create_board(db: str | Path, *, if_missing: bool = False) -> bool:
     return True
 
 
-def issue_code(db: str, ttl: timedelta, now: datetime | None = None) -> tuple[str, datetime]:
-    """Make a declaration code and store its hash and expiry in the board at ``db``.
+def issue_code(db: str | None, ttl: timedelta, now: datetime | None = None, *,
+               postgres_url: str | None = None) -> tuple[str, datetime]:
+    """Make a declaration code and store its hash and expiry in the board at ``db``, or in a
+    region's PostgreSQL board at ``postgres_url``.
 
     Args:
         db: the board's SQLite file, made by :func:`create_board` (never created here; the
-            broker may be running on it).
+            broker may be running on it). Ignored when ``postgres_url`` is given.
+        postgres_url: the ``postgresql://`` URL of a region's board (the brokers'
+            ``postgres_url``; its tables are created if missing, as ``serve`` does).
         ttl: how long the code may be used.
         now: the current aware UTC time (default: now).
 
@@ -274,14 +283,26 @@ def issue_code(db: str, ttl: timedelta, now: datetime | None = None) -> tuple[st
 
     Raises:
         BoardError: the file does not exist (the message names ``create-board``), or cannot
-            be opened or written.
+            be opened or written; the PostgreSQL board cannot be reached (one line starting
+            with ``postgres_url:``, without the URL).
     """
-    refused = missing_board(db)
-    if refused:
-        raise BoardError(refused)
     now = datetime.now(UTC) if now is None else now
     code = format_code(os.urandom(10))
     expires_at = now + ttl
+    if postgres_url is not None:
+        from .postgres_board import PostgresPositiveBoard
+
+        region = PostgresPositiveBoard(postgres_url)
+        try:
+            region.add_code(code_hash(code), expires_at)
+        finally:
+            region.close()
+        return code, expires_at
+    if db is None:
+        raise BoardError("issue-code: expected --db PATH or --postgres URL")
+    refused = missing_board(db)
+    if refused:
+        raise BoardError(refused)
     board = SqlitePositiveBoard(db)
     try:
         board.add_code(code_hash(code), expires_at)
@@ -323,7 +344,7 @@ def _create(args: argparse.Namespace) -> int:
 
 def _issue(args: argparse.Namespace) -> int:
     try:
-        code, expires_at = issue_code(args.db, args.ttl)
+        code, expires_at = issue_code(args.db, args.ttl, postgres_url=args.postgres)
     except BoardError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
