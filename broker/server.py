@@ -965,10 +965,13 @@ async def start_broker(
         raise
     port = int(server.sockets[0].getsockname()[1])
     housekeeping = asyncio.create_task(broker.housekeeping())
+    # Which stores, never their URLs (a URL may hold a password).
     logger.info("broker started (radius_max_m=%g cooldown_s=%g position_timeout_s=%g "
-                "declarations=%s tls=%s)", settings.radius_max_m, settings.cooldown_s,
-                settings.position_timeout_s, broker.declarations,
-                "on" if settings.tls else "off")
+                "declarations=%s tls=%s positions=%s board=%s)", settings.radius_max_m,
+                settings.cooldown_s, settings.position_timeout_s, broker.declarations,
+                "on" if settings.tls else "off",
+                "memory" if settings.redis_url is None else "redis",
+                "sqlite" if settings.postgres_url is None else "postgresql")
     if settings.open_declarations:
         logger.warning("open declarations: positive uploads are accepted WITHOUT a declaration "
                        "code (field tests only); a code that is sent is still checked")

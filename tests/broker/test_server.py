@@ -731,6 +731,7 @@ async def test_logs_never_contain_ids_positions_tokens_codes_or_addresses(
     assert any("over the per-address cap of 2" in w for w in warnings), warnings
     assert any("open declarations" in w for w in warnings) == (declarations == "open")
     assert "declarations=" + declarations in text
+    assert "positions=memory board=sqlite)" in text
     for what, values in private.items():
         for value in values:
             assert value not in text, f"a {what} value appears in the log: {value}"
@@ -822,6 +823,7 @@ async def test_a_redis_outage_is_one_log_line_without_traceback(tmp_path, caplog
     finally:
         _stop(process)
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("broker")]
+    assert any("positions=redis board=sqlite)" in line for line in lines), lines
     failures = [line for line in lines if "live-positions store (Redis) failed" in line]
     assert len(failures) == 1, lines
     assert "ConnectionError" in failures[0]
