@@ -615,7 +615,8 @@ class _Broker:
         if now - self.last_store_failure_line >= _WARN_EVERY_S:
             # The type only: a Redis error message may quote a command's arguments.
             logger.error("live-positions store (Redis) failed %s: %s; %d failure(s) since "
-                         "the last line, answered internal_error; is Redis running?",
+                         "the last line (devices get internal_error meanwhile); is Redis "
+                         "running?",
                          what, type(exc).__name__, self.store_failures)
             self.store_failures = 0
             self.last_store_failure_line = now
