@@ -89,19 +89,10 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def _typed(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[str], Any]:
-    """An argparse type: ``check("", text, *args, **kwargs)`` (a :mod:`validate` function)."""
-
-    def parse(text: str) -> Any:
-        try:
-            return check("", text, *args, **kwargs)
-        except validate.Invalid as exc:
-            raise argparse.ArgumentTypeError(exc.detail) from None
-
-    return parse
-
+_typed = validate.argument_type
 
 _port = _typed(validate.integer_text, 0, 65535)
+_postgres_url = _typed(validate.url, ("postgresql", "postgres"))
 _positive = _typed(validate.number_text, low=0.0, low_open=True)
 _non_negative = _typed(validate.number_text, low=0.0)
 _count = _typed(validate.integer_text, 0)

@@ -68,6 +68,7 @@ import hashlib
 import logging
 import math
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -108,6 +109,11 @@ Redis' other Earth radius (0.03 % larger) and its geohash rounding (< 1 m), so t
 session the kit's haversine puts within the radius is a candidate."""
 
 SUBSCRIBE_TIMEOUT_S = 5.0
+RESUBSCRIBE_DELAY_S = 1.0
+"""Seconds between two attempts to read the subscriptions again while Redis is gone."""
+SUBSCRIPTION_WARN_EVERY_S = 60.0
+"""At most one warning this often while the subscriptions keep failing (an outage is one
+line a minute, not one a second), then one line when they work again."""
 """Seconds :meth:`RedisRouter.attach` waits for Redis to confirm a subscription."""
 
 
@@ -590,6 +596,7 @@ class RedisRouter:
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
+        self.subscription_failures = 0    # consecutive failed reads; 0 while Redis answers
 
     def _channel(self, session_id: str) -> str:
         return f"{self.prefix}to:{session_hash(session_id)}"
@@ -613,16 +620,27 @@ class RedisRouter:
 
     async def _listen(self) -> None:
         assert self._pubsub is not None
+        last_warning = -math.inf
         while True:
             try:
                 message = await self._pubsub.get_message(timeout=None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:   # Redis gone: redis-py reconnects and resubscribes
-                logger.warning("Redis subscription failed (%s); retrying",
-                               type(exc).__name__)
-                await asyncio.sleep(1.0)
+                self.subscription_failures += 1
+                now = time.monotonic()
+                if now - last_warning >= SUBSCRIPTION_WARN_EVERY_S:
+                    last_warning = now
+                    logger.warning("Redis subscription failed (%s), %d attempt(s) in a row; "
+                                   "retrying every %g s", type(exc).__name__,
+                                   self.subscription_failures, RESUBSCRIBE_DELAY_S)
+                await asyncio.sleep(RESUBSCRIBE_DELAY_S)
                 continue
+            if self.subscription_failures:
+                logger.warning("Redis subscription restored after %d failed attempt(s)",
+                               self.subscription_failures)
+                self.subscription_failures = 0
+                last_warning = -math.inf
             if message is None:
                 continue
             try:

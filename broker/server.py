@@ -319,11 +319,11 @@ class BrokerSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str | Path) or not str(value)):
                 raise ValueError(f"BrokerSettings.{name}: expected a PEM file path, got {value!r}")
-        for name, schemes in (("redis_url", ("redis", "rediss", "unix")),
-                              ("postgres_url", ("postgresql", "postgres"))):
-            value = getattr(self, name)
-            if value is not None:
-                validate.url(f"BrokerSettings.{name}", value, schemes)
+        if self.redis_url is not None:
+            validate.redis_url("BrokerSettings.redis_url", self.redis_url)
+        if self.postgres_url is not None:
+            validate.url("BrokerSettings.postgres_url", self.postgres_url,
+                         ("postgresql", "postgres"))
         if (self.certfile is None) != (self.keyfile is None):
             missing = "keyfile" if self.keyfile is None else "certfile"
             raise ValueError(f"BrokerSettings.{missing}: TLS needs both a certfile and a keyfile")
@@ -378,12 +378,6 @@ class _LibraryLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
         return msg, kwargs
-
-
-def _log_store_unavailable(what: str, exc: BaseException) -> None:
-    """Log, in one line without traceback nor message (no data), that a shared store could not
-    be reached (:func:`~broker.backends.store_unavailable`)."""
-    logger.error("store unavailable %s: %s", what, type(exc).__name__)
 
 
 def _log_internal_error(what: str, exc: BaseException) -> None:
@@ -561,6 +555,8 @@ class _Broker:
                                    settings.max_connections_per_address)
         self.refused_connections = 0              # since the last warning about them
         self.last_refusal_warning = -math.inf
+        # per kind of shared-store failure: (when last logged, how many left out since)
+        self.store_failures: dict[str, tuple[float, int]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pages = BatchPages(board, settings.batch_frame_tokens, settings.batch_cache_bytes)
         self.announce_task: asyncio.Task[None] | None = None
@@ -615,6 +611,20 @@ class _Broker:
             self.refused_connections = 0
             self.last_refusal_warning = now
 
+    def _log_store_unavailable(self, what: str, exc: BaseException) -> None:
+        """Log that a shared store cannot be reached (:func:`~broker.backends.store_unavailable`:
+        Redis or PostgreSQL down): one line, without traceback or message (no data), at most
+        one a minute for each ``what`` (every position of every device fails while it lasts:
+        a line each would flood the log); the next line counts the ones left out."""
+        now = time.monotonic()
+        last, left_out = self.store_failures.get(what, (-math.inf, 0))
+        if now - last < _WARN_EVERY_S:
+            self.store_failures[what] = (last, left_out + 1)
+            return
+        self.store_failures[what] = (now, 0)
+        more = f" ({left_out} more since the last line)" if left_out else ""
+        logger.error("store unavailable %s: %s%s", what, type(exc).__name__, more)
+
     async def handle(self, ws: ServerConnection) -> None:
         core = BrokerConnection(self.limits, self.monotonic(), record=self.recorder is not None)
         client = _Client(ws, core, self.settings.outbox_size, self.tasks,
@@ -645,7 +655,7 @@ class _Broker:
                 await self._run(client, core.actions())
             except Exception as exc:
                 if store_unavailable(exc):   # its entries expire in the store on their own
-                    _log_store_unavailable("while ending a connection", exc)
+                    self._log_store_unavailable("while ending a connection", exc)
                 else:
                     _log_internal_error("while ending a connection", exc)
             await client.finish()
@@ -674,7 +684,7 @@ class _Broker:
                 raise
             except Exception as exc:
                 if store_unavailable(exc):   # a Post, Attach, DropPosition... on a store gone
-                    _log_store_unavailable("while handling a message", exc)
+                    self._log_store_unavailable("while handling a message", exc)
                     core.store_unavailable()
                     await self._run(client, core.actions())
                 else:
@@ -703,7 +713,8 @@ class _Broker:
                         logger.error("positive board failure (%s): %s", core.awaiting.value, exc)
                         core.unavailable()
                     elif store_unavailable(exc):
-                        _log_store_unavailable(f"in a store call ({core.awaiting.value})", exc)
+                        self._log_store_unavailable(f"in a store call ({core.awaiting.value})",
+                                                    exc)
                         core.unavailable()
                     else:
                         _log_internal_error(f"in a store call ({core.awaiting.value})", exc)
@@ -847,7 +858,7 @@ class _Broker:
         except Exception as exc:
             if not store_unavailable(exc):
                 raise
-            _log_store_unavailable("on announcement", exc)   # devices learn at their poll
+            self._log_store_unavailable("on announcement", exc)   # devices learn at their poll
             return
         logger.info("positives announced to %d sessions", sent)
 
@@ -872,7 +883,7 @@ class _Broker:
                 logger.error("positive board failure on purge: %s", exc)
             except Exception as exc:
                 if store_unavailable(exc):
-                    _log_store_unavailable("in housekeeping", exc)
+                    self._log_store_unavailable("in housekeeping", exc)
                 else:
                     _log_internal_error("in housekeeping", exc)
             await asyncio.sleep(self.settings.housekeeping_interval_s)
@@ -987,10 +998,13 @@ async def start_broker(
         raise
     port = int(server.sockets[0].getsockname()[1])
     housekeeping = asyncio.create_task(broker.housekeeping())
+    # Which stores, never their URLs (a URL may hold a password).
     logger.info("broker started (radius_max_m=%g cooldown_s=%g position_timeout_s=%g "
-                "declarations=%s tls=%s)", settings.radius_max_m, settings.cooldown_s,
-                settings.position_timeout_s, broker.declarations,
-                "on" if settings.tls else "off")
+                "declarations=%s tls=%s positions=%s board=%s)", settings.radius_max_m,
+                settings.cooldown_s, settings.position_timeout_s, broker.declarations,
+                "on" if settings.tls else "off",
+                "memory" if settings.redis_url is None else "redis",
+                "sqlite" if settings.postgres_url is None else "postgresql")
     if settings.open_declarations:
         logger.warning("open declarations: positive uploads are accepted WITHOUT a declaration "
                        "code (field tests only); a code that is sent is still checked")

@@ -46,6 +46,7 @@ from .config import Config, ConfigError, load_config, parse_config
 from .datadir import DataDirBusy, DataDirLock
 from .describe import explain
 from .events import Event, SessionStarted, to_json_dict
+from .protocol import validate
 from .store import StoreError, TokenStore
 
 if TYPE_CHECKING:
@@ -114,6 +115,10 @@ def resolve_data_dir(config: Config, override: str | None) -> Path:
     return platformdirs.user_data_path(APP_NAME)
 
 
+_positive_seconds = validate.argument_type(validate.number_text, low=0.0, low_open=True)
+_at_least_one = validate.argument_type(validate.integer_text, 1)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
@@ -143,13 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     declare.add_argument("--broker", metavar="NAME", default=None,
                          help="the broker to declare to: [broker] name (the default) or the "
                               "name of a [[positives]] broker of the config")
-    declare.add_argument("--timeout", type=float, default=60.0, metavar="S",
+    declare.add_argument("--timeout", type=_positive_seconds, default=60.0, metavar="S",
                          help="give up waiting for the broker's ack after S seconds (default 60)")
     demo = sub.add_parser("demo", help="broker + this app + simulated devices on loopback")
-    demo.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
+    demo.add_argument("--devices", type=_at_least_one, default=3,
+                      help="simulated devices (default 3)")
     demo.add_argument("--headless", action="store_true", dest="demo_headless",
                       help="print the tester's events as JSON lines instead of the UI")
-    demo.add_argument("--duration", type=float, default=None, metavar="S",
+    demo.add_argument("--duration", type=_positive_seconds, default=None, metavar="S",
                       help="stop after S seconds (default: until quit, or after the alert "
                            "when headless)")
     _add_report_parser(sub)
@@ -423,8 +429,9 @@ async def _declare_positive(config: Config, data_dir: Path, timeout_s: float,
             return EXIT_OK
         url = urls[0]
         which = "" if target is None else f"{name} "
+        others = "" if len(urls) == 1 else f", then the next of its {len(urls)} URLs in turn"
         print(f"{APP_NAME}: uploading {plural(pending(), 'token')}: waiting for the broker "
-              f"{which}at {url} (up to {timeout_s:g} s)...", file=sys.stderr, flush=True)
+              f"{which}at {url}{others} (up to {timeout_s:g} s)...", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         delays = backoff(1.0, 10.0)()

@@ -313,6 +313,12 @@ def _gps(data: Mapping[str, Any], base: Path | None) -> GpsConfig:
     if source == "fixed" and (lat is None or lon is None):
         missing = "gps.latitude" if lat is None else "gps.longitude"
         raise ConfigError(missing, 'a WGS84 value in degrees when source = "fixed"')
+    if source != "fixed" and (lat is not None or lon is not None):
+        # A fixed position typed in but source left at its default: the device would wait
+        # for a receiver that is not there, the position ignored without a word.
+        given = "gps.latitude" if lat is not None else "gps.longitude"
+        raise ConfigError("gps.source", f'"fixed" for {given} to be used (a fixed position)',
+                          source)
     return GpsConfig(
         source=source,
         host=s.string("host", GpsConfig.host) or GpsConfig.host,

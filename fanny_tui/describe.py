@@ -27,7 +27,7 @@ _TYPE_PREFIX = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exceeded|Closed\
                           r"Timeout\w*|gaierror|herror))(?::\s*(.*))?$", re.DOTALL)
 _HTTP_STATUS = re.compile(r"HTTP (\d{3})")
 _REFUSED = re.compile(r"broker refused: ([a-z_]+)")
-_BUSY_CODES = frozenset({"too_many_connections", "rate_limited", "unavailable"})
+_BUSY_CODES = frozenset({"too_many_connections", "rate_limited"})
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,12 @@ def explain(failure: BaseException | str, *, url: str | None = None) -> Explanat
     refused = _REFUSED.search(text)
     if refused:   # fanny_tui.link.BrokerRefused, also inside "bad answer to hello: ..."
         refusal = refused.group(1)
+        if refusal == "unavailable":   # its board (SQLite, a region's PostgreSQL) failed
+            return made("broker's positive board unavailable",
+                        f"the broker at {where} could not use its positive-token board "
+                        f"(unavailable)",
+                        "wait: the device retries by itself; if it lasts, tell the broker's "
+                        "operator")
         if refusal in _BUSY_CODES:
             return made(f"broker busy ({refusal})",
                         f"the broker at {where} is busy and turned this device away "

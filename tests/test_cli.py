@@ -311,6 +311,36 @@ def _tokens_json(data_dir: Path) -> list[dict]:
     return json.loads(listing.stdout)["tokens"]
 
 
+async def test_declare_positive_fails_over_along_the_region_list(tmp_path):
+    # [broker] url = [a broker that is down, one that is up]: the declaration reaches the
+    # second, and the waiting line says that more than the first URL will be tried.
+    port, dead = _free_port(), _free_port()
+    db = tmp_path / "broker.sqlite3"
+    _create_board(db)
+    broker = await _spawn(str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
+                          str(port), "--db", str(db), "--upload-answer-delay-s", "0.05",
+                          "--open-declarations")
+    try:
+        await _wait_healthy(port)
+        config = _write_config(tmp_path / "c.toml", port, LAT)
+        text = config.read_text().replace(
+            f'url = "ws://127.0.0.1:{port}"',
+            f'url = ["ws://127.0.0.1:{dead}", "ws://127.0.0.1:{port}"]')
+        config.write_text(text)
+        _stock(tmp_path / "d", "ab" * 32)
+        result = await asyncio.to_thread(
+            subprocess.run, [BIN / "fanny-tui", "declare-positive", "--config", config,
+                             "--data-dir", tmp_path / "d", "--timeout", str(20 * TIME_UNIT)],
+            capture_output=True, text=True, timeout=60 * TIME_UNIT)
+        assert result.returncode == 0, result.stderr
+        assert (f"waiting for the broker at ws://127.0.0.1:{dead}, then the next of its 2 URLs "
+                "in turn") in result.stderr
+        assert "1 token acknowledged" in result.stdout
+        assert _tokens_json(tmp_path / "d") == []
+    finally:
+        assert await _stop(broker) == 0
+
+
 async def test_declare_positive_codes_refused_and_accepted(tmp_path):
     port = _free_port()
     db = tmp_path / "broker.sqlite3"
@@ -634,3 +664,23 @@ async def test_declare_positive_to_a_poll_only_broker_picked_by_name(tmp_path):
         board, _, _ = health.board.since(0, 10, datetime.now(UTC))
         assert [t.token for t in board] == ["ab" * 32]
     assert _tokens_json(tmp_path / "d") == []
+
+
+@pytest.mark.parametrize(("argv", "refused"), [
+    (["declare-positive", "--timeout", "-5"],
+     "argument --timeout: expected a number > 0, got '-5'"),
+    (["declare-positive", "--timeout", "nan"], "argument --timeout: expected a finite number > 0"),
+    (["demo", "--duration", "-1"], "argument --duration: expected a number > 0, got '-1'"),
+    (["demo", "--duration", "inf"], "argument --duration: expected a finite number > 0"),
+    (["demo", "--devices", "0"], "argument --devices: expected an integer >= 1, got '0'"),
+])
+def test_nonsense_durations_and_counts_are_refused_by_name(argv, refused, capsys):
+    # A negative --timeout used to give up at once (the tokens stayed pending); a negative
+    # --duration ran the demo and reported "no alert" (exit 1).
+    from fanny_tui.cli import _parser
+
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert refused in capsys.readouterr().err
+    assert _parser().parse_args([argv[0], argv[1], "2"]) is not None

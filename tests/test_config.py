@@ -94,6 +94,9 @@ def test_example_file_parses_and_documents_every_key(tmp_path):
     ({"privacy": {"decoy_uploads": "yes"}}, "privacy.decoy_uploads"),
     ({"privacy": {"decoy_interval_s": 0}}, "privacy.decoy_interval_s"),
     ({"broker": {"ca_file": 3}}, "broker.ca_file"),
+    # A fixed position with the default source: it would be ignored without a word.
+    ({"gps": {"latitude": 43.6, "longitude": 1.44}}, "gps.source"),
+    ({"gps": {"source": "nmea", "path": "a.nmea", "longitude": 1.44}}, "gps.source"),
 ])
 def test_bad_values_name_the_key(data, key):
     with pytest.raises(ConfigError) as info:

@@ -194,6 +194,8 @@ def test_the_link_reasons_have_short_headlines(reason, headline):
     ("InvalidMessage: did not receive a valid HTTP response", "does not answer like a FANNY",
      "ws:// or wss://"),
     ("bad answer to hello: broker refused: rate_limited: slow down", "is busy", "retries"),
+    ("broker refused: unavailable: try again later", "could not use its positive-token board",
+     "operator"),
 ])
 def test_known_failures_in_plain_words(failure, what, todo):
     explained = explain(failure, url="ws://broker.example:8765")

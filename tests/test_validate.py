@@ -99,3 +99,16 @@ def test_duration_range():
 def test_a_key_may_be_left_to_the_caller():
     error = Invalid("", "true or false", 3)
     assert str(error) == error.detail == "expected true or false, got 3"
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/",
+                                 "rediss://u:p@h:6380/15", "unix:///run/redis.sock?db=2"])
+def test_redis_url_takes_a_database_number_or_none(url):
+    assert validate.redis_url("k", url) == url
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/fanny", "redis://h/0/1",
+                                 "redis://h/-1", "postgresql://h/0"])
+def test_redis_url_refuses_a_path_redis_would_read_as_database_0(url):
+    with pytest.raises(validate.Invalid):
+        validate.redis_url("k", url)

@@ -13,9 +13,11 @@ and :mod:`broker.__main__`.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -162,6 +164,22 @@ def url(key: str, value: object, schemes: Iterable[str], *, host: bool = False) 
     return value
 
 
+def redis_url(key: str, value: object) -> str:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL (:func:`url`) whose path, if any, is
+    a database number (``redis://HOST:PORT/0``): redis-py reads any other path (``/fanny``,
+    a typo) as database 0, silently.
+
+    Raises:
+        Invalid: another scheme, or a path that is not ``/`` and a number.
+    """
+    text = url(key, value, ("redis", "rediss", "unix"))
+    parts = urlsplit(text)
+    if parts.scheme != "unix" and not re.fullmatch(r"/?|/\d+", parts.path):
+        shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", text)
+        raise Invalid(key, "a database number as the URL's path (redis://HOST:PORT/0)", shown)
+    return text
+
+
 # --- text typed on a command line -------------------------------------------------------------
 
 
@@ -221,6 +239,20 @@ def duration_text(key: str, text: str, *, high_s: float) -> float:
     if not 0 < seconds <= high_s:
         raise Invalid(key, f"a duration > 0s and at most {_duration(high_s)}", text)
     return seconds
+
+
+def argument_type(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``check("", text, *args, **kwargs)``, one of the ``*_text``
+    validators above; its :class:`Invalid` becomes :class:`argparse.ArgumentTypeError` with
+    the detail only (argparse names the option: ``argument --timeout: expected ...``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check("", text, *args, **kwargs)
+        except Invalid as exc:
+            raise argparse.ArgumentTypeError(exc.detail) from None
+
+    return parse
 
 
 def _duration(seconds: float) -> str:

@@ -126,6 +126,9 @@ def test_db_path_is_optional_with_a_postgres_url(tmp_path):
     ("[storage]\nredis_url = \"http://127.0.0.1\"\n",
      "storage.redis_url: expected a URL starting with redis:// or rediss:// or unix://, "
      "got 'http://127.0.0.1'"),
+    ("[storage]\nredis_url = \"redis://:pw@127.0.0.1:6379/fanny\"\n",
+     "storage.redis_url: expected a database number as the URL's path (redis://HOST:PORT/0), "
+     "got 'redis://:***@127.0.0.1:6379/fanny'"),
     ("[server]\nlog_level = \"loud\"\n",
      "server.log_level: expected one of \"DEBUG\", \"INFO\", \"WARNING\", \"ERROR\", "
      "\"CRITICAL\", got 'LOUD'"),

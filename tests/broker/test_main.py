@@ -206,6 +206,33 @@ def test_issue_code_prints_one_code_and_stores_only_its_hash(tmp_path, capsys):
     assert capsys.readouterr().out.strip() != code
 
 
+def test_issue_code_into_a_region_s_postgresql_board(postgres_url, capsys):
+    # A region's brokers keep their board in PostgreSQL (postgres_url): a code issued into
+    # the db_path SQLite file they never open was refused on every one of them.
+    from broker.postgres_board import PostgresPositiveBoard
+
+    assert main(["create-board", "--postgres", postgres_url]) == 0
+    capsys.readouterr()
+    before = datetime.now(UTC)
+    assert main(["issue-code", "--postgres", postgres_url, "--ttl", "2h"]) == 0
+    out, err = capsys.readouterr()
+    code = out.strip()
+    assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{4}(-[0-9A-HJKMNP-TV-Z]{4}){3}", code), out
+    assert "valid until" in err and code not in err
+    board = PostgresPositiveBoard(postgres_url)
+    try:
+        record = board.code_record(code_hash(code))
+    finally:
+        board.close()
+    assert record is not None
+    assert abs(record.expires_at - (before + timedelta(hours=2))) < timedelta(minutes=1)
+    # Unreachable: one line naming postgres_url, never the URL (it may hold a password).
+    assert main(["issue-code", "--postgres", "postgresql://u:secret@127.0.0.1:1/x"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "postgres_url:" in err
+    assert "secret" not in err
+
+
 @pytest.mark.parametrize("text, seconds", [
     ("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1.5h", 5400), ("600s", 600),
     (" 2H ", 7200), ("30d", 30 * 86400),

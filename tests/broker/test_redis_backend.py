@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker import Refusal
+from broker import Refusal, redis_backend
 from broker.backends import LivePositions, Router, open_backends
 from broker.redis_backend import (
     RedisPositions,
@@ -29,7 +30,7 @@ from broker.state import BrokerState, MatchNotice
 from fanny_tui.protocol.errors import LocalProtocolError
 from tests.broker.kit import LAT, LON, new_id, north
 from tests.helpers import TIME_UNIT, loopback_port
-from tests.servers import redis_contents
+from tests.servers import redis_binary, redis_contents, start_redis, stop_redis
 
 
 @dataclass
@@ -443,3 +444,22 @@ async def test_open_backends_names_redis_url_when_unreachable(tmp_path: Path) ->
     message = str(failed.value)
     assert message.startswith("redis_url: cannot reach Redis at redis://127.0.0.1:")
     assert "\n" not in message and "secret" not in message
+
+
+async def test_a_lost_subscription_is_one_warning_not_one_a_second(tmp_path, caplog,
+                                                                    monkeypatch):
+    # Redis gone: the router retries its subscriptions (here every 10 ms) and says so once
+    # (the trial of issue 8 saw one WARNING a second for as long as Redis was down).
+    monkeypatch.setattr(redis_backend, "RESUBSCRIBE_DELAY_S", 0.01)
+    caplog.set_level(logging.WARNING, logger="broker.redis")
+    process, url = start_redis(redis_binary(), tmp_path)
+    try:
+        async with brokers(url, count=1) as (one,):
+            stop_redis(process)
+            await until(lambda: one.router.subscription_failures >= 5)
+            warnings = [r.getMessage() for r in caplog.records
+                        if "Redis subscription failed" in r.getMessage()]
+            assert len(warnings) == 1, warnings
+            assert "1 attempt(s) in a row; retrying every 0.01 s" in warnings[0]
+    finally:
+        stop_redis(process)

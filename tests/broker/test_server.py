@@ -788,6 +788,7 @@ async def test_logs_never_contain_ids_positions_tokens_codes_or_addresses(
     assert any("over the per-address cap of 2" in w for w in warnings), warnings
     assert any("open declarations" in w for w in warnings) == (declarations == "open")
     assert "declarations=" + declarations in text
+    assert "positions=memory board=sqlite)" in text
     for what, values in private.items():
         for value in values:
             assert value not in text, f"a {what} value appears in the log: {value}"
@@ -860,3 +861,24 @@ async def test_port_in_use_raises_oserror_and_closes_the_board(tmp_path):
             async with start_broker(settings):
                 pass
     assert not (tmp_path / "other.sqlite3-wal").exists()
+
+
+async def test_a_redis_outage_is_one_log_line_a_minute_without_traceback(
+        tmp_path, caplog, own_redis):
+    # A region broker whose Redis dies: every hello and position fails while it lasts; each
+    # is answered unavailable and the log gets one line per kind of failure a minute, not a
+    # line (or a 35-line traceback, issue 8 trial) per call.
+    caplog.set_level(logging.INFO)
+    async with running(tmp_path, redis_url=own_redis.url) as broker:
+        own_redis.stop()
+        for _ in range(3):
+            async with Client.open(broker.url) as device:
+                await device.send(Hello(session_id=new_id(), radius_m=30.0))
+                await device.expect_error("unavailable")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("broker")]
+    assert any("positions=redis board=sqlite)" in line for line in lines), lines
+    failures = [line for line in lines if line.startswith("store unavailable in a store call "
+                                                          "(connect)")]
+    assert failures == ["store unavailable in a store call (connect): ConnectionError"], lines
+    assert not any('File "' in line or "internal error" in line for line in lines), lines
+
