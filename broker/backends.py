@@ -112,6 +112,14 @@ class LivePositions(Protocol):
         """``{"sessions": ..., "positions": ...}`` as this process knows them (no IDs)."""
         ...
 
+    async def ping(self) -> None:
+        """Check that the store answers (the broker's ``/healthz``).
+
+        Raises:
+            Exception: the store cannot be reached (any exception counts as "failing").
+        """
+        ...
+
     async def close(self) -> None:
         """Release connections; idempotent."""
         ...
@@ -212,6 +220,9 @@ class MemoryPositions:
 
     def counts(self) -> dict[str, int]:
         return {"sessions": self.state.session_count, "positions": self.state.position_count}
+
+    async def ping(self) -> None:
+        return None           # this process's memory always answers
 
     async def close(self) -> None:
         return None

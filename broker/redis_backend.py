@@ -558,6 +558,10 @@ class RedisPositions:
         positions = sum(1 for local in self._local.values() if local.updated is not None)
         return {"sessions": len(self._local), "positions": positions}
 
+    async def ping(self) -> None:
+        """``PING`` the Redis server (``/healthz``); raises when it does not answer."""
+        await self.client.ping()
+
     async def close(self) -> None:
         """Close the client when this object owns it; idempotent. Redis keeps the sessions
         until their keys expire (a stopping broker's connections are closed by the server,

@@ -59,8 +59,9 @@ Privacy: session IDs and positions live in the live-positions store (never persi
 client addresses only as keys of the per-address connection counts (memory only).
 Logs carry counts only: never a session ID, a position, a token, a declaration code or a client
 address (the websockets library logger is limited to WARNING and above, because its DEBUG
-output contains frames and headers). ``GET /healthz`` answers
-``{"status": "ok", "declarations": "code" | "open", ...counts}``.
+output contains frames and headers). ``GET /healthz`` answers 200
+``{"status": "ok", "declarations": "code" | "open", ...counts}``, or 503 ``"unavailable"``
+naming the stores that do not answer (:meth:`_Broker.process_request`).
 
 TLS: with ``certfile`` and ``keyfile`` the broker serves ``wss://`` (and ``https://`` for
 ``/healthz``) itself, TLS 1.2 or later.
@@ -142,6 +143,8 @@ Recorder = Callable[[str, str], None]
 
 _CLOSE_TOO_SLOW = 1008
 _WARN_EVERY_S = 60.0
+HEALTH_TIMEOUT_S = 2.0
+"""How long ``/healthz`` waits for each store to answer before calling it failing."""
 WRITE_LIMIT_BYTES = 32 * 1024
 """The library's write buffer high-water mark per connection: a send beyond it waits (at most
 ``send_timeout_s``) for the client to read."""
@@ -587,12 +590,33 @@ class _Broker:
 
     # --- HTTP ----------------------------------------------------------------------------
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def process_request(self, connection: ServerConnection,
+                              request: Request) -> Response | None:
+        """Answer ``GET /healthz`` (any other path goes on to the WebSocket handshake).
+
+        200 ``{"status": "ok", "declarations": ..., counts}`` when the live-positions store
+        and the positive board both answer within :data:`HEALTH_TIMEOUT_S`; else 503 with
+        ``"status": "unavailable"`` and ``"failing": ["positions" | "board", ...]``, so that a
+        load balancer stops sending devices to a broker cut off from Redis or PostgreSQL.
+        """
         if urlsplit(request.path).path != "/healthz":
             return None
-        body = json.dumps({"status": "ok", "declarations": self.declarations,
-                           **self.counts()}) + "\n"
-        response = connection.respond(HTTPStatus.OK, body)
+        failing = []
+        try:
+            await asyncio.wait_for(self.positions.ping(), HEALTH_TIMEOUT_S)
+        except Exception:
+            failing.append("positions")
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.board.last_cursor), HEALTH_TIMEOUT_S)
+        except Exception:
+            failing.append("board")
+        answer: dict[str, Any] = {"status": "unavailable" if failing else "ok",
+                                  "declarations": self.declarations, **self.counts()}
+        if failing:
+            answer["failing"] = failing
+        response = connection.respond(
+            HTTPStatus.SERVICE_UNAVAILABLE if failing else HTTPStatus.OK,
+            json.dumps(answer) + "\n")
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
         return response

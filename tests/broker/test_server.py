@@ -882,3 +882,18 @@ async def test_a_redis_outage_is_one_log_line_a_minute_without_traceback(
     assert failures == ["store unavailable in a store call (connect): ConnectionError"], lines
     assert not any('File "' in line or "internal error" in line for line in lines), lines
 
+
+
+async def test_healthz_is_503_naming_the_store_that_does_not_answer(tmp_path, own_redis):
+    # A load balancer must stop sending devices to a broker cut off from Redis (issue 8 trial:
+    # /healthz said 200 "ok" while every position failed).
+    async with running(tmp_path, redis_url=own_redis.url) as broker:
+        status, body = await healthz(broker.port)
+        assert status == 200 and body["status"] == "ok" and "failing" not in body
+        own_redis.stop()
+        status, body = await healthz(broker.port)
+        assert status == 503, body
+        assert body["status"] == "unavailable" and body["failing"] == ["positions"]
+        await asyncio.to_thread(broker.board.close)   # the board fails too
+        status, body = await healthz(broker.port)
+        assert (status, body["failing"]) == (503, ["positions", "board"])
