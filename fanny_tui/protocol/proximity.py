@@ -70,7 +70,7 @@ class ProximityGrid(Generic[K]):
     integer *slot*; a cell is a :class:`bytearray` of 24-byte records (latitude, longitude,
     slot; native doubles and a 64-bit integer), in dicts keyed by row and by column index;
     ``key -> slot`` and ``slot -> key`` are dicts, a slot's cell and its record's index in it
-    are :class:`array.array` items. CPython never tracks a dict whose keys and values are all
+    are items of one :class:`array.array`. CPython never tracks a dict whose keys and values are all
     atomic (str, int, float, None, bytearray are), so a full collection walks one object per
     occupied row, whatever the number of keys, as long as the keys are atomic themselves
     (str or int, like the broker's session IDs).
@@ -91,10 +91,9 @@ class ProximityGrid(Generic[K]):
         self._rows: dict[int, dict[int, bytearray]] = {}   # row -> column -> records
         self._slot: dict[K, int] = {}
         self._key: dict[int, K] = {}
-        # By slot: the row and column of the key's cell, and its record's index in the cell.
-        self._row = array("q")
-        self._col = array("q")
-        self._index = array("q")
+        # By slot, at 3*slot, 3*slot+1 and 3*slot+2 (one cache line): the row and the column
+        # of the key's cell and the index of its record in the cell.
+        self._place = array("q")
         self._free = array("q")                             # slots to reuse
 
     def __len__(self) -> int:
@@ -108,8 +107,10 @@ class ProximityGrid(Generic[K]):
         slot = self._slot.get(key)
         if slot is None:
             return None
-        cell = self._rows[self._row[slot]][self._col[slot]]
-        latitude, longitude = _COORDS.unpack_from(cell, _SIZE * self._index[slot])
+        place = self._place
+        at = 3 * slot
+        cell = self._rows[place[at]][place[at + 1]]
+        latitude, longitude = _COORDS.unpack_from(cell, _SIZE * place[at + 2])
         return Point(latitude, longitude)
 
     def put(self, key: K, latitude: float, longitude: float) -> None:
@@ -120,34 +121,34 @@ class ProximityGrid(Generic[K]):
             raise ValueError(f"longitude out of range: {longitude}")
         row = math.floor((latitude + 90.0) / self._cell_deg)
         col = math.floor((longitude + 180.0) / self._cell_deg) % self._columns
+        place = self._place
         slot = self._slot.get(key)
         if slot is None:
             if self._free:
                 slot = self._free.pop()
             else:
-                slot = len(self._row)
-                self._row.append(0)
-                self._col.append(0)
-                self._index.append(0)
+                slot = len(place) // 3
+                place.extend((0, 0, 0))
             self._slot[key] = slot
             self._key[slot] = key
-        elif self._row[slot] == row and self._col[slot] == col:   # same cell: update in place
-            _COORDS.pack_into(self._rows[row][col], _SIZE * self._index[slot],
+        elif place[3 * slot] == row and place[3 * slot + 1] == col:   # same cell: in place
+            _COORDS.pack_into(self._rows[row][col], _SIZE * place[3 * slot + 2],
                               latitude, longitude)
             return
         else:
             self._take_out(slot)
-        self._row[slot] = row
-        self._col[slot] = col
         cells = self._rows.get(row)
         if cells is None:
             cells = self._rows[row] = {}
         cell = cells.get(col)
+        at = 3 * slot
+        place[at] = row
+        place[at + 1] = col
         if cell is None:
-            self._index[slot] = 0
+            place[at + 2] = 0
             cells[col] = bytearray(_RECORD.pack(latitude, longitude, slot))
         else:
-            self._index[slot] = len(cell) // _SIZE
+            place[at + 2] = len(cell) // _SIZE
             cell += _RECORD.pack(latitude, longitude, slot)
 
     def remove(self, key: K) -> None:
@@ -160,16 +161,16 @@ class ProximityGrid(Generic[K]):
 
     def _take_out(self, slot: int) -> None:
         """Remove the record of ``slot`` from its cell (the cell's last record fills the hole)."""
-        row = self._row[slot]
+        place = self._place
+        row, col, index = place[3 * slot:3 * slot + 3]
         cells = self._rows[row]
-        col = self._col[slot]
         cell = cells[col]
-        at = _SIZE * self._index[slot]
+        at = _SIZE * index
         last = len(cell) - _SIZE
         if at != last:
             cell[at:at + _SIZE] = cell[last:]
             moved = int.from_bytes(cell[at + _SLOT_AT:at + _SIZE], sys.byteorder, signed=True)
-            self._index[moved] = at // _SIZE
+            place[3 * moved + 2] = index
         del cell[last:]
         if not cell:
             del cells[col]
