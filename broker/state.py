@@ -21,8 +21,8 @@ an :class:`~collections.OrderedDict`), so the stale ones are always at the front
 :meth:`BrokerState.expire` pops from the front until it meets a fresh entry, or until its
 ``limit`` of entries is spent: the server calls it in small batches and yields to the event
 loop between them, so even a million positions going stale at once never stall the loop for
-long. ``now`` must not go backwards (a monotonic
-clock); if it did, an entry would only be dropped later, never early.
+long. ``now`` must not go backwards (a monotonic clock); if it did, an entry would only be
+dropped later, never early.
 
 No garbage-collector stall (issue 7, point 5): the state holds no object per session, position
 or pair that CPython's cyclic collector tracks: only dicts of str keys and atomic values
@@ -147,8 +147,9 @@ class _Recency:
 
 
 def _pair(a: str, b: str) -> str:
-    # One str per pair (a tuple would be tracked by the collector until its first pass),
-    # unambiguous whatever the IDs contain: the length of the smaller ID comes first.
+    # One str per pair: a new tuple is tracked by the garbage collector until a pass, and
+    # so is the dict it is put in. Unambiguous whatever the IDs contain: the length of the
+    # smaller ID comes first.
     lo, hi = (a, b) if a < b else (b, a)
     return f"{len(lo)}:{lo}{hi}"
 
