@@ -16,8 +16,8 @@ position is not stored by the server and does not feed any positions history"):
   is the signaling route of the pair (paper section 3, step 3).
 
 Housekeeping never scans (issue 7, point 5): positions and pairs are each kept in the order
-of their last update (an update moves the entry to the end; a linked list through dicts, like
-an :class:`~collections.OrderedDict`), so the stale ones are always at the front.
+of their last update (an update moves the entry to the end; a doubly linked list, like an
+:class:`~collections.OrderedDict`), so the stale ones are always at the front.
 :meth:`BrokerState.expire` pops from the front until it meets a fresh entry, or until its
 ``limit`` of entries is spent: the server calls it in small batches and yields to the event
 loop between them, so even a million positions going stale at once never stall the loop for
@@ -25,9 +25,12 @@ long. ``now`` must not go backwards (a monotonic clock); if it did, an entry wou
 dropped later, never early.
 
 No garbage-collector stall (issue 7, point 5): the state holds no object per session, position
-or pair that CPython's cyclic collector tracks: only dicts of str keys and atomic values
-(float, int, str, ``None``), which CPython leaves untracked, and the grid's own such layout. A
-full collection then walks a few dozen objects for the whole state, not millions.
+or pair that CPython's cyclic collector tracks. Each connected session has an integer slot;
+its radius, fix and place in the expiry order are items of two :class:`array.array` (one
+cache line each per session); the slots, the pairs and the grid's cells are in dicts of
+atomic keys and values (str, int, float, ``None``, ``bytearray``), which CPython leaves
+untracked. A full collection then walks a few dozen objects for the whole state, not
+millions.
 
 Matching (paper section 3, step 3): when a session reports a position, the grid yields its
 neighbours (never a scan of every session); two sessions match when the accuracy rule
@@ -41,6 +44,7 @@ and crafts the token), the other ``responder``.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,13 +90,15 @@ class Connected:
 
 
 class _Recency:
-    """str keys, each with a stamp (float seconds), oldest stamp-setting first.
+    """str keys, each with a stamp (float seconds), oldest stamp-setting first (the pairs).
 
     :meth:`set` moves a key to the newest end, :meth:`oldest` gives the first one, both O(1):
     a doubly linked list through two dicts (``None`` is the list's head), like an
     ``OrderedDict`` but invisible to CPython's cyclic garbage collector: every key and value
     is a str, a float or ``None``, and CPython never tracks such a dict (an ``OrderedDict`` is
     always tracked, and a full collection would walk its million entries; issue 7, point 5).
+    Five dict entries per move (about 1.7 us at 400,000 keys, 0.6 us for ``move_to_end``):
+    fine for pairs, which change once per match; the fixes use the slot arrays instead.
     """
 
     __slots__ = ("stamps", "_next", "_prev")
@@ -186,15 +192,21 @@ class BrokerState:
             "route_ttl_s", self.cooldown_s if route_ttl_s is None else route_ttl_s
         )
         self._grid: ProximityGrid[str] = ProximityGrid(self.radius_max_m)
-        # Per session only atomic values in dicts (no object per session or per position):
-        # CPython's cyclic garbage collector then never walks them (issue 7, point 5;
-        # docs/performance.md, "The garbage collector").
-        self._radius: dict[str, float] = {}            # connected session -> radius_m
-        self._epoch: dict[str, int] = {}               # connected session -> its epoch
-        self._accuracy: dict[str, float | None] = {}   # session with a fix -> accuracy_m
-        # Both in the order of their last update, oldest first (see "Housekeeping" above):
-        # session with a fix -> monotonic seconds of that fix; pair -> instant of its match.
-        self._fixes = _Recency()
+        # No object per session or per position that CPython's cyclic garbage collector
+        # tracks (issue 7, point 5; docs/performance.md, "The garbage collector"): each
+        # connected session has an integer slot, its data are items of two arrays.
+        self._slot: dict[str, int] = {}      # connected session -> its slot
+        self._session: dict[int, str] = {}   # and back
+        # At 3*slot, 3*slot+1, 3*slot+2 (one cache line per array): the radius in metres,
+        # the accuracy in metres of the latest fix (-1.0: unknown) and its monotonic seconds;
+        # the epoch, then the previous and the next slot in the list of the sessions with a
+        # fix, oldest first (-1: no fix). Slot 0 is the list's head: its previous slot is the
+        # newest, its next the oldest (see "Housekeeping" above).
+        self._num = array("d", (0.0, 0.0, 0.0))
+        self._link = array("q", (0, 0, 0))
+        self._free = array("q")              # slots to reuse
+        self._fix_count = 0
+        # Pair -> instant of its match, oldest first.
         self._matched = _Recency()
         self._epochs = 0
 
@@ -203,12 +215,12 @@ class BrokerState:
     @property
     def session_count(self) -> int:
         """Number of connected sessions."""
-        return len(self._epoch)
+        return len(self._slot)
 
     @property
     def position_count(self) -> int:
         """Number of sessions with a current position."""
-        return len(self._fixes)
+        return self._fix_count
 
     @property
     def pair_count(self) -> int:
@@ -234,21 +246,31 @@ class BrokerState:
             ValueError: ``radius_m`` is not a positive finite number.
         """
         radius = min(_positive("radius_m", radius_m), self.radius_max_m)
-        replaced = session_id in self._epoch
-        if replaced:
+        slot = self._slot.get(session_id)
+        replaced = slot is not None
+        if slot is not None:
             self.drop_position(session_id)
+        elif self._free:
+            slot = self._free.pop()
+        else:
+            slot = len(self._link) // 3
+            self._num.extend((0.0, 0.0, 0.0))
+            self._link.extend((0, -1, -1))
+        self._slot[session_id] = slot
+        self._session[slot] = session_id
         self._epochs += 1
-        self._radius[session_id] = radius
-        self._epoch[session_id] = self._epochs
+        self._num[3 * slot] = radius
+        self._link[3 * slot] = self._epochs
         return Connected(epoch=self._epochs, radius_m=radius, replaced=replaced)
 
     def is_current(self, session_id: str, epoch: int) -> bool:
         """True when ``epoch`` is the live connection of ``session_id``."""
-        return self._epoch.get(session_id) == epoch
+        slot = self._slot.get(session_id)
+        return slot is not None and self._link[3 * slot] == epoch
 
     def is_connected(self, session_id: str) -> bool:
         """True when ``session_id`` has a live connection."""
-        return session_id in self._epoch
+        return session_id in self._slot
 
     def disconnect(self, session_id: str, epoch: int) -> bool:
         """Forget a session connection and its position.
@@ -263,9 +285,10 @@ class BrokerState:
         """
         if not self.is_current(session_id, epoch):
             return False
-        del self._epoch[session_id]
-        del self._radius[session_id]
         self.drop_position(session_id)
+        slot = self._slot.pop(session_id)
+        del self._session[slot]
+        self._free.append(slot)
         return True
 
     # --- positions and matching ----------------------------------------------------------
@@ -292,8 +315,9 @@ class BrokerState:
             session_id: a connected session.
             latitude: WGS84 degrees, -90..90.
             longitude: WGS84 degrees, -180..180.
-            accuracy_m: reported accuracy in metres (95 %), or ``None``; used by the accuracy
-                rule and kept with the fix only.
+            accuracy_m: reported accuracy in metres (95 %, >= 0 as the ``position`` message
+                allows), or ``None``; used by the accuracy rule and kept with the fix only
+                (a negative value counts as ``None``).
             now: monotonic seconds.
 
         Returns:
@@ -303,26 +327,42 @@ class BrokerState:
             LocalProtocolError: ``session_id`` is not connected.
             ValueError: a coordinate is out of range or not finite.
         """
-        radii = self._radius
-        own_radius = radii.get(session_id)
-        if own_radius is None:
+        slots = self._slot
+        slot = slots.get(session_id)
+        if slot is None:
             raise LocalProtocolError("update_position for a session that is not connected")
         self._grid.put(session_id, latitude, longitude)
-        accuracies = self._accuracy
-        accuracies[session_id] = accuracy_m
-        self._fixes.set(session_id, now)
-        updates = self._fixes.stamps
+        num, link = self._num, self._link
+        at = 3 * slot
+        own_radius = num[at]
+        num[at + 1] = -1.0 if accuracy_m is None else accuracy_m
+        num[at + 2] = now
+        following = link[at + 2]
+        if following:                                 # 0: already the newest fix
+            if following > 0:                         # unlink it from where it was
+                preceding = link[at + 1]
+                link[3 * preceding + 2] = following
+                link[3 * following + 1] = preceding
+            else:
+                self._fix_count += 1
+            newest = link[1]
+            link[3 * newest + 2] = slot
+            link[at + 1] = newest
+            link[at + 2] = 0
+            link[1] = slot
         found = [(distance, other)
                  for other, distance in self._grid.near(latitude, longitude, own_radius)
                  if other != session_id]
         found.sort()
         notices: list[MatchNotice] = []
         for distance, other in found:
-            updated = updates.get(other)   # the grid holds only positions
-            if updated is None or now - updated > self.position_timeout_s:
+            at = 3 * slots[other]       # the grid holds only sessions with a fix
+            if now - num[at + 2] > self.position_timeout_s:
                 continue
-            radius = min(own_radius, radii[other])
-            if within_radius(distance, radius, accuracy_m, accuracies[other]) != "in":
+            radius = min(own_radius, num[at])
+            accuracy = num[at + 1]
+            if within_radius(distance, radius, accuracy_m,
+                             None if accuracy < 0.0 else accuracy) != "in":
                 continue
             pair = _pair(session_id, other)
             last = self._matched.get(pair)
@@ -339,12 +379,25 @@ class BrokerState:
     def drop_position(self, session_id: str) -> bool:
         """Forget the session's position (``position_lost``). Returns True if it had one."""
         self._grid.remove(session_id)
-        self._accuracy.pop(session_id, None)
-        return self._fixes.pop(session_id)
+        slot = self._slot.get(session_id)
+        if slot is None:
+            return False
+        link = self._link
+        at = 3 * slot
+        following = link[at + 2]
+        if following < 0:
+            return False
+        preceding = link[at + 1]
+        link[3 * preceding + 2] = following
+        link[3 * following + 1] = preceding
+        link[at + 1] = link[at + 2] = -1
+        self._fix_count -= 1
+        return True
 
     def has_position(self, session_id: str) -> bool:
         """True when the session has a current position (for tests and health counts)."""
-        return session_id in self._fixes
+        slot = self._slot.get(session_id)
+        return slot is not None and self._link[3 * slot + 2] >= 0
 
     # --- signaling -----------------------------------------------------------------------
 
@@ -365,7 +418,7 @@ class BrokerState:
         if source == destination or last is None or now - last > self.route_ttl_s:
             raise Refusal("no recent match with this peer: signal refused",
                           code="not_matched", field="peer_session_id")
-        if destination not in self._epoch:
+        if destination not in self._slot:
             raise Refusal("the peer is not connected", code="peer_unavailable",
                           field="peer_session_id")
 
@@ -387,19 +440,19 @@ class BrokerState:
             ValueError: ``limit`` is not a positive integer.
         """
         if limit is None:
-            budget = len(self._fixes) + len(self._matched)
+            budget = self._fix_count + len(self._matched)
         elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
         else:
             budget = limit
-        fixes = self._fixes
+        num, link = self._num, self._link
         oldest = now - self.position_timeout_s
         dropped = 0
         while dropped < budget:
-            first = fixes.oldest()
-            if first is None or first[1] >= oldest:
+            slot = link[2]                            # the oldest fix (0: none)
+            if not slot or num[3 * slot + 2] >= oldest:
                 break
-            self.drop_position(first[0])
+            self.drop_position(self._session[slot])
             dropped += 1
         positions = dropped
         matched = self._matched
@@ -414,8 +467,8 @@ class BrokerState:
 
     def expire_pending(self, now: float) -> bool:
         """True when :meth:`expire` at ``now`` would drop something (O(1))."""
-        fix = self._fixes.oldest()
-        if fix is not None and fix[1] < now - self.position_timeout_s:
+        slot = self._link[2]                          # the oldest fix (0: none)
+        if slot and self._num[3 * slot + 2] < now - self.position_timeout_s:
             return True
         pair = self._matched.oldest()
         return pair is not None and pair[1] < now - max(self.cooldown_s, self.route_ttl_s)
