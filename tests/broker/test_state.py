@@ -111,6 +111,25 @@ def test_position_lost_and_disconnect_drop_the_position():
     assert state.position_count == 2 and state.session_count == 3
 
 
+def test_a_reused_slot_starts_without_a_fix_and_the_expiry_order_holds():
+    # A disconnected session's slot goes to the next session: nothing of the first remains.
+    state = make(position_timeout_s=60.0)
+    epoch_a = state.connect(A, 30.0, 0.0).epoch
+    connect_all(state, (B, 20.0))
+    state.update_position(A, LAT, LON, 7.0, 0.0)
+    state.update_position(B, north(500), LON, None, 10.0)
+    assert state.disconnect(A, epoch_a)
+    state.connect(C, 30.0, 20.0)                      # reuses A's slot
+    assert not state.has_position(C) and state.position_count == 1
+    assert state.update_position(C, north(505), LON, None, 30.0) != []
+    assert state.update_position(B, north(500), LON, None, 40.0) == []   # refreshed: newest
+    assert state.expire(90.5) == 1                   # C (30 s) is now the oldest, B (40 s) not
+    assert state.has_position(B) and not state.has_position(C)
+    assert state.expire(100.5) == 1 and state.position_count == 0
+    assert state.pair_count == 1 and state.expire(1000.0) == 0 and state.pair_count == 0
+    assert not state.expire_pending(1000.0) and state.session_count == 2
+
+
 def test_stale_position_is_ignored_then_expired():
     state = make(position_timeout_s=60.0)
     connect_all(state, (A, 30.0), (B, 30.0))
