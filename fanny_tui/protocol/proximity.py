@@ -70,10 +70,11 @@ class ProximityGrid(Generic[K]):
     integer *slot*; a cell is a :class:`bytearray` of 24-byte records (latitude, longitude,
     slot; native doubles and a 64-bit integer), in dicts keyed by row and by column index;
     ``key -> slot`` and ``slot -> key`` are dicts, a slot's cell and its record's index in it
-    are items of one :class:`array.array`. CPython never tracks a dict whose keys and values are all
-    atomic (str, int, float, None, bytearray are), so a full collection walks one object per
-    occupied row, whatever the number of keys, as long as the keys are atomic themselves
-    (str or int, like the broker's session IDs).
+    are items of one :class:`array.array`. CPython never tracks a dict whose keys and values
+    are all atomic (str, int, float, None, bytearray are), so the collector tracks a handful
+    of objects for the whole grid, whatever the number of keys (a full pass visits one entry
+    per occupied row in the dict of rows), as long as the keys are atomic themselves (str or
+    int, like the broker's session IDs).
 
     Args:
         cell_m: cell size in metres (north-south); queries accept ``radius_m <= cell_m``.
