@@ -15,13 +15,22 @@ position is not stored by the server and does not feed any positions history"):
   ``max(cooldown_s, route_ttl_s)`` seconds. It enforces "one match per pair per cooldown" and
   is the signaling route of the pair (paper section 3, step 3).
 
-Housekeeping never scans (issue 7, point 5): positions and pairs are each kept in an
-:class:`~collections.OrderedDict` in the order of their last update (an update moves the entry
-to the end), so the stale ones are always at the front. :meth:`BrokerState.expire` pops from the
-front until it meets a fresh entry, or until its ``limit`` of entries is spent: the server calls
-it in small batches and yields to the event loop between them, so even a million positions
-going stale at once never stall the loop for long. ``now`` must not go backwards (a monotonic
-clock); if it did, an entry would only be dropped later, never early.
+Housekeeping never scans (issue 7, point 5): positions and pairs are each kept in the order
+of their last update (an update moves the entry to the end; a doubly linked list, like an
+:class:`~collections.OrderedDict`), so the stale ones are always at the front.
+:meth:`BrokerState.expire` pops from the front until it meets a fresh entry, or until its
+``limit`` of entries is spent: the server calls it in small batches and yields to the event
+loop between them, so even a million positions going stale at once never stall the loop for
+long. ``now`` must not go backwards (a monotonic clock); if it did, an entry would only be
+dropped later, never early.
+
+No garbage-collector stall (issue 7, point 5): the state holds no object per session, position
+or pair that CPython's cyclic collector tracks. Each connected session has an integer slot;
+its radius, fix and place in the expiry order are items of two :class:`array.array` (one
+cache line each per session); the slots, the pairs and the grid's cells are in dicts of
+atomic keys and values (str, int, float, ``None``, ``bytearray``), which CPython leaves
+untracked. A full collection then walks a few dozen objects for the whole state, not
+millions.
 
 Matching (paper section 3, step 3): when a session reports a position, the grid yields its
 neighbours (never a scan of every session); two sessions match when the accuracy rule
@@ -35,7 +44,7 @@ and crafts the token), the other ``responder``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from array import array
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,19 +89,75 @@ class Connected:
     replaced: bool
 
 
-@dataclass(slots=True)
-class _Session:
-    # One object per connected session, also the value of ``_fixes`` while it has a position:
-    # an update rewrites ``accuracy_m`` and ``updated`` in place (no allocation per update,
-    # one object fewer to reach per neighbour). The coordinates live in the grid only.
-    radius_m: float
-    epoch: int
-    accuracy_m: float | None = None   # of the latest fix; meaningful while in ``_fixes``
-    updated: float = 0.0              # monotonic seconds of the latest fix
+class _Recency:
+    """str keys, each with a stamp (float seconds), oldest stamp-setting first (the pairs).
+
+    :meth:`set` moves a key to the newest end, :meth:`oldest` gives the first one, both O(1):
+    a doubly linked list through two dicts (``None`` is the list's head), like an
+    ``OrderedDict`` but invisible to CPython's cyclic garbage collector: every key and value
+    is a str, a float or ``None``, and CPython never tracks such a dict (an ``OrderedDict`` is
+    always tracked, and a full collection would walk its million entries; issue 7, point 5).
+    Five dict entries per move (about 1.7 us at 400,000 keys, 0.6 us for ``move_to_end``):
+    fine for pairs, which change once per match; the fixes use the slot arrays instead.
+    """
+
+    __slots__ = ("stamps", "_next", "_prev")
+
+    def __init__(self) -> None:
+        self.stamps: dict[str, float] = {}
+        """key -> its stamp; read it, change it only through :meth:`set` and :meth:`pop`."""
+        self._next: dict[str | None, str | None] = {None: None}
+        self._prev: dict[str | None, str | None] = {None: None}
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.stamps
+
+    def get(self, key: str) -> float | None:
+        return self.stamps.get(key)
+
+    def set(self, key: str, stamp: float) -> None:
+        """Give ``key`` the stamp ``stamp`` and move it to the newest end."""
+        after, before = self._next, self._prev
+        following = after.get(key, key)      # key itself: absent (never its own successor)
+        if following is None:                # already the newest
+            self.stamps[key] = stamp
+            return
+        if following is not key:             # unlink it
+            preceding = before[key]
+            after[preceding] = following
+            before[following] = preceding
+        newest = before[None]
+        after[newest] = key
+        before[key] = newest
+        after[key] = None
+        before[None] = key
+        self.stamps[key] = stamp
+
+    def pop(self, key: str) -> bool:
+        """Forget ``key``; True when it was there."""
+        if self.stamps.pop(key, None) is None:
+            return False
+        following = self._next.pop(key)
+        preceding = self._prev.pop(key)
+        self._next[preceding] = following
+        self._prev[following] = preceding
+        return True
+
+    def oldest(self) -> tuple[str, float] | None:
+        """The key with the oldest stamp-setting and its stamp, or ``None`` when empty."""
+        key = self._next[None]
+        return None if key is None else (key, self.stamps[key])
 
 
-def _pair(a: str, b: str) -> tuple[str, str]:
-    return (a, b) if a < b else (b, a)
+def _pair(a: str, b: str) -> str:
+    # One str per pair: a new tuple is tracked by the garbage collector until a pass, and
+    # so is the dict it is put in. Unambiguous whatever the IDs contain: the length of the
+    # smaller ID comes first.
+    lo, hi = (a, b) if a < b else (b, a)
+    return f"{len(lo)}:{lo}{hi}"
 
 
 def _positive(name: str, value: float) -> float:
@@ -127,11 +192,22 @@ class BrokerState:
             "route_ttl_s", self.cooldown_s if route_ttl_s is None else route_ttl_s
         )
         self._grid: ProximityGrid[str] = ProximityGrid(self.radius_max_m)
-        self._sessions: dict[str, _Session] = {}
-        # Both in the order of their last update, oldest first (see "Housekeeping" above).
-        # ``_fixes`` maps each session with a position to its own ``_Session``.
-        self._fixes: OrderedDict[str, _Session] = OrderedDict()
-        self._matched: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # No object per session or per position that CPython's cyclic garbage collector
+        # tracks (issue 7, point 5; docs/performance.md, "The garbage collector"): each
+        # connected session has an integer slot, its data are items of two arrays.
+        self._slot: dict[str, int] = {}      # connected session -> its slot
+        self._session: dict[int, str] = {}   # and back
+        # At 3*slot, 3*slot+1, 3*slot+2 (one cache line per array): the radius in metres,
+        # the accuracy in metres of the latest fix (-1.0: unknown) and its monotonic seconds;
+        # the epoch, then the previous and the next slot in the list of the sessions with a
+        # fix, oldest first (-1: no fix). Slot 0 is the list's head: its previous slot is the
+        # newest, its next the oldest (see "Housekeeping" above).
+        self._num = array("d", (0.0, 0.0, 0.0))
+        self._link = array("q", (0, 0, 0))
+        self._free = array("q")              # slots to reuse
+        self._fix_count = 0
+        # Pair -> instant of its match, oldest first.
+        self._matched = _Recency()
         self._epochs = 0
 
     # --- sessions ------------------------------------------------------------------------
@@ -139,12 +215,12 @@ class BrokerState:
     @property
     def session_count(self) -> int:
         """Number of connected sessions."""
-        return len(self._sessions)
+        return len(self._slot)
 
     @property
     def position_count(self) -> int:
         """Number of sessions with a current position."""
-        return len(self._fixes)
+        return self._fix_count
 
     @property
     def pair_count(self) -> int:
@@ -170,21 +246,31 @@ class BrokerState:
             ValueError: ``radius_m`` is not a positive finite number.
         """
         radius = min(_positive("radius_m", radius_m), self.radius_max_m)
-        replaced = session_id in self._sessions
-        if replaced:
+        slot = self._slot.get(session_id)
+        replaced = slot is not None
+        if slot is not None:
             self.drop_position(session_id)
+        elif self._free:
+            slot = self._free.pop()
+        else:
+            slot = len(self._link) // 3
+            self._num.extend((0.0, 0.0, 0.0))
+            self._link.extend((0, -1, -1))
+        self._slot[session_id] = slot
+        self._session[slot] = session_id
         self._epochs += 1
-        self._sessions[session_id] = _Session(radius_m=radius, epoch=self._epochs)
+        self._num[3 * slot] = radius
+        self._link[3 * slot] = self._epochs
         return Connected(epoch=self._epochs, radius_m=radius, replaced=replaced)
 
     def is_current(self, session_id: str, epoch: int) -> bool:
         """True when ``epoch`` is the live connection of ``session_id``."""
-        session = self._sessions.get(session_id)
-        return session is not None and session.epoch == epoch
+        slot = self._slot.get(session_id)
+        return slot is not None and self._link[3 * slot] == epoch
 
     def is_connected(self, session_id: str) -> bool:
         """True when ``session_id`` has a live connection."""
-        return session_id in self._sessions
+        return session_id in self._slot
 
     def disconnect(self, session_id: str, epoch: int) -> bool:
         """Forget a session connection and its position.
@@ -199,8 +285,10 @@ class BrokerState:
         """
         if not self.is_current(session_id, epoch):
             return False
-        del self._sessions[session_id]
         self.drop_position(session_id)
+        slot = self._slot.pop(session_id)
+        del self._session[slot]
+        self._free.append(slot)
         return True
 
     # --- positions and matching ----------------------------------------------------------
@@ -227,8 +315,9 @@ class BrokerState:
             session_id: a connected session.
             latitude: WGS84 degrees, -90..90.
             longitude: WGS84 degrees, -180..180.
-            accuracy_m: reported accuracy in metres (95 %), or ``None``; used by the accuracy
-                rule and kept with the fix only.
+            accuracy_m: reported accuracy in metres (95 %, >= 0 as the ``position`` message
+                allows), or ``None``; used by the accuracy rule and kept with the fix only
+                (a negative value counts as ``None``).
             now: monotonic seconds.
 
         Returns:
@@ -238,49 +327,77 @@ class BrokerState:
             LocalProtocolError: ``session_id`` is not connected.
             ValueError: a coordinate is out of range or not finite.
         """
-        session = self._sessions.get(session_id)
-        if session is None:
+        slots = self._slot
+        slot = slots.get(session_id)
+        if slot is None:
             raise LocalProtocolError("update_position for a session that is not connected")
         self._grid.put(session_id, latitude, longitude)
-        session.accuracy_m = accuracy_m
-        session.updated = now
-        fixes = self._fixes
-        fixes[session_id] = session
-        fixes.move_to_end(session_id)
-        found = sorted(
-            (distance, other)
-            for other, distance in self._grid.near(latitude, longitude, session.radius_m)
-            if other != session_id
-        )
+        num, link = self._num, self._link
+        at = 3 * slot
+        own_radius = num[at]
+        num[at + 1] = -1.0 if accuracy_m is None else accuracy_m
+        num[at + 2] = now
+        following = link[at + 2]
+        if following:                                 # 0: already the newest fix
+            if following > 0:                         # unlink it from where it was
+                preceding = link[at + 1]
+                link[3 * preceding + 2] = following
+                link[3 * following + 1] = preceding
+            else:
+                self._fix_count += 1
+            newest = link[1]
+            link[3 * newest + 2] = slot
+            link[at + 1] = newest
+            link[at + 2] = 0
+            link[1] = slot
+        found = [(distance, other)
+                 for other, distance in self._grid.near(latitude, longitude, own_radius)
+                 if other != session_id]
+        found.sort()
         notices: list[MatchNotice] = []
         for distance, other in found:
-            fix = fixes[other]   # the neighbour's _Session (the grid holds only positions)
-            if now - fix.updated > self.position_timeout_s:
+            at = 3 * slots[other]       # the grid holds only sessions with a fix
+            if now - num[at + 2] > self.position_timeout_s:
                 continue
-            radius = min(session.radius_m, fix.radius_m)
-            if within_radius(distance, radius, accuracy_m, fix.accuracy_m) != "in":
+            radius = min(own_radius, num[at])
+            accuracy = num[at + 1]
+            if within_radius(distance, radius, accuracy_m,
+                             None if accuracy < 0.0 else accuracy) != "in":
                 continue
             pair = _pair(session_id, other)
             last = self._matched.get(pair)
             if last is not None and now - last < self.cooldown_s:
                 continue
-            self._matched[pair] = now
-            self._matched.move_to_end(pair)
-            initiator, responder = pair
+            self._matched.set(pair, now)
+            first = session_id < other
             notices.append(MatchNotice(session_id, other,
-                                       "initiator" if session_id == initiator else "responder"))
+                                       "initiator" if first else "responder"))
             notices.append(MatchNotice(other, session_id,
-                                       "initiator" if other == initiator else "responder"))
+                                       "responder" if first else "initiator"))
         return notices
 
     def drop_position(self, session_id: str) -> bool:
         """Forget the session's position (``position_lost``). Returns True if it had one."""
         self._grid.remove(session_id)
-        return self._fixes.pop(session_id, None) is not None
+        slot = self._slot.get(session_id)
+        if slot is None:
+            return False
+        link = self._link
+        at = 3 * slot
+        following = link[at + 2]
+        if following < 0:
+            return False
+        preceding = link[at + 1]
+        link[3 * preceding + 2] = following
+        link[3 * following + 1] = preceding
+        link[at + 1] = link[at + 2] = -1
+        self._fix_count -= 1
+        return True
 
     def has_position(self, session_id: str) -> bool:
         """True when the session has a current position (for tests and health counts)."""
-        return session_id in self._fixes
+        slot = self._slot.get(session_id)
+        return slot is not None and self._link[3 * slot + 2] >= 0
 
     # --- signaling -----------------------------------------------------------------------
 
@@ -301,7 +418,7 @@ class BrokerState:
         if source == destination or last is None or now - last > self.route_ttl_s:
             raise Refusal("no recent match with this peer: signal refused",
                           code="not_matched", field="peer_session_id")
-        if destination not in self._sessions:
+        if destination not in self._slot:
             raise Refusal("the peer is not connected", code="peer_unavailable",
                           field="peer_session_id")
 
@@ -323,39 +440,35 @@ class BrokerState:
             ValueError: ``limit`` is not a positive integer.
         """
         if limit is None:
-            budget = len(self._fixes) + len(self._matched)
+            budget = self._fix_count + len(self._matched)
         elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
         else:
             budget = limit
-        fixes = self._fixes
+        num, link = self._num, self._link
         oldest = now - self.position_timeout_s
         dropped = 0
-        while dropped < budget and fixes:
-            session_id, fix = next(iter(fixes.items()))
-            if fix.updated >= oldest:
+        while dropped < budget:
+            slot = link[2]                            # the oldest fix (0: none)
+            if not slot or num[3 * slot + 2] >= oldest:
                 break
-            self.drop_position(session_id)
+            self.drop_position(self._session[slot])
             dropped += 1
         positions = dropped
         matched = self._matched
         oldest = now - max(self.cooldown_s, self.route_ttl_s)
-        while dropped < budget and matched:
-            pair, at = next(iter(matched.items()))
-            if at >= oldest:
+        while dropped < budget:
+            first = matched.oldest()
+            if first is None or first[1] >= oldest:
                 break
-            del matched[pair]
+            matched.pop(first[0])
             dropped += 1
         return positions
 
     def expire_pending(self, now: float) -> bool:
         """True when :meth:`expire` at ``now`` would drop something (O(1))."""
-        if self._fixes:
-            fix = next(iter(self._fixes.values()))
-            if fix.updated < now - self.position_timeout_s:
-                return True
-        if self._matched:
-            at = next(iter(self._matched.values()))
-            if at < now - max(self.cooldown_s, self.route_ttl_s):
-                return True
-        return False
+        slot = self._link[2]                          # the oldest fix (0: none)
+        if slot and self._num[3 * slot + 2] < now - self.position_timeout_s:
+            return True
+        pair = self._matched.oldest()
+        return pair is not None and pair[1] < now - max(self.cooldown_s, self.route_ttl_s)

@@ -166,6 +166,25 @@ def test_remove_and_move() -> None:
     assert grid._rows == {}, "empty cells and rows are dropped"
 
 
+def test_keys_and_cells_are_invisible_to_the_garbage_collector() -> None:
+    # Issue 7, point 5: no object the cyclic collector tracks per key or per cell (a full
+    # pass walks every tracked object); 10,000 keys, one cell each, then moved in pairs.
+    import gc
+    n = 10_000
+    grid: ProximityGrid[str] = ProximityGrid(10.0)
+    keys = [f"key-{i}" for i in range(n)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for i, key in enumerate(keys):
+        grid.put(key, 44.0 + (i // 100) * 0.001, 5.0 + (i % 100) * 0.001)
+    for i, key in enumerate(keys[::2]):
+        grid.put(key, 45.0 + (i // 100) * 0.001, 5.0 + (i % 100) * 0.001 + 1e-6)
+    assert len(grid) == n and [k for k, _ in grid.near(45.0, 5.0, 1.0)] == ["key-0"]
+    gc.collect()
+    growth = len(gc.get_objects()) - before
+    assert growth < 0.1 * n, f"{growth} more objects tracked by the collector for {n} keys"
+
+
 # --- the vectors of docs/protocol.md, "Distance" and "The accuracy rule" ----------------------
 
 _DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"

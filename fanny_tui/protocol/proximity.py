@@ -18,6 +18,8 @@ pole, walks only the occupied cells of the row. The antimeridian wraps.
 from __future__ import annotations
 
 import math
+import struct
+import sys
 from array import array
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
@@ -53,22 +55,26 @@ class Point:
     longitude: float
 
 
-class _Cell(Generic[K]):
-    """The keys of one grid cell and their coordinates side by side: ``coords`` holds the
-    latitude and longitude of ``keys[i]`` at ``2*i`` and ``2*i+1``, one contiguous block of
-    doubles, so a query reads a cell without touching an object per key."""
-
-    __slots__ = ("row", "col", "keys", "coords")
-
-    def __init__(self, row: int, col: int) -> None:
-        self.row = row
-        self.col = col
-        self.keys: list[K] = []
-        self.coords = array("d")
+_RECORD = struct.Struct("=ddq")
+"""One key of a grid cell: its latitude and longitude in degrees, then the key's slot."""
+_COORDS = struct.Struct("=dd")
+_SIZE = _RECORD.size
+_SLOT_AT = _COORDS.size   # offset of the slot in a record
 
 
 class ProximityGrid(Generic[K]):
     """Keys at positions, with neighbour queries that never scan every key.
+
+    Layout (issue 7, point 5: no stall of CPython's cyclic garbage collector at a million
+    keys): nothing per key or per cell is an object the collector tracks. Each key gets an
+    integer *slot*; a cell is a :class:`bytearray` of 24-byte records (latitude, longitude,
+    slot; native doubles and a 64-bit integer), in dicts keyed by row and by column index;
+    ``key -> slot`` and ``slot -> key`` are dicts, a slot's cell and its record's index in it
+    are items of one :class:`array.array`. CPython never tracks a dict whose keys and values
+    are all atomic (str, int, float, None, bytearray are), so the collector tracks a handful
+    of objects for the whole grid, whatever the number of keys (a full pass visits one entry
+    per occupied row in the dict of rows), as long as the keys are atomic themselves (str or
+    int, like the broker's session IDs).
 
     Args:
         cell_m: cell size in metres (north-south); queries accept ``radius_m <= cell_m``.
@@ -83,22 +89,30 @@ class ProximityGrid(Generic[K]):
         self.cell_m = cell_m
         self._cell_deg = cell_m / METRES_PER_DEGREE
         self._columns = math.ceil(360.0 / self._cell_deg)
-        self._rows: dict[int, dict[int, _Cell[K]]] = {}
-        self._where: dict[K, _Cell[K]] = {}
+        self._rows: dict[int, dict[int, bytearray]] = {}   # row -> column -> records
+        self._slot: dict[K, int] = {}
+        self._key: dict[int, K] = {}
+        # By slot, at 3*slot, 3*slot+1 and 3*slot+2 (one cache line): the row and the column
+        # of the key's cell and the index of its record in the cell.
+        self._place = array("q")
+        self._free = array("q")                             # slots to reuse
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._slot)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._where
+        return key in self._slot
 
     def position(self, key: K) -> Point | None:
         """The position of ``key``, or ``None``."""
-        cell = self._where.get(key)
-        if cell is None:
+        slot = self._slot.get(key)
+        if slot is None:
             return None
-        i = 2 * cell.keys.index(key)
-        return Point(cell.coords[i], cell.coords[i + 1])
+        place = self._place
+        at = 3 * slot
+        cell = self._rows[place[at]][place[at + 1]]
+        latitude, longitude = _COORDS.unpack_from(cell, _SIZE * place[at + 2])
+        return Point(latitude, longitude)
 
     def put(self, key: K, latitude: float, longitude: float) -> None:
         """Place or move ``key`` (degrees). Raises ValueError for out-of-range or non-finite."""
@@ -108,45 +122,61 @@ class ProximityGrid(Generic[K]):
             raise ValueError(f"longitude out of range: {longitude}")
         row = math.floor((latitude + 90.0) / self._cell_deg)
         col = math.floor((longitude + 180.0) / self._cell_deg) % self._columns
-        current = self._where.get(key)
-        if current is not None and current.row == row and current.col == col:
-            i = 2 * current.keys.index(key)                 # same cell: update in place
-            current.coords[i] = latitude
-            current.coords[i + 1] = longitude
+        place = self._place
+        slot = self._slot.get(key)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot = len(place) // 3
+                place.extend((0, 0, 0))
+            self._slot[key] = slot
+            self._key[slot] = key
+        elif place[3 * slot] == row and place[3 * slot + 1] == col:   # same cell: in place
+            _COORDS.pack_into(self._rows[row][col], _SIZE * place[3 * slot + 2],
+                              latitude, longitude)
             return
-        if current is not None:
-            self._take_out(key, current)
-        cells = self._rows.setdefault(row, {})
+        else:
+            self._take_out(slot)
+        cells = self._rows.get(row)
+        if cells is None:
+            cells = self._rows[row] = {}
         cell = cells.get(col)
+        at = 3 * slot
+        place[at] = row
+        place[at + 1] = col
         if cell is None:
-            cell = cells[col] = _Cell(row, col)
-        cell.keys.append(key)
-        cell.coords.append(latitude)
-        cell.coords.append(longitude)
-        self._where[key] = cell
+            place[at + 2] = 0
+            cells[col] = bytearray(_RECORD.pack(latitude, longitude, slot))
+        else:
+            place[at + 2] = len(cell) // _SIZE
+            cell += _RECORD.pack(latitude, longitude, slot)
 
     def remove(self, key: K) -> None:
         """Forget ``key``; no effect when absent."""
-        cell = self._where.get(key)
-        if cell is not None:
-            self._take_out(key, cell)
+        slot = self._slot.pop(key, None)
+        if slot is not None:
+            self._take_out(slot)
+            del self._key[slot]
+            self._free.append(slot)
 
-    def _take_out(self, key: K, cell: _Cell[K]) -> None:
-        del self._where[key]
-        keys, coords = cell.keys, cell.coords
-        i = keys.index(key)
-        last = len(keys) - 1
-        if i != last:                                       # the last one fills the hole
-            keys[i] = keys[last]
-            coords[2 * i] = coords[2 * last]
-            coords[2 * i + 1] = coords[2 * last + 1]
-        keys.pop()
-        del coords[2 * last:]
-        if not keys:
-            cells = self._rows[cell.row]
-            del cells[cell.col]
+    def _take_out(self, slot: int) -> None:
+        """Remove the record of ``slot`` from its cell (the cell's last record fills the hole)."""
+        place = self._place
+        row, col, index = place[3 * slot:3 * slot + 3]
+        cells = self._rows[row]
+        cell = cells[col]
+        at = _SIZE * index
+        last = len(cell) - _SIZE
+        if at != last:
+            cell[at:at + _SIZE] = cell[last:]
+            moved = int.from_bytes(cell[at + _SLOT_AT:at + _SIZE], sys.byteorder, signed=True)
+            place[3 * moved + 2] = index
+        del cell[last:]
+        if not cell:
+            del cells[col]
             if not cells:
-                del self._rows[cell.row]
+                del self._rows[row]
 
     def _column_ranges(self, latitude: float, longitude: float, radius_m: float
                        ) -> tuple[list[tuple[int, int]] | None, float]:
@@ -174,7 +204,9 @@ class ProximityGrid(Generic[K]):
         return out, dlon
 
     def near(self, latitude: float, longitude: float, radius_m: float) -> Iterator[tuple[K, float]]:
-        """Yield ``(key, distance_m)`` for every key within ``radius_m`` metres (inclusive).
+        """``(key, distance_m)`` for every key within ``radius_m`` metres (inclusive).
+
+        The keys are all found before the first is returned: the grid may change meanwhile.
 
         Raises:
             ValueError: ``radius_m`` larger than ``cell_m`` or not positive.
@@ -194,6 +226,8 @@ class ProximityGrid(Generic[K]):
         # within the radius (margin 1e-9 relative + 1e-9 degrees against rounding).
         max_dlon = dlon * (1.0 + 1e-9) + 1e-9
         rows = self._rows
+        keys = self._key
+        found: list[tuple[K, float]] = []
         for r in range(first_row, last_row + 1):
             cells = rows.get(r)
             if not cells:
@@ -208,17 +242,14 @@ class ProximityGrid(Generic[K]):
                     else:
                         candidates.extend(cells[c] for c in range(first, last + 1) if c in cells)
             for cell in candidates:
-                coords = cell.coords
-                # Only the coordinates are read for a miss (the keys only for a hit: at a
+                # Only the records are read for a miss (the key only for a hit: at a
                 # million keys every object reached is a likely cache miss).
-                for i in range(0, len(coords), 2):
-                    lat = coords[i]
+                for lat, lon, slot in _RECORD.iter_unpack(cell):
                     # A great-circle distance is at least its north-south part: skip the
                     # haversine for a point whose latitude alone puts it out of range, and
                     # likewise outside the bounding box's longitudes.
                     if abs(lat - latitude) > max_dlat:
                         continue
-                    lon = coords[i + 1]
                     east = abs(lon - longitude)
                     if east > 180.0:
                         east = 360.0 - east
@@ -226,7 +257,8 @@ class ProximityGrid(Generic[K]):
                         continue
                     d = haversine_m(latitude, longitude, lat, lon)
                     if d <= radius_m:
-                        yield cell.keys[i >> 1], d
+                        found.append((keys[slot], d))
+        return iter(found)
 
 
 # -- the accuracy rule (issue 6; docs/protocol.md, "The accuracy rule") ---------------------------
