@@ -154,7 +154,10 @@ def _stat(pid: int) -> list[str] | None:
 
 def cpu_seconds(pid: int, *, children: bool = False) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads); with ``children``,
-    also those of its exited, reaped children and of its live children. 0 if it is gone."""
+    also those of its live children and what the kernel reports of its exited, reaped ones
+    (``cutime``/``cstime``: for PostgreSQL's backends that is not always there once they
+    exit, so a measurement keeps its connections, and their backends, open). 0 if it is
+    gone."""
     fields = _stat(pid)
     if fields is None:
         return 0.0

@@ -7,7 +7,6 @@ import math
 import random
 import subprocess
 import sys
-import time
 
 from benchmarks.region import (
     COLUMN_M,
@@ -25,7 +24,6 @@ from benchmarks.region import (
 )
 from fanny_tui.protocol.proximity import haversine_m as distance_m
 from tests.broker.kit import running
-from tests.helpers import TIME_UNIT
 
 
 def _partners(index: int, total: int, steps: range) -> set[int]:
@@ -136,14 +134,11 @@ def test_the_benchmarks_postgres_is_durable_and_its_cpu_is_counted():
                                        "('fsync', 'full_page_writes')").fetchall())
         assert settings == {"fsync": "on", "full_page_writes": "on"}   # tests/pg.py turns them off
         before = postgres_cpu_s(server)
-
-        def counted() -> bool:   # a backend's CPU; once it exited, when the postmaster reaped it
-            deadline = time.monotonic() + 5 * TIME_UNIT
-            while postgres_cpu_s(server) <= before and time.monotonic() < deadline:
-                time.sleep(0.05)
-            return postgres_cpu_s(server) > before
-
         with psycopg.connect(server.url(), autocommit=True) as db:   # work in a backend
-            db.execute("SELECT sum(i) FROM generate_series(1, 2000000) AS i").fetchone()
-            assert counted()                     # the backend, alive
-        assert counted()                         # and once it has exited
+            db.execute("SELECT sum(i) FROM generate_series(1, 5000000) AS i").fetchone()
+            during = postgres_cpu_s(server)
+        assert during > before + 0.05                 # the backend's CPU, while it is alive
+        # Once a backend has exited, its CPU reaches the postmaster's reaped-children time
+        # only now and then on this kernel (seen: the total fell back to the postmaster's
+        # own), so the benchmark measures through the brokers' long-lived connections, whose
+        # backends live for the whole measurement (benchmarks/region.py, cpu_seconds).
