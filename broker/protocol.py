@@ -482,7 +482,7 @@ class _TypeOnly(msgspec.Struct):
     type: str = ""
 
 
-_type_only = msgspec.json.Decoder(_TypeOnly)
+_type_only: msgspec.json.Decoder[_TypeOnly] = msgspec.json.Decoder(_TypeOnly)
 
 
 def _frame_type(raw: str) -> str | None:
