@@ -85,7 +85,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from broker.__main__ import create_board
+from broker.__main__ import create_board, create_postgres_board
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import (
     UPLOAD_SIZE_BYTES,
@@ -534,6 +534,8 @@ async def measure(stores: dict[str, str], count: int, sizes: Sizes, tmp: Path,
         if "--postgres" not in stores:
             for db in dbs:   # an empty board: fanny-broker create-board
                 create_board(db)
+        else:                # the region's board: fanny-broker create-board --postgres URL
+            create_postgres_board(stores["--postgres"], if_missing=True)
         started = await asyncio.gather(*(   # all at once; every started one is stopped on exit
             stack.enter_async_context(server_process(*serve_args(db, stores),
                                                      errors=db.with_suffix(".stderr")))
