@@ -36,7 +36,8 @@ already committed is answered again without looking at the code.
 thread with :func:`asyncio.to_thread`); :class:`SqlitePositiveBoard` is the default
 implementation, :class:`broker.postgres_board.PostgresPositiveBoard` the one of a region of
 several brokers. Both run the same :func:`add_upload` (the order of the checks and what is
-written) over their own :class:`BoardWrite` transaction, so the rules live here once.
+written) over their own :class:`BoardWrite` transaction, and the same SQL of everything else
+but the cursors (:class:`SqlBoard`, :class:`SqlWrite`), so the rules live here once.
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from fanny_tui.protocol.batch import encode_token_frame, group_by_hour
 from fanny_tui.protocol.errors import FannyError
@@ -536,38 +537,216 @@ def _run_script(db: sqlite3.Connection, script: str) -> None:
             db.execute(statement)
 
 
-class _SqliteWrite:
-    """:class:`BoardWrite` over an SQLite connection inside ``BEGIN IMMEDIATE``."""
+class SqlWrite:
+    """:class:`BoardWrite` over a DB-API connection inside the upload's transaction: the SQL
+    both boards share (the same tables). A board's subclass sets :attr:`MARK` and adds
+    :meth:`publish` (how cursors are handed out differs).
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    Args:
+        db: the connection (:mod:`sqlite3` or psycopg), in the transaction.
+    """
+
+    MARK: ClassVar[str] = "?"
+    """The DB-API parameter marker: ``?`` (:mod:`sqlite3`) or ``%s`` (psycopg)."""
+
+    def __init__(self, db: Any) -> None:
         self.db = db
 
     def upload(self, upload_id: str) -> tuple[int, str] | None:
-        row = self.db.execute("SELECT count, digest FROM uploads WHERE upload_id = ?",
+        row = self.db.execute(f"SELECT count, digest FROM uploads WHERE upload_id = {self.MARK}",
                               (upload_id,)).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
 
     def code(self, code_hash: str) -> CodeRecord | None:
-        return SqlitePositiveBoard._code(self.db, code_hash)
+        return code_record(self.db.execute(
+            "SELECT expires_at, uploads, used_until, declaration_hash FROM codes "
+            f"WHERE code_hash = {self.MARK}", (code_hash,)).fetchone())
+
+    def publish(self, upload_id: str, tokens: Sequence[PositiveToken], digest: str) -> None:
+        raise NotImplementedError                 # each board hands out its cursors
+
+    def record_upload(self, upload_id: str, tokens: Sequence[PositiveToken],
+                      digest: str) -> None:
+        """The last step of :meth:`publish`: the upload ID with its count, digest and latest
+        expiry (``keep_until``)."""
+        m = self.MARK
+        self.db.execute(
+            f"INSERT INTO uploads (upload_id, count, digest, keep_until) VALUES ({m}, {m}, {m}, "
+            f"{m})",
+            (upload_id, len(tokens), digest, max(unix_seconds(t.expires_at) for t in tokens)))
+
+    def consume(self, code_hash: str, used_until: datetime,
+                declaration_hash: str | None) -> None:
+        m = self.MARK
+        self.db.execute(
+            f"UPDATE codes SET used_until = coalesce(used_until, {m}), declaration_hash = "
+            f"CASE WHEN uploads = 0 THEN {m} ELSE declaration_hash END, uploads = uploads + 1 "
+            f"WHERE code_hash = {m}", (unix_seconds(used_until), declaration_hash, code_hash))
+
+
+class _SqliteWrite(SqlWrite):
+    """:class:`BoardWrite` over an SQLite connection inside ``BEGIN IMMEDIATE``."""
 
     def publish(self, upload_id: str, tokens: Sequence[PositiveToken], digest: str) -> None:
         self.db.executemany(
             "INSERT INTO positives (token, expires_at) VALUES (?, ?) "
             "ON CONFLICT (token) DO NOTHING",
             [(t.token, unix_seconds(t.expires_at)) for t in tokens])
-        self.db.execute(
-            "INSERT INTO uploads (upload_id, count, digest, keep_until) VALUES (?, ?, ?, ?)",
-            (upload_id, len(tokens), digest, max(unix_seconds(t.expires_at) for t in tokens)))
-
-    def consume(self, code_hash: str, used_until: datetime,
-                declaration_hash: str | None) -> None:
-        self.db.execute(
-            "UPDATE codes SET used_until = coalesce(used_until, ?), declaration_hash = "
-            "CASE WHEN uploads = 0 THEN ? ELSE declaration_hash END, uploads = uploads + 1 "
-            "WHERE code_hash = ?", (unix_seconds(used_until), declaration_hash, code_hash))
+        self.record_upload(upload_id, tokens, digest)
 
 
-class SqlitePositiveBoard:
+def check_page(cursor: int, limit: int) -> None:
+    """Check the arguments of :meth:`PositiveBoard.since`.
+
+    Raises:
+        ValueError: ``cursor`` is not an integer >= 0, or ``limit`` not an integer >= 1.
+    """
+    if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
+        raise ValueError(f"cursor must be an integer >= 0, got {cursor!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
+
+
+class SqlBoard:
+    """What the SQLite and PostgreSQL boards share: :meth:`PositiveBoard.add` over
+    :func:`add_upload`, and the reads, the purge and the count, in the same SQL (the same
+    tables; :attr:`SqlWrite.MARK` is the parameter marker).
+
+    A board sets :attr:`_WRITE` (its :class:`SqlWrite`), :attr:`_LAST_CURSOR` (the query of
+    the last cursor ever handed out), implements :meth:`_write` and :meth:`_read`, and
+    :meth:`_order_uploads` if its write transaction alone does not write uploads one after the
+    other; it adds :meth:`PositiveBoard.add_code`, :meth:`PositiveBoard.close` and its
+    opening.
+
+    Args:
+        max_expiry_ahead: the allowed expiry window, see :func:`check_upload`.
+        code_policy: how declaration codes are consumed, see :class:`CodePolicy`.
+
+    Raises:
+        ValueError: ``max_expiry_ahead`` is not positive.
+    """
+
+    _WRITE: ClassVar[type[SqlWrite]]
+    _LAST_CURSOR: ClassVar[str]
+
+    def __init__(self, max_expiry_ahead: timedelta, code_policy: CodePolicy | None) -> None:
+        if max_expiry_ahead <= timedelta(0):
+            raise ValueError("max_expiry_ahead must be positive")
+        self.max_expiry_ahead = max_expiry_ahead
+        self.code_policy = code_policy or CodePolicy()
+
+    def _write(self, what: str) -> AbstractContextManager[Any]:
+        """One write transaction under the board's lock, its connection as the value:
+        committed if the block ends normally, rolled back on any exception; a storage error
+        becomes ``BoardError("the positive board could not WHAT: ...")``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _order_uploads(db: Any) -> None:
+        """Called first in an upload's write transaction: take what lock makes the uploads
+        written one after the other (nothing here: SQLite's ``BEGIN IMMEDIATE`` already
+        admits one writer at a time)."""
+
+    def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Any]:
+        """The connection under the board's lock, for reading; ``snapshot``: one consistent
+        view for the whole block. A storage error becomes ``BoardError("the positive board
+        could not be read: ...")``."""
+        raise NotImplementedError
+
+    def add(
+        self,
+        upload_id: str,
+        tokens: Sequence[PositiveToken],
+        now: datetime | None = None,
+        *,
+        code_hash: str | None = None,
+        code_required: bool = True,
+        declaration_hash: str | None = None,
+    ) -> int:
+        """See :meth:`PositiveBoard.add`; ``now=None`` means the current UTC time. Returns
+        after the commit."""
+        now = current_time(now)
+        with self._write("store an upload") as db:
+            self._order_uploads(db)
+            return add_upload(
+                self._WRITE(db), upload_id, tokens, now, code_hash=code_hash,
+                declaration_hash=declaration_hash, code_required=code_required,
+                policy=self.code_policy, max_expiry_ahead=self.max_expiry_ahead)
+
+    def code_record(self, code_hash: str) -> CodeRecord | None:
+        """What the board holds for a code hash, or ``None`` (for tools and tests)."""
+        check_code_hash(code_hash)
+        with self._read() as db:
+            return self._WRITE(db).code(code_hash)
+
+    def since(
+        self, cursor: int, limit: int, now: datetime | None = None
+    ) -> tuple[list[PositiveToken], int, bool]:
+        """See :meth:`PositiveBoard.since`; ``now=None`` means the current UTC time.
+
+        A ``cursor`` beyond the last one ever published (the board was reset) counts as 0,
+        so a poller never silently misses tokens.
+        """
+        check_page(cursor, limit)
+        at = unix_seconds(current_time(now))
+        m = self._WRITE.MARK
+        with self._read(snapshot=True) as db:
+            row = db.execute(self._LAST_CURSOR).fetchone()
+            high = int(row[0]) if row else 0
+            if cursor > high:
+                cursor = 0
+            rows = db.execute(
+                "SELECT seq, token, expires_at FROM positives "
+                f"WHERE seq > {m} AND expires_at > {m} ORDER BY seq LIMIT {m}",
+                (cursor, at, limit + 1)).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        new_cursor = int(rows[-1][0]) if more else max(high, cursor)
+        tokens = [PositiveToken(token=token, expires_at=datetime.fromtimestamp(exp, UTC))
+                  for _, token, exp in rows]
+        return tokens, new_cursor, more
+
+    def last_cursor(self) -> int:
+        """See :meth:`PositiveBoard.last_cursor`."""
+        with self._read() as db:
+            row = db.execute(self._LAST_CURSOR).fetchone()
+        return int(row[0]) if row else 0
+
+    def rows(self, after: int, upto: int, now: datetime | None = None
+             ) -> list[tuple[str, int]]:
+        """See :meth:`PositiveBoard.rows`; ``now=None`` means the current UTC time."""
+        at = unix_seconds(current_time(now))
+        m = self._WRITE.MARK
+        with self._read() as db:
+            return [(str(token), int(exp)) for token, exp in db.execute(
+                "SELECT token, expires_at FROM positives "
+                f"WHERE seq > {m} AND seq <= {m} AND expires_at > {m} ORDER BY seq",
+                (after, upto, at))]
+
+    def purge_expired(self, now: datetime | None = None) -> int:
+        """See :meth:`PositiveBoard.purge_expired`; ``now=None`` means the current UTC time.
+
+        Also forgets the upload IDs whose tokens all expired, and the codes past both their
+        expiry and their continuation window.
+        """
+        at = unix_seconds(current_time(now))
+        m = self._WRITE.MARK
+        with self._write("purge") as db:
+            purged = db.execute(f"DELETE FROM positives WHERE expires_at <= {m}",
+                                (at,)).rowcount
+            db.execute(f"DELETE FROM uploads WHERE keep_until <= {m}", (at,))
+            db.execute(f"DELETE FROM codes WHERE expires_at <= {m} "
+                       f"AND coalesce(used_until, 0) <= {m}", (at, at))
+        return int(purged)
+
+    def count(self) -> int:
+        """Number of tokens on the board (expired ones included until purged)."""
+        with self._read() as db:
+            row = db.execute("SELECT count(*) FROM positives").fetchone()
+        return int(row[0]) if row else 0
+
+
+class SqlitePositiveBoard(SqlBoard):
     """:class:`PositiveBoard` in one SQLite file (WAL, ``synchronous=FULL``).
 
     Args:
@@ -591,11 +770,8 @@ class SqlitePositiveBoard:
         max_expiry_ahead: timedelta = DEFAULT_MAX_EXPIRY_AHEAD,
         code_policy: CodePolicy | None = None,
     ) -> None:
-        if max_expiry_ahead <= timedelta(0):
-            raise ValueError("max_expiry_ahead must be positive")
+        super().__init__(max_expiry_ahead, code_policy)
         self.path = Path(path)
-        self.max_expiry_ahead = max_expiry_ahead
-        self.code_policy = code_policy or CodePolicy()
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         try:
@@ -656,10 +832,12 @@ class SqlitePositiveBoard:
             raise BoardError("the positive board is closed")
         return self._db
 
+    _WRITE = _SqliteWrite
+    _LAST_CURSOR = "SELECT seq FROM sqlite_sequence WHERE name = 'positives'"
+
     @contextmanager
-    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction under the lock: committed if the block ends normally, rolled
-        back on any exception; an SQLite error becomes ``BoardError("... could not WHAT")``
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """See :meth:`SqlBoard._write`: ``BEGIN IMMEDIATE``
         (:func:`fanny_tui.sqlite_util.transaction`, shared with the device's token store)."""
         def error(exc: sqlite3.Error) -> BoardError:
             return BoardError(f"the positive board could not {what}: {exc}")
@@ -667,132 +845,33 @@ class SqlitePositiveBoard:
         with self._lock, transaction(self._conn(), error) as db:
             yield db
 
-    def add(
-        self,
-        upload_id: str,
-        tokens: Sequence[PositiveToken],
-        now: datetime | None = None,
-        *,
-        code_hash: str | None = None,
-        code_required: bool = True,
-        declaration_hash: str | None = None,
-    ) -> int:
-        """See :meth:`PositiveBoard.add`; ``now=None`` means the current UTC time."""
-        now = current_time(now)
-        with self._transaction("store an upload") as db:
-            return add_upload(
-                _SqliteWrite(db), upload_id, tokens, now, code_hash=code_hash,
-                declaration_hash=declaration_hash, code_required=code_required,
-                policy=self.code_policy, max_expiry_ahead=self.max_expiry_ahead)
-
-    @staticmethod
-    def _code(db: sqlite3.Connection, code_hash: str) -> CodeRecord | None:
-        return code_record(db.execute(
-            "SELECT expires_at, uploads, used_until, declaration_hash FROM codes "
-            "WHERE code_hash = ?", (code_hash,)).fetchone())
+    @contextmanager
+    def _read(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
+        """See :meth:`SqlBoard._read`; ``snapshot``: a deferred ``BEGIN`` ... ``COMMIT``."""
+        with self._lock:
+            db = self._conn()
+            try:
+                if not snapshot:
+                    yield db
+                    return
+                db.execute("BEGIN")
+                try:
+                    yield db
+                finally:
+                    db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise BoardError(f"the positive board could not be read: {exc}") from None
 
     def add_code(self, code_hash: str, expires_at: datetime) -> None:
         """See :meth:`PositiveBoard.add_code`."""
         check_code_hash(code_hash)
         at = unix_seconds(expires_at)
-        with self._transaction("store a code") as db:
+        with self._write("store a code") as db:
             try:
                 db.execute("INSERT INTO codes (code_hash, expires_at) VALUES (?, ?)",
                            (code_hash, at))
             except sqlite3.IntegrityError:
                 raise BoardError("this declaration code is already stored") from None
-
-    def code_record(self, code_hash: str) -> CodeRecord | None:
-        """What the board holds for a code hash, or ``None`` (for tools and tests)."""
-        check_code_hash(code_hash)
-        with self._lock:
-            try:
-                return self._code(self._conn(), code_hash)
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not be read: {exc}") from None
-
-    def since(
-        self, cursor: int, limit: int, now: datetime | None = None
-    ) -> tuple[list[PositiveToken], int, bool]:
-        """See :meth:`PositiveBoard.since`; ``now=None`` means the current UTC time.
-
-        A ``cursor`` beyond the last sequence number ever published (the board was reset)
-        is treated as 0, so a poller never silently misses tokens.
-        """
-        if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
-            raise ValueError(f"cursor must be an integer >= 0, got {cursor!r}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
-        at = unix_seconds(current_time(now))
-        with self._lock:
-            db = self._conn()
-            try:
-                db.execute("BEGIN")
-                try:
-                    row = db.execute(
-                        "SELECT seq FROM sqlite_sequence WHERE name = 'positives'").fetchone()
-                    high = int(row[0]) if row else 0
-                    if cursor > high:
-                        cursor = 0
-                    rows = db.execute(
-                        "SELECT seq, token, expires_at FROM positives "
-                        "WHERE seq > ? AND expires_at > ? ORDER BY seq LIMIT ?",
-                        (cursor, at, limit + 1)).fetchall()
-                finally:
-                    db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not be read: {exc}") from None
-        more = len(rows) > limit
-        rows = rows[:limit]
-        new_cursor = int(rows[-1][0]) if more else max(high, cursor)
-        tokens = [PositiveToken(token=token, expires_at=datetime.fromtimestamp(exp, UTC))
-                  for _, token, exp in rows]
-        return tokens, new_cursor, more
-
-    def last_cursor(self) -> int:
-        """See :meth:`PositiveBoard.last_cursor`."""
-        with self._lock:
-            try:
-                row = self._conn().execute(
-                    "SELECT seq FROM sqlite_sequence WHERE name = 'positives'").fetchone()
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not be read: {exc}") from None
-        return int(row[0]) if row else 0
-
-    def rows(self, after: int, upto: int, now: datetime | None = None
-             ) -> list[tuple[str, int]]:
-        """See :meth:`PositiveBoard.rows`; ``now=None`` means the current UTC time."""
-        at = unix_seconds(current_time(now))
-        with self._lock:
-            try:
-                return self._conn().execute(
-                    "SELECT token, expires_at FROM positives "
-                    "WHERE seq > ? AND seq <= ? AND expires_at > ? ORDER BY seq",
-                    (after, upto, at)).fetchall()
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not be read: {exc}") from None
-
-    def purge_expired(self, now: datetime | None = None) -> int:
-        """See :meth:`PositiveBoard.purge_expired`; ``now=None`` means the current UTC time.
-
-        Also forgets the upload IDs whose tokens all expired, and the codes past both their
-        expiry and their continuation window.
-        """
-        at = unix_seconds(current_time(now))
-        with self._transaction("purge") as db:
-            purged = db.execute("DELETE FROM positives WHERE expires_at <= ?", (at,)).rowcount
-            db.execute("DELETE FROM uploads WHERE keep_until <= ?", (at,))
-            db.execute("DELETE FROM codes WHERE max(expires_at, "
-                       "coalesce(used_until, 0)) <= ?", (at,))
-        return int(purged)
-
-    def count(self) -> int:
-        """Number of tokens on the board (expired ones included until purged)."""
-        with self._lock:
-            try:
-                return int(self._conn().execute("SELECT count(*) FROM positives").fetchone()[0])
-            except sqlite3.Error as exc:
-                raise BoardError(f"the positive board could not be read: {exc}") from None
 
     def close(self) -> None:
         """See :meth:`PositiveBoard.close`. Checkpoints the WAL into the main file."""

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime, timedelta
 
 import psycopg
 
@@ -52,11 +52,9 @@ from .positives import (
     DEFAULT_MAX_EXPIRY_AHEAD,
     BoardError,
     CodePolicy,
-    CodeRecord,
-    add_upload,
+    SqlBoard,
+    SqlWrite,
     check_code_hash,
-    code_record,
-    current_time,
     unix_seconds,
 )
 
@@ -121,21 +119,10 @@ def board_exists(url: str, *, connect_timeout_s: float = 10.0) -> bool:
     return bool(row and row[0])
 
 
-class _PostgresWrite:
+class _PostgresWrite(SqlWrite):
     """:class:`broker.positives.BoardWrite` inside a transaction holding the ``board`` lock."""
 
-    def __init__(self, db: psycopg.Connection) -> None:
-        self.db = db
-
-    def upload(self, upload_id: str) -> tuple[int, str] | None:
-        row = self.db.execute("SELECT count, digest FROM uploads WHERE upload_id = %s",
-                              (upload_id,)).fetchone()
-        return None if row is None else (int(row[0]), str(row[1]))
-
-    def code(self, code_hash: str) -> CodeRecord | None:
-        return code_record(self.db.execute(
-            "SELECT expires_at, uploads, used_until, declaration_hash FROM codes "
-            "WHERE code_hash = %s", (code_hash,)).fetchone())
+    MARK = "%s"
 
     def publish(self, upload_id: str, tokens: Sequence[PositiveToken], digest: str) -> None:
         known = {row[0] for row in self.db.execute(
@@ -151,21 +138,12 @@ class _PostgresWrite:
                 "ON CONFLICT (token) DO NOTHING",
                 (list(range(first, first + len(new))), [t.token for t in new],
                  [unix_seconds(t.expires_at) for t in new]))
-        self.db.execute(
-            "INSERT INTO uploads (upload_id, count, digest, keep_until) "
-            "VALUES (%s, %s, %s, %s)",
-            (upload_id, len(tokens), digest, max(unix_seconds(t.expires_at) for t in tokens)))
-
-    def consume(self, code_hash: str, used_until: datetime,
-                declaration_hash: str | None) -> None:
-        self.db.execute(
-            "UPDATE codes SET used_until = coalesce(used_until, %s), declaration_hash = "
-            "CASE WHEN uploads = 0 THEN %s ELSE declaration_hash END, uploads = uploads + 1 "
-            "WHERE code_hash = %s", (unix_seconds(used_until), declaration_hash, code_hash))
+        self.record_upload(upload_id, tokens, digest)
 
 
-class PostgresPositiveBoard:
-    """:class:`broker.positives.PositiveBoard` in a PostgreSQL database (psycopg 3).
+class PostgresPositiveBoard(SqlBoard):
+    """:class:`broker.positives.PositiveBoard` in a PostgreSQL database (psycopg 3): a
+    :class:`broker.positives.SqlBoard`, as the SQLite board is.
 
     Args:
         url: the ``postgresql://`` URL (libpq connection string) of an existing database; the
@@ -189,10 +167,7 @@ class PostgresPositiveBoard:
         code_policy: CodePolicy | None = None,
         connect_timeout_s: float = 10.0,
     ) -> None:
-        if max_expiry_ahead <= timedelta(0):
-            raise ValueError("max_expiry_ahead must be positive")
-        self.max_expiry_ahead = max_expiry_ahead
-        self.code_policy = code_policy or CodePolicy()
+        super().__init__(max_expiry_ahead, code_policy)
         self._url = url
         self._timeout = max(1, round(connect_timeout_s))
         self._lock = threading.Lock()
@@ -246,6 +221,9 @@ class PostgresPositiveBoard:
             return self._connect()
         return self._db
 
+    _WRITE = _PostgresWrite
+    _LAST_CURSOR = "SELECT last_seq FROM board"
+
     @contextmanager
     def _transaction(self, what: str, *, snapshot: bool = False
                      ) -> Iterator[psycopg.Connection]:
@@ -265,103 +243,30 @@ class PostgresPositiveBoard:
                 raise BoardError(f"the positive board could not {what}: "
                                  f"{_one_line(exc)}") from None
 
-    def add(
-        self,
-        upload_id: str,
-        tokens: Sequence[PositiveToken],
-        now: datetime | None = None,
-        *,
-        code_hash: str | None = None,
-        code_required: bool = True,
-        declaration_hash: str | None = None,
-    ) -> int:
-        """See :meth:`broker.positives.PositiveBoard.add`; ``now=None`` means the current UTC
-        time. Returns after ``COMMIT``."""
-        now = current_time(now)
-        with self._transaction("store an upload") as db:
-            db.execute("SELECT 1 FROM board FOR UPDATE")   # uploads one after the other
-            return add_upload(
-                _PostgresWrite(db), upload_id, tokens, now, code_hash=code_hash,
-                declaration_hash=declaration_hash, code_required=code_required,
-                policy=self.code_policy, max_expiry_ahead=self.max_expiry_ahead)
+    def _write(self, what: str) -> AbstractContextManager[psycopg.Connection]:
+        """See :meth:`broker.positives.SqlBoard._write`."""
+        return self._transaction(what)
+
+    @staticmethod
+    def _order_uploads(db: psycopg.Connection) -> None:
+        """The ``board`` row's lock (``SELECT ... FOR UPDATE``): the uploads of every broker
+        are written one after the other."""
+        db.execute("SELECT 1 FROM board FOR UPDATE")
+
+    def _read(self, *, snapshot: bool = False) -> AbstractContextManager[psycopg.Connection]:
+        """See :meth:`broker.positives.SqlBoard._read`."""
+        return self._transaction("be read", snapshot=snapshot)
 
     def add_code(self, code_hash: str, expires_at: datetime) -> None:
         """See :meth:`broker.positives.PositiveBoard.add_code`."""
         check_code_hash(code_hash)
         at = unix_seconds(expires_at)
-        with self._transaction("store a code") as db:
+        with self._write("store a code") as db:
             row = db.execute("INSERT INTO codes (code_hash, expires_at) VALUES (%s, %s) "
                              "ON CONFLICT (code_hash) DO NOTHING RETURNING 1",
                              (code_hash, at)).fetchone()
             if row is None:
                 raise BoardError("this declaration code is already stored")
-
-    def code_record(self, code_hash: str) -> CodeRecord | None:
-        """What the board holds for a code hash, or ``None`` (for tools and tests)."""
-        check_code_hash(code_hash)
-        with self._transaction("be read") as db:
-            return _PostgresWrite(db).code(code_hash)
-
-    def since(
-        self, cursor: int, limit: int, now: datetime | None = None
-    ) -> tuple[list[PositiveToken], int, bool]:
-        """See :meth:`broker.positives.PositiveBoard.since`; ``now=None`` means the current UTC
-        time. A ``cursor`` beyond the last one ever published (the board was reset) counts
-        as 0, so a poller never silently misses tokens."""
-        if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
-            raise ValueError(f"cursor must be an integer >= 0, got {cursor!r}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
-        at = unix_seconds(current_time(now))
-        with self._transaction("be read", snapshot=True) as db:
-            row = db.execute("SELECT last_seq FROM board").fetchone()
-            high = int(row[0]) if row else 0
-            if cursor > high:
-                cursor = 0
-            rows = db.execute(
-                "SELECT seq, token, expires_at FROM positives "
-                "WHERE seq > %s AND expires_at > %s ORDER BY seq LIMIT %s",
-                (cursor, at, limit + 1)).fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        new_cursor = int(rows[-1][0]) if more else max(high, cursor)
-        tokens = [PositiveToken(token=token, expires_at=datetime.fromtimestamp(exp, UTC))
-                  for _, token, exp in rows]
-        return tokens, new_cursor, more
-
-    def last_cursor(self) -> int:
-        """See :meth:`broker.positives.PositiveBoard.last_cursor`."""
-        with self._transaction("be read") as db:
-            row = db.execute("SELECT last_seq FROM board").fetchone()
-        return int(row[0]) if row else 0
-
-    def rows(self, after: int, upto: int, now: datetime | None = None
-             ) -> list[tuple[str, int]]:
-        """See :meth:`broker.positives.PositiveBoard.rows`; ``now=None`` means the current UTC
-        time."""
-        at = unix_seconds(current_time(now))
-        with self._transaction("be read") as db:
-            return [(str(token), int(exp)) for token, exp in db.execute(
-                "SELECT token, expires_at FROM positives "
-                "WHERE seq > %s AND seq <= %s AND expires_at > %s ORDER BY seq",
-                (after, upto, at))]
-
-    def purge_expired(self, now: datetime | None = None) -> int:
-        """See :meth:`broker.positives.PositiveBoard.purge_expired`; ``now=None`` means the
-        current UTC time."""
-        at = unix_seconds(current_time(now))
-        with self._transaction("purge") as db:
-            purged = db.execute("DELETE FROM positives WHERE expires_at <= %s", (at,)).rowcount
-            db.execute("DELETE FROM uploads WHERE keep_until <= %s", (at,))
-            db.execute("DELETE FROM codes WHERE greatest(expires_at, "
-                       "coalesce(used_until, 0)) <= %s", (at,))
-        return int(purged)
-
-    def count(self) -> int:
-        """Number of tokens on the board (expired ones included until purged)."""
-        with self._transaction("be read") as db:
-            row = db.execute("SELECT count(*) FROM positives").fetchone()
-        return int(row[0]) if row else 0
 
     def close(self) -> None:
         """See :meth:`broker.positives.PositiveBoard.close`."""

@@ -131,7 +131,9 @@ REASON_MAX = 200
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     """The per-connection rules of :class:`~broker.server.BrokerSettings` (same meanings and
-    units; validated there).
+    units; validated there). No defaults here: they live in
+    :class:`~broker.server.BrokerSettings` only (:meth:`from_settings`); a test core is built
+    with every field given.
 
     Attributes:
         first_message_timeout_s: seconds a connection has to send a valid first message.
@@ -145,18 +147,18 @@ class ConnectionLimits:
         announce_positives: a committed upload with tokens asks for an announcement.
     """
 
-    first_message_timeout_s: float = 30.0
-    upload_answer_delay_s: float = 1.0
-    position_rate_per_s: float = 10.0
-    position_burst: int = 20
-    poll_rate_per_s: float = 0.2
-    poll_burst: int = 5
-    signal_rate_per_s: float = 10.0
-    signal_burst: int = 60
-    poll_limit: int = 1000
-    position_timeout_s: float = 60.0
-    open_declarations: bool = False
-    announce_positives: bool = True
+    first_message_timeout_s: float
+    upload_answer_delay_s: float
+    position_rate_per_s: float
+    position_burst: int
+    poll_rate_per_s: float
+    poll_burst: int
+    signal_rate_per_s: float
+    signal_burst: int
+    poll_limit: int
+    position_timeout_s: float
+    open_declarations: bool
+    announce_positives: bool
 
     @classmethod
     def from_settings(cls, settings: BrokerSettings) -> ConnectionLimits:

@@ -649,6 +649,26 @@ class _Broker:
         more = f" ({left_out} more since the last line)" if left_out else ""
         logger.error("store unavailable %s: %s%s", what, type(exc).__name__, more)
 
+    def _store_failure(self, what: str, exc: Exception) -> bool:
+        """Log ``exc``, raised by a store or an action ``what`` (``"in housekeeping"``), and
+        say whether a store failed.
+
+        Returns:
+            True when a store cannot be reached -- a :class:`~broker.positives.BoardError`
+            (one line with its message, which holds no client data) or an error
+            :func:`~broker.backends.store_unavailable` recognizes (:meth:`_log_store_unavailable`:
+            no message, at most a line a minute): the caller answers ``unavailable``. False for
+            anything else, logged as an internal error (traceback, no message): a bug.
+        """
+        if isinstance(exc, BoardError):
+            logger.error("positive board failure %s: %s", what, exc)
+        elif store_unavailable(exc):
+            self._log_store_unavailable(what, exc)
+        else:
+            _log_internal_error(what, exc)
+            return False
+        return True
+
     async def handle(self, ws: ServerConnection) -> None:
         core = BrokerConnection(self.limits, self.monotonic(), record=self.recorder is not None)
         client = _Client(ws, core, self.settings.outbox_size, self.tasks,
@@ -677,11 +697,8 @@ class _Broker:
             core.connection_lost()
             try:   # a shared store may fail: the connection is released all the same
                 await self._run(client, core.actions())
-            except Exception as exc:
-                if store_unavailable(exc):   # its entries expire in the store on their own
-                    self._log_store_unavailable("while ending a connection", exc)
-                else:
-                    _log_internal_error("while ending a connection", exc)
+            except Exception as exc:   # a store's entries expire in the store on their own
+                self._store_failure("while ending a connection", exc)
             await client.finish()
             self.connections -= 1
             logger.info("connection closed (%d open)", self.connections)
@@ -706,13 +723,11 @@ class _Broker:
                 await self._run(client, core.actions())
             except ConnectionClosed:
                 raise
-            except Exception as exc:
-                if store_unavailable(exc):   # a Post, Attach, DropPosition... on a store gone
-                    self._log_store_unavailable("while handling a message", exc)
+            except Exception as exc:   # a Post, Attach, DropPosition... on a store gone
+                if self._store_failure("while handling a message", exc):
                     core.store_unavailable()
                     await self._run(client, core.actions())
                 else:
-                    _log_internal_error("while handling a message", exc)
                     await client.reply(INTERNAL_ERROR)
 
     async def _run(self, client: _Client, actions: list[Action]) -> None:
@@ -733,15 +748,9 @@ class _Broker:
                     if isinstance(exc, Refusal):
                         logger.debug("refused by a store: %s", exc.code)
                         core.refused(exc)
-                    elif isinstance(exc, BoardError):
-                        logger.error("positive board failure (%s): %s", core.awaiting.value, exc)
-                        core.unavailable()
-                    elif store_unavailable(exc):
-                        self._log_store_unavailable(f"in a store call ({core.awaiting.value})",
-                                                    exc)
+                    elif self._store_failure(f"in a store call ({core.awaiting.value})", exc):
                         core.unavailable()
                     else:
-                        _log_internal_error(f"in a store call ({core.awaiting.value})", exc)
                         core.failed()
             actions = core.actions()
 
@@ -873,16 +882,9 @@ class _Broker:
         self.announced_at = self.monotonic()
         try:
             cursor = await asyncio.to_thread(self.board.last_cursor)
-        except BoardError as exc:
-            logger.error("positive board failure on announcement: %s", exc)
-            return
-        message = encode(PositivesAvailable(cursor=cursor))   # the same text to all
-        try:
-            sent = await self.router.broadcast(message)
-        except Exception as exc:
-            if not store_unavailable(exc):
-                raise
-            self._log_store_unavailable("on announcement", exc)   # devices learn at their poll
+            sent = await self.router.broadcast(encode(PositivesAvailable(cursor=cursor)))
+        except Exception as exc:   # devices learn of the positives at their next poll
+            self._store_failure("on announcement", exc)
             return
         logger.info("positives announced to %d sessions", sent)
 
@@ -903,13 +905,8 @@ class _Broker:
                     if purged:
                         self.pages.invalidate()
                         logger.info("purged %d expired positive tokens", purged)
-            except BoardError as exc:
-                logger.error("positive board failure on purge: %s", exc)
             except Exception as exc:
-                if store_unavailable(exc):
-                    self._log_store_unavailable("in housekeeping", exc)
-                else:
-                    _log_internal_error("in housekeeping", exc)
+                self._store_failure("in housekeeping", exc)
             await asyncio.sleep(self.settings.housekeeping_interval_s)
 
 

@@ -11,14 +11,19 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
+
+from hypothesis import strategies as st
 
 from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import Engine
 from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
 from fanny_tui.link import BrokerLink
-from fanny_tui.protocol.messages import Hello
+from fanny_tui.protocol.messages import Hello, Role
+
+if TYPE_CHECKING:
+    from fanny_tui.protocol.handshake import WitnessHandshake
 
 TIME_UNIT = float(os.environ.get("FANNY_TIME_UNIT", "1.0"))
 """The tests' one time unit, in seconds: every deadline and wait in a test is a multiple of it.
@@ -32,6 +37,25 @@ METRE_LAT = 1 / 111_195.0
 
 SESSION_ID = "0f0e0d0c-0b0a-4908-8706-050403020100"
 """A fixed session ID (UUIDv4) for a broker link made by a test."""
+
+uuid4s = st.uuids(version=4).map(str)
+"""Hypothesis strategy: session and contact IDs (UUIDv4 text)."""
+
+ROLES: tuple[Role, ...] = get_args(Role)
+"""The two roles of a witness handshake (``match.role``): initiator, responder."""
+
+
+def other_role(role: str) -> str:
+    """The peer's role: ``"responder"`` for ``"initiator"`` and the other way round."""
+    return "responder" if role == "initiator" else "initiator"
+
+
+def handshake_snapshot(machine: WitnessHandshake) -> tuple[Any, ...]:
+    """Everything a call to a :class:`~fanny_tui.protocol.handshake.WitnessHandshake` could
+    change, without draining anything: an illegal input must leave it equal."""
+    return (machine.state, machine.token, machine.failure_reason, machine.close_reason,
+            machine._peer_contact_id, machine._held, machine._closing,
+            list(machine._outgoing), list(machine._events))
 
 
 def device_config(broker_url: str | list[str], *,

@@ -8,25 +8,36 @@ after the run. :func:`redis_url` (function scope) hands a test that server empti
 :func:`own_redis` (function scope) starts a ``redis-server`` of the test's own, the same way,
 for a test that stops it mid-run (the shared one must keep running).
 
+Broker processes: :func:`start_broker_process` runs ``fanny-broker serve ARGS`` (the installed
+console script, :func:`broker_command`) and waits for its ``listening on URL`` line;
+:func:`stop_broker_process` signals it and waits; :func:`broker_processes` runs several (a
+region) and stops them after the test, any of which the test may SIGKILL
+(:meth:`BrokerProcesses.kill`).
+
 A missing ``redis-server`` fails the tests that need it, with the command that installs it;
 they are never skipped (``./kit test`` installs it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from tests.helpers import TIME_UNIT
+from tests.helpers import TIME_UNIT, console_script
 
 REDIS_START_TIMEOUT_S = 10 * TIME_UNIT
 
@@ -157,3 +168,93 @@ def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
         yield server
     finally:
         server.stop()
+
+
+# --- broker processes ----------------------------------------------------------------------
+
+
+def broker_command() -> list[str]:
+    """The ``fanny-broker`` command: the installed console script, or ``python -c`` running
+    :func:`broker.__main__.main` when the script is not installed."""
+    return console_script("fanny-broker",
+                          "import sys; from broker.__main__ import main; sys.exit(main())")
+
+
+async def start_broker_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start ``fanny-broker serve ARGS`` in a new session (process group); return it and its
+    URL (``ws[s]://127.0.0.1:PORT``) once it says it listens. Fails the test, with its
+    stderr, when its first line is anything else."""
+    process = await asyncio.create_subprocess_exec(
+        *broker_command(), "serve", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    found = re.fullmatch(r"listening on (wss?://127\.0\.0\.1:\d+)\n", line)
+    if not found:
+        with contextlib.suppress(ProcessLookupError):    # it may have exited already
+            os.killpg(process.pid, signal.SIGKILL)
+        _, err = await process.communicate()
+        raise AssertionError(f"unexpected first line {line!r}; stderr: {err.decode()}")
+    return process, found.group(1)
+
+
+async def stop_broker_process(process: asyncio.subprocess.Process, signum: int
+                              ) -> tuple[int, str, float]:
+    """Send ``signum``; return the exit status, stderr and how long the stop took, seconds
+    (SIGKILLed after 30 s without exiting)."""
+    began = time.monotonic()
+    process.send_signal(signum)
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    except TimeoutError:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return int(process.returncode or 0), err.decode(), time.monotonic() - began
+
+
+@dataclass
+class BrokerProcesses:
+    """Broker processes of one test (:func:`broker_processes`).
+
+    Attributes:
+        processes: the running ``fanny-broker serve`` processes, in start order.
+        urls: their URLs, in the same order.
+        killed: the indexes of those the test SIGKILLed.
+    """
+
+    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    killed: set[int] = field(default_factory=set)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL the broker ``index`` and its process group now (a crash: nothing flushed)."""
+        self.killed.add(index)
+        os.killpg(self.processes[index].pid, signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def broker_processes(count: int, *args: str) -> AsyncIterator[BrokerProcesses]:
+    """Start ``count`` ``fanny-broker serve ARGS`` processes (a region: the same ``ARGS``,
+    each its own port when they say ``--port 0``), one after the other.
+
+    Afterwards (also when the test failed, or a start did) those the test killed are reaped,
+    and the others are stopped with SIGTERM: each must exit 0 without a traceback.
+    """
+    brokers = BrokerProcesses()
+    try:
+        for _ in range(count):
+            process, url = await start_broker_process(*args)
+            brokers.processes.append(process)
+            brokers.urls.append(url)
+        yield brokers
+    finally:
+        for index, process in enumerate(brokers.processes):
+            if index in brokers.killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.communicate()
+        for index, process in enumerate(brokers.processes):
+            if index not in brokers.killed:
+                status, err, _ = await stop_broker_process(process, signal.SIGTERM)
+                assert status == 0, err
+                assert "Traceback" not in err, err

@@ -54,9 +54,9 @@ from fanny_tui.protocol.messages import (
     encode,
 )
 from fanny_tui.protocol.tokens import craft_token
+from tests.helpers import ROLES, handshake_snapshot, other_role, uuid4s
 
 S = HandshakeState
-ROLES = ("initiator", "responder")
 A = "0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69"
 B = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 TOKEN = craft_token(A, B)
@@ -67,11 +67,6 @@ SETTINGS = ContactSettings(radius_m=10.0, min_contact_s=0.0, contact_gap_s=10.0,
                            max_contact_s=100.0, max_speed_mps=30.0, position_interval_s=1.0,
                            token_timeout_s=5.0)
 
-uuid4s = st.uuids(version=4).map(str)
-
-
-def other(role: str) -> str:
-    return "responder" if role == "initiator" else "initiator"
 
 
 def at(north_m: float, accuracy_m: float | None = 3.0) -> Fix:
@@ -117,7 +112,7 @@ class ConnectionPair:
         events = machine.events()
         if was_terminal and (frames or events):
             self.output_after_end += 1
-        self.link[other(role)].extend(frames)
+        self.link[other_role(role)].extend(frames)
         self.events[role].extend(events)
 
     def open(self, role: str) -> None:
@@ -186,13 +181,6 @@ class ConnectionPair:
         """Types of the frames travelling towards ``role`` (positions and heartbeats left out)."""
         return [type(m) for m in map(decode_peer_message, self.link[role])
                 if not isinstance(m, PeerPosition | Heartbeat)]
-
-
-def snapshot(machine: WitnessHandshake) -> tuple[Any, ...]:
-    """Everything a call could change, without draining anything."""
-    return (machine.state, machine.token, machine.failure_reason, machine.close_reason,
-            machine._peer_contact_id, machine._held, machine._closing,
-            list(machine._outgoing), list(machine._events))
 
 
 def hello(contact_id: str = A, **fields: Any) -> PeerHello:
@@ -282,13 +270,13 @@ def test_either_side_may_open_first_or_hear_the_peer_before_its_own_open(
     pair = ConnectionPair()
     pair.open(first)
     if early_hello:
-        late = other(first)
+        late = other_role(first)
         pair.deliver(late)  # the peer's hello overtakes the late side's own "open"
         assert pair[late].state is not S.IDLE
         with pytest.raises(LocalProtocolError):
             pair[late].channel_open(0.0)
     else:
-        pair.open(other(first))
+        pair.open(other_role(first))
     pair.pump()
     assert pair.result("initiator") == HandshakeCompleted(TOKEN, True)
     assert pair.result("responder") == HandshakeCompleted(TOKEN, True)
@@ -547,7 +535,7 @@ def test_a_version_below_the_lowest_supported_is_refused(role: str) -> None:
 def test_a_higher_version_peer_is_answered_in_version_2(role: str, peer_version: int) -> None:
     """docs/protocol.md, "Versions": the pair speaks min(own, peer's); a v2 side goes on."""
     pair = ConnectionPair()
-    peer = other(role)
+    peer = other_role(role)
     pair.open(role)
     pair.open(peer)
     # The higher-version peer's hello, as it would send it (same fields, higher version).
@@ -633,15 +621,15 @@ def test_store_failure_aborts_the_exchange(failing: str) -> None:
     for _ in range(20):
         if pair[failing].state is S.STORING:
             break
-        if pair[other(failing)].state is S.STORING:
-            pair.store(other(failing))
+        if pair[other_role(failing)].state is S.STORING:
+            pair.store(other_role(failing))
         for role in ROLES:
             if pair.link[role]:
                 pair.deliver(role)
     pair.step(failing, "store_failed", "OSError (No space left on device)", 0.0)
     assert pair.result(failing) == HandshakeFailed(
         "store_failed: OSError (No space left on device)")
-    assert decode_peer_message(pair.link[other(failing)][-1]) == Abort(reason="store_failed")
+    assert decode_peer_message(pair.link[other_role(failing)][-1]) == Abort(reason="store_failed")
     pair.pump()
     if failing == "responder":
         assert pair.result("initiator") == HandshakeFailed("peer_aborted: store_failed")
@@ -664,14 +652,14 @@ def _machine_in(role: str, state: HandshakeState) -> tuple[ConnectionPair, Witne
     pair.open(role)
     if state is S.AWAIT_HELLO:
         return pair, pair[role]
-    pair.open(other(role))
+    pair.open(other_role(role))
     for _ in range(30):
         if pair[role].state is state:
             return pair, pair[role]
         if pair[role].state is S.STORING:
             pair.store(role)
-        elif pair[other(role)].state is S.STORING:
-            pair.store(other(role))
+        elif pair[other_role(role)].state is S.STORING:
+            pair.store(other_role(role))
         elif role == "initiator" and state is S.CONTACT:
             # Only a min_contact_s above 0 keeps the initiator in CONTACT.
             pair = ConnectionPair(initiator=with_(min_contact_s=5.0))
@@ -682,7 +670,7 @@ def _machine_in(role: str, state: HandshakeState) -> tuple[ConnectionPair, Witne
                                        and pair[role].state is S.AWAIT_ACK):
             pair.deliver(role)
         else:
-            pair.deliver(other(role))
+            pair.deliver(other_role(role))
     raise AssertionError(f"cannot reach {state} as {role}")
 
 
@@ -706,9 +694,9 @@ def test_reachable_states(role: str, state: HandshakeState) -> None:
                                      '{"type":"heartbeat","extra":1}'])
 def test_bad_message_in_every_state(role: str, state: HandshakeState, garbage: Any) -> None:
     pair, machine = _machine_in(role, state)
-    pair.link[other(role)].clear()
+    pair.link[other_role(role)].clear()
     pair.step(role, "receive_data", garbage, pair.now)
-    sent = [decode_peer_message(f) for f in pair.link[other(role)]]
+    sent = [decode_peer_message(f) for f in pair.link[other_role(role)]]
     assert len(sent) == 1 and isinstance(sent[0], Abort)
     assert sent[0].reason.startswith("bad_message: ")
     if state in HOLDING:  # the token stays; only the contact ends
@@ -723,13 +711,13 @@ def test_bad_message_in_every_state(role: str, state: HandshakeState, garbage: A
 @pytest.mark.parametrize(("role", "state"), REACHABLE)
 def test_peer_abort_in_every_state(role: str, state: HandshakeState) -> None:
     pair, machine = _machine_in(role, state)
-    pair.link[other(role)].clear()
+    pair.link[other_role(role)].clear()
     pair.step(role, "receive_data", encode(Abort(reason="changed my mind")), pair.now)
     if state in HOLDING:
         assert pair.result(role) == HandshakeCompleted(TOKEN, True)
     else:
         assert pair.result(role) == HandshakeFailed("peer_aborted: changed my mind")
-    assert not pair.link[other(role)], "an abort is not answered"
+    assert not pair.link[other_role(role)], "an abort is not answered"
     # A side whose channel had opened always reports how the contact ended.
     assert (pair.ended(role) is not None) == (state is not S.IDLE)
 
@@ -737,9 +725,9 @@ def test_peer_abort_in_every_state(role: str, state: HandshakeState) -> None:
 @pytest.mark.parametrize(("role", "state"), REACHABLE)
 def test_channel_closed_in_every_state(role: str, state: HandshakeState) -> None:
     pair, machine = _machine_in(role, state)
-    pair.link[other(role)].clear()
+    pair.link[other_role(role)].clear()
     pair.step(role, "channel_closed", pair.now)
-    assert not pair.link[other(role)], "a closed channel carries nothing"
+    assert not pair.link[other_role(role)], "a closed channel carries nothing"
     if state is S.STORING:
         assert machine.state is S.STORING  # the store decides
         pair.store(role)
@@ -756,15 +744,15 @@ def test_channel_closed_in_every_state(role: str, state: HandshakeState) -> None
 def test_establishment_timeout_acts_only_before_the_hellos(role: str,
                                                            state: HandshakeState) -> None:
     pair, machine = _machine_in(role, state)
-    pair.link[other(role)].clear()
-    before = snapshot(machine)
+    pair.link[other_role(role)].clear()
+    before = handshake_snapshot(machine)
     pair.step(role, "timeout", pair.now)
     if state in (S.IDLE, S.AWAIT_HELLO):
         assert pair.result(role) == HandshakeFailed("timeout")
-        assert [decode_peer_message(f) for f in pair.link[other(role)]] == [
+        assert [decode_peer_message(f) for f in pair.link[other_role(role)]] == [
             Abort(reason="timeout")]
     else:
-        assert snapshot(machine) == before
+        assert handshake_snapshot(machine) == before
 
 
 @pytest.mark.parametrize(("role", "state", "message"), [
@@ -785,9 +773,9 @@ def test_establishment_timeout_acts_only_before_the_hellos(role: str,
 def test_unexpected_message_fails_with_an_abort(role: str, state: HandshakeState,
                                                 message: Any) -> None:
     pair, machine = _machine_in(role, state)
-    pair.link[other(role)].clear()
+    pair.link[other_role(role)].clear()
     pair.step(role, "receive_data", encode(message), pair.now)
-    sent = [decode_peer_message(f) for f in pair.link[other(role)]]
+    sent = [decode_peer_message(f) for f in pair.link[other_role(role)]]
     assert len(sent) == 1 and isinstance(sent[0], Abort)
     assert sent[0].reason.startswith("unexpected ")
     if state in HOLDING:
@@ -806,7 +794,7 @@ def _terminal_machine(role: str, state: HandshakeState) -> WitnessHandshake:
     if state is S.FAILED:
         pair.step(role, "timeout", 0.0)
     else:
-        pair.open(other(role))
+        pair.open(other_role(role))
         pair.pump()
         pair.step(role, "stop", 0.0)
     assert pair[role].state is state
@@ -841,10 +829,10 @@ def test_illegal_local_call_raises_and_changes_nothing(
     machine = (_terminal_machine(role, state) if state in TERMINAL
                else _machine_in(role, state)[1])
     assert machine.state is state
-    before = snapshot(machine)
+    before = handshake_snapshot(machine)
     with pytest.raises(LocalProtocolError, match=state.value):
         getattr(machine, call)(*args)
-    assert snapshot(machine) == before
+    assert handshake_snapshot(machine) == before
 
 
 @pytest.mark.parametrize("state", [S.CLOSED, S.FAILED])
@@ -853,14 +841,14 @@ def test_after_the_end_inputs_change_nothing(state: HandshakeState) -> None:
         machine = _terminal_machine(role, state)
         machine.data_to_send()
         machine.events()
-        before = snapshot(machine)
+        before = handshake_snapshot(machine)
         for frame in (encode(hello(A)), encode(TokenAck(token=TOKEN)), encode(Abort(reason="x")),
                       encode(Close(reason="parted")), b"\x00garbage"):
             machine.receive_data(frame, 1.0)
         machine.local_fix(at(0), 1.0)
         for call in ("tick", "timeout", "channel_closed", "stop"):
             getattr(machine, call)(1000.0)
-        assert snapshot(machine) == before
+        assert handshake_snapshot(machine) == before
         assert machine.data_to_send() == [] and machine.events() == []
 
 
@@ -947,10 +935,10 @@ class WitnessExchangeFuzz(RuleBasedStateMachine):
         if legal:
             self.pair.step(role, call, *args)
             return
-        before = snapshot(machine)
+        before = handshake_snapshot(machine)
         with pytest.raises(LocalProtocolError):
             getattr(machine, call)(*args)
-        assert snapshot(machine) == before
+        assert handshake_snapshot(machine) == before
 
     @rule(role=st.sampled_from(ROLES))
     def open(self, role: str) -> None:
@@ -1048,7 +1036,7 @@ class WitnessExchangeFuzz(RuleBasedStateMachine):
             machine = self.pair[role]
             if machine.state in TERMINAL or machine.state is S.WITNESSED:
                 assert machine._peer_contact_id is None
-                peer_id = self.pair.ids[other(role)]
+                peer_id = self.pair.ids[other_role(role)]
                 if peer_id != self.pair.ids[role]:
                     assert peer_id not in repr(vars(machine))
 

@@ -42,6 +42,7 @@ from fanny_tui.protocol.messages import (
     encode,
     message_type,
 )
+from tests.helpers import uuid4s
 
 SID = "0f6c7b2a-3d1e-4c5b-9a8f-1e2d3c4b5a69"
 CID = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
@@ -62,7 +63,6 @@ def channels(cls: type) -> list[str]:
 
 # --- strategies: one per message, valid values only --------------------------------------
 
-uuid4s = st.uuids(version=4).map(str)
 tokens = st.text("0123456789abcdef", min_size=64, max_size=64)
 hours_utc = st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2100, 1, 1),
                          timezones=st.just(UTC)).map(

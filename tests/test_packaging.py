@@ -19,7 +19,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 from tests.broker.kit import Client, healthz
-from tests.broker.test_main import start, stop
+from tests.servers import start_broker_process, stop_broker_process
 
 from .helpers import CLIENT_STACK, TIME_UNIT, ImportBlocker, console_script
 
@@ -149,7 +149,7 @@ async def test_the_broker_runs_without_the_client_stack(tmp_path, monkeypatch):
     created = await asyncio.to_thread(subprocess.run, [*broker, "create-board", "--db", str(board)],
                                       capture_output=True, text=True, timeout=30 * TIME_UNIT)
     assert created.returncode == 0, created.stderr
-    process, url = await start("--port", "0", "--db", str(board))
+    process, url = await start_broker_process("--port", "0", "--db", str(board))
     try:
         async with Client.open(url) as client:
             assert (await client.hello(radius_m=20.0)).radius_m == 20.0
@@ -158,7 +158,7 @@ async def test_the_broker_runs_without_the_client_stack(tmp_path, monkeypatch):
     except BaseException:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    status, err, _ = await stop(process, signal.SIGTERM)
+    status, err, _ = await stop_broker_process(process, signal.SIGTERM)
     assert status == 0, err
     assert "Traceback" not in err
     assert blocker.installed_in() == 3   # --help, create-board and serve, all with the blocker

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +40,8 @@ from fanny_tui.protocol.messages import (
 from fanny_tui.protocol.tokens import craft_token
 from fanny_tui.store import TokenStore
 from tests.broker.kit import Client, eventually, new_id, positive, real_expiry, token
-from tests.broker.test_main import start, stop
 from tests.helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
-from tests.servers import redis_contents
+from tests.servers import broker_processes, redis_contents
 
 
 @dataclass(frozen=True)
@@ -183,6 +180,13 @@ async def test_a_reconnect_through_another_broker_replaces_the_older_connection(
         assert one.backends.router.local_count() == 1 and two.backends.router.local_count() == 1
 
 
+def _region_args(redis_url: str, region_board: RegionBoard) -> tuple[str, ...]:
+    """``fanny-broker serve`` options of a region's broker: a free port, the Redis and the
+    board, open declarations answered at once, warnings only."""
+    return ("--port", "0", "--redis", redis_url, *region_board.args, "--open-declarations",
+            "--upload-answer-delay-s", "0", "--log-level", "WARNING")
+
+
 async def _signal_outcome(sender: Client, peer: str) -> str:
     """Send an offer to ``peer``; ``"relayed"`` or the refusal's code."""
     await sender.send(Signal(peer_session_id=peer, sdp_type="offer", sdp="v=0"))
@@ -195,15 +199,8 @@ async def _signal_outcome(sender: Client, peer: str) -> str:
 async def test_a_killed_broker_loses_no_acknowledged_token_and_its_sessions_move(
         redis_url: str, region_board: RegionBoard) -> None:
     """Real ``fanny-broker serve --redis`` processes; one is SIGKILLed."""
-    processes = []
-    try:
-        urls = []
-        for _ in range(3):
-            process, url = await start("--port", "0", "--redis", redis_url, *region_board.args,
-                                       "--open-declarations", "--upload-answer-delay-s", "0",
-                                       "--log-level", "WARNING")
-            processes.append(process)
-            urls.append(url)
+    async with broker_processes(3, *_region_args(redis_url, region_board)) as brokers:
+        urls = brokers.urls
         async with Client.open(urls[1]) as b:
             await b.hello(radius_m=30.0)
             async with Client.open(urls[0]) as a:
@@ -220,7 +217,7 @@ async def test_a_killed_broker_loses_no_acknowledged_token_and_its_sessions_move
                     await anon.send(PositiveUpload(upload_id=new_id(),
                                                    tokens=[positive(7, real_expiry())]))
                     assert (await anon.expect(PositiveAck)).count == 1
-                    os.killpg(processes[0].pid, signal.SIGKILL)   # right after its ack
+                    brokers.kill(0)   # right after its ack
                 a_session = a.session_id
             # a's broker is dead: a is unreachable as soon as Redis has seen the dead
             # subscriber's connection close (long before a's session key expires).
@@ -239,15 +236,6 @@ async def test_a_killed_broker_loses_no_acknowledged_token_and_its_sessions_move
                 await a_again.hello(session_id=a_session, radius_m=30.0)
                 assert await _signal_outcome(b, a_session) == "relayed"
                 assert (await a_again.expect(Signal)).peer_session_id == b.session_id
-    finally:
-        for process in processes[:1]:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.communicate()
-        for process in processes[1:]:
-            status, err, _ = await stop(process, signal.SIGTERM)
-            assert status == 0, err
-            assert "Traceback" not in err, err
 
 
 async def test_a_device_of_a_killed_broker_fails_over_and_its_declaration_reaches_the_region(
@@ -256,15 +244,8 @@ async def test_a_device_of_a_killed_broker_fails_over_and_its_declaration_reache
     both (``[broker] url``), device y only the second. x and y witness across the brokers;
     the first broker is SIGKILLed; x fails over to the second, declares through it, and y is
     alerted (issue 8, point 2)."""
-    processes = []
-    try:
-        urls = []
-        for _ in range(2):
-            process, url = await start("--port", "0", "--redis", redis_url, *region_board.args,
-                                       "--open-declarations", "--upload-answer-delay-s", "0",
-                                       "--log-level", "WARNING")
-            processes.append(process)
-            urls.append(url)
+    async with broker_processes(2, *_region_args(redis_url, region_board)) as brokers:
+        urls = brokers.urls
         poll_s = 1.0
         x_config = device_config(urls, poll_interval_s=poll_s)
         y_config = device_config(urls[1], poll_interval_s=poll_s)
@@ -279,19 +260,10 @@ async def test_a_device_of_a_killed_broker_fails_over_and_its_declaration_reache
             stored_x = await x.wait_event("token_stored", timeout=30 * TIME_UNIT)
             stored_y = await y.wait_event("token_stored", timeout=30 * TIME_UNIT)
             assert stored_x.token == stored_y.token
-            os.killpg(processes[0].pid, signal.SIGKILL)
+            brokers.kill(0)
             await x.wait_for(lambda e: e.event == "broker_connected" and e.url == urls[1],
                              timeout=20 * TIME_UNIT)
             assert await x.engine.declare_positive() == 1
             await x.wait_event("positive_declared", timeout=10 * TIME_UNIT)
             alert = await y.wait_event("exposure_alert", timeout=2 * poll_s + 10 * TIME_UNIT)
             assert alert.count == 1
-    finally:
-        with contextlib.suppress(ProcessLookupError, IndexError):
-            os.killpg(processes[0].pid, signal.SIGKILL)
-        for process in processes[:1]:
-            await process.communicate()
-        for process in processes[1:]:
-            status, err, _ = await stop(process, signal.SIGTERM)
-            assert status == 0, err
-            assert "Traceback" not in err, err

@@ -18,8 +18,8 @@ from fanny_tui.protocol.tokens import (
     is_uuid4,
     new_id,
 )
+from tests.helpers import uuid4s
 
-uuid4s = st.uuids(version=4).map(str)
 distinct_pairs = st.lists(uuid4s, min_size=2, max_size=2, unique=True)
 
 

@@ -24,9 +24,9 @@ from broker.config import (
 )
 from broker.server import BrokerSettings
 from fanny_tui.config import parse_config
+from tests.servers import start_broker_process, stop_broker_process
 
 from .kit import Client, healthz
-from .test_main import start, stop
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "broker.example.toml"
 DEPLOYMENT = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
@@ -186,7 +186,7 @@ async def test_serve_runs_on_the_file_and_options_override_it(tmp_path):
                            "[storage]\ndb_path = \"b.sqlite3\"\n"
                            "[matching]\nradius_max_m = 40\n"
                            "[positives]\nopen_declarations = true\n")
-    process, url = await start("--config", str(path), "--port", "0")
+    process, url = await start_broker_process("--config", str(path), "--port", "0")
     try:
         port = int(url.rsplit(":", 1)[1])
         assert port != 1                                  # --port 0 won over the file's 1
@@ -197,7 +197,7 @@ async def test_serve_runs_on_the_file_and_options_override_it(tmp_path):
     except BaseException:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    status, err, _ = await stop(process, signal.SIGTERM)
+    status, err, _ = await stop_broker_process(process, signal.SIGTERM)
     assert status == 0, err
     assert " DEBUG " in err                               # log_level from the file
 

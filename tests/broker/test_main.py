@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 import shlex
@@ -13,7 +11,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
@@ -30,58 +27,24 @@ from fanny_tui.protocol.messages import (
     PositivesPoll,
     PositiveUpload,
 )
+from tests.servers import (
+    broker_command,
+    free_loopback_port,
+    start_broker_process,
+    stop_broker_process,
+)
 
 from .kit import LAT, LON, Client, healthz, new_id, north, positive, real_expiry, token
 
 UNIT = Path(str(files("broker") / "fanny-broker.service"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def command() -> list[str]:
-    """The installed console script, or the module when the script is not installed."""
-    script = Path(sys.executable).with_name("fanny-broker")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "broker"]
-
-
-async def start(*args: str) -> tuple[asyncio.subprocess.Process, str]:
-    """Start ``fanny-broker serve ARGS``; return it and its URL once it says it listens."""
-    process = await asyncio.create_subprocess_exec(
-        *command(), "serve", *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-    found = re.fullmatch(r"listening on (wss?://127\.0\.0\.1:\d+)\n", line)
-    if not found:
-        with contextlib.suppress(ProcessLookupError):    # it may have exited already
-            os.killpg(process.pid, signal.SIGKILL)
-        _, err = await process.communicate()
-        raise AssertionError(f"unexpected first line {line!r}; stderr: {err.decode()}")
-    return process, found.group(1)
-
-
 def issue(db: Path, *args: str) -> tuple[str, str]:
     """Run ``fanny-broker issue-code --db DB ARGS``; return (stdout, stderr)."""
-    done = subprocess.run([*command(), "issue-code", "--db", str(db), *args],
+    done = subprocess.run([*broker_command(), "issue-code", "--db", str(db), *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout, done.stderr
-
-
-async def stop(process: asyncio.subprocess.Process, signum: int) -> tuple[int, str, float]:
-    """Send ``signum``; return the exit status, stderr and how long the stop took."""
-    began = time.monotonic()
-    process.send_signal(signum)
-    try:
-        _, err = await asyncio.wait_for(process.communicate(), 30)
-    except TimeoutError:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    return int(process.returncode or 0), err.decode(), time.monotonic() - began
 
 
 SECRET = "5e" * 32
@@ -90,15 +53,15 @@ SECRET = "5e" * 32
 
 async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path):
     db = tmp_path / "board.sqlite3"
-    port = free_port()
-    create = subprocess.run([*command(), "create-board", "--db", str(db)], capture_output=True,
-                            text=True, timeout=60)
+    port = free_loopback_port()
+    create = subprocess.run([*broker_command(), "create-board", "--db", str(db)],
+                            capture_output=True, text=True, timeout=60)
     assert create.returncode == 0 and create.stdout == "", create.stderr
     assert create.stderr == f"fanny-broker: created an empty positive board at {db}\n"
     code = issue(db)[0].strip()          # issued before the broker ever ran
-    process, url = await start("--host", "127.0.0.1", "--port", str(port), "--db", str(db),
-                               "--log-level", "DEBUG", "--radius-max-m", "50",
-                               "--upload-answer-delay-s", "0.2")
+    process, url = await start_broker_process(
+        "--host", "127.0.0.1", "--port", str(port), "--db", str(db), "--log-level", "DEBUG",
+        "--radius-max-m", "50", "--upload-answer-delay-s", "0.2")
     try:
         assert url == f"ws://127.0.0.1:{port}"
         status, body = await healthz(port)
@@ -124,7 +87,7 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
     except BaseException:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    status, err, took = await stop(process, signal.SIGTERM)
+    status, err, took = await stop_broker_process(process, signal.SIGTERM)
     print(f"SIGTERM to exit: {took:.3f} s")
     assert status == 0, err
     assert "Traceback" not in err
@@ -135,7 +98,7 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
         assert private not in err, "a session ID, token, code or position reached the log"
 
     # Restart on a fresh port: the token committed before SIGTERM is still published.
-    process, url = await start("--port", "0", "--db", str(db))
+    process, url = await start_broker_process("--port", "0", "--db", str(db))
     try:
         async with Client.open(url) as anon:
             await anon.send(PositivesPoll())
@@ -151,7 +114,7 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
                                            code=code, declaration=SECRET))
             assert (await anon.expect(PositiveAck)).count == 1
     finally:
-        status, err, _ = await stop(process, signal.SIGINT)
+        status, err, _ = await stop_broker_process(process, signal.SIGINT)
     assert status == 0, err
     with sqlite3.connect(db) as conn:
         uses = dict(conn.execute("SELECT code_hash, uploads FROM codes").fetchall())
@@ -160,8 +123,8 @@ async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path
 
 async def test_open_declarations_warns_and_healthz_says_open(tmp_path):
     create_board(tmp_path / "b.sqlite3")
-    process, url = await start("--port", "0", "--db", str(tmp_path / "b.sqlite3"),
-                               "--open-declarations", "--upload-answer-delay-s", "0")
+    process, url = await start_broker_process("--port", "0", "--db", str(tmp_path / "b.sqlite3"),
+                                              "--open-declarations", "--upload-answer-delay-s", "0")
     try:
         port = int(url.rsplit(":", 1)[1])
         status, body = await healthz(port)
@@ -175,7 +138,7 @@ async def test_open_declarations_warns_and_healthz_says_open(tmp_path):
     except BaseException:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    status, err, _ = await stop(process, signal.SIGTERM)
+    status, err, _ = await stop_broker_process(process, signal.SIGTERM)
     assert status == 0, err
     warnings = [line for line in err.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "open declarations" in warnings[0], err
@@ -456,15 +419,15 @@ def test_create_board_and_issue_code_read_the_storage_settings_of_the_config_fil
 
 async def test_serve_on_postgresql_needs_no_db_path(postgres_url, tmp_path):
     assert main(["create-board", "--postgres", postgres_url]) == 0
-    process, url = await start("--port", "0", "--postgres", postgres_url,
-                               "--open-declarations", "--upload-answer-delay-s", "0")
+    process, url = await start_broker_process("--port", "0", "--postgres", postgres_url,
+                                              "--open-declarations", "--upload-answer-delay-s", "0")
     try:
         async with Client.open(url) as anon:
             await anon.send(PositiveUpload(upload_id=new_id(),
                                            tokens=[positive(1, real_expiry())]))
             assert (await anon.expect(PositiveAck)).count == 1
     finally:
-        status, err, _ = await stop(process, signal.SIGTERM)
+        status, err, _ = await stop_broker_process(process, signal.SIGTERM)
     assert status == 0, err
     with psycopg.connect(postgres_url) as db:
         assert db.execute("SELECT token FROM positives").fetchall() == [(token(1),)]
@@ -500,7 +463,7 @@ def test_help_exits_0(capsys):
 
 def test_console_script_bad_arguments_print_no_traceback(tmp_path):
     (tmp_path / "x").write_text("a file where a directory should be")
-    done = subprocess.run([*command(), "serve", "--db", str(tmp_path / "x" / "y" / "z.db")],
+    done = subprocess.run([*broker_command(), "serve", "--db", str(tmp_path / "x" / "y" / "z.db")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

@@ -162,7 +162,7 @@ def test_a_crash_before_the_commit_leaves_no_token_and_the_code_unused(postgres_
             def consume(self, *args):
                 super().consume(*args)
                 os._exit(3)                   # killed after every write, before COMMIT
-        postgres_board._PostgresWrite = Dying
+        postgres_board.PostgresPositiveBoard._WRITE = Dying
         board = postgres_board.PostgresPositiveBoard(sys.argv[1])
         token = PositiveToken(token="{tok(7).token}",
                               expires_at=datetime(2026, 3, 14, 4, tzinfo=UTC))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -701,6 +701,8 @@ def test_limits_come_from_the_brokers_settings(tmp_path):
     limits = ConnectionLimits.from_settings(settings)
     assert (limits.position_burst, limits.poll_limit, limits.open_declarations) == (7, 12, True)
     assert limits.first_message_timeout_s == settings.first_message_timeout_s
+    # one home for each default: BrokerSettings; the core's limits have none of their own
+    assert [f.name for f in fields(ConnectionLimits) if f.default is not MISSING] == []
 
 
 # --- illegal inputs -------------------------------------------------------------------------

@@ -18,9 +18,9 @@ import trustme
 from broker.__main__ import create_board, main
 from broker.server import SetupError, server_ssl_context, start_broker
 from fanny_tui.protocol.messages import PositiveAck, Positives, PositivesPoll, PositiveUpload
+from tests.servers import broker_command, start_broker_process, stop_broker_process
 
 from .kit import WALL_NOW, Client, FakeWall, healthz, new_id, positive, settings_for
-from .test_main import command, start, stop
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +134,9 @@ def test_cli_bad_tls_files_one_line_exit_2(tmp_path, capsys):
 async def test_cli_serves_wss_with_certfile_and_keyfile(tmp_path, pem, ca):
     certfile, keyfile = pem
     create_board(tmp_path / "b.sqlite3")
-    process, url = await start("--port", "0", "--db", str(tmp_path / "b.sqlite3"),
-                               "--certfile", str(certfile), "--keyfile", str(keyfile),
-                               "--open-declarations", "--upload-answer-delay-s", "0")
+    process, url = await start_broker_process(
+        "--port", "0", "--db", str(tmp_path / "b.sqlite3"), "--certfile", str(certfile),
+        "--keyfile", str(keyfile), "--open-declarations", "--upload-answer-delay-s", "0")
     try:
         assert url.startswith("wss://127.0.0.1:")
         port = int(url.rsplit(":", 1)[1])
@@ -151,13 +151,13 @@ async def test_cli_serves_wss_with_certfile_and_keyfile(tmp_path, pem, ca):
     except BaseException:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    status, err, _ = await stop(process, signal.SIGTERM)
+    status, err, _ = await stop_broker_process(process, signal.SIGTERM)
     assert status == 0, err
     assert "tls=on" in err and "Traceback" not in err
 
 
 def test_module_entry_point_is_the_same_command():
-    done = subprocess.run([*command(), "--help"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*broker_command(), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "issue-code" in done.stdout
     done = subprocess.run([sys.executable, "-m", "broker", "--help"], capture_output=True,
                           text=True, timeout=60)

@@ -71,26 +71,15 @@ from fanny_tui.protocol.messages import (
 )
 from fanny_tui.protocol.tokens import craft_token
 from tests.fuzz import fuzz_settings, report, tried
+from tests.helpers import ROLES, handshake_snapshot, other_role, uuid4s
 
 S = HandshakeState
-ROLES = ("initiator", "responder")
-uuid4s = st.uuids(version=4).map(str)
 hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
-
-
-def other(role: str) -> str:
-    return "responder" if role == "initiator" else "initiator"
 
 
 def self_token(contact_id: str) -> str:
     """What a careless implementation would craft for a device with itself."""
     return hashlib.sha256((contact_id + contact_id).encode("ascii")).hexdigest()
-
-
-def snapshot(machine: WitnessHandshake) -> tuple[Any, ...]:
-    return (machine.state, machine.token, machine.failure_reason, machine.close_reason,
-            machine._peer_contact_id, machine._held, list(machine._outgoing),
-            list(machine._events))
 
 
 def hello(contact_id: str, version: int = DATA_CHANNEL_VERSION) -> PeerHello:
@@ -157,7 +146,7 @@ class MalloryLink(RuleBasedStateMachine):
             self.after_end += 1
         for frame in frames:
             self.sent[role].append(frame)
-            self.link[other(role)].append((frame, "peer"))
+            self.link[other_role(role)].append((frame, "peer"))
         self.events[role].extend(events)
 
     def _receive(self, role: str, frame: str | bytes, origin: str) -> None:
@@ -175,14 +164,14 @@ class MalloryLink(RuleBasedStateMachine):
 
     def _illegal(self, role: str, call: str, *args: Any) -> None:
         machine = self.m[role]
-        before = snapshot(machine)
+        before = handshake_snapshot(machine)
         with pytest.raises(LocalProtocolError):
             getattr(machine, call)(*args)
-        assert snapshot(machine) == before
+        assert handshake_snapshot(machine) == before
         self.steps += 1
 
     def _pair_tokens(self, role: str) -> list[str]:
-        own, peer, evil = self.ids[role], self.ids[other(role)], self.mallory
+        own, peer, evil = self.ids[role], self.ids[other_role(role)], self.mallory
         return [craft_token(own, peer), craft_token(own, evil), craft_token(peer, evil),
                 self_token(own), self_token(peer)]
 
@@ -252,7 +241,7 @@ class MalloryLink(RuleBasedStateMachine):
     @rule(to=st.sampled_from(ROLES), source=st.sampled_from(ROLES), index=st.integers(0, 10))
     def replay(self, to: str, source: str, index: int) -> None:
         """Any frame a side ever sent, to either side (to itself: a reflection)."""
-        frames = self.sent[source] or self.sent[other(source)]
+        frames = self.sent[source] or self.sent[other_role(source)]
         self._receive(to, frames[index % len(frames)], "replay")
 
     @rule(role=st.sampled_from(ROLES), right=st.booleans(), pick=st.integers(0, 4))
@@ -291,7 +280,7 @@ class MalloryLink(RuleBasedStateMachine):
             return
         if kind == "hello":
             contact_id = {"own": self.ids[role], "mallory": self.mallory,
-                          "peer": self.ids[other(role)], "random": random_id}[which]
+                          "peer": self.ids[other_role(role)], "random": random_id}[which]
             frame = encode(hello(contact_id, version))
         elif kind == "close":
             frame = encode(Close(reason=reason))
@@ -358,7 +347,7 @@ class MalloryLink(RuleBasedStateMachine):
     @invariant()
     def only_tokens_of_the_ids_it_was_given(self) -> None:
         for role in ROLES:
-            own, peer = self.ids[role], self.ids[other(role)]
+            own, peer = self.ids[role], self.ids[other_role(role)]
             stored = {e.token for e in self.events[role]
                       if isinstance(e, StoreToken | HandshakeCompleted)}
             allowed = {craft_token(own, p) for p in self.contact_ids_in[role] if p != own}

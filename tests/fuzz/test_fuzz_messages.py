@@ -63,6 +63,7 @@ from fanny_tui.protocol.messages import (
     encode_padded,
 )
 from tests.fuzz import fuzz_settings, report, tried
+from tests.helpers import uuid4s
 
 CODES = {"bad_message", "unknown_type", "unknown_field"}
 """The ``code`` values a decoding MessageError may carry (docs/protocol.md, error codes)."""
@@ -151,7 +152,6 @@ def is_valid_json(value: Any) -> bool:
 
 # --- valid messages, wide: bounds, unicode, big integers, offsets ---------------------------
 
-uuid4s = st.uuids(version=4).map(str)
 tokens = st.text("0123456789abcdef", min_size=64, max_size=64)
 finite = {"allow_nan": False, "allow_infinity": False}
 offsets = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5)),
