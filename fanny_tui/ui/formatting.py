@@ -214,6 +214,66 @@ def describe_close_reason(reason: str) -> str:
     return CLOSE_REASONS.get(reason, reason)
 
 
+FAILURE_WORDS = {
+    "timeout": "timed out",
+    "channel_closed": "channel closed",
+    "broker_unavailable": "broker unreachable",
+    "bad_message": "bad message",
+    "unexpected_message": "unexpected message",
+    "store_failed": "could not store",
+    "stopped": "app stopped",
+    "unsupported_version": "other version",
+    "same_contact_id": "same contact ID",
+    "token_mismatch": "token mismatch",
+    "ack_mismatch": "ack mismatch",
+    "bad_sdp": "bad SDP",
+    "unexpected_signal": "bad signaling",
+    "signaling_failed": "signaling failed",
+    "mdns_candidate_refused": ".local candidate",
+    "no_relay_candidate": "no TURN relay",
+    "candidate_outside_allowed": "address refused",
+    "error": "error",
+}
+"""Why a witness exchange failed (``HandshakeFailed.reason``: the code before any ``": "``), in
+a tester's words of at most 18 characters (``failed: `` and them fit :data:`MAX_STATE`);
+``peer_aborted: CODE`` reads ``peer: WORDS``. The event log keeps the whole reason."""
+
+MAX_STATE = 26
+"""Characters of the Live peers table's state cell at most, so that every column fits 80
+columns (a Raspberry Pi console) with the table's scroll bar; longer is cut with "…"."""
+
+
+def describe_failure_reason(reason: str) -> str:
+    """``HandshakeFailed.reason`` in a few words for the Live peers table: ``timeout`` ->
+    ``timed out``, ``peer_aborted: timeout`` -> ``peer: timed out``, ``store_failed: disk
+    full`` -> ``could not store``; an unknown reason (remote text) is kept as it is."""
+    code, _, rest = reason.partition(": ")
+    if code == "peer_aborted":
+        return f"peer: {describe_failure_reason(rest)}" if rest else "peer gave up"
+    return FAILURE_WORDS.get(code, reason)
+
+
+def format_peer_state(state: str, candidates: str | None, reason: str | None) -> str:
+    """The Live peers table's state cell, at most :data:`MAX_STATE` characters: while live,
+    :func:`format_state` (``open (host)``); once the contact closed or the exchange failed,
+    the state and why in words: ``closed: parted``, ``failed: timed out`` (the ICE candidate
+    types were shown while the channel was open; the event log has the whole reason).
+
+    Args:
+        state: ``HandshakeProgress.state``.
+        candidates: the selected pair's ICE candidate types, None when not known.
+        reason: ``ContactClosed.reason`` (state ``closed``) or ``HandshakeFailed.reason``
+            (state ``failed``), None when not known (ignored in other states).
+    """
+    if state == "closed" and reason:
+        shown = f"closed: {describe_close_reason(reason)}"
+    elif state == "failed" and reason:
+        shown = f"failed: {describe_failure_reason(reason)}"
+    else:
+        shown = format_state(state, candidates)
+    return shown if len(shown) <= MAX_STATE else shown[:MAX_STATE - 1] + "…"
+
+
 def abbreviate_token(token: str) -> str:
     """The first 8 hex characters of a witness token and an ellipsis, e.g. ``1a2b3c4d…``."""
     return f"{token[:8]}…"

@@ -27,7 +27,6 @@ from .formatting import (
     DASH,
     EXPOSURE_NEXT_STEP,
     abbreviate_token,
-    describe_close_reason,
     describe_exposure,
     describe_gps_source,
     fix_measured_at,
@@ -41,9 +40,9 @@ from .formatting import (
     format_duration,
     format_fix_age,
     format_fix_mode,
+    format_peer_state,
     format_retry,
     format_seconds,
-    format_state,
     format_utc,
     peer_name,
     plural,
@@ -363,15 +362,17 @@ class PeersTable(DataTable[Text]):
     """Live peers: one row per peer in contact now (see :class:`~fanny_tui.ui.peers.LivePeers`).
 
     Columns: name, distance (coloured by the accuracy rule's verdict), bearing, time within
-    the radius so far, the peer's accuracy, handshake state with the ICE candidate types of
-    the data channel once it opened (``open (host)``, ``stored (relay)``: a relayed pair went
-    through TURN), time from match to token, and why the exchange failed or the contact
-    closed (remote text, shown literally).
+    the radius so far, the peer's accuracy, time from match to token, then the handshake
+    state with the ICE candidate types of the data channel once it opened (``open (host)``,
+    ``stored (relay)``: a relayed pair went through TURN) and, once it ended, why in a few
+    words (``closed (host): parted``, ``failed: timed out``; the event log has the whole
+    reason). Every column fits 80 columns (a Raspberry Pi console): the state, the only one
+    of varying width, is last, at most 36 characters.
     """
 
     COLUMNS = (("Peer", "peer", 7), ("Dist", "distance", 6), ("Bearing", "bearing", 7),
-               ("Within", "within", 6), ("Acc", "accuracy", 6), ("State (ICE)", "state", 14),
-               ("→Token", "latency", 6), ("Why ended", "reason", None))
+               ("Within", "within", 6), ("Acc", "accuracy", 6), ("→Token", "latency", 6),
+               ("State (ICE): why ended", "state", None))
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
@@ -400,7 +401,7 @@ class PeersTable(DataTable[Text]):
                 for (_, column, _), cell, old, new in zip(self.COLUMNS, cells, before, plain,
                                                           strict=True):
                     if old != new:
-                        self.update_cell(key, column, cell, update_width=column == "reason")
+                        self.update_cell(key, column, cell, update_width=column == "state")
             self._shown[key] = plain
         self._retitle()
 
@@ -423,10 +424,9 @@ class PeersTable(DataTable[Text]):
             Text(format_bearing(live.bearing_deg)),
             Text(format_duration(live.within_s) if live.samples or live.within_s else DASH),
             Text(format_accuracy(live.peer_accuracy_m)),
-            Text(format_state(state, live.candidates), style=HANDSHAKE_STYLES.get(state, "")),
             Text(format_seconds(live.match_to_token_s)),
-            Text(describe_close_reason(live.reason) if state == "closed" and live.reason
-                 else live.reason or "", style="dim"),
+            Text(format_peer_state(state, live.candidates, live.reason),
+                 style=HANDSHAKE_STYLES.get(state, "")),
         ]
 
 

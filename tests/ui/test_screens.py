@@ -91,7 +91,7 @@ async def test_live_peers_show_the_contact_and_go_after_it_ends(quiet, data_dir,
                    update(1, 4.3, 47.0, within_s=125.0),
                    MatchFound(peer=2, role="answerer"), update(2, 14.0, 200.0, "uncertain"))
         row = [cell.plain for cell in main.peers.get_row("1")]
-        assert row == ["peer 1", "4.3 m", "047° NE", "2m05s", "±5.0 m", "open (host)", "–", ""]
+        assert row == ["peer 1", "4.3 m", "047° NE", "2m05s", "±5.0 m", "–", "open (host)"]
         assert main.peers.get_cell("2", "distance").plain == "14 m"
         assert "Live peers (2)" in rendered(main.peers)
         radar = rendered(main.radar)
@@ -105,10 +105,9 @@ async def test_live_peers_show_the_contact_and_go_after_it_ends(quiet, data_dir,
         await post(pilot, app,
                    ContactClosed(peer=1, reason="parted", contact=CONTACT, token_stored=True),
                    HandshakeProgress(peer=2, state="failed"),
-                   HandshakeFailed(peer=2, reason="handshake timed out"))
-        assert main.peers.get_cell("1", "state").plain == "closed (host)"
-        assert main.peers.get_cell("1", "reason").plain == "parted"
-        assert main.peers.get_cell("2", "reason").plain == "handshake timed out"
+                   HandshakeFailed(peer=2, reason="timeout"))
+        assert main.peers.get_cell("1", "state").plain == "closed: parted"
+        assert main.peers.get_cell("2", "state").plain == "failed: timed out"
         await tick(pilot, app, clock, LINGER_S - 1)
         assert main.peers.row_count == 2                     # the tester sees how they ended
         await tick(pilot, app, clock, 1)
@@ -119,7 +118,7 @@ async def test_live_peers_show_the_contact_and_go_after_it_ends(quiet, data_dir,
         log = log_text(app)
         assert "peer 1 within the radius, role offerer" in log
         assert "peer 1: contact over (parted)" in log
-        assert "handshake timed out" in log
+        assert "exchange failed: timeout" in log
         assert "connecting" not in log and "peer_update" not in log
 
 
@@ -447,6 +446,41 @@ async def test_80x24_keeps_every_essential_part_on_screen(quiet, data_dir, clock
         heights = visible()
         assert main.banner.region.height == 2 and heights["tokens"] >= 3
         assert TOKENS[0][:8] in rendered(main.tokens)          # still at least one row
+
+
+async def test_80x24_shows_every_peer_column_whole(quiet, data_dir, clock):
+    # Field finding (issue 6, point 3): at 80x24 "Why ended" was cut to "the peer cl".
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        main = app.main_screen
+        await post(pilot, app,
+                   MatchFound(peer=1, role="offerer"),
+                   ChannelOpen(peer=1, local_candidate="srflx", remote_candidate="prflx"),
+                   PeerUpdate(peer=1, distance_m=1234.0, bearing_deg=359.0,
+                              peer_accuracy_m=123.0, within="out", within_s=3599.0,
+                              samples=700),
+                   ContactClosed(peer=1, reason="peer_closed", contact=CONTACT,
+                                 token_stored=False),
+                   MatchFound(peer=2, role="answerer"),
+                   HandshakeFailed(peer=2, reason="peer_aborted: signaling_failed"),
+                   MatchFound(peer=3, role="offerer"),
+                   ChannelOpen(peer=3, local_candidate="relay", remote_candidate="srflx"),
+                   TokenStored(peer=3, token=TOKENS[0], expires_at=expiry(5), new=False,
+                               match_to_token_s=12.5),
+                   *(MatchFound(peer=n, role="answerer") for n in range(4, 12)))
+        assert main.peers.row_count == 11               # more than fit: a scroll bar
+        shown = rendered(main.peers)
+        assert "State (ICE): why ended" in shown
+        for key in ("1", "2", "3"):
+            row = [cell.plain for cell in main.peers.get_row(key)]
+            line = next((line for line in shown.splitlines() if f"peer {key} " in line), shown)
+            assert " ".join(line.split()) == " ".join(" ".join(row).split()), (row, shown)
+        assert "closed: the peer closed it" in shown
+        assert main.peers.get_cell("2", "state").plain == "failed: peer: signaling f…"
+        assert "stored (relay/srflx)" in shown and "12s" in shown
+        assert "1.2 km" in shown and "359° N" in shown and "2m05s" in shown
+        assert "±123 m" in shown
 
 
 async def test_80x24_with_a_long_alert_wraps_it_and_says_how_to_scroll(quiet, data_dir, clock):
