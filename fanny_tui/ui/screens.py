@@ -344,6 +344,16 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+class ChoiceButton(RadioButton):
+    """A radio button whose dot is drawn only when it is the one picked: the choice reads
+    without colour (a monochrome console, colour blindness), as ``▐●▌ main`` among ``▐ ▌``."""
+
+    @property
+    def BUTTON_INNER(self) -> str:  # type: ignore[override]  # noqa: N802 (Textual's name)
+        """The dot when picked, a blank when not."""
+        return "●" if self.value else " "
+
+
 @dataclass(frozen=True)
 class DeclareRequest:
     """The tester confirmed a positive declaration.
@@ -369,7 +379,8 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
 
     With several brokers (``[[positives]]``, issue 8) the tester also picks the broker the
     declaration goes to, the one whose organization issued the code: the device's own broker
-    (the first, selected) or a poll-only one.
+    (the first, selected) or a poll-only one; the one picked is marked with a dot
+    (:class:`ChoiceButton`), not only by colour.
 
     Args:
         count: how many stored tokens the declaration would upload.

@@ -440,9 +440,15 @@ async def test_the_declaration_goes_to_the_broker_picked_in_the_dialog(quiet_reg
         buttons = list(dialog.query(RadioButton))
         assert [str(b.label) for b in buttons] == [
             "main (this device's broker)", "health", "region-2"]
+        # The one picked reads without colour: only it has the dot.
+        await pilot.pause()
+        choice = " ".join(" ".join(rendered(b).split()) for b in buttons)
+        assert choice == "▐●▌ main (this device's broker) ▐ ▌ health ▐ ▌ region-2", choice
         await pilot.click(buttons[1])
         await pilot.pause()
         assert dialog.broker == "health"
+        choice = " ".join(" ".join(rendered(b).split()) for b in buttons)
+        assert choice == "▐ ▌ main (this device's broker) ▐●▌ health ▐ ▌ region-2", choice
         await pilot.click("#declare")
         await wait_until(pilot, lambda: "to the broker health" in log_text(app),
                          "the declaration's log line")
