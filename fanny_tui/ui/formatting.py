@@ -8,6 +8,7 @@ event) is wrapped in :class:`rich.text.Text`, never parsed as console markup.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 from rich.text import Text
@@ -35,6 +36,7 @@ from ..events import (
     TokensExpired,
     TokenStored,
 )
+from ..protocol.proximity import coarsest_matching_accuracy_m
 
 COMPASS_POINTS = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")
 """The 8 compass points, clockwise from true north, 45 degrees apart."""
@@ -379,6 +381,35 @@ def format_fix_age(age_s: float | None, gps_time: datetime | None, from_gps: boo
 def format_fix_mode(mode: int) -> str:
     """gpsd's TPV mode in cgps' words: 2 -> ``2D fix``, 3 -> ``3D fix``, else ``no fix``."""
     return {2: "2D fix", 3: "3D fix"}.get(mode, "no fix")
+
+
+def too_coarse(accuracy_m: float | None, radius_m: float) -> tuple[str, str] | None:
+    """Plain words when a fix is too coarse to ever make a contact at ``radius_m``: with a
+    peer as accurate, the accuracy rule never says ``in`` (docs/protocol.md, "The accuracy
+    rule"; the threshold is
+    :func:`~fanny_tui.protocol.proximity.coarsest_matching_accuracy_m`, about 2.12 radii).
+
+    Args:
+        accuracy_m: the fix's 95 % horizontal accuracy in metres (eph), None when unknown.
+        radius_m: the match radius in metres (> 0).
+
+    Returns:
+        None when the accuracy is unknown or fine; else ``("⚠ too coarse for 10 m contacts",
+        "needs ±21 m or better")``: what is wrong, then the accuracy needed.
+    """
+    if accuracy_m is None:
+        return None
+    limit = coarsest_matching_accuracy_m(radius_m)
+    if accuracy_m <= limit:
+        return None
+    return (f"⚠ too coarse for {format_distance(radius_m)} contacts",
+            f"needs {format_accuracy(math.floor(limit * 10) / 10)} or better")
+
+
+def poll_only_todo(todo: str) -> str:
+    """:attr:`fanny_tui.describe.Explanation.todo` for a ``[[positives]]`` broker: the
+    config keys it names are that broker's (``check [broker] url`` -> ``check its url``)."""
+    return todo.replace("[broker] ", "its ")
 
 
 # -- declarations ---------------------------------------------------------------------------

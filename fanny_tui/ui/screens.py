@@ -119,6 +119,7 @@ class MainScreen(Screen[None]):
     def on_mount(self) -> None:
         """Start the one-second refresh of countdowns and ages; tell the app."""
         self.session.set_others(self.other_brokers)
+        self.session.set_match_radius(self.radius_m)
         self.session.set_broker(False, f"connecting to {self.broker_url}…")
         self.tick()
         self.set_interval(1.0, self.tick)
@@ -239,9 +240,9 @@ class MainScreen(Screen[None]):
             case PositivesPolled(broker=broker, received=received) if (
                     broker in self.other_brokers):
                 self.session.set_other_polled(broker, received, now)
-            case PositivesPollFailed(broker=broker, attempts=attempts, since=since) if (
-                    broker in self.other_brokers):
-                self.session.set_other_failing(broker, attempts, since)
+            case PositivesPollFailed(broker=broker, attempts=attempts, since=since,
+                                     reason=reason) if broker in self.other_brokers:
+                self.session.set_other_failing(broker, attempts, since, reason)
             case PositivesPolled(received=received, next_poll_in_s=next_in):
                 self.status.set_polled(received, next_in if next_in is not None
                                        else self.poll_interval_s, now)
@@ -445,7 +446,7 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
                 with RadioSet(id="brokers"):
                     for i, name in enumerate(self.brokers):
                         label = f"{name} (this device's broker)" if i == 0 else name
-                        yield RadioButton(Text(label), value=i == 0)
+                        yield ChoiceButton(Text(label), value=i == 0)
             with Horizontal(id="buttons"):
                 yield Button("Cancel", id="cancel")
                 yield Button("Declare", id="declare", variant="error")

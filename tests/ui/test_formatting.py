@@ -40,6 +40,8 @@ from fanny_tui.ui.formatting import (
     format_retry,
     format_seconds,
     peer_name,
+    poll_only_todo,
+    too_coarse,
 )
 
 CONTACT = Contact(duration_s=125.0, closest_m=2.14, median_m=4.0, samples=25)
@@ -245,3 +247,17 @@ def test_the_peer_state_says_how_a_contact_ended_and_fits_80_columns():
     long = "a remote reason far longer than the table's column"
     assert format_peer_state("failed", None, long) == "failed: a remote reason f…"
     assert len(format_peer_state("failed", None, long)) == MAX_STATE
+
+
+def test_a_fix_too_coarse_for_the_radius_is_said_in_plain_words():
+    # 3 r / sqrt(2): 21.21 m at 10 m (docs/protocol.md, "The accuracy rule").
+    assert too_coarse(23.0, 10.0) == ("⚠ too coarse for 10 m contacts", "needs ±21 m or better")
+    assert too_coarse(21.2, 10.0) is None and too_coarse(None, 10.0) is None
+    assert too_coarse(4.3, 2.0) == ("⚠ too coarse for 2.0 m contacts", "needs ±4.2 m or better")
+
+
+def test_a_poll_only_brokers_next_step_names_its_own_keys():
+    assert poll_only_todo("start the broker, or check [broker] url") == (
+        "start the broker, or check its url")
+    assert poll_only_todo("set [broker] ca_file to the deployment's CA certificate (PEM)") == (
+        "set its ca_file to the deployment's CA certificate (PEM)")

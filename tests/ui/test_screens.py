@@ -10,11 +10,13 @@ engine would emit them, and the app's clock is a :class:`~tests.ui.kit.SettableC
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from fanny_tui.events import (
+    BrokerConnected,
     BrokerDisconnected,
     ChannelOpen,
     Contact,
@@ -200,6 +202,68 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         await tick(pilot, app, clock, 4)
         assert "Age  4.0 s since arrival" in rendered(session)
         assert "44.06" not in log_text(app)                   # positions never in the log
+
+
+def gps_values(shown: str) -> str:
+    """The GPS half's values column of the Session panel as shown, read top to bottom."""
+    lines = shown.splitlines()
+    column = next(line.index("GPS  ") for line in lines if "GPS  " in line)
+    return " ".join(" ".join(line[column + 5:].strip("│ ").split()) for line in lines)
+
+
+@pytest.mark.parametrize("size", [SMALL, WIDE])
+async def test_a_fix_too_coarse_for_the_radius_says_so(quiet, data_dir, clock, size):
+    # Issue 6, point 3: gpsd reporting eph 23 m, radius 10 m: with a peer as accurate, the
+    # accuracy rule never says "in" (3 r / sqrt(2) = 21.2 m); the tester is told why.
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        await started(pilot, app)
+        session = app.main_screen.session
+        fix = GpsFix(latitude=44.0, longitude=-1.0, accuracy_m=23.0, mode=3,
+                     satellites_used=4, satellites_visible=9, hdop=4.6, source="gpsd",
+                     time=T0)
+        await post(pilot, app, fix)
+        shown = rendered(session)
+        values = gps_values(shown)
+        assert "⚠ too coarse for 10 m contacts" in values, shown
+        assert "Acc  ±23 m  HDOP 4.6" in shown and "Age  0.0 s" in shown
+        assert "Sats 4 used / 9 visible" in shown               # why it is coarse
+        if size == WIDE:
+            assert "⚠ too coarse for 10 m contacts, needs ±21 m or better" in values, shown
+        # At the limit, and once the broker's radius is larger: no warning.
+        await post(pilot, app, replace(fix, accuracy_m=21.2))
+        assert "too coarse" not in rendered(session)
+        await post(pilot, app, replace(fix, accuracy_m=40.0))
+        assert "too coarse for 10 m" in gps_values(rendered(session))
+        await post(pilot, app, BrokerConnected(url="ws://127.0.0.1:1", radius_m=25.0))
+        assert "too coarse" not in rendered(session)
+        await post(pilot, app, replace(fix, accuracy_m=None))
+        assert "too coarse" not in rendered(session)
+
+
+@pytest.mark.parametrize("size", [SMALL, WIDE])
+async def test_a_failing_poll_only_broker_says_what_to_do(quiet_region, data_dir, clock, size):
+    # At 80x24 a failing [[positives]] broker's line was cut before its advice, beside the
+    # device's own broker down too.
+    app, _ = build(quiet_region, data_dir, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        await started(pilot, app)
+        session = app.main_screen.session
+        await post(pilot, app, BrokerDisconnected(reason=REFUSED, retry_in_s=5.0),
+                   PositivesPolled(received=2, next_poll_in_s=300.0, broker="health"),
+                   PositivesPollFailed(reason=REFUSED, since=T0 - timedelta(minutes=12),
+                                       attempts=3, next_poll_in_s=300.0, broker="region-2"))
+        shown = rendered(session)
+        flat = " ".join(shown.split())
+        assert "region-2 ⚠ failing since 09:18:00, 3 attempts" in flat, shown
+        assert "→ start the broker, or check its url" in flat, shown
+        assert "→ start the broker, or check [broker]" in flat, shown   # its own (wrapped)
+        assert "health polled 09:30:00 (2 new)" in flat and "…" not in shown, shown
+        assert "Broker disconnected, retry in 5 s" in flat
+        await post(pilot, app, PositivesPolled(received=0, next_poll_in_s=300.0,
+                                               broker="region-2"))
+        flat = " ".join(rendered(session).split())
+        assert "region-2 polled 09:30:00 (0 new)" in flat and "its url" not in flat
 
 
 @pytest.mark.parametrize("size", [SMALL, WIDE])
