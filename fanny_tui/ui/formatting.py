@@ -558,7 +558,8 @@ def _describe_event(event: Event) -> Text | None:
                 text += "; " + "; ".join(describe_contact(c) for c in contacts)
             return Text(text)
         case PositivesPollFailed(attempts=1, reason=reason):
-            return Text(f"checking positives failed: {reason}")
+            return Text.assemble("checking positives failed: ", explain(reason).headline,
+                                 " (", reason, ")")
         case PositivesPollFailed():
             return None   # the status line counts the failures that follow
         case EngineError(message=message):

@@ -235,8 +235,12 @@ class SessionPanel(Static):
         self.redraw()
 
     def _other_rows(self) -> list[PanelRow]:
+        # Failing brokers in a row with the same next step share it: it follows the last.
+        todos = [explain(reason).todo if state == "failing" and at is not None
+                 and reason is not None else None
+                 for state, at, _, reason in self.others.values()]
         rows = []
-        for name, (state, at, count, reason) in self.others.items():
+        for i, (name, (state, at, count, reason)) in enumerate(self.others.items()):
             label = Text(name, no_wrap=True, overflow="ellipsis")
             label.truncate(self.NAME_WIDTH, overflow="ellipsis")
             if state == "failing" and at is not None:
@@ -247,8 +251,9 @@ class SessionPanel(Static):
                     failure = explain(reason)
                     rows.append(PanelRow("", Text(failure.headline, style="bold"), 2,
                                          wrap=True))
-                    rows.append(PanelRow("", Text(f"→ {poll_only_todo(failure.todo)}",
-                                                  style="italic"), 7, wrap=True))
+                    if i + 1 == len(todos) or todos[i + 1] != failure.todo:
+                        rows.append(PanelRow("", Text(f"→ {poll_only_todo(failure.todo)}",
+                                                      style="italic"), 7, wrap=True))
             elif at is not None:
                 rows.append(PanelRow(label.plain, Text(f"polled {format_clock(at)} "
                                                        f"({count} new)", style="green"), 8))

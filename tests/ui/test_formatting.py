@@ -211,7 +211,8 @@ def test_log_lines_about_another_broker_start_with_its_name():
         "health: 2 positive tokens received and compared here")
     failed = PositivesPollFailed(reason="TimeoutError", since=datetime(2099, 1, 1, tzinfo=UTC),
                                  attempts=1, broker="health")
-    assert describe_event(failed).plain == "health: checking positives failed: TimeoutError"
+    assert describe_event(failed).plain == (
+        "health: checking positives failed: the broker did not answer in time (TimeoutError)")
     assert describe_event(PositivesPolled(received=0, broker="health")) is None
 
 

@@ -260,8 +260,18 @@ async def test_a_failing_poll_only_broker_says_what_to_do(quiet_region, data_dir
         assert "→ start the broker, or check [broker]" in flat, shown   # its own (wrapped)
         assert "health polled 09:30:00 (2 new)" in flat and "…" not in shown, shown
         assert "Broker disconnected, retry in 5 s" in flat
+        # Both failing for the same reason: the next step once, after both, still at 80x24.
+        await post(pilot, app, PositivesPollFailed(reason=REFUSED, since=T0, attempts=1,
+                                                   next_poll_in_s=300.0, broker="health"))
+        shown = rendered(session)
+        flat = " ".join(shown.split())
+        assert re.search(r"health ⚠ failing since 09:30:00, 1 attempt .*region-2 ⚠ failing "
+                         r"since 09:18:00, 3 attempts .*→ start the broker, or check its url",
+                         flat), shown
+        assert flat.count("check its url") == 1 and "…" not in shown, shown
         await post(pilot, app, PositivesPolled(received=0, next_poll_in_s=300.0,
-                                               broker="region-2"))
+                                               broker="region-2"),
+                   PositivesPolled(received=0, next_poll_in_s=300.0, broker="health"))
         flat = " ".join(rendered(session).split())
         assert "region-2 polled 09:30:00 (0 new)" in flat and "its url" not in flat
 
