@@ -289,9 +289,13 @@ HELP_TERMS = (
               "radius, the peer's GPS accuracy, handshake state, time from match to token. "
               "\"open (host)\": the data channel is open, and how ICE connected the two: "
               "host on one network, srflx or prflx across a NAT, relay through a TURN "
-              "server."),
+              "server; once it ended, why (\"closed: parted\", \"failed: timed out\"; the "
+              "event log has the whole reason)."),
     ("Contact", "While the channel is open the two devices exchange positions directly and "
-                "measure the contact: time within the radius, closest and median distance."),
+                "measure the contact: time within the radius, closest and median distance. "
+                "A sample counts only when the two fixes' accuracies allow it: a fix coarser "
+                "than about twice the radius never counts (the GPS panel then says \"too "
+                "coarse\")."),
     ("Token", "Both devices derive the same witness token from their contact IDs and keep it "
               "until it expires (Tokens panel: countdown and contact). Tokens never leave "
               "the device unless you declare positive."),

@@ -483,6 +483,8 @@ async def test_help_explains_the_words_and_the_keys(quiet, data_dir, clock, key)
         for word in ("Match", "Contact", "Token", "Declare", "Exposure", "Keys",
                      "d         declare positive", "q ctrl+c  quit", "Tab ↑↓"):
             assert word in text, word
+        flat = " ".join(text.split())
+        assert '"failed: timed out"' in flat and 'says "too coarse"' in flat
         await pilot.press("d")                                  # inert under the help
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
