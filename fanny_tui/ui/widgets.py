@@ -10,6 +10,7 @@ written with markup off, so a string such as ``peer[/]`` is shown as typed.
 
 from __future__ import annotations
 
+import io
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -140,6 +141,10 @@ class PanelRow:
     wrap: bool = False
 
 
+_MEASURE = Console(file=io.StringIO(), width=200, no_color=True)
+"""Measures how many lines a value wraps to (writes nothing anywhere)."""
+
+
 def fit_rows(rows: list[PanelRow], height: int, width: int) -> list[PanelRow]:
     """The rows to show in ``height`` lines, values ``width`` columns wide: all of them when
     they fit, else those that matter most (highest ``keep``; among equals, the first), in
@@ -147,8 +152,7 @@ def fit_rows(rows: list[PanelRow], height: int, width: int) -> list[PanelRow]:
     0 (not laid out yet): all rows."""
     if height <= 0 or width <= 0:
         return rows
-    console = Console(width=width, no_color=True)
-    lines = [len(row.value.wrap(console, width)) if row.wrap else 1 for row in rows]
+    lines = [len(row.value.wrap(_MEASURE, width)) if row.wrap else 1 for row in rows]
     kept = set(range(len(rows)))
     by_importance = sorted(range(len(rows)), key=lambda i: (rows[i].keep, -i))
     for i in by_importance:
