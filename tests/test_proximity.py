@@ -16,6 +16,7 @@ from fanny_tui.protocol.proximity import (
     METRES_PER_DEGREE,
     Point,
     ProximityGrid,
+    coarsest_matching_accuracy_m,
     haversine_m,
     within_radius,
 )
@@ -248,3 +249,33 @@ def test_within_radius_matches_the_documented_vectors(
     distance, radius, a, b, verdict = vector
     assert within_radius(distance, radius, a, b) == verdict
     assert within_radius(distance, radius, b, a) == verdict  # symmetric in the two fixes
+
+
+def test_the_coarsest_matching_accuracy_with_an_equal_peer() -> None:
+    # docs/protocol.md, "The accuracy rule": an equal peer past 3 r / sqrt(2) never matches.
+    assert coarsest_matching_accuracy_m(10.0) == pytest.approx(21.2132, abs=1e-4)
+    assert within_radius(0.0, 10.0, 21.2, 21.2) == "in"
+    assert within_radius(0.0, 10.0, 21.3, 21.3) == "uncertain"   # eph 23 m: never in
+    assert coarsest_matching_accuracy_m(10.0, 0.0) == pytest.approx(30.0)
+    assert coarsest_matching_accuracy_m(10.0, 24.0) == pytest.approx(18.0)
+    assert coarsest_matching_accuracy_m(10.0, 30.5) == 0.0      # the peer alone is past it
+
+
+@given(st.floats(0.5, 1000, **finite), st.none() | st.floats(0, 5000, **finite))
+def test_the_coarsest_matching_accuracy_is_the_gate_of_within_radius(
+        radius: float, peer: float | None) -> None:
+    limit = coarsest_matching_accuracy_m(radius, peer)
+    other = limit if peer is None else peer
+    if limit > 0:
+        assert within_radius(0.0, radius, limit * (1 - 1e-9), other * (1 - 1e-9)) == "in"
+    coarser = limit * (1 + 1e-6) + 1e-6
+    other = coarser if peer is None else peer
+    assert within_radius(0.0, radius, coarser, other) == "uncertain"
+
+
+@pytest.mark.parametrize("radius, peer", [(0.0, None), (-1.0, None), (math.nan, None),
+                                          (10.0, -1.0), (10.0, math.inf)])
+def test_the_coarsest_matching_accuracy_refuses_bad_input(radius: float,
+                                                          peer: float | None) -> None:
+    with pytest.raises(ValueError, match="radius_m|peer_accuracy_m"):
+        coarsest_matching_accuracy_m(radius, peer)

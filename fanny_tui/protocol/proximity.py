@@ -307,6 +307,40 @@ def within_radius(distance_m: float, radius_m: float, accuracy_a: float | None,
     return "uncertain"
 
 
+def coarsest_matching_accuracy_m(radius_m: float, peer_accuracy_m: float | None = None
+                                 ) -> float:
+    """The coarsest own accuracy (metres, 95 %) with which a sample can still be ``in``.
+
+    From the accuracy gate of :func:`within_radius`, ``sqrt(a**2 + b**2) <= 3 r``: with the
+    peer's accuracy ``b`` known, ``a <= sqrt((3 r)**2 - b**2)`` (0.0 when ``b`` alone is past
+    the gate, ``b > 3 r``: nothing can match); with ``b`` not given, the peer is taken to be
+    as accurate as this device (``b = a``), so ``a <= 3 r / sqrt(2)`` (about 2.12 r: 21.2 m
+    for a 10 m radius). A fix coarser than that can never make a contact with such a peer
+    (docs/protocol.md, "The accuracy rule").
+
+    Args:
+        radius_m: the radius, metres, > 0.
+        peer_accuracy_m: the peer's 95 % accuracy in metres, None for "as accurate as this
+            device".
+
+    Returns:
+        Metres, >= 0.
+
+    Raises:
+        ValueError: ``radius_m`` not positive and finite, or ``peer_accuracy_m`` negative or
+            not finite.
+    """
+    if not (math.isfinite(radius_m) and radius_m > 0):
+        raise ValueError(f"radius_m must be a positive number of metres, got {radius_m}")
+    gate = UNCERTAINTY_FACTOR * radius_m
+    if peer_accuracy_m is None:
+        return gate / math.sqrt(2.0)
+    if not (math.isfinite(peer_accuracy_m) and peer_accuracy_m >= 0):
+        raise ValueError(f"peer_accuracy_m must be a number of metres >= 0, got "
+                         f"{peer_accuracy_m}")
+    return math.sqrt(max(0.0, gate * gate - peer_accuracy_m * peer_accuracy_m))
+
+
 def bearing_deg(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Initial great-circle bearing from point 1 to point 2, degrees clockwise from true north,
     in [0, 360). Points in WGS84 degrees; 0.0 for two identical points."""

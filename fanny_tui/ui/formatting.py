@@ -8,6 +8,7 @@ event) is wrapped in :class:`rich.text.Text`, never parsed as console markup.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 from rich.text import Text
@@ -35,6 +36,7 @@ from ..events import (
     TokensExpired,
     TokenStored,
 )
+from ..protocol.proximity import coarsest_matching_accuracy_m
 
 COMPASS_POINTS = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")
 """The 8 compass points, clockwise from true north, 45 degrees apart."""
@@ -214,6 +216,66 @@ def describe_close_reason(reason: str) -> str:
     return CLOSE_REASONS.get(reason, reason)
 
 
+FAILURE_WORDS = {
+    "timeout": "timed out",
+    "channel_closed": "channel closed",
+    "broker_unavailable": "broker unreachable",
+    "bad_message": "bad message",
+    "unexpected_message": "unexpected message",
+    "store_failed": "could not store",
+    "stopped": "app stopped",
+    "unsupported_version": "other version",
+    "same_contact_id": "same contact ID",
+    "token_mismatch": "token mismatch",
+    "ack_mismatch": "ack mismatch",
+    "bad_sdp": "bad SDP",
+    "unexpected_signal": "bad signaling",
+    "signaling_failed": "signaling failed",
+    "mdns_candidate_refused": ".local candidate",
+    "no_relay_candidate": "no TURN relay",
+    "candidate_outside_allowed": "address refused",
+    "error": "error",
+}
+"""Why a witness exchange failed (``HandshakeFailed.reason``: the code before any ``": "``), in
+a tester's words of at most 18 characters (``failed: `` and them fit :data:`MAX_STATE`);
+``peer_aborted: CODE`` reads ``peer: WORDS``. The event log keeps the whole reason."""
+
+MAX_STATE = 26
+"""Characters of the Live peers table's state cell at most, so that every column fits 80
+columns (a Raspberry Pi console) with the table's scroll bar; longer is cut with "…"."""
+
+
+def describe_failure_reason(reason: str) -> str:
+    """``HandshakeFailed.reason`` in a few words for the Live peers table: ``timeout`` ->
+    ``timed out``, ``peer_aborted: timeout`` -> ``peer: timed out``, ``store_failed: disk
+    full`` -> ``could not store``; an unknown reason (remote text) is kept as it is."""
+    code, _, rest = reason.partition(": ")
+    if code == "peer_aborted":
+        return f"peer: {describe_failure_reason(rest)}" if rest else "peer gave up"
+    return FAILURE_WORDS.get(code, reason)
+
+
+def format_peer_state(state: str, candidates: str | None, reason: str | None) -> str:
+    """The Live peers table's state cell, at most :data:`MAX_STATE` characters: while live,
+    :func:`format_state` (``open (host)``); once the contact closed or the exchange failed,
+    the state and why in words: ``closed: parted``, ``failed: timed out`` (the ICE candidate
+    types were shown while the channel was open; the event log has the whole reason).
+
+    Args:
+        state: ``HandshakeProgress.state``.
+        candidates: the selected pair's ICE candidate types, None when not known.
+        reason: ``ContactClosed.reason`` (state ``closed``) or ``HandshakeFailed.reason``
+            (state ``failed``), None when not known (ignored in other states).
+    """
+    if state == "closed" and reason:
+        shown = f"closed: {describe_close_reason(reason)}"
+    elif state == "failed" and reason:
+        shown = f"failed: {describe_failure_reason(reason)}"
+    else:
+        shown = format_state(state, candidates)
+    return shown if len(shown) <= MAX_STATE else shown[:MAX_STATE - 1] + "…"
+
+
 def abbreviate_token(token: str) -> str:
     """The first 8 hex characters of a witness token and an ellipsis, e.g. ``1a2b3c4d…``."""
     return f"{token[:8]}…"
@@ -319,6 +381,35 @@ def format_fix_age(age_s: float | None, gps_time: datetime | None, from_gps: boo
 def format_fix_mode(mode: int) -> str:
     """gpsd's TPV mode in cgps' words: 2 -> ``2D fix``, 3 -> ``3D fix``, else ``no fix``."""
     return {2: "2D fix", 3: "3D fix"}.get(mode, "no fix")
+
+
+def too_coarse(accuracy_m: float | None, radius_m: float) -> tuple[str, str] | None:
+    """Plain words when a fix is too coarse to ever make a contact at ``radius_m``: with a
+    peer as accurate, the accuracy rule never says ``in`` (docs/protocol.md, "The accuracy
+    rule"; the threshold is
+    :func:`~fanny_tui.protocol.proximity.coarsest_matching_accuracy_m`, about 2.12 radii).
+
+    Args:
+        accuracy_m: the fix's 95 % horizontal accuracy in metres (eph), None when unknown.
+        radius_m: the match radius in metres (> 0).
+
+    Returns:
+        None when the accuracy is unknown or fine; else ``("⚠ too coarse for 10 m contacts",
+        "needs ±21 m or better")``: what is wrong, then the accuracy needed.
+    """
+    if accuracy_m is None:
+        return None
+    limit = coarsest_matching_accuracy_m(radius_m)
+    if accuracy_m <= limit:
+        return None
+    return (f"⚠ too coarse for {format_distance(radius_m)} contacts",
+            f"needs {format_accuracy(math.floor(limit * 10) / 10)} or better")
+
+
+def poll_only_todo(todo: str) -> str:
+    """:attr:`fanny_tui.describe.Explanation.todo` for a ``[[positives]]`` broker: the
+    config keys it names are that broker's (``check [broker] url`` -> ``check its url``)."""
+    return todo.replace("[broker] ", "its ")
 
 
 # -- declarations ---------------------------------------------------------------------------
@@ -467,7 +558,8 @@ def _describe_event(event: Event) -> Text | None:
                 text += "; " + "; ".join(describe_contact(c) for c in contacts)
             return Text(text)
         case PositivesPollFailed(attempts=1, reason=reason):
-            return Text(f"checking positives failed: {reason}")
+            return Text.assemble("checking positives failed: ", explain(reason).headline,
+                                 " (", reason, ")")
         case PositivesPollFailed():
             return None   # the status line counts the failures that follow
         case EngineError(message=message):

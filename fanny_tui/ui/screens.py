@@ -119,6 +119,7 @@ class MainScreen(Screen[None]):
     def on_mount(self) -> None:
         """Start the one-second refresh of countdowns and ages; tell the app."""
         self.session.set_others(self.other_brokers)
+        self.session.set_match_radius(self.radius_m)
         self.session.set_broker(False, f"connecting to {self.broker_url}…")
         self.tick()
         self.set_interval(1.0, self.tick)
@@ -239,9 +240,9 @@ class MainScreen(Screen[None]):
             case PositivesPolled(broker=broker, received=received) if (
                     broker in self.other_brokers):
                 self.session.set_other_polled(broker, received, now)
-            case PositivesPollFailed(broker=broker, attempts=attempts, since=since) if (
-                    broker in self.other_brokers):
-                self.session.set_other_failing(broker, attempts, since)
+            case PositivesPollFailed(broker=broker, attempts=attempts, since=since,
+                                     reason=reason) if broker in self.other_brokers:
+                self.session.set_other_failing(broker, attempts, since, reason)
             case PositivesPolled(received=received, next_poll_in_s=next_in):
                 self.status.set_polled(received, next_in if next_in is not None
                                        else self.poll_interval_s, now)
@@ -288,9 +289,13 @@ HELP_TERMS = (
               "radius, the peer's GPS accuracy, handshake state, time from match to token. "
               "\"open (host)\": the data channel is open, and how ICE connected the two: "
               "host on one network, srflx or prflx across a NAT, relay through a TURN "
-              "server."),
+              "server; once it ended, why (\"closed: parted\", \"failed: timed out\"; the "
+              "event log has the whole reason)."),
     ("Contact", "While the channel is open the two devices exchange positions directly and "
-                "measure the contact: time within the radius, closest and median distance."),
+                "measure the contact: time within the radius, closest and median distance. "
+                "A sample counts only when the two fixes' accuracies allow it: a fix coarser "
+                "than about twice the radius never counts (the GPS panel then says \"too "
+                "coarse\")."),
     ("Token", "Both devices derive the same witness token from their contact IDs and keep it "
               "until it expires (Tokens panel: countdown and contact). Tokens never leave "
               "the device unless you declare positive."),
@@ -344,6 +349,16 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+class ChoiceButton(RadioButton):
+    """A radio button whose dot is drawn only when it is the one picked: the choice reads
+    without colour (a monochrome console, colour blindness), as ``▐●▌ main`` among ``▐ ▌``."""
+
+    @property
+    def BUTTON_INNER(self) -> str:  # type: ignore[override]  # noqa: N802 (Textual's name)
+        """The dot when picked, a blank when not."""
+        return "●" if self.value else " "
+
+
 @dataclass(frozen=True)
 class DeclareRequest:
     """The tester confirmed a positive declaration.
@@ -369,7 +384,8 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
 
     With several brokers (``[[positives]]``, issue 8) the tester also picks the broker the
     declaration goes to, the one whose organization issued the code: the device's own broker
-    (the first, selected) or a poll-only one.
+    (the first, selected) or a poll-only one; the one picked is marked with a dot
+    (:class:`ChoiceButton`), not only by colour.
 
     Args:
         count: how many stored tokens the declaration would upload.
@@ -434,7 +450,7 @@ class ConfirmDeclareScreen(ModalScreen[DeclareRequest | None]):
                 with RadioSet(id="brokers"):
                     for i, name in enumerate(self.brokers):
                         label = f"{name} (this device's broker)" if i == 0 else name
-                        yield RadioButton(Text(label), value=i == 0)
+                        yield ChoiceButton(Text(label), value=i == 0)
             with Horizontal(id="buttons"):
                 yield Button("Cancel", id="cancel")
                 yield Button("Declare", id="declare", variant="error")

@@ -10,11 +10,13 @@ written with markup off, so a string such as ``peer[/]`` is shown as typed.
 
 from __future__ import annotations
 
+import io
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 from textual.events import Resize
@@ -27,7 +29,6 @@ from .formatting import (
     DASH,
     EXPOSURE_NEXT_STEP,
     abbreviate_token,
-    describe_close_reason,
     describe_exposure,
     describe_gps_source,
     fix_measured_at,
@@ -41,12 +42,14 @@ from .formatting import (
     format_duration,
     format_fix_age,
     format_fix_mode,
+    format_peer_state,
     format_retry,
     format_seconds,
-    format_state,
     format_utc,
     peer_name,
     plural,
+    poll_only_todo,
+    too_coarse,
 )
 from .peers import RANGE_RINGS, LivePeer, RadarCell, merged_contact, radar_cells
 
@@ -120,21 +123,62 @@ class TitleBar(Static):
         self.update(line)
 
 
+@dataclass(frozen=True)
+class PanelRow:
+    """One row of a half of the Session panel: a label, a value, how much it matters.
+
+    Attributes:
+        label: the label column ("" for a continuation).
+        value: the value (remote text already wrapped in :class:`Text`).
+        keep: rows with the lowest ``keep`` are left out first when the half has more rows
+            than the panel's height (see :func:`fit_rows`).
+        wrap: the value wraps (by words) to the column's width; else it is cut with "…".
+    """
+
+    label: str
+    value: Text
+    keep: int
+    wrap: bool = False
+
+
+_MEASURE = Console(file=io.StringIO(), width=200, no_color=True)
+"""Measures how many lines a value wraps to (writes nothing anywhere)."""
+
+
+def fit_rows(rows: list[PanelRow], height: int, width: int) -> list[PanelRow]:
+    """The rows to show in ``height`` lines, values ``width`` columns wide: all of them when
+    they fit, else those that matter most (highest ``keep``; among equals, the first), in
+    their order. A wrapped value takes as many lines as it wraps to; ``height`` or ``width``
+    0 (not laid out yet): all rows."""
+    if height <= 0 or width <= 0:
+        return rows
+    lines = [len(row.value.wrap(_MEASURE, width)) if row.wrap else 1 for row in rows]
+    kept = set(range(len(rows)))
+    by_importance = sorted(range(len(rows)), key=lambda i: (rows[i].keep, -i))
+    for i in by_importance:
+        if sum(lines[k] for k in kept) <= height:
+            break
+        kept.discard(i)
+    return [row for i, row in enumerate(rows) if i in kept]
+
+
 class SessionPanel(Static):
     """Session ID (in the border), broker state and GPS state, side by side.
 
     The broker column says why the broker cannot be reached in plain words, what to do, since
     when, and counts down to the next retry; the GPS column is what ``cgps`` users look for:
     mode, where the position comes from, satellites used/visible, eph and HDOP, the fix's age,
-    the position. Without a fix it says why in plain words and what to do
+    the position, and, when the fix is too coarse for any contact at the match radius (the
+    accuracy rule, :func:`~fanny_tui.protocol.proximity.coarsest_matching_accuracy_m`), says
+    so. Without a fix it says why in plain words and what to do
     (:func:`fanny_tui.describe.explain_gps`), then the raw reason. Positions are shown here
     and nowhere else (never logged).
 
     Under the broker, one line per ``[[positives]]`` broker (issue 8): its name, then when it
     was last polled and how many new positives it had, or since when and how often its polls
-    fail. With such brokers, an outage of the device's own broker drops its raw reason line
-    (the event log has it) and cuts its hint to one line, so that two of them still fit at
-    80x24.
+    fail, with what to do. Each half shows the rows that fit the panel's height, those that
+    matter most (:class:`PanelRow` ``keep``): a state and what to do before when it started
+    and the raw reason (the event log has them), so that at 80x24 a next step is never cut.
     """
 
     GPS_WIDTH = 30
@@ -149,6 +193,7 @@ class SessionPanel(Static):
         self.broker_connected = False
         self.broker_detail: str = "connecting…"
         self.radius_m: float | None = None
+        self.match_radius_m: float | None = None
         self.outage_since: datetime | None = None
         self.outage_attempts = 0
         self.retry_in_s: float | None = None
@@ -156,46 +201,69 @@ class SessionPanel(Static):
         self.fix: GpsFix | None = None
         self.fix_received_at: datetime | None = None
         self.gps_detail: str = WAITING_FOR_FIX
+        self._gps_value_width = self.GPS_WIDTH - 5
         self.now: datetime | None = None
-        # poll-only brokers: name -> (last poll, new tokens) or (failing since, attempts)
-        self.others: dict[str, tuple[str, datetime | None, int]] = {}
+        # poll-only brokers: name -> (state, last poll or failing since, new tokens or
+        # attempts, the last failure's reason)
+        self.others: dict[str, tuple[str, datetime | None, int, str | None]] = {}
 
     def on_mount(self) -> None:
         """Draw the initial state."""
         self.redraw()
 
     def on_resize(self, event: Resize) -> None:
-        """The two halves are laid out for the width."""
+        """The two halves are laid out for the size."""
         self.redraw()
 
     def set_others(self, names: Iterable[str]) -> None:
         """The ``[[positives]]`` brokers to show, none polled yet."""
-        self.others = {name: ("waiting", None, 0) for name in names}
+        self.others = {name: ("waiting", None, 0, None) for name in names}
         self.redraw()
 
     def set_other_polled(self, name: str, received: int, now: datetime) -> None:
         """Poll-only broker ``name`` was polled at ``now`` and had ``received`` new tokens."""
-        self.others[name] = ("polled", now, received)
+        self.others[name] = ("polled", now, received, None)
         self.redraw()
 
-    def set_other_failing(self, name: str, attempts: int, since: datetime) -> None:
-        """``attempts`` polls of poll-only broker ``name`` failed in a row since ``since``."""
-        self.others[name] = ("failing", since, attempts)
+    def set_other_failing(self, name: str, attempts: int, since: datetime,
+                          reason: str | None = None) -> None:
+        """``attempts`` polls of poll-only broker ``name`` failed in a row since ``since``;
+        ``reason``: the last failure (remote text), explained with a next step."""
+        self.others[name] = ("failing", since, attempts, reason)
         self.redraw()
 
-    def _other_rows(self, grid: Table) -> None:
-        for name, (state, at, count) in self.others.items():
-            label = Text(name, style="dim", no_wrap=True, overflow="ellipsis")
+    def set_match_radius(self, radius_m: float) -> None:
+        """The match radius (metres) the accuracy of a fix is judged against, until the
+        broker gives its own (:meth:`set_broker`)."""
+        self.match_radius_m = radius_m
+        self.redraw()
+
+    def _other_rows(self) -> list[PanelRow]:
+        # Failing brokers in a row with the same next step share it: it follows the last.
+        todos = [explain(reason).todo if state == "failing" and at is not None
+                 and reason is not None else None
+                 for state, at, _, reason in self.others.values()]
+        rows = []
+        for i, (name, (state, at, count, reason)) in enumerate(self.others.items()):
+            label = Text(name, no_wrap=True, overflow="ellipsis")
             label.truncate(self.NAME_WIDTH, overflow="ellipsis")
             if state == "failing" and at is not None:
-                text = Text(f"⚠ polls failing since {format_clock(at)} "
-                            f"({plural(count, 'attempt')})", style="bold red")
+                rows.append(PanelRow(label.plain, Text(
+                    f"⚠ failing since {format_clock(at)}, {plural(count, 'attempt')}",
+                    style="bold red"), 8, wrap=True))
+                if reason is not None:
+                    failure = explain(reason)
+                    rows.append(PanelRow("", Text(failure.headline, style="bold"), 2,
+                                         wrap=True))
+                    if i + 1 == len(todos) or todos[i + 1] != failure.todo:
+                        rows.append(PanelRow("", Text(f"→ {poll_only_todo(failure.todo)}",
+                                                      style="italic"), 7, wrap=True))
             elif at is not None:
-                text = Text(f"polled {format_clock(at)} ({count} new)", style="green")
+                rows.append(PanelRow(label.plain, Text(f"polled {format_clock(at)} "
+                                                       f"({count} new)", style="green"), 8))
             else:
-                text = Text("not polled yet", style="dim")
-            text.no_wrap, text.overflow = True, "ellipsis"
-            grid.add_row(label, text)
+                rows.append(PanelRow(label.plain, Text("not polled yet", style="dim"), 8))
+        return rows
 
     def set_session(self, session_short: str) -> None:
         """Show the short session ID (first 8 characters; shown on this device only)."""
@@ -264,98 +332,105 @@ class SessionPanel(Static):
         measured, _ = fix_measured_at(self.fix.time, self.fix_received_at)
         return max(0.0, (self.now - measured).total_seconds())
 
-    def _broker_grid(self) -> Table:
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="dim", no_wrap=True)
-        grid.add_column(overflow="fold")
+    def _broker_rows(self) -> list[PanelRow]:
+        def row(label: str, text: str, style: str, keep: int, wrap: bool = False) -> PanelRow:
+            return PanelRow(label, Text(text, style=style), keep, wrap)
+
         if self.broker_connected:
             state = Text("connected", style="bold green")
             if self.radius_m is not None:
                 state.append(f", radius {self.radius_m:g} m", style="green")
-            grid.add_row("Broker", state)
-            grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
-                                  overflow="ellipsis"))
-            self._other_rows(grid)
-            return grid
+            return [PanelRow("Broker", state, 10),
+                    row("", self.broker_detail, "italic", 4), *self._other_rows()]
         state = Text("disconnected", style="bold yellow")
         if self.retry_at is not None:
             left = (self.retry_at - (self.now or self.retry_at)).total_seconds()
             state.append(f", {format_retry(left)}", style="yellow")
-        grid.add_row("Broker", state)
         if self.outage_since is None:
-            grid.add_row("", Text(self.broker_detail, style="italic", no_wrap=True,
-                                  overflow="ellipsis"))
-            self._other_rows(grid)
-            return grid
+            return [PanelRow("Broker", state, 10),
+                    row("", self.broker_detail, "italic", 4), *self._other_rows()]
         failure = explain(self.broker_detail)
-        wrap = not self.others   # with poll-only brokers below: one line each, cut with "…"
-        grid.add_row("", Text(failure.headline, style="bold", no_wrap=not wrap,
-                              overflow="fold" if wrap else "ellipsis"))
-        grid.add_row("", Text(f"→ {failure.todo}", style="italic", no_wrap=not wrap,
-                              overflow="fold" if wrap else "ellipsis"))
-        grid.add_row("", Text(f"since {format_clock(self.outage_since)}, "
-                              f"{plural(self.outage_attempts, 'attempt')}",
-                              style="italic", no_wrap=True, overflow="ellipsis"))
-        if not self.others:
-            grid.add_row("", Text(self.broker_detail, style="dim", no_wrap=True,
-                                  overflow="ellipsis"))
-        self._other_rows(grid)
-        return grid
+        return [PanelRow("Broker", state, 10),
+                row("", failure.headline, "bold", 6, wrap=True),
+                row("", f"→ {failure.todo}", "italic", 9, wrap=True),
+                row("", f"since {format_clock(self.outage_since)}, "
+                        f"{plural(self.outage_attempts, 'attempt')}", "italic", 3),
+                row("", self.broker_detail, "dim", 1),
+                *self._other_rows()]
 
-    def _gps_grid(self) -> Table:
-        # The labels keep their 4 columns: only the values column (wrappable) gives way when
-        # a value is too long for the half, and each value is cut with "…" or wrapped.
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="dim", no_wrap=True, width=4)
-        grid.add_column(overflow="ellipsis")
+    def _gps_rows(self) -> list[PanelRow]:
         fix = self.fix
+        dash = Text(DASH, style="dim")
         if fix is None:
-            grid.add_row("GPS", Text("no fix", style="bold yellow"))
+            rows = [PanelRow("GPS", Text("no fix", style="bold yellow"), 10)]
             if self.gps_detail == WAITING_FOR_FIX:
-                grid.add_row("", Text(self.gps_detail, style="italic", no_wrap=True,
-                                      overflow="ellipsis"))
-                dash = Text(DASH, style="dim")
-                for label in ("Sats", "Acc", "Age", "Pos"):
-                    grid.add_row(label, dash)
-                return grid
+                rows.append(PanelRow("", Text(self.gps_detail, style="italic"), 9))
+                rows.extend(PanelRow(label, dash, 5) for label in ("Sats", "Acc", "Age", "Pos"))
+                return rows
             failure = explain_gps(self.gps_detail)
-            grid.add_row("", Text(failure.headline, style="bold", no_wrap=True,
-                                  overflow="ellipsis"))
-            grid.add_row("", Text(f"→ {failure.todo}", style="italic", overflow="fold"))
-            grid.add_row("", Text(self.gps_detail, style="dim", no_wrap=True,
-                                  overflow="ellipsis"))
-            return grid
+            return [*rows, PanelRow("", Text(failure.headline, style="bold"), 8),
+                    PanelRow("", Text(f"→ {failure.todo}", style="italic"), 9, wrap=True),
+                    PanelRow("", Text(self.gps_detail, style="dim"), 1)]
         not_receiver = describe_gps_source(fix.source)
-        grid.add_row("GPS", Text(format_fix_mode(fix.mode),
-                                 style="bold green" if not_receiver is None else "bold"))
+        rows = [PanelRow("GPS", Text(format_fix_mode(fix.mode), style="bold green"
+                                     if not_receiver is None else "bold"), 10)]
         if not_receiver is None:
-            grid.add_row("", Text(f"receiver ({fix.source})", style="dim"))
+            rows.append(PanelRow("", Text(f"receiver ({fix.source})", style="dim"), 3))
         else:
-            grid.add_row("", Text(f"⚠ {not_receiver}", style="bold magenta"))
+            rows.append(PanelRow("", Text(f"⚠ {not_receiver}", style="bold magenta"), 9))
         used = DASH if fix.satellites_used is None else str(fix.satellites_used)
         seen = DASH if fix.satellites_visible is None else str(fix.satellites_visible)
-        grid.add_row("Sats", Text(f"{used} used / {seen} visible"))
+        rows.append(PanelRow("Sats", Text(f"{used} used / {seen} visible"), 6))
         accuracy = Text(format_accuracy(fix.accuracy_m))
         if fix.hdop is not None:
             accuracy.append(f"  HDOP {fix.hdop:.1f}")
-        grid.add_row("Acc", accuracy)
+        rows.append(PanelRow("Acc", accuracy, 8))
+        radius = self.radius_m if self.broker_connected and self.radius_m else (
+            self.match_radius_m)
+        coarse = None if radius is None else too_coarse(fix.accuracy_m, radius)
+        if coarse is not None and len(", ".join(coarse)) <= self._gps_value_width:
+            rows.append(PanelRow("", Text(", ".join(coarse), style="bold yellow"), 9))
+        elif coarse is not None:   # narrow: what is wrong first, the accuracy needed if room
+            rows.append(PanelRow("", Text(coarse[0], style="bold yellow"), 9, wrap=True))
+            rows.append(PanelRow("", Text(coarse[1], style="yellow"), 2, wrap=True))
         _, from_gps = fix_measured_at(fix.time, self.fix_received_at or _now(None))
         age, note = format_fix_age(self.fix_age_s, fix.time, from_gps)
-        grid.add_row("Age", age)
+        rows.append(PanelRow("Age", age, 7))
         if note is not None:
-            grid.add_row("", note)
-        grid.add_row("Pos", Text(f"{format_coordinate(fix.latitude)}° "
-                                 f"{format_coordinate(fix.longitude)}°"))
+            rows.append(PanelRow("", note, 4))
+        rows.append(PanelRow("Pos", Text(f"{format_coordinate(fix.latitude)}° "
+                                         f"{format_coordinate(fix.longitude)}°"), 5))
+        return rows
+
+    @staticmethod
+    def _grid(rows: list[PanelRow], label_width: int | None = None) -> Table:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="dim", no_wrap=True, width=label_width)
+        grid.add_column()
+        for row in rows:
+            value = row.value.copy()
+            if row.wrap:
+                value.overflow = "fold"
+            else:
+                value.no_wrap, value.overflow = True, "ellipsis"
+            grid.add_row(row.label, value)
         return grid
 
     def redraw(self) -> None:
-        """Render both halves again from the current state."""
-        outer = Table.grid(expand=True, padding=(0, 1))
-        width = self.content_size.width
+        """Render both halves again from the current state, each fitted to the panel."""
+        width, height = self.content_size.width, self.content_size.height
         gps_width = self.GPS_WIDTH if width < 118 else width // 2 - 2
+        broker_width = width - gps_width - 1
+        broker = self._broker_rows()
+        label_width = max((len(row.label) for row in broker), default=0)
+        broker = fit_rows(broker, height, broker_width - label_width - 1)
+        # The GPS labels keep their 4 columns: only the values give way.
+        self._gps_value_width = gps_width - 5
+        gps = fit_rows(self._gps_rows(), height, self._gps_value_width)
+        outer = Table.grid(expand=True, padding=(0, 1))
         outer.add_column(ratio=1)
         outer.add_column(width=gps_width)
-        outer.add_row(self._broker_grid(), self._gps_grid())
+        outer.add_row(self._grid(broker), self._grid(gps, 4))
         self.update(outer)
 
 
@@ -363,15 +438,17 @@ class PeersTable(DataTable[Text]):
     """Live peers: one row per peer in contact now (see :class:`~fanny_tui.ui.peers.LivePeers`).
 
     Columns: name, distance (coloured by the accuracy rule's verdict), bearing, time within
-    the radius so far, the peer's accuracy, handshake state with the ICE candidate types of
-    the data channel once it opened (``open (host)``, ``stored (relay)``: a relayed pair went
-    through TURN), time from match to token, and why the exchange failed or the contact
-    closed (remote text, shown literally).
+    the radius so far, the peer's accuracy, time from match to token, then the handshake
+    state with the ICE candidate types of the data channel once it opened (``open (host)``,
+    ``stored (relay)``: a relayed pair went through TURN) and, once it ended, why in a few
+    words (``closed (host): parted``, ``failed: timed out``; the event log has the whole
+    reason). Every column fits 80 columns (a Raspberry Pi console): the state, the only one
+    of varying width, is last, at most 36 characters.
     """
 
     COLUMNS = (("Peer", "peer", 7), ("Dist", "distance", 6), ("Bearing", "bearing", 7),
-               ("Within", "within", 6), ("Acc", "accuracy", 6), ("State (ICE)", "state", 14),
-               ("→Token", "latency", 6), ("Why ended", "reason", None))
+               ("Within", "within", 6), ("Acc", "accuracy", 6), ("→Token", "latency", 6),
+               ("State (ICE): why ended", "state", None))
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
@@ -400,7 +477,7 @@ class PeersTable(DataTable[Text]):
                 for (_, column, _), cell, old, new in zip(self.COLUMNS, cells, before, plain,
                                                           strict=True):
                     if old != new:
-                        self.update_cell(key, column, cell, update_width=column == "reason")
+                        self.update_cell(key, column, cell, update_width=column == "state")
             self._shown[key] = plain
         self._retitle()
 
@@ -423,10 +500,9 @@ class PeersTable(DataTable[Text]):
             Text(format_bearing(live.bearing_deg)),
             Text(format_duration(live.within_s) if live.samples or live.within_s else DASH),
             Text(format_accuracy(live.peer_accuracy_m)),
-            Text(format_state(state, live.candidates), style=HANDSHAKE_STYLES.get(state, "")),
             Text(format_seconds(live.match_to_token_s)),
-            Text(describe_close_reason(live.reason) if state == "closed" and live.reason
-                 else live.reason or "", style="dim"),
+            Text(format_peer_state(state, live.candidates, live.reason),
+                 style=HANDSHAKE_STYLES.get(state, "")),
         ]
 
 

@@ -20,7 +20,9 @@ from fanny_tui.events import (
 )
 from fanny_tui.positives import FINAL_REFUSALS
 from fanny_tui.ui.formatting import (
+    CLOSE_REASONS,
     EXPOSURE_NEXT_STEP,
+    MAX_STATE,
     REFUSAL_TEXTS,
     compass_point,
     describe_event,
@@ -34,9 +36,12 @@ from fanny_tui.ui.formatting import (
     format_distance,
     format_duration,
     format_fix_age,
+    format_peer_state,
     format_retry,
     format_seconds,
     peer_name,
+    poll_only_todo,
+    too_coarse,
 )
 
 CONTACT = Contact(duration_s=125.0, closest_m=2.14, median_m=4.0, samples=25)
@@ -206,5 +211,54 @@ def test_log_lines_about_another_broker_start_with_its_name():
         "health: 2 positive tokens received and compared here")
     failed = PositivesPollFailed(reason="TimeoutError", since=datetime(2099, 1, 1, tzinfo=UTC),
                                  attempts=1, broker="health")
-    assert describe_event(failed).plain == "health: checking positives failed: TimeoutError"
+    assert describe_event(failed).plain == (
+        "health: checking positives failed: the broker did not answer in time (TimeoutError)")
     assert describe_event(PositivesPolled(received=0, broker="health")) is None
+
+
+# Every reason a witness exchange fails with (fanny_tui/protocol/handshake.py _fail,
+# fanny_tui/peer.py _Abandon, fanny_tui/engine.py), as the engine reports it.
+FAILURES = {
+    "timeout": "timed out", "channel_closed": "channel closed",
+    "broker_unavailable": "broker unreachable", "bad_message: binary frame": "bad message",
+    "unexpected_message": "unexpected message", "store_failed: disk I/O error": "could not store",
+    "stopped": "app stopped", "unsupported_version": "other version",
+    "same_contact_id": "same contact ID", "token_mismatch": "token mismatch",
+    "ack_mismatch": "ack mismatch", "bad_sdp": "bad SDP", "unexpected_signal": "bad signaling",
+    "signaling_failed: ConnectionError": "signaling failed",
+    "mdns_candidate_refused": ".local candidate", "no_relay_candidate": "no TURN relay",
+    "candidate_outside_allowed": "address refused", "error: KeyError": "error",
+    "peer_aborted: timeout": "peer: timed out", "peer_aborted: bad_sdp": "peer: bad SDP",
+}
+
+
+@pytest.mark.parametrize(("reason", "words"), FAILURES.items())
+def test_a_failed_exchange_says_why_in_words_that_fit_80_columns(reason, words):
+    shown = format_peer_state("failed", None, reason)
+    assert shown == f"failed: {words}" and len(shown) <= MAX_STATE
+
+
+def test_the_peer_state_says_how_a_contact_ended_and_fits_80_columns():
+    assert format_peer_state("exchanging", "host", None) == "open (host)"
+    assert format_peer_state("stored", "srflx/relay", None) == "stored (srflx/relay)"
+    assert format_peer_state("closed", "host", "parted") == "closed: parted"
+    assert format_peer_state("failed", None, None) == "failed"
+    for reason in CLOSE_REASONS:
+        assert len(format_peer_state("closed", "srflx/prflx", reason)) <= MAX_STATE
+    long = "a remote reason far longer than the table's column"
+    assert format_peer_state("failed", None, long) == "failed: a remote reason f…"
+    assert len(format_peer_state("failed", None, long)) == MAX_STATE
+
+
+def test_a_fix_too_coarse_for_the_radius_is_said_in_plain_words():
+    # 3 r / sqrt(2): 21.21 m at 10 m (docs/protocol.md, "The accuracy rule").
+    assert too_coarse(23.0, 10.0) == ("⚠ too coarse for 10 m contacts", "needs ±21 m or better")
+    assert too_coarse(21.2, 10.0) is None and too_coarse(None, 10.0) is None
+    assert too_coarse(4.3, 2.0) == ("⚠ too coarse for 2.0 m contacts", "needs ±4.2 m or better")
+
+
+def test_a_poll_only_brokers_next_step_names_its_own_keys():
+    assert poll_only_todo("start the broker, or check [broker] url") == (
+        "start the broker, or check its url")
+    assert poll_only_todo("set [broker] ca_file to the deployment's CA certificate (PEM)") == (
+        "set its ca_file to the deployment's CA certificate (PEM)")

@@ -10,11 +10,13 @@ engine would emit them, and the app's clock is a :class:`~tests.ui.kit.SettableC
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from fanny_tui.events import (
+    BrokerConnected,
     BrokerDisconnected,
     ChannelOpen,
     Contact,
@@ -91,7 +93,7 @@ async def test_live_peers_show_the_contact_and_go_after_it_ends(quiet, data_dir,
                    update(1, 4.3, 47.0, within_s=125.0),
                    MatchFound(peer=2, role="answerer"), update(2, 14.0, 200.0, "uncertain"))
         row = [cell.plain for cell in main.peers.get_row("1")]
-        assert row == ["peer 1", "4.3 m", "047° NE", "2m05s", "±5.0 m", "open (host)", "–", ""]
+        assert row == ["peer 1", "4.3 m", "047° NE", "2m05s", "±5.0 m", "–", "open (host)"]
         assert main.peers.get_cell("2", "distance").plain == "14 m"
         assert "Live peers (2)" in rendered(main.peers)
         radar = rendered(main.radar)
@@ -105,10 +107,9 @@ async def test_live_peers_show_the_contact_and_go_after_it_ends(quiet, data_dir,
         await post(pilot, app,
                    ContactClosed(peer=1, reason="parted", contact=CONTACT, token_stored=True),
                    HandshakeProgress(peer=2, state="failed"),
-                   HandshakeFailed(peer=2, reason="handshake timed out"))
-        assert main.peers.get_cell("1", "state").plain == "closed (host)"
-        assert main.peers.get_cell("1", "reason").plain == "parted"
-        assert main.peers.get_cell("2", "reason").plain == "handshake timed out"
+                   HandshakeFailed(peer=2, reason="timeout"))
+        assert main.peers.get_cell("1", "state").plain == "closed: parted"
+        assert main.peers.get_cell("2", "state").plain == "failed: timed out"
         await tick(pilot, app, clock, LINGER_S - 1)
         assert main.peers.row_count == 2                     # the tester sees how they ended
         await tick(pilot, app, clock, 1)
@@ -119,7 +120,7 @@ async def test_live_peers_show_the_contact_and_go_after_it_ends(quiet, data_dir,
         log = log_text(app)
         assert "peer 1 within the radius, role offerer" in log
         assert "peer 1: contact over (parted)" in log
-        assert "handshake timed out" in log
+        assert "exchange failed: timeout" in log
         assert "connecting" not in log and "peer_update" not in log
 
 
@@ -201,6 +202,78 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         await tick(pilot, app, clock, 4)
         assert "Age  4.0 s since arrival" in rendered(session)
         assert "44.06" not in log_text(app)                   # positions never in the log
+
+
+def gps_values(shown: str) -> str:
+    """The GPS half's values column of the Session panel as shown, read top to bottom."""
+    lines = shown.splitlines()
+    column = next(line.index("GPS  ") for line in lines if "GPS  " in line)
+    return " ".join(" ".join(line[column + 5:].strip("│ ").split()) for line in lines)
+
+
+@pytest.mark.parametrize("size", [SMALL, WIDE])
+async def test_a_fix_too_coarse_for_the_radius_says_so(quiet, data_dir, clock, size):
+    # Issue 6, point 3: gpsd reporting eph 23 m, radius 10 m: with a peer as accurate, the
+    # accuracy rule never says "in" (3 r / sqrt(2) = 21.2 m); the tester is told why.
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        await started(pilot, app)
+        session = app.main_screen.session
+        fix = GpsFix(latitude=44.0, longitude=-1.0, accuracy_m=23.0, mode=3,
+                     satellites_used=4, satellites_visible=9, hdop=4.6, source="gpsd",
+                     time=T0)
+        await post(pilot, app, fix)
+        shown = rendered(session)
+        values = gps_values(shown)
+        assert "⚠ too coarse for 10 m contacts" in values, shown
+        assert "Acc  ±23 m  HDOP 4.6" in shown and "Age  0.0 s" in shown
+        assert "Sats 4 used / 9 visible" in shown               # why it is coarse
+        if size == WIDE:
+            assert "⚠ too coarse for 10 m contacts, needs ±21 m or better" in values, shown
+        # At the limit, and once the broker's radius is larger: no warning.
+        await post(pilot, app, replace(fix, accuracy_m=21.2))
+        assert "too coarse" not in rendered(session)
+        await post(pilot, app, replace(fix, accuracy_m=40.0))
+        assert "too coarse for 10 m" in gps_values(rendered(session))
+        await post(pilot, app, BrokerConnected(url="ws://127.0.0.1:1", radius_m=25.0))
+        assert "too coarse" not in rendered(session)
+        await post(pilot, app, replace(fix, accuracy_m=None))
+        assert "too coarse" not in rendered(session)
+
+
+@pytest.mark.parametrize("size", [SMALL, WIDE])
+async def test_a_failing_poll_only_broker_says_what_to_do(quiet_region, data_dir, clock, size):
+    # At 80x24 a failing [[positives]] broker's line was cut before its advice, beside the
+    # device's own broker down too.
+    app, _ = build(quiet_region, data_dir, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        await started(pilot, app)
+        session = app.main_screen.session
+        await post(pilot, app, BrokerDisconnected(reason=REFUSED, retry_in_s=5.0),
+                   PositivesPolled(received=2, next_poll_in_s=300.0, broker="health"),
+                   PositivesPollFailed(reason=REFUSED, since=T0 - timedelta(minutes=12),
+                                       attempts=3, next_poll_in_s=300.0, broker="region-2"))
+        shown = rendered(session)
+        flat = " ".join(shown.split())
+        assert "region-2 ⚠ failing since 09:18:00, 3 attempts" in flat, shown
+        assert "→ start the broker, or check its url" in flat, shown
+        assert "→ start the broker, or check [broker]" in flat, shown   # its own (wrapped)
+        assert "health polled 09:30:00 (2 new)" in flat and "…" not in shown, shown
+        assert "Broker disconnected, retry in 5 s" in flat
+        # Both failing for the same reason: the next step once, after both, still at 80x24.
+        await post(pilot, app, PositivesPollFailed(reason=REFUSED, since=T0, attempts=1,
+                                                   next_poll_in_s=300.0, broker="health"))
+        shown = rendered(session)
+        flat = " ".join(shown.split())
+        assert re.search(r"health ⚠ failing since 09:30:00, 1 attempt .*region-2 ⚠ failing "
+                         r"since 09:18:00, 3 attempts .*→ start the broker, or check its url",
+                         flat), shown
+        assert flat.count("check its url") == 1 and "…" not in shown, shown
+        await post(pilot, app, PositivesPolled(received=0, next_poll_in_s=300.0,
+                                               broker="region-2"),
+                   PositivesPolled(received=0, next_poll_in_s=300.0, broker="health"))
+        flat = " ".join(rendered(session).split())
+        assert "region-2 polled 09:30:00 (0 new)" in flat and "its url" not in flat
 
 
 @pytest.mark.parametrize("size", [SMALL, WIDE])
@@ -410,6 +483,8 @@ async def test_help_explains_the_words_and_the_keys(quiet, data_dir, clock, key)
         for word in ("Match", "Contact", "Token", "Declare", "Exposure", "Keys",
                      "d         declare positive", "q ctrl+c  quit", "Tab ↑↓"):
             assert word in text, word
+        flat = " ".join(text.split())
+        assert '"failed: timed out"' in flat and 'says "too coarse"' in flat
         await pilot.press("d")                                  # inert under the help
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
@@ -447,6 +522,41 @@ async def test_80x24_keeps_every_essential_part_on_screen(quiet, data_dir, clock
         heights = visible()
         assert main.banner.region.height == 2 and heights["tokens"] >= 3
         assert TOKENS[0][:8] in rendered(main.tokens)          # still at least one row
+
+
+async def test_80x24_shows_every_peer_column_whole(quiet, data_dir, clock):
+    # Field finding (issue 6, point 3): at 80x24 "Why ended" was cut to "the peer cl".
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        main = app.main_screen
+        await post(pilot, app,
+                   MatchFound(peer=1, role="offerer"),
+                   ChannelOpen(peer=1, local_candidate="srflx", remote_candidate="prflx"),
+                   PeerUpdate(peer=1, distance_m=1234.0, bearing_deg=359.0,
+                              peer_accuracy_m=123.0, within="out", within_s=3599.0,
+                              samples=700),
+                   ContactClosed(peer=1, reason="peer_closed", contact=CONTACT,
+                                 token_stored=False),
+                   MatchFound(peer=2, role="answerer"),
+                   HandshakeFailed(peer=2, reason="peer_aborted: signaling_failed"),
+                   MatchFound(peer=3, role="offerer"),
+                   ChannelOpen(peer=3, local_candidate="relay", remote_candidate="srflx"),
+                   TokenStored(peer=3, token=TOKENS[0], expires_at=expiry(5), new=False,
+                               match_to_token_s=12.5),
+                   *(MatchFound(peer=n, role="answerer") for n in range(4, 12)))
+        assert main.peers.row_count == 11               # more than fit: a scroll bar
+        shown = rendered(main.peers)
+        assert "State (ICE): why ended" in shown
+        for key in ("1", "2", "3"):
+            row = [cell.plain for cell in main.peers.get_row(key)]
+            line = next((line for line in shown.splitlines() if f"peer {key} " in line), shown)
+            assert " ".join(line.split()) == " ".join(" ".join(row).split()), (row, shown)
+        assert "closed: the peer closed it" in shown
+        assert main.peers.get_cell("2", "state").plain == "failed: peer: signaling f…"
+        assert "stored (relay/srflx)" in shown and "12s" in shown
+        assert "1.2 km" in shown and "359° N" in shown and "2m05s" in shown
+        assert "±123 m" in shown
 
 
 async def test_80x24_with_a_long_alert_wraps_it_and_says_how_to_scroll(quiet, data_dir, clock):

@@ -22,6 +22,7 @@ from fanny_tui.events import (
     BrokerDisconnected,
     ChannelOpen,
     Contact,
+    ContactClosed,
     ExposureAlert,
     GpsFix,
     GpsLost,
@@ -54,7 +55,7 @@ SCENE = [
     PeerUpdate(peer=2, distance_m=14.0, bearing_deg=200.0, peer_accuracy_m=12.0,
                within="uncertain", within_s=12.0, samples=3),
     MatchFound(peer=3, role="offerer"),
-    HandshakeFailed(peer=3, reason="handshake timed out"),
+    HandshakeFailed(peer=3, reason="timeout"),
 ]
 
 
@@ -113,6 +114,23 @@ def test_gps_failure_and_a_long_alert_at_80x24(snap_compare, quiet, data_dir):
                                      "('127.0.0.1', 2950)"),
                       ExposureAlert(count=6, contacts=contacts)):
             app.post_message(EngineEvent(event))
+        await pilot.pause()
+        await pilot.pause()
+
+    assert snap_compare(_app(quiet, data_dir), terminal_size=(80, 24), run_before=scene)
+
+
+def test_a_coarse_fix_and_an_ended_contact_at_80x24(snap_compare, quiet, data_dir):
+    # Issue 6, point 3: eph 23 m cannot make 10 m contacts (the GPS half says so), and the
+    # Live peers table says how each contact ended, every column whole.
+    async def scene(pilot: Pilot[None]) -> None:
+        await _scene(pilot)
+        for event in (GpsFix(latitude=44.0688172, longitude=-1.2345678, accuracy_m=23.0,
+                             mode=3, satellites_used=4, satellites_visible=9, hdop=4.6,
+                             source="gpsd", time=T0 - timedelta(seconds=1)),
+                      ContactClosed(peer=1, reason="peer_closed", contact=CONTACT,
+                                    token_stored=True)):
+            pilot.app.post_message(EngineEvent(event))
         await pilot.pause()
         await pilot.pause()
 
