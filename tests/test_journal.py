@@ -13,13 +13,16 @@ import hashlib
 import json
 import stat
 import struct
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.cli import main
-from fanny_tui.config import JournalConfig
+from fanny_tui.config import ConfigError, JournalConfig, parse_config
 from fanny_tui.events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -52,6 +55,7 @@ from .helpers import (
     running_device,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "5f" * 32
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
@@ -75,6 +79,16 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 def _fix(accuracy_m: float | None = 4.0, **fields: Any) -> GpsFix:
     return GpsFix(latitude=LAT, longitude=LON, accuracy_m=accuracy_m, mode=3, **fields)
+
+
+def test_the_journal_is_off_by_default_and_its_path_is_relative_to_the_config(tmp_path):
+    assert parse_config({}).journal.path is None
+    example = tomllib.loads((ROOT / "config.example.toml").read_text())
+    assert parse_config(example).journal.path is None  # the example leaves it commented out
+    config = parse_config({"journal": {"path": "j.jsonl"}}, base_dir=tmp_path)
+    assert config.journal.path == tmp_path / "j.jsonl"
+    with pytest.raises(ConfigError, match="journal.paht"):
+        parse_config({"journal": {"paht": "j.jsonl"}})
 
 
 def test_records_have_the_common_fields_and_the_file_is_0600(tmp_path):

@@ -96,6 +96,11 @@ async def test_a_small_scenario_with_real_engines_finds_the_one_true_pair(small_
                                 connect_timeout_s=20 * TIME_UNIT)
     m = result.metrics
     assert [c.pair for c in result.contacts] == [("a", "b")]
+    # the truth comes from the noise-free tracks (3 m apart all along), not from the fixes the
+    # devices saw (sigma 1 m: their closest would be nearer or farther than 3 m)
+    [contact] = result.contacts
+    assert (contact.start_s, contact.end_s) == (0.0, 150.0)
+    assert contact.closest_m == pytest.approx(3.0, abs=0.01)
     assert (m.true_pairs, m.detected_pairs, m.hits) == (1, 1, 1), m
     assert (m.precision, m.recall) == (1.0, 1.0)
     assert result.tokens == 1 and result.matches >= 1 and result.failures == {}
