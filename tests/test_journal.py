@@ -39,7 +39,12 @@ from fanny_tui.events import (
     IdsRotated,
     MatchFound,
     PeerUpdate,
+    PositiveDeclared,
+    PositivePending,
+    PositiveRefused,
     PositivesPolled,
+    PositivesPollFailed,
+    TokensExpired,
     TokenStored,
 )
 from fanny_tui.gps import FixedSource
@@ -240,6 +245,28 @@ def test_polls_alerts_rotations_and_scrubbed_free_text(tmp_path):
     text = path.read_text()
     assert session_id not in text and session_id.replace("-", "") not in text
     assert TOKEN[:16] not in text
+
+
+def test_failed_polls_declarations_and_expiry_are_records_with_scrubbed_reasons(tmp_path):
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path)
+    uuid = "3f0e8d7a-1c2b-4d5e-8f9a-0b1c2d3e4f50"
+    journal.handle(PositivesPollFailed(reason=f"refused {uuid}", since=T0, attempts=3,
+                                       next_poll_in_s=60.0, broker="health"))
+    journal.handle(PositivePending(count=4, reason="ConnectionRefusedError", retry_in_s=2.0))
+    journal.handle(PositiveRefused(reason="code_expired", count=4, message="expired"))
+    journal.handle(PositiveDeclared(count=4, broker="health"))
+    journal.handle(TokensExpired(count=2))
+    journal.close()
+    fields = [{k: v for k, v in r.items() if k not in ("v", "at", "device")}
+              for r in _records(path)[1:-1]]
+    assert fields == [
+        {"kind": "poll_failed", "reason": "refused …", "since": "2026-12-01T09:00:00.000Z",
+         "attempts": 3, "broker": "health"},
+        {"kind": "pending", "count": 4, "reason": "ConnectionRefusedError", "broker": "main"},
+        {"kind": "refused", "count": 4, "reason": "code_expired", "broker": "main"},
+        {"kind": "declared", "count": 4, "broker": "health"},
+        {"kind": "expired", "count": 2}]
 
 
 def test_an_unopenable_journal_is_one_error_event_and_never_raises(tmp_path):
