@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import Engine
-from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
+from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event, GpsFix
 from fanny_tui.link import BrokerLink
 from fanny_tui.protocol.messages import Hello, Role
 
@@ -74,6 +75,24 @@ def device_config(broker_url: str | list[str], *,
         "protocol": settings,
         "webrtc": {"host_addresses": ["127.0.0.1"]},
     })
+
+
+class MovableSource:
+    """A receiver the test moves: the current position every ``interval_s`` seconds."""
+
+    def __init__(self, latitude: float, longitude: float, accuracy_m: float,
+                 interval_s: float = 0.1) -> None:
+        self.latitude, self.longitude, self.accuracy_m = latitude, longitude, accuracy_m
+        self.interval_s = interval_s
+
+    def move_to(self, latitude: float, longitude: float) -> None:
+        self.latitude, self.longitude = latitude, longitude
+
+    async def stream(self) -> AsyncIterator[GpsFix]:
+        while True:
+            yield GpsFix(latitude=self.latitude, longitude=self.longitude,
+                         accuracy_m=self.accuracy_m, mode=3, time=datetime.now(UTC))
+            await asyncio.sleep(self.interval_s)
 
 
 @dataclass

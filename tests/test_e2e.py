@@ -32,7 +32,15 @@ from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES, PositiveToken
 from fanny_tui.protocol.tokens import craft_token
 from fanny_tui.store import StoreError, TokenStore
 
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from .helpers import (
+    LAT,
+    LON,
+    METRE_LAT,
+    TIME_UNIT,
+    MovableSource,
+    device_config,
+    running_device,
+)
 
 POLL_S = 1.0
 
@@ -384,26 +392,6 @@ async def test_a_running_engine_sends_a_declaration_made_by_another_process(tmp_
 
 
 # --- the narrow contact, measured peer to peer (issue 6, point 1) ------------------------------
-
-
-class MovableSource:
-    """A receiver the test moves: the current position every ``interval_s`` seconds."""
-
-    def __init__(self, latitude: float, longitude: float, accuracy_m: float,
-                 interval_s: float = 0.1) -> None:
-        self.latitude, self.longitude, self.accuracy_m = latitude, longitude, accuracy_m
-        self.interval_s = interval_s
-
-    def move_to(self, latitude: float, longitude: float) -> None:
-        self.latitude, self.longitude = latitude, longitude
-
-    async def stream(self):  # type: ignore[no-untyped-def]
-        from fanny_tui.events import GpsFix
-
-        while True:
-            yield GpsFix(latitude=self.latitude, longitude=self.longitude,
-                         accuracy_m=self.accuracy_m, mode=3, time=datetime.now(UTC))
-            await asyncio.sleep(self.interval_s)
 
 
 DATA_CHANNEL_TYPES = {"peer_hello", "peer_position", "heartbeat", "token", "ack", "close",

@@ -13,13 +13,16 @@ import hashlib
 import json
 import stat
 import struct
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.cli import main
-from fanny_tui.config import JournalConfig
+from fanny_tui.config import ConfigError, JournalConfig, parse_config
 from fanny_tui.events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -36,14 +39,28 @@ from fanny_tui.events import (
     IdsRotated,
     MatchFound,
     PeerUpdate,
+    PositiveDeclared,
+    PositivePending,
+    PositiveRefused,
     PositivesPolled,
+    PositivesPollFailed,
+    TokensExpired,
     TokenStored,
 )
 from fanny_tui.gps import FixedSource
 from fanny_tui.journal import Journal, check_path, token_digest
 
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from .helpers import (
+    LAT,
+    LON,
+    METRE_LAT,
+    TIME_UNIT,
+    MovableSource,
+    device_config,
+    running_device,
+)
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "5f" * 32
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
@@ -67,6 +84,16 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 def _fix(accuracy_m: float | None = 4.0, **fields: Any) -> GpsFix:
     return GpsFix(latitude=LAT, longitude=LON, accuracy_m=accuracy_m, mode=3, **fields)
+
+
+def test_the_journal_is_off_by_default_and_its_path_is_relative_to_the_config(tmp_path):
+    assert parse_config({}).journal.path is None
+    example = tomllib.loads((ROOT / "config.example.toml").read_text())
+    assert parse_config(example).journal.path is None  # the example leaves it commented out
+    config = parse_config({"journal": {"path": "j.jsonl"}}, base_dir=tmp_path)
+    assert config.journal.path == tmp_path / "j.jsonl"
+    with pytest.raises(ConfigError, match="journal.paht"):
+        parse_config({"journal": {"paht": "j.jsonl"}})
 
 
 def test_records_have_the_common_fields_and_the_file_is_0600(tmp_path):
@@ -220,6 +247,28 @@ def test_polls_alerts_rotations_and_scrubbed_free_text(tmp_path):
     assert TOKEN[:16] not in text
 
 
+def test_failed_polls_declarations_and_expiry_are_records_with_scrubbed_reasons(tmp_path):
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path)
+    uuid = "3f0e8d7a-1c2b-4d5e-8f9a-0b1c2d3e4f50"
+    journal.handle(PositivesPollFailed(reason=f"refused {uuid}", since=T0, attempts=3,
+                                       next_poll_in_s=60.0, broker="health"))
+    journal.handle(PositivePending(count=4, reason="ConnectionRefusedError", retry_in_s=2.0))
+    journal.handle(PositiveRefused(reason="code_expired", count=4, message="expired"))
+    journal.handle(PositiveDeclared(count=4, broker="health"))
+    journal.handle(TokensExpired(count=2))
+    journal.close()
+    fields = [{k: v for k, v in r.items() if k not in ("v", "at", "device")}
+              for r in _records(path)[1:-1]]
+    assert fields == [
+        {"kind": "poll_failed", "reason": "refused …", "since": "2026-12-01T09:00:00.000Z",
+         "attempts": 3, "broker": "health"},
+        {"kind": "pending", "count": 4, "reason": "ConnectionRefusedError", "broker": "main"},
+        {"kind": "refused", "count": 4, "reason": "code_expired", "broker": "main"},
+        {"kind": "declared", "count": 4, "broker": "health"},
+        {"kind": "expired", "count": 2}]
+
+
 def test_an_unopenable_journal_is_one_error_event_and_never_raises(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -299,29 +348,63 @@ def _needles(secrets: list[str], tokens: list[str],
     return out
 
 
+FIELDS = {
+    "start": {"radius_m", "min_contact_s", "position_interval_s", "contact_gap_s",
+              "max_contact_s", "rotation_interval_s", "gps_source", "gps_sample_s"},
+    "stop": set(), "session": set(), "ids_rotated": {"reason"},
+    "broker_up": {"outage_s", "failed_attempts"}, "broker_down": {"reason"},
+    "gps": {"fix", "mode", "source", "satellites_used", "satellites_visible", "accuracy_m",
+            "hdop", "reason"},
+    "match": {"peer", "role"}, "channel_open": {"peer", "local_candidate", "remote_candidate"},
+    "token": {"peer", "new", "digest", "match_to_token_s", "contact"},
+    "failure": {"peer", "reason"}, "contact": {"peer", "reason", "token_stored", "digest",
+                                                "contact"},
+    "poll": {"received", "next_poll_in_s", "broker"},
+    "poll_failed": {"reason", "since", "attempts", "broker"},
+    "alert": {"count", "contacts", "broker"}, "declared": {"count", "broker"},
+    "pending": {"count", "reason", "broker"}, "refused": {"count", "reason", "broker"},
+    "expired": {"count"}, "error": {"message"},
+}
+"""Every kind's fields besides ``v``, ``at``, ``device`` and ``kind``: the module docstring's
+table (a field added to a record, e.g. a position or a bearing, fails the real run's test)."""
+
+CONTACT_FIELDS = {"duration_s", "closest_m", "median_m", "samples"}
+
+
+def test_the_documented_kinds_are_the_kinds_checked_here():
+    import fanny_tui.journal as journal_module
+
+    table = (journal_module.__doc__ or "").split("============== ", 3)[2]
+    documented = {line.split()[0] for line in table.splitlines()[1:]
+                  if line and not line.startswith(" ")}
+    assert documented == set(FIELDS)
+
+
 async def test_journals_of_a_real_run_hold_the_kinds_and_no_id_token_or_position(tmp_path,
                                                                                  capsys):
-    lat_b = LAT + 3 * METRE_LAT
+    """Two real engines meet 3 m apart, store a token after min_contact_s, part (B walks
+    200 m away: the real contact_closed), then A declares positive and B is alerted."""
+    lat_b, lat_away = LAT + 3 * METRE_LAT, LAT + 200 * METRE_LAT
+    min_contact = 1.0 * TIME_UNIT
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "broker.db",
                               open_declarations=True)
     journals = {name: tmp_path / f"journal-{name}.jsonl" for name in "ab"}
     async with start_broker(settings) as broker:
-        base = device_config(broker.url, poll_interval_s=1.0)
+        # max_speed_mps is high: B moves 200 m at once (the jump rule: tests/test_contact.py)
+        base = device_config(broker.url, poll_interval_s=1.0, position_interval_s=0.2,
+                             min_contact_s=min_contact, contact_gap_s=1.0 * TIME_UNIT,
+                             max_speed_mps=1000.0)
         config_a = dataclasses.replace(base, journal=JournalConfig(path=journals["a"]))
         config_b = dataclasses.replace(base, journal=JournalConfig(path=journals["b"]))
+        walker = MovableSource(lat_b, LON, 3.0)
         async with running_device(config_a, tmp_path / "a",
-                                  FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a, \
-                running_device(config_b, tmp_path / "b",
-                               FixedSource(lat_b, LON, 3.0, interval_s=0.2)) as b:
+                                  FixedSource(LAT, LON, 3.0, interval_s=0.1)) as a, \
+                running_device(config_b, tmp_path / "b", walker) as b:
             stored_a = await a.wait_event("token_stored", timeout=30 * TIME_UNIT)
             stored_b = await b.wait_event("token_stored", timeout=30 * TIME_UNIT)
-            # Events the engine on main does not emit yet, through the real engine's emit():
-            a.engine.emit(PeerUpdate(peer=stored_a.peer, distance_m=3.0,  # type: ignore[attr-defined]
-                                     bearing_deg=271.828, peer_accuracy_m=3.0, within="in",
-                                     within_s=1.0, samples=2))
-            a.engine.emit(ContactClosed(peer=stored_a.peer,  # type: ignore[attr-defined]
-                                        reason="stopped", token_stored=True,
-                                        contact=Contact(1.0, 3.0, 3.0, 2)))
+            walker.move_to(lat_away, LON)
+            closed = [await d.wait_event("contact_closed", timeout=10 * TIME_UNIT)
+                      for d in (a, b)]
             await a.engine.declare_positive()
             await a.wait_event("positive_declared", timeout=10 * TIME_UNIT)
             await b.wait_event("exposure_alert", timeout=10 * TIME_UNIT)
@@ -329,38 +412,54 @@ async def test_journals_of_a_real_run_hold_the_kinds_and_no_id_token_or_position
                        b.engine._session_id, b.engine._contact_id]
     token = stored_a.token  # type: ignore[attr-defined]
     assert token == stored_b.token  # type: ignore[attr-defined]
+    assert all(c.token_stored for c in closed)  # type: ignore[attr-defined]
+    bearings = [u.bearing_deg for d in (a, b) for u in d.of("peer_update")]  # type: ignore[attr-defined]
+    assert bearings, "the real engines exchanged positions (peer_update with a bearing)"
 
-    kinds = {name: [r["kind"] for r in _records(path)] for name, path in journals.items()}
+    records = {name: _records(path) for name, path in journals.items()}
+    kinds = {name: [r["kind"] for r in rs] for name, rs in records.items()}
     for name in "ab":
         assert kinds[name][0] == "start" and kinds[name][-1] == "stop"
-        assert {"session", "broker_up", "gps", "match", "token", "poll"} <= set(kinds[name])
-    assert "declared" in kinds["a"] and "contact" in kinds["a"]
-    assert "alert" in kinds["b"]
-    digests = {name: {r["digest"] for r in _records(path) if r["kind"] == "token"}
-               for name, path in journals.items()}
-    assert token_digest(token) in digests["a"] & digests["b"]
+        assert {"session", "broker_up", "gps", "match", "channel_open", "token", "contact",
+                "poll"} <= set(kinds[name])
+        for record in records[name]:
+            assert set(record) - {"v", "at", "device", "kind"} <= FIELDS[record["kind"]], record
+            for contact in [record.get("contact"), *record.get("contacts", [])]:
+                assert contact is None or set(contact) == CONTACT_FIELDS, record
+        [opened] = [r for r in records[name] if r["kind"] == "channel_open"]
+        assert (opened["local_candidate"], opened["remote_candidate"]) == ("host", "host")
+        [stored] = [r for r in records[name] if r["kind"] == "token"]
+        assert stored["match_to_token_s"] >= min_contact
+        assert stored["contact"]["duration_s"] >= min_contact
+        [contact] = [r for r in records[name] if r["kind"] == "contact"]
+        # the real close: the pair parted (or the peer closed first), after the token
+        assert contact["reason"] in {"parted", "peer_closed"} and contact["token_stored"]
+        assert contact["digest"] == stored["digest"] == token_digest(token)
+        assert contact["peer"] == stored["peer"]
+        assert 2.5 < contact["contact"]["closest_m"] < 3.5
+    assert "declared" in kinds["a"] and "alert" in kinds["b"]
+    assert "ids_rotated" in kinds["a"]  # at once after a positive declaration
     for path in journals.values():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         data = path.read_bytes()
-        for needle in _needles(secrets, [token], [(LAT, LON), (lat_b, LON)]):
+        for needle in _needles(secrets, [token], [(LAT, LON), (lat_b, LON), (lat_away, LON)]):
             assert needle not in data, f"{needle!r} found in {path.name}"
-        assert b"271.8" not in data and b"bearing" not in data
+        assert b"bearing" not in data and b"latitude" not in data
 
     capsys.readouterr()
     assert main(["report", "--json", str(journals["a"]), str(journals["b"])]) == 0
     report = json.loads(capsys.readouterr().out)
-    records = [r for path in journals.values() for r in _records(path)]
-    # Counted from the files independently (a later engine may match the pair again after
-    # the positive declaration rotates the IDs, so the exact number is not fixed here).
-    matches = sum(1 for r in records if r["kind"] == "match")
-    stored = {(r["device"], r["peer"]) for r in records if r["kind"] == "token"}
-    assert len(report["devices"]) == 2 and report["matches"] == matches >= 2
-    assert report["handshakes"]["stored"] == len(stored) >= 2
-    assert report["match_to_token_s"]["count"] == sum(1 for r in records if r["kind"] == "token")
-    assert report["match_to_token_s"]["max"] < 30 * TIME_UNIT
-    assert report["pairing"]["both"] >= 1
-    assert report["alerts"] == sum(1 for r in records if r["kind"] == "alert") >= 1
-    assert report["contacts"]["count"] >= 1
+    every = [r for rs in records.values() for r in rs]
+    assert len(report["devices"]) == 2
+    assert report["matches"] == sum(1 for r in every if r["kind"] == "match") == 2
+    assert report["handshakes"]["stored"] == 2 and report["handshakes"]["success_rate"] == 1.0
+    assert min_contact <= report["match_to_token_s"]["p50"] < 30 * TIME_UNIT
+    assert report["pairing"] == {"both": 1, "one": 0, "without_token": 0}
+    [row] = report["contact_list"]
+    assert row["digest"] == token_digest(token) and len(row["sides"]) == 2
+    assert sorted(row["devices"]) == sorted({r["device"] for r in every})
+    assert row["duration_s"] >= min_contact and 2.5 < row["closest_m"] < 3.5
+    assert report["alerts"] == 1 and report["ice_candidates"] == {"host/host": 2}
     assert all(d["no_fix_fraction"] < 1 for d in report["devices"])
 
 

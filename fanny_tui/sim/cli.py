@@ -5,7 +5,9 @@
 Every scenario is run once per setting of the sweep (the cartesian product of the ``--sweep``
 lists; keys: the devices' ``[protocol]`` keys and the ``[noise]`` keys). The table (rich) or the
 JSON list (``--json``) gives, per run: true pairs, detected pairs, precision, recall, detection
-latency percentiles (scenario seconds), and the run's real time and CPU use.
+latency percentiles (scenario seconds), and the run's real time and CPU use; with a closer tier
+of truth (``[truth] close_radius_m``), the recall on the close pairs too (``close recall``:
+detected close pairs / close pairs).
 
 Exit status: 0 done, 1 a run failed, 2 bad arguments or scenario file (one line on stderr).
 """
@@ -88,18 +90,29 @@ def results_table(results: Sequence[RunResult], swept: Sequence[str]) -> Table:
     columns = list(dict.fromkeys([*swept, "radius_m", "min_contact_s", "sigma_m"]))
     for key in columns:
         table.add_column(key, justify="right")
-    for name in ("true", "detected", "hits", "precision", "recall", "latency p50 s",
-                 "p90 s", "real s", "CPU %"):
+    closer = any(r.close is not None for r in results)
+    names = ["true", "detected", "hits", "precision", "recall"]
+    names += ["close recall"] if closer else []
+    for name in (*names, "latency p50 s", "p90 s", "real s", "CPU %"):
         table.add_column(name, justify="right")
     for r in results:
         values = {"radius_m": r.radius_m, "min_contact_s": r.min_contact_s,
                   "sigma_m": r.sigma_m, **r.settings}
         m = r.metrics
+        close = [_close(r)] if closer else []
         table.add_row(r.scenario, *(f"{values[k]:g}" for k in columns),
                       str(m.true_pairs), str(m.detected_pairs), str(m.hits),
-                      _fmt(m.precision), _fmt(m.recall), _fmt(m.latency(50), ".0f"),
+                      _fmt(m.precision), _fmt(m.recall), *close, _fmt(m.latency(50), ".0f"),
                       _fmt(m.latency(90), ".0f"), f"{r.real_s:.1f}", f"{r.cpu_percent:.0f}")
     return table
+
+
+def _close(result: RunResult) -> str:
+    """``"0.86 (6/7 within 3 m)"``: the recall on the close pairs; ``"-"`` without a tier."""
+    c = result.close
+    if c is None:
+        return "-"
+    return f"{_fmt(c.recall)} ({c.hits}/{c.true_pairs} within {c.radius_m:g} m)"
 
 
 async def _run_all(scenarios: Sequence[Scenario], settings: Sequence[dict[str, float]],
@@ -116,10 +129,11 @@ async def _run_all(scenarios: Sequence[Scenario], settings: Sequence[dict[str, f
                       f"{scenario.duration_s:g} s at speed {k:g}, {label}", highlight=False)
             with tempfile.TemporaryDirectory(prefix="fanny-sim-") as tmp:
                 result = await run_scenario(scenario, Path(tmp), speed=speed, settings=setting)
+            close = "" if result.close is None else f", close recall {_close(result)}"
             err.print(f"    precision {_fmt(result.metrics.precision)}, recall "
-                      f"{_fmt(result.metrics.recall)}; real {result.real_s:.1f} s, CPU "
+                      f"{_fmt(result.metrics.recall)}{close}; real {result.real_s:.1f} s, CPU "
                       f"{result.cpu_percent:.0f} % of one core, late fixes "
-                      f"{result.late_fixes}", highlight=False)
+                      f"{result.late_fixes}", highlight=False, soft_wrap=True)
             err.print(f"    contacts closed: {_counts(result.closes)}; ID rotations: "
                       f"{_counts(result.rotations)}; handshake failures: "
                       f"{_counts(result.failures)}", highlight=False, soft_wrap=True)

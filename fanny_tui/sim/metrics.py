@@ -12,6 +12,9 @@ Definitions (also in docs/field-testing.md):
   contact, in scenario seconds (negative: a token from an earlier, shorter encounter, or noise
   that brought the pair within the radius before the true contact began). Percentiles are
   nearest-rank.
+* **close recall** (with ``[truth] close_radius_m``): the recall on the **close pairs**, the
+  pairs with a close contact (the same definition at the closer radius: the contacts that must
+  count); they are a subset of the true pairs, so a close pair detected is also a hit.
 """
 
 from __future__ import annotations
@@ -105,3 +108,37 @@ def evaluate(contacts: Sequence[TrueContact], detected: Mapping[Pair, float]) ->
         recall=len(hits) / len(truth) if truth else None,
         latencies_s=tuple(sorted(detected[p] - first_contact[p] for p in hits)),
         false_pairs=tuple(sorted(found - truth)), missed_pairs=tuple(sorted(truth - found)))
+
+
+@dataclass(frozen=True)
+class CloseRecall:
+    """The recall on the close pairs (``[truth] close_radius_m``; see the module docstring).
+
+    Attributes:
+        radius_m: the close radius, metres.
+        true_pairs: close pairs; ``hits``: those detected; ``missed_pairs``: the others
+            (sorted).
+        recall: ``hits / true_pairs`` in [0, 1], None when there is no close pair.
+    """
+
+    radius_m: float
+    true_pairs: int
+    hits: int
+    recall: float | None
+    missed_pairs: tuple[Pair, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready summary."""
+        return {"radius_m": self.radius_m, "true_pairs": self.true_pairs, "hits": self.hits,
+                "recall": self.recall, "missed_pairs": [list(p) for p in self.missed_pairs]}
+
+
+def close_recall(radius_m: float, close_contacts: Sequence[TrueContact],
+                 detected: Mapping[Pair, float]) -> CloseRecall:
+    """The recall of detections (from :func:`detections`) on the pairs of ``close_contacts``
+    (the true contacts at the close radius ``radius_m``, metres)."""
+    close = {c.pair for c in close_contacts}
+    hits = close & set(detected)
+    return CloseRecall(radius_m=radius_m, true_pairs=len(close), hits=len(hits),
+                       recall=len(hits) / len(close) if close else None,
+                       missed_pairs=tuple(sorted(close - hits)))

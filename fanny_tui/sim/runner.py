@@ -46,7 +46,7 @@ from ..events import (
 )
 from ..protocol.proximity import haversine_m
 from ..store import TokenStore
-from .metrics import Metrics, detections, evaluate
+from .metrics import CloseRecall, Metrics, close_recall, detections, evaluate
 from .scenario import (
     NOISE_KEYS,
     PROTOCOL_KEYS,
@@ -176,6 +176,8 @@ class PairReport:
     Attributes:
         pair: the two device names (sorted).
         true: a true pair (at least one true contact); ``detected``: the stores share a token.
+        close: a close pair (a true contact at ``[truth] close_radius_m`` too); None: the
+            scenario has no closer tier.
         true_closest_m: the closest true distance over the scenario, metres (None: never both
             present).
         true_within_s: scenario seconds the true distance was within the truth radius, in all;
@@ -196,12 +198,14 @@ class PairReport:
     first_token_s: float | None = None
     measured_within_s: float | None = None
     measured_closest_m: float | None = None
+    close: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready record (metres to 0.1, seconds to 1)."""
         def r(value: float | None, digits: int) -> float | None:
             return None if value is None else round(value, digits)
-        return {"pair": list(self.pair), "true": self.true, "detected": self.detected,
+        return {"pair": list(self.pair), "true": self.true, "close": self.close,
+                "detected": self.detected,
                 "true_closest_m": r(self.true_closest_m, 1),
                 "true_within_s": r(self.true_within_s, 0),
                 "true_longest_s": r(self.true_longest_s, 0),
@@ -223,9 +227,15 @@ def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair
     """
     tracks = {t.name: t for t in scenario.tracks}
     true_pairs = set(metrics.missed_pairs) | (set(first_token) - set(metrics.false_pairs))
+    truth = scenario.truth
     out = []
     for key in sorted(set(first_token) | set(metrics.missed_pairs)):
-        intervals = close_intervals(tracks[key[0]], tracks[key[1]], scenario.truth.radius_m)
+        intervals = close_intervals(tracks[key[0]], tracks[key[1]], truth.radius_m)
+        close = None
+        if truth.close_radius_m is not None:
+            close = key in true_pairs and any(
+                end - start >= truth.duration_s for start, end, _ in close_intervals(
+                    tracks[key[0]], tracks[key[1]], truth.close_radius_m))
         spans = [end - start for start, end, _ in intervals]
         contacts = measured.get(key, ())
         durations = [c.duration_s for c in contacts]
@@ -236,8 +246,23 @@ def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair
             true_within_s=sum(spans), true_longest_s=max(spans, default=0.0),
             first_token_s=first_token.get(key),
             measured_within_s=max(durations) if durations else None,
-            measured_closest_m=min(closest) if closest else None))
+            measured_closest_m=min(closest) if closest else None, close=close))
     return tuple(out)
+
+
+def judge_close(scenario: Scenario, detected: Mapping[Pair, float]) -> CloseRecall | None:
+    """The recall on the scenario's close pairs (``[truth] close_radius_m``, from the
+    noise-free tracks); None when the scenario has no closer tier.
+
+    Args:
+        scenario: its tracks and ``[truth]``.
+        detected: the detected pairs (from :func:`~fanny_tui.sim.metrics.detections`).
+    """
+    truth = scenario.truth
+    if truth.close_radius_m is None:
+        return None
+    contacts = true_contacts(scenario.tracks, truth.close_radius_m, truth.duration_s)
+    return close_recall(truth.close_radius_m, contacts, detected)
 
 
 def _closest_m(first: Track, second: Track, step_s: float = 1.0) -> float | None:
@@ -273,6 +298,8 @@ class RunResult:
         rotations: ID rotations of all devices by reason (``schedule``, ``declared``).
         pairs: per detected, false or missed pair, a :class:`PairReport` (the truth beside
             what the devices measured), sorted by pair.
+        close: the recall on the close pairs (``[truth] close_radius_m``); None: no closer
+            tier.
     """
 
     scenario: str
@@ -295,6 +322,7 @@ class RunResult:
     closes: dict[str, int] = field(default_factory=dict)
     rotations: dict[str, int] = field(default_factory=dict)
     pairs: tuple[PairReport, ...] = ()
+    close: CloseRecall | None = None
 
     @property
     def cpu_percent(self) -> float:
@@ -314,6 +342,7 @@ class RunResult:
                 "match_to_token_s": list(self.match_to_token_s),
                 "closes": self.closes, "rotations": self.rotations,
                 "pairs": [p.as_dict() for p in self.pairs],
+                "close": None if self.close is None else self.close.as_dict(),
                 "late_fixes": self.late_fixes, "real_s": round(self.real_s, 2),
                 "cpu_s": round(self.cpu_s, 2), "cpu_percent": round(self.cpu_percent, 1)}
 
@@ -466,7 +495,8 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         tokens=len({t for tokens in stored.values() for t in tokens}),
         match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)),
         closes=dict(closes), rotations=dict(rotations),
-        pairs=pair_reports(scenario, metrics, first_token, measured))
+        pairs=pair_reports(scenario, metrics, first_token, measured),
+        close=judge_close(scenario, first_token))
 
 
 async def _all_connected(engines: Sequence[Any], tasks: Sequence[asyncio.Task[None]],

@@ -32,6 +32,9 @@ A scenario file (TOML; every table optional except that there must be at least o
     [truth]                    # what counts as a true contact (the judge, not the devices)
     radius_m = 10.0            # true distance <= radius_m...
     duration_s = 300.0         # ...for at least this long (a maximal interval)
+    close_radius_m = 3.0       # optional: a closer tier, the contacts that must count (true
+                               # distance <= close_radius_m for duration_s); recall on it is
+                               # reported beside the main one. At most radius_m.
 
     [protocol]                 # the devices' [protocol] keys, in scenario seconds
     radius_m = 10.0
@@ -133,10 +136,17 @@ NOISE_KEYS = tuple(f.name for f in fields(NoiseSpec))
 @dataclass(frozen=True)
 class TruthSpec:
     """``[truth]``: a true contact is a maximal interval with true distance <= ``radius_m``
-    metres lasting >= ``duration_s`` scenario seconds."""
+    metres lasting >= ``duration_s`` scenario seconds.
+
+    ``close_radius_m`` (metres, at most ``radius_m``; None: no closer tier): a **close
+    contact** is a true contact of the same definition at this radius (the contacts that must
+    count, e.g. people 1-3 m apart for minutes); its pairs are a subset of the true pairs, and
+    ``fanny-sim`` reports the recall on them beside the main recall.
+    """
 
     radius_m: float = 10.0
     duration_s: float = 300.0
+    close_radius_m: float | None = None
 
 
 @dataclass(frozen=True)
@@ -270,11 +280,18 @@ def parse_noise(data: Mapping[str, Any]) -> NoiseSpec:
 
 
 def _truth(data: Mapping[str, Any]) -> TruthSpec:
-    s = _Section(data, "truth", {"radius_m", "duration_s"})
-    return TruthSpec(radius_m=s.number("radius_m", TruthSpec.radius_m, positive=True,
-                                       high=10_000.0),
+    s = _Section(data, "truth", {"radius_m", "duration_s", "close_radius_m"})
+    radius_m = s.number("radius_m", TruthSpec.radius_m, positive=True, high=10_000.0)
+    close_radius_m = None
+    if "close_radius_m" in data:
+        close_radius_m = s.number("close_radius_m", radius_m, positive=True, high=10_000.0)
+        if close_radius_m > radius_m:
+            raise ConfigError("truth.close_radius_m",
+                              f"a number <= truth.radius_m ({radius_m:g})", close_radius_m)
+    return TruthSpec(radius_m=radius_m,
                      duration_s=s.number("duration_s", TruthSpec.duration_s, low=0.0,
-                                         high=86_400.0))
+                                         high=86_400.0),
+                     close_radius_m=close_radius_m)
 
 
 def check_protocol(values: Mapping[str, Any]) -> ProtocolConfig:

@@ -21,7 +21,8 @@ def standing(name: str, east_m: float, north_m: float, t0: float, t1: float) -> 
 @pytest.fixture
 def small_scenario(tmp_path: Path) -> Path:
     """Three devices for 150 s: ``a`` and ``b`` stand 3 m apart all along (a true contact of
-    10 m / 60 s), ``c`` stands 300 m away (no contact). Low noise, speed 10."""
+    10 m / 60 s, and a close one of 5 m / 60 s), ``c`` stands 300 m away (no contact). Low
+    noise, speed 10."""
     tracks = [standing("a", 0, 0, 0, 150), standing("b", 3, 0, 0, 150),
               standing("c", 300, 0, 0, 150)]
     (tmp_path / "small.gpx").write_text(
@@ -39,6 +40,7 @@ correlation_s = 30.0
 [truth]
 radius_m = 10.0
 duration_s = 60.0
+close_radius_m = 5.0
 [protocol]
 radius_m = 10.0
 position_interval_s = 5.0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from rich.console import Console
 
 from fanny_tui.sim.cli import main, parse_sweep, results_table
-from fanny_tui.sim.metrics import evaluate
+from fanny_tui.sim.metrics import close_recall, evaluate
 from fanny_tui.sim.runner import RunResult
 from fanny_tui.sim.truth import TrueContact
 
@@ -49,8 +50,8 @@ def test_a_missing_scenario_file(tmp_path, capsys):
 
 
 def test_the_table_shows_the_swept_settings_and_the_verdict():
-    metrics = evaluate([TrueContact("a", "b", 0.0, 400.0, 1.0)],
-                       {("a", "b"): 12.0, ("a", "c"): 3.0})
+    metrics_detected = {("a", "b"): 12.0, ("a", "c"): 3.0}
+    metrics = evaluate([TrueContact("a", "b", 0.0, 400.0, 1.0)], metrics_detected)
     result = RunResult(scenario="street", settings={"min_contact_s": 60.0}, speed=10.0,
                        devices=3, radius_m=15.0, sigma_m=5.0, min_contact_s=60.0,
                        contacts=(), metrics=metrics, matches=2, failures={},
@@ -62,6 +63,16 @@ def test_the_table_shows_the_swept_settings_and_the_verdict():
     row = next(line for line in text.splitlines() if "street" in line)
     for cell in ("60", "15", "0.50", "1.00", "12", "12.5", "20"):
         assert cell in row, (cell, row)
+    assert "close recall" not in text  # no closer tier in any run: no column
+    closer = dataclasses.replace(result, close=close_recall(
+        3.0, [TrueContact("a", "b", 0.0, 400.0, 1.0), TrueContact("d", "e", 0.0, 400.0, 2.0)],
+        metrics_detected))
+    console = Console(width=240, record=True)
+    console.print(results_table([closer, result], ["min_contact_s"]))
+    text = console.export_text()
+    assert "close recall" in text
+    rows = [line for line in text.splitlines() if "street" in line]
+    assert "0.50 (1/2 within 3 m)" in rows[0] and "(1/2" not in rows[1]
 
 
 def test_json_output_of_a_real_run(small_scenario, capsys):
@@ -79,3 +90,5 @@ def test_json_output_of_a_real_run(small_scenario, capsys):
     assert "ID rotations: none; handshake failures: none" in line, err
     assert [p["pair"] for p in record["pairs"]] == [["a", "b"]]
     assert record["rotations"] == {} and isinstance(record["closes"], dict)
+    assert record["close"]["recall"] == 1.0  # the fixture's closer tier, 5 m
+    assert "close recall 1.00 (1/1 within 5 m)" in err

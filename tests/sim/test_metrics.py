@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fanny_tui.sim.metrics import detections, evaluate, percentile
+from fanny_tui.sim.metrics import close_recall, detections, evaluate, percentile
 from fanny_tui.sim.truth import TrueContact
 
 
@@ -60,3 +60,17 @@ def test_percentile_is_nearest_rank():
     assert percentile([], 50) is None
     with pytest.raises(ValueError, match="q"):
         percentile(values, 0)
+
+
+def test_close_recall_is_the_recall_on_the_close_pairs_only():
+    close = [TrueContact("a", "b", 0.0, 400.0, 1.5), TrueContact("a", "b", 600.0, 900.0, 2.0),
+             TrueContact("c", "d", 0.0, 400.0, 2.5), TrueContact("e", "f", 0.0, 400.0, 1.0)]
+    detected = {("a", "b"): 30.0, ("c", "d"): 90.0, ("a", "c"): 10.0, ("g", "h"): 5.0}
+    c = close_recall(3.0, close, detected)
+    assert (c.radius_m, c.true_pairs, c.hits) == (3.0, 3, 2)
+    assert c.recall == pytest.approx(2 / 3)
+    assert c.missed_pairs == (("e", "f"),)
+    assert c.as_dict() == {"radius_m": 3.0, "true_pairs": 3, "hits": 2,
+                           "recall": pytest.approx(2 / 3), "missed_pairs": [["e", "f"]]}
+    none = close_recall(3.0, [], detected)
+    assert (none.true_pairs, none.recall) == (0, None)

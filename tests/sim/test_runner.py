@@ -15,6 +15,7 @@ from fanny_tui.sim.runner import (
     device_config,
     device_protocol,
     grid,
+    judge_close,
     pair_reports,
     prepare,
     run_scenario,
@@ -95,6 +96,11 @@ async def test_a_small_scenario_with_real_engines_finds_the_one_true_pair(small_
                                 connect_timeout_s=20 * TIME_UNIT)
     m = result.metrics
     assert [c.pair for c in result.contacts] == [("a", "b")]
+    # the truth comes from the noise-free tracks (3 m apart all along), not from the fixes the
+    # devices saw (sigma 1 m: their closest would be nearer or farther than 3 m)
+    [contact] = result.contacts
+    assert (contact.start_s, contact.end_s) == (0.0, 150.0)
+    assert contact.closest_m == pytest.approx(3.0, abs=0.01)
     assert (m.true_pairs, m.detected_pairs, m.hits) == (1, 1, 1), m
     assert (m.precision, m.recall) == (1.0, 1.0)
     assert result.tokens == 1 and result.matches >= 1 and result.failures == {}
@@ -113,6 +119,11 @@ async def test_a_small_scenario_with_real_engines_finds_the_one_true_pair(small_
     assert report.first_token_s == m.latencies_s[0]
     assert report.measured_closest_m is not None and report.measured_closest_m < 10.0
     assert record["pairs"][0]["pair"] == ["a", "b"]
+    # the closer tier ([truth] close_radius_m = 5): a and b, 3 m apart, are a close pair
+    assert report.close is True and result.close is not None
+    assert (result.close.true_pairs, result.close.hits, result.close.recall) == (1, 1, 1.0)
+    assert record["close"] == {"radius_m": 5.0, "true_pairs": 1, "hits": 1, "recall": 1.0,
+                               "missed_pairs": []}
     # nothing rotates in 150 s (the interval is 900 s), and no contact was cut by a rotation
     assert result.rotations == {}
     assert set(result.closes) <= {"stopped", "peer_closed", "channel_lost"}, result.closes
@@ -168,3 +179,28 @@ def test_a_true_contact_that_never_overlaps_in_time_has_no_closest_distance():
     metrics = evaluate([TrueContact("a", "b", 0.0, 1.0, 1.0)], {})
     [report] = pair_reports(scenario, metrics, {}, {})
     assert report.true_closest_m is None and report.true_within_s == 0
+
+
+def test_the_closer_tier_judges_only_the_pairs_within_its_radius_for_the_duration():
+    # a-b 2 m apart and a-c 7 m apart for 400 s; b-d 2 m apart for 100 s only
+    tracks = (standing("a", 0, 0, 0, 400), standing("b", 2, 0, 0, 400),
+              standing("c", 0, 7, 0, 400), standing("d", 2, 2, 300, 400))
+    truth = TruthSpec(radius_m=10.0, duration_s=300.0, close_radius_m=3.0)
+    scenario = Scenario(name="t", tracks=tracks, duration_s=400.0, truth=truth)
+    detected = {("a", "c"): 40.0, ("b", "c"): 50.0}  # the 7 m pairs, not the 2 m one
+    close = judge_close(scenario, detected)
+    assert close is not None
+    assert (close.true_pairs, close.hits, close.recall) == (1, 0, 0.0)
+    assert close.missed_pairs == (("a", "b"),)
+    assert judge_close(scenario, {("a", "b"): 10.0}).recall == 1.0  # type: ignore[union-attr]
+    without = Scenario(name="t", tracks=tracks, duration_s=400.0, truth=TruthSpec())
+    assert judge_close(without, detected) is None
+    # each pair's report says whether it is a close pair (None: no closer tier)
+    contacts = true_contacts(tracks, 10.0, 300.0)
+    metrics = evaluate(contacts, detected)
+    reports = {r.pair: r for r in pair_reports(scenario, metrics, detected, {})}
+    assert {k: (r.true, r.close) for k, r in reports.items()} == {
+        ("a", "b"): (True, True), ("a", "c"): (True, False), ("b", "c"): (True, False)}
+    assert reports[("a", "b")].as_dict()["close"] is True
+    plain = pair_reports(without, metrics, detected, {})
+    assert {r.close for r in plain} == {None}

@@ -107,6 +107,7 @@ radius_m = 5
 sigma_m = 3
 [truth]
 duration_s = 60
+close_radius_m = 2.5
 [protocol]
 radius_m = 15
 min_contact_s = 30
@@ -118,6 +119,7 @@ min_contact_s = 30
     assert scenario.tracks[2].end_s == 120.0            # a walk lasts the scenario
     assert (scenario.seed, scenario.speed, scenario.noise.sigma_m) == (9, 20.0, 3.0)
     assert scenario.truth.duration_s == 60.0 and scenario.truth.radius_m == 10.0
+    assert scenario.truth.close_radius_m == 2.5
     assert scenario.protocol == {"radius_m": 15.0, "min_contact_s": 30.0}
 
 
@@ -131,6 +133,9 @@ min_contact_s = 30
     ("[scenario]\nduration_s = 60\n[[walk]]\nlatitude = 43.6\n", "walk[0].latitude"),
     ("[[walk]]\nlatitude = 43.6\nlongitude = 1.4\n", "walk[0].end_s"),
     ("[[walk]]\nlatitude = 43.6\nlongitude = 1.4\nstart_s = 50\nend_s = 40\n", "walk[0].end_s"),
+    ("[scenario]\nduration_s = 60\n[truth]\nclose_radius_m = 0\n", "truth.close_radius_m"),
+    ("[scenario]\nduration_s = 60\n[truth]\nradius_m = 5\nclose_radius_m = 6\n",
+     "truth.close_radius_m"),
     ("[scenerio]\n", "scenerio"),
     ("[scenario\n", "file"),
 ])
@@ -168,6 +173,11 @@ def test_the_queue_scenario_holds_what_it_promises():
     assert min(c.closest_m for c in contacts) >= 1.0
     neighbours = [c for c in contacts if c.closest_m <= 3.0]
     assert len(neighbours) >= 7                                   # people 1-3 m apart
+    # its closer tier: the neighbours within 3 m for 5 minutes, the contacts that must count
+    assert (scenario.truth.close_radius_m, scenario.truth.duration_s) == (3.0, 300.0)
+    close = true_pairs(true_contacts(scenario.tracks, 3.0, 300.0))
+    assert close == {(f"queue-{i:02d}", f"queue-{i + 1:02d}") for i in range(3, 10)}
+    assert close <= true_pairs(contacts)
 
 
 def test_the_shipped_gpx_files_are_what_the_generator_writes():
