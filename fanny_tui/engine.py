@@ -11,7 +11,12 @@ once after a positive declaration (see "ID rotation" below). Then :meth:`Engine.
 loops going until :meth:`Engine.stop`:
 
 * GPS: every fix or loss from the position source is emitted; a loss tells the broker at once
-  (``position_lost``) so no stale position stays there;
+  (``position_lost``) so no stale position stays there. A fix implying a speed above
+  ``max_speed_mps`` since the previous accepted one (an implausible jump, docs/protocol.md,
+  "Contact measures") is rejected for the whole device, before anything uses it: never
+  emitted as a fix, never sent to the broker nor to a peer, so a single GPS outlier never
+  makes a match (with ``min_contact_s`` 0 the match alone is the witness) nor seeds a
+  contact's meter;
 * positions: the latest fix is sent every ``position_interval_s`` (and at once after a loss or a
   reconnection) — never a position without a real fix;
 * broker link: ``match`` starts one witness exchange per peer (aiortc, data channel), whose SDP
@@ -126,7 +131,7 @@ from .journal import attach as attach_journal
 from .link import BrokerLink, backoff, ssl_context_for
 from .positives import UploadOutcome, declare, poll_once, send_decoy, upload_pending
 from .protocol.codes import normalize_code
-from .protocol.contact import ContactMeasures, ContactSettings, Fix
+from .protocol.contact import ContactMeasures, ContactSettings, Fix, JumpFilter
 from .protocol.expiry import expiry_for
 from .protocol.handshake import ContactEnded, Established, PeerSample
 from .protocol.handshake import HandshakeCompleted as WitnessCompleted
@@ -333,6 +338,8 @@ class Engine:
         self._subscribers: list[Callable[[Event], None]] = []
         self._store: TokenStore | None = None
         self._fix: GpsFix | None = None
+        # The device's own implausible-jump rule, kept for the whole run (not per contact).
+        self._jumps = JumpFilter(config.protocol.max_speed_mps)
         self._position_wakeup = asyncio.Event()
         self._upload_wakeup = asyncio.Event()
         self._poll_wakeup = asyncio.Event()
@@ -553,6 +560,12 @@ class Engine:
         assert self._source is not None  # built by run() before the loops start
         async for item in self._source.stream():
             if isinstance(item, GpsFix):
+                if not self._jumps.accept(Fix(item.latitude, item.longitude, item.accuracy_m),
+                                          time.monotonic()):
+                    log.info("GPS fix rejected: an implausible jump (faster than "
+                             "max_speed_mps = %s m/s since the last accepted fix)",
+                             self._jumps.max_speed_mps)
+                    continue
                 was_lost = self._fix is None
                 self._fix = item
                 self.emit(item)

@@ -505,3 +505,65 @@ async def test_a_pair_that_parts_before_min_contact_leaves_nothing(tmp_path):
                 store = TokenStore.in_dir(device.data_dir)
                 assert store.tokens() == []
                 store.close()
+
+
+class OutlierSource:
+    """A receiver 200 m north of ``LAT, LON`` that gives one outlier next to it, stays north,
+    then comes really near after a pause long enough for the move to be plausible."""
+
+    def __init__(self, outlier_north_m: float, max_speed_mps: float) -> None:
+        self.outlier_north_m = outlier_north_m
+        self.pause_s = 1.5 * 200.0 / max_speed_mps   # 1.5 x the time the real move needs
+        self.arriving = asyncio.Event()
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        from fanny_tui.events import GpsFix
+
+        def fix(north_m: float) -> GpsFix:
+            return GpsFix(latitude=LAT + north_m * METRE_LAT, longitude=LON, accuracy_m=3.0,
+                          mode=3, time=datetime.now(UTC))
+
+        # One fix every 0.5 s, the engine's positions every 0.1 s: a fix the engine kept would
+        # reach the broker several times.
+        for north_m in (200.0, 200.0, self.outlier_north_m, 200.0, 200.0, 200.0):
+            yield fix(north_m)
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(self.pause_s)
+        self.arriving.set()
+        while True:
+            yield fix(3.0)
+            await asyncio.sleep(0.5)
+
+
+async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tmp_path):
+    """One outlier of B's receiver next to A (197 m in 0.5 s, over ``max_speed_mps``): the
+    device rejects it before the broker sees it, so no match and no token (with the default
+    ``min_contact_s`` 0 the broker's match is the witness). B really arriving later matches."""
+    recorder = Recorder()
+    max_speed = 50.0
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+        config = device_config(broker.url, poll_interval_s=POLL_S, radius_m=15.0,
+                               position_interval_s=0.1, max_speed_mps=max_speed)
+        source = OutlierSource(outlier_north_m=3.0, max_speed_mps=max_speed)
+        async with (
+            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 3.0, interval_s=0.1))
+            as a,
+            running_device(config, tmp_path / "b", source) as b,
+        ):
+            await asyncio.wait_for(source.arriving.wait(), timeout=20 * TIME_UNIT)
+            positions = [json.loads(raw) for kind, raw in recorder.frames
+                         if json.loads(raw)["type"] == "position"]
+            assert positions, "the devices sent their positions to the broker"
+            near = [p for p in positions if 0.5 * METRE_LAT < p["latitude"] - LAT
+                    < 15 * METRE_LAT]
+            assert near == [], "the outlier reached the broker"
+            for device in (a, b):
+                assert not device.of("match_found") and not device.of("token_stored")
+            # The outlier was not taken as B's fix either: every fix B showed before its real
+            # arrival was 200 m north.
+            far = [abs(f.latitude - LAT) > 100 * METRE_LAT for f in b.of("gps_fix")]
+            assert far.count(True) == 5 and far[:5] == [True] * 5
+            # The control: B really near is matched and witnessed.
+            stored = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT)
+                      for d in (a, b)]
+            assert stored[0].token == stored[1].token
