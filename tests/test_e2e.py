@@ -111,8 +111,16 @@ async def test_witness_then_positive_then_exposure(tmp_path):
             started = loop.time()
             alert = await b.wait_event("exposure_alert", timeout=2 * POLL_S + 1.0)
             assert alert.count == 1
-            # The alert carries the matched token's stored contact measures.
-            assert len(alert.contacts) == 1 and alert.contacts[0].samples >= 0
+            # The alert carries the matched token's stored contact measures: those of the
+            # contact B measured with A (closed when A's declaration rotated A's IDs).
+            [closed] = [c for c in b.of("contact_closed") if c.peer == stored_b.peer]
+            assert closed.token_stored and closed.contact.samples > 0
+            [shown] = alert.contacts
+            assert shown.samples == closed.contact.samples
+            assert shown.duration_s == pytest.approx(closed.contact.duration_s, abs=1e-6)
+            assert shown.closest_m == pytest.approx(closed.contact.closest_m)
+            assert shown.median_m == pytest.approx(closed.contact.median_m)
+            assert 2.5 < shown.closest_m < 3.5   # the devices stood 3 m apart
             assert loop.time() - started <= 2 * POLL_S + 1.0
             assert expected not in {t.token for t in store_b.tokens()}
             assert not a.of("exposure_alert")               # A's own tokens never alert A
