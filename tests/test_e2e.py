@@ -117,7 +117,7 @@ async def test_witness_then_positive_then_exposure(tmp_path):
             assert closed.token_stored and closed.contact.samples > 0
             [shown] = alert.contacts
             assert shown.samples == closed.contact.samples
-            assert shown.duration_s == pytest.approx(closed.contact.duration_s, abs=1e-6)
+            assert shown.duration_s == pytest.approx(closed.contact.duration_s, abs=0.002)
             assert shown.closest_m == pytest.approx(closed.contact.closest_m)
             assert shown.median_m == pytest.approx(closed.contact.median_m)
             assert 2.5 < shown.closest_m < 3.5   # the devices stood 3 m apart
@@ -575,3 +575,45 @@ async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tm
             stored = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT)
                       for d in (a, b)]
             assert stored[0].token == stored[1].token
+
+
+async def test_the_same_pair_meeting_again_grows_one_token(tmp_path):
+    """Same sessions, same contact IDs, so the same token (issue 6, point 1): the second
+    contact is stored as ``new`` False, and the store holds one token whose exposure is both
+    contacts' (durations and samples added, the closer distance, two meetings) and whose
+    expiry is the latest contact's."""
+    async with start_broker(_settings(tmp_path, cooldown_s=0.5)) as broker:
+        config = _contact_config(broker.url, min_contact_s=0.0)
+        walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
+        async with (
+            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
+            as a,
+            running_device(config, tmp_path / "b", walker) as b,
+        ):
+            first = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT) for d in (a, b)]
+            assert all(event.new for event in first)
+            walker.move_to(LAT + 200 * METRE_LAT, LON)
+            for device in (a, b):
+                await device.wait_event("contact_closed", timeout=10 * TIME_UNIT)
+            walker.move_to(LAT + 2 * METRE_LAT, LON)
+            again = [await d.wait_for(lambda e: e.event == "token_stored" and not e.new,
+                                      timeout=20 * TIME_UNIT) for d in (a, b)]
+            assert {e.token for e in first + again} == {first[0].token}
+            walker.move_to(LAT + 200 * METRE_LAT, LON)
+            for device in (a, b):
+                await device.wait_for(lambda e: e.event == "contact_closed" and e.peer == 2,
+                                      timeout=10 * TIME_UNIT)
+        for device, stored in zip((a, b), again, strict=True):
+            contacts = [c.contact for c in device.of("contact_closed")]
+            assert len(contacts) == 2 and all(c.samples > 0 for c in contacts)
+            store = TokenStore.in_dir(device.data_dir)
+            [token] = store.tokens()
+            store.close()
+            assert token.token == first[0].token and token.meetings == 2
+            assert token.contact is not None
+            assert token.contact.samples == sum(c.samples for c in contacts)
+            assert token.contact.duration_s == pytest.approx(
+                sum(c.duration_s for c in contacts), abs=0.002)  # events: ms
+            assert token.contact.closest_m == pytest.approx(min(c.closest_m for c in contacts))
+            assert token.contact.median_m == pytest.approx(contacts[1].median_m)
+            assert token.expires_at == stored.expires_at   # the latest contact's
