@@ -16,7 +16,8 @@ loops going until :meth:`Engine.stop`:
   "Contact measures") is rejected for the whole device, before anything uses it: never
   emitted as a fix, never sent to the broker nor to a peer, so a single GPS outlier never
   makes a match (with ``min_contact_s`` 0 the match alone is the witness) nor seeds a
-  contact's meter;
+  contact's meter. An NMEA log replayed ``rate`` times faster than it was recorded moves that
+  many times faster: the bound is multiplied by its ``rate`` (here and in the contacts);
 * positions: the latest fix is sent every ``position_interval_s`` (and at once after a loss or a
   reconnection) — never a position without a real fix;
 * broker link: ``match`` starts one witness exchange per peer (aiortc, data channel), whose SDP
@@ -558,6 +559,7 @@ class Engine:
 
     async def _gps_loop(self) -> None:
         assert self._source is not None  # built by run() before the loops start
+        self._jumps = JumpFilter(self._speed_bound())
         async for item in self._source.stream():
             if isinstance(item, GpsFix):
                 if not self._jumps.accept(Fix(item.latitude, item.longitude, item.accuracy_m),
@@ -627,6 +629,15 @@ class Engine:
         exchange.task = asyncio.create_task(self._exchange(peer_session_id, exchange),
                                             name=f"fanny-witness-{exchange.ordinal}")
 
+    def _speed_bound(self) -> float:
+        """``max_speed_mps`` in the source's time (metres per second): a replayed NMEA log
+        runs ``rate`` times faster than it was recorded, and so do its receiver's moves."""
+        from .gps import NmeaReplaySource
+        speed = self.config.protocol.max_speed_mps
+        if isinstance(self._source, NmeaReplaySource):
+            speed *= self._source.rate
+        return speed
+
     def _own_fix(self) -> Fix | None:
         """This device's latest fix for the data channel (accuracy capped like the wire's)."""
         fix = self._fix
@@ -647,7 +658,7 @@ class Engine:
         settings = ContactSettings(
             radius_m=protocol.radius_m, min_contact_s=protocol.min_contact_s,
             contact_gap_s=protocol.contact_gap_s, max_contact_s=protocol.max_contact_s,
-            max_speed_mps=protocol.max_speed_mps,
+            max_speed_mps=self._jumps.max_speed_mps,
             position_interval_s=protocol.position_interval_s,
             token_timeout_s=protocol.handshake_timeout_s)
         stored_expiry: list[datetime] = []

@@ -617,3 +617,29 @@ async def test_the_same_pair_meeting_again_grows_one_token(tmp_path):
             assert token.contact.closest_m == pytest.approx(min(c.closest_m for c in contacts))
             assert token.contact.median_m == pytest.approx(contacts[1].median_m)
             assert token.expires_at == stored.expires_at   # the latest contact's
+
+
+async def test_a_moving_receivers_log_replayed_faster_keeps_its_fixes(tmp_path):
+    """tr737A+.log moves up to 16 m between epochs 1 s apart; replayed 20 times faster that
+    is 326 m/s of wall-clock time, over ``max_speed_mps``: the bound follows the replay's
+    rate, so every fix of the log is the device's (none rejected as a jump) and reaches the
+    broker."""
+    from fanny_tui.events import GpsFix
+    from fanny_tui.gps import NmeaReplaySource, parse_nmea_log
+
+    log = Path(__file__).parent / "data" / "nmea" / "tr737A+.log"
+    expected = [(f.latitude, f.longitude) for f in parse_nmea_log(log.read_text().splitlines())
+                if isinstance(f, GpsFix)]
+    recorder = Recorder()
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+        config = device_config(broker.url, position_interval_s=0.05, max_speed_mps=30.0)
+        source = NmeaReplaySource(log, rate=20.0, loop=False)
+        async with running_device(config, tmp_path / "a", source) as a:
+            await a.wait_for(lambda e: e.event == "gps_lost" and e.reason == "end of NMEA log",
+                             timeout=20 * TIME_UNIT)
+    shown = [(f.latitude, f.longitude) for f in a.of("gps_fix")]
+    assert shown == expected
+    assert a.engine._jumps.max_speed_mps == 600.0
+    sent = {(m["latitude"], m["longitude"]) for m in map(json.loads, (r for _, r in
+            recorder.frames)) if m["type"] == "position"}
+    assert sent and sent <= set(expected)
