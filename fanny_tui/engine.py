@@ -11,7 +11,13 @@ once after a positive declaration (see "ID rotation" below). Then :meth:`Engine.
 loops going until :meth:`Engine.stop`:
 
 * GPS: every fix or loss from the position source is emitted; a loss tells the broker at once
-  (``position_lost``) so no stale position stays there;
+  (``position_lost``) so no stale position stays there. A fix implying a speed above
+  ``max_speed_mps`` since the previous accepted one (an implausible jump, docs/protocol.md,
+  "Contact measures") is rejected for the whole device, before anything uses it: never
+  emitted as a fix, never sent to the broker nor to a peer, so a single GPS outlier never
+  makes a match (with ``min_contact_s`` 0 the match alone is the witness) nor seeds a
+  contact's meter. An NMEA log replayed ``rate`` times faster than it was recorded moves that
+  many times faster: the bound is multiplied by its ``rate`` (here and in the contacts);
 * positions: the latest fix is sent every ``position_interval_s`` (and at once after a loss or a
   reconnection) — never a position without a real fix;
 * broker link: ``match`` starts one witness exchange per peer (aiortc, data channel), whose SDP
@@ -126,7 +132,7 @@ from .journal import attach as attach_journal
 from .link import BrokerLink, backoff, ssl_context_for
 from .positives import UploadOutcome, declare, poll_once, send_decoy, upload_pending
 from .protocol.codes import normalize_code
-from .protocol.contact import ContactMeasures, ContactSettings, Fix
+from .protocol.contact import ContactMeasures, ContactSettings, Fix, JumpFilter
 from .protocol.expiry import expiry_for
 from .protocol.handshake import ContactEnded, Established, PeerSample
 from .protocol.handshake import HandshakeCompleted as WitnessCompleted
@@ -333,6 +339,8 @@ class Engine:
         self._subscribers: list[Callable[[Event], None]] = []
         self._store: TokenStore | None = None
         self._fix: GpsFix | None = None
+        # The device's own implausible-jump rule, kept for the whole run (not per contact).
+        self._jumps = JumpFilter(config.protocol.max_speed_mps)
         self._position_wakeup = asyncio.Event()
         self._upload_wakeup = asyncio.Event()
         self._poll_wakeup = asyncio.Event()
@@ -551,8 +559,15 @@ class Engine:
 
     async def _gps_loop(self) -> None:
         assert self._source is not None  # built by run() before the loops start
+        self._jumps = JumpFilter(self._speed_bound())
         async for item in self._source.stream():
             if isinstance(item, GpsFix):
+                if not self._jumps.accept(Fix(item.latitude, item.longitude, item.accuracy_m),
+                                          time.monotonic()):
+                    log.info("GPS fix rejected: an implausible jump (faster than "
+                             "max_speed_mps = %s m/s since the last accepted fix)",
+                             self._jumps.max_speed_mps)
+                    continue
                 was_lost = self._fix is None
                 self._fix = item
                 self.emit(item)
@@ -614,6 +629,15 @@ class Engine:
         exchange.task = asyncio.create_task(self._exchange(peer_session_id, exchange),
                                             name=f"fanny-witness-{exchange.ordinal}")
 
+    def _speed_bound(self) -> float:
+        """``max_speed_mps`` in the source's time (metres per second): a replayed NMEA log
+        runs ``rate`` times faster than it was recorded, and so do its receiver's moves."""
+        from .gps import NmeaReplaySource
+        speed = self.config.protocol.max_speed_mps
+        if isinstance(self._source, NmeaReplaySource):
+            speed *= self._source.rate
+        return speed
+
     def _own_fix(self) -> Fix | None:
         """This device's latest fix for the data channel (accuracy capped like the wire's)."""
         fix = self._fix
@@ -634,7 +658,7 @@ class Engine:
         settings = ContactSettings(
             radius_m=protocol.radius_m, min_contact_s=protocol.min_contact_s,
             contact_gap_s=protocol.contact_gap_s, max_contact_s=protocol.max_contact_s,
-            max_speed_mps=protocol.max_speed_mps,
+            max_speed_mps=self._jumps.max_speed_mps,
             position_interval_s=protocol.position_interval_s,
             token_timeout_s=protocol.handshake_timeout_s)
         stored_expiry: list[datetime] = []

@@ -21,7 +21,12 @@ Rules shared by every source:
   time-only/manual input) is not a fix either: it is never yielded as a :class:`GpsFix` (so
   never sent to the broker) but reported as a ``GpsLost`` with the reason. gpsd (TPV
   ``status``) and the NMEA replay (GGA quality, RMC mode indicator) are judged by the same
-  table, :data:`RECEIVER_STATUS`, through :func:`unmeasured_reason`.
+  table, :data:`RECEIVER_STATUS`, through :func:`unmeasured_reason`. gpsd does not always put
+  the receiver's indicators into ``status`` (gpsd 3.22 leaves it out for an RMC mode S or M
+  without a GGA quality saying the same, e.g. a receiver that sends RMC only, or the first
+  epoch after gpsd activates a device), so the gpsd source also asks for the receiver's NMEA
+  sentences (``"nmea":true``) and refuses a TPV of an epoch whose RMC or GGA says "not
+  measured", exactly as the NMEA replay does.
 * Nothing here logs or stores a position (privacy: positions are shown, never written).
 
 What a :class:`GpsFix` carries, per source (``source`` field): ``gpsd`` and ``nmea`` come from
@@ -80,8 +85,15 @@ __all__ = [
     "usable_position",
 ]
 
-#: The command that starts gpsd's JSON stream (gpsd_json(5), "?WATCH").
-WATCH_COMMAND = b'?WATCH={"enable":true,"json":true};\n'
+#: The command that starts gpsd's JSON stream (gpsd_json(5), "?WATCH"), with the receiver's
+#: NMEA sentences beside it (``"nmea":true``: each raw sentence before the TPV gpsd makes of
+#: it), so that an epoch the receiver did not measure is refused even when gpsd's TPV has no
+#: ``status`` saying so (see :class:`GpsdFixTracker`).
+WATCH_COMMAND = b'?WATCH={"enable":true,"json":true,"nmea":true};\n'
+
+#: The ``class`` :class:`GpsdDecoder` gives a raw NMEA sentence line (``{"class": NMEA_LINE,
+#: "line": "$GPRMC,..."}``); gpsd itself has no class starting with ``_``.
+NMEA_LINE = "_nmea"
 
 #: Metres of position error per unit of HDOP used by the NMEA replay: ``accuracy_m = hdop * 5``.
 #: A rough 95 % horizontal figure (twice a typical 2.5 m user range error); NMEA logs carry no
@@ -232,11 +244,13 @@ def _reject_constant(name: str) -> Any:
 class GpsdDecoder:
     """Split gpsd's byte stream into JSON objects (sans-I/O).
 
-    gpsd sends one JSON object per line (``\\r\\n`` ended). :meth:`feed` takes bytes as they
-    arrive, in chunks of any size, and returns the complete objects. A line that is not a JSON
-    object (garbage, a truncated object, trailing bytes after the object, invalid UTF-8,
-    ``NaN``/``Infinity``) is skipped and counted in :attr:`skipped`; so is a line longer than
-    ``max_line`` bytes, without buffering more than that.
+    gpsd sends one JSON object per line (``\\r\\n`` ended), and with ``"nmea":true`` the
+    receiver's NMEA sentences as lines of their own (``$``, ``$$`` or ``!`` first): such a line
+    of printable ASCII is returned as ``{"class": NMEA_LINE, "line": text}``. :meth:`feed`
+    takes bytes as they arrive, in chunks of any size, and returns the complete objects. A
+    line that is neither (garbage, a truncated object, trailing bytes after the object,
+    invalid UTF-8, ``NaN``/``Infinity``) is skipped and counted in :attr:`skipped`; so is a
+    line longer than ``max_line`` bytes, without buffering more than that.
     """
 
     def __init__(self, max_line: int = 256 * 1024) -> None:
@@ -272,6 +286,11 @@ class GpsdDecoder:
         line = line.strip()
         if not line:
             return None
+        if line[:1] in (b"$", b"!"):
+            if not all(32 <= byte < 127 for byte in line):
+                self.skipped += 1
+                return None
+            return {"class": NMEA_LINE, "line": line.decode("ascii")}
         try:
             obj = json.loads(line, parse_constant=_reject_constant)
         except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError too
@@ -281,6 +300,11 @@ class GpsdDecoder:
             self.skipped += 1
             return None
         return obj
+
+
+def _second_of_day(moment: time) -> int:
+    """The whole UTC second of the day of a time of day (NMEA ``hhmmss.ss`` or gpsd's)."""
+    return moment.hour * 3600 + moment.minute * 60 + moment.second
 
 
 def _gpsd_time(value: object) -> datetime | None:
@@ -320,6 +344,12 @@ class GpsdFixTracker:
     * ``SKY`` updates the satellite counts and the HDOP put on later fixes: ``uSat``/``nSat``,
       else counted from ``satellites`` (``used``); ``hdop`` if a finite number > 0. A SKY
       without them keeps the previous values.
+    * An NMEA sentence line (:data:`NMEA_LINE`, from ``"nmea":true``): an RMC mode indicator
+      or a GGA fix quality saying the position was not measured (:data:`FAA_MODE_STATUS`,
+      :data:`GGA_QUALITY_STATUS`, judged by :func:`unmeasured_reason`) marks its epoch (its
+      UTC second); a TPV of that second then gives a :class:`GpsLost` with that reason, even
+      without a ``status`` (gpsd 3.22 leaves it out for RMC mode S or M alone). The mark goes
+      with the next epoch.
     * ``GST`` (its ``lat``/``lon`` are error estimates in metres) and everything else: nothing.
     """
 
@@ -327,12 +357,17 @@ class GpsdFixTracker:
         self.satellites_used: int | None = None
         self.satellites_visible: int | None = None
         self.hdop: float | None = None
+        self._epoch_second: int | None = None    # UTC second of the NMEA epoch being read
+        self._unmeasured: str | None = None      # why that epoch is not a fix, if it is not
 
     def handle(self, message: dict[str, Any]) -> GpsFix | GpsLost | None:
         """Take one gpsd object; return the fix or loss it reports, if any."""
         kind = message.get("class")
         if kind == "SKY":
             self._sky(message)
+            return None
+        if kind == NMEA_LINE:
+            self._nmea(message.get("line"))
             return None
         if kind != "TPV":
             return None
@@ -352,11 +387,46 @@ class GpsdFixTracker:
         position = usable_position(message.get("lat"), message.get("lon"))
         if position is None:
             return None
+        moment = _gpsd_time(message.get("time"))
+        if (self._unmeasured is not None and moment is not None
+                and _second_of_day(moment.time()) == self._epoch_second):
+            return GpsLost(reason=self._unmeasured)
         return GpsFix(latitude=position[0], longitude=position[1],
                       accuracy_m=self._accuracy(message), mode=mode,
                       satellites_used=self.satellites_used,
                       satellites_visible=self.satellites_visible,
-                      time=_gpsd_time(message.get("time")), hdop=self.hdop, source="gpsd")
+                      time=moment, hdop=self.hdop, source="gpsd")
+
+    def _nmea(self, line: object) -> None:
+        """Mark the epoch of an RMC or GGA sentence that says "not measured"."""
+        if not isinstance(line, str):
+            return
+        if line.startswith("$$"):  # ST Teseo receivers, as in the NMEA replay
+            line = line[1:]
+        try:
+            message = pynmea2.parse(line, check=True)
+        except (pynmea2.ParseError, ValueError, TypeError, AttributeError, IndexError):
+            return
+        kind = getattr(message, "sentence_type", "")
+        if kind not in ("RMC", "GGA"):
+            return
+        stamp = _field(message, "timestamp")
+        if not isinstance(stamp, time):
+            return
+        second = _second_of_day(stamp)
+        if second != self._epoch_second:
+            self._epoch_second, self._unmeasured = second, None
+        if kind == "RMC":
+            mode = _field(message, "mode_indicator")
+            status = FAA_MODE_STATUS.get(mode) if isinstance(mode, str) else None
+            what = f"NMEA RMC mode {mode}"
+        else:
+            quality = _int_text(_field(message, "gps_qual"))
+            status = GGA_QUALITY_STATUS.get(quality) if quality is not None else None
+            what = f"NMEA GGA quality {quality}"
+        reason = unmeasured_reason(status)
+        if reason is not None and self._unmeasured is None:
+            self._unmeasured = f"{reason} ({what}, via gpsd)"
 
     @staticmethod
     def _accuracy(message: dict[str, Any]) -> float | None:

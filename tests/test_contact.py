@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanny_tui.protocol.contact import (
+    JUMP_CONFIRMATIONS,
     ContactMeasures,
     ContactMeter,
     Fix,
@@ -148,6 +149,54 @@ def test_jump_filter_rejects_an_outlier_and_accepts_a_real_move_later() -> None:
     assert not f.accept(at(200), 3.0)       # 195 m in 1 s
     assert f.accept(at(200), 30.0)          # 195 m in 28 s: plausible by now
     assert f.rejected == 2
+
+
+def test_a_wrong_first_fix_does_not_hold_off_the_true_ones() -> None:
+    """A receiver's first fix 100 km off (cold start), then its true, jittering fixes: the
+    third true fix in a row is accepted (not after 100 km / 30 m/s = an hour)."""
+    assert JUMP_CONFIRMATIONS == 3
+    f = JumpFilter(max_speed_mps=30.0)
+    assert f.accept(at(100_000), 0.0)
+    assert not f.accept(at(0.0), 1.0)
+    assert not f.accept(at(0.0), 2.0)       # the same fix again confirms nothing
+    assert not f.accept(at(0.4), 3.0)
+    assert f.accept(at(0.2), 4.0)           # three true fixes in a row, each plausible
+    assert f.last == at(0.2) and f.rejected == 3
+    assert f.accept(at(0.5), 5.0)
+
+
+def test_one_or_two_jumps_in_a_row_are_never_accepted() -> None:
+    f = JumpFilter(max_speed_mps=30.0)
+    assert f.accept(at(0), 0.0)
+    for t in range(1, 50, 3):               # outliers 500 m off, one or two at a time
+        assert not f.accept(at(500), float(t))
+        assert not f.accept(at(501), t + 1.0)
+        assert f.accept(at(0.1 * t), t + 2.0)
+    # A run broken by an implausible member starts again from it.
+    assert not f.accept(at(500), 60.0)
+    assert not f.accept(at(900), 61.0)      # 400 m from the run's last: a new run
+    assert not f.accept(at(901), 62.0)
+    assert f.accept(at(902), 63.0)
+    # A fix that is plausible by now is accepted at once, whatever the run.
+    assert f.accept(at(902 + 29 * 5), 68.0)
+
+
+def test_a_fix_at_the_same_instant_confirms_no_run() -> None:
+    f = JumpFilter(max_speed_mps=30.0)
+    assert f.accept(at(0), 0.0)
+    assert not f.accept(at(500), 1.0)
+    assert not f.accept(at(501), 1.0)       # 1 m in 0 s: implausible after the run's last
+    assert not f.accept(at(502), 1.0)
+    assert f.last == at(0)
+
+
+def test_a_filter_forgets_every_position() -> None:
+    f = JumpFilter(max_speed_mps=30.0)
+    f.accept(at(0), 0.0)
+    f.accept(at(500), 1.0)
+    f.forget()
+    assert f.last is None and not f._run and f.rejected == 1
+    assert f.accept(at(500), 2.0)           # a first fix again
 
 
 @settings(max_examples=200, deadline=None)

@@ -119,8 +119,16 @@ async def test_witness_then_positive_then_exposure(tmp_path):
             started = loop.time()
             alert = await b.wait_event("exposure_alert", timeout=2 * POLL_S + 1.0)
             assert alert.count == 1
-            # The alert carries the matched token's stored contact measures.
-            assert len(alert.contacts) == 1 and alert.contacts[0].samples >= 0
+            # The alert carries the matched token's stored contact measures: those of the
+            # contact B measured with A (closed when A's declaration rotated A's IDs).
+            [closed] = [c for c in b.of("contact_closed") if c.peer == stored_b.peer]
+            assert closed.token_stored and closed.contact.samples > 0
+            [shown] = alert.contacts
+            assert shown.samples == closed.contact.samples
+            assert shown.duration_s == pytest.approx(closed.contact.duration_s, abs=0.002)
+            assert shown.closest_m == pytest.approx(closed.contact.closest_m)
+            assert shown.median_m == pytest.approx(closed.contact.median_m)
+            assert 2.5 < shown.closest_m < 3.5   # the devices stood 3 m apart
             assert loop.time() - started <= 2 * POLL_S + 1.0
             assert expected not in {t.token for t in store_b.tokens()}
             assert not a.of("exposure_alert")               # A's own tokens never alert A
@@ -493,3 +501,133 @@ async def test_a_pair_that_parts_before_min_contact_leaves_nothing(tmp_path):
                 store = TokenStore.in_dir(device.data_dir)
                 assert store.tokens() == []
                 store.close()
+
+
+class OutlierSource:
+    """A receiver 200 m north of ``LAT, LON`` that gives one outlier next to it, stays north,
+    then comes really near after a pause long enough for the move to be plausible."""
+
+    def __init__(self, outlier_north_m: float, max_speed_mps: float) -> None:
+        self.outlier_north_m = outlier_north_m
+        self.pause_s = 1.5 * 200.0 / max_speed_mps   # 1.5 x the time the real move needs
+        self.arriving = asyncio.Event()
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        from fanny_tui.events import GpsFix
+
+        def fix(north_m: float) -> GpsFix:
+            return GpsFix(latitude=LAT + north_m * METRE_LAT, longitude=LON, accuracy_m=3.0,
+                          mode=3, time=datetime.now(UTC))
+
+        # One fix every 0.5 s, the engine's positions every 0.1 s: a fix the engine kept would
+        # reach the broker several times.
+        for north_m in (200.0, 200.0, self.outlier_north_m, 200.0, 200.0, 200.0):
+            yield fix(north_m)
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(self.pause_s)
+        self.arriving.set()
+        while True:
+            yield fix(3.0)
+            await asyncio.sleep(0.5)
+
+
+async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tmp_path):
+    """One outlier of B's receiver next to A (197 m in 0.5 s, over ``max_speed_mps``): the
+    device rejects it before the broker sees it, so no match and no token (with the default
+    ``min_contact_s`` 0 the broker's match is the witness). B really arriving later matches."""
+    recorder = Recorder()
+    max_speed = 50.0
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+        config = device_config(broker.url, poll_interval_s=POLL_S, radius_m=15.0,
+                               position_interval_s=0.1, max_speed_mps=max_speed)
+        source = OutlierSource(outlier_north_m=3.0, max_speed_mps=max_speed)
+        async with (
+            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 3.0, interval_s=0.1))
+            as a,
+            running_device(config, tmp_path / "b", source) as b,
+        ):
+            await asyncio.wait_for(source.arriving.wait(), timeout=20 * TIME_UNIT)
+            positions = [json.loads(raw) for kind, raw in recorder.frames
+                         if json.loads(raw)["type"] == "position"]
+            assert positions, "the devices sent their positions to the broker"
+            near = [p for p in positions if 0.5 * METRE_LAT < p["latitude"] - LAT
+                    < 15 * METRE_LAT]
+            assert near == [], "the outlier reached the broker"
+            for device in (a, b):
+                assert not device.of("match_found") and not device.of("token_stored")
+            # The outlier was not taken as B's fix either: every fix B showed before its real
+            # arrival was 200 m north.
+            far = [abs(f.latitude - LAT) > 100 * METRE_LAT for f in b.of("gps_fix")]
+            assert far.count(True) == 5 and far[:5] == [True] * 5
+            # The control: B really near is matched and witnessed.
+            stored = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT)
+                      for d in (a, b)]
+            assert stored[0].token == stored[1].token
+
+
+async def test_the_same_pair_meeting_again_grows_one_token(tmp_path):
+    """Same sessions, same contact IDs, so the same token (issue 6, point 1): the second
+    contact is stored as ``new`` False, and the store holds one token whose exposure is both
+    contacts' (durations and samples added, the closer distance, two meetings) and whose
+    expiry is the latest contact's."""
+    async with start_broker(_settings(tmp_path, cooldown_s=0.5)) as broker:
+        config = _contact_config(broker.url, min_contact_s=0.0)
+        walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
+        async with (
+            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
+            as a,
+            running_device(config, tmp_path / "b", walker) as b,
+        ):
+            first = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT) for d in (a, b)]
+            assert all(event.new for event in first)
+            walker.move_to(LAT + 200 * METRE_LAT, LON)
+            for device in (a, b):
+                await device.wait_event("contact_closed", timeout=10 * TIME_UNIT)
+            walker.move_to(LAT + 2 * METRE_LAT, LON)
+            again = [await d.wait_for(lambda e: e.event == "token_stored" and not e.new,
+                                      timeout=20 * TIME_UNIT) for d in (a, b)]
+            assert {e.token for e in first + again} == {first[0].token}
+            walker.move_to(LAT + 200 * METRE_LAT, LON)
+            for device in (a, b):
+                await device.wait_for(lambda e: e.event == "contact_closed" and e.peer == 2,
+                                      timeout=10 * TIME_UNIT)
+        for device, stored in zip((a, b), again, strict=True):
+            contacts = [c.contact for c in device.of("contact_closed")]
+            assert len(contacts) == 2 and all(c.samples > 0 for c in contacts)
+            store = TokenStore.in_dir(device.data_dir)
+            [token] = store.tokens()
+            store.close()
+            assert token.token == first[0].token and token.meetings == 2
+            assert token.contact is not None
+            assert token.contact.samples == sum(c.samples for c in contacts)
+            assert token.contact.duration_s == pytest.approx(
+                sum(c.duration_s for c in contacts), abs=0.002)  # events: ms
+            assert token.contact.closest_m == pytest.approx(min(c.closest_m for c in contacts))
+            assert token.contact.median_m == pytest.approx(contacts[1].median_m)
+            assert token.expires_at == stored.expires_at   # the latest contact's
+
+
+async def test_a_moving_receivers_log_replayed_faster_keeps_its_fixes(tmp_path):
+    """tr737A+.log moves up to 16 m between epochs 1 s apart; replayed 20 times faster that
+    is 326 m/s of wall-clock time, over ``max_speed_mps``: the bound follows the replay's
+    rate, so every fix of the log is the device's (none rejected as a jump) and reaches the
+    broker."""
+    from fanny_tui.events import GpsFix
+    from fanny_tui.gps import NmeaReplaySource, parse_nmea_log
+
+    log = Path(__file__).parent / "data" / "nmea" / "tr737A+.log"
+    expected = [(f.latitude, f.longitude) for f in parse_nmea_log(log.read_text().splitlines())
+                if isinstance(f, GpsFix)]
+    recorder = Recorder()
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+        config = device_config(broker.url, position_interval_s=0.05, max_speed_mps=30.0)
+        source = NmeaReplaySource(log, rate=20.0, loop=False)
+        async with running_device(config, tmp_path / "a", source) as a:
+            await a.wait_for(lambda e: e.event == "gps_lost" and e.reason == "end of NMEA log",
+                             timeout=20 * TIME_UNIT)
+    shown = [(f.latitude, f.longitude) for f in a.of("gps_fix")]
+    assert shown == expected
+    assert a.engine._jumps.max_speed_mps == 600.0
+    sent = {(m["latitude"], m["longitude"]) for m in map(json.loads, (r for _, r in
+            recorder.frames)) if m["type"] == "position"}
+    assert sent and sent <= set(expected)

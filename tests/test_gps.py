@@ -32,6 +32,7 @@ from fanny_tui.cli import EXIT_USAGE, main
 from fanny_tui.config import ConfigError, parse_config
 from fanny_tui.events import GpsFix, GpsLost
 from fanny_tui.gps import (
+    NMEA_LINE,
     NMEA_UERE_M,
     WATCH_COMMAND,
     FixedSource,
@@ -548,6 +549,87 @@ async def test_real_gpsd_and_the_nmea_replay_refuse_the_same_unmeasured_epochs()
     nmea_fixes = {_time_of_day(r.time) for r in reports if isinstance(r, GpsFix)}
     assert not nmea_fixes & marked
     assert {_time_of_day(f.time) for f in collector.fixes if f.time is not None} <= nmea_fixes
+
+
+async def test_rmc_only_epochs_gpsd_leaves_without_status_are_refused_too(tmp_path) -> None:
+    """A receiver that sends RMC only (the derived log without its GGA sentences): gpsd 3.22
+    turns RMC mode E into TPV status 5 but leaves mode S (simulator) and M (manual input)
+    without a status (a probe checks), so the TPV alone would be a fix 100 km off. The source
+    reads the RMC sentences gpsd passes on ("nmea":true) and refuses those epochs with the
+    NMEA replay's reasons; every fix it yields is a real one."""
+    rmc_only = tmp_path / "bu353s4-not-measured-rmc-only.log"
+    rmc_only.write_text("".join(line + "\n" for line in NOT_MEASURED_LOG.read_text().splitlines()
+                                if "GGA," not in line))
+    epochs = {line.split(",")[1][:6] for line in rmc_only.read_text().splitlines()
+              if line.startswith("$GPRMC")}
+    with GpsFake(rmc_only, cycle=0.01) as fake:
+        probe = await Probe.open(fake.port)
+        collector = Collector(GpsdSource("127.0.0.1", fake.port, stale_after_s=30.0))
+
+        def a_whole_pass(events: list[Event]) -> bool:
+            reasons = {e.reason for e in events if isinstance(e, GpsLost)}
+            seen = {_time_of_day(m["time"]) for m in probe.messages
+                    if m.get("class") == "TPV" and "time" in m}
+            return len(reasons) >= 3 and seen >= epochs
+
+        try:
+            await collector.wait_for(a_whole_pass, timeout=30,
+                                     describe=lambda: f"gpsfake: {fake.stderr()}")
+        finally:
+            await collector.close()
+            await probe.close()
+    gpsd_status = {_time_of_day(m["time"]): m.get("status") for m in probe.messages
+                   if m.get("class") == "TPV" and "time" in m and "lat" in m}
+    unflagged = {t for t, (mode, *_rest) in NOT_MEASURED_EDITS.items() if mode in "SM"}
+    assert {gpsd_status[t] for t in unflagged} == {None}, "gpsd flags them itself now"
+    losses = {e.reason for e in collector.events if isinstance(e, GpsLost)}
+    assert {f"{NOT_MEASURED_REASONS[m]} (NMEA RMC mode {m}, via gpsd)" for m in "SM"} <= losses
+    assert f"{NOT_MEASURED_REASONS['E']} (gpsd status 5)" in losses
+    assert collector.fixes
+    for fix in collector.fixes:
+        assert _real_cluster(position(fix)), f"an unmeasured position became a fix: {fix}"
+        assert _time_of_day(fix.time) not in NOT_MEASURED_EDITS
+
+
+def test_the_tracker_refuses_a_tpv_of_an_epoch_the_nmea_says_was_not_measured() -> None:
+    """Sans I/O: the sentence lines gpsd relays mark their epoch (its UTC second); a TPV of
+    that second without a status is a loss, the next epoch's TPV a fix again."""
+    def line(body: str) -> dict[str, str]:
+        return {"class": NMEA_LINE, "line": f"${body}*{nmea_checksum(body)}"}
+
+    def tpv_at(second: str) -> dict[str, object]:
+        return {"class": "TPV", "mode": 3, "lat": 44.1, "lon": -121.3,
+                "time": f"2025-12-15T16:17:{second}.000Z"}
+
+    rmc = "GPRMC,1617{s}.00,A,4404.1286,N,12118.8466,W,0.01,,151225,,,{mode}"
+    gga = "GPGGA,1617{s}.00,4404.1286,N,12118.8466,W,{q},08,1.1,59.9,M,23.7,M,,0000"
+    tracker = GpsdFixTracker()
+    assert tracker.handle(line(rmc.format(s="02", mode="S"))) is None
+    assert tracker.handle(tpv_at("02")) == GpsLost(
+        reason="receiver in simulation mode (NMEA RMC mode S, via gpsd)")
+    assert isinstance(tracker.handle(tpv_at("03")), GpsFix)   # another epoch: not marked
+    tracker.handle(line(rmc.format(s="04", mode="A")))
+    assert isinstance(tracker.handle(tpv_at("04")), GpsFix)
+    tracker.handle(line(gga.format(s="05", q="7")))            # manual input, $$ prefix too
+    tracker.handle({"class": NMEA_LINE, "line": "$" + line(rmc.format(s="05", mode="A"))["line"]})
+    assert tracker.handle(tpv_at("05")) == GpsLost(
+        reason="receiver in time-only or manual-input mode, position not measured "
+               "(NMEA GGA quality 7, via gpsd)")
+    tracker.handle(line(rmc.format(s="06", mode="D")))
+    assert isinstance(tracker.handle(tpv_at("06")), GpsFix)
+    for junk in ("$GPRMC,garbage*00", "", None, 42, "$$", "!AIVDM,1,1,,A,0*00"):
+        assert tracker.handle({"class": NMEA_LINE, "line": junk}) is None
+    assert isinstance(tracker.handle(tpv_at("06")), GpsFix)
+
+
+def test_the_decoder_passes_nmea_lines_and_skips_other_text() -> None:
+    decoder = GpsdDecoder()
+    out = decoder.feed(b'$GPRMC,1,2*00\r\n$$GNGGA,3*00\r\n!AIVDM,x\r\n$\xff\r\n'
+                       + tpv(44.1, -121.3) + b"not json\r\n")
+    assert out[:3] == [{"class": NMEA_LINE, "line": "$GPRMC,1,2*00"},
+                       {"class": NMEA_LINE, "line": "$$GNGGA,3*00"},
+                       {"class": NMEA_LINE, "line": "!AIVDM,x"}]
+    assert out[3]["class"] == "TPV" and len(out) == 4 and decoder.skipped == 2
 
 
 async def test_gpsd_status_decides_what_is_a_fix() -> None:

@@ -399,6 +399,25 @@ def test_a_single_jump_never_makes_a_contact() -> None:
     assert pair.stores == {"initiator": {}, "responder": {}}
 
 
+def test_an_outlier_held_by_the_adapter_for_many_ticks_never_confirms_itself() -> None:
+    """The adapter feeds the device's latest fix at every tick: one outlier fed again and
+    again is one fix, not a run of confirmations; the true fixes that follow are taken."""
+    pair = ConnectionPair(initiator=with_(min_contact_s=0.5), responder=with_(min_contact_s=0.5))
+    far = {"initiator": at(0), "responder": at(400)}
+    pair.fix("initiator", far["initiator"])
+    pair.fix("responder", far["responder"])
+    pair.start()
+    pair.advance(2.0, fixes=far)
+    pair.advance(5.0, fixes={"initiator": at(0), "responder": at(1)})  # held for 10 ticks
+    for role in ROLES:
+        verdicts = [e.sample.verdict for e in pair.events[role] if isinstance(e, PeerSample)]
+        assert verdicts and "in" not in verdicts
+    pair.advance(1.0, fixes={"initiator": at(0), "responder": at(401)})
+    last = [e.sample for e in pair.events["initiator"] if isinstance(e, PeerSample)][-1]
+    assert 400 < last.distance_m < 402
+    assert pair.stores == {"initiator": {}, "responder": {}}
+
+
 # --- how a contact ends ------------------------------------------------------------------------
 
 

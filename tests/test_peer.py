@@ -9,6 +9,7 @@ loopback port (``tests/turn.py``, Debian ``coturn``), one server for this module
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import json
@@ -38,8 +39,14 @@ from fanny_tui.peer import (
     restrict_host_addresses,
     run_witness,
 )
-from fanny_tui.protocol.contact import ContactSettings
-from fanny_tui.protocol.handshake import HandshakeCompleted, HandshakeFailed
+from fanny_tui.protocol.contact import ContactSettings, Fix
+from fanny_tui.protocol.handshake import (
+    ContactEnded,
+    Established,
+    HandshakeCompleted,
+    HandshakeFailed,
+    PeerSample,
+)
 from fanny_tui.protocol.messages import (
     DATA_CHANNEL_VERSION,
     Abort,
@@ -1116,3 +1123,184 @@ async def test_positions_flow_and_a_cancelled_side_closes_with_stopped() -> None
     assert events["a"][-1].reason == "peer_closed" and events["a"][-1].token == token
     for _, sdp in log:  # positions never in the signaling
         assert "43.6045" not in sdp
+
+
+# --- an independent peer written from docs/protocol.md alone (issue 6, point 6) ---------------
+
+
+class DocPeer(RawPeer):
+    """The data channel protocol, version 2, as docs/protocol.md states it, without the kit's
+    protocol code: ``json`` and ``hashlib`` only, the label, frame layouts, haversine radius,
+    accuracy rule and token bytes copied from the document. Plays either role against the
+    kit's :func:`run_witness`; only the ICE plumbing of :class:`RawPeer` is shared (loopback)."""
+
+    LABEL = "fanny-witness"                      # "Channel parameters"
+    EARTH_RADIUS_M = 6_371_008.8                 # "Distance"
+
+    def __init__(self, contact_id: str, *, min_contact_s: float, radius_m: float,
+                 fix: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.contact_id, self.min_contact_s, self.radius_m = contact_id, min_contact_s, radius_m
+        self.fix = fix                           # latitude, longitude, accuracy_m
+        self.frames: list[dict[str, Any]] = []   # every frame received, decoded
+        self.closed_by_peer = asyncio.Event()
+
+    def _attach(self, channel: Any) -> None:
+        assert channel.label == self.LABEL
+        super()._attach(channel)
+        channel.on("close", self.closed_by_peer.set)
+
+    async def offer(self, signaling: QueueSignaling) -> None:
+        """The initiator opens the channel before its offer ("who opens it")."""
+        from aiortc import RTCSessionDescription
+        self._attach(self.pc.createDataChannel(self.LABEL, ordered=True))
+        await signaling.send("offer", await self._set_local(await self.pc.createOffer()))
+        sdp_type, sdp = await signaling.receive()
+        assert sdp_type == "answer"
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    def send(self, **frame: Any) -> None:
+        self.channel.send(json.dumps(frame))     # a str: a text frame (PPID 51)
+
+    async def receive(self) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.received.get(), TIMEOUT_S)
+        assert isinstance(raw, str), "the kit sends text frames only"
+        frame = json.loads(raw)
+        self.frames.append(frame)
+        return frame
+
+    def send_position(self) -> None:
+        latitude, longitude, accuracy = self.fix
+        self.send(type="peer_position", latitude=latitude, longitude=longitude,
+                  accuracy_m=accuracy)
+
+    @classmethod
+    def distance_m(cls, a: tuple[float, float], b: tuple[float, float]) -> float:
+        import math
+        phi1, phi2 = math.radians(a[0]), math.radians(b[0])
+        h = (math.sin((phi2 - phi1) / 2) ** 2
+             + math.cos(phi1) * math.cos(phi2) * math.sin(math.radians(b[1] - a[1]) / 2) ** 2)
+        return 2 * cls.EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+    def verdict(self, frame: dict[str, Any], radius_m: float) -> str:
+        """"The accuracy rule": in, out or uncertain."""
+        d = self.distance_m(self.fix[:2], (frame["latitude"], frame["longitude"]))
+        c = (self.fix[2] ** 2 + (frame.get("accuracy_m") or 0.0) ** 2) ** 0.5
+        if d <= radius_m and c <= 3 * radius_m:
+            return "in"
+        return "out" if d - c > radius_m else "uncertain"
+
+    def token_for(self, peer_contact_id: str) -> str:
+        """"The witness token: exact byte input"."""
+        import hashlib
+        low, high = sorted((self.contact_id, peer_contact_id))
+        return hashlib.sha256((low + high).encode("ascii")).hexdigest()
+
+    async def hellos(self) -> dict[str, Any]:
+        """"The exchange", step 1: our hello at once, the peer's must be its first frame."""
+        await asyncio.wait_for(self.opened.wait(), TIMEOUT_S)
+        self.send(type="peer_hello", version=2, contact_id=self.contact_id,
+                  min_contact_s=self.min_contact_s, radius_m=self.radius_m)
+        hello_ = await self.receive()
+        assert hello_["type"] == "peer_hello" and hello_["version"] >= 2
+        assert set(hello_) == {"type", "version", "contact_id", "min_contact_s", "radius_m"}
+        self.send_position()                     # step 2: right after the hellos
+        return hello_
+
+    async def close_contact(self, reason: str) -> None:
+        """Step 4: ``close``, then wait up to 2 s for the peer to close, then close."""
+        self.send(type="close", reason=reason)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closed_by_peer.wait(), 2.0)
+        await self.close()
+
+
+KIT_FIX = Fix(43.6045, 1.444, 4.0)
+DOC_FIX = (43.6045 + 3 / 111_195.0, 1.444, 4.0)   # 3 m north of the kit
+
+
+async def test_a_peer_written_from_the_document_witnesses_as_initiator() -> None:
+    """The document's initiator, ``min_contact_s`` 0.5 TU (stricter than the kit's 0), against
+    the kit's responder: hellos, positions both ways, the token only after the effective
+    ``min_contact_s`` measured by the document's own rule, the ack, then ``close``."""
+    min_contact = 0.5 * TIME_UNIT
+    sig_doc, sig_kit, log = signaling_pair()
+    doc = DocPeer(fresh_id(), min_contact_s=min_contact, radius_m=10.0, fix=DOC_FIX)
+    kit_id, store, events = fresh_id(), DictStore(), []
+    kit = asyncio.create_task(witness(
+        role="responder", contact_id=kit_id, signaling=sig_kit, webrtc=LOOPBACK,
+        store_token=store, timeout_s=TIMEOUT_S, own_fix=lambda: KIT_FIX,
+        contact=ContactSettings(contact_gap_s=60.0, position_interval_s=0.1,
+                                token_timeout_s=TIMEOUT_S), on_event=events.append))
+    try:
+        await doc.offer(sig_doc)
+        kit_hello = await doc.hellos()
+        assert kit_hello["contact_id"] == kit_id and kit_hello["min_contact_s"] == 0.0
+        radius = min(doc.radius_m, kit_hello["radius_m"])
+        token = doc.token_for(kit_hello["contact_id"])
+        first_in: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:                              # measure until min_contact_s within
+            frame = await doc.receive()
+            assert frame["type"] in ("peer_position", "heartbeat"), frame
+            doc.send_position()
+            if frame["type"] == "peer_position" and doc.verdict(frame, radius) == "in":
+                first_in = loop.time() if first_in is None else first_in
+                if loop.time() - first_in >= min_contact:
+                    break
+        assert store.tokens == {}, "the responder stores only the token it is sent"
+        doc.send(type="token", token=token)
+        while (frame := await doc.receive())["type"] != "ack":
+            assert frame["type"] in ("peer_position", "heartbeat"), frame
+        assert frame == {"type": "ack", "token": token}
+        assert store.tokens == {token: 1}
+        await doc.close_contact("stopped")
+        assert await asyncio.wait_for(kit, TIMEOUT_S) == HandshakeCompleted(token, True)
+    finally:
+        kit.cancel()
+        await doc.close()
+    ended = [e for e in events if isinstance(e, ContactEnded)]
+    assert [e.reason for e in ended] == ["peer_closed"] and ended[0].token == token
+    samples = [e.sample for e in events if isinstance(e, PeerSample)]
+    assert samples and all(2.5 < s.distance_m < 3.5 and s.verdict == "in" for s in samples)
+    positions = [f for f in doc.frames if f["type"] == "peer_position"]
+    assert positions and positions[0] == {"type": "peer_position", "latitude": 43.6045,
+                                          "longitude": 1.444, "accuracy_m": 4.0}
+    assert all(doc.contact_id not in sdp for _, sdp in log)
+
+
+async def test_a_peer_written_from_the_document_witnesses_as_responder() -> None:
+    """The kit's initiator (``min_contact_s`` 0) against the document's responder, which
+    checks the token from the two contact IDs, stores it, acks, and later parts."""
+    sig_kit, sig_doc, _log = signaling_pair()
+    doc = DocPeer(fresh_id(), min_contact_s=0.0, radius_m=15.0, fix=DOC_FIX)
+    kit_id, store, events = fresh_id(), DictStore(), []
+    kit = asyncio.create_task(witness(
+        role="initiator", contact_id=kit_id, signaling=sig_kit, webrtc=LOOPBACK,
+        store_token=store, timeout_s=TIMEOUT_S, own_fix=lambda: KIT_FIX,
+        contact=ContactSettings(contact_gap_s=60.0, position_interval_s=0.1,
+                                token_timeout_s=TIMEOUT_S), on_event=events.append))
+    try:
+        await doc.answer(sig_doc)
+        kit_hello = await doc.hellos()
+        expected = doc.token_for(kit_hello["contact_id"])
+        while (frame := await doc.receive())["type"] != "token":
+            assert frame["type"] in ("peer_position", "heartbeat"), frame
+        assert frame == {"type": "token", "token": expected}
+        doc.send(type="ack", token=expected)     # "stored" on this side, then the ack
+        kept = 0
+        while kept < 3:                          # the contact goes on: positions both ways
+            frame = await doc.receive()
+            assert frame["type"] in ("peer_position", "heartbeat"), frame
+            doc.send_position()
+            kept += 1
+        await doc.close_contact("parted")
+        assert await asyncio.wait_for(kit, TIMEOUT_S) == HandshakeCompleted(expected, True)
+    finally:
+        kit.cancel()
+        await doc.close()
+    assert store.tokens == {expected: 1}
+    ended = [e for e in events if isinstance(e, ContactEnded)]
+    assert [e.reason for e in ended] == ["peer_closed"] and ended[0].token == expected
+    established = [e for e in events if isinstance(e, Established)]
+    assert established == [Established(radius_m=10.0, min_contact_s=0.0)]

@@ -11,7 +11,8 @@ its own fixes (:meth:`ContactMeter.own`) and the peer's (:meth:`ContactMeter.pee
 * **implausible jumps** are rejected: a fix implying a speed above ``max_speed_mps`` since the
   same device's previous *accepted* fix is never used (so one outlier never makes a contact).
   The first fix of each device is accepted; a rejected fix leaves the previous one in place, so
-  a device that really moved is accepted again once the elapsed time makes the move plausible;
+  a device that really moved is accepted again once the elapsed time makes the move plausible,
+  or after :data:`JUMP_CONFIRMATIONS` consecutive rejected fixes that agree with each other;
 * **duration within the radius** (``duration_s``): the span from the first ``in`` sample to the
   latest, where a gap between two consecutive ``in`` samples shorter than ``contact_gap_s``
   is bridged; a longer gap starts a new span and the spans add up;
@@ -109,25 +110,61 @@ class ContactSettings:
         return max(3 * self.position_interval_s, self.contact_gap_s)
 
 
-class JumpFilter:
-    """Accepts one device's fixes unless one implies a speed above ``max_speed_mps``."""
+JUMP_CONFIRMATIONS = 3
+"""Consecutive rejected fixes, each plausible after the one before, that show the device
+really is elsewhere: the last of them is accepted (docs/protocol.md, "Contact measures")."""
 
-    def __init__(self, max_speed_mps: float) -> None:
+
+class JumpFilter:
+    """Accepts one device's fixes unless one implies a speed above ``max_speed_mps``.
+
+    A fix is plausible when the distance from the last accepted fix (metres) is at most
+    ``max_speed_mps`` times the seconds since it was accepted. An implausible fix is rejected,
+    unless it ends a run of :data:`JUMP_CONFIRMATIONS` rejected fixes, each plausible after the
+    one before (a fix equal to the one before, such as the same fix fed again at every tick,
+    confirms nothing and is skipped): the device then really is elsewhere (a receiver's wrong
+    first fix after a cold start, a ride faster than the bound) and that fix is accepted. A
+    single jump, or two in a row, is never accepted; without the confirmations one wrong first
+    fix would hold off every true one for distance / ``max_speed_mps`` seconds (an hour for
+    100 km at 30 m/s).
+    """
+
+    def __init__(self, max_speed_mps: float, confirmations: int = JUMP_CONFIRMATIONS) -> None:
+        if confirmations < 2:
+            raise ValueError(f"confirmations must be at least 2, got {confirmations}")
         self.max_speed_mps = max_speed_mps
+        self.confirmations = confirmations
         self.last: Fix | None = None
         self._at: float | None = None
+        self._run: list[tuple[Fix, float]] = []   # the rejected fixes of the current run
         self.rejected = 0
 
+    def _plausible(self, before: Fix, at: float, fix: Fix, now: float) -> bool:
+        moved = haversine_m(before.latitude, before.longitude, fix.latitude, fix.longitude)
+        return moved <= self.max_speed_mps * max(0.0, now - at)
+
     def accept(self, fix: Fix, now: float) -> bool:
-        """True (and remembered) when ``fix`` is plausible after the last accepted one."""
-        if self.last is not None and self._at is not None:
-            moved = haversine_m(self.last.latitude, self.last.longitude,
-                                fix.latitude, fix.longitude)
-            if moved > self.max_speed_mps * max(0.0, now - self._at):
+        """True (and remembered) when ``fix`` is plausible after the last accepted one, or
+        confirms a run of rejected fixes (see the class docstring)."""
+        if (self.last is not None and self._at is not None
+                and not self._plausible(self.last, self._at, fix, now)):
+            if self._run and fix == self._run[-1][0]:   # the same fix again confirms nothing
                 self.rejected += 1
                 return False
+            if self._run and not self._plausible(*self._run[-1], fix, now):
+                self._run.clear()
+            self._run.append((fix, now))
+            if len(self._run) < self.confirmations:
+                self.rejected += 1
+                return False
+        self._run.clear()
         self.last, self._at = fix, now
         return True
+
+    def forget(self) -> None:
+        """Drop every fix held (the accepted one and a pending run); the count stays."""
+        self.last, self._at = None, None
+        self._run.clear()
 
 
 class ContactMeter:
@@ -197,7 +234,8 @@ class ContactMeter:
 
     def forget_positions(self) -> None:
         """Drop both devices' last fixes (the contact ended); the measures stay."""
-        self._own.last = self._peer.last = None
+        self._own.forget()
+        self._peer.forget()
 
     def measures(self) -> ContactMeasures:
         """The contact's measures so far."""
