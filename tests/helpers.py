@@ -1,11 +1,13 @@
 """Shared test helpers: loopback engines around a real in-process broker, event waiting, a
-broker link that only fails, a TLS broker, loopback ports that refuse or never answer."""
+broker link that only fails, a TLS broker, a free loopback port, loopback ports that refuse or
+never answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -176,11 +178,52 @@ async def collect_disconnects(url: str, count: int) -> list[BrokerDisconnected]:
     return [e for e in events if isinstance(e, BrokerDisconnected)][:count]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range (``ip_local_port_range``), first and last port."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(*, udp: bool = False) -> int:
+    """A TCP port (a UDP port with ``udp``) free on 127.0.0.1 right now, below the kernel's
+    ephemeral range: the one free-port helper of the tests, for a server started later on that
+    number (gpsd under gpsfake, ``fanny-broker serve --port``, redis-server, coturn, a device's
+    ``[broker] url`` where nothing listens yet).
+
+    Not a port-0 pick: the server binds the number later (gpsd ~0.5 s later), and in that
+    window a port from the ephemeral range can go to any other test binding port 0 or to any
+    outgoing connection; ports below the range only go to whoever asks for them by number.
+    A caller may still lose the port to another test picking the same number: one that can
+    should retry (see tests/servers.py ``start_redis``).
+
+    Raises:
+        RuntimeError: no free port found in 200 random tries.
+    """
+    low, _high = _ephemeral_range()
+    top = max(low, 20_001)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20_000, top)
+        with socket.socket(socket.AF_INET,
+                           socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free {'UDP' if udp else 'TCP'} port found on 127.0.0.1")
+
+
 @contextlib.contextmanager
 def loopback_port(*, listening: bool) -> Iterator[int]:
-    """A loopback TCP port: bound only (connections are refused) or listening but never
-    accepting (a connection opens, then nothing answers: the link waits for its 10 s
-    handshake time-out, and nothing is heard from the broker meanwhile)."""
+    """A loopback TCP port held by the test for the block: bound only (connections are
+    refused) or listening but never accepting (a connection opens, then nothing answers: the
+    link waits for its 10 s handshake time-out, and nothing is heard from the broker
+    meanwhile). Not a free port (see :func:`free_port`): the port stays taken, so nothing
+    else can answer on it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     if listening:

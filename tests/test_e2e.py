@@ -32,7 +32,7 @@ from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES, PositiveToken
 from fanny_tui.protocol.tokens import craft_token
 from fanny_tui.store import StoreError, TokenStore
 
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, free_port, running_device
 
 POLL_S = 1.0
 
@@ -135,12 +135,13 @@ async def test_witness_then_positive_then_exposure(tmp_path):
     assert any(json.loads(raw)["type"] == "signal" for _, raw in recorder.frames)
 
 
-async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path, unused_tcp_port):
-    settings = _settings(tmp_path, port=unused_tcp_port)
+async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path):
+    port = free_port()
+    settings = _settings(tmp_path, port=port)
     create_board(tmp_path / "broker.sqlite3")          # as an operator does, once
     code = _code(tmp_path)                              # issued while the broker is down
     tokens = _stock(tmp_path / "a", 1)
-    url = f"ws://127.0.0.1:{unused_tcp_port}"
+    url = f"ws://127.0.0.1:{port}"
     async with running_device(_one_device_config(url), tmp_path / "a",
                               FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
         await a.wait_event("broker_disconnected")
@@ -347,14 +348,6 @@ async def test_a_read_only_store_still_raises_the_exposure_alert_once(tmp_path):
         assert len(a.of("exposure_alert")) == 1                        # alerted once
         assert _held(a.data_dir) == dict.fromkeys(tokens, False)       # nothing lost
         _degrade(a.engine._store, "query_only = 0")
-
-
-@pytest.fixture
-def unused_tcp_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_position_message_caps_a_nonsense_accuracy():

@@ -5,7 +5,6 @@ loopback."""
 from __future__ import annotations
 
 import os
-import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from fanny_tui.positives import declare, upload_pending
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.store import TokenStore
 
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, free_port, running_device
 
 POLL_S = 20.0
 """Poll interval of the devices: an announced poll waits at most POLL_S / 10 = 2 s."""
@@ -69,9 +68,7 @@ async def test_an_announcement_brings_the_alert_to_every_device_long_before_the_
 
 
 async def test_failed_polls_are_events_until_a_poll_succeeds(tmp_path):
-    with socket.socket() as probe:                         # a free loopback port, no broker yet
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()                                     # no broker yet
     config = device_config(f"ws://127.0.0.1:{port}", poll_interval_s=0.3)
     async with running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0)) as a:
         await a.wait_for(lambda e: isinstance(e, PositivesPollFailed) and e.attempts == 2,

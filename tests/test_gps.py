@@ -47,7 +47,8 @@ from fanny_tui.gps import (
     usable_position,
 )
 from fanny_tui.protocol.proximity import haversine_m
-from tests.gpsfake import GpsFake, free_port, gpsd_running_on, gpsfake, gpsfake_sentence_count
+from tests.gpsfake import GpsFake, gpsd_running_on, gpsfake, gpsfake_sentence_count
+from tests.helpers import free_port
 
 DATA = Path(__file__).parent / "data"
 NMEA = DATA / "nmea"

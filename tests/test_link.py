@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,9 +189,8 @@ def _assert_backs_off(delays: list[float]) -> None:
 
 
 async def test_refused_connections_back_off_and_say_so():
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))            # bound, not listening: connection refused
-        url = f"ws://127.0.0.1:{sock.getsockname()[1]}"
+    with loopback_port(listening=False) as port:        # connection refused
+        url = f"ws://127.0.0.1:{port}"
         events = await collect_disconnects(url, 5)
     assert all("ConnectionRefusedError" in e.reason for e in events)
     assert len({e.reason for e in events}) == 1   # identical: the UI shows it once

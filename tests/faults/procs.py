@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.__main__ import create_board
-from tests.gpsfake import free_port
 from tests.helpers import LAT, LON
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "board_tokens",
     "board_upload_ids",
     "event_time",
-    "free_port",
     "healthz",
     "tokens_json",
     "wait_healthz",

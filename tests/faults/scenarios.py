@@ -47,7 +47,7 @@ from fanny_tui.protocol.proximity import haversine_m
 from fanny_tui.protocol.tokens import is_token
 from fanny_tui.store import TokenStore
 from tests.gpsfake import GpsFake
-from tests.helpers import LAT, METRE_LAT, running_device
+from tests.helpers import LAT, METRE_LAT, free_port, running_device
 
 from .procs import (
     BIN,
@@ -58,7 +58,6 @@ from .procs import (
     board_tokens,
     board_upload_ids,
     event_time,
-    free_port,
     tokens_json,
     wait_healthz,
     write_device_config,
