@@ -1,6 +1,6 @@
-"""Shared test helpers: loopback engines around a real in-process broker, event waiting, a
-broker link that only fails, a TLS broker, a free loopback port, loopback ports that refuse or
-never answer."""
+"""Shared test helpers: loopback engines around a real in-process broker, event waiting, fixed
+positions and a pair of devices a few metres apart, a broker link that only fails, a TLS broker,
+a free loopback port, loopback ports that refuse or never answer."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import Engine
 from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
+from fanny_tui.gps import FixedSource, PositionSource
 from fanny_tui.link import BrokerLink
 from fanny_tui.protocol.messages import Hello, Role
 
@@ -110,7 +111,7 @@ class Device:
 
 
 @contextlib.asynccontextmanager
-async def running_device(config: Config, data_dir: Path, source: object, *,
+async def running_device(config: Config, data_dir: Path, source: PositionSource, *,
                          subscriber: Callable[[Event], None] | None = None
                          ) -> AsyncIterator[Device]:
     """Run an engine for the duration of the block, then stop it cleanly.
@@ -128,6 +129,30 @@ async def running_device(config: Config, data_dir: Path, source: object, *,
     finally:
         await engine.stop()
         await asyncio.wait_for(device.task, 15)
+
+
+def fixed_at(north_m: float = 0.0, *, accuracy_m: float = 4.0,
+             interval_s: float = 0.2) -> FixedSource:
+    """A fixed position ``north_m`` metres north of (:data:`LAT`, :data:`LON`) (WGS84), its
+    fix reported ``accuracy_m`` metres accurate every ``interval_s`` seconds."""
+    return FixedSource(LAT + north_m * METRE_LAT, LON, accuracy_m, interval_s=interval_s)
+
+
+@contextlib.asynccontextmanager
+async def device_pair(tmp_path: Path, config: Config, config_b: Config | None = None, *,
+                      apart_m: float = 3.0, accuracy_m: float = 4.0,
+                      names: tuple[str, str] = ("a", "b")) -> AsyncIterator[tuple[Device, Device]]:
+    """Two devices ``apart_m`` metres apart, yielded as ``(a, b)``: ``a`` at
+    ``fixed_at(0.0)``, ``b`` at ``fixed_at(apart_m)`` (both ``accuracy_m``), each with its
+    data directory ``tmp_path / name`` (``names``); ``config`` is a's, ``config_b`` (default
+    ``config``) b's. Both run (:func:`running_device`) for the block and stop after it."""
+    first, second = names
+    async with (
+        running_device(config, tmp_path / first, fixed_at(0.0, accuracy_m=accuracy_m)) as a,
+        running_device(config if config_b is None else config_b, tmp_path / second,
+                       fixed_at(apart_m, accuracy_m=accuracy_m)) as b,
+    ):
+        yield a, b
 
 
 def link_config(url: str, ca_file: Path | None = None, **broker: Any) -> Config:

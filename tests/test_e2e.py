@@ -25,14 +25,23 @@ from broker.__main__ import create_board, issue_code
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import parse_config
 from fanny_tui.engine import MAX_CONCURRENT_HANDSHAKES
-from fanny_tui.gps import FixedSource
 from fanny_tui.positives import declare, upload_pending
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES, PositiveToken
 from fanny_tui.protocol.tokens import craft_token
 from fanny_tui.store import StoreError, TokenStore
 
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, free_port, running_device
+from .helpers import (
+    LAT,
+    LON,
+    METRE_LAT,
+    TIME_UNIT,
+    device_config,
+    device_pair,
+    fixed_at,
+    free_port,
+    running_device,
+)
 
 POLL_S = 1.0
 
@@ -64,20 +73,11 @@ def _code(tmp_path: Path) -> str:
     return code
 
 
-async def _witnessed_pair(tmp_path, broker_url):
-    """Two devices 3 m apart; returns the running context managers' devices after both stored."""
-    config = device_config(broker_url, poll_interval_s=POLL_S)
-    a = running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.2))
-    b = running_device(config, tmp_path / "b",
-                       FixedSource(LAT + 3 * METRE_LAT, LON, 4.0, interval_s=0.2))
-    return a, b
-
-
 async def test_witness_then_positive_then_exposure(tmp_path):
     recorder = Recorder()
     async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
-        ctx_a, ctx_b = await _witnessed_pair(tmp_path, broker.url)
-        async with ctx_a as a, ctx_b as b:
+        config = device_config(broker.url, poll_interval_s=POLL_S)
+        async with device_pair(tmp_path, config) as (a, b):
             stored_a = await a.wait_event("token_stored")
             stored_b = await b.wait_event("token_stored")
             # Both stores hold the same token, SHA-256 over the sorted contact IDs (paper 3, 4).
@@ -142,8 +142,7 @@ async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path):
     code = _code(tmp_path)                              # issued while the broker is down
     tokens = _stock(tmp_path / "a", 1)
     url = f"ws://127.0.0.1:{port}"
-    async with running_device(_one_device_config(url), tmp_path / "a",
-                              FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+    async with running_device(_one_device_config(url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("broker_disconnected")
         assert await a.engine.declare_positive(code) == 1
         pending = await a.wait_event("positive_pending")
@@ -153,8 +152,7 @@ async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path):
         assert not a.of("positive_declared")
     # The device restarts, then the broker comes back: the pending upload and its code come
     # back from the store (the broker requires the code), and the retry is acknowledged.
-    async with running_device(_one_device_config(url), tmp_path / "a",
-                              FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+    async with running_device(_one_device_config(url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("positive_pending")
         async with start_broker(settings) as broker:
             declared = await a.wait_event("positive_declared", timeout=60)
@@ -195,8 +193,7 @@ async def test_a_refused_code_keeps_every_token_and_is_not_retried(tmp_path):
     recorder = Recorder()
     tokens = _stock(tmp_path / "a", 3)
     async with start_broker(_settings(tmp_path), recorder=recorder) as broker, \
-            running_device(_one_device_config(broker.url), tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            running_device(_one_device_config(broker.url), tmp_path / "a", fixed_at()) as a:
         with pytest.raises(ValueError, match="16 characters"):
             await a.engine.declare_positive("K7QF-3M9X-TR2B")      # a typo: nothing happens
         assert _held(a.data_dir) == dict.fromkeys(tokens, False)
@@ -225,8 +222,7 @@ async def test_decoys_look_like_uploads_and_change_nothing(tmp_path):
     tokens = _stock(tmp_path / "a", 2)
     async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
         config = _one_device_config(broker.url, decoy_uploads=True, decoy_interval_s=1.0)
-        async with running_device(config, tmp_path / "a",
-                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        async with running_device(config, tmp_path / "a", fixed_at()) as a:
             def decoys() -> list[str]:
                 return [raw for kind, raw in recorder.frames
                         if kind == "anonymous" and '"decoy":true' in raw]
@@ -270,16 +266,12 @@ def _fill(store: TokenStore) -> int:
 async def test_disk_full_fails_the_witness_cleanly_and_recovers(tmp_path):
     async with start_broker(_settings(tmp_path, cooldown_s=1.0)) as broker:
         config = device_config(broker.url, poll_interval_s=POLL_S)
-        ctx_a = running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0,
-                                                                   interval_s=0.2))
-        async with ctx_a as a:
+        async with running_device(config, tmp_path / "a", fixed_at()) as a:
             store = a.engine._store
             assert store is not None
             _fill(store)
             before = {t.token for t in store.tokens()}
-            async with running_device(config, tmp_path / "b",
-                                      FixedSource(LAT + 3 * METRE_LAT, LON, 4.0,
-                                                  interval_s=0.2)) as b:
+            async with running_device(config, tmp_path / "b", fixed_at(3.0)) as b:
                 failed = await a.wait_event("handshake_failed")
                 assert failed.reason.startswith("store_failed"), failed.reason
                 error = await a.wait_event("error")
@@ -304,8 +296,7 @@ async def test_disk_full_fails_the_witness_cleanly_and_recovers(tmp_path):
 async def test_a_read_only_store_is_an_error_not_a_crash(tmp_path):
     tokens = _stock(tmp_path / "a", 2)
     async with start_broker(_settings(tmp_path)) as broker, \
-            running_device(_one_device_config(broker.url), tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            running_device(_one_device_config(broker.url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("positives_polled")
         store = a.engine._store
         assert store is not None
@@ -332,8 +323,7 @@ async def test_a_read_only_store_still_raises_the_exposure_alert_once(tmp_path):
     """The store cannot record a match, but the tester must still learn of the exposure."""
     tokens = sorted(_stock(tmp_path / "a", 2))
     async with start_broker(_settings(tmp_path)) as broker, \
-            running_device(_one_device_config(broker.url), tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            running_device(_one_device_config(broker.url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("positives_polled")
         _degrade(a.engine._store, "query_only = 1")     # the file system went read-only
         positive = TokenStore.in_dir(tmp_path / "positive")   # the contact, declaring
@@ -365,8 +355,7 @@ async def test_a_running_engine_sends_a_declaration_made_by_another_process(tmp_
     """`fanny-tui declare-positive` on the store of a running app: the app sends it."""
     tokens = _stock(tmp_path / "a", 2)
     async with start_broker(_settings(tmp_path)) as broker, \
-            running_device(_one_device_config(broker.url), tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            running_device(_one_device_config(broker.url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("positives_polled")
         other = TokenStore.in_dir(tmp_path / "a")            # as another process would
         declare(other, _code(tmp_path))
@@ -418,8 +407,7 @@ async def test_token_after_min_contact_measured_peer_to_peer_then_the_pair_parts
         config = _contact_config(broker.url, min_contact)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
-            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
-            as a,
+            running_device(config, tmp_path / "a", fixed_at(interval_s=0.1)) as a,
             running_device(config, tmp_path / "b", walker) as b,
         ):
             stored = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT)
@@ -481,8 +469,7 @@ async def test_a_pair_that_parts_before_min_contact_leaves_nothing(tmp_path):
         config = _contact_config(broker.url, min_contact_s=30.0)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
-            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
-            as a,
+            running_device(config, tmp_path / "a", fixed_at(interval_s=0.1)) as a,
             running_device(config, tmp_path / "b", walker) as b,
         ):
             for device in (a, b):

@@ -16,7 +16,7 @@ from fanny_tui.engine import CANCEL_AGAIN_S, Engine
 from fanny_tui.events import GpsFix, GpsLost
 from fanny_tui.gps import FixedSource
 
-from .helpers import LAT, LON, TIME_UNIT, device_config, free_port, running_device
+from .helpers import LAT, LON, TIME_UNIT, device_config, fixed_at, free_port, running_device
 
 
 class SwallowsOneCancel(FixedSource):
@@ -51,11 +51,11 @@ async def test_stop_finishes_even_when_a_loop_swallowed_its_cancellation(tmp_pat
 
 async def test_the_data_directory_is_locked_while_the_engine_runs(tmp_path):
     config = device_config(f"ws://127.0.0.1:{free_port()}")      # nothing listens there
-    source = FixedSource(LAT, LON, 3.0, interval_s=0.2)
+    source = fixed_at(accuracy_m=3.0)
     async with running_device(config, tmp_path, source):
         with pytest.raises(DataDirBusy, match=f"the data directory {tmp_path} is in use by"):
             DataDirLock(tmp_path).acquire()
-        second = Engine(config, tmp_path, source=FixedSource(LAT, LON, 3.0))
+        second = Engine(config, tmp_path, source=fixed_at(accuracy_m=3.0))
         with pytest.raises(DataDirBusy):
             await asyncio.wait_for(second.run(), 5 * TIME_UNIT)
     with DataDirLock(tmp_path):          # let go when the engine stopped

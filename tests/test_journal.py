@@ -39,10 +39,17 @@ from fanny_tui.events import (
     PositivesPolled,
     TokenStored,
 )
-from fanny_tui.gps import FixedSource
 from fanny_tui.journal import Journal, check_path, token_digest
 
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from .helpers import (
+    LAT,
+    LON,
+    TIME_UNIT,
+    device_config,
+    device_pair,
+    fixed_at,
+    running_device,
+)
 
 TOKEN = "5f" * 32
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -274,8 +281,7 @@ async def test_an_engine_with_an_unwritable_journal_runs_on(tmp_path):
         config = dataclasses.replace(
             device_config(broker.url),
             journal=JournalConfig(path=tmp_path / "file" / "journal.jsonl"))
-        async with running_device(config, tmp_path / "a",
-                                  FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a:
+        async with running_device(config, tmp_path / "a", fixed_at(accuracy_m=3.0)) as a:
             await a.wait_event("broker_connected", timeout=10 * TIME_UNIT)
             await a.wait_event("gps_fix", timeout=10 * TIME_UNIT)
     errors = [e.message for e in a.of("error")]  # type: ignore[attr-defined]
@@ -301,7 +307,7 @@ def _needles(secrets: list[str], tokens: list[str],
 
 async def test_journals_of_a_real_run_hold_the_kinds_and_no_id_token_or_position(tmp_path,
                                                                                  capsys):
-    lat_b = LAT + 3 * METRE_LAT
+    lat_b = fixed_at(3.0).latitude                 # where device_pair puts b
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "broker.db",
                               open_declarations=True)
     journals = {name: tmp_path / f"journal-{name}.jsonl" for name in "ab"}
@@ -309,10 +315,7 @@ async def test_journals_of_a_real_run_hold_the_kinds_and_no_id_token_or_position
         base = device_config(broker.url, poll_interval_s=1.0)
         config_a = dataclasses.replace(base, journal=JournalConfig(path=journals["a"]))
         config_b = dataclasses.replace(base, journal=JournalConfig(path=journals["b"]))
-        async with running_device(config_a, tmp_path / "a",
-                                  FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a, \
-                running_device(config_b, tmp_path / "b",
-                               FixedSource(lat_b, LON, 3.0, interval_s=0.2)) as b:
+        async with device_pair(tmp_path, config_a, config_b, accuracy_m=3.0) as (a, b):
             stored_a = await a.wait_event("token_stored", timeout=30 * TIME_UNIT)
             stored_b = await b.wait_event("token_stored", timeout=30 * TIME_UNIT)
             # Events the engine on main does not emit yet, through the real engine's emit():

@@ -23,7 +23,6 @@ from benchmarks.common import byte_relay, websocket_parts
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import ConfigError
 from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
-from fanny_tui.gps import FixedSource
 from fanny_tui.link import BrokerLink, anonymous_connection, ssl_context_for
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import (
@@ -35,11 +34,10 @@ from fanny_tui.protocol.messages import (
 from fanny_tui.store import TokenStore
 
 from .helpers import (
-    LAT,
-    LON,
     SESSION_ID,
     TIME_UNIT,
     collect_disconnects,
+    fixed_at,
     link_config,
     loopback_port,
     running_device,
@@ -134,8 +132,7 @@ async def test_a_device_trusting_the_ca_works_over_wss(tmp_path, pki):
     async with tls_broker(tmp_path, pki, frames) as broker:
         _one_token(tmp_path / "dev")
         config = link_config(broker.url, pki["ca"])
-        async with running_device(config, tmp_path / "dev",
-                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as device:
+        async with running_device(config, tmp_path / "dev", fixed_at()) as device:
             connected = await device.wait_event("broker_connected")
             assert connected.url == broker.url
             await device.wait_event("positives_polled")      # anonymous connection over TLS
@@ -154,8 +151,7 @@ async def test_a_device_trusting_another_ca_never_says_hello(tmp_path, pki):
     async with tls_broker(tmp_path, pki, frames) as broker:
         _one_token(tmp_path / "dev")
         config = link_config(broker.url, pki["other"])
-        async with running_device(config, tmp_path / "dev",
-                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as device:
+        async with running_device(config, tmp_path / "dev", fixed_at()) as device:
             first = await device.wait_event("broker_disconnected")
             await device.wait_for(lambda e: e.event == "broker_disconnected" and e is not first)
             # The anonymous connections fail the same way: the upload stays pending.
