@@ -111,11 +111,12 @@ class Device:
 
 
 @contextlib.asynccontextmanager
-async def running_device(config: Config, data_dir: Path, source: PositionSource, *,
+async def running_device(config: Config, data_dir: Path, source: PositionSource | None, *,
                          subscriber: Callable[[Event], None] | None = None
                          ) -> AsyncIterator[Device]:
     """Run an engine for the duration of the block, then stop it cleanly.
 
+    ``source``: its positions (:func:`fixed_at`...), or None for the one ``config.gps`` names.
     ``subscriber``, if given, gets every event from the start too (e.g. to time them)."""
     engine = Engine(config, data_dir, source=source)
     device = Device(engine, data_dir)

@@ -308,6 +308,16 @@ class Processes:
         self._items.append(item)
         return item
 
+    def device(self, workdir: Path, name: str, *, port: int, latitude: float = LAT,
+               **config: float) -> HeadlessDevice:
+        """A tracked, not yet started :class:`HeadlessDevice` ``name`` at ``latitude`` (WGS84
+        degrees) talking to the broker on ``port``: its configuration ``workdir/NAME.toml``
+        (:func:`write_device_config`, with ``config``'s other keys), its store
+        ``workdir/NAME``, its log ``workdir/NAME.log``."""
+        path = write_device_config(workdir / f"{name}.toml", port=port, latitude=latitude,
+                                   **config)
+        return self.add(HeadlessDevice(name, path, workdir / name, workdir / f"{name}.log"))
+
     async def __aenter__(self) -> Processes:
         return self
 

@@ -313,12 +313,8 @@ async def broker_restarted(workdir: Path, *, stop_signal: int = signal.SIGTERM,
     async with Processes() as procs:
         broker = procs.add(BrokerProcess(port, db, workdir / "broker-1.log"))
         await broker.start()
-        devices = []
-        for name, latitude in (("a", LAT), ("b", LAT + 2 * METRE_LAT)):
-            config = write_device_config(workdir / f"{name}.toml", port=port, latitude=latitude,
-                                         poll_interval_s=0.5)
-            devices.append(procs.add(HeadlessDevice(name, config, workdir / name,
-                                                    workdir / f"{name}.log")))
+        devices = [procs.device(workdir, name, port=port, latitude=latitude, poll_interval_s=0.5)
+                   for name, latitude in (("a", LAT), ("b", LAT + 2 * METRE_LAT))]
         for device in devices:
             await device.start()
         stored = [(await d.wait_for("token_stored"))[1] for d in devices]
@@ -575,9 +571,8 @@ async def peer_vanishes_mid_handshake(workdir: Path, *, fault: int = signal.SIGK
         await broker.start()
 
         def device(name: str, latitude: float) -> HeadlessDevice:
-            config = write_device_config(workdir / f"{name}.toml", port=port, latitude=latitude,
-                                         handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
-            return procs.add(HeadlessDevice(name, config, workdir / name, workdir / f"{name}.log"))
+            return procs.device(workdir, name, port=port, latitude=latitude,
+                                handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
 
         survivor = await device("survivor", LAT).start()
         await survivor.wait_for("broker_connected")
@@ -679,9 +674,8 @@ async def peer_killed_at_random(workdir: Path, *, seed: int,
         await broker.start()
 
         def device(name: str, latitude: float) -> HeadlessDevice:
-            config = write_device_config(workdir / f"{name}.toml", port=port, latitude=latitude,
-                                         handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
-            return procs.add(HeadlessDevice(name, config, workdir / name, workdir / f"{name}.log"))
+            return procs.device(workdir, name, port=port, latitude=latitude,
+                                handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
 
         survivor = await device("survivor", LAT).start()
         await survivor.wait_for("broker_connected")
