@@ -26,7 +26,6 @@ estimated position.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import re
@@ -41,9 +40,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fanny_tui.events import GpsFix, GpsLost
-from fanny_tui.gps import GpsdDecoder, GpsdFixTracker, GpsdSource, NmeaReplaySource, parse_nmea_log
+from fanny_tui.gps import (
+    GpsdDecoder,
+    GpsdFixTracker,
+    GpsdSource,
+    NmeaReplaySource,
+    PositionSource,
+    parse_nmea_log,
+)
 from tests.fuzz import fuzz_settings, report, scaled, tried
-from tests.test_gps import VERSION, GpsdLike
+from tests.test_gps import VERSION, Collector, GpsdLike
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CAPTURES = sorted((DATA / "gpsd-json").glob("*.jsonl"))
@@ -370,30 +376,28 @@ def test_gpsd_corrupted_real_streams_never_give_a_false_position() -> None:
 async def through_gpsd_source(script: list[bytes], done: Callable[[list[Event]], bool],
                               timeout_s: float = 20.0) -> list[Event]:
     """Play ``script`` to a real GpsdSource over loopback; its events once ``done(events)``."""
-    events: list[Event] = []
     # Each chunk one write, drained, then a short pause so that the client reads it on its own.
     paced: list[bytes | float] = [item for chunk in script for item in (chunk, 0.0005)]
     async with GpsdLike([VERSION], paced, close_after=True) as server:
-        source = GpsdSource("127.0.0.1", server.port, stale_after_s=600.0,
-                            reconnect_min_s=600.0, reconnect_max_s=600.0)
+        return await _events_until(
+            GpsdSource("127.0.0.1", server.port, stale_after_s=600.0, reconnect_min_s=600.0,
+                       reconnect_max_s=600.0), done, timeout_s)
 
-        async def consume() -> None:
-            async for item in source.stream():
-                events.append(item)
 
-        task = asyncio.create_task(consume())
-        try:
-            async with asyncio.timeout(timeout_s):  # a guard against a hang, not a timing test
-                while not done(events):
-                    if task.done():
-                        task.result()
-                        raise AssertionError(f"the stream ended: {events}")
-                    await asyncio.sleep(0.002)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    return events
+async def _events_until(source: PositionSource, done: Callable[[list[Event]], bool],
+                        timeout_s: float = 20.0) -> list[Event]:
+    """``source``'s events, read until ``done(events)`` (test_gps's :class:`Collector`, looking
+    every 2 ms); the timeout is a guard against a hang, not a timing test.
+
+    Raises:
+        AssertionError: the stream ended first, or ``timeout_s`` passed.
+    """
+    collector = Collector(source)
+    try:
+        await collector.wait_for(done, timeout_s, poll_s=0.002)
+    finally:
+        await collector.close()
+    return collector.events
 
 
 def closed(events: list[Event]) -> bool:
@@ -556,23 +560,8 @@ def test_nmea_real_logs_whole_are_true() -> None:
 
 
 async def _replay(path: Path, done: Callable[[list[Event]], bool]) -> list[Event]:
-    events: list[Event] = []
-    source = NmeaReplaySource(path, rate=2000.0, loop=False, retry_s=600.0)
-
-    async def consume() -> None:
-        async for item in source.stream():
-            events.append(item)
-
-    task = asyncio.create_task(consume())
-    try:
-        async with asyncio.timeout(20.0):  # a guard against a hang, not a timing test
-            while not done(events):
-                await asyncio.sleep(0.002)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    return events
+    return await _events_until(NmeaReplaySource(path, rate=2000.0, loop=False, retry_s=600.0),
+                               done)
 
 
 @pytest.mark.parametrize("ending", [*sorted(LINE_ENDINGS), "cr"])
