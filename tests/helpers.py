@@ -62,20 +62,31 @@ def handshake_snapshot(machine: WitnessHandshake) -> tuple[Any, ...]:
 
 
 def device_config(broker_url: str | list[str], *,
-                  positives: dict[str, str] | None = None, **protocol: float) -> Config:
-    """Loopback-only device configuration with short intervals for tests.
+                  positives: dict[str, str] | None = None,
+                  broker: dict[str, Any] | None = None,
+                  privacy: dict[str, Any] | None = None, **protocol: float) -> Config:
+    """Loopback-only device configuration with short intervals for tests: the one builder of
+    a test device's configuration.
 
     ``broker_url``: ``[broker] url`` (one URL or a region's list); ``positives``: name -> URL
-    of ``[[positives]]`` brokers polled for positive tokens only."""
+    of ``[[positives]]`` brokers polled for positive tokens only; ``broker``: more ``[broker]``
+    keys (``ca_file``, ``reconnect_max_s``...); ``privacy``: ``[privacy]`` keys; the other
+    keyword arguments: ``[protocol]`` keys (seconds, metres).
+
+    Raises:
+        ConfigError: a bad key or value (as :func:`~fanny_tui.config.parse_config`).
+    """
     settings = {"radius_m": 15.0, "position_interval_s": 0.3, "poll_interval_s": 1.0,
                 "handshake_timeout_s": 10.0}
     settings.update(protocol)
     return parse_config({
-        "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
+                   **(broker or {})},
         "positives": [{"name": name, "url": url} for name, url in (positives or {}).items()],
         "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
         "protocol": settings,
         "webrtc": {"host_addresses": ["127.0.0.1"]},
+        "privacy": privacy or {},
     })
 
 
@@ -157,18 +168,13 @@ async def device_pair(tmp_path: Path, config: Config, config_b: Config | None = 
 
 
 def link_config(url: str, ca_file: Path | None = None, **broker: Any) -> Config:
-    """A device for broker-link tests: ``[broker] url`` (and ``ca_file``, other ``[broker]``
-    keys), fast reconnects and polls, fixed position, loopback ICE."""
-    section: dict[str, Any] = {"url": url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.4}
+    """A device for broker-link tests (:func:`device_config`): ``[broker] url`` (and
+    ``ca_file``, other ``[broker]`` keys), reconnects within 0.1-0.4 s, a poll every 0.5 s."""
+    section: dict[str, Any] = {"reconnect_max_s": 0.4}
     if ca_file is not None:
         section["ca_file"] = str(ca_file)
     section.update(broker)
-    return parse_config({
-        "broker": section,
-        "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
-        "protocol": {"poll_interval_s": 0.5, "position_interval_s": 0.3},
-        "webrtc": {"host_addresses": ["127.0.0.1"]},
-    })
+    return device_config(url, broker=section, poll_interval_s=0.5)
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,7 @@ import pytest
 
 from broker.__main__ import create_board, issue_code
 from broker.server import BrokerSettings, start_broker
-from fanny_tui.config import parse_config
+from fanny_tui.config import Config
 from fanny_tui.engine import MAX_CONCURRENT_HANDSHAKES
 from fanny_tui.positives import declare, upload_pending
 from fanny_tui.protocol.expiry import expiry_for
@@ -162,14 +162,8 @@ async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path):
             assert {t.token for t in board_tokens} == tokens
 
 
-def _one_device_config(url: str, **privacy: Any) -> Any:
-    return parse_config({
-        "broker": {"url": url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
-        "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
-        "protocol": {"poll_interval_s": POLL_S, "position_interval_s": 0.3},
-        "webrtc": {"host_addresses": ["127.0.0.1"]},
-        "privacy": privacy,
-    })
+def _one_device_config(url: str, **privacy: Any) -> Config:
+    return device_config(url, privacy=privacy, poll_interval_s=POLL_S)
 
 
 def _stock(data_dir: Path, count: int) -> set[str]:
