@@ -181,10 +181,31 @@ class Config:
     journal: JournalConfig = field(default_factory=JournalConfig)
 
 
-class _Section:
-    """Typed reads from one TOML table; every error names ``section.key``."""
+class ConfigSection:
+    """Typed, checked reads from one TOML table of a configuration file: the section validator
+    of the client configuration here and of simulation scenarios (:mod:`fanny_tui.sim.scenario`).
+
+    Every read takes the key and its default (the value used when the key is absent) and
+    returns the value checked (by :mod:`fanny_tui.protocol.validate`); a bad value raises
+    :class:`ConfigError` whose one line names ``section.key`` (e.g. ``gps.latitude``), what was
+    expected and what was found. ``data`` is the table as read, ``name`` its dotted name.
+
+    Usage::
+
+        s = ConfigSection(data.get("gps", {}), "gps", {"latitude", "longitude"})
+        latitude = s.number("latitude", 0.0, low=-90.0, high=90.0)
+    """
 
     def __init__(self, data: Mapping[str, Any], name: str, known: set[str]) -> None:
+        """Args:
+            data: the table (a mapping of key to value, as :mod:`tomllib` reads it).
+            name: the table's name in errors (``"broker"``, ``"ice_servers[0]"``).
+            known: the keys the table may have.
+
+        Raises:
+            ConfigError: ``data`` is not a table (names ``name``), or it has a key not in
+                ``known`` (names ``name.key`` and lists the known keys).
+        """
         if not isinstance(data, Mapping):
             raise ConfigError(name, "a table", data)
         unknown = sorted(set(data) - known)
@@ -193,6 +214,7 @@ class _Section:
         self.data, self.name = data, name
 
     def key(self, key: str) -> str:
+        """``key``'s dotted name in errors: ``section.key``."""
         return f"{self.name}.{key}"
 
     def number(self, key: str, default: float, *, low: float | None = None,
@@ -204,6 +226,7 @@ class _Section:
                            low_open=positive)
 
     def integer(self, key: str, default: int, low: int, high: int) -> int:
+        """An integer (not a boolean) in ``[low, high]``."""
         return self._valid(validate.integer, key, default, low, high)
 
     def url(self, value: object, key: str) -> str:
@@ -222,10 +245,12 @@ class _Section:
         return value
 
     def string(self, key: str, default: str | None) -> str | None:
+        """A string, or None if the key is absent and ``default`` is None."""
         value = self.data.get(key, default)
         return None if value is None else self._valid(validate.string, key, default)
 
     def boolean(self, key: str, default: bool) -> bool:
+        """``true`` or ``false`` (not a number)."""
         return self._valid(validate.boolean, key, default)
 
     def _valid(self, check: Callable[..., _T], key: str, default: object, *args: Any,
@@ -237,7 +262,7 @@ class _Section:
             raise ConfigError(exc.key, exc.expected, exc.got) from None
 
 
-def _path(s: _Section, key: str, base: Path | None) -> Path | None:
+def _path(s: ConfigSection, key: str, base: Path | None) -> Path | None:
     text = s.string(key, None)
     if text is None:
         return None
@@ -248,7 +273,7 @@ def _path(s: _Section, key: str, base: Path | None) -> Path | None:
 
 
 def _broker(data: Mapping[str, Any], base: Path | None) -> BrokerConfig:
-    s = _Section(data, "broker", {"url", "reconnect_min_s", "reconnect_max_s", "ca_file",
+    s = ConfigSection(data, "broker", {"url", "reconnect_min_s", "reconnect_max_s", "ca_file",
                                   "name"})
     value = data.get("url", BrokerConfig.urls[0])
     if isinstance(value, list):
@@ -279,7 +304,7 @@ def _positives(data: object, main: BrokerConfig, base: Path | None
     out: list[PositivesBrokerConfig] = []
     for i, item in enumerate(data):
         key = f"positives[{i}]"
-        s = _Section(item, key, {"url", "name", "ca_file"})
+        s = ConfigSection(item, key, {"url", "name", "ca_file"})
         if "url" not in item:
             raise ConfigError(f"{key}.url", "the ws:// or wss:// URL of a broker polled for "
                               "positive tokens")
@@ -300,7 +325,7 @@ def _positives(data: object, main: BrokerConfig, base: Path | None
 
 
 def _gps(data: Mapping[str, Any], base: Path | None) -> GpsConfig:
-    s = _Section(data, "gps", {"source", "host", "port", "path", "rate", "loop", "latitude",
+    s = ConfigSection(data, "gps", {"source", "host", "port", "path", "rate", "loop", "latitude",
                                "longitude", "accuracy_m", "stale_after_s"})
     source = s.string("source", GpsConfig.source)
     if source not in ("gpsd", "nmea", "fixed"):
@@ -334,7 +359,7 @@ def _gps(data: Mapping[str, Any], base: Path | None) -> GpsConfig:
 
 
 def _protocol(data: Mapping[str, Any]) -> ProtocolConfig:
-    s = _Section(data, "protocol", {"radius_m", "token_lifetime_days", "deletion_hour_utc",
+    s = ConfigSection(data, "protocol", {"radius_m", "token_lifetime_days", "deletion_hour_utc",
                                     "position_interval_s", "poll_interval_s",
                                     "handshake_timeout_s", "min_contact_s", "contact_gap_s",
                                     "max_contact_s", "max_speed_mps"})
@@ -361,7 +386,7 @@ def _ice_server(item: object, index: int) -> IceServer:
     key = f"webrtc.ice_servers[{index}]"
     if not isinstance(item, Mapping):
         raise ConfigError(key, "a table { urls = [...], username = ..., credential = ... }", item)
-    s = _Section(item, key, {"urls", "username", "credential"})
+    s = ConfigSection(item, key, {"urls", "username", "credential"})
     urls = item.get("urls")
     if isinstance(urls, str):
         urls = [urls]
@@ -374,7 +399,7 @@ def _ice_server(item: object, index: int) -> IceServer:
 
 
 def _webrtc(data: Mapping[str, Any]) -> WebRtcConfig:
-    s = _Section(data, "webrtc", {"ice_servers", "host_addresses", "ice_transport_policy"})
+    s = ConfigSection(data, "webrtc", {"ice_servers", "host_addresses", "ice_transport_policy"})
     policy = s.string("ice_transport_policy", WebRtcConfig.ice_transport_policy)
     if policy not in ("all", "relay"):
         raise ConfigError("webrtc.ice_transport_policy", 'one of "all", "relay"', policy)
@@ -399,12 +424,12 @@ def _webrtc(data: Mapping[str, Any]) -> WebRtcConfig:
 
 
 def _storage(data: Mapping[str, Any], base: Path | None) -> StorageConfig:
-    s = _Section(data, "storage", {"data_dir"})
+    s = ConfigSection(data, "storage", {"data_dir"})
     return StorageConfig(data_dir=_path(s, "data_dir", base))
 
 
 def _privacy(data: Mapping[str, Any]) -> PrivacyConfig:
-    s = _Section(data, "privacy", {"decoy_uploads", "decoy_interval_s", "rotation_interval_s"})
+    s = ConfigSection(data, "privacy", {"decoy_uploads", "decoy_interval_s", "rotation_interval_s"})
     return PrivacyConfig(
         decoy_uploads=s.boolean("decoy_uploads", PrivacyConfig.decoy_uploads),
         decoy_interval_s=s.number("decoy_interval_s", PrivacyConfig.decoy_interval_s,
@@ -414,7 +439,7 @@ def _privacy(data: Mapping[str, Any]) -> PrivacyConfig:
 
 
 def _journal(data: Mapping[str, Any], base: Path | None) -> JournalConfig:
-    s = _Section(data, "journal", {"path"})
+    s = ConfigSection(data, "journal", {"path"})
     return JournalConfig(path=_path(s, "path", base))
 
 

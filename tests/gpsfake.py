@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
 import socket
@@ -34,36 +33,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tests.helpers import free_port
+
 GPSFAKE = shutil.which("gpsfake") or "/usr/bin/gpsfake"
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range.
-
-    Not a port-0 pick: gpsfake needs the number before gpsd binds it (~0.5 s later), and in that
-    window a port from the ephemeral range can go to any other test binding port 0 or to any
-    outgoing connection; ports below the range only go to whoever asks for them by number.
-    """
-    low, _high = _ephemeral_range()
-    top = max(low, 20_001)
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(20_000, top)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port found on 127.0.0.1")
 
 
 def _gpsd_answers(port: int) -> bool:

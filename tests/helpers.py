@@ -1,11 +1,13 @@
-"""Shared test helpers: loopback engines around a real in-process broker, event waiting, a
-broker link that only fails, a TLS broker, loopback ports that refuse or never answer."""
+"""Shared test helpers: loopback engines around a real in-process broker, event waiting, fixed
+positions and a pair of devices a few metres apart, a broker link that only fails, a TLS broker,
+a free loopback port, loopback ports that refuse or never answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +22,7 @@ from broker.server import BrokerSettings, RunningBroker, start_broker
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import Engine
 from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event, GpsFix
+from fanny_tui.gps import FixedSource, PositionSource
 from fanny_tui.link import BrokerLink
 from fanny_tui.protocol.messages import Hello, Role
 
@@ -60,20 +63,31 @@ def handshake_snapshot(machine: WitnessHandshake) -> tuple[Any, ...]:
 
 
 def device_config(broker_url: str | list[str], *,
-                  positives: dict[str, str] | None = None, **protocol: float) -> Config:
-    """Loopback-only device configuration with short intervals for tests.
+                  positives: dict[str, str] | None = None,
+                  broker: dict[str, Any] | None = None,
+                  privacy: dict[str, Any] | None = None, **protocol: float) -> Config:
+    """Loopback-only device configuration with short intervals for tests: the one builder of
+    a test device's configuration.
 
     ``broker_url``: ``[broker] url`` (one URL or a region's list); ``positives``: name -> URL
-    of ``[[positives]]`` brokers polled for positive tokens only."""
+    of ``[[positives]]`` brokers polled for positive tokens only; ``broker``: more ``[broker]``
+    keys (``ca_file``, ``reconnect_max_s``...); ``privacy``: ``[privacy]`` keys; the other
+    keyword arguments: ``[protocol]`` keys (seconds, metres).
+
+    Raises:
+        ConfigError: a bad key or value (as :func:`~fanny_tui.config.parse_config`).
+    """
     settings = {"radius_m": 15.0, "position_interval_s": 0.3, "poll_interval_s": 1.0,
                 "handshake_timeout_s": 10.0}
     settings.update(protocol)
     return parse_config({
-        "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        "broker": {"url": broker_url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
+                   **(broker or {})},
         "positives": [{"name": name, "url": url} for name, url in (positives or {}).items()],
         "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
         "protocol": settings,
         "webrtc": {"host_addresses": ["127.0.0.1"]},
+        "privacy": privacy or {},
     })
 
 
@@ -127,11 +141,12 @@ class Device:
 
 
 @contextlib.asynccontextmanager
-async def running_device(config: Config, data_dir: Path, source: object, *,
+async def running_device(config: Config, data_dir: Path, source: PositionSource | None, *,
                          subscriber: Callable[[Event], None] | None = None
                          ) -> AsyncIterator[Device]:
     """Run an engine for the duration of the block, then stop it cleanly.
 
+    ``source``: its positions (:func:`fixed_at`...), or None for the one ``config.gps`` names.
     ``subscriber``, if given, gets every event from the start too (e.g. to time them)."""
     engine = Engine(config, data_dir, source=source)
     device = Device(engine, data_dir)
@@ -147,19 +162,38 @@ async def running_device(config: Config, data_dir: Path, source: object, *,
         await asyncio.wait_for(device.task, 15)
 
 
+def fixed_at(north_m: float = 0.0, *, accuracy_m: float = 4.0,
+             interval_s: float = 0.2) -> FixedSource:
+    """A fixed position ``north_m`` metres north of (:data:`LAT`, :data:`LON`) (WGS84), its
+    fix reported ``accuracy_m`` metres accurate every ``interval_s`` seconds."""
+    return FixedSource(LAT + north_m * METRE_LAT, LON, accuracy_m, interval_s=interval_s)
+
+
+@contextlib.asynccontextmanager
+async def device_pair(tmp_path: Path, config: Config, config_b: Config | None = None, *,
+                      apart_m: float = 3.0, accuracy_m: float = 4.0,
+                      names: tuple[str, str] = ("a", "b")) -> AsyncIterator[tuple[Device, Device]]:
+    """Two devices ``apart_m`` metres apart, yielded as ``(a, b)``: ``a`` at
+    ``fixed_at(0.0)``, ``b`` at ``fixed_at(apart_m)`` (both ``accuracy_m``), each with its
+    data directory ``tmp_path / name`` (``names``); ``config`` is a's, ``config_b`` (default
+    ``config``) b's. Both run (:func:`running_device`) for the block and stop after it."""
+    first, second = names
+    async with (
+        running_device(config, tmp_path / first, fixed_at(0.0, accuracy_m=accuracy_m)) as a,
+        running_device(config if config_b is None else config_b, tmp_path / second,
+                       fixed_at(apart_m, accuracy_m=accuracy_m)) as b,
+    ):
+        yield a, b
+
+
 def link_config(url: str, ca_file: Path | None = None, **broker: Any) -> Config:
-    """A device for broker-link tests: ``[broker] url`` (and ``ca_file``, other ``[broker]``
-    keys), fast reconnects and polls, fixed position, loopback ICE."""
-    section: dict[str, Any] = {"url": url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.4}
+    """A device for broker-link tests (:func:`device_config`): ``[broker] url`` (and
+    ``ca_file``, other ``[broker]`` keys), reconnects within 0.1-0.4 s, a poll every 0.5 s."""
+    section: dict[str, Any] = {"reconnect_max_s": 0.4}
     if ca_file is not None:
         section["ca_file"] = str(ca_file)
     section.update(broker)
-    return parse_config({
-        "broker": section,
-        "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
-        "protocol": {"poll_interval_s": 0.5, "position_interval_s": 0.3},
-        "webrtc": {"host_addresses": ["127.0.0.1"]},
-    })
+    return device_config(url, broker=section, poll_interval_s=0.5)
 
 
 @contextlib.asynccontextmanager
@@ -195,11 +229,52 @@ async def collect_disconnects(url: str, count: int) -> list[BrokerDisconnected]:
     return [e for e in events if isinstance(e, BrokerDisconnected)][:count]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range (``ip_local_port_range``), first and last port."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(*, udp: bool = False) -> int:
+    """A TCP port (a UDP port with ``udp``) free on 127.0.0.1 right now, below the kernel's
+    ephemeral range: the one free-port helper of the tests, for a server started later on that
+    number (gpsd under gpsfake, ``fanny-broker serve --port``, redis-server, coturn, a device's
+    ``[broker] url`` where nothing listens yet).
+
+    Not a port-0 pick: the server binds the number later (gpsd ~0.5 s later), and in that
+    window a port from the ephemeral range can go to any other test binding port 0 or to any
+    outgoing connection; ports below the range only go to whoever asks for them by number.
+    A caller may still lose the port to another test picking the same number: one that can
+    should retry (see tests/servers.py ``start_redis``).
+
+    Raises:
+        RuntimeError: no free port found in 200 random tries.
+    """
+    low, _high = _ephemeral_range()
+    top = max(low, 20_001)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20_000, top)
+        with socket.socket(socket.AF_INET,
+                           socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free {'UDP' if udp else 'TCP'} port found on 127.0.0.1")
+
+
 @contextlib.contextmanager
 def loopback_port(*, listening: bool) -> Iterator[int]:
-    """A loopback TCP port: bound only (connections are refused) or listening but never
-    accepting (a connection opens, then nothing answers: the link waits for its 10 s
-    handshake time-out, and nothing is heard from the broker meanwhile)."""
+    """A loopback TCP port held by the test for the block: bound only (connections are
+    refused) or listening but never accepting (a connection opens, then nothing answers: the
+    link waits for its 10 s handshake time-out, and nothing is heard from the broker
+    meanwhile). Not a free port (see :func:`free_port`): the port stays taken, so nothing
+    else can answer on it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     if listening:

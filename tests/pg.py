@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.helpers import loopback_port
+from tests.helpers import free_port
 
 ROLE = "fanny"
 """The superuser role of the test server (trust authentication, loopback only)."""
@@ -109,9 +109,7 @@ def postgres_server(*, durable: bool = False) -> Iterator[PostgresServer]:
     """Start a test server in a fresh temporary directory; stop it and remove it after.
     ``durable``: see :class:`PostgresServer`."""
     root = Path(tempfile.mkdtemp(prefix="fanny-pg-"))
-    with loopback_port(listening=False) as port:
-        pass                                    # a free port, released for the server
-    server = PostgresServer(root, port, durable=durable)
+    server = PostgresServer(root, free_port(), durable=durable)
     try:
         server.start()
         yield server

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -37,16 +36,9 @@ from typing import Any
 import pytest
 import redis
 
-from tests.helpers import TIME_UNIT, console_script
+from tests.helpers import TIME_UNIT, console_script, free_port
 
 REDIS_START_TIMEOUT_S = 10 * TIME_UNIT
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_binary() -> str:
@@ -63,7 +55,7 @@ def start_redis(binary: str, directory: Path) -> tuple[subprocess.Popen[bytes], 
     """Start redis-server on a free loopback port; return it and its URL once it answers."""
     last_error = ""
     for _ in range(3):                       # a port taken between the probe and the bind
-        port = free_loopback_port()
+        port = free_port()
         log = directory / f"redis-{port}.log"
         process = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",

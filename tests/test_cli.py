@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,9 @@ import trustme
 
 from broker.server import BrokerSettings, start_broker
 
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT
+from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, free_port
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _issue_code(db: Path) -> str:
@@ -141,7 +134,7 @@ def _create_board(db: Path) -> None:
 
 
 async def test_headless_devices_declare_positive_and_alert(tmp_path):
-    port = _free_port()
+    port = free_port()
     _create_board(tmp_path / "broker.sqlite3")
     broker = await _spawn(str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
                           str(port), "--db", str(tmp_path / "broker.sqlite3"))
@@ -213,7 +206,7 @@ def test_declare_positive_with_broker_down_keeps_tokens(tmp_path):
     store = TokenStore.in_dir(tmp_path / "d")
     store.add("ab" * 32, datetime(2026, 12, 20, 4, tzinfo=UTC))
     store.close()
-    port = _free_port()
+    port = free_port()
     config = _write_config(tmp_path / "c.toml", port, LAT)
     result = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
                              "--data-dir", tmp_path / "d", "--timeout", "2"],
@@ -261,7 +254,7 @@ def test_bad_config_is_one_clear_line(tmp_path, content, key):
 def test_unusable_data_dir_is_one_clear_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    config = _write_config(tmp_path / "c.toml", free_port(), LAT)
     result = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
                              "--data-dir", blocker / "sub"], capture_output=True, text=True,
                             timeout=30)
@@ -276,7 +269,7 @@ def test_a_journal_path_in_a_missing_directory_is_refused_at_start(tmp_path):
             (tmp_path / "no" / "dir" / "j.jsonl",
              f"journal.path: the directory {tmp_path}/no/dir does not exist"),
             (tmp_path / "file" / "j.jsonl", f"journal.path: {tmp_path}/file is not a directory")):
-        config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+        config = _write_config(tmp_path / "c.toml", free_port(), LAT)
         config.write_text(config.read_text() + f'\n[journal]\npath = "{journal}"\n')
         result = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
                                  "--data-dir", tmp_path / "d"], capture_output=True, text=True,
@@ -314,7 +307,7 @@ def _tokens_json(data_dir: Path) -> list[dict]:
 async def test_declare_positive_fails_over_along_the_region_list(tmp_path):
     # [broker] url = [a broker that is down, one that is up]: the declaration reaches the
     # second, and the waiting line says that more than the first URL will be tried.
-    port, dead = _free_port(), _free_port()
+    port, dead = free_port(), free_port()
     db = tmp_path / "broker.sqlite3"
     _create_board(db)
     broker = await _spawn(str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
@@ -342,7 +335,7 @@ async def test_declare_positive_fails_over_along_the_region_list(tmp_path):
 
 
 async def test_declare_positive_codes_refused_and_accepted(tmp_path):
-    port = _free_port()
+    port = free_port()
     db = tmp_path / "broker.sqlite3"
     _create_board(db)
     broker = await _spawn(str(BIN / "fanny-broker"), "serve", "--host", "127.0.0.1", "--port",
@@ -384,7 +377,7 @@ async def test_declare_positive_codes_refused_and_accepted(tmp_path):
 
 def test_an_unusable_ca_file_is_one_clear_line(tmp_path):
     missing = tmp_path / "nowhere" / "ca.pem"
-    config = _write_config(tmp_path / "c.toml", _free_port(), LAT, scheme="wss",
+    config = _write_config(tmp_path / "c.toml", free_port(), LAT, scheme="wss",
                            extra=f'ca_file = "{missing}"')
     for command in (["--headless"], ["declare-positive", "--timeout", "1"]):
         _stock(tmp_path / "d", "ab" * 32)
@@ -450,7 +443,7 @@ def test_tokens_show_the_contact_measures(tmp_path):
 def test_tui_with_an_unusable_data_dir_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    config = _write_config(tmp_path / "c.toml", free_port(), LAT)
     result = subprocess.run([BIN / "fanny-tui", "--config", config, "--data-dir",
                              blocker / "sub"], capture_output=True, text=True, timeout=30,
                             stdin=subprocess.DEVNULL)
@@ -470,7 +463,7 @@ def test_version_comes_from_the_package_metadata():
 
 def test_headless_piped_into_head_stops_quietly_at_the_first_broken_pipe(tmp_path):
     """``fanny-tui --headless | head -n 2``: two events, then exit 141 at once, no traceback."""
-    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    config = _write_config(tmp_path / "c.toml", free_port(), LAT)
     stderr_file, status_file = tmp_path / "stderr.txt", tmp_path / "status.txt"
     command = (f"{shlex.quote(str(BIN / 'fanny-tui'))} --headless --config "
                f"{shlex.quote(str(config))} --data-dir {shlex.quote(str(tmp_path / 'd'))} "
@@ -523,12 +516,12 @@ def test_no_config_file_is_said_once_with_the_path_looked_for(tmp_path):
                        "(see config.example.toml)"], stderr
     # With a config file at the default path: read, and nothing said.
     default.parent.mkdir(parents=True)
-    _write_config(default, _free_port(), LAT)
+    _write_config(default, free_port(), LAT)
     assert "no config file" not in run_headless()
 
 
 def test_one_data_dir_for_one_process_at_a_time(tmp_path):
-    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    config = _write_config(tmp_path / "c.toml", free_port(), LAT)
     data_dir = tmp_path / "d"
     _stock(data_dir, "ab" * 32)
     first = subprocess.Popen([BIN / "fanny-tui", "--headless", "--config", config,
@@ -593,7 +586,7 @@ async def test_the_app_says_once_that_no_config_file_was_read(tmp_path):
     from fanny_tui.cli import tui_app
     from fanny_tui.config import load_config
 
-    config = load_config(_write_config(tmp_path / "c.toml", _free_port(), LAT))
+    config = load_config(_write_config(tmp_path / "c.toml", free_port(), LAT))
     notice = "no config file at /nowhere/config.toml: running on the defaults"
     app = tui_app(config, tmp_path / "d", notice=notice)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -624,7 +617,7 @@ async def test_the_app_on_a_data_dir_in_use_says_so_and_exits_1(tmp_path):
     from fanny_tui.config import load_config
     from fanny_tui.datadir import DataDirLock, holder_line
 
-    config = load_config(_write_config(tmp_path / "c.toml", _free_port(), LAT))
+    config = load_config(_write_config(tmp_path / "c.toml", free_port(), LAT))
     with DataDirLock(tmp_path / "d"):                  # as another process would hold it
         app = tui_app(config, tmp_path / "d")
         async with app.run_test(size=(120, 40)) as pilot:
@@ -641,7 +634,7 @@ async def test_declare_positive_to_a_poll_only_broker_picked_by_name(tmp_path):
                               open_declarations=True, upload_answer_delay_s=0.0)
     _stock(tmp_path / "d", "ab" * 32)
     async with start_broker(settings) as health:
-        config = _write_config(tmp_path / "c.toml", _free_port(), LAT)   # [broker] is down
+        config = _write_config(tmp_path / "c.toml", free_port(), LAT)   # [broker] is down
         with config.open("a") as out:
             out.write(f'\n[[positives]]\nname = "health"\nurl = "{health.url}"\n')
 

@@ -23,9 +23,8 @@ import pytest
 
 from broker.__main__ import create_board, issue_code
 from broker.server import BrokerSettings, start_broker
-from fanny_tui.config import parse_config
+from fanny_tui.config import Config
 from fanny_tui.engine import MAX_CONCURRENT_HANDSHAKES
-from fanny_tui.gps import FixedSource
 from fanny_tui.positives import declare, upload_pending
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import UPLOAD_SIZE_BYTES, PositiveToken
@@ -39,6 +38,9 @@ from .helpers import (
     TIME_UNIT,
     MovableSource,
     device_config,
+    device_pair,
+    fixed_at,
+    free_port,
     running_device,
 )
 
@@ -72,20 +74,11 @@ def _code(tmp_path: Path) -> str:
     return code
 
 
-async def _witnessed_pair(tmp_path, broker_url):
-    """Two devices 3 m apart; returns the running context managers' devices after both stored."""
-    config = device_config(broker_url, poll_interval_s=POLL_S)
-    a = running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.2))
-    b = running_device(config, tmp_path / "b",
-                       FixedSource(LAT + 3 * METRE_LAT, LON, 4.0, interval_s=0.2))
-    return a, b
-
-
 async def test_witness_then_positive_then_exposure(tmp_path):
     recorder = Recorder()
     async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
-        ctx_a, ctx_b = await _witnessed_pair(tmp_path, broker.url)
-        async with ctx_a as a, ctx_b as b:
+        config = device_config(broker.url, poll_interval_s=POLL_S)
+        async with device_pair(tmp_path, config) as (a, b):
             stored_a = await a.wait_event("token_stored")
             stored_b = await b.wait_event("token_stored")
             # Both stores hold the same token, SHA-256 over the sorted contact IDs (paper 3, 4).
@@ -151,14 +144,14 @@ async def test_witness_then_positive_then_exposure(tmp_path):
     assert any(json.loads(raw)["type"] == "signal" for _, raw in recorder.frames)
 
 
-async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path, unused_tcp_port):
-    settings = _settings(tmp_path, port=unused_tcp_port)
+async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path):
+    port = free_port()
+    settings = _settings(tmp_path, port=port)
     create_board(tmp_path / "broker.sqlite3")          # as an operator does, once
     code = _code(tmp_path)                              # issued while the broker is down
     tokens = _stock(tmp_path / "a", 1)
-    url = f"ws://127.0.0.1:{unused_tcp_port}"
-    async with running_device(_one_device_config(url), tmp_path / "a",
-                              FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+    url = f"ws://127.0.0.1:{port}"
+    async with running_device(_one_device_config(url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("broker_disconnected")
         assert await a.engine.declare_positive(code) == 1
         pending = await a.wait_event("positive_pending")
@@ -168,8 +161,7 @@ async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path, un
         assert not a.of("positive_declared")
     # The device restarts, then the broker comes back: the pending upload and its code come
     # back from the store (the broker requires the code), and the retry is acknowledged.
-    async with running_device(_one_device_config(url), tmp_path / "a",
-                              FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+    async with running_device(_one_device_config(url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("positive_pending")
         async with start_broker(settings) as broker:
             declared = await a.wait_event("positive_declared", timeout=60)
@@ -179,14 +171,8 @@ async def test_broker_down_keeps_tokens_and_retries_after_a_restart(tmp_path, un
             assert {t.token for t in board_tokens} == tokens
 
 
-def _one_device_config(url: str, **privacy: Any) -> Any:
-    return parse_config({
-        "broker": {"url": url, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
-        "gps": {"source": "fixed", "latitude": LAT, "longitude": LON},
-        "protocol": {"poll_interval_s": POLL_S, "position_interval_s": 0.3},
-        "webrtc": {"host_addresses": ["127.0.0.1"]},
-        "privacy": privacy,
-    })
+def _one_device_config(url: str, **privacy: Any) -> Config:
+    return device_config(url, privacy=privacy, poll_interval_s=POLL_S)
 
 
 def _stock(data_dir: Path, count: int) -> set[str]:
@@ -210,8 +196,7 @@ async def test_a_refused_code_keeps_every_token_and_is_not_retried(tmp_path):
     recorder = Recorder()
     tokens = _stock(tmp_path / "a", 3)
     async with start_broker(_settings(tmp_path), recorder=recorder) as broker, \
-            running_device(_one_device_config(broker.url), tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            running_device(_one_device_config(broker.url), tmp_path / "a", fixed_at()) as a:
         with pytest.raises(ValueError, match="16 characters"):
             await a.engine.declare_positive("K7QF-3M9X-TR2B")      # a typo: nothing happens
         assert _held(a.data_dir) == dict.fromkeys(tokens, False)
@@ -240,8 +225,7 @@ async def test_decoys_look_like_uploads_and_change_nothing(tmp_path):
     tokens = _stock(tmp_path / "a", 2)
     async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
         config = _one_device_config(broker.url, decoy_uploads=True, decoy_interval_s=1.0)
-        async with running_device(config, tmp_path / "a",
-                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        async with running_device(config, tmp_path / "a", fixed_at()) as a:
             def decoys() -> list[str]:
                 return [raw for kind, raw in recorder.frames
                         if kind == "anonymous" and '"decoy":true' in raw]
@@ -285,16 +269,12 @@ def _fill(store: TokenStore) -> int:
 async def test_disk_full_fails_the_witness_cleanly_and_recovers(tmp_path):
     async with start_broker(_settings(tmp_path, cooldown_s=1.0)) as broker:
         config = device_config(broker.url, poll_interval_s=POLL_S)
-        ctx_a = running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0,
-                                                                   interval_s=0.2))
-        async with ctx_a as a:
+        async with running_device(config, tmp_path / "a", fixed_at()) as a:
             store = a.engine._store
             assert store is not None
             _fill(store)
             before = {t.token for t in store.tokens()}
-            async with running_device(config, tmp_path / "b",
-                                      FixedSource(LAT + 3 * METRE_LAT, LON, 4.0,
-                                                  interval_s=0.2)) as b:
+            async with running_device(config, tmp_path / "b", fixed_at(3.0)) as b:
                 failed = await a.wait_event("handshake_failed")
                 assert failed.reason.startswith("store_failed"), failed.reason
                 error = await a.wait_event("error")
@@ -319,8 +299,7 @@ async def test_disk_full_fails_the_witness_cleanly_and_recovers(tmp_path):
 async def test_a_read_only_store_is_an_error_not_a_crash(tmp_path):
     tokens = _stock(tmp_path / "a", 2)
     async with start_broker(_settings(tmp_path)) as broker, \
-            running_device(_one_device_config(broker.url), tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            running_device(_one_device_config(broker.url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("positives_polled")
         store = a.engine._store
         assert store is not None
@@ -347,8 +326,7 @@ async def test_a_read_only_store_still_raises_the_exposure_alert_once(tmp_path):
     """The store cannot record a match, but the tester must still learn of the exposure."""
     tokens = sorted(_stock(tmp_path / "a", 2))
     async with start_broker(_settings(tmp_path)) as broker, \
-            running_device(_one_device_config(broker.url), tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            running_device(_one_device_config(broker.url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("positives_polled")
         _degrade(a.engine._store, "query_only = 1")     # the file system went read-only
         positive = TokenStore.in_dir(tmp_path / "positive")   # the contact, declaring
@@ -363,14 +341,6 @@ async def test_a_read_only_store_still_raises_the_exposure_alert_once(tmp_path):
         assert len(a.of("exposure_alert")) == 1                        # alerted once
         assert _held(a.data_dir) == dict.fromkeys(tokens, False)       # nothing lost
         _degrade(a.engine._store, "query_only = 0")
-
-
-@pytest.fixture
-def unused_tcp_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_position_message_caps_a_nonsense_accuracy():
@@ -388,8 +358,7 @@ async def test_a_running_engine_sends_a_declaration_made_by_another_process(tmp_
     """`fanny-tui declare-positive` on the store of a running app: the app sends it."""
     tokens = _stock(tmp_path / "a", 2)
     async with start_broker(_settings(tmp_path)) as broker, \
-            running_device(_one_device_config(broker.url), tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+            running_device(_one_device_config(broker.url), tmp_path / "a", fixed_at()) as a:
         await a.wait_event("positives_polled")
         other = TokenStore.in_dir(tmp_path / "a")            # as another process would
         declare(other, _code(tmp_path))
@@ -421,8 +390,7 @@ async def test_token_after_min_contact_measured_peer_to_peer_then_the_pair_parts
         config = _contact_config(broker.url, min_contact)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
-            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
-            as a,
+            running_device(config, tmp_path / "a", fixed_at(interval_s=0.1)) as a,
             running_device(config, tmp_path / "b", walker) as b,
         ):
             stored = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT)
@@ -484,8 +452,7 @@ async def test_a_pair_that_parts_before_min_contact_leaves_nothing(tmp_path):
         config = _contact_config(broker.url, min_contact_s=30.0)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
-            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
-            as a,
+            running_device(config, tmp_path / "a", fixed_at(interval_s=0.1)) as a,
             running_device(config, tmp_path / "b", walker) as b,
         ):
             for device in (a, b):
@@ -542,7 +509,7 @@ async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tm
                                position_interval_s=0.1, max_speed_mps=max_speed)
         source = OutlierSource(outlier_north_m=3.0, max_speed_mps=max_speed)
         async with (
-            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 3.0, interval_s=0.1))
+            running_device(config, tmp_path / "a", fixed_at(0.0, accuracy_m=3.0, interval_s=0.1))
             as a,
             running_device(config, tmp_path / "b", source) as b,
         ):
@@ -574,7 +541,7 @@ async def test_the_same_pair_meeting_again_grows_one_token(tmp_path):
         config = _contact_config(broker.url, min_contact_s=0.0)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
-            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0, interval_s=0.1))
+            running_device(config, tmp_path / "a", fixed_at(0.0, accuracy_m=4.0, interval_s=0.1))
             as a,
             running_device(config, tmp_path / "b", walker) as b,
         ):

@@ -30,17 +30,19 @@ from fanny_tui.events import (
     PositivesPolled,
     PositivesPollFailed,
 )
-from fanny_tui.gps import FixedSource
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.store import TokenStore
 
 from .broker.kit import running
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, loopback_port, running_device
+from .helpers import (
+    TIME_UNIT,
+    device_config,
+    device_pair,
+    fixed_at,
+    loopback_port,
+    running_device,
+)
 from .test_positives import board_tokens, publish
-
-
-def _here(north_m: float = 0.0) -> FixedSource:
-    return FixedSource(LAT + north_m * METRE_LAT, LON, 4.0, interval_s=0.2)
 
 
 def _own_tokens(data_dir: Path, count: int) -> list[str]:
@@ -62,8 +64,8 @@ async def test_a_device_fails_over_to_the_second_broker_and_still_witnesses_ther
             contextlib.AsyncExitStack() as first_up:
         first = await first_up.enter_async_context(running(tmp_path / "a"))
         region = device_config([first.url, second.url])
-        async with running_device(region, tmp_path / "x", _here()) as x, \
-                running_device(device_config(second.url), tmp_path / "y", _here(3.0)) as y:
+        async with device_pair(tmp_path, region, device_config(second.url),
+                               names=("x", "y")) as (x, y):
             connected = await x.wait_event("broker_connected", 10 * TIME_UNIT)
             assert isinstance(connected, BrokerConnected)
             assert connected.url == first.url and connected.broker == "main"
@@ -86,7 +88,7 @@ async def test_a_positive_on_a_second_board_alerts_while_the_first_is_down(tmp_p
         async with running(tmp_path / "health", recorder=_frames(health_frames)) as health:
             config = device_config(f"ws://127.0.0.1:{down}", positives={"health": health.url},
                                    poll_interval_s=0.3)
-            async with running_device(config, tmp_path / "x", _here()) as x:
+            async with running_device(config, tmp_path / "x", fixed_at()) as x:
                 failed = await x.wait_event("positives_poll_failed", 10 * TIME_UNIT)
                 assert isinstance(failed, PositivesPollFailed) and failed.broker == "main"
                 publish(health, [mine[1], os.urandom(32).hex()], expiry_for(datetime.now(UTC)))
@@ -121,7 +123,7 @@ async def test_each_broker_keeps_its_own_cursor_across_restarts(tmp_path):
             return lambda e: (isinstance(e, PositivesPolled) and e.broker == name
                               and e.received == received)
 
-        async with running_device(config, tmp_path / "x", _here()) as x:
+        async with running_device(config, tmp_path / "x", fixed_at()) as x:
             await x.wait_for(polled("main", 3), 10 * TIME_UNIT)
             await x.wait_for(polled("health", 5), 10 * TIME_UNIT)
         store = TokenStore.in_dir(tmp_path / "x")
@@ -129,7 +131,7 @@ async def test_each_broker_keeps_its_own_cursor_across_restarts(tmp_path):
         store.close()
         publish(health, [os.urandom(32).hex()], expires)
         frames.clear()
-        async with running_device(config, tmp_path / "x", _here()) as x:
+        async with running_device(config, tmp_path / "x", fixed_at()) as x:
             # After the restart each broker is asked only for what is new on its board.
             await x.wait_for(polled("health", 1), 10 * TIME_UNIT)
             await x.wait_for(polled("main", 0), 10 * TIME_UNIT)
@@ -145,7 +147,7 @@ async def test_a_declaration_goes_to_the_broker_the_tester_picks(tmp_path):
     mine = _own_tokens(tmp_path / "x", 2)
     async with running(tmp_path / "main") as main, running(tmp_path / "health") as health:
         config = device_config(main.url, positives={"health": health.url})
-        async with running_device(config, tmp_path / "x", _here()) as x:
+        async with running_device(config, tmp_path / "x", fixed_at()) as x:
             assert x.engine.broker_names == ("main", "health")
             with pytest.raises(ValueError, match="unknown broker 'elsewhere'"):
                 await x.engine.declare_positive(broker="elsewhere")
@@ -168,7 +170,7 @@ async def test_decoys_cover_the_poll_only_brokers_too(tmp_path):
         def decoys() -> int:
             return sum(kind == "anonymous" and '"decoy":true' in raw for kind, raw in frames)
 
-        async with running_device(config, tmp_path / "x", _here()):
+        async with running_device(config, tmp_path / "x", fixed_at()):
             async with asyncio.timeout(15 * TIME_UNIT):
                 while decoys() < 2:
                     await asyncio.sleep(0.05)

@@ -13,8 +13,8 @@ from pathlib import Path
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.engine import CLOCK_SKEW_LIMIT_S, clock_disagreement
 from fanny_tui.events import GpsFix
-from fanny_tui.gps import FixedSource, NmeaReplaySource
-from tests.helpers import LAT, LON, device_config, running_device
+from fanny_tui.gps import NmeaReplaySource
+from tests.helpers import LAT, LON, device_config, fixed_at, running_device
 
 LOG = Path(__file__).parent / "data" / "nmea" / "bu353s4.log"
 NOW = datetime(2026, 12, 1, 5, 30, tzinfo=UTC)
@@ -54,7 +54,6 @@ async def test_the_engine_reports_a_clock_off_gps_time_once(tmp_path):
             fixes = len(a.of("gps_fix"))
             await a.wait_for(lambda e: len(a.of("gps_fix")) >= fixes + 10)
             assert len(a.of("error")) == 1                            # once, not every fix
-        async with running_device(config, tmp_path / "b",
-                                  FixedSource(LAT, LON, 4.0, interval_s=0.05)) as b:
+        async with running_device(config, tmp_path / "b", fixed_at(interval_s=0.05)) as b:
             await b.wait_for(lambda e: len(b.of("gps_fix")) >= 5)
             assert not b.of("error")

@@ -5,18 +5,23 @@ loopback."""
 from __future__ import annotations
 
 import os
-import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.events import PositivesPolled, PositivesPollFailed
-from fanny_tui.gps import FixedSource
 from fanny_tui.positives import declare, upload_pending
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.store import TokenStore
 
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from .helpers import (
+    TIME_UNIT,
+    device_config,
+    device_pair,
+    fixed_at,
+    free_port,
+    running_device,
+)
 
 POLL_S = 20.0
 """Poll interval of the devices: an announced poll waits at most POLL_S / 10 = 2 s."""
@@ -42,11 +47,7 @@ async def test_an_announcement_brings_the_alert_to_every_device_long_before_the_
         _stock(tmp_path / name, [witnessed, os.urandom(32).hex()])
     async with start_broker(_settings(tmp_path)) as broker:
         config = device_config(broker.url, poll_interval_s=POLL_S)
-        async with (
-            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0)) as a,
-            running_device(config, tmp_path / "b",
-                           FixedSource(LAT + 500 * METRE_LAT, LON, 4.0)) as b,
-        ):
+        async with device_pair(tmp_path, config, apart_m=500.0) as (a, b):   # never witness
             for device in (a, b):                          # the poll at start: nothing yet
                 await device.wait_event("positives_polled", timeout=10 * TIME_UNIT)
                 await device.wait_event("broker_connected", timeout=10 * TIME_UNIT)
@@ -69,11 +70,9 @@ async def test_an_announcement_brings_the_alert_to_every_device_long_before_the_
 
 
 async def test_failed_polls_are_events_until_a_poll_succeeds(tmp_path):
-    with socket.socket() as probe:                         # a free loopback port, no broker yet
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()                                     # no broker yet
     config = device_config(f"ws://127.0.0.1:{port}", poll_interval_s=0.3)
-    async with running_device(config, tmp_path / "a", FixedSource(LAT, LON, 4.0)) as a:
+    async with running_device(config, tmp_path / "a", fixed_at()) as a:
         await a.wait_for(lambda e: isinstance(e, PositivesPollFailed) and e.attempts == 2,
                          timeout=10 * TIME_UNIT)
         failures = a.of("positives_poll_failed")

@@ -9,9 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from fanny_tui.engine import _Exchange, _HandshakeSlots
-from fanny_tui.gps import FixedSource
 from tests.broker.kit import running
-from tests.helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from tests.helpers import TIME_UNIT, device_config, fixed_at, running_device
 
 
 def exchange(ordinal: int, deadline_in_s: float, offer: bool = False) -> _Exchange:
@@ -73,12 +72,9 @@ async def test_an_exchange_without_a_slot_in_time_fails_no_slot_and_does_not_sta
     timeout_s = 2.0 * TIME_UNIT
     async with running(tmp_path) as broker:
         config = device_config(broker.url, handshake_timeout_s=timeout_s)
-        async with running_device(config, tmp_path / "a",
-                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a:
+        async with running_device(config, tmp_path / "a", fixed_at()) as a:
             a.engine._handshake_slots = _HandshakeSlots(0)       # every slot busy elsewhere
-            async with running_device(config, tmp_path / "b",
-                                      FixedSource(LAT + 3 * METRE_LAT, LON, 4.0,
-                                                  interval_s=0.2)) as b:
+            async with running_device(config, tmp_path / "b", fixed_at(3.0)) as b:
                 failed = await a.wait_event("handshake_failed", timeout=4 * timeout_s)
                 assert failed.reason == "no_slot"
                 assert not a.of("channel_open")

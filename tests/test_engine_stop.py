@@ -7,7 +7,6 @@ retrying a closed loopback port, which is what a device does when its broker is 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,13 +16,7 @@ from fanny_tui.engine import CANCEL_AGAIN_S, Engine
 from fanny_tui.events import GpsFix, GpsLost
 from fanny_tui.gps import FixedSource
 
-from .helpers import LAT, LON, TIME_UNIT, device_config, running_device
-
-
-def _closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"ws://127.0.0.1:{s.getsockname()[1]}"
+from .helpers import LAT, LON, TIME_UNIT, device_config, fixed_at, free_port, running_device
 
 
 class SwallowsOneCancel(FixedSource):
@@ -47,7 +40,8 @@ class SwallowsOneCancel(FixedSource):
 
 async def test_stop_finishes_even_when_a_loop_swallowed_its_cancellation(tmp_path):
     source = SwallowsOneCancel()
-    async with running_device(device_config(_closed_port_url()), tmp_path, source) as device:
+    config = device_config(f"ws://127.0.0.1:{free_port()}")      # nothing listens there
+    async with running_device(config, tmp_path, source) as device:
         await device.wait_event("gps_fix", timeout=5 * TIME_UNIT)
         await device.engine.stop()
         assert device.task is not None
@@ -56,12 +50,12 @@ async def test_stop_finishes_even_when_a_loop_swallowed_its_cancellation(tmp_pat
 
 
 async def test_the_data_directory_is_locked_while_the_engine_runs(tmp_path):
-    config = device_config(_closed_port_url())
-    source = FixedSource(LAT, LON, 3.0, interval_s=0.2)
+    config = device_config(f"ws://127.0.0.1:{free_port()}")      # nothing listens there
+    source = fixed_at(accuracy_m=3.0)
     async with running_device(config, tmp_path, source):
         with pytest.raises(DataDirBusy, match=f"the data directory {tmp_path} is in use by"):
             DataDirLock(tmp_path).acquire()
-        second = Engine(config, tmp_path, source=FixedSource(LAT, LON, 3.0))
+        second = Engine(config, tmp_path, source=fixed_at(accuracy_m=3.0))
         with pytest.raises(DataDirBusy):
             await asyncio.wait_for(second.run(), 5 * TIME_UNIT)
     with DataDirLock(tmp_path):          # let go when the engine stopped

@@ -20,9 +20,8 @@ SCRIPT = r"""
 import asyncio, json, sys, tempfile, time
 from pathlib import Path
 
-from fanny_tui.gps import FixedSource
 from tests.broker.kit import running
-from tests.helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from tests.helpers import TIME_UNIT, device_config, fixed_at, running_device
 
 assert "aiortc" not in sys.modules
 
@@ -40,9 +39,8 @@ async def main():
         async with running(tmp, cooldown_s=300.0) as broker:
             config = device_config(broker.url)
             def device(name, metres):
-                return running_device(config, tmp / name, FixedSource(
-                    LAT + metres * METRE_LAT, LON, 4.0, interval_s=0.2),
-                    subscriber=stamper(name))
+                return running_device(config, tmp / name, fixed_at(metres),
+                                      subscriber=stamper(name))
             start = time.monotonic()
             async with device("a", 0) as a:
                 await a.wait_event("broker_connected", timeout=10 * TIME_UNIT)

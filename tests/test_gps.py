@@ -48,7 +48,8 @@ from fanny_tui.gps import (
     usable_position,
 )
 from fanny_tui.protocol.proximity import haversine_m
-from tests.gpsfake import GpsFake, free_port, gpsd_running_on, gpsfake, gpsfake_sentence_count
+from tests.gpsfake import GpsFake, gpsd_running_on, gpsfake, gpsfake_sentence_count
+from tests.helpers import free_port
 
 DATA = Path(__file__).parent / "data"
 NMEA = DATA / "nmea"
@@ -205,8 +206,10 @@ class Collector:
         return [e for e in self.events if isinstance(e, GpsFix)]
 
     async def wait_for(self, predicate: Callable[[list[Event]], bool],
-                       timeout: float = 20.0, describe: Callable[[], str] = str) -> None:
-        """Wait until ``predicate(events)`` holds (a guard against hanging, not a timing test).
+                       timeout: float = 20.0, describe: Callable[[], str] = str, *,
+                       poll_s: float = 0.01) -> None:
+        """Wait until ``predicate(events)`` holds (a guard against hanging, not a timing test),
+        looking every ``poll_s`` seconds.
 
         ``describe()`` adds context (gpsd's state) to the failure message.
         """
@@ -220,7 +223,7 @@ class Collector:
                 raise AssertionError(f"condition not met within {timeout} s; saw "
                                      f"{len(self.events)} events: {self.events[-10:]}; "
                                      f"{describe()}")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(poll_s)
 
     async def close(self) -> None:
         self.task.cancel()

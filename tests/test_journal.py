@@ -47,7 +47,6 @@ from fanny_tui.events import (
     TokensExpired,
     TokenStored,
 )
-from fanny_tui.gps import FixedSource
 from fanny_tui.journal import Journal, check_path, token_digest
 
 from .helpers import (
@@ -57,6 +56,7 @@ from .helpers import (
     TIME_UNIT,
     MovableSource,
     device_config,
+    fixed_at,
     running_device,
 )
 
@@ -323,8 +323,7 @@ async def test_an_engine_with_an_unwritable_journal_runs_on(tmp_path):
         config = dataclasses.replace(
             device_config(broker.url),
             journal=JournalConfig(path=tmp_path / "file" / "journal.jsonl"))
-        async with running_device(config, tmp_path / "a",
-                                  FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a:
+        async with running_device(config, tmp_path / "a", fixed_at(accuracy_m=3.0)) as a:
             await a.wait_event("broker_connected", timeout=10 * TIME_UNIT)
             await a.wait_event("gps_fix", timeout=10 * TIME_UNIT)
     errors = [e.message for e in a.of("error")]  # type: ignore[attr-defined]
@@ -398,7 +397,7 @@ async def test_journals_of_a_real_run_hold_the_kinds_and_no_id_token_or_position
         config_b = dataclasses.replace(base, journal=JournalConfig(path=journals["b"]))
         walker = MovableSource(lat_b, LON, 3.0)
         async with running_device(config_a, tmp_path / "a",
-                                  FixedSource(LAT, LON, 3.0, interval_s=0.1)) as a, \
+                                  fixed_at(0.0, accuracy_m=3.0, interval_s=0.1)) as a, \
                 running_device(config_b, tmp_path / "b", walker) as b:
             stored_a = await a.wait_event("token_stored", timeout=30 * TIME_UNIT)
             stored_b = await b.wait_event("token_stored", timeout=30 * TIME_UNIT)

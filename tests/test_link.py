@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +23,6 @@ from benchmarks.common import byte_relay, websocket_parts
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import ConfigError
 from fanny_tui.events import BrokerConnected, BrokerDisconnected, Event
-from fanny_tui.gps import FixedSource
 from fanny_tui.link import BrokerLink, anonymous_connection, ssl_context_for
 from fanny_tui.protocol.expiry import expiry_for
 from fanny_tui.protocol.messages import (
@@ -36,11 +34,10 @@ from fanny_tui.protocol.messages import (
 from fanny_tui.store import TokenStore
 
 from .helpers import (
-    LAT,
-    LON,
     SESSION_ID,
     TIME_UNIT,
     collect_disconnects,
+    fixed_at,
     link_config,
     loopback_port,
     running_device,
@@ -135,8 +132,7 @@ async def test_a_device_trusting_the_ca_works_over_wss(tmp_path, pki):
     async with tls_broker(tmp_path, pki, frames) as broker:
         _one_token(tmp_path / "dev")
         config = link_config(broker.url, pki["ca"])
-        async with running_device(config, tmp_path / "dev",
-                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as device:
+        async with running_device(config, tmp_path / "dev", fixed_at()) as device:
             connected = await device.wait_event("broker_connected")
             assert connected.url == broker.url
             await device.wait_event("positives_polled")      # anonymous connection over TLS
@@ -155,8 +151,7 @@ async def test_a_device_trusting_another_ca_never_says_hello(tmp_path, pki):
     async with tls_broker(tmp_path, pki, frames) as broker:
         _one_token(tmp_path / "dev")
         config = link_config(broker.url, pki["other"])
-        async with running_device(config, tmp_path / "dev",
-                                  FixedSource(LAT, LON, 4.0, interval_s=0.2)) as device:
+        async with running_device(config, tmp_path / "dev", fixed_at()) as device:
             first = await device.wait_event("broker_disconnected")
             await device.wait_for(lambda e: e.event == "broker_disconnected" and e is not first)
             # The anonymous connections fail the same way: the upload stays pending.
@@ -190,9 +185,8 @@ def _assert_backs_off(delays: list[float]) -> None:
 
 
 async def test_refused_connections_back_off_and_say_so():
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))            # bound, not listening: connection refused
-        url = f"ws://127.0.0.1:{sock.getsockname()[1]}"
+    with loopback_port(listening=False) as port:        # connection refused
+        url = f"ws://127.0.0.1:{port}"
         events = await collect_disconnects(url, 5)
     assert all("ConnectionRefusedError" in e.reason for e in events)
     assert len({e.reason for e in events}) == 1   # identical: the UI shows it once

@@ -19,12 +19,11 @@ import struct
 from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import Config, JournalConfig
 from fanny_tui.engine import Engine
-from fanny_tui.gps import FixedSource
 from fanny_tui.protocol.expiry import is_on_deletion_hour
 from fanny_tui.protocol.tokens import is_uuid4
 from fanny_tui.store import TokenStore
 
-from .helpers import LAT, LON, METRE_LAT, device_config, running_device
+from .helpers import LAT, LON, device_config, device_pair, fixed_at, running_device
 
 
 def _needles(values: list[str], positions: list[tuple[float, float]]) -> list[bytes]:
@@ -47,7 +46,7 @@ async def test_no_ids_or_positions_in_any_file_or_log(tmp_path):
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    lat_b = LAT + 2 * METRE_LAT
+    lat_b = fixed_at(2.0).latitude                 # where device_pair(apart_m=2.0) puts b
     journals = [tmp_path / "a-journal.jsonl", tmp_path / "b-journal.jsonl"]
     try:
         (tmp_path / "broker").mkdir()
@@ -58,10 +57,8 @@ async def test_no_ids_or_positions_in_any_file_or_log(tmp_path):
             config_a, config_b = (
                 dataclasses.replace(config, journal=JournalConfig(path=journal))
                 for journal in journals)
-            async with running_device(config_a, tmp_path / "a",
-                                      FixedSource(LAT, LON, 3.0, interval_s=0.2)) as a, \
-                    running_device(config_b, tmp_path / "b",
-                                   FixedSource(lat_b, LON, 3.0, interval_s=0.2)) as b:
+            async with device_pair(tmp_path, config_a, config_b, apart_m=2.0,
+                                   accuracy_m=3.0) as (a, b):
                 first = await a.wait_event("token_stored")
                 token = first.token  # type: ignore[attr-defined]
                 await b.wait_event("token_stored")
@@ -120,8 +117,8 @@ async def test_stored_expiry_is_on_the_deletion_hour(tmp_path):
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "b.db")
     async with start_broker(settings) as broker:
         config = device_config(broker.url)
-        source_a = FixedSource(LAT, LON, 3.0, interval_s=0.2)
-        source_b = FixedSource(LAT, LON, 3.0, interval_s=0.2)
+        source_a = fixed_at(accuracy_m=3.0)
+        source_b = fixed_at(accuracy_m=3.0)
         async with running_device(config, tmp_path / "a", source_a) as a, \
                 running_device(config, tmp_path / "b", source_b) as b:
             await a.wait_event("token_stored")

@@ -26,7 +26,6 @@ from websockets.exceptions import ConnectionClosed
 
 from broker.__main__ import create_board, create_postgres_board
 from broker.server import BrokerSettings, RunningBroker, start_broker
-from fanny_tui.gps import FixedSource
 from fanny_tui.protocol.messages import (
     Error,
     Match,
@@ -40,7 +39,7 @@ from fanny_tui.protocol.messages import (
 from fanny_tui.protocol.tokens import craft_token
 from fanny_tui.store import TokenStore
 from tests.broker.kit import Client, eventually, new_id, positive, real_expiry, token
-from tests.helpers import LAT, LON, METRE_LAT, TIME_UNIT, device_config, running_device
+from tests.helpers import TIME_UNIT, device_config, device_pair
 from tests.servers import broker_processes, redis_contents
 
 
@@ -100,12 +99,7 @@ async def test_devices_on_two_brokers_witness_and_the_positive_reaches_the_other
     async with region(redis_url, region_board, 2, recorder=record) as (one, two):
         a_config = device_config(one.url, poll_interval_s=poll_s)
         b_config = device_config(two.url, poll_interval_s=poll_s)
-        async with (
-            running_device(a_config, tmp_path / "a",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as a,
-            running_device(b_config, tmp_path / "b",
-                           FixedSource(LAT + 3 * METRE_LAT, LON, 4.0, interval_s=0.2)) as b,
-        ):
+        async with device_pair(tmp_path, a_config, b_config) as (a, b):
             stored_a = await a.wait_event("token_stored", timeout=30 * TIME_UNIT)
             stored_b = await b.wait_event("token_stored", timeout=30 * TIME_UNIT)
             expected = craft_token(a.engine._contact_id, b.engine._contact_id)
@@ -249,12 +243,7 @@ async def test_a_device_of_a_killed_broker_fails_over_and_its_declaration_reache
         poll_s = 1.0
         x_config = device_config(urls, poll_interval_s=poll_s)
         y_config = device_config(urls[1], poll_interval_s=poll_s)
-        async with (
-            running_device(x_config, tmp_path / "x",
-                           FixedSource(LAT, LON, 4.0, interval_s=0.2)) as x,
-            running_device(y_config, tmp_path / "y",
-                           FixedSource(LAT + 3 * METRE_LAT, LON, 4.0, interval_s=0.2)) as y,
-        ):
+        async with device_pair(tmp_path, x_config, y_config, names=("x", "y")) as (x, y):
             connected = await x.wait_event("broker_connected", timeout=10 * TIME_UNIT)
             assert connected.url == urls[0]
             stored_x = await x.wait_event("token_stored", timeout=30 * TIME_UNIT)

@@ -23,13 +23,21 @@ from broker.server import BrokerSettings, start_broker
 from fanny_tui.config import Config, parse_config
 from fanny_tui.engine import ROTATION_JITTER, Engine
 from fanny_tui.events import Event
-from fanny_tui.gps import FixedSource
 from fanny_tui.protocol.messages import Match, Position
 from fanny_tui.protocol.tokens import is_uuid4
 from fanny_tui.store import TokenStore
 
 from .broker.kit import Client, eventually
-from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, Device, device_config, running_device
+from .helpers import (
+    LAT,
+    LON,
+    TIME_UNIT,
+    Device,
+    device_config,
+    device_pair,
+    fixed_at,
+    running_device,
+)
 
 FIRST = "00000000-0000-4000-8000-000000000001"
 """A raw client's session ID that sorts before any device's: the raw client is the initiator,
@@ -59,10 +67,6 @@ def _config(url: str, rotation_interval_s: float = 3600.0, **protocol: float) ->
     config = device_config(url, **protocol)
     return dataclasses.replace(config, privacy=dataclasses.replace(
         config.privacy, rotation_interval_s=rotation_interval_s))
-
-
-def _source(metres_north: float = 0.0) -> FixedSource:
-    return FixedSource(LAT + metres_north * METRE_LAT, LON, 3.0, interval_s=0.2)
 
 
 def _index(device: Device, name: str) -> int:
@@ -97,7 +101,7 @@ async def test_scheduled_rotation_starts_a_new_session_and_the_old_one_is_gone(t
     recorder = Recorder()
     async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
         config = _config(broker.url, rotation_interval_s=2.0 * TIME_UNIT)
-        async with running_device(config, tmp_path / "d", _source()) as d:
+        async with running_device(config, tmp_path / "d", fixed_at(accuracy_m=3.0)) as d:
             await d.wait_event("broker_connected", timeout=5 * TIME_UNIT)
             old_session, old_contact = d.engine._session_id, d.engine._contact_id
             rotated = await d.wait_event("ids_rotated", timeout=5 * TIME_UNIT)
@@ -130,8 +134,7 @@ async def test_scheduled_rotation_starts_a_new_session_and_the_old_one_is_gone(t
 async def test_devices_meeting_again_after_a_rotation_make_a_different_token(tmp_path):
     async with start_broker(_settings(tmp_path)) as broker:
         config = _config(broker.url)
-        async with running_device(config, tmp_path / "a", _source()) as a, \
-                running_device(config, tmp_path / "b", _source(2.0)) as b:
+        async with device_pair(tmp_path, config, apart_m=2.0, accuracy_m=3.0) as (a, b):
             first = await a.wait_event("token_stored", timeout=15 * TIME_UNIT)
             assert (await b.wait_event("token_stored", timeout=15 * TIME_UNIT)).token == first.token
             await a.engine._rotate_ids()
@@ -155,8 +158,7 @@ async def test_a_due_rotation_never_cuts_a_contact_before_its_token(tmp_path):
     min_contact_s = 2.0 * TIME_UNIT
     async with start_broker(_settings(tmp_path)) as broker:
         config = _config(broker.url, min_contact_s=min_contact_s)
-        async with running_device(config, tmp_path / "a", _source()) as a, \
-                running_device(config, tmp_path / "b", _source(2.0)) as b:
+        async with device_pair(tmp_path, config, apart_m=2.0, accuracy_m=3.0) as (a, b):
             await a.wait_event("channel_open", timeout=15 * TIME_UNIT)
             rotation = asyncio.create_task(a.engine._rotate_ids())
             first = await a.wait_event("token_stored", timeout=15 * TIME_UNIT)
@@ -181,7 +183,7 @@ async def test_rotation_waits_for_a_running_exchange_and_declines_matches_meanwh
     timeout_s = 4.0 * TIME_UNIT
     async with start_broker(_settings(tmp_path)) as broker:
         config = _config(broker.url, handshake_timeout_s=timeout_s)
-        async with running_device(config, tmp_path / "d", _source()) as d:
+        async with running_device(config, tmp_path / "d", fixed_at(accuracy_m=3.0)) as d:
             await d.wait_event("broker_connected", timeout=5 * TIME_UNIT)
             old_session = d.engine._session_id
             first_ctx, first = await _raw_peer_next_to(broker.url, FIRST)
@@ -216,7 +218,7 @@ async def test_a_declaration_cancels_running_exchanges_and_rotates_at_once(tmp_p
     """Even while a scheduled rotation waits for the same exchange."""
     async with start_broker(_settings(tmp_path)) as broker:
         config = _config(broker.url, handshake_timeout_s=120.0)
-        async with running_device(config, tmp_path / "d", _source()) as d:
+        async with running_device(config, tmp_path / "d", fixed_at(accuracy_m=3.0)) as d:
             await d.wait_event("broker_connected", timeout=5 * TIME_UNIT)
             old_session = d.engine._session_id
             context, first = await _raw_peer_next_to(broker.url, FIRST)
@@ -241,8 +243,7 @@ async def test_a_declaration_cancels_running_exchanges_and_rotates_at_once(tmp_p
 async def test_the_declared_token_is_never_made_again(tmp_path):
     async with start_broker(_settings(tmp_path)) as broker:
         config = _config(broker.url, poll_interval_s=0.5)
-        async with running_device(config, tmp_path / "a", _source()) as a, \
-                running_device(config, tmp_path / "b", _source(2.0)) as b:
+        async with device_pair(tmp_path, config, apart_m=2.0, accuracy_m=3.0) as (a, b):
             declared = (await a.wait_event("token_stored", timeout=15 * TIME_UNIT)).token
             await b.wait_event("token_stored", timeout=15 * TIME_UNIT)
             assert await a.engine.declare_positive() == 1
@@ -290,7 +291,7 @@ def _strings_held_by(root: object) -> set[str]:
 
 async def test_the_engine_keeps_no_reference_to_the_old_ids(tmp_path):
     async with start_broker(_settings(tmp_path)) as broker:
-        device = running_device(_config(broker.url), tmp_path / "d", _source())
+        device = running_device(_config(broker.url), tmp_path / "d", fixed_at(accuracy_m=3.0))
         async with device as d:
             await d.wait_event("broker_connected", timeout=5 * TIME_UNIT)
             old = {d.engine._session_id, d.engine._contact_id}

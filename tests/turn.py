@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 
 from fanny_tui.config import IceServer
+from tests.helpers import free_port
 
 TURNSERVER = shutil.which("turnserver") or "/usr/bin/turnserver"
 USER = "test"
@@ -42,13 +43,6 @@ PASSWORD = "secret"
 REALM = "fieldtest"
 
 _STUN_MAGIC = 0x2112A442
-
-
-def free_udp_port() -> int:
-    """A UDP port that is free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def stun_binding_answered(port: int, timeout_s: float = 0.2) -> bool:
@@ -110,7 +104,7 @@ class TurnServer:
             raise RuntimeError("turnserver already running")
         self._tmp = tempfile.TemporaryDirectory(prefix="fanny-turn-")
         tmp = Path(self._tmp.name)
-        self.port = free_udp_port()
+        self.port = free_port(udp=True)
         cmd = [
             TURNSERVER, "-n",
             "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",

@@ -61,7 +61,7 @@ from typing import Any
 import gpxpy
 import gpxpy.gpx
 
-from ..config import ConfigError, ProtocolConfig, _Section, parse_config
+from ..config import ConfigError, ConfigSection, ProtocolConfig, parse_config
 from ..gps import WalkSource
 
 #: The device ``[protocol]`` keys a scenario may set (and ``--sweep`` may vary).
@@ -267,7 +267,7 @@ def walk_track(name: str, latitude: float, longitude: float, *, radius_m: float,
 
 def parse_noise(data: Mapping[str, Any]) -> NoiseSpec:
     """The ``[noise]`` table as a :class:`NoiseSpec` (errors name ``noise.KEY``)."""
-    s = _Section(data, "noise", set(NOISE_KEYS))
+    s = ConfigSection(data, "noise", set(NOISE_KEYS))
     d = NoiseSpec
     return NoiseSpec(
         sigma_m=s.number("sigma_m", d.sigma_m, low=0.0, high=1000.0),
@@ -280,7 +280,7 @@ def parse_noise(data: Mapping[str, Any]) -> NoiseSpec:
 
 
 def _truth(data: Mapping[str, Any]) -> TruthSpec:
-    s = _Section(data, "truth", {"radius_m", "duration_s", "close_radius_m"})
+    s = ConfigSection(data, "truth", {"radius_m", "duration_s", "close_radius_m"})
     radius_m = s.number("radius_m", TruthSpec.radius_m, positive=True, high=10_000.0)
     close_radius_m = None
     if "close_radius_m" in data:
@@ -309,7 +309,7 @@ def _walks(items: object, seed: int, duration_s: float | None) -> list[Track]:
     tracks = []
     for index, item in enumerate(items):
         key = f"walk[{index}]"
-        s = _Section(item, key, {"name", "latitude", "longitude", "radius_m", "speed_m_s",
+        s = ConfigSection(item, key, {"name", "latitude", "longitude", "radius_m", "speed_m_s",
                                  "seed", "start_s", "end_s"})
         name = s.string("name", None) or f"walker-{index + 1}"
         if "latitude" not in item or "longitude" not in item:
@@ -346,7 +346,7 @@ def parse_scenario(data: Mapping[str, Any], *, base_dir: Path, default_name: str
     unknown = sorted(set(data) - tables)
     if unknown:
         raise ConfigError(unknown[0], f"one of the tables {sorted(tables)}")
-    s = _Section(data.get("scenario", {}), "scenario",
+    s = ConfigSection(data.get("scenario", {}), "scenario",
                  {"name", "description", "gpx", "duration_s", "seed", "speed"})
     name = s.string("name", None) or default_name
     s.string("description", None)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import serve
+from websockets.asyncio.server import ServerConnection, serve
 
 from benchmarks.common import (
+    ByteCounts,
     Figure,
     LoopStall,
     Timer,
@@ -38,44 +41,51 @@ def test_percentile_nearest_rank():
     assert percentile([], 0.95) != percentile([], 0.95)   # nan
 
 
-async def test_byte_relay_counts_what_crosses_it(time_unit):
-    async def echo(ws):
+@contextlib.asynccontextmanager
+async def _relayed_echo() -> AsyncIterator[tuple[int, ByteCounts]]:
+    """A WebSocket echo server on 127.0.0.1 behind :func:`byte_relay`: the relay's port and
+    its counts."""
+    async def echo(ws: ServerConnection) -> None:
         async for message in ws:
             await ws.send(message)
 
-    async with serve(echo, "127.0.0.1", 0, compression=None) as server:
-        target = server.sockets[0].getsockname()[1]
-        async with byte_relay(target) as (port, counts):
-            async with connect(f"ws://127.0.0.1:{port}", proxy=None, compression=None,
-                               open_timeout=5 * time_unit) as ws:
-                handshake_down = counts.down
-                await ws.send("x" * 1000)
-                assert await asyncio.wait_for(ws.recv(), 5 * time_unit) == "x" * 1000
-                # 1000 bytes of payload each way, plus the frame headers (and the client's mask)
-                assert 1000 < counts.down - handshake_down < 1020
-                assert counts.up > 1000
-                assert counts.connections == 1
-            counts.reset()
-            assert (counts.down, counts.up, counts.connections) == (0, 0, 0)
+    async with (
+        serve(echo, "127.0.0.1", 0, compression=None) as server,
+        byte_relay(server.sockets[0].getsockname()[1]) as (port, counts),
+    ):
+        yield port, counts
+
+
+def _connect(port: int, time_unit: float) -> connect:
+    """A WebSocket client to the relay on ``port`` (no proxy, no compression)."""
+    return connect(f"ws://127.0.0.1:{port}", proxy=None, compression=None,
+                   open_timeout=5 * time_unit)
+
+
+async def test_byte_relay_counts_what_crosses_it(time_unit):
+    async with _relayed_echo() as (port, counts):
+        async with _connect(port, time_unit) as ws:
+            handshake_down = counts.down
+            await ws.send("x" * 1000)
+            assert await asyncio.wait_for(ws.recv(), 5 * time_unit) == "x" * 1000
+            # 1000 bytes of payload each way, plus the frame headers (and the client's mask)
+            assert 1000 < counts.down - handshake_down < 1020
+            assert counts.up > 1000
+            assert counts.connections == 1
+        counts.reset()
+        assert (counts.down, counts.up, counts.connections) == (0, 0, 0)
 
 
 async def test_websocket_parts_cuts_a_captured_connection(time_unit):
-    async def echo(ws):
-        async for message in ws:
-            await ws.send(message)
-
-    async with serve(echo, "127.0.0.1", 0, compression=None) as server:
-        target = server.sockets[0].getsockname()[1]
-        async with byte_relay(target) as (port, counts):
-            counts.capture = True
-            async with connect(f"ws://127.0.0.1:{port}", proxy=None, compression=None,
-                               open_timeout=5 * time_unit) as ws:
-                await ws.send("x" * 10)
-                await asyncio.wait_for(ws.recv(), 5 * time_unit)
-                await ws.send(b"y" * 300)      # a 16-bit extended payload length
-                await asyncio.wait_for(ws.recv(), 5 * time_unit)
-            await asyncio.sleep(0.1 * time_unit)   # the server's close frame crosses the relay
-            parts = websocket_parts(bytes(counts.up_raw), bytes(counts.down_raw))
+    async with _relayed_echo() as (port, counts):
+        counts.capture = True
+        async with _connect(port, time_unit) as ws:
+            await ws.send("x" * 10)
+            await asyncio.wait_for(ws.recv(), 5 * time_unit)
+            await ws.send(b"y" * 300)      # a 16-bit extended payload length
+            await asyncio.wait_for(ws.recv(), 5 * time_unit)
+        await asyncio.sleep(0.1 * time_unit)   # the server's close frame crosses the relay
+        parts = websocket_parts(bytes(counts.up_raw), bytes(counts.down_raw))
     assert parts.request_fields[:5] == ["Host", "Upgrade", "Connection", "Sec-WebSocket-Key",
                                         "Sec-WebSocket-Version"]
     assert "User-Agent" in parts.request_fields and "Date" in parts.response_fields

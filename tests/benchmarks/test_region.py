@@ -7,6 +7,7 @@ import math
 import random
 import subprocess
 import sys
+from typing import Any
 
 from benchmarks.region import (
     COLUMN_M,
@@ -87,15 +88,22 @@ def test_figures_are_ratios_to_the_embedded_broker():
     assert rows["embedded_again_update_cpu_us"].ratio == 1.0
 
 
+async def _load(url: str, total: int, seconds: float, time_unit: float
+                ) -> tuple[LoadGenerators, list[dict[str, Any]]]:
+    """Run ``total`` walking devices against the broker at ``url`` for ``seconds`` through
+    :class:`LoadGenerators` (started, run, always stopped); the generators and their results."""
+    load = LoadGenerators([url], total=total, seconds=seconds)
+    try:
+        await load.start(timeout_s=60 * time_unit)
+        return load, await load.run(timeout_s=60 * time_unit)
+    finally:
+        await load.stop()
+
+
 async def test_load_generators_and_probes_on_a_real_broker(tmp_path, time_unit):
     async with running(tmp_path, position_rate_per_s=10_000.0, position_burst=2 * WINDOW,
                        max_connections_per_address=0) as broker:
-        load = LoadGenerators([broker.url], total=20, seconds=0.5)
-        try:
-            await load.start(timeout_s=60 * time_unit)
-            results = await load.run(timeout_s=60 * time_unit)
-        finally:
-            await load.stop()
+        load, results = await _load(broker.url, 20, 0.5, time_unit)
         assert len(results) == 2
         assert all(r["refused"] == {} for r in results)
         assert sum(r["updates"][0] for r in results) >= 20 * WINDOW   # every device walked
@@ -109,12 +117,7 @@ async def test_load_generators_and_probes_on_a_real_broker(tmp_path, time_unit):
 async def test_refused_positions_are_not_counted_as_updates(tmp_path, time_unit):
     async with running(tmp_path, position_rate_per_s=1.0, position_burst=2,
                        max_connections_per_address=0) as broker:
-        load = LoadGenerators([broker.url], total=4, seconds=0.3)
-        try:
-            await load.start(timeout_s=60 * time_unit)
-            results = await load.run(timeout_s=60 * time_unit)
-        finally:
-            await load.stop()
+        _, results = await _load(broker.url, 4, 0.3, time_unit)
     refused = sum(r["refused"].get("rate_limited", 0) for r in results)
     updates = sum(r["updates"][0] for r in results)
     assert refused > 0

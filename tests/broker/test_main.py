@@ -7,7 +7,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,9 +26,9 @@ from fanny_tui.protocol.messages import (
     PositivesPoll,
     PositiveUpload,
 )
+from tests.helpers import free_port, loopback_port
 from tests.servers import (
     broker_command,
-    free_loopback_port,
     start_broker_process,
     stop_broker_process,
 )
@@ -53,7 +52,7 @@ SECRET = "5e" * 32
 
 async def test_serve_healthz_sigterm_and_restart_keeps_committed_tokens(tmp_path):
     db = tmp_path / "board.sqlite3"
-    port = free_loopback_port()
+    port = free_port()
     create = subprocess.run([*broker_command(), "create-board", "--db", str(db)],
                             capture_output=True, text=True, timeout=60)
     assert create.returncode == 0 and create.stdout == "", create.stderr
@@ -292,9 +291,7 @@ def test_unusable_database_path_one_line_exit_2(tmp_path, capsys):
 
 
 def test_unreachable_redis_one_line_exit_2(tmp_path, capsys):
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))          # bound, not listening: connections are refused
-        port = closed.getsockname()[1]
+    with loopback_port(listening=False) as port:        # connections are refused
         db = tmp_path / "b.sqlite3"
         assert main(["create-board", "--db", str(db)]) == 0
         capsys.readouterr()
@@ -442,10 +439,7 @@ def test_version_prints_the_kit_version(capsys):
 
 
 def test_address_in_use_one_line_exit_1(tmp_path, capsys):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with loopback_port(listening=True) as port:         # the port is taken
         create_board(tmp_path / "b.sqlite3")
         code = main(["serve", "--port", str(port), "--db", str(tmp_path / "b.sqlite3"),
                      "--log-level", "ERROR"])

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.__main__ import create_board
-from tests.gpsfake import free_port
 from tests.helpers import LAT, LON
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "board_tokens",
     "board_upload_ids",
     "event_time",
-    "free_port",
     "healthz",
     "tokens_json",
     "wait_healthz",
@@ -309,6 +307,16 @@ class Processes:
         """Track ``item`` (a :class:`BrokerProcess` or :class:`HeadlessDevice`); return it."""
         self._items.append(item)
         return item
+
+    def device(self, workdir: Path, name: str, *, port: int, latitude: float = LAT,
+               **config: float) -> HeadlessDevice:
+        """A tracked, not yet started :class:`HeadlessDevice` ``name`` at ``latitude`` (WGS84
+        degrees) talking to the broker on ``port``: its configuration ``workdir/NAME.toml``
+        (:func:`write_device_config`, with ``config``'s other keys), its store
+        ``workdir/NAME``, its log ``workdir/NAME.log``."""
+        path = write_device_config(workdir / f"{name}.toml", port=port, latitude=latitude,
+                                   **config)
+        return self.add(HeadlessDevice(name, path, workdir / name, workdir / f"{name}.log"))
 
     async def __aenter__(self) -> Processes:
         return self

@@ -47,7 +47,7 @@ from fanny_tui.protocol.proximity import haversine_m
 from fanny_tui.protocol.tokens import is_token
 from fanny_tui.store import TokenStore
 from tests.gpsfake import GpsFake
-from tests.helpers import LAT, METRE_LAT, running_device
+from tests.helpers import LAT, METRE_LAT, free_port, running_device
 
 from .procs import (
     BIN,
@@ -58,7 +58,6 @@ from .procs import (
     board_tokens,
     board_upload_ids,
     event_time,
-    free_port,
     tokens_json,
     wait_healthz,
     write_device_config,
@@ -314,12 +313,8 @@ async def broker_restarted(workdir: Path, *, stop_signal: int = signal.SIGTERM,
     async with Processes() as procs:
         broker = procs.add(BrokerProcess(port, db, workdir / "broker-1.log"))
         await broker.start()
-        devices = []
-        for name, latitude in (("a", LAT), ("b", LAT + 2 * METRE_LAT)):
-            config = write_device_config(workdir / f"{name}.toml", port=port, latitude=latitude,
-                                         poll_interval_s=0.5)
-            devices.append(procs.add(HeadlessDevice(name, config, workdir / name,
-                                                    workdir / f"{name}.log")))
+        devices = [procs.device(workdir, name, port=port, latitude=latitude, poll_interval_s=0.5)
+                   for name, latitude in (("a", LAT), ("b", LAT + 2 * METRE_LAT))]
         for device in devices:
             await device.start()
         stored = [(await d.wait_for("token_stored"))[1] for d in devices]
@@ -576,9 +571,8 @@ async def peer_vanishes_mid_handshake(workdir: Path, *, fault: int = signal.SIGK
         await broker.start()
 
         def device(name: str, latitude: float) -> HeadlessDevice:
-            config = write_device_config(workdir / f"{name}.toml", port=port, latitude=latitude,
-                                         handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
-            return procs.add(HeadlessDevice(name, config, workdir / name, workdir / f"{name}.log"))
+            return procs.device(workdir, name, port=port, latitude=latitude,
+                                handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
 
         survivor = await device("survivor", LAT).start()
         await survivor.wait_for("broker_connected")
@@ -680,9 +674,8 @@ async def peer_killed_at_random(workdir: Path, *, seed: int,
         await broker.start()
 
         def device(name: str, latitude: float) -> HeadlessDevice:
-            config = write_device_config(workdir / f"{name}.toml", port=port, latitude=latitude,
-                                         handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
-            return procs.add(HeadlessDevice(name, config, workdir / name, workdir / f"{name}.log"))
+            return procs.device(workdir, name, port=port, latitude=latitude,
+                                handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
 
         survivor = await device("survivor", LAT).start()
         await survivor.wait_for("broker_connected")

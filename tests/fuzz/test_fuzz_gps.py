@@ -26,7 +26,6 @@ estimated position.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import re
@@ -41,8 +40,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fanny_tui.events import GpsFix, GpsLost
-from fanny_tui.gps import GpsdDecoder, GpsdFixTracker, GpsdSource, NmeaReplaySource, parse_nmea_log
+from fanny_tui.gps import (
+    GpsdDecoder,
+    GpsdFixTracker,
+    GpsdSource,
+    NmeaReplaySource,
+    PositionSource,
+    parse_nmea_log,
+)
 from tests.fuzz import fuzz_settings, report, scaled, tried
+from tests.test_gps import VERSION, Collector, GpsdLike
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CAPTURES = sorted((DATA / "gpsd-json").glob("*.jsonl"))
@@ -51,7 +58,6 @@ NMEA_LOGS = sorted((DATA / "nmea").glob("*.log"))
 DERIVED_NMEA = sorted((DATA / "derived").glob("*.log"))
 EDGE_GPSD = DATA / "malformed" / "gpsd-edge-cases.jsonl"
 EDGE_NMEA = DATA / "malformed" / "nmea-edge-cases.log"
-VERSION = b'{"class":"VERSION","release":"3.25","rev":"3.25","proto_major":3,"proto_minor":15}\r\n'
 SENTINEL = (-33.856784, 151.215297)  # a position found in no input: "the script is over"
 SENTINEL_TPV = (b'\r\n{"class":"TPV","device":"/dev/ttyACM0","mode":3,"lat":-33.856784,'
                 b'"lon":151.215297}\r\n')
@@ -367,73 +373,31 @@ def test_gpsd_corrupted_real_streams_never_give_a_false_position() -> None:
 # --- GpsdSource against a loopback server that speaks like gpsd ------------------------------
 
 
-class ScriptedGpsd:
-    """A gpsd look-alike on 127.0.0.1 (port 0): VERSION on connect, then once ``?WATCH``
-    arrives, each chunk of ``script`` as one write (drained, then a short pause so the client
-    reads it on its own), then the connection is closed."""
-
-    def __init__(self, script: list[bytes], pause_s: float = 0.0005) -> None:
-        self.script, self.pause_s = script, pause_s
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.watch_seen = False
-
-    async def __aenter__(self) -> ScriptedGpsd:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(VERSION)
-            await writer.drain()
-            received = b""
-            while b"?WATCH" not in received or not received.endswith((b";", b"\n")):
-                chunk = await reader.read(1024)
-                if not chunk:
-                    return
-                received += chunk
-            self.watch_seen = True
-            for chunk in self.script:
-                writer.write(chunk)
-                await writer.drain()
-                await asyncio.sleep(self.pause_s)
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-
 async def through_gpsd_source(script: list[bytes], done: Callable[[list[Event]], bool],
                               timeout_s: float = 20.0) -> list[Event]:
     """Play ``script`` to a real GpsdSource over loopback; its events once ``done(events)``."""
-    events: list[Event] = []
-    async with ScriptedGpsd(script) as server:
-        source = GpsdSource("127.0.0.1", server.port, stale_after_s=600.0,
-                            reconnect_min_s=600.0, reconnect_max_s=600.0)
+    # Each chunk one write, drained, then a short pause so that the client reads it on its own.
+    paced: list[bytes | float] = [item for chunk in script for item in (chunk, 0.0005)]
+    async with GpsdLike([VERSION], paced, close_after=True) as server:
+        return await _events_until(
+            GpsdSource("127.0.0.1", server.port, stale_after_s=600.0, reconnect_min_s=600.0,
+                       reconnect_max_s=600.0), done, timeout_s)
 
-        async def consume() -> None:
-            async for item in source.stream():
-                events.append(item)
 
-        task = asyncio.create_task(consume())
-        try:
-            async with asyncio.timeout(timeout_s):  # a guard against a hang, not a timing test
-                while not done(events):
-                    if task.done():
-                        task.result()
-                        raise AssertionError(f"the stream ended: {events}")
-                    await asyncio.sleep(0.002)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    return events
+async def _events_until(source: PositionSource, done: Callable[[list[Event]], bool],
+                        timeout_s: float = 20.0) -> list[Event]:
+    """``source``'s events, read until ``done(events)`` (test_gps's :class:`Collector`, looking
+    every 2 ms); the timeout is a guard against a hang, not a timing test.
+
+    Raises:
+        AssertionError: the stream ended first, or ``timeout_s`` passed.
+    """
+    collector = Collector(source)
+    try:
+        await collector.wait_for(done, timeout_s, poll_s=0.002)
+    finally:
+        await collector.close()
+    return collector.events
 
 
 def closed(events: list[Event]) -> bool:
@@ -596,23 +560,8 @@ def test_nmea_real_logs_whole_are_true() -> None:
 
 
 async def _replay(path: Path, done: Callable[[list[Event]], bool]) -> list[Event]:
-    events: list[Event] = []
-    source = NmeaReplaySource(path, rate=2000.0, loop=False, retry_s=600.0)
-
-    async def consume() -> None:
-        async for item in source.stream():
-            events.append(item)
-
-    task = asyncio.create_task(consume())
-    try:
-        async with asyncio.timeout(20.0):  # a guard against a hang, not a timing test
-            while not done(events):
-                await asyncio.sleep(0.002)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    return events
+    return await _events_until(NmeaReplaySource(path, rate=2000.0, loop=False, retry_s=600.0),
+                               done)
 
 
 @pytest.mark.parametrize("ending", [*sorted(LINE_ENDINGS), "cr"])
