@@ -341,6 +341,9 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
     def metres(value: float | None) -> str:
         return "?" if value is None else f"{value:.1f} m"
 
+    if data_dir.exists() and not data_dir.is_dir():
+        raise StoreError(f"no token store in {data_dir}: it is a file, not a directory "
+                         f"(check --data-dir or [storage] data_dir)")
     if not (data_dir / "tokens.sqlite3").exists():
         if as_json:
             print(json.dumps({"tokens": [], "alerts": []}, indent=2))

@@ -293,6 +293,26 @@ def test_tokens_on_empty_dir(tmp_path):
     assert json.loads(result.stdout) == {"tokens": [], "alerts": []}
 
 
+def test_a_data_dir_that_is_a_file_is_one_line(tmp_path):
+    # trial6: `tokens --data-dir device.toml` said "no token store in device.toml" (exit 0)
+    # and the run said "... File exists": both now name the mistake, in one line.
+    config = tmp_path / "device.toml"
+    config.write_text("[gps]\nsource = \"fixed\"\nlatitude = 43.6\nlongitude = 1.44\n")
+    listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", config],
+                             capture_output=True, text=True)
+    assert listing.returncode == 2, listing
+    assert listing.stdout == ""
+    assert listing.stderr == (f"fanny-tui: no token store in {config}: it is a file, not a "
+                              "directory (check --data-dir or [storage] data_dir)\n")
+    run = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
+                          "--data-dir", config], capture_output=True, text=True,
+                         timeout=30 * TIME_UNIT)
+    assert run.returncode == 2, run
+    assert run.stderr == (f"fanny-tui: cannot open the token store in {config}: it is a file, "
+                          "not a directory (check --data-dir or [storage] data_dir)\n")
+    assert config.read_text().startswith("[gps]\n")
+
+
 def _stock(data_dir: Path, *tokens: str) -> None:
     from datetime import UTC, datetime
 
