@@ -313,6 +313,30 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path):
     assert config.read_text().startswith("[gps]\n")
 
 
+def test_declaring_from_a_data_dir_without_a_store_is_refused_and_creates_nothing(tmp_path):
+    # trial6: `declare-positive --data-dir typo` made an empty store in a new directory
+    # "typo" and said "no tokens to upload: nothing declared", exit 0: a tester who had just
+    # tested positive believed there was nothing to declare.
+    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    typo = tmp_path / "typo"
+    result = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                             "--data-dir", typo, "--code", "AAAA-BBBB-CCCC-DDDD",
+                             "--timeout", "1"], capture_output=True, text=True,
+                            timeout=30 * TIME_UNIT)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert result.stderr == (f"fanny-tui: no token store in {typo}: nothing to declare from "
+                             "there (check --data-dir or [storage] data_dir)\n")
+    assert not typo.exists()
+    # A store with no token (the device ran, met nobody) is still "nothing declared", exit 0.
+    _stock(tmp_path / "d")
+    empty = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                            "--data-dir", tmp_path / "d", "--code", "AAAA-BBBB-CCCC-DDDD",
+                            "--timeout", "1"], capture_output=True, text=True,
+                           timeout=30 * TIME_UNIT)
+    assert (empty.returncode, empty.stdout) == (0, "no tokens to upload: nothing declared\n")
+
+
 def _stock(data_dir: Path, *tokens: str) -> None:
     from datetime import UTC, datetime
 
