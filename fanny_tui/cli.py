@@ -16,13 +16,14 @@ broker down) is one line on stderr and a non-zero exit code, never a traceback.
 
 Exit codes: 0 done; 1 failed (a declaration not acknowledged, the data directory in use by
 another process); 2 usage or configuration error (e.g. a ``[journal] path`` whose directory
-does not exist: it is never created); 130 interrupted (SIGINT before the engine
-ran); 141 (128 + SIGPIPE, as Unix tools killed by SIGPIPE) when stdout was closed by its reader
-(``fanny-tui --headless | head -n 2``): the engine is stopped cleanly, nothing more is printed.
-The run and ``declare-positive`` hold the data directory's lock (:mod:`fanny_tui.datadir`);
-``tokens`` only reads. Without ``--config`` and without the default config file, the run and
-``declare-positive`` say once on stderr (and the app in a notification) that they use the
-defaults, with the path they looked for.
+does not exist: it is never created; ``declare-positive`` on a data directory that holds no
+token store, a mistyped ``--data-dir``: nothing is created); 130 interrupted (SIGINT before the
+engine ran); 141 (128 + SIGPIPE, as Unix tools killed by SIGPIPE) when stdout was closed by its
+reader (``fanny-tui --headless | head -n 2``): the engine is stopped cleanly, nothing more is
+printed. The run and ``declare-positive`` hold the data directory's lock
+(:mod:`fanny_tui.datadir`); ``tokens`` only reads. Without ``--config`` and without the default
+config file, the run and ``declare-positive`` say once on stderr (and the app in a
+notification) that they use the defaults, with the path they looked for.
 """
 
 from __future__ import annotations
@@ -341,6 +342,9 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
     def metres(value: float | None) -> str:
         return "?" if value is None else f"{value:.1f} m"
 
+    if data_dir.exists() and not data_dir.is_dir():
+        raise StoreError(f"no token store in {data_dir}: it is a file, not a directory "
+                         f"(check --data-dir or [storage] data_dir)")
     if not (data_dir / "tokens.sqlite3").exists():
         if as_json:
             print(json.dumps({"tokens": [], "alerts": []}, indent=2))
@@ -537,6 +541,9 @@ def _main(argv: Sequence[str] | None) -> int:
             if notice:
                 print(f"{APP_NAME}: {notice}", file=sys.stderr, flush=True)
             _declaration_target(config, args.broker)   # a wrong name changes nothing
+            if not (data_dir / "tokens.sqlite3").exists():   # a typo: nothing is created
+                raise UsageError(f"no token store in {data_dir}: nothing to declare from there "
+                                 f"(check --data-dir or [storage] data_dir)")
             return asyncio.run(_declare_positive(config, data_dir, args.timeout, code,
                                                  args.broker))
         if config.journal.path is not None:

@@ -94,6 +94,10 @@ class DataDirLock:
         """
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already locked by this object")
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            # mkdir(exist_ok=True) on a file says "File exists", which names no mistake
+            raise StoreError(f"cannot open the token store in {self.data_dir}: it is a file, "
+                             f"not a directory (check --data-dir or [storage] data_dir)")
         try:
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -286,6 +286,50 @@ def test_tokens_on_empty_dir(tmp_path):
     assert json.loads(result.stdout) == {"tokens": [], "alerts": []}
 
 
+def test_a_data_dir_that_is_a_file_is_one_line(tmp_path):
+    # trial6: `tokens --data-dir device.toml` said "no token store in device.toml" (exit 0)
+    # and the run said "... File exists": both now name the mistake, in one line.
+    config = tmp_path / "device.toml"
+    config.write_text("[gps]\nsource = \"fixed\"\nlatitude = 43.6\nlongitude = 1.44\n")
+    listing = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", config],
+                             capture_output=True, text=True)
+    assert listing.returncode == 2, listing
+    assert listing.stdout == ""
+    assert listing.stderr == (f"fanny-tui: no token store in {config}: it is a file, not a "
+                              "directory (check --data-dir or [storage] data_dir)\n")
+    run = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
+                          "--data-dir", config], capture_output=True, text=True,
+                         timeout=30 * TIME_UNIT)
+    assert run.returncode == 2, run
+    assert run.stderr == (f"fanny-tui: cannot open the token store in {config}: it is a file, "
+                          "not a directory (check --data-dir or [storage] data_dir)\n")
+    assert config.read_text().startswith("[gps]\n")
+
+
+def test_declaring_from_a_data_dir_without_a_store_is_refused_and_creates_nothing(tmp_path):
+    # trial6: `declare-positive --data-dir typo` made an empty store in a new directory
+    # "typo" and said "no tokens to upload: nothing declared", exit 0: a tester who had just
+    # tested positive believed there was nothing to declare.
+    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    typo = tmp_path / "typo"
+    result = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                             "--data-dir", typo, "--code", "AAAA-BBBB-CCCC-DDDD",
+                             "--timeout", "1"], capture_output=True, text=True,
+                            timeout=30 * TIME_UNIT)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert result.stderr == (f"fanny-tui: no token store in {typo}: nothing to declare from "
+                             "there (check --data-dir or [storage] data_dir)\n")
+    assert not typo.exists()
+    # A store with no token (the device ran, met nobody) is still "nothing declared", exit 0.
+    _stock(tmp_path / "d")
+    empty = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
+                            "--data-dir", tmp_path / "d", "--code", "AAAA-BBBB-CCCC-DDDD",
+                            "--timeout", "1"], capture_output=True, text=True,
+                           timeout=30 * TIME_UNIT)
+    assert (empty.returncode, empty.stdout) == (0, "no tokens to upload: nothing declared\n")
+
+
 def _stock(data_dir: Path, *tokens: str) -> None:
     from datetime import UTC, datetime
 

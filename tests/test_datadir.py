@@ -72,6 +72,18 @@ def test_an_unusable_directory_is_one_line(tmp_path):
                                  "Not a directory")
 
 
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path):
+    # trial6: `--data-dir device.toml` said "cannot open the token store in device.toml:
+    # File exists"; the file is left as it was.
+    blocker = tmp_path / "device.toml"
+    blocker.write_text("[gps]\n")
+    with pytest.raises(StoreError) as failed:
+        DataDirLock(blocker).acquire()
+    assert str(failed.value) == (f"cannot open the token store in {blocker}: it is a file, "
+                                 "not a directory (check --data-dir or [storage] data_dir)")
+    assert blocker.read_text() == "[gps]\n"
+
+
 def test_holder_line_is_one_short_line():
     line = holder_line(42, ["/usr/local/bin/fanny-tui", "--headless", "--config", "a b\nc"])
     assert line == "pid 42: fanny-tui --headless --config a b c"
