@@ -310,7 +310,7 @@ def test_declaring_from_a_data_dir_without_a_store_is_refused_and_creates_nothin
     # trial6: `declare-positive --data-dir typo` made an empty store in a new directory
     # "typo" and said "no tokens to upload: nothing declared", exit 0: a tester who had just
     # tested positive believed there was nothing to declare.
-    config = _write_config(tmp_path / "c.toml", _free_port(), LAT)
+    config = _write_config(tmp_path / "c.toml", free_port(), LAT)
     typo = tmp_path / "typo"
     result = subprocess.run([BIN / "fanny-tui", "declare-positive", "--config", config,
                              "--data-dir", typo, "--code", "AAAA-BBBB-CCCC-DDDD",
