@@ -406,18 +406,23 @@ DATA_CHANNEL_TYPES = {"peer_hello", "peer_position", "heartbeat", "token", "ack"
                       "abort", "contact_id"}
 
 
+CONTACT_MAX_SPEED_MPS = 1000.0
+"""The devices' and the broker's bound in the contact tests: they move a device 200 m at once
+(the jump rule is tested in tests/test_contact.py, tests/test_handshake.py and
+tests/broker/test_state.py)."""
+
+
 def _contact_config(broker_url: str, min_contact_s: float):  # type: ignore[no-untyped-def]
-    # max_speed_mps is high: the test moves a device 200 m at once (the jump rule is tested in
-    # tests/test_contact.py and tests/test_handshake.py).
     return device_config(broker_url, poll_interval_s=POLL_S, radius_m=15.0,
                          position_interval_s=0.2, min_contact_s=min_contact_s,
-                         contact_gap_s=1.0 * TIME_UNIT, max_speed_mps=1000.0)
+                         contact_gap_s=1.0 * TIME_UNIT, max_speed_mps=CONTACT_MAX_SPEED_MPS)
 
 
 async def test_token_after_min_contact_measured_peer_to_peer_then_the_pair_parts(tmp_path):
     min_contact = 1.5 * TIME_UNIT
     recorder = Recorder()
-    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+    async with start_broker(_settings(tmp_path, max_speed_mps=CONTACT_MAX_SPEED_MPS),
+                            recorder=recorder) as broker:
         config = _contact_config(broker.url, min_contact)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
@@ -480,7 +485,7 @@ async def test_token_after_min_contact_measured_peer_to_peer_then_the_pair_parts
 
 
 async def test_a_pair_that_parts_before_min_contact_leaves_nothing(tmp_path):
-    async with start_broker(_settings(tmp_path)) as broker:
+    async with start_broker(_settings(tmp_path, max_speed_mps=CONTACT_MAX_SPEED_MPS)) as broker:
         config = _contact_config(broker.url, min_contact_s=30.0)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
@@ -537,7 +542,8 @@ async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tm
     ``min_contact_s`` 0 the broker's match is the witness). B really arriving later matches."""
     recorder = Recorder()
     max_speed = 50.0
-    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+    async with start_broker(_settings(tmp_path, max_speed_mps=max_speed),
+                            recorder=recorder) as broker:
         config = device_config(broker.url, poll_interval_s=POLL_S, radius_m=15.0,
                                position_interval_s=0.1, max_speed_mps=max_speed)
         source = OutlierSource(outlier_north_m=3.0, max_speed_mps=max_speed)
@@ -570,7 +576,8 @@ async def test_the_same_pair_meeting_again_grows_one_token(tmp_path):
     contact is stored as ``new`` False, and the store holds one token whose exposure is both
     contacts' (durations and samples added, the closer distance, two meetings) and whose
     expiry is the latest contact's."""
-    async with start_broker(_settings(tmp_path, cooldown_s=0.5)) as broker:
+    async with start_broker(_settings(tmp_path, cooldown_s=0.5,
+                                      max_speed_mps=CONTACT_MAX_SPEED_MPS)) as broker:
         config = _contact_config(broker.url, min_contact_s=0.0)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (

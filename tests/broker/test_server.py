@@ -71,7 +71,7 @@ async def test_healthz_reports_counts_only(tmp_path):
             status, body = await healthz(broker.port)
             assert status == 200
             assert body == {"status": "ok", "declarations": "open", "connections": 1,
-                            "sessions": 1, "positions": 1}
+                            "sessions": 1, "positions": 1, "jumps_rejected": 0}
             assert a.session_id not in json.dumps(body)
 
 
@@ -138,8 +138,9 @@ async def test_three_clients_and_one_far_away(tmp_path):
 
 
 async def test_no_match_beyond_radius_and_radius_capped(tmp_path):
+    clock = FakeMonotonic()
     async with (
-        running(tmp_path, radius_max_m=40.0) as broker,
+        running(tmp_path, radius_max_m=40.0, mono=clock) as broker,
         Client.open(broker.url) as a, Client.open(broker.url) as b,
     ):
         assert (await a.hello(radius_m=500.0)).radius_m == 40.0     # capped
@@ -147,6 +148,7 @@ async def test_no_match_beyond_radius_and_radius_capped(tmp_path):
         await a.at(0)
         await b.at(20)                                   # 20 m > min(40, 10)
         assert await b.barrier() == [] and await a.barrier() == []
+        clock.advance(1.0)                               # 11 m in 1 s: a walk, not a jump
         await b.at(9)
         assert [m.peer_session_id for m in await b.barrier()] == [a.session_id]
 
