@@ -27,10 +27,10 @@ dropped later, never early.
 No garbage-collector stall (issue 7, point 5): the state holds no object per session, position
 or pair that CPython's cyclic collector tracks. Each connected session has an integer slot;
 its radius, fix and place in the expiry order are items of two :class:`array.array` (one
-cache line each per session); the slots, the pairs and the grid's cells are in dicts of
-atomic keys and values (str, int, float, ``None``, ``bytearray``), which CPython leaves
-untracked. A full collection then walks a few dozen objects for the whole state, not
-millions.
+cache line each per session), the jump rule's memory seven items of a third; the slots,
+the pairs and the grid's cells are in dicts of atomic keys and values (str, int, float,
+``None``, ``bytearray``), which CPython leaves untracked. A full collection then walks a
+few dozen objects for the whole state, not millions.
 
 Matching (paper section 3, step 3): when a session reports a position, the grid yields its
 neighbours (never a scan of every session); two sessions match when the accuracy rule
@@ -218,7 +218,7 @@ class BrokerState:
         self._grid: ProximityGrid[str] = ProximityGrid(self.radius_max_m)
         # No object per session or per position that CPython's cyclic garbage collector
         # tracks (issue 7, point 5; docs/performance.md, "The garbage collector"): each
-        # connected session has an integer slot, its data are items of two arrays.
+        # connected session has an integer slot, its data are items of three arrays.
         self._slot: dict[str, int] = {}      # connected session -> its slot
         self._session: dict[int, str] = {}   # and back
         # At 3*slot, 3*slot+1, 3*slot+2 (one cache line per array): the radius in metres,
@@ -377,11 +377,12 @@ class BrokerState:
         track = self._track
         at = 7 * slot
         anchor_at = track[at + 2]
+        run = track[at + 6]
         if anchor_at == anchor_at:                    # not NaN: an accepted update before
             verdict = jump_verdict(self.max_speed_mps, latitude, longitude, now,
                                    (track[at], track[at + 1], anchor_at),
-                                   (track[at + 3], track[at + 4], track[at + 5]),
-                                   int(track[at + 6]), JUMP_CONFIRMATIONS)
+                                   (track[at + 3], track[at + 4], track[at + 5]) if run else None,
+                                   int(run), JUMP_CONFIRMATIONS)
             if verdict != JUMP_ACCEPTED:
                 if verdict > 0:                       # the run's new last update
                     track[at + 3] = latitude
@@ -393,7 +394,8 @@ class BrokerState:
         track[at] = latitude
         track[at + 1] = longitude
         track[at + 2] = now
-        track[at + 6] = 0.0
+        if run:
+            track[at + 6] = 0.0
         self._grid.put(session_id, latitude, longitude)
         num, link = self._num, self._link
         at = 3 * slot

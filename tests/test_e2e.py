@@ -560,7 +560,7 @@ async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tm
                     < 15 * METRE_LAT]
             assert near == [], "the outlier reached the broker"
             for device in (a, b):
-                assert not device.of("match_found") and not device.of("token_stored")
+                assert not device.of("match") and not device.of("token_stored")
             # The outlier was not taken as B's fix either: every fix B showed before its real
             # arrival was 200 m north.
             far = [abs(f.latitude - LAT) > 100 * METRE_LAT for f in b.of("gps_fix")]
@@ -569,6 +569,58 @@ async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tm
             stored = [await d.wait_event("token_stored", timeout=20 * TIME_UNIT)
                       for d in (a, b)]
             assert stored[0].token == stored[1].token
+
+
+async def test_the_broker_never_matches_a_clients_single_jump_next_to_a_device(tmp_path):
+    """A client of another implementation (a raw WebSocket client here) sends one outlier 2 m
+    from a real device, after a fix 1 km away: the broker rejects it as an implausible jump
+    (issue 6, point 1: its match applies the devices' rule), so neither gets a match frame;
+    it is counted, with no error to the client. Its third agreeing update re-anchors it, and
+    then the pair is matched."""
+    from fanny_tui.protocol.messages import Match, Position
+
+    from .broker.kit import Client, healthz
+
+    def position(north_m: float) -> Position:
+        return Position(latitude=LAT + north_m * METRE_LAT, longitude=LON, accuracy_m=3.0)
+
+    recorder = Recorder()
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+        config = device_config(broker.url, poll_interval_s=POLL_S, position_interval_s=0.1)
+        async with (
+            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 3.0, interval_s=0.1))
+            as device,
+            Client.open(broker.url) as client,
+        ):
+            await client.hello()
+            await client.send(position(1000.0))
+            assert await client.barrier() == []
+            await client.send(position(2.0))                   # 998 m at once: a jump
+            assert await client.barrier() == []                # no match, no error
+
+            def device_positions() -> int:
+                return sum(json.loads(raw)["type"] == "position" for _, raw in recorder.frames)
+
+            # The device goes on sending its position: the broker matches it against the
+            # client's last accepted one, 1 km away.
+            seen = device_positions()
+            deadline = asyncio.get_running_loop().time() + 10 * TIME_UNIT
+            while device_positions() < seen + 3:
+                assert asyncio.get_running_loop().time() < deadline, "the device stopped"
+                await asyncio.sleep(0.05)
+            assert await client.barrier() == []
+            assert not device.of("match")
+            status, health = await healthz(broker.port)
+            assert status == 200 and health["jumps_rejected"] == 1
+            assert health["positions"] == 2
+            # The control: two more updates agreeing with the outlier (3 in a row) re-anchor;
+            # the third only 0.1 mm from the second, plausible after the barrier's round trip.
+            await client.send(position(2.5))
+            assert await client.barrier() == []
+            await client.send(position(2.5001))
+            assert [type(m) for m in await client.barrier()] == [Match]
+            await device.wait_event("match", timeout=10 * TIME_UNIT)
+            assert (await healthz(broker.port))[1]["jumps_rejected"] == 2
 
 
 async def test_the_same_pair_meeting_again_grows_one_token(tmp_path):

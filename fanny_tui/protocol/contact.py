@@ -30,7 +30,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from .proximity import Verdict, bearing_deg, haversine_m, within_radius
+from .proximity import METRES_PER_DEGREE, Verdict, bearing_deg, haversine_m, within_radius
 
 DEFAULT_MAX_SPEED_MPS = 30.0
 """The implausible-jump bound by default, metres per second (108 km/h): the devices'
@@ -127,6 +127,19 @@ Stamped = tuple[float, float, float]
 """A position and when it was seen: (latitude, longitude in WGS84 degrees, seconds)."""
 
 
+def _plausible(max_speed_mps: float, lat1: float, lon1: float, at: float,
+               lat2: float, lon2: float, now: float) -> bool:
+    """Whether moving from (lat1, lon1) seen at ``at`` to (lat2, lon2) seen at ``now`` is at
+    most ``max_speed_mps``: the haversine distance against the speed times the seconds."""
+    reach = max_speed_mps * max(0.0, now - at)
+    # A meridian then a parallel is never shorter than the great circle: under the bound
+    # (with a margin far above rounding) the haversine is too, and is not computed (the
+    # broker's hot path: most updates move a few metres in seconds).
+    if (abs(lat2 - lat1) + abs(lon2 - lon1)) * METRES_PER_DEGREE < 0.999999 * reach:
+        return True
+    return haversine_m(lat1, lon1, lat2, lon2) <= reach
+
+
 def jump_verdict(max_speed_mps: float, latitude: float, longitude: float, now: float,
                  anchor: Stamped | None, run: Stamped | None, run_length: int,
                  confirmations: int = JUMP_CONFIRMATIONS) -> int:
@@ -160,7 +173,7 @@ def jump_verdict(max_speed_mps: float, latitude: float, longitude: float, now: f
     if anchor is None:
         return JUMP_ACCEPTED
     a_lat, a_lon, a_at = anchor
-    if haversine_m(a_lat, a_lon, latitude, longitude) <= max_speed_mps * max(0.0, now - a_at):
+    if _plausible(max_speed_mps, a_lat, a_lon, a_at, latitude, longitude, now):
         return JUMP_ACCEPTED
     if run is None or run_length <= 0:
         length = 1
@@ -168,8 +181,8 @@ def jump_verdict(max_speed_mps: float, latitude: float, longitude: float, now: f
         r_lat, r_lon, r_at = run
         if r_lat == latitude and r_lon == longitude:
             return JUMP_REPEATED
-        moved = haversine_m(r_lat, r_lon, latitude, longitude)
-        length = run_length + 1 if moved <= max_speed_mps * max(0.0, now - r_at) else 1
+        plausible = _plausible(max_speed_mps, r_lat, r_lon, r_at, latitude, longitude, now)
+        length = run_length + 1 if plausible else 1
     return JUMP_ACCEPTED if length >= confirmations else length
 
 
