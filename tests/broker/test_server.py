@@ -79,10 +79,12 @@ def test_settings_name_the_bad_field(tmp_path):
     good = {"host": "127.0.0.1", "port": 0, "db_path": tmp_path / "x"}
     for field, value in (("port", 70000), ("radius_max_m", 0.0), ("radius_max_m", 20_000.0),
                          ("cooldown_s", -1.0), ("position_timeout_s", float("nan")),
-                         ("poll_limit", 0), ("max_message_bytes", 10), ("host", "")):
+                         ("poll_limit", 0), ("max_message_bytes", 10), ("host", ""),
+                         ("max_speed_mps", 0.0), ("max_speed_mps", 2e6)):
         with pytest.raises(ValueError, match=f"BrokerSettings.{field}"):
             BrokerSettings(**{**good, field: value})
     assert BrokerSettings("127.0.0.1", 0, tmp_path / "x").radius_max_m == 100.0
+    assert BrokerSettings("127.0.0.1", 0, tmp_path / "x").max_speed_mps == 30.0   # the devices'
 
 
 def test_broker_imports_no_ui_and_no_webrtc():
