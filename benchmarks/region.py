@@ -24,7 +24,9 @@ as its broker takes them, in windows of 10, each window closed by a barrier (a s
 ``hello``, answered ``already_hello`` in order: every position before it has been handled).
 The broker's per-connection position rate limit is raised for this (``--position-rate-per-s
 10000``: one connection stands for many devices' updates; a position refused ``rate_limited``
-anyway, or answered with any other error, is not counted and its code is in the note);
+anyway, or answered with any other error, is not counted and its code is in the note), and so
+is its implausible-jump bound (``--max-speed-mps 1e6``: an update 2 m from the one before
+would be rejected only within 2 us of it; the devices' 30 m/s would reject nearly every one);
 every other setting is the broker's default, but ``--upload-answer-delay-s 0`` (the minimum
 answer delay would hide the upload's cost), ``--open-declarations`` (no declaration codes to
 issue) and no per-address connection cap.
@@ -124,6 +126,9 @@ LOAD_GENERATORS = 2
 TOKENS_PER_UPLOAD = 100
 POSITION_RATE = 10_000.0
 """The brokers' per-connection position rate here (updates per second; default 10)."""
+MAX_SPEED_MPS = 1_000_000.0
+"""The brokers' implausible-jump bound here (metres per second; default 30): a connection's
+updates, 2 m apart, follow each other within microseconds, and must all be matched."""
 
 
 def serve_args(db: Path, stores: dict[str, str]) -> list[str]:
@@ -132,7 +137,8 @@ def serve_args(db: Path, stores: dict[str, str]) -> list[str]:
     nothing: the embedded broker) and the changes the module docstring gives."""
     args = ["-m", "broker", "serve", "--host", LOOPBACK, "--port", "0", "--db", str(db),
             "--max-connections-per-address", "0", "--position-rate-per-s", f"{POSITION_RATE:g}",
-            "--upload-answer-delay-s", "0", "--open-declarations", "--log-level", "ERROR"]
+            "--max-speed-mps", f"{MAX_SPEED_MPS:g}", "--upload-answer-delay-s", "0",
+            "--open-declarations", "--log-level", "ERROR"]
     for option, url in stores.items():
         args += [option, url]
     return args

@@ -7,7 +7,8 @@ Usage::
                        [--radius-max-m M] [--cooldown-s S] [--position-timeout-s S]
                        [--open-declarations] [--certfile PEM --keyfile PEM]
                        [--max-connections-per-address N] [--max-connections N]
-                       [--position-rate-per-s R] [--upload-answer-delay-s S] [--log-level LEVEL]
+                       [--position-rate-per-s R] [--max-speed-mps V]
+                       [--upload-answer-delay-s S] [--log-level LEVEL]
     fanny-broker create-board [--config FILE] [--db PATH | --postgres URL] [--if-missing]
     fanny-broker issue-code [--config FILE] [--db PATH | --postgres URL] [--ttl 1h]
     fanny-broker --version
@@ -143,6 +144,9 @@ _NUMBER_OPTIONS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
      "open connections allowed in all, 0 for no cap; more are refused too_many_connections"),
     ("--position-rate-per-s", _positive, "R",
      "positions per second one connection may send on average"),
+    ("--max-speed-mps", _positive, "V",
+     "implausible-jump bound in metres per second: a position implying a higher speed since "
+     "the session's last accepted one is not matched"),
     ("--upload-answer-delay-s", _non_negative, "S",
      "least time before answering a positive upload"),
 )
@@ -224,7 +228,7 @@ def _board_options(command: argparse.ArgumentParser, *, config: bool = False,
 SETTING_OPTIONS = ("host", "port", "db_path", "redis_url", "postgres_url", "radius_max_m",
                    "cooldown_s", "position_timeout_s", "open_declarations", "certfile",
                    "keyfile", "max_connections_per_address", "max_connections",
-                   "position_rate_per_s", "upload_answer_delay_s", "log_level")
+                   "position_rate_per_s", "max_speed_mps", "upload_answer_delay_s", "log_level")
 """The ``dest`` of every ``serve`` option that overrides a config file setting."""
 
 

@@ -109,7 +109,9 @@ class LivePositions(Protocol):
         ...
 
     def counts(self) -> dict[str, int]:
-        """``{"sessions": ..., "positions": ...}`` as this process knows them (no IDs)."""
+        """``{"sessions": ..., "positions": ..., "jumps_rejected": ...}`` as this process knows
+        them (no IDs; ``jumps_rejected``: position updates rejected as implausible jumps since
+        the start)."""
         ...
 
     async def ping(self) -> None:
@@ -219,7 +221,8 @@ class MemoryPositions:
         return dropped
 
     def counts(self) -> dict[str, int]:
-        return {"sessions": self.state.session_count, "positions": self.state.position_count}
+        return {"sessions": self.state.session_count, "positions": self.state.position_count,
+                "jumps_rejected": self.state.jumps_rejected}
 
     async def ping(self) -> None:
         return None           # this process's memory always answers
@@ -327,7 +330,8 @@ async def _open_live(settings: BrokerSettings) -> tuple[LivePositions, Router]:
 
     if settings.redis_url is None:
         state = BrokerState(settings.radius_max_m, settings.cooldown_s,
-                            settings.position_timeout_s, settings.route_ttl_s)
+                            settings.position_timeout_s, settings.route_ttl_s,
+                            max_speed_mps=settings.max_speed_mps)
         return MemoryPositions(state), LocalRouter()
     from .redis_backend import RedisPositions, RedisRouter, connect_redis
 
@@ -340,6 +344,7 @@ async def _open_live(settings: BrokerSettings) -> tuple[LivePositions, Router]:
     session_ttl = max(settings.position_timeout_s, 4 * settings.housekeeping_interval_s, 10.0)
     positions = RedisPositions(client, settings.radius_max_m, settings.cooldown_s,
                                settings.position_timeout_s, settings.route_ttl_s,
+                               max_speed_mps=settings.max_speed_mps,
                                session_ttl_s=session_ttl, owns_client=True)
     router = RedisRouter(client)
     try:

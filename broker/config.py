@@ -6,7 +6,7 @@ its meaning, unit and default::
 
     [server]     host, port, certfile, keyfile, log_level, max_message_bytes, ...
     [storage]    db_path, redis_url, postgres_url
-    [matching]   radius_max_m, cooldown_s, position_timeout_s, route_ttl_s, ...
+    [matching]   radius_max_m, cooldown_s, position_timeout_s, route_ttl_s, max_speed_mps, ...
     [positives]  poll_limit, open_declarations, upload_answer_delay_s, ...
     [limits]     position_rate_per_s, position_burst, ..., max_connections
 
@@ -41,7 +41,7 @@ TABLES: dict[str, tuple[str, ...]] = {
                "send_timeout_s"),
     "storage": ("db_path", "redis_url", "postgres_url"),
     "matching": ("radius_max_m", "cooldown_s", "position_timeout_s", "route_ttl_s",
-                 "housekeeping_interval_s"),
+                 "housekeeping_interval_s", "max_speed_mps"),
     "positives": ("poll_limit", "max_expiry_ahead_s", "purge_interval_s", "open_declarations",
                   "upload_answer_delay_s", "code_grace_s", "max_uploads_per_code",
                   "batch_frame_tokens", "batch_cache_bytes", "announce_positives",

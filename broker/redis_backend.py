@@ -39,7 +39,13 @@ Matching uses the kit's rule, not Redis' distance: Redis' GEO search (its own Ea
 52-bit geohash cells) only yields candidates within a slightly larger circle; the broker then
 computes :func:`~fanny_tui.protocol.proximity.haversine_m` on the exact coordinates of each
 candidate and applies :func:`~fanny_tui.protocol.proximity.within_radius` with the smaller of
-the two radii, exactly as :class:`~broker.state.BrokerState` does. Times come from the Redis
+the two radii, exactly as :class:`~broker.state.BrokerState` does. The implausible-jump rule
+(:func:`~fanny_tui.protocol.contact.jump_verdict`, as in BrokerState) is applied before
+anything reaches Redis, by the broker holding the session's connection, from what it keeps of
+that connection (the last accepted update and the pending run, in its memory only, seconds of
+its monotonic clock): a rejected update costs no round trip and changes nothing in Redis.
+A connection to another broker starts afresh, as a new connection does in BrokerState. Times
+come from the Redis
 server's clock (``TIME`` and key expiry), one clock for every broker: the ``now`` arguments of
 the contract (monotonic seconds of one process) are not used.
 
@@ -77,6 +83,13 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from fanny_tui.protocol.contact import (
+    DEFAULT_MAX_SPEED_MPS,
+    JUMP_ACCEPTED,
+    JUMP_CONFIRMATIONS,
+    Stamped,
+    jump_verdict,
+)
 from fanny_tui.protocol.errors import LocalProtocolError
 from fanny_tui.protocol.proximity import METRES_PER_DEGREE, haversine_m, within_radius
 
@@ -309,12 +322,17 @@ def _ms(seconds: float) -> int:
 
 @dataclass(slots=True)
 class _Local:
-    """A session connected to this process: its epoch, effective radius (metres) and the
-    monotonic instant of its last position (None: it has none)."""
+    """A session connected to this process: its epoch, effective radius (metres), the
+    monotonic instant of its last position (None: it has none), and the implausible-jump
+    rule's memory: the last accepted update and the last one of the current run of rejected
+    ones (latitude, longitude, monotonic seconds; None: none) and the run's length."""
 
     epoch: int
     radius_m: float
     updated: float | None = None
+    anchor: Stamped | None = None
+    run: Stamped | None = None
+    run_length: int = 0
 
 
 class RedisPositions:
@@ -326,6 +344,7 @@ class RedisPositions:
         cooldown_s: seconds before the same pair can match again (across every broker).
         position_timeout_s: seconds after which a position without update expires.
         route_ttl_s: seconds after a match during which the pair may signal (None: cooldown_s).
+        max_speed_mps: the implausible-jump bound, metres per second (the devices' default).
         session_ttl_s: seconds a session key lives without activity (None: the larger of
             ``position_timeout_s`` and 30 s); the holding broker refreshes it in
             :meth:`expire` every quarter of it, so :meth:`expire` must run at least that
@@ -340,6 +359,7 @@ class RedisPositions:
 
     def __init__(self, client: Redis, radius_max_m: float, cooldown_s: float,
                  position_timeout_s: float, route_ttl_s: float | None = None, *,
+                 max_speed_mps: float = DEFAULT_MAX_SPEED_MPS,
                  session_ttl_s: float | None = None, prefix: str = DEFAULT_PREFIX,
                  owns_client: bool = True) -> None:
         self.client = client
@@ -348,6 +368,9 @@ class RedisPositions:
         self.position_timeout_s = _positive("position_timeout_s", position_timeout_s)
         self.route_ttl_s = _positive("route_ttl_s",
                                      self.cooldown_s if route_ttl_s is None else route_ttl_s)
+        self.max_speed_mps = _positive("max_speed_mps", max_speed_mps)
+        self.jumps_rejected = 0
+        """Position updates of this process's sessions rejected as implausible jumps."""
         self.session_ttl_s = _positive(
             "session_ttl_s",
             max(self.position_timeout_s, 30.0) if session_ttl_s is None else session_ttl_s)
@@ -427,6 +450,9 @@ class RedisPositions:
         """Replace the session's position (WGS84 degrees; accuracy metres, 95 %) and match it
         against the fresh positions near it, on every broker (paper section 3, steps 2-3).
 
+        An implausible jump after the connection's last accepted update (see the module
+        docstring) is rejected here, before Redis: no notice, :attr:`jumps_rejected` + 1.
+
         Returns:
             Two :class:`~broker.state.MatchNotice` per new match (one per side), nearest
             first; a pair matches at most once per ``cooldown_s`` across every broker.
@@ -441,6 +467,14 @@ class RedisPositions:
         if not (math.isfinite(longitude) and -180.0 <= longitude <= 180.0):
             raise ValueError(f"longitude out of range: {longitude}")
         local = self._local.get(session_id)
+        if local is not None:
+            verdict = jump_verdict(self.max_speed_mps, latitude, longitude, now, local.anchor,
+                                   local.run, local.run_length, JUMP_CONFIRMATIONS)
+            if verdict != JUMP_ACCEPTED:
+                if verdict > 0:
+                    local.run, local.run_length = (latitude, longitude, now), verdict
+                self.jumps_rejected += 1
+                return []
         # The session's own radius bounds the search (as BrokerState's grid query); the script
         # returns the radius Redis holds and the exact rule below uses that one.
         own_radius = self.radius_max_m if local is None else local.radius_m
@@ -459,6 +493,7 @@ class RedisPositions:
             raise LocalProtocolError("update_position for a session that is not connected")
         if local is not None:
             local.updated = now
+            local.anchor, local.run, local.run_length = (latitude, longitude, now), None, 0
         radius_self = float(reply[0])
         found: list[tuple[float, str]] = []
         for i in range(1, len(reply), 5):
@@ -553,10 +588,12 @@ class RedisPositions:
         return dropped
 
     def counts(self) -> dict[str, int]:
-        """``{"sessions": ..., "positions": ...}`` of this process's own connections (no IDs;
-        a position counts until this process's housekeeping finds it stale)."""
+        """``{"sessions": ..., "positions": ..., "jumps_rejected": ...}`` of this process's own
+        connections (no IDs; a position counts until this process's housekeeping finds it
+        stale; ``jumps_rejected`` since this process started)."""
         positions = sum(1 for local in self._local.values() if local.updated is not None)
-        return {"sessions": len(self._local), "positions": positions}
+        return {"sessions": len(self._local), "positions": positions,
+                "jumps_rejected": self.jumps_rejected}
 
     async def ping(self) -> None:
         """``PING`` the Redis server (``/healthz``); raises when it does not answer."""

@@ -96,6 +96,7 @@ from websockets.http11 import Request, Response
 
 from fanny_tui.protocol import validate
 from fanny_tui.protocol.batch import encode_end_frame
+from fanny_tui.protocol.contact import DEFAULT_MAX_SPEED_MPS
 from fanny_tui.protocol.errors import FannyError
 from fanny_tui.protocol.messages import PositivesAvailable, encode
 
@@ -167,6 +168,12 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
     validate.integer(f"BrokerSettings.{name}", value, low, high)
 
 
+MAX_SPEED_LIMIT_MPS = 1_000_000.0
+"""The largest ``max_speed_mps`` a broker takes, metres per second. A device takes at most
+1000; a broker more only for load tests, where one connection's updates stand for many
+devices' and follow each other within microseconds (benchmarks/region.py)."""
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
     """Everything the broker needs to run. Validated when built.
@@ -180,6 +187,11 @@ class BrokerSettings:
         cooldown_s: seconds before the same pair of sessions can match again.
         position_timeout_s: seconds after which a position without update is dropped.
         route_ttl_s: seconds after a match during which the pair may signal (None: cooldown_s).
+        max_speed_mps: the implausible-jump bound, metres per second (> 0, at most
+            :data:`MAX_SPEED_LIMIT_MPS`; default the devices' 30): a session's position update
+            implying a higher speed since its last accepted one is not stored and matches
+            nothing, unless it is the third of a run of updates each plausible after the one
+            before (docs/protocol.md, "Contact measures").
         poll_limit: the most tokens in one ``positives`` answer.
         max_message_bytes: the largest frame accepted; larger ones close the connection (1009).
             The default, 65536, is exactly the size of a padded upload: a smaller value
@@ -241,6 +253,7 @@ class BrokerSettings:
     cooldown_s: float = 300.0
     position_timeout_s: float = 60.0
     route_ttl_s: float | None = None
+    max_speed_mps: float = DEFAULT_MAX_SPEED_MPS
     poll_limit: int = 1000
     max_message_bytes: int = 64 * 1024
     max_expiry_ahead_s: float = DEFAULT_MAX_EXPIRY_AHEAD.total_seconds()
@@ -288,6 +301,7 @@ class BrokerSettings:
         _check_number("position_timeout_s", self.position_timeout_s)
         if self.route_ttl_s is not None:
             _check_number("route_ttl_s", self.route_ttl_s)
+        _check_number("max_speed_mps", self.max_speed_mps, high=MAX_SPEED_LIMIT_MPS)
         _check_int("poll_limit", self.poll_limit, 1, 100_000)
         _check_int("max_message_bytes", self.max_message_bytes, 1024, 16 * 1024 * 1024)
         _check_number("max_expiry_ahead_s", self.max_expiry_ahead_s)

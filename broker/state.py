@@ -27,10 +27,10 @@ dropped later, never early.
 No garbage-collector stall (issue 7, point 5): the state holds no object per session, position
 or pair that CPython's cyclic collector tracks. Each connected session has an integer slot;
 its radius, fix and place in the expiry order are items of two :class:`array.array` (one
-cache line each per session); the slots, the pairs and the grid's cells are in dicts of
-atomic keys and values (str, int, float, ``None``, ``bytearray``), which CPython leaves
-untracked. A full collection then walks a few dozen objects for the whole state, not
-millions.
+cache line each per session), the jump rule's memory seven items of a third; the slots,
+the pairs and the grid's cells are in dicts of atomic keys and values (str, int, float,
+``None``, ``bytearray``), which CPython leaves untracked. A full collection then walks a
+few dozen objects for the whole state, not millions.
 
 Matching (paper section 3, step 3): when a session reports a position, the grid yields its
 neighbours (never a scan of every session); two sessions match when the accuracy rule
@@ -40,6 +40,16 @@ uses) says ``in`` for their great-circle distance, the smaller of their radii (e
 the radius and the combined accuracy ``sqrt(a**2 + b**2)`` is at most three radii. The
 lexicographically smaller session ID gets the role ``initiator`` (it opens the data channel
 and crafts the token), the other ``responder``.
+
+Implausible jumps (issue 6, point 1): a session's position update implying a speed above
+``max_speed_mps`` since its last accepted one is rejected by the devices' own rule,
+:func:`~fanny_tui.protocol.contact.jump_verdict` (re-anchoring after
+:data:`~fanny_tui.protocol.contact.JUMP_CONFIRMATIONS` agreeing updates): it is not stored as
+the session's position, makes no match and is no error to the device (an honest receiver
+glitched); :attr:`BrokerState.jumps_rejected` counts them. The rule's positions are the
+session's last accepted update and the last of a run of rejected ones, kept in a third array
+by slot for as long as the connection lasts (a new connection starts afresh, like a device's
+first fix), also after the position itself is dropped (``position_lost``, timeout).
 """
 
 from __future__ import annotations
@@ -49,6 +59,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fanny_tui.protocol import validate
+from fanny_tui.protocol.contact import (
+    DEFAULT_MAX_SPEED_MPS,
+    JUMP_ACCEPTED,
+    JUMP_CONFIRMATIONS,
+    jump_verdict,
+)
 from fanny_tui.protocol.errors import LocalProtocolError
 from fanny_tui.protocol.proximity import ProximityGrid, within_radius
 
@@ -160,6 +176,11 @@ def _pair(a: str, b: str) -> str:
     return f"{len(lo)}:{lo}{hi}"
 
 
+_NAN = float("nan")
+_NO_TRACK = (0.0, 0.0, _NAN, 0.0, 0.0, 0.0, 0.0)
+"""A slot's jump-rule memory before its first accepted update (see ``BrokerState._track``)."""
+
+
 def _positive(name: str, value: float) -> float:
     return validate.number(name, value, low=0.0, low_open=True)
 
@@ -173,6 +194,7 @@ class BrokerState:
         position_timeout_s: seconds after which a position without update is dropped.
         route_ttl_s: seconds after a match during which the pair may exchange ``signal``
             messages; defaults to ``cooldown_s``.
+        max_speed_mps: the implausible-jump bound, metres per second (the devices' default).
 
     Raises:
         ValueError: a parameter is not a positive finite number.
@@ -184,6 +206,7 @@ class BrokerState:
         cooldown_s: float,
         position_timeout_s: float,
         route_ttl_s: float | None = None,
+        max_speed_mps: float = DEFAULT_MAX_SPEED_MPS,
     ) -> None:
         self.radius_max_m = _positive("radius_max_m", radius_max_m)
         self.cooldown_s = _positive("cooldown_s", cooldown_s)
@@ -191,10 +214,11 @@ class BrokerState:
         self.route_ttl_s = _positive(
             "route_ttl_s", self.cooldown_s if route_ttl_s is None else route_ttl_s
         )
+        self.max_speed_mps = _positive("max_speed_mps", max_speed_mps)
         self._grid: ProximityGrid[str] = ProximityGrid(self.radius_max_m)
         # No object per session or per position that CPython's cyclic garbage collector
         # tracks (issue 7, point 5; docs/performance.md, "The garbage collector"): each
-        # connected session has an integer slot, its data are items of two arrays.
+        # connected session has an integer slot, its data are items of three arrays.
         self._slot: dict[str, int] = {}      # connected session -> its slot
         self._session: dict[int, str] = {}   # and back
         # At 3*slot, 3*slot+1, 3*slot+2 (one cache line per array): the radius in metres,
@@ -204,7 +228,13 @@ class BrokerState:
         # newest, its next the oldest (see "Housekeeping" above).
         self._num = array("d", (0.0, 0.0, 0.0))
         self._link = array("q", (0, 0, 0))
+        # The jump rule's memory, at 7*slot .. 7*slot+6: the last accepted update (latitude,
+        # longitude, monotonic seconds; NaN seconds: none since the connection), the last
+        # rejected update of the current run (the same three) and the run's length.
+        self._track = array("d", _NO_TRACK)
         self._free = array("q")              # slots to reuse
+        self.jumps_rejected = 0
+        """Position updates rejected as implausible jumps since the start (a count only)."""
         self._fix_count = 0
         # Pair -> instant of its match, oldest first.
         self._matched = _Recency()
@@ -256,11 +286,14 @@ class BrokerState:
             slot = len(self._link) // 3
             self._num.extend((0.0, 0.0, 0.0))
             self._link.extend((0, -1, -1))
+            self._track.extend(_NO_TRACK)
         self._slot[session_id] = slot
         self._session[slot] = session_id
         self._epochs += 1
         self._num[3 * slot] = radius
         self._link[3 * slot] = self._epochs
+        self._track[7 * slot + 2] = _NAN           # a new connection: no accepted update yet
+        self._track[7 * slot + 6] = 0.0
         return Connected(epoch=self._epochs, radius_m=radius, replaced=replaced)
 
     def is_current(self, session_id: str, epoch: int) -> bool:
@@ -311,6 +344,11 @@ class BrokerState:
         ``position_timeout_s`` is ignored. Each new match opens the signaling route of the
         pair for ``route_ttl_s`` seconds.
 
+        An implausible jump (:func:`~fanny_tui.protocol.contact.jump_verdict` with
+        ``max_speed_mps``, after the session's last accepted update on this connection) is
+        rejected: the previous position stays (and ages as before), nothing is matched, and
+        :attr:`jumps_rejected` grows by one.
+
         Args:
             session_id: a connected session.
             latitude: WGS84 degrees, -90..90.
@@ -321,7 +359,8 @@ class BrokerState:
             now: monotonic seconds.
 
         Returns:
-            Two :class:`MatchNotice` per new match (one for each side), ordered by distance.
+            Two :class:`MatchNotice` per new match (one for each side), ordered by distance;
+            none for a rejected jump.
 
         Raises:
             LocalProtocolError: ``session_id`` is not connected.
@@ -331,6 +370,32 @@ class BrokerState:
         slot = slots.get(session_id)
         if slot is None:
             raise LocalProtocolError("update_position for a session that is not connected")
+        if not -90.0 <= latitude <= 90.0:             # NaN and infinities fail too
+            raise ValueError(f"latitude out of range: {latitude}")
+        if not -180.0 <= longitude <= 180.0:
+            raise ValueError(f"longitude out of range: {longitude}")
+        track = self._track
+        at = 7 * slot
+        anchor_at = track[at + 2]
+        run = track[at + 6]
+        if anchor_at == anchor_at:                    # not NaN: an accepted update before
+            verdict = jump_verdict(self.max_speed_mps, latitude, longitude, now,
+                                   (track[at], track[at + 1], anchor_at),
+                                   (track[at + 3], track[at + 4], track[at + 5]) if run else None,
+                                   int(run), JUMP_CONFIRMATIONS)
+            if verdict != JUMP_ACCEPTED:
+                if verdict > 0:                       # the run's new last update
+                    track[at + 3] = latitude
+                    track[at + 4] = longitude
+                    track[at + 5] = now
+                    track[at + 6] = verdict
+                self.jumps_rejected += 1
+                return []
+        track[at] = latitude
+        track[at + 1] = longitude
+        track[at + 2] = now
+        if run:
+            track[at + 6] = 0.0
         self._grid.put(session_id, latitude, longitude)
         num, link = self._num, self._link
         at = 3 * slot

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .protocol import validate
+from .protocol.contact import DEFAULT_MAX_SPEED_MPS
 from .protocol.expiry import DEFAULT_LIFETIME_DAYS
 
 _T = TypeVar("_T")
@@ -115,7 +116,7 @@ class ProtocolConfig:
     min_contact_s: float = 0.0
     contact_gap_s: float = 30.0
     max_contact_s: float = 3600.0
-    max_speed_mps: float = 30.0
+    max_speed_mps: float = DEFAULT_MAX_SPEED_MPS
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanny_tui.protocol.contact import (
+    JUMP_ACCEPTED,
     JUMP_CONFIRMATIONS,
+    JUMP_REPEATED,
     ContactMeasures,
     ContactMeter,
     Fix,
     JumpFilter,
+    jump_verdict,
     merge_measures,
 )
 from fanny_tui.protocol.proximity import (
@@ -188,6 +191,41 @@ def test_a_fix_at_the_same_instant_confirms_no_run() -> None:
     assert not f.accept(at(501), 1.0)       # 1 m in 0 s: implausible after the run's last
     assert not f.accept(at(502), 1.0)
     assert f.last == at(0)
+
+
+def test_the_jump_rule_is_one_pure_function() -> None:
+    """jump_verdict, the rule JumpFilter and the broker both apply: the run's new length,
+    0 when accepted, -1 for the run's last position again."""
+    def stamped(north_m: float, t: float) -> tuple[float, float, float]:
+        return (LAT + north_m * METRE, LON, t)
+
+    def verdict(north_m: float, now: float, anchor, run=None, length=0):  # type: ignore[no-untyped-def]
+        return jump_verdict(30.0, LAT + north_m * METRE, LON, now, anchor, run, length)
+
+    assert verdict(500, 0.0, None) == JUMP_ACCEPTED                 # a first fix
+    assert verdict(29.9, 1.0, stamped(0, 0.0)) == JUMP_ACCEPTED     # 29.9 m/s
+    assert verdict(30.1, 1.0, stamped(0, 0.0)) == 1                 # a new run
+    assert verdict(30.1, 0.5, stamped(0, 1.0)) == 1                 # time backwards: 0 s
+    assert verdict(501, 2.0, stamped(0, 0.0), stamped(500, 1.0), 1) == 2
+    assert verdict(500, 2.0, stamped(0, 0.0), stamped(500, 1.0), 1) == JUMP_REPEATED
+    assert verdict(502, 3.0, stamped(0, 0.0), stamped(501, 2.0), 2) == JUMP_ACCEPTED  # 3rd
+    assert verdict(900, 2.0, stamped(0, 0.0), stamped(500, 1.0), 2) == 1     # run broken
+    assert jump_verdict(30.0, LAT + 600 * METRE, LON, 4.0, stamped(0, 0.0),
+                        stamped(599, 3.0), 3, confirmations=5) == 4
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(-90.0, 90.0), st.floats(-180.0, 180.0), st.floats(-0.01, 0.01),
+       st.floats(-0.01, 0.01), st.floats(0.0, 100.0), st.floats(0.5, 1000.0))
+def test_the_jump_rule_is_the_haversine_against_speed_times_seconds(
+        lat: float, lon: float, dlat: float, dlon: float, seconds: float, speed: float) -> None:
+    """Whatever shortcut jump_verdict takes, its verdict is the haversine distance against
+    ``max_speed_mps`` times the seconds (poles and the antimeridian included)."""
+    lat2 = max(-90.0, min(90.0, lat + dlat))
+    lon2 = (lon + dlon + 180.0) % 360.0 - 180.0
+    plausible = haversine_m(lat, lon, lat2, lon2) <= speed * seconds
+    got = jump_verdict(speed, lat2, lon2, seconds, (lat, lon, 0.0), None, 0)
+    assert (got == JUMP_ACCEPTED) == plausible
 
 
 def test_a_filter_forgets_every_position() -> None:

@@ -375,18 +375,23 @@ DATA_CHANNEL_TYPES = {"peer_hello", "peer_position", "heartbeat", "token", "ack"
                       "abort", "contact_id"}
 
 
+CONTACT_MAX_SPEED_MPS = 1000.0
+"""The devices' and the broker's bound in the contact tests: they move a device 200 m at once
+(the jump rule is tested in tests/test_contact.py, tests/test_handshake.py and
+tests/broker/test_state.py)."""
+
+
 def _contact_config(broker_url: str, min_contact_s: float):  # type: ignore[no-untyped-def]
-    # max_speed_mps is high: the test moves a device 200 m at once (the jump rule is tested in
-    # tests/test_contact.py and tests/test_handshake.py).
     return device_config(broker_url, poll_interval_s=POLL_S, radius_m=15.0,
                          position_interval_s=0.2, min_contact_s=min_contact_s,
-                         contact_gap_s=1.0 * TIME_UNIT, max_speed_mps=1000.0)
+                         contact_gap_s=1.0 * TIME_UNIT, max_speed_mps=CONTACT_MAX_SPEED_MPS)
 
 
 async def test_token_after_min_contact_measured_peer_to_peer_then_the_pair_parts(tmp_path):
     min_contact = 1.5 * TIME_UNIT
     recorder = Recorder()
-    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+    async with start_broker(_settings(tmp_path, max_speed_mps=CONTACT_MAX_SPEED_MPS),
+                            recorder=recorder) as broker:
         config = _contact_config(broker.url, min_contact)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
@@ -448,7 +453,7 @@ async def test_token_after_min_contact_measured_peer_to_peer_then_the_pair_parts
 
 
 async def test_a_pair_that_parts_before_min_contact_leaves_nothing(tmp_path):
-    async with start_broker(_settings(tmp_path)) as broker:
+    async with start_broker(_settings(tmp_path, max_speed_mps=CONTACT_MAX_SPEED_MPS)) as broker:
         config = _contact_config(broker.url, min_contact_s=30.0)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (
@@ -504,7 +509,8 @@ async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tm
     ``min_contact_s`` 0 the broker's match is the witness). B really arriving later matches."""
     recorder = Recorder()
     max_speed = 50.0
-    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+    async with start_broker(_settings(tmp_path, max_speed_mps=max_speed),
+                            recorder=recorder) as broker:
         config = device_config(broker.url, poll_interval_s=POLL_S, radius_m=15.0,
                                position_interval_s=0.1, max_speed_mps=max_speed)
         source = OutlierSource(outlier_north_m=3.0, max_speed_mps=max_speed)
@@ -521,7 +527,7 @@ async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tm
                     < 15 * METRE_LAT]
             assert near == [], "the outlier reached the broker"
             for device in (a, b):
-                assert not device.of("match_found") and not device.of("token_stored")
+                assert not device.of("match") and not device.of("token_stored")
             # The outlier was not taken as B's fix either: every fix B showed before its real
             # arrival was 200 m north.
             far = [abs(f.latitude - LAT) > 100 * METRE_LAT for f in b.of("gps_fix")]
@@ -532,12 +538,65 @@ async def test_a_single_gps_jump_never_reaches_the_broker_nor_makes_a_contact(tm
             assert stored[0].token == stored[1].token
 
 
+async def test_the_broker_never_matches_a_clients_single_jump_next_to_a_device(tmp_path):
+    """A client of another implementation (a raw WebSocket client here) sends one outlier 2 m
+    from a real device, after a fix 1 km away: the broker rejects it as an implausible jump
+    (issue 6, point 1: its match applies the devices' rule), so neither gets a match frame;
+    it is counted, with no error to the client. Its third agreeing update re-anchors it, and
+    then the pair is matched."""
+    from fanny_tui.protocol.messages import Match, Position
+
+    from .broker.kit import Client, healthz
+
+    def position(north_m: float) -> Position:
+        return Position(latitude=LAT + north_m * METRE_LAT, longitude=LON, accuracy_m=3.0)
+
+    recorder = Recorder()
+    async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
+        config = device_config(broker.url, poll_interval_s=POLL_S, position_interval_s=0.1)
+        async with (
+            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 3.0, interval_s=0.1))
+            as device,
+            Client.open(broker.url) as client,
+        ):
+            await client.hello()
+            await client.send(position(1000.0))
+            assert await client.barrier() == []
+            await client.send(position(2.0))                   # 998 m at once: a jump
+            assert await client.barrier() == []                # no match, no error
+
+            def device_positions() -> int:
+                return sum(json.loads(raw)["type"] == "position" for _, raw in recorder.frames)
+
+            # The device goes on sending its position: the broker matches it against the
+            # client's last accepted one, 1 km away.
+            seen = device_positions()
+            deadline = asyncio.get_running_loop().time() + 10 * TIME_UNIT
+            while device_positions() < seen + 3:
+                assert asyncio.get_running_loop().time() < deadline, "the device stopped"
+                await asyncio.sleep(0.05)
+            assert await client.barrier() == []
+            assert not device.of("match")
+            status, health = await healthz(broker.port)
+            assert status == 200 and health["jumps_rejected"] == 1
+            assert health["positions"] == 2
+            # The control: two more updates agreeing with the outlier (3 in a row) re-anchor;
+            # the third only 0.1 mm from the second, plausible after the barrier's round trip.
+            await client.send(position(2.5))
+            assert await client.barrier() == []
+            await client.send(position(2.5001))
+            assert [type(m) for m in await client.barrier()] == [Match]
+            await device.wait_event("match", timeout=10 * TIME_UNIT)
+            assert (await healthz(broker.port))[1]["jumps_rejected"] == 2
+
+
 async def test_the_same_pair_meeting_again_grows_one_token(tmp_path):
     """Same sessions, same contact IDs, so the same token (issue 6, point 1): the second
     contact is stored as ``new`` False, and the store holds one token whose exposure is both
     contacts' (durations and samples added, the closer distance, two meetings) and whose
     expiry is the latest contact's."""
-    async with start_broker(_settings(tmp_path, cooldown_s=0.5)) as broker:
+    async with start_broker(_settings(tmp_path, cooldown_s=0.5,
+                                      max_speed_mps=CONTACT_MAX_SPEED_MPS)) as broker:
         config = _contact_config(broker.url, min_contact_s=0.0)
         walker = MovableSource(LAT + 3 * METRE_LAT, LON, 4.0)
         async with (

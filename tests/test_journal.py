@@ -385,11 +385,12 @@ async def test_journals_of_a_real_run_hold_the_kinds_and_no_id_token_or_position
     200 m away: the real contact_closed), then A declares positive and B is alerted."""
     lat_b, lat_away = LAT + 3 * METRE_LAT, LAT + 200 * METRE_LAT
     min_contact = 1.0 * TIME_UNIT
+    # max_speed_mps is high: B moves 200 m at once (the jump rule: tests/test_contact.py and,
+    # on the broker, tests/broker/test_state.py)
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=tmp_path / "broker.db",
-                              open_declarations=True)
+                              open_declarations=True, max_speed_mps=1000.0)
     journals = {name: tmp_path / f"journal-{name}.jsonl" for name in "ab"}
     async with start_broker(settings) as broker:
-        # max_speed_mps is high: B moves 200 m at once (the jump rule: tests/test_contact.py)
         base = device_config(broker.url, poll_interval_s=1.0, position_interval_s=0.2,
                              min_contact_s=min_contact, contact_gap_s=1.0 * TIME_UNIT,
                              max_speed_mps=1000.0)

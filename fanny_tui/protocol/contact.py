@@ -30,7 +30,11 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from .proximity import Verdict, bearing_deg, haversine_m, within_radius
+from .proximity import METRES_PER_DEGREE, Verdict, bearing_deg, haversine_m, within_radius
+
+DEFAULT_MAX_SPEED_MPS = 30.0
+"""The implausible-jump bound by default, metres per second (108 km/h): the devices'
+``[protocol] max_speed_mps`` and the broker's ``[matching] max_speed_mps``."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class ContactSettings:
     min_contact_s: float = 0.0
     contact_gap_s: float = 30.0
     max_contact_s: float = 3600.0
-    max_speed_mps: float = 30.0
+    max_speed_mps: float = DEFAULT_MAX_SPEED_MPS
     position_interval_s: float = 5.0
     token_timeout_s: float = 20.0
 
@@ -114,19 +118,87 @@ JUMP_CONFIRMATIONS = 3
 """Consecutive rejected fixes, each plausible after the one before, that show the device
 really is elsewhere: the last of them is accepted (docs/protocol.md, "Contact measures")."""
 
+JUMP_ACCEPTED = 0
+""":func:`jump_verdict`: the fix is accepted."""
+JUMP_REPEATED = -1
+""":func:`jump_verdict`: the fix is rejected and repeats the run's last position."""
+
+Stamped = tuple[float, float, float]
+"""A position and when it was seen: (latitude, longitude in WGS84 degrees, seconds)."""
+
+
+def _plausible(max_speed_mps: float, lat1: float, lon1: float, at: float,
+               lat2: float, lon2: float, now: float) -> bool:
+    """Whether moving from (lat1, lon1) seen at ``at`` to (lat2, lon2) seen at ``now`` is at
+    most ``max_speed_mps``: the haversine distance against the speed times the seconds."""
+    reach = max_speed_mps * max(0.0, now - at)
+    # A meridian then a parallel is never shorter than the great circle: under the bound
+    # (with a margin far above rounding) the haversine is too, and is not computed (the
+    # broker's hot path: most updates move a few metres in seconds).
+    if (abs(lat2 - lat1) + abs(lon2 - lon1)) * METRES_PER_DEGREE < 0.999999 * reach:
+        return True
+    return haversine_m(lat1, lon1, lat2, lon2) <= reach
+
+
+def jump_verdict(max_speed_mps: float, latitude: float, longitude: float, now: float,
+                 anchor: Stamped | None, run: Stamped | None, run_length: int,
+                 confirmations: int = JUMP_CONFIRMATIONS) -> int:
+    """The implausible-jump rule for one device's next fix (docs/protocol.md, "Contact
+    measures"; issue 6, point 1). Pure: the one copy of the rule, applied by
+    :class:`JumpFilter` on the devices and by the broker (``broker.state.BrokerState`` and
+    ``broker.redis_backend``) to each session's position updates.
+
+    A fix is plausible when its haversine distance from ``anchor`` (the last accepted fix) is
+    at most ``max_speed_mps`` times the seconds since the anchor. An implausible fix is
+    rejected, unless it ends a run of ``confirmations`` rejected fixes, each plausible after
+    the one before: the device then really is elsewhere. A fix at the position of the run's
+    last one (the same fix fed or sent again) confirms nothing.
+
+    Args:
+        max_speed_mps: the bound, metres per second (> 0).
+        latitude: the fix, WGS84 degrees.
+        longitude: the fix, WGS84 degrees.
+        now: when the fix was seen, seconds of a monotonic clock.
+        anchor: the last accepted fix and when it was seen; None: none yet (accepted).
+        run: the last fix of the current run of rejected fixes and when it was seen; None: no
+            run (``run_length`` 0).
+        run_length: rejected fixes in the current run (0 .. ``confirmations - 1``).
+        confirmations: rejected fixes in a run that re-anchor (>= 2).
+
+    Returns:
+        :data:`JUMP_ACCEPTED` (0): accepted; it becomes the anchor and the run is emptied.
+        :data:`JUMP_REPEATED` (-1): rejected; the run is unchanged.
+        n >= 1: rejected; the run now holds n fixes and ends with this one (1: a new run).
+    """
+    if anchor is None:
+        return JUMP_ACCEPTED
+    a_lat, a_lon, a_at = anchor
+    if _plausible(max_speed_mps, a_lat, a_lon, a_at, latitude, longitude, now):
+        return JUMP_ACCEPTED
+    if run is None or run_length <= 0:
+        length = 1
+    else:
+        r_lat, r_lon, r_at = run
+        if r_lat == latitude and r_lon == longitude:
+            return JUMP_REPEATED
+        plausible = _plausible(max_speed_mps, r_lat, r_lon, r_at, latitude, longitude, now)
+        length = run_length + 1 if plausible else 1
+    return JUMP_ACCEPTED if length >= confirmations else length
+
 
 class JumpFilter:
-    """Accepts one device's fixes unless one implies a speed above ``max_speed_mps``.
+    """Accepts one device's fixes unless one implies a speed above ``max_speed_mps``
+    (the rule: :func:`jump_verdict`).
 
     A fix is plausible when the distance from the last accepted fix (metres) is at most
     ``max_speed_mps`` times the seconds since it was accepted. An implausible fix is rejected,
     unless it ends a run of :data:`JUMP_CONFIRMATIONS` rejected fixes, each plausible after the
-    one before (a fix equal to the one before, such as the same fix fed again at every tick,
-    confirms nothing and is skipped): the device then really is elsewhere (a receiver's wrong
-    first fix after a cold start, a ride faster than the bound) and that fix is accepted. A
-    single jump, or two in a row, is never accepted; without the confirmations one wrong first
-    fix would hold off every true one for distance / ``max_speed_mps`` seconds (an hour for
-    100 km at 30 m/s).
+    one before (a fix at the position of the one before, such as the same fix fed again at
+    every tick, confirms nothing and is skipped): the device then really is elsewhere (a
+    receiver's wrong first fix after a cold start, a ride faster than the bound) and that fix
+    is accepted. A single jump, or two in a row, is never accepted; without the confirmations
+    one wrong first fix would hold off every true one for distance / ``max_speed_mps`` seconds
+    (an hour for 100 km at 30 m/s).
     """
 
     def __init__(self, max_speed_mps: float, confirmations: int = JUMP_CONFIRMATIONS) -> None:
@@ -135,36 +207,32 @@ class JumpFilter:
         self.max_speed_mps = max_speed_mps
         self.confirmations = confirmations
         self.last: Fix | None = None
-        self._at: float | None = None
-        self._run: list[tuple[Fix, float]] = []   # the rejected fixes of the current run
+        self._at = 0.0
+        self._run: Stamped | None = None   # the last rejected fix of the current run
+        self._run_length = 0
         self.rejected = 0
-
-    def _plausible(self, before: Fix, at: float, fix: Fix, now: float) -> bool:
-        moved = haversine_m(before.latitude, before.longitude, fix.latitude, fix.longitude)
-        return moved <= self.max_speed_mps * max(0.0, now - at)
 
     def accept(self, fix: Fix, now: float) -> bool:
         """True (and remembered) when ``fix`` is plausible after the last accepted one, or
         confirms a run of rejected fixes (see the class docstring)."""
-        if (self.last is not None and self._at is not None
-                and not self._plausible(self.last, self._at, fix, now)):
-            if self._run and fix == self._run[-1][0]:   # the same fix again confirms nothing
-                self.rejected += 1
-                return False
-            if self._run and not self._plausible(*self._run[-1], fix, now):
-                self._run.clear()
-            self._run.append((fix, now))
-            if len(self._run) < self.confirmations:
-                self.rejected += 1
-                return False
-        self._run.clear()
-        self.last, self._at = fix, now
-        return True
+        last = self.last
+        verdict = jump_verdict(
+            self.max_speed_mps, fix.latitude, fix.longitude, now,
+            None if last is None else (last.latitude, last.longitude, self._at),
+            self._run, self._run_length, self.confirmations)
+        if verdict == JUMP_ACCEPTED:
+            self._run, self._run_length = None, 0
+            self.last, self._at = fix, now
+            return True
+        if verdict > 0:
+            self._run, self._run_length = (fix.latitude, fix.longitude, now), verdict
+        self.rejected += 1
+        return False
 
     def forget(self) -> None:
         """Drop every fix held (the accepted one and a pending run); the count stays."""
-        self.last, self._at = None, None
-        self._run.clear()
+        self.last, self._at = None, 0.0
+        self._run, self._run_length = None, 0
 
 
 class ContactMeter:

@@ -11,13 +11,13 @@ Time compression (``speed`` = K): the tracks play K times faster. Divided by K: 
 duration given to the engines (``position_interval_s``, ``min_contact_s``, ``contact_gap_s``,
 ``max_contact_s``, ``poll_interval_s``), the ID rotation interval (``[privacy]
 rotation_interval_s``) and the broker's match cool-down, position time-out and housekeeping
-interval. Multiplied by K: ``max_speed_mps`` and the broker's position rate limit. Times
-measured on the engines are multiplied back by K: every figure reported is in scenario
-seconds. What is not compressed: the network and aiortc (``handshake_timeout_s`` stays real,
-and with it the token's ack budget, ``token_timeout_s``; a 0.3 s handshake counts as 0.3 K
-scenario seconds of latency), so keep K such that a handshake stays well under
-``position_interval_s`` / K. The heartbeat loss, ``max(3 position_interval_s, contact_gap_s)``,
-follows its scaled parts.
+interval. Multiplied by K: ``max_speed_mps`` (the devices' and the broker's, which applies the
+devices' value) and the broker's position rate limit. Times measured on the engines are
+multiplied back by K: every figure reported is in scenario seconds. What is not compressed: the
+network and aiortc (``handshake_timeout_s`` stays real, and with it the token's ack budget,
+``token_timeout_s``; a 0.3 s handshake counts as 0.3 K scenario seconds of latency), so keep K
+such that a handshake stays well under ``position_interval_s`` / K. The heartbeat loss,
+``max(3 position_interval_s, contact_gap_s)``, follows its scaled parts.
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         cooldown_s=BROKER_COOLDOWN_S / speed, position_timeout_s=BROKER_POSITION_TIMEOUT_S / speed,
         housekeeping_interval_s=BROKER_HOUSEKEEPING_S / speed,
         position_rate_per_s=BROKER_POSITION_RATE_PER_S * speed, open_declarations=True,
-        upload_answer_delay_s=0.0)
+        max_speed_mps=protocol["max_speed_mps"], upload_answer_delay_s=0.0)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     sources: list[TrackSource] = []
     recorders: list[_Recorder] = []

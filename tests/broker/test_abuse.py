@@ -300,8 +300,9 @@ async def test_too_many_tokens_is_a_typed_refusal_and_the_connection_survives(tm
 async def test_positions_over_the_rate_are_refused_and_ignored(tmp_path):
     clock = FakeMonotonic()
     async with (
+        # max_speed_mps: a's 500 m back in 1 s below is no implausible jump here.
         running(tmp_path, mono=clock, position_rate_per_s=1.0, position_burst=3,
-                position_timeout_s=1e6) as broker,
+                position_timeout_s=1e6, max_speed_mps=1000.0) as broker,
         Client.open(broker.url) as a, Client.open(broker.url) as b,
     ):
         await a.hello()

@@ -121,6 +121,8 @@ def test_db_path_is_optional_with_a_postgres_url(tmp_path):
     ("[limits]\nposition_rate_per_s = \"fast\"\n",
      "limits.position_rate_per_s: expected a finite number > 0 and <= 10000, got 'fast'"),
     ("[server]\nport = 70000\n", "server.port: expected an integer in [0, 65535], got 70000"),
+    ("[matching]\nmax_speed_mps = 0\n",
+     "matching.max_speed_mps: expected a number > 0 and <= 1000000, got 0"),
     ("[positives]\nopen_declarations = 1\n",
      "positives.open_declarations: expected true or false, got 1"),
     ("[storage]\nredis_url = \"http://127.0.0.1\"\n",

@@ -266,6 +266,8 @@ def test_create_board_as_root_gives_the_new_board_to_the_directory_owner(tmp_pat
     (["serve", "--db", "x", "--max-connections", "-1"], "--max-connections:"),
     (["serve", "--db", "x", "--max-connections", "10000001"], "--max-connections:"),
     (["serve", "--db", "x", "--position-rate-per-s", "0"], "--position-rate-per-s"),
+    (["serve", "--db", "x", "--max-speed-mps", "0"], "--max-speed-mps"),
+    (["serve", "--db", "x", "--max-speed-mps", "2e6"], "--max-speed-mps"),
     (["serve", "--db", "x", "--upload-answer-delay-s", "-1"], "--upload-answer-delay-s"),
     (["serve", "--db", "x", "--upload-answer-delay-s", "61"], "--upload-answer-delay-s"),
     (["serve", "--db", "x", "--redis", "http://127.0.0.1:6379"], "--redis: expected a URL"),

@@ -53,6 +53,7 @@ async def brokers(url: str, count: int = 2, **times: float) -> AsyncIterator[lis
             client = await connect_redis(url)
             positions = RedisPositions(client, values["radius_max_m"], values["cooldown_s"],
                                        values["position_timeout_s"], values.get("route_ttl_s"),
+                                       max_speed_mps=values.get("max_speed_mps", 30.0),
                                        session_ttl_s=values.get("session_ttl_s"))
             router = RedisRouter(client)
             opened.append(Broker(positions, router))
@@ -138,28 +139,38 @@ async def test_two_brokers_matching_one_pair_at_once_match_it_once(redis_url: st
 
 
 async def test_matching_follows_the_rule_of_broker_state(redis_url: str) -> None:
-    """Random sessions, radii, accuracies and moves around one spot, split over two brokers:
-    every update yields exactly the notices of :class:`BrokerState` (same rule, same order)."""
+    """Random sessions, radii, accuracies and moves around one spot, split over two brokers,
+    with outliers 3 km away (implausible jumps, some of them in runs that re-anchor): every
+    update yields exactly the notices of :class:`BrokerState` (same rules, same order) and
+    the same updates are rejected as jumps."""
     rng = random.Random(8)
-    state = BrokerState(60.0, 3600.0, 3600.0)
+    state = BrokerState(60.0, 3600.0, 3600.0, max_speed_mps=30.0)
     async with brokers(redis_url, radius_max_m=60.0, cooldown_s=3600.0,
-                       position_timeout_s=3600.0) as group:
+                       position_timeout_s=3600.0, max_speed_mps=30.0) as group:
         ids = [new_id() for _ in range(24)]
         for i, session_id in enumerate(ids):
             radius = rng.choice([1.0, 5.0, 10.0, 25.0, 60.0, 500.0])
             state.connect(session_id, radius, 0.0)
             await group[i % 2].positions.connect(session_id, radius, 0.0)
         total = 0
-        for step in range(300):
+        away = 0.0
+        for step in range(400):
             i = rng.randrange(len(ids))
-            lat = LAT + rng.uniform(-80, 80) / 111_195.0
+            if rng.random() < 0.05:
+                away = 0.0 if away else 3000.0      # a run of outliers starts or ends
+            north_m = rng.uniform(-80, 80) + (away if rng.random() < 0.5 else 0.0)
+            lat = LAT + north_m / 111_195.0
             lon = LON + rng.uniform(-80, 80) / (111_195.0 * math.cos(math.radians(LAT)))
             accuracy = rng.choice([None, 0.0, 2.0, 8.0, 30.0, 200.0])
-            expected = state.update_position(ids[i], lat, lon, accuracy, float(step))
-            got = await group[i % 2].positions.update_position(ids[i], lat, lon, accuracy, 0.0)
+            now = step * 0.5
+            expected = state.update_position(ids[i], lat, lon, accuracy, now)
+            got = await group[i % 2].positions.update_position(ids[i], lat, lon, accuracy, now)
             assert pairs_of(got) == pairs_of(expected), step
+            rejected = sum(broker.positions.counts()["jumps_rejected"] for broker in group)
+            assert rejected == state.jumps_rejected, step
             total += len(got)
         assert total > 40        # the draw matched many pairs, and refused many
+        assert state.jumps_rejected > 40
 
 
 @pytest.mark.parametrize(("first", "second"), [
@@ -242,8 +253,10 @@ async def test_positions_expire_on_their_own(redis_url: str) -> None:
             assert await one.positions.expire(10.0) >= 1
             assert raw.zscore("fanny:t", session_hash(a)) is None
             assert raw.zscore("fanny:geo", session_hash(a)) is None
-            assert one.positions.counts() == {"sessions": 1, "positions": 0}
-            assert two.positions.counts() == {"sessions": 1, "positions": 1}
+            assert one.positions.counts() == {"sessions": 1, "positions": 0,
+                                              "jumps_rejected": 0}
+            assert two.positions.counts() == {"sessions": 1, "positions": 1,
+                                              "jumps_rejected": 0}
 
 
 async def test_disconnect_and_position_lost_drop_the_position(redis_url: str) -> None:

@@ -71,7 +71,7 @@ async def test_healthz_reports_counts_only(tmp_path):
             status, body = await healthz(broker.port)
             assert status == 200
             assert body == {"status": "ok", "declarations": "open", "connections": 1,
-                            "sessions": 1, "positions": 1}
+                            "sessions": 1, "positions": 1, "jumps_rejected": 0}
             assert a.session_id not in json.dumps(body)
 
 
@@ -79,10 +79,12 @@ def test_settings_name_the_bad_field(tmp_path):
     good = {"host": "127.0.0.1", "port": 0, "db_path": tmp_path / "x"}
     for field, value in (("port", 70000), ("radius_max_m", 0.0), ("radius_max_m", 20_000.0),
                          ("cooldown_s", -1.0), ("position_timeout_s", float("nan")),
-                         ("poll_limit", 0), ("max_message_bytes", 10), ("host", "")):
+                         ("poll_limit", 0), ("max_message_bytes", 10), ("host", ""),
+                         ("max_speed_mps", 0.0), ("max_speed_mps", 2e6)):
         with pytest.raises(ValueError, match=f"BrokerSettings.{field}"):
             BrokerSettings(**{**good, field: value})
     assert BrokerSettings("127.0.0.1", 0, tmp_path / "x").radius_max_m == 100.0
+    assert BrokerSettings("127.0.0.1", 0, tmp_path / "x").max_speed_mps == 30.0   # the devices'
 
 
 def test_broker_imports_no_ui_and_no_webrtc():
@@ -138,8 +140,9 @@ async def test_three_clients_and_one_far_away(tmp_path):
 
 
 async def test_no_match_beyond_radius_and_radius_capped(tmp_path):
+    clock = FakeMonotonic()
     async with (
-        running(tmp_path, radius_max_m=40.0) as broker,
+        running(tmp_path, radius_max_m=40.0, mono=clock) as broker,
         Client.open(broker.url) as a, Client.open(broker.url) as b,
     ):
         assert (await a.hello(radius_m=500.0)).radius_m == 40.0     # capped
@@ -147,6 +150,7 @@ async def test_no_match_beyond_radius_and_radius_capped(tmp_path):
         await a.at(0)
         await b.at(20)                                   # 20 m > min(40, 10)
         assert await b.barrier() == [] and await a.barrier() == []
+        clock.advance(1.0)                               # 11 m in 1 s: a walk, not a jump
         await b.at(9)
         assert [m.peer_session_id for m in await b.barrier()] == [a.session_id]
 

@@ -69,7 +69,7 @@ def test_no_match_beyond_radius():
     connect_all(state, (A, 50.0), (B, 50.0))
     state.update_position(A, LAT, LON, None, 0.0)
     assert state.update_position(B, north(50.5), LON, None, 0.0) == []
-    assert len(state.update_position(B, north(49.5), LON, None, 0.0)) == 2
+    assert len(state.update_position(B, north(49.5), LON, None, 1.0)) == 2
 
 
 def test_three_sessions_each_pair_matches_once():
@@ -267,7 +267,9 @@ scenario = st.tuples(
 @given(scenario)
 def test_grid_matching_equals_brute_force(case):
     centre, radii, moves = case
-    state = BrokerState(radius_max_m=100.0, cooldown_s=1e9, position_timeout_s=1e9)
+    # Moves of up to 710 m a second: the jump rule (tested below) lets every one through.
+    state = BrokerState(radius_max_m=100.0, cooldown_s=1e9, position_timeout_s=1e9,
+                        max_speed_mps=1000.0)
     ids = [f"s{i:02d}" for i in range(len(radii))]
     for session_id, radius in zip(ids, radii, strict=True):
         state.connect(session_id, radius, 0.0)
@@ -361,8 +363,9 @@ def test_memory_per_live_position_is_bounded():
         print(f"{per_position:.0f} B per live position")
     finally:
         tracemalloc.stop()
-    # A session with its position, session ID text excluded (the caller holds it): ~340 B
-    # measured with slotted records and the coordinates as doubles in the grid's cells.
+    # A session with its position, session ID text excluded (the caller holds it): ~350 B
+    # measured with the coordinates as doubles in the grid's cells and the slot arrays (56 B
+    # of them the jump rule's memory).
     assert per_position < 450, per_position
 
 
@@ -382,8 +385,107 @@ def test_live_positions_and_pairs_are_invisible_to_the_garbage_collector():
                               LON + 50.0 * (i // 2 % 70) / METRES_PER_DEGREE, 5.0, 1.0)
     for i, session_id in enumerate(sessions[::3]):   # moved to other cells, refreshed
         state.update_position(session_id, north(50.0 * (i // 70) + 10_000.0),
-                              LON + 50.0 * (i % 70) / METRES_PER_DEGREE, None, 2.0)
+                              LON + 50.0 * (i % 70) / METRES_PER_DEGREE, None, 1000.0)
+    for session_id in sessions[1::3]:                # one implausible jump each: rejected
+        state.update_position(session_id, north(90_000.0), LON, None, 1001.0)
     assert (state.position_count, state.pair_count) == (n, n // 2)
+    assert state.jumps_rejected == len(sessions[1::3])
     gc.collect()
     growth = len(gc.get_objects()) - before
     assert growth < 0.1 * n, f"{growth} more objects tracked by the collector for {n} positions"
+
+
+# --- implausible jumps (issue 6, point 1: the devices' rule, jump_verdict) -------------------
+
+
+def test_a_jump_next_to_a_session_never_makes_a_match_and_keeps_the_old_position():
+    state = make(max_speed_mps=30.0)
+    connect_all(state, (A, 20.0), (B, 20.0), (C, 20.0))
+    state.update_position(A, LAT, LON, 3.0, 0.0)
+    state.update_position(B, north(1000), LON, 3.0, 0.0)
+    # B's receiver glitches to 2 m from A: 998 m in 1 s. No match, no error, B stays put.
+    assert state.update_position(B, north(2), LON, 3.0, 1.0) == []
+    assert state.jumps_rejected == 1 and state.position_count == 2
+    assert len(state.update_position(C, north(1005), LON, 3.0, 2.0)) == 2   # B is still there
+    # B's next fix is back where it was: plausible, accepted, and matched nothing new.
+    assert state.update_position(B, north(1001), LON, 3.0, 2.0) == []
+    assert state.jumps_rejected == 1
+    # A real walk towards A is accepted once the time makes it plausible (30 m/s).
+    assert len(state.update_position(B, north(3), LON, 3.0, 40.0)) == 2
+
+
+def test_three_agreeing_updates_re_anchor_as_on_the_device():
+    state = make(max_speed_mps=30.0)
+    connect_all(state, (A, 20.0), (B, 20.0))
+    state.update_position(A, LAT, LON, 3.0, 0.0)
+    state.update_position(B, north(100_000), LON, 3.0, 0.0)    # a wrong first fix (cold start)
+    assert state.update_position(B, north(2), LON, 3.0, 1.0) == []
+    assert state.update_position(B, north(2), LON, 3.0, 2.0) == []   # the same: confirms nothing
+    assert state.update_position(B, north(2.5), LON, 3.0, 3.0) == []
+    assert len(state.update_position(B, north(2.2), LON, 3.0, 4.0)) == 2   # the third: anchored
+    assert state.jumps_rejected == 3
+
+
+def test_a_run_broken_by_a_jump_starts_again_and_a_new_connection_afresh():
+    state = make(max_speed_mps=30.0)
+    connect_all(state, (A, 20.0), (B, 20.0))
+    state.update_position(A, LAT, LON, 3.0, 0.0)
+    state.update_position(B, north(5000), LON, 3.0, 0.0)
+    assert state.update_position(B, north(1), LON, 3.0, 1.0) == []
+    assert state.update_position(B, north(900), LON, 3.0, 2.0) == []    # breaks the run
+    assert state.update_position(B, north(2), LON, 3.0, 3.0) == []      # a new run: 1
+    assert state.update_position(B, north(3), LON, 3.0, 4.0) == []      # 2
+    assert len(state.update_position(B, north(4), LON, 3.0, 5.0)) == 2  # 3: anchored
+    # A new connection of the session (a reconnect) has no anchor: its first update counts.
+    state.connect(B, 20.0, 6.0)
+    state.update_position(B, north(7000), LON, 3.0, 6.0)
+    assert state.jumps_rejected == 4 and state.has_position(B)
+    # A position dropped (position_lost) keeps the anchor of the connection.
+    state.drop_position(B)
+    assert state.update_position(B, north(1), LON, 3.0, 7.0) == []
+    assert not state.has_position(B) and state.jumps_rejected == 5
+
+
+def test_a_jump_at_the_same_instant_is_rejected_and_bad_coordinates_still_raise():
+    state = make()
+    connect_all(state, (A, 20.0))
+    state.update_position(A, LAT, LON, None, 0.0)
+    assert state.update_position(A, north(1), LON, None, 0.0) == []     # 1 m in 0 s
+    assert state.update_position(A, LAT, LON, None, 0.0) == []          # not moved: plausible
+    assert state.jumps_rejected == 1
+    for lat, lon in ((math.nan, LON), (91.0, LON), (LAT, math.inf), (LAT, -180.5)):
+        with pytest.raises(ValueError, match="out of range"):
+            state.update_position(A, lat, lon, None, 1.0)
+    assert state.jumps_rejected == 1
+
+
+def test_bad_max_speed_is_refused():
+    for value in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="max_speed_mps"):
+            make(max_speed_mps=value)
+
+
+fix_steps = st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 5.0, 60.0]),
+                               st.sampled_from([0.0, 1.0, 20.0, 150.0, 3000.0]),
+                               st.booleans()), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fix_steps)
+def test_the_broker_accepts_exactly_what_a_device_filter_accepts(steps):
+    """One session's updates (elapsed seconds, metres moved, north or south): the broker
+    rejects exactly the fixes the devices' JumpFilter rejects (one rule, jump_verdict)."""
+    from fanny_tui.protocol.contact import Fix, JumpFilter
+
+    state = make(max_speed_mps=30.0)
+    device = JumpFilter(30.0)
+    connect_all(state, (A, 20.0))
+    now, metres = 0.0, 0.0
+    for elapsed, moved, south in steps:
+        now += elapsed
+        metres += -moved if south else moved
+        before = state.jumps_rejected
+        state.update_position(A, north(metres), LON, None, now)
+        accepted = device.accept(Fix(north(metres), LON), now)
+        assert (state.jumps_rejected == before) == accepted
+    assert state.jumps_rejected == device.rejected
