@@ -555,7 +555,7 @@ async def test_the_broker_never_matches_a_clients_single_jump_next_to_a_device(t
     async with start_broker(_settings(tmp_path), recorder=recorder) as broker:
         config = device_config(broker.url, poll_interval_s=POLL_S, position_interval_s=0.1)
         async with (
-            running_device(config, tmp_path / "a", FixedSource(LAT, LON, 3.0, interval_s=0.1))
+            running_device(config, tmp_path / "a", fixed_at(0.0, accuracy_m=3.0, interval_s=0.1))
             as device,
             Client.open(broker.url) as client,
         ):
