@@ -205,6 +205,7 @@ CLOSE_REASONS = {
     "peer_closed": "the peer closed it",
     "channel_lost": "channel lost",
     "stopped": "app stopped",
+    "rotated": "IDs rotated",
     "aborted": "aborted",
 }
 """Why a contact closed (``ContactClosed.reason``), in a tester's words."""

@@ -242,6 +242,9 @@ def test_the_peer_state_says_how_a_contact_ended_and_fits_80_columns():
     assert format_peer_state("exchanging", "host", None) == "open (host)"
     assert format_peer_state("stored", "srflx/relay", None) == "stored (srflx/relay)"
     assert format_peer_state("closed", "host", "parted") == "closed: parted"
+    # A rotation closes contacts while the app runs on: not "app stopped".
+    assert format_peer_state("closed", "host", "rotated") == "closed: IDs rotated"
+    assert format_peer_state("closed", "host", "stopped") == "closed: app stopped"
     assert format_peer_state("failed", None, None) == "failed"
     for reason in CLOSE_REASONS:
         assert len(format_peer_state("closed", "srflx/prflx", reason)) <= MAX_STATE
