@@ -76,11 +76,12 @@ would lose its accumulated time if it were closed and started again under new ID
 scheduled rotation is due, it waits until every running exchange either ended or holds its
 token (with ``min_contact_s = 0`` that is the end of the establishment); then the contacts that
 hold their token are closed (``contact_closed`` with reason ``rotated``: their measures so far
-are in the store; on the wire the peer hears ``close`` ``stopped``) and the IDs rotate. The pair, still together, is matched again by the broker
-under the new session IDs and starts a new contact with a new token: a long contact is recorded
-as several tokens of at most one rotation interval each, never as a contact cut before its
-token. While a rotation waits, new ``match`` messages are declined (no exchange is started; the
-peer's side fails by its own time-out) so that the wait ends: at most ``min_contact_s`` plus an
+are in the store; on the wire the peer hears ``close`` ``stopped``) and the IDs rotate. The
+pair, still together, is matched again by the broker under the new session IDs and starts a
+new contact with a new token: a long contact is recorded as several tokens of at most one
+rotation interval each, never as a contact cut before its token. While a rotation waits, new
+``match`` messages are declined (no exchange is started; the peer's side fails by its own
+time-out) so that the wait ends: at most ``min_contact_s`` plus an
 establishment (or, for a contact that never reaches its token, until it parts, ``max_contact_s``
 at worst). A declined pair is matched again as soon as the new session reports its position.
 A positive declaration (:meth:`Engine.declare_positive`) cancels the running exchanges (their
