@@ -98,7 +98,8 @@ def test_peer_names_and_contacts():
 
 def test_gps_sources_that_are_not_receivers_say_so():
     assert describe_gps_source("gpsd") is None
-    assert describe_gps_source("nmea") is None
+    # A log replay is not a receiver (fanny-tui report says so too).
+    assert describe_gps_source("nmea") == "NMEA replay (no GPS)"
     assert describe_gps_source("fixed") == "fixed position (no GPS)"
     assert describe_gps_source("walk") == "simulated walk (no GPS)"
     assert describe_gps_source("track") == "simulated track (no GPS)"

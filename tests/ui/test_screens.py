@@ -218,6 +218,11 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         assert "Age  0.0 s since arrival" in shown and "GPS time 2005-06-08 17:15" in shown
         await tick(pilot, app, clock, 4)
         assert "Age  4.0 s since arrival" in rendered(session)
+        # An NMEA log replayed by the kit: not a receiver, as fanny-tui report says too.
+        await post(pilot, app, GpsFix(latitude=44.0, longitude=-1.0, accuracy_m=3.0, mode=3,
+                                      satellites_used=7, source="nmea"))
+        shown = rendered(session)
+        assert "⚠ NMEA replay (no GPS)" in shown and "receiver (" not in shown, shown
         assert "44.06" not in log_text(app)                   # positions never in the log
 
 
@@ -506,6 +511,8 @@ async def test_help_explains_the_words_and_the_keys(quiet, data_dir, clock, key)
             assert word in text, word
         flat = " ".join(text.split())
         assert '"failed: timed out"' in flat and 'says "too coarse"' in flat
+        # The device sends its exact fix (trial finding: the help said "roughly").
+        assert "its GPS position as measured (not coarsened)" in flat and "roughly" not in flat
         await pilot.press("d")                                  # inert under the help
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
