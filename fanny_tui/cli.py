@@ -116,7 +116,34 @@ def resolve_data_dir(config: Config, override: str | None) -> Path:
     return platformdirs.user_data_path(APP_NAME)
 
 
-_positive_seconds = validate.argument_type(validate.number_text, low=0.0, low_open=True)
+MAX_WAIT_S = 30 * 86400.0
+"""The longest ``--timeout`` / ``--duration`` given with a unit (30 days)."""
+
+
+def seconds_text(key: str, text: str) -> float:
+    """A command-line wait in seconds: a bare number (``"20"``, ``"2.5"``: seconds, > 0) or a
+    number with its unit as ``fanny-broker issue-code --ttl`` takes it (``"3s"``, ``"2m"``).
+
+    Returns:
+        Seconds, > 0 (with a unit: at most :data:`MAX_WAIT_S`).
+
+    Raises:
+        validate.Invalid: neither (the message says what is accepted).
+    """
+    try:
+        float(text)
+    except ValueError:
+        try:
+            return validate.duration_text(key, text, high_s=MAX_WAIT_S)
+        except validate.Invalid as exc:
+            if exc.expected.startswith("a duration >"):   # a unit, but out of range
+                raise
+            raise validate.Invalid(key, "seconds > 0, as a number or with its unit (3s, 2m)",
+                                   text) from None
+    return validate.number_text(key, text, low=0.0, low_open=True)
+
+
+_positive_seconds = validate.argument_type(seconds_text)
 _at_least_one = validate.argument_type(validate.integer_text, 1)
 
 
@@ -150,15 +177,16 @@ def _parser() -> argparse.ArgumentParser:
                          help="the broker to declare to: [broker] name (the default) or the "
                               "name of a [[positives]] broker of the config")
     declare.add_argument("--timeout", type=_positive_seconds, default=60.0, metavar="S",
-                         help="give up waiting for the broker's ack after S seconds (default 60)")
+                         help="give up waiting for the broker's ack after S seconds, or a "
+                              "number with its unit: 90s, 2m (default 60)")
     demo = sub.add_parser("demo", help="broker + this app + simulated devices on loopback")
     demo.add_argument("--devices", type=_at_least_one, default=3,
                       help="simulated devices (default 3)")
     demo.add_argument("--headless", action="store_true", dest="demo_headless",
                       help="print the tester's events as JSON lines instead of the UI")
     demo.add_argument("--duration", type=_positive_seconds, default=None, metavar="S",
-                      help="stop after S seconds (default: until quit, or after the alert "
-                           "when headless)")
+                      help="stop after S seconds, or a number with its unit: 90s, 2m "
+                           "(default: until quit, or after the alert when headless)")
     _add_report_parser(sub)
     return parser
 

@@ -481,8 +481,9 @@ def load_config(path: Path) -> Config:
     """
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("file", "a readable TOML file", source=str(path)) from exc
+    except OSError as exc:   # says why: "No such file or directory", "Permission denied"
+        raise ConfigError("file", f"a readable TOML file ({exc.strerror or exc})",
+                          source=str(path)) from exc
     except UnicodeDecodeError:
         raise ConfigError("file", "UTF-8 text", source=str(path)) from None
     try:

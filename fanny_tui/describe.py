@@ -45,12 +45,16 @@ class Explanation:
         headline: ``what`` in at most 40 characters and without the address, for a narrow
             panel (the Textual UI's Session panel at 80 columns), e.g. ``no broker answers at
             that address``; an HTTP status or a broker's refusal code is kept, in parentheses.
+        kind: the exception type the raw reason named, e.g. ``ConnectionRefusedError`` (the
+            short form of ``detail`` where a whole one does not fit); empty when it named none
+            (a phrase such as ``no answer to hello``).
     """
 
     what: str
     todo: str
     detail: str = ""
     headline: str = ""
+    kind: str = ""
 
     def __str__(self) -> str:
         """``"WHAT: TODO"``, one line."""
@@ -75,7 +79,7 @@ def explain(failure: BaseException | str, *, url: str | None = None) -> Explanat
     detail = _one_line(f"{kind}: {text}" if kind and text else kind or text)
 
     def made(headline: str, what: str, todo: str) -> Explanation:
-        return Explanation(what, todo, detail, headline)
+        return Explanation(what, todo, detail, headline, kind)
 
     # TLS first: an SSL error is also an OSError, and its text mentions no errno.
     if any(s in lowered for s in ("mismatch", "doesn't match", "not valid for")) and (

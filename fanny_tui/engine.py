@@ -75,17 +75,18 @@ started with, and a contact whose pair has not yet stayed ``min_contact_s`` with
 would lose its accumulated time if it were closed and started again under new IDs. So when a
 scheduled rotation is due, it waits until every running exchange either ended or holds its
 token (with ``min_contact_s = 0`` that is the end of the establishment); then the contacts that
-hold their token are closed (``contact_closed`` with reason ``stopped``: their measures so far
-are in the store) and the IDs rotate. The pair, still together, is matched again by the broker
-under the new session IDs and starts a new contact with a new token: a long contact is recorded
-as several tokens of at most one rotation interval each, never as a contact cut before its
-token. While a rotation waits, new ``match`` messages are declined (no exchange is started; the
-peer's side fails by its own time-out) so that the wait ends: at most ``min_contact_s`` plus an
+hold their token are closed (``contact_closed`` with reason ``rotated``: their measures so far
+are in the store; on the wire the peer hears ``close`` ``stopped``) and the IDs rotate. The
+pair, still together, is matched again by the broker under the new session IDs and starts a
+new contact with a new token: a long contact is recorded as several tokens of at most one
+rotation interval each, never as a contact cut before its token. While a rotation waits, new
+``match`` messages are declined (no exchange is started; the peer's side fails by its own
+time-out) so that the wait ends: at most ``min_contact_s`` plus an
 establishment (or, for a contact that never reaches its token, until it parts, ``max_contact_s``
 at worst). A declined pair is matched again as soon as the new session reports its position.
-A positive declaration (:meth:`Engine.declare_positive`) cancels the running exchanges and
-rotates at once (``ids_rotated`` with reason ``declared``), so no token with the declared
-contact ID can be made after it.
+A positive declaration (:meth:`Engine.declare_positive`) cancels the running exchanges (their
+open contacts close with reason ``rotated`` too) and rotates at once (``ids_rotated`` with
+reason ``declared``), so no token with the declared contact ID can be made after it.
 """
 
 from __future__ import annotations
@@ -232,6 +233,10 @@ class _Exchange:
     """``time.monotonic()`` by which the establishment must be done (its peer's deadline too)."""
     token_held: bool = False
     """This contact's token is in the store: closing it now loses no witness."""
+    closing_reason: str | None = None
+    """Why this device cancels the exchange (``rotated``), reported instead of the protocol's
+    ``stopped`` in ``contact_closed``; None: the exchange was not cancelled by the engine's
+    rotation (an app stop stays ``stopped``)."""
     task: asyncio.Task[None] | None = None
 
 
@@ -722,7 +727,10 @@ class Engine:
                         duration_s=max(0.0, final.duration_s - before.duration_s),
                         closest_m=final.closest_m, median_m=final.median_m,
                         samples=max(0, final.samples - before.samples)))
-                self.emit(ContactClosed(peer=exchange.ordinal, reason=event.reason,
+                reason = event.reason
+                if reason == "stopped" and exchange.closing_reason is not None:
+                    reason = exchange.closing_reason  # the IDs rotated, the app runs on
+                self.emit(ContactClosed(peer=exchange.ordinal, reason=reason,
                                         contact=_contact(event.measures),
                                         token_stored=event.token is not None))
 
@@ -1007,7 +1015,13 @@ class Engine:
                 await asyncio.sleep(0.01)
 
     async def _cancel_exchanges(self) -> None:
-        """Cancel every running exchange and wait for each to end (its peer connection closed)."""
+        """Cancel every running exchange and wait for each to end (its peer connection closed).
+
+        Only a rotation (scheduled, or after a declaration) cancels exchanges this way: their
+        contacts close with reason ``rotated`` (the peer hears ``close`` ``stopped``).
+        """
+        for exchange in self._exchanges.values():
+            exchange.closing_reason = "rotated"
         tasks = [e.task for e in self._exchanges.values() if e.task is not None]
         for task in tasks:
             task.cancel()

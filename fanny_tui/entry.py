@@ -13,6 +13,8 @@ This module imports only the standard library until the check has passed.
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import sys
 
 TUI_MODULES = ("platformdirs", "aiortc", "textual", "rich", "pynmea2", "gpxpy", "dns")
@@ -22,6 +24,25 @@ INSTALL_TUI = "pip install 'fanny-field-kit[tui]'"
 """What to run to get the field device's packages (from a checkout: ``pip install '.[tui]'``)."""
 EXIT_USAGE = 2
 """Exit status when the extra is missing (as :data:`fanny_tui.cli.EXIT_USAGE`)."""
+EXIT_INTERRUPTED = 130
+"""Exit status after a Ctrl-C (SIGINT) while starting (as ``fanny_tui.cli.EXIT_INTERRUPTED``)."""
+KIT_SIGINT = "FANNY_KIT_SIGINT"
+"""Set to ``ignored`` by ``./kit`` when it starts the app with SIGINT ignored (see
+:func:`take_back_sigint`)."""
+
+
+def take_back_sigint() -> None:
+    """Handle SIGINT again (``KeyboardInterrupt``) if ``./kit`` started this process with it
+    ignored, as :data:`KIT_SIGINT` says; else change nothing (a process started with SIGINT
+    ignored otherwise, ``nohup`` or a background job, keeps it ignored).
+
+    ``./kit demo`` and ``./kit sim`` ignore SIGINT across Python's own start-up, where a Ctrl-C
+    cannot be caught (``Fatal Python error: init_import_site``); from here on the entry points
+    turn one into a quiet exit 130. The variable is removed, so that no child inherits it.
+    """
+    if os.environ.pop(KIT_SIGINT, None) == "ignored" and (
+            signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def missing_tui_modules() -> list[str]:
@@ -47,22 +68,32 @@ def without_tui(command: str) -> str | None:
 
 
 def tui() -> int:
-    """``fanny-tui``: :func:`fanny_tui.cli.main` once the ``tui`` extra is there."""
-    message = without_tui("fanny-tui")
-    if message is not None:
-        print(message, file=sys.stderr)
-        return EXIT_USAGE
-    from .cli import main
+    """``fanny-tui``: :func:`fanny_tui.cli.main` once the ``tui`` extra is there; a Ctrl-C
+    while it starts (its imports, the arguments) exits 130 without a traceback."""
+    take_back_sigint()
+    try:
+        message = without_tui("fanny-tui")
+        if message is not None:
+            print(message, file=sys.stderr)
+            return EXIT_USAGE
+        from .cli import main
 
-    return main()
+        return main()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 def sim() -> int:
-    """``fanny-sim``: :func:`fanny_tui.sim.cli.main` once the ``tui`` extra is there."""
-    message = without_tui("fanny-sim")
-    if message is not None:
-        print(message, file=sys.stderr)
-        return EXIT_USAGE
-    from .sim.cli import main
+    """``fanny-sim``: :func:`fanny_tui.sim.cli.main` once the ``tui`` extra is there; a Ctrl-C
+    while it starts exits 130 without a traceback."""
+    take_back_sigint()
+    try:
+        message = without_tui("fanny-sim")
+        if message is not None:
+            print(message, file=sys.stderr)
+            return EXIT_USAGE
+        from .sim.cli import main
 
-    return main()
+        return main()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

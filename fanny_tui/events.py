@@ -175,9 +175,10 @@ class ContactClosed(Event):
 
     ``reason``: ``parted`` (out of the radius for ``contact_gap_s``), ``max_contact``
     (``max_contact_s`` reached), ``peer_closed``, ``channel_lost`` (no heartbeat, or the
-    channel went away), ``stopped`` or ``aborted`` (a failure; before the token it is also
-    a ``handshake_failed`` with the reason). ``token_stored``: whether this contact left a
-    token on this device.
+    channel went away), ``stopped`` (the app stops), ``rotated`` (this device's IDs rotated,
+    scheduled or after a positive declaration; the app runs on and the peer hears ``close``
+    ``stopped``) or ``aborted`` (a failure; before the token it is also a ``handshake_failed``
+    with the reason). ``token_stored``: whether this contact left a token on this device.
     """
 
     event: ClassVar[str] = "contact_closed"

@@ -710,6 +710,10 @@ async def test_declare_positive_to_a_poll_only_broker_picked_by_name(tmp_path):
     (["demo", "--duration", "-1"], "argument --duration: expected a number > 0, got '-1'"),
     (["demo", "--duration", "inf"], "argument --duration: expected a finite number > 0"),
     (["demo", "--devices", "0"], "argument --devices: expected an integer >= 1, got '0'"),
+    (["declare-positive", "--timeout", "3x"],
+     "argument --timeout: expected seconds > 0, as a number or with its unit (3s, 2m), got "
+     "'3x'"),
+    (["declare-positive", "--timeout", "0s"], "argument --timeout: expected a duration > 0s"),
 ])
 def test_nonsense_durations_and_counts_are_refused_by_name(argv, refused, capsys):
     # A negative --timeout used to give up at once (the tokens stayed pending); a negative
@@ -721,3 +725,13 @@ def test_nonsense_durations_and_counts_are_refused_by_name(argv, refused, capsys
     assert exited.value.code == 2
     assert refused in capsys.readouterr().err
     assert _parser().parse_args([argv[0], argv[1], "2"]) is not None
+
+
+@pytest.mark.parametrize(("given", "seconds"), [("20", 20.0), ("2.5", 2.5), ("3s", 3.0),
+                                                ("2m", 120.0), ("1.5m", 90.0)])
+def test_a_wait_takes_seconds_or_a_unit_as_the_brokers_ttl_does(given, seconds):
+    # Trial finding: "--timeout 3s" was refused while fanny-broker's --ttl requires the unit.
+    from fanny_tui.cli import _parser
+
+    assert _parser().parse_args(["declare-positive", "--timeout", given]).timeout == seconds
+    assert _parser().parse_args(["demo", "--duration", given]).duration == seconds

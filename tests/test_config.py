@@ -126,8 +126,12 @@ def test_file_errors_name_the_file(tmp_path):
     bad.write_text("[gps\n")
     with pytest.raises(ConfigError, match="bad.toml: file: expected valid TOML"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="missing.toml"):
+    # Why it cannot be read (a fresh tester's typo looked like a permissions problem).
+    with pytest.raises(ConfigError, match=r"missing.toml: file: expected a readable TOML file "
+                                          r"\(No such file or directory\)"):
         load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"file: expected a readable TOML file \(Is a dir"):
+        load_config(tmp_path)
     wrong = tmp_path / "wrong.toml"
     wrong.write_text('[protocol]\nradius_m = "ten"\n')
     with pytest.raises(ConfigError, match=r"wrong.toml: protocol.radius_m: expected a finite"):

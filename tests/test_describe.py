@@ -58,6 +58,7 @@ async def test_a_broker_that_is_not_running():
     assert explained.headline == "no broker answers at that address"
     assert "start the broker" in explained.todo and "[broker] url" in explained.todo
     assert "Connect call failed" in explained.detail or "refused" in explained.detail
+    assert explained.kind == "ConnectionRefusedError"
     _check_plain(explained)
     # The same words from the reason an event carries (broker_disconnected, positive_pending).
     assert explain(_describe(exc), url=url) == explained
@@ -213,6 +214,8 @@ def test_an_unknown_failure_keeps_its_text_on_one_line():
     assert "check the log" in explained.todo
     assert explained.headline == "unexpected failure"
     assert str(explain("")) == "an unknown failure: retry; if it lasts, check the log"
+    assert explained.kind == "RuntimeError"
+    assert explain("no answer to hello").kind == ""       # a phrase names no type
     assert explain(ConnectionRefusedError(111, "x")).what.startswith(
         "nothing accepts connections at the broker's address")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -102,3 +103,41 @@ def test_kit_test_runs_the_type_check_after_the_lint_and_stops_on_its_errors(tmp
     assert passed.returncode == 0, passed.stderr
     assert calls.read_text().splitlines() == ["ruff check fanny_tui broker tests benchmarks",
                                               "mypy ", "-m pytest tests/test_kit.py"]
+
+
+def test_kit_starts_the_app_with_sigint_ignored_and_says_so(tmp_path):
+    # `./kit demo` / `./kit sim`: a Ctrl-C in Python's own start-up printed "Fatal Python
+    # error: init_import_site"; the app starts with SIGINT ignored (the entry point takes it
+    # back, told by FANNY_KIT_SIGINT: tests/test_entry.py).
+    venv = _venv(tmp_path)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    (venv / ".kit-installed").write_text(f"{digest} [tui]\n")
+    (venv / "bin" / "fanny-sim").write_text(
+        '#!/bin/sh\necho "$FANNY_KIT_SIGINT"\nsed -n "s/^SigIgn:\\t//p" /proc/$$/status\n')
+    marker, ignored = _kit_sim(venv).stdout.split()
+    assert marker == "ignored"
+    assert int(ignored, 16) & (1 << (signal.SIGINT - 1))
+
+
+def test_a_ctrl_c_during_the_python_check_stops_kit_and_installs_nothing(tmp_path):
+    # An interrupted `python3 -c 'import venv, ensurepip'` looked like a missing python3-venv:
+    # kit went on to apt-get. apt-get and sudo here only record that they were called.
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    apt_calls = tmp_path / "apt-calls.txt"
+    scripts = {
+        # Ctrl-C reaches kit (its parent) while the check runs; the check fails.
+        "python3": '#!/bin/sh\nkill -INT "$PPID"\nexit 1\n',
+        "apt-get": f'#!/bin/sh\necho "apt-get $*" >>"{apt_calls}"\n',
+        "sudo": '#!/bin/sh\nexec "$@"\n',
+    }
+    for name, text in scripts.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    done = subprocess.run([ROOT / "kit", "sim"], capture_output=True, text=True,
+                          env={**os.environ, "FANNY_VENV": str(_venv(tmp_path)),
+                               "PYTHON": str(stubs / "python3"),
+                               "PATH": f"{stubs}:{os.environ['PATH']}"},
+                          timeout=30 * TIME_UNIT)
+    assert (done.returncode, done.stderr) == (130, "kit: interrupted\n")
+    assert not apt_calls.exists()

@@ -167,9 +167,14 @@ async def test_a_due_rotation_never_cuts_a_contact_before_its_token(tmp_path):
             assert _index(a, "token_stored") < _index(a, "contact_closed") < _index(
                 a, "ids_rotated")
             closed = a.of("contact_closed")[0]
-            assert closed.reason == "stopped" and closed.token_stored
+            # The app runs on: the contact closed because the IDs rotated, not "stopped".
+            assert closed.reason == "rotated" and closed.token_stored
             assert closed.contact.duration_s >= min_contact_s - config.protocol.position_interval_s
             assert (await b.wait_event("token_stored", timeout=10 * TIME_UNIT)).token == first.token
+            # The wire has no "rotated": the peer heard close "stopped", its contact closed
+            # as the peer's doing.
+            assert (await b.wait_event("contact_closed", timeout=10 * TIME_UNIT)).reason == (
+                "peer_closed")
 
             def second_token(e: Event) -> bool:
                 return e.event == "token_stored" and e.token != first.token

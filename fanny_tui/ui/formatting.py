@@ -205,6 +205,7 @@ CLOSE_REASONS = {
     "peer_closed": "the peer closed it",
     "channel_lost": "channel lost",
     "stopped": "app stopped",
+    "rotated": "IDs rotated",
     "aborted": "aborted",
 }
 """Why a contact closed (``ContactClosed.reason``), in a tester's words."""
@@ -305,20 +306,21 @@ def describe_contact(contact: Contact) -> str:
 
 GPS_SOURCES = {
     "gpsd": None,
-    "nmea": None,
+    "nmea": "NMEA replay (no GPS)",
     "fixed": "fixed position (no GPS)",
     "walk": "simulated walk (no GPS)",
     "track": "simulated track (no GPS)",
 }
-"""What each ``GpsFix.source`` is, when it is not a receiver (None: a receiver)."""
+"""What each ``GpsFix.source`` is, when it is not a receiver (None: a receiver). An NMEA log
+replay is not one: its fixes were measured once, elsewhere (as ``fanny-tui report`` says)."""
 
 
 def describe_gps_source(source: str) -> str | None:
     """Why a fix is not from a receiver (``fixed position (no GPS)``), None if it is.
 
     Args:
-        source: ``GpsFix.source``: ``gpsd`` or ``nmea`` (a receiver), ``fixed``, ``walk``,
-            ``track``; any other value is named as it is.
+        source: ``GpsFix.source``: ``gpsd`` (a receiver), ``nmea`` (a log replay),
+            ``fixed``, ``walk``, ``track``; any other value is named as it is.
     """
     if source in GPS_SOURCES:
         return GPS_SOURCES[source]

@@ -278,9 +278,10 @@ class MainScreen(Screen[None]):
             self.log_view.add(fix.event, f"{mode} fix ({used} satellites used)", at=now)
 
 
-HELP_INTRO = ("Your device tells the broker roughly where it is, under a session ID that is "
-              "renewed regularly. When another device is within the match radius, the broker "
-              "introduces the two (FANNY, paper sections 3-4).")
+HELP_INTRO = ("Your device sends the broker its GPS position as measured (not coarsened), "
+              "under a session ID that is renewed regularly; the broker keeps only the "
+              "latest and never logs it. When another device is within the match radius, the "
+              "broker introduces the two (FANNY, paper sections 3-4).")
 
 HELP_TERMS = (
     ("Match", "The broker saw another device within the radius. The two then connect "

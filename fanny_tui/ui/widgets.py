@@ -332,7 +332,9 @@ class SessionPanel(Static):
         measured, _ = fix_measured_at(self.fix.time, self.fix_received_at)
         return max(0.0, (self.now - measured).total_seconds())
 
-    def _broker_rows(self) -> list[PanelRow]:
+    def _broker_rows(self, short_detail: bool = False) -> list[PanelRow]:
+        """The broker half's rows; ``short_detail``: the raw reason as its exception type
+        alone (``ConnectionRefusedError``), for a panel with no room for the whole of it."""
         def row(label: str, text: str, style: str, keep: int, wrap: bool = False) -> PanelRow:
             return PanelRow(label, Text(text, style=style), keep, wrap)
 
@@ -350,12 +352,16 @@ class SessionPanel(Static):
             return [PanelRow("Broker", state, 10),
                     row("", self.broker_detail, "italic", 4), *self._other_rows()]
         failure = explain(self.broker_detail)
+        # The raw reason last, whole (wrapped) where there is room, else its type alone: a
+        # line cut to "ConnectionRefusedError: [Errno 111] Con…" tells nothing more.
+        detail = (row("", failure.kind, "dim", 1) if short_detail and failure.kind
+                  else row("", self.broker_detail, "dim", 1, wrap=not short_detail))
         return [PanelRow("Broker", state, 10),
                 row("", failure.headline, "bold", 6, wrap=True),
                 row("", f"→ {failure.todo}", "italic", 9, wrap=True),
                 row("", f"since {format_clock(self.outage_since)}, "
                         f"{plural(self.outage_attempts, 'attempt')}", "italic", 3),
-                row("", self.broker_detail, "dim", 1),
+                detail,
                 *self._other_rows()]
 
     def _gps_rows(self) -> list[PanelRow]:
@@ -421,9 +427,13 @@ class SessionPanel(Static):
         width, height = self.content_size.width, self.content_size.height
         gps_width = self.GPS_WIDTH if width < 118 else width // 2 - 2
         broker_width = width - gps_width - 1
-        broker = self._broker_rows()
-        label_width = max((len(row.label) for row in broker), default=0)
-        broker = fit_rows(broker, height, broker_width - label_width - 1)
+        rows = self._broker_rows()
+        label_width = max((len(row.label) for row in rows), default=0)
+        broker = fit_rows(rows, height, broker_width - label_width - 1)
+        if len(broker) < len(rows) and self.outage_since is not None:
+            # No room for the whole raw reason: its exception type alone, if that fits.
+            broker = fit_rows(self._broker_rows(short_detail=True), height,
+                              broker_width - label_width - 1)
         # The GPS labels keep their 4 columns: only the values give way.
         self._gps_value_width = gps_width - 5
         gps = fit_rows(self._gps_rows(), height, self._gps_value_width)
@@ -738,7 +748,16 @@ class ExposureBanner(Static):
 class StatusLine(Static):
     """One line for routine state, so that it stays out of the event log: the time (UTC),
     when positives were last checked and will next be checked, an upload waiting for the
-    broker."""
+    broker.
+
+    The line is fitted to its width (:data:`STATUS_LEVELS` shorter wordings, in order), so that
+    at 80 columns the countdowns are never the part cut: ``next check in 4m59s`` becomes
+    ``next in 4m59s``, then the attempts and new-token counts go (the event log has them),
+    then shorter words, then the clock's ``UTC``, then the clock.
+    """
+
+    STATUS_LEVELS = 6
+    """Wordings from the longest (0) to the shortest (5); see :meth:`line`."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -752,6 +771,10 @@ class StatusLine(Static):
 
     def on_mount(self) -> None:
         """Draw the initial state."""
+        self.redraw()
+
+    def on_resize(self, event: Resize) -> None:
+        """The wording is fitted to the new width."""
         self.redraw()
 
     def set_polled(self, received: int, next_in_s: float | None, now: datetime) -> None:
@@ -783,29 +806,47 @@ class StatusLine(Static):
 
     @property
     def text(self) -> Text:
-        """The line as shown."""
+        """The line as shown: the longest wording that fits the widget's width (the longest
+        of all before the widget is laid out), cut with "…" if even the shortest does not."""
+        width = self.content_size.width
+        for level in range(self.STATUS_LEVELS):
+            line = self.line(level)
+            if width <= 0 or line.cell_len <= width:
+                return line
+        return line
+
+    def line(self, level: int = 0) -> Text:
+        """The line in wording ``level`` (0: longest; up to ``STATUS_LEVELS - 1``).
+
+        Level 1: ``next in`` for ``next check in``, the upload without ``for the broker``;
+        2: no attempts or new-token counts; 3: ``positives failing``, ``⇡ N waiting``;
+        4: the clock without ``UTC``; 5: no clock.
+        """
         line = Text(no_wrap=True, overflow="ellipsis")
-        if self.now is not None:
-            line.append(f"{format_clock(self.now)} UTC", style="bold")
+        if self.now is not None and level < 5:
+            line.append(format_clock(self.now) + (" UTC" if level < 4 else ""), style="bold")
             line.append(" │ ", style="dim")
         if self.poll_failing is not None:
             attempts, since = self.poll_failing
-            line.append(f"⚠ positives check failing since {format_clock(since)} "
-                        f"({plural(attempts, 'attempt')})", style="bold red")
+            what = "positives check failing" if level < 3 else "positives failing"
+            count = f" ({plural(attempts, 'attempt')})" if level < 2 else ""
+            line.append(f"⚠ {what} since {format_clock(since)}{count}", style="bold red")
         elif self.polled_at is None:
             line.append("positives: not checked yet", style="dim")
         else:
-            line.append(f"positives checked {format_clock(self.polled_at)} "
-                        f"({self.polled_received} new)")
+            line.append(f"positives checked {format_clock(self.polled_at)}"
+                        + (f" ({self.polled_received} new)" if level < 2 else ""))
         checked = self.poll_failing is not None or self.polled_at is not None
         if checked and self.next_poll_at is not None and self.now is not None:
             left = (self.next_poll_at - self.now).total_seconds()
-            line.append(" · next check " + (f"in {format_duration(left)}" if left > 0
-                                            else "now"))
+            line.append(" · next check " if level < 1 else " · next ")
+            line.append(f"in {format_duration(left)}" if left > 0 else "now")
         if self.pending_count:
             line.append(" │ ", style="dim")
-            line.append(f"⇡ {plural(self.pending_count, 'token')} waiting for the broker",
-                        style="bold yellow")
+            waiting = (f"{plural(self.pending_count, 'token')} waiting for the broker"
+                       if level < 1 else f"{plural(self.pending_count, 'token')} waiting"
+                       if level < 3 else f"{self.pending_count} waiting")
+            line.append(f"⇡ {waiting}", style="bold yellow")
             if self.pending_retry_at is not None and self.now is not None:
                 line.append(", " + format_retry(
                     (self.pending_retry_at - self.now).total_seconds()), style="yellow")

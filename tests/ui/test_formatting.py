@@ -98,7 +98,8 @@ def test_peer_names_and_contacts():
 
 def test_gps_sources_that_are_not_receivers_say_so():
     assert describe_gps_source("gpsd") is None
-    assert describe_gps_source("nmea") is None
+    # A log replay is not a receiver (fanny-tui report says so too).
+    assert describe_gps_source("nmea") == "NMEA replay (no GPS)"
     assert describe_gps_source("fixed") == "fixed position (no GPS)"
     assert describe_gps_source("walk") == "simulated walk (no GPS)"
     assert describe_gps_source("track") == "simulated track (no GPS)"
@@ -242,6 +243,9 @@ def test_the_peer_state_says_how_a_contact_ended_and_fits_80_columns():
     assert format_peer_state("exchanging", "host", None) == "open (host)"
     assert format_peer_state("stored", "srflx/relay", None) == "stored (srflx/relay)"
     assert format_peer_state("closed", "host", "parted") == "closed: parted"
+    # A rotation closes contacts while the app runs on: not "app stopped".
+    assert format_peer_state("closed", "host", "rotated") == "closed: IDs rotated"
+    assert format_peer_state("closed", "host", "stopped") == "closed: app stopped"
     assert format_peer_state("failed", None, None) == "failed"
     for reason in CLOSE_REASONS:
         assert len(format_peer_state("closed", "srflx/prflx", reason)) <= MAX_STATE

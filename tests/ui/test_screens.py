@@ -161,10 +161,27 @@ async def test_a_broker_failure_in_plain_words_with_a_live_countdown(quiet, data
         assert "no broker answers at that address" in shown
         assert "→ start the broker, or check [broker]" in shown       # "url" wraps
         assert "since 09:30:00, 1 attempt" in shown
+        # No room at 80x24 for the whole raw reason: its type alone, not a line cut short.
+        assert "ConnectionRefusedError" in shown and "[Errno" not in shown, shown
+        assert "…" not in shown, shown
         await tick(pilot, app, clock, 10)
         assert "disconnected, retry in 18 s" in rendered(session)
         await tick(pilot, app, clock, 18)
         assert "disconnected, retrying…" in rendered(session)
+
+
+async def test_the_raw_broker_failure_is_shown_whole_where_there_is_room(quiet, data_dir,
+                                                                       clock):
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=WIDE) as pilot:
+        await started(pilot, app)
+        session = app.main_screen.session
+        await post(pilot, app, BrokerDisconnected(reason=REFUSED, retry_in_s=5.0))
+        flat = " ".join(rendered(session).split())
+        assert "no broker answers at that address" in flat
+        # Whole, wrapped in the broker half (the GPS half is beside it on each line).
+        assert "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1'," in flat
+        assert "8765)" in flat and "…" not in flat, flat
 
 
 async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
@@ -201,6 +218,11 @@ async def test_the_gps_half_reads_like_cgps(quiet, data_dir, clock):
         assert "Age  0.0 s since arrival" in shown and "GPS time 2005-06-08 17:15" in shown
         await tick(pilot, app, clock, 4)
         assert "Age  4.0 s since arrival" in rendered(session)
+        # An NMEA log replayed by the kit: not a receiver, as fanny-tui report says too.
+        await post(pilot, app, GpsFix(latitude=44.0, longitude=-1.0, accuracy_m=3.0, mode=3,
+                                      satellites_used=7, source="nmea"))
+        shown = rendered(session)
+        assert "⚠ NMEA replay (no GPS)" in shown and "receiver (" not in shown, shown
         assert "44.06" not in log_text(app)                   # positions never in the log
 
 
@@ -315,11 +337,14 @@ async def test_polls_and_retries_go_to_the_status_line_not_the_log(quiet, data_d
         for _ in range(3):
             await post(pilot, app, PositivesPolled(received=0, next_poll_in_s=120.0),
                        PositivePending(count=1, reason=REFUSED, retry_in_s=2.0))
+        # At 80 columns the countdowns stay: shorter words first, then no clock.
         assert status.text.plain == (
+            "positives checked 09:30:00 · next in 2m00s │ ⇡ 1 waiting, retry in 2 s")
+        assert status.line(0).plain == (
             "09:30:00 UTC │ positives checked 09:30:00 (0 new) · next check in 2m00s │ "
             "⇡ 1 token waiting for the broker, retry in 2 s")
         await tick(pilot, app, clock, 61)
-        assert "next check in 59s" in status.text.plain and "retrying…" in status.text.plain
+        assert "next in 59s" in status.text.plain and "retrying…" in status.text.plain
         log = log_text(app)
         assert "positives_polled" not in log
         assert log.count("positive_pending") == 1             # the same reason: once
@@ -330,8 +355,8 @@ async def test_polls_and_retries_go_to_the_status_line_not_the_log(quiet, data_d
         log = log_text(app)
         assert "3 positive tokens received and compared here" in log
         assert log.count("positive_pending") == 2 and "positive_declared" in log
-        assert "(3 new) · next check in 5m00s" in status.text.plain
-        assert "waiting for the broker" not in status.text.plain
+        assert status.text.plain == (
+            "09:31:01 UTC │ positives checked 09:31:01 (3 new) · next check in 5m00s")
 
 
 async def test_failed_polls_show_in_the_status_line_until_one_succeeds(quiet, data_dir, clock):
@@ -344,9 +369,10 @@ async def test_failed_polls_show_in_the_status_line_until_one_succeeds(quiet, da
             await post(pilot, app, PositivesPollFailed(
                 reason="OSError: connection refused", since=since, attempts=attempts,
                 next_poll_in_s=300.0))
-        assert status.text.plain.startswith(
-            "09:30:00 UTC │ ⚠ positives check failing since 09:20:00 (3 attempts) · next check "
-            "in 5m00s")
+        # Trial finding: at 80 columns the countdown was cut ("(1 attempt) · next").
+        assert status.text.plain == (
+            "09:30:00 UTC │ ⚠ positives check failing since 09:20:00 · next in 5m00s")
+        assert len(status.text.plain) <= status.content_size.width == 78
         assert log_text(app).count("positives_poll_failed") == 1    # the first one only
         assert "connection refused" in log_text(app)
         await post(pilot, app, PositivesPolled(received=0, next_poll_in_s=300.0))
@@ -485,6 +511,8 @@ async def test_help_explains_the_words_and_the_keys(quiet, data_dir, clock, key)
             assert word in text, word
         flat = " ".join(text.split())
         assert '"failed: timed out"' in flat and 'says "too coarse"' in flat
+        # The device sends its exact fix (trial finding: the help said "roughly").
+        assert "its GPS position as measured (not coarsened)" in flat and "roughly" not in flat
         await pilot.press("d")                                  # inert under the help
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
