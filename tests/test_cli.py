@@ -268,7 +268,8 @@ def test_a_journal_path_in_a_missing_directory_is_refused_at_start(tmp_path):
     for journal, problem in (
             (tmp_path / "no" / "dir" / "j.jsonl",
              f"journal.path: the directory {tmp_path}/no/dir does not exist"),
-            (tmp_path / "file" / "j.jsonl", f"journal.path: {tmp_path}/file is not a directory")):
+            (tmp_path / "file" / "j.jsonl", f"journal.path: {tmp_path}/file is not a directory"),
+            (tmp_path / "c.toml", f"journal.path: {tmp_path}/c.toml is not a journal")):
         config = _write_config(tmp_path / "c.toml", free_port(), LAT)
         config.write_text(config.read_text() + f'\n[journal]\npath = "{journal}"\n')
         result = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
@@ -278,6 +279,7 @@ def test_a_journal_path_in_a_missing_directory_is_refused_at_start(tmp_path):
         assert result.stderr.startswith(f"fanny-tui: {problem}"), result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
     assert not (tmp_path / "no").exists()
+    assert "fanny-journal" not in config.read_text() and '"kind"' not in config.read_text()
 
 
 def test_tokens_on_empty_dir(tmp_path):
