@@ -4,7 +4,11 @@ Opt-in with ``[journal] path`` (issue 6, point 4). A :class:`Journal` subscribes
 events (:mod:`fanny_tui.events`) and appends one JSON object per line to the file, which
 ``fanny-tui report`` reads (:mod:`fanny_tui.report`). The file is created with mode 0600, opened
 for appending (a restarted device goes on in the same file, under the same device label),
-line-buffered and flushed after every line. A journal that cannot be opened or written is one
+line-buffered and flushed after every line. While a device runs it holds an exclusive
+:func:`fcntl.flock` on the file (as on its data directory, :mod:`fanny_tui.datadir`): two devices
+on one file would write under one device label, and the report would merge them as one device.
+``fanny-tui`` refuses at start a journal file that another device holds, or that is not a
+journal (:func:`check_path`). A journal that cannot be opened, locked or written is one
 ``error`` event and then stops; it never stops the engine.
 
 Every record::
@@ -93,6 +97,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .config import Config
+from .datadir import try_lock
 from .events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -167,7 +172,9 @@ class Journal:
     Args:
         path: the journal file (created 0600 if missing, appended to otherwise); its directory
             must exist (it is not created). A file with data whose first line is not a journal
-            record (a config file, say) is left untouched: one ``on_error`` call.
+            record (a config file, say) is left untouched: one ``on_error`` call. The file is
+            locked (flock) until :meth:`close`; a file another journal holds is one
+            ``on_error`` call.
         settings: the ``start`` record's fields (see :func:`settings_of`).
         on_error: called once with an :class:`~fanny_tui.events.EngineError` when the journal
             cannot be opened or written (then it writes nothing more).
@@ -205,6 +212,9 @@ class Journal:
                 return
             self.device = device or _existing_label(self.path) or new_device_label()
             fd = _open_for_append(self.path)
+            if not _lock(fd):
+                self._fail(None, f"journal {self.path}: {IN_USE}; no journal lines")
+                return
             self._file = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
             self.device = device or "dev-unknown"
@@ -420,13 +430,30 @@ def check_path(path: Path) -> str | None:
         reason = getattr(exc, "strerror", None) or str(exc)
         return f"journal.path: {path} cannot be opened for appending ({reason})"
     try:
+        free = try_lock(fd)
         if not existed:
             path.unlink()
     except OSError:
-        pass
+        free = True   # no lock to be had here (ENOLCK): the journal works without one
     finally:
-        os.close(fd)
-    return None
+        os.close(fd)  # the probe's lock goes with it
+    return None if free else f"journal.path: {path}: {IN_USE}"
+
+
+IN_USE = ("in use by another running device (two devices must not share one journal: the "
+          "report would count them as one); give each device its own journal.path")
+
+
+def _lock(fd: int) -> bool:
+    """Lock the open journal ``fd`` for this device's run (False: another device holds it;
+    ``fd`` is then closed). A file system without locks: True, unlocked."""
+    try:
+        if try_lock(fd):
+            return True
+    except OSError:
+        return True
+    os.close(fd)
+    return False
 
 
 def _open_for_append(path: Path, *, create: bool = True, exclusive: bool = False) -> int:

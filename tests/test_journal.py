@@ -334,6 +334,24 @@ def test_check_path_opens_the_file_instead_of_asking_os_access(tmp_path):
     assert not (tmp_path / "new.jsonl").exists()  # the check creates nothing
 
 
+def test_a_journal_file_is_held_by_one_device_at_a_time(tmp_path):
+    # trial: two devices on one file shared one label; the report merged them as one device
+    path = tmp_path / "j.jsonl"
+    first = Journal(path)
+    assert check_path(path) == (
+        f"journal.path: {path}: in use by another running device (two devices must not share "
+        "one journal: the report would count them as one); give each device its own "
+        "journal.path")
+    errors: list[Event] = []
+    second = Journal(path, on_error=errors.append)
+    second.handle(MatchFound(peer=1, role="initiator"))
+    assert second.failed and len(errors) == 1
+    assert "in use by another running device" in errors[0].message  # type: ignore[attr-defined]
+    first.close()
+    assert check_path(path) is None  # released at close
+    assert [r["kind"] for r in _records(path)] == ["start", "stop"]
+
+
 def test_a_journal_that_cannot_be_written_reports_once_and_stops(tmp_path):
     # Linux's /dev/full: every write fails with ENOSPC, as on a full disk
     errors: list[Event] = []
