@@ -230,24 +230,40 @@ def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair
     truth = scenario.truth
     out = []
     for key in sorted(set(first_token) | set(metrics.missed_pairs)):
-        intervals = close_intervals(tracks[key[0]], tracks[key[1]], truth.radius_m)
+        intervals = close_intervals(tracks[key[0]], tracks[key[1]], truth.radius_m,
+                                    until_s=scenario.duration_s)
         close = None
         if truth.close_radius_m is not None:
             close = key in true_pairs and any(
                 end - start >= truth.duration_s for start, end, _ in close_intervals(
-                    tracks[key[0]], tracks[key[1]], truth.close_radius_m))
+                    tracks[key[0]], tracks[key[1]], truth.close_radius_m,
+                    until_s=scenario.duration_s))
         spans = [end - start for start, end, _ in intervals]
         contacts = measured.get(key, ())
         durations = [c.duration_s for c in contacts]
         closest = [c.closest_m for c in contacts if c.closest_m is not None]
         out.append(PairReport(
             pair=key, true=key in true_pairs, detected=key in first_token,
-            true_closest_m=_closest_m(tracks[key[0]], tracks[key[1]]),
+            true_closest_m=_closest_m(tracks[key[0]], tracks[key[1]],
+                                      until_s=scenario.duration_s),
             true_within_s=sum(spans), true_longest_s=max(spans, default=0.0),
             first_token_s=first_token.get(key),
             measured_within_s=max(durations) if durations else None,
             measured_closest_m=min(closest) if closest else None, close=close))
     return tuple(out)
+
+
+def scenario_truth(scenario: Scenario, radius_m: float | None = None) -> list[TrueContact]:
+    """The scenario's true contacts (:func:`~fanny_tui.sim.truth.true_contacts`) over the
+    simulated time only: from second 0 to ``[scenario] duration_s``, however long the tracks.
+
+    Args:
+        scenario: its tracks, ``duration_s`` and ``[truth]``.
+        radius_m: the radius in metres (default ``[truth] radius_m``).
+    """
+    truth = scenario.truth
+    return true_contacts(scenario.tracks, truth.radius_m if radius_m is None else radius_m,
+                         truth.duration_s, until_s=scenario.duration_s)
 
 
 def judge_close(scenario: Scenario, detected: Mapping[Pair, float]) -> CloseRecall | None:
@@ -261,13 +277,16 @@ def judge_close(scenario: Scenario, detected: Mapping[Pair, float]) -> CloseReca
     truth = scenario.truth
     if truth.close_radius_m is None:
         return None
-    contacts = true_contacts(scenario.tracks, truth.close_radius_m, truth.duration_s)
+    contacts = scenario_truth(scenario, truth.close_radius_m)
     return close_recall(truth.close_radius_m, contacts, detected)
 
 
-def _closest_m(first: Track, second: Track, step_s: float = 1.0) -> float | None:
-    """The closest true distance of two tracks while both are present (sampled every second)."""
-    begin, end = max(first.start_s, second.start_s), min(first.end_s, second.end_s)
+def _closest_m(first: Track, second: Track, step_s: float = 1.0,
+               until_s: float = math.inf) -> float | None:
+    """The closest true distance of two tracks while both are present, up to scenario second
+    ``until_s`` (sampled every second)."""
+    begin = max(first.start_s, second.start_s)
+    end = min(first.end_s, second.end_s, until_s)
     if begin > end:
         return None
     best = math.inf
@@ -413,7 +432,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
     speed, protocol, noise = prepare(scenario, settings, speed)
     protocol_over, _, privacy_over = split_settings(settings)
     model = NoiseModel(noise)
-    contacts = true_contacts(scenario.tracks, scenario.truth.radius_m, scenario.truth.duration_s)
+    contacts = scenario_truth(scenario)
     clock = SimClock(speed)
     observations = [model.observe(track, scenario.duration_s, f"{scenario.seed}:{track.name}")
                     for track in scenario.tracks]

@@ -19,6 +19,7 @@ from fanny_tui.sim.runner import (
     pair_reports,
     prepare,
     run_scenario,
+    scenario_truth,
     split_settings,
 )
 from fanny_tui.sim.scenario import Scenario, TruthSpec, load_scenario
@@ -171,6 +172,27 @@ def test_pair_reports_set_the_truth_beside_the_measures():
     assert false.true_closest_m == pytest.approx(40.0, abs=0.01) and false.true_within_s == 0
     assert (false.measured_within_s, false.measured_closest_m) == (90.0, 6.0)
     assert false.as_dict()["pair"] == ["a", "c"]
+
+
+def test_the_truth_covers_the_simulated_time_only():
+    # a-b stand 3 m apart for 400 s of track, but the scenario simulates 100 s of it
+    tracks = (standing("a", 0, 0, 0, 400), standing("b", 3, 0, 0, 400),
+              standing("c", 0, 20, 150, 400))
+    truth = TruthSpec(radius_m=10.0, duration_s=60.0, close_radius_m=5.0)
+    scenario = Scenario(name="t", tracks=tracks, duration_s=100.0, truth=truth)
+    [contact] = scenario_truth(scenario)
+    assert (contact.pair, contact.start_s, contact.end_s) == (("a", "b"), 0.0, 100.0)
+    short = Scenario(name="t", tracks=tracks, duration_s=50.0, truth=truth)
+    assert scenario_truth(short) == []          # 50 s < the truth's 60 s
+    close = judge_close(short, {})
+    assert close is not None and close.true_pairs == 0
+    metrics = evaluate(scenario_truth(scenario), {})
+    [report] = pair_reports(scenario, metrics, {}, {})
+    assert report.true_within_s == pytest.approx(100.0) == report.true_longest_s
+    # c is present only after the simulated time: no closest distance to a
+    metrics = evaluate([TrueContact("a", "c", 0.0, 1.0, 1.0)], {})
+    [report] = pair_reports(scenario, metrics, {}, {})
+    assert report.true_closest_m is None
 
 
 def test_a_true_contact_that_never_overlaps_in_time_has_no_closest_distance():
