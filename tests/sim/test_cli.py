@@ -49,6 +49,12 @@ def test_a_missing_scenario_file(tmp_path, capsys):
     assert "nope.toml: file: expected a readable scenario TOML file" in capsys.readouterr().err
 
 
+def _render(table: object, width: int = 80) -> str:
+    console = Console(width=width, record=True)
+    console.print(table)
+    return console.export_text()
+
+
 def test_the_table_shows_the_swept_settings_and_the_verdict():
     metrics_detected = {("a", "b"): 12.0, ("a", "c"): 3.0}
     metrics = evaluate([TrueContact("a", "b", 0.0, 400.0, 1.0)], metrics_detected)
@@ -56,23 +62,41 @@ def test_the_table_shows_the_swept_settings_and_the_verdict():
                        devices=3, radius_m=15.0, sigma_m=5.0, min_contact_s=60.0,
                        contacts=(), metrics=metrics, matches=2, failures={},
                        measured_contacts_s=(), late_fixes=0, real_s=12.5, cpu_s=2.5)
-    console = Console(width=200, record=True)
-    console.print(results_table([result], ["min_contact_s"]))
-    text = console.export_text()
-    assert "min_contact_s" in text and "precision" in text
-    row = next(line for line in text.splitlines() if "street" in line)
-    for cell in ("60", "15", "0.50", "1.00", "12", "12.5", "20"):
-        assert cell in row, (cell, row)
-    assert "close recall" not in text  # no closer tier in any run: no column
+    text = _render(results_table([result], ["min_contact_s"]))
+    assert "settings" in text and "precision" in text
+    [run] = [line for line in text.splitlines() if "street" in line]
+    assert "min_contact_s=60 radius_m=15 sigma_m=5" in run  # the swept setting first
+    assert "12.5" in run and "20" in run                    # real s, CPU %
+    [verdict] = [line for line in text.splitlines() if line.startswith("│ 1 ") and "0.50" in line]
+    for cell in ("1", "2", "0.50", "1.00", "12/12"):
+        assert f" {cell} " in verdict, (cell, verdict)
+    assert "close" not in text  # no closer tier in any run: no column
     closer = dataclasses.replace(result, close=close_recall(
         3.0, [TrueContact("a", "b", 0.0, 400.0, 1.0), TrueContact("d", "e", 0.0, 400.0, 2.0)],
         metrics_detected))
-    console = Console(width=240, record=True)
-    console.print(results_table([closer, result], ["min_contact_s"]))
-    text = console.export_text()
-    assert "close recall" in text
-    rows = [line for line in text.splitlines() if "street" in line]
-    assert "0.50 (1/2 within 3 m)" in rows[0] and "(1/2" not in rows[1]
+    text = _render(results_table([closer, result], ["min_contact_s"]))
+    rows = [line for line in text.splitlines() if "0.50" in line]
+    assert "0.50 (1/2)" in rows[0] and "(1/2" not in rows[1]
+    assert "close pairs (within 3 m" in " ".join(text.split())
+
+
+def test_the_table_fits_80_columns():
+    # trial: at 80 columns precision and recall were cut to "0.…"
+    detected = {(f"d{i:03d}", f"d{i + 1:03d}"): 1234.0 for i in range(100)}
+    truth = [TrueContact(f"d{i:03d}", f"d{i + 1:03d}", 0.0, 400.0, 1.0) for i in range(100)]
+    metrics = evaluate(truth, detected)
+    swept = {"min_contact_s": 120.0, "position_interval_s": 7.5, "sigma_m": 12.5,
+             "outlier_rate": 0.05}
+    result = RunResult(scenario="a-long-scenario-name-of-a-city-quarter", settings=swept,
+                       speed=10.0, devices=200, radius_m=15.0, sigma_m=12.5,
+                       min_contact_s=120.0, contacts=(), metrics=metrics, matches=2,
+                       failures={}, measured_contacts_s=(), late_fixes=0, real_s=12345.6,
+                       cpu_s=12345.6, close=close_recall(3.0, truth, detected))
+    text = _render(results_table([result], list(swept)))
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    for cell in ("100", "1.00", "1.00 (100/100)", "1234/1234", "12345.6", "outlier_rate=0.05"):
+        assert cell in text, (cell, text)
 
 
 def test_json_output_of_a_real_run(small_scenario, capsys):
