@@ -1,6 +1,7 @@
 """``fanny-sim``: run scenarios with real engines and a real broker, judge them against the truth.
 
     fanny-sim SCENARIO.toml [SCENARIO.toml ...] [--speed K] [--sweep KEY=V1,V2 ...] [--json]
+    fanny-sim --version
 
 Every scenario is run once per setting of the sweep (the cartesian product of the ``--sweep``
 lists; keys: the devices' ``[protocol]`` keys and the ``[noise]`` keys). The tables (rich, two
@@ -27,6 +28,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from .. import kit_version
 from ..config import ConfigError
 from .runner import SWEEP_KEYS, RunResult, SimError, grid, prepare, run_scenario
 from .scenario import Scenario, load_scenario
@@ -72,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log the engines' warnings to stderr")
+    parser.add_argument("--version", action="version", version=f"fanny-sim {kit_version()}",
+                        help="print the kit's version and exit")
     return parser
 
 

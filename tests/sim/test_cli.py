@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from importlib.metadata import version
 
 import pytest
 from rich.console import Console
 
+from fanny_tui import DISTRIBUTION
 from fanny_tui.sim.cli import main, parse_sweep, results_table
 from fanny_tui.sim.metrics import close_recall, evaluate
 from fanny_tui.sim.runner import RunResult
@@ -36,12 +38,28 @@ def test_bad_sweeps(items, message):
     (["--sweep", "radius=10"], "fanny-sim: --sweep radius: not a setting"),
     (["--speed", "0"], "fanny-sim: --speed: expected a number > 0"),
     (["--sweep", "sigma_m=-2"], "noise.sigma_m"),
-    (["--speed", "100"], "protocol.max_speed_mps"),
+    (["--speed", "100"], "fanny-sim: --speed 100: max_speed_mps 30 x 100 = 3000 is out of"),
+    (["--sweep", "max_speed_mps=2000"], "protocol.max_speed_mps"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(small_scenario, capsys, args, message):
     assert main([str(small_scenario), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_speed_too_fast_for_the_scenario_is_said_in_terms_of_speed(small_scenario, capsys):
+    assert main([str(small_scenario), "--speed", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("fanny-sim: --speed 40: max_speed_mps 30 x 40 = 1200 is out of range "
+                   "(expected a number > 0 and <= 1000); the fastest speed for these settings "
+                   "is 33.3\n")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"fanny-sim {version(DISTRIBUTION)}\n"
 
 
 def test_a_missing_scenario_file(tmp_path, capsys):

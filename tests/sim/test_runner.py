@@ -60,9 +60,21 @@ def test_a_swept_rotation_interval_is_scaled_like_the_default(small_scenario):
         prepare(scenario, {"rotation_interval_s": 5.0}, None)      # 0.5 s real: below 1 s
 
 
-def test_a_speed_that_pushes_a_setting_out_of_range_is_named():
-    with pytest.raises(ConfigError, match="protocol.max_speed_mps"):
-        device_protocol({}, {}, speed=100.0)
+def test_a_speed_that_pushes_a_setting_out_of_range_is_said_in_terms_of_the_speed():
+    # trial: --speed 40 blamed protocol.max_speed_mps, a setting the user never set
+    with pytest.raises(SimError) as raised:
+        device_protocol({}, {}, speed=40.0)
+    assert str(raised.value) == (
+        "--speed 40: max_speed_mps 30 x 40 = 1200 is out of range (expected a number > 0 and "
+        "<= 1000); the fastest speed for these settings is 33.3")
+    device_protocol({}, {}, speed=33.3)   # the speed it names works
+    with pytest.raises(SimError, match=r"^\[scenario\] speed 0.01: max_contact_s 3600 / 0.01 = "
+                                       r"360000 .* the slowest speed for these settings is "
+                                       r"0.0417$"):
+        device_protocol({}, {}, speed=0.01, speed_name="[scenario] speed")
+    device_protocol({}, {}, speed=0.0417)
+    with pytest.raises(ConfigError, match="protocol.max_speed_mps"):  # wrong before scaling
+        device_protocol({"max_speed_mps": 2000.0}, {}, speed=1.0)
 
 
 def test_settings_are_split_into_protocol_noise_and_privacy_keys():
