@@ -40,8 +40,11 @@ and the time of its ``start`` record) already read from another file (one line o
 counted once). A device whose GPS source is not a receiver (``gps_source`` of its ``start``
 records, ``source`` of its fixes: anything but ``gpsd``, e.g. ``fixed`` or an ``nmea`` replay)
 has ``gps_receiver`` false, is marked in the tables and named on stderr: its fix and accuracy
-figures do not measure GPS in the field. These warnings (also in ``warnings``) leave the exit
-code as it is.
+figures do not measure GPS in the field. The settings of the ``start`` records (``radius_m``,
+``min_contact_s``, ...) are shown with the devices that ran with each value (``settings``);
+devices that ran with different settings (the GPS source aside) are one line on stderr, as
+their figures are merged as if they had not. These warnings (also in ``warnings``) leave the
+exit code as it is.
 
 ``--json`` schema (``v`` 1; seconds, metres; null where there is no value)::
 
@@ -75,6 +78,8 @@ code as it is.
                                    "match_to_token_s": float | null}]}],
       "accuracy_m": DIST,
       "polls": int, "alerts": int, "outages": int, "ids_rotated": int,
+      "settings": [{"setting": str,
+                    "values": [{"value": number | str | null, "devices": [str]}]}],
       "warnings": [str]
     }
 
@@ -329,6 +334,7 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
     reasons: Counter[str] = Counter()
     ice: Counter[str] = Counter()
     runs_seen: dict[tuple[str, datetime], str] = {}
+    settings_seen: dict[str, dict[str, tuple[Any, list[str]]]] = defaultdict(dict)
     warnings: list[str] = []
     for source in inputs:
         by_device: dict[str, list[Record]] = defaultdict(list)
@@ -393,6 +399,11 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
                     elif r.kind == "start":
                         device.settings = {k: v for k, v in r.data.items()
                                            if k not in _NOT_SETTINGS}
+                        for k, v in device.settings.items():
+                            users = settings_seen[k].setdefault(
+                                json.dumps(v, sort_keys=True), (v, []))[1]
+                            if name not in users:
+                                users.append(name)
                         if isinstance(r.data.get("gps_source"), str):
                             device.gps_sources.add(r.data["gps_source"])
                     elif r.kind == "gps" and isinstance(r.data.get("source"), str):
@@ -405,6 +416,13 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
             warnings.append(
                 f"{d.name}: GPS source {', '.join(sorted(d.gps_sources))}, not a receiver: its "
                 f"fix and accuracy figures do not measure GPS in the field")
+    settings = _settings_json(settings_seen)
+    differ = [f"{entry['setting']} " + ", ".join(
+        f"{_value(v['value'])} ({' '.join(v['devices'])})" for v in entry["values"])
+        for entry in settings if len(entry["values"]) > 1 and entry["setting"] != "gps_source"]
+    if differ:   # (a GPS source that is not a receiver has its own warning above)
+        warnings.append(f"the devices ran with different settings ({'; '.join(differ)}): "
+                        f"their figures are merged as if they had not")
     outcomes = Counter(outcome.values())
     stored, failed = outcomes["stored"], outcomes["failed"]
     measured = list(contacts.values())
@@ -443,8 +461,32 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
         "alerts": sum(d.counts["alert"] for d in devices.values()),
         "outages": sum(d.counts["broker_down"] for d in devices.values()),
         "ids_rotated": sum(d.counts["ids_rotated"] for d in devices.values()),
+        "settings": settings,
         "warnings": warnings,
     }
+
+
+SETTINGS_ORDER = ("radius_m", "min_contact_s", "position_interval_s", "contact_gap_s",
+                  "max_contact_s", "rotation_interval_s", "gps_source", "gps_sample_s")
+"""The ``start`` record's settings in the order the report shows them (others after, sorted)."""
+
+
+def _settings_json(seen: dict[str, dict[str, tuple[Any, list[str]]]]) -> list[dict[str, Any]]:
+    """Per setting of the ``start`` records, each value and the devices that ran with it."""
+    order = {key: i for i, key in enumerate(SETTINGS_ORDER)}
+    return [{"setting": key,
+             "values": [{"value": value, "devices": sorted(users)}
+                        for value, users in seen[key].values()]}
+            for key in sorted(seen, key=lambda k: (order.get(k, len(order)), k))]
+
+
+def _value(value: Any) -> str:
+    """A setting's value as the report prints it (``15``, ``gpsd``, ``–`` for null)."""
+    if value is None:
+        return "–"
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -626,6 +668,24 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
             f"{d['device']}: {', '.join(d['gps_sources'])}" for d in not_receivers) + ")"
         quality.caption_justify = "left"
     console.print(quality)
+
+    if report["settings"]:
+        settings = Table(title="Settings (start records)", show_header=False)
+        settings.add_column("setting", no_wrap=True)
+        settings.add_column("value")
+        differ = False
+        for entry in report["settings"]:
+            values = entry["values"]
+            if len(values) == 1:
+                settings.add_row(entry["setting"], _value(values[0]["value"]))
+                continue
+            differ = True
+            settings.add_row(entry["setting"] + " ≠", "\n".join(
+                f"{_value(v['value'])}: {', '.join(v['devices'])}" for v in values))
+        if differ:
+            settings.caption = "≠ differs between devices, whose figures are merged here"
+            settings.caption_justify = "left"
+        console.print(settings)
 
     hs = report["handshakes"]
     lat = report["match_to_token_s"]

@@ -259,6 +259,37 @@ def test_a_device_without_a_gps_receiver_is_flagged(tmp_path, capsys):
     assert f"{B} *" in out and f"* GPS source not a receiver ({B}: fixed)" in out
 
 
+def test_devices_that_ran_with_different_settings_are_shown_and_warned_about(tmp_path, capsys):
+    # trial: devices with different radius_m / min_contact_s were merged without a word
+    other = [_line(B, 0, "start", radius_m=10.0, min_contact_s=60.0, position_interval_s=5.0,
+                   gps_source="gpsd", gps_sample_s=10.0), _line(B, 50, "stop")]
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    b = _write(tmp_path, "b.jsonl", other)
+    code, report, err = _report(capsys, a, b)
+    assert code == 0
+    warning = (f"the devices ran with different settings (radius_m 15 ({A}), 10 ({B}); "
+               f"min_contact_s 0 ({A}), 60 ({B})): their figures are merged as if they had not")
+    assert err == f"fanny-tui report: {warning}\n" and report["warnings"] == [warning]
+    assert report["settings"][:3] == [
+        {"setting": "radius_m", "values": [{"value": 15.0, "devices": [A]},
+                                           {"value": 10.0, "devices": [B]}]},
+        {"setting": "min_contact_s", "values": [{"value": 0.0, "devices": [A]},
+                                                {"value": 60.0, "devices": [B]}]},
+        {"setting": "position_interval_s", "values": [{"value": 5.0, "devices": [A, B]}]}]
+    capsys.readouterr()
+    assert main(["report", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "Settings (start records)" in out and "radius_m ≠" in out
+    assert f"15: {A}" in out and f"10: {B}" in out and "≠ differs between devices" in out
+    assert any(line.split() == ["position_interval_s", "5"] for line in out.splitlines())
+    assert max(len(line) for line in out.splitlines()) <= 80
+    # the same settings (the second file's device another run of the first's): no warning
+    capsys.readouterr()
+    assert main(["report", a, _write(tmp_path, "b2.jsonl", JOURNAL_B)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "≠" not in captured.out and "radius_m" in captured.out
+
+
 def test_a_device_never_stopped_is_measured_to_its_last_record(tmp_path, capsys):
     lines = [_start(A, 0), _gps(A, 10, 3.0), _gps(A, 20, None), _line(A, 25, "broker_down",
                                                                       reason="x"),
@@ -275,7 +306,7 @@ def test_json_schema(tmp_path, capsys):
     assert set(report) == {"v", "inputs", "devices", "matches", "handshakes", "match_to_token_s",
                            "failure_reasons", "ice_candidates", "contacts", "pairing",
                            "accuracy_m", "polls", "alerts", "outages", "ids_rotated",
-                           "contact_list", "warnings"}
+                           "contact_list", "settings", "warnings"}
     assert report["v"] == 1
     assert set(report["inputs"][0]) == {"file", "records", "skipped", "error", "devices"}
     assert set(report["devices"][0]) == {
@@ -287,6 +318,8 @@ def test_json_schema(tmp_path, capsys):
                                          "success_rate"}
     assert set(report["contacts"]) == {"count", "duration_s", "closest_m", "median_m"}
     assert set(report["pairing"]) == {"both", "one", "without_token"}
+    assert report["settings"][0] == {"setting": "radius_m",
+                                     "values": [{"value": 15.0, "devices": [A]}]}
     for contact in report["contact_list"]:
         assert set(contact) == {"digest", "devices", "start", "end", "duration_s", "closest_m",
                                 "median_m", "match_to_token_s", "sides"}
