@@ -531,14 +531,20 @@ def _contact_json(group: list[_Side]) -> dict[str, Any]:
         "start": _iso(min(_side_start(s) for s in group)),
         "end": _iso(max(closed)) if closed else None,
         "duration_s": max(durations) if durations else None,
-        "closest_m": min(closest) if closest else None,
+        "closest_m": round(min(closest), 3) if closest else None,
         "median_m": round(sum(medians) / len(medians), 3) if medians else None,
         "match_to_token_s": max(latencies) if latencies else None,
         "sides": [{"device": s.device, "file": s.file, "run": s.run, "peer": s.peer,
                    "matched_at": _iso(s.matched_at), "closed_at": _iso(s.closed_at),
-                   **{k: None if s.contact is None else s.contact.get(k)
-                      for k in ("duration_s", "closest_m", "median_m")},
+                   "duration_s": None if s.contact is None else s.contact.get("duration_s"),
+                   **{k: _metres(None if s.contact is None else s.contact.get(k))
+                      for k in ("closest_m", "median_m")},
                    "match_to_token_s": s.match_to_token_s} for s in group]}
+
+
+def _metres(value: float | None) -> float | None:
+    """A distance of the contact list, rounded to the millimetre (None stays None)."""
+    return None if value is None else round(float(value), 3)
 
 
 def _runs(records: list[Record]) -> list[list[Record]]:
@@ -622,14 +628,20 @@ def _bar(count: int, most: int, width: int = 30) -> str:
 
 
 def print_report(report: dict[str, Any], out: TextIO) -> None:
-    """Print ``report`` as rich tables and histograms on ``out``."""
+    """Print ``report`` as rich tables and histograms on ``out``.
+
+    Raises:
+        BrokenPipeError: ``out``'s reader went away (``| head``; rich's own handling would
+            exit with status 1).
+    """
     from functools import partial
 
     from rich import box
-    from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console(file=out, highlight=False, emoji=False)
+    from .pipe import rich_console
+
+    console = rich_console(file=out, highlight=False, emoji=False)
     Table = partial(RichTable, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
 
     inputs = Table(title="Journals")
@@ -694,7 +706,7 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
     summary = Table(title="Witness exchanges", show_header=False)
     summary.add_column("what")
     summary.add_column("value", justify="right")
-    summary.add_row("matches", str(report["matches"]))
+    summary.add_row("matches (each device counts its own)", str(report["matches"]))
     summary.add_row("tokens stored / failed", f"{hs['stored']} / {hs['failed']}")
     summary.add_row("handshake success rate", "–" if rate is None else f"{rate:.1%}")
     summary.add_row("closed without token / unfinished",
@@ -780,6 +792,9 @@ def run_report(paths: Sequence[str], *, as_json: bool, out: TextIO | None = None
 
     Returns:
         The exit code: 0 all read, 1 some input skipped, 2 nothing readable.
+
+    Raises:
+        BrokenPipeError: ``out``'s reader went away (``fanny-tui`` then exits quietly, 141).
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -796,6 +811,9 @@ def run_report(paths: Sequence[str], *, as_json: bool, out: TextIO | None = None
     for source in inputs:
         for problem in source.problems:
             print(f"{prog}: {problem}", file=err)
+        if not source.records and not source.skipped and source.error is None:
+            print(f"{prog}: {source.file}: empty, no journal record (did the device run with "
+                  f"this [journal] path?)", file=err)
     if not any(source.records for source in inputs):
         print(f"{prog}: no journal record could be read", file=err)
         return EXIT_NOTHING

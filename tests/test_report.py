@@ -8,6 +8,9 @@ over the journals of a real two-device run.
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,11 @@ import pytest
 from fanny_tui.cli import main
 from fanny_tui.report import histogram, percentile
 
+from .helpers import TIME_UNIT
+
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 A, B = "dev-aaaaaa", "dev-bbbbbb"
+BIN = Path(sys.executable).parent
 
 
 def _line(device: str, at_s: float, kind: str, **fields: Any) -> str:
@@ -288,6 +294,45 @@ def test_devices_that_ran_with_different_settings_are_shown_and_warned_about(tmp
     assert main(["report", a, _write(tmp_path, "b2.jsonl", JOURNAL_B)]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and "≠" not in captured.out and "radius_m" in captured.out
+
+
+def test_a_long_report_piped_into_head_exits_quietly(tmp_path):
+    # trial: `fanny-tui report ... | head -2` exited 1 (rich's SystemExit on a broken pipe)
+    lines = [_start(A, 0)]
+    for peer in range(1, 2001):             # 2000 contact rows: far over a pipe's buffer
+        lines.append(_token(A, peer, peer, f"{peer:08x}", 1.0, _contact(30.0, 2.0, 3.0, 6)))
+    journal = _write(tmp_path, "a.jsonl", lines)
+    status = tmp_path / "status.txt"
+    command = (f"{shlex.quote(str(BIN / 'fanny-tui'))} report {shlex.quote(journal)} "
+               f"| head -n 2; echo ${{PIPESTATUS[0]}} >{shlex.quote(str(status))}")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            timeout=60 * TIME_UNIT)
+    assert result.stdout.startswith("Journals")
+    assert status.read_text().strip() == "141"
+    assert result.stderr == ""
+
+
+def test_an_empty_journal_is_a_note_on_stderr(tmp_path, capsys):
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, report, err = _report(capsys, a, str(empty))
+    assert code == 0 and report["inputs"][1]["records"] == 0
+    assert err == (f"fanny-tui report: {empty}: empty, no journal record (did the device run "
+                   "with this [journal] path?)\n")
+
+
+def test_contact_distances_are_rounded_alike_and_matches_say_whose(tmp_path, capsys):
+    lines = [_start(A, 0), _line(A, 1, "match", peer=1, role="initiator"),
+             _token(A, 2, 1, "12345678", 1.0, _contact(30.0, 1.23456789, 2.3456789, 6))]
+    journal = _write(tmp_path, "a.jsonl", lines)
+    code, report, _ = _report(capsys, journal)
+    [contact] = report["contact_list"]
+    assert (contact["closest_m"], contact["median_m"]) == (1.235, 2.346)
+    assert (contact["sides"][0]["closest_m"], contact["sides"][0]["median_m"]) == (1.235, 2.346)
+    capsys.readouterr()
+    assert main(["report", journal]) == 0
+    assert "matches (each device counts its own)" in capsys.readouterr().out
 
 
 def test_a_device_never_stopped_is_measured_to_its_last_record(tmp_path, capsys):

@@ -10,7 +10,8 @@ true pairs, detected pairs, precision, recall, detection latency percentiles (sc
 and the run's real time and CPU use; with a closer tier of truth (``[truth] close_radius_m``),
 the recall on the close pairs too (``close``: detected close pairs / close pairs).
 
-Exit status: 0 done, 1 a run failed, 2 bad arguments or scenario file (one line on stderr).
+Exit status: 0 done, 1 a run failed, 2 bad arguments or scenario file (one line on stderr),
+141 stdout closed by its reader (``| head``: nothing more is printed, no traceback).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rich.text import Text
 
 from .. import kit_version
 from ..config import ConfigError
+from ..pipe import EXIT_BROKEN_PIPE, rich_console, silence_stdout
 from .runner import SWEEP_KEYS, RunResult, SimError, grid, prepare, run_scenario
 from .scenario import Scenario, load_scenario
 
@@ -194,13 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
-    else:
-        out = Console()
-        if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
-            out = Console(width=160)
-        out.print(results_table(results, list(sweep)))
+    try:
+        if args.json:
+            print(json.dumps([r.as_dict() for r in results], indent=2))
+        else:
+            out = rich_console()
+            if not out.is_terminal:  # a file or a pipe: as wide as the tables want
+                out = rich_console(width=160)
+            out.print(results_table(results, list(sweep)))
+        sys.stdout.flush()   # a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:  # stdout closed by its reader (| head): quiet, as fanny-tui
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
     wall = sum(r.real_s for r in results)
     print(f"fanny-sim: {len(results)} run(s), real time {wall:.1f} s in all", file=sys.stderr)
     return 0

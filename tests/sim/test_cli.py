@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
+import subprocess
+import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -14,6 +18,7 @@ from fanny_tui.sim.cli import main, parse_sweep, results_table
 from fanny_tui.sim.metrics import close_recall, evaluate
 from fanny_tui.sim.runner import RunResult
 from fanny_tui.sim.truth import TrueContact
+from tests.helpers import TIME_UNIT
 
 
 def test_parse_sweep():
@@ -53,6 +58,19 @@ def test_a_speed_too_fast_for_the_scenario_is_said_in_terms_of_speed(small_scena
     assert err == ("fanny-sim: --speed 40: max_speed_mps 30 x 40 = 1200 is out of range "
                    "(expected a number > 0 and <= 1000); the fastest speed for these settings "
                    "is 33.3\n")
+
+
+def test_a_closed_stdout_is_a_quiet_exit_141(small_scenario, tmp_path):
+    # trial: `fanny-sim ... | head -1` ran the whole simulation, then rich exited 1
+    status = tmp_path / "status.txt"
+    fanny_sim = Path(sys.executable).parent / "fanny-sim"
+    command = (f"{shlex.quote(str(fanny_sim))} {shlex.quote(str(small_scenario))} --speed 30 "
+               f"| true; echo ${{PIPESTATUS[0]}} >{shlex.quote(str(status))}")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            timeout=120 * TIME_UNIT)
+    assert status.read_text().strip() == "141", result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    assert "run(s), real time" not in result.stderr   # nothing more after the closed pipe
 
 
 def test_version(capsys):
