@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -47,6 +46,8 @@ from .config import Config, ConfigError, load_config, parse_config
 from .datadir import DataDirBusy, DataDirLock
 from .describe import explain
 from .events import Event, SessionStarted, to_json_dict
+from .pipe import EXIT_BROKEN_PIPE as EXIT_BROKEN_PIPE
+from .pipe import silence_stdout
 from .protocol import validate
 from .store import StoreError, TokenStore
 
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
 APP_NAME = "fanny-tui"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
-"""141: stdout's reader went away (``| head``); what a Unix tool killed by SIGPIPE returns."""
 
 log = logging.getLogger(__name__)
 
@@ -245,19 +244,8 @@ class JsonLinesOut:
             sys.stdout.flush()
         except BrokenPipeError:
             self.broken = True
-            _silence_stdout()
+            silence_stdout()
             self._on_broken()
-
-
-def _silence_stdout() -> None:
-    """Point stdout's file descriptor at /dev/null (the Python documentation's recipe for
-    SIGPIPE: the interpreter's final flush then succeeds instead of printing an error)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -540,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = _main(argv)
         sys.stdout.flush()     # a closed pipe shows here, not as an error at interpreter exit
     except BrokenPipeError:    # stdout closed by its reader (| head): quiet, as Unix tools
-        _silence_stdout()
+        silence_stdout()
         return EXIT_BROKEN_PIPE
     return status
 

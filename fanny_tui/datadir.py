@@ -105,14 +105,15 @@ class DataDirLock:
             raise StoreError(f"cannot open the token store in {self.data_dir}: "
                              f"{exc.strerror or exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken = try_lock(fd)
         except OSError as exc:
-            holder = _read_holder(fd)
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DataDirBusy(self.data_dir, holder) from None
             raise StoreError(f"cannot lock the data directory {self.data_dir}: "
                              f"{exc.strerror or exc}") from None
+        if not taken:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise DataDirBusy(self.data_dir, holder)
         self._fd = fd
         try:
             os.ftruncate(fd, 0)
@@ -139,6 +140,25 @@ class DataDirLock:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.release()
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive :func:`fcntl.flock` on the open file ``fd`` without waiting.
+
+    Returns:
+        True when taken (it lasts until ``fd`` is closed, or the process ends however it
+        ends); False when another open file (another process, or another open here) holds it.
+
+    Raises:
+        OSError: the lock cannot be taken for another reason (e.g. ENOLCK).
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def _read_holder(fd: int) -> str | None:

@@ -991,14 +991,46 @@ class WalkSource:
 # -- from configuration -----------------------------------------------------------------
 
 
-def _check_log_file(path: Path) -> None:
-    """Raise ConfigError (``gps.path``) unless ``path`` is a file that can be opened for reading."""
+NMEA_SNIFF_BYTES = 1 << 20
+"""How much of an NMEA log :func:`make_source` reads at start looking for one NMEA sentence."""
+
+
+def _is_nmea_sentence(text: str) -> bool:
+    """True if ``text`` is one NMEA 0183 sentence that parses, checksum included (as
+    :func:`parse_nmea_log` requires)."""
+    text = text.strip()
+    if text.startswith("$$"):
+        text = text[1:]
+    if not text.startswith(("$", "!")):
+        return False
     try:
-        with path.open("rb"):
-            pass
+        pynmea2.parse(text, check=True)
+    except (pynmea2.ParseError, ValueError, TypeError, AttributeError, IndexError):
+        return False
+    return True
+
+
+def _check_log_file(path: Path) -> None:
+    """Raise ConfigError (``gps.path``) unless ``path`` is a file that can be opened for reading
+    and holds an NMEA sentence in its first :data:`NMEA_SNIFF_BYTES` (a GPX track or another
+    file given by mistake would otherwise be retried forever)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(NMEA_SNIFF_BYTES)
     except OSError as exc:
         raise ConfigError("gps.path", f"an NMEA log file that can be read "
                           f"({exc.strerror or type(exc).__name__})", str(path)) from None
+    text = head.decode("ascii", "replace")
+    if any(_is_nmea_sentence(line) for line in text.splitlines()):
+        return
+    if not head.strip():
+        why = "it is empty"
+    elif "<gpx" in text[:4096]:
+        why = ("it is a GPX track, which fanny-sim plays (a scenario's [scenario] gpx), not "
+               "[gps] source = \"nmea\"")
+    else:
+        why = "it holds no NMEA sentence ($GPRMC,... with its checksum)"
+    raise ConfigError("gps.path", f"an NMEA 0183 log ({why})", str(path))
 
 
 def make_source(gps: GpsConfig) -> PositionSource:
@@ -1011,9 +1043,11 @@ def make_source(gps: GpsConfig) -> PositionSource:
         A :class:`GpsdSource`, :class:`NmeaReplaySource` or :class:`FixedSource`.
 
     Raises:
-        ConfigError: ``source = "nmea"`` and ``gps.path`` does not exist or cannot be read
-            (checked here, at start, rather than retried forever: one line naming
-            ``gps.path``, which the CLI prints as a config error).
+        ConfigError: ``source = "nmea"`` and ``gps.path`` does not exist, cannot be read, or
+            holds no NMEA sentence at all (a GPX track, say) in its first
+            :data:`NMEA_SNIFF_BYTES` (checked here, at start, rather than retried forever: one
+            line naming ``gps.path``, which the CLI prints as a config error). A log with NMEA
+            sentences but no RMC or GGA is retried by the source, as a file replaced later.
         ValueError: an unknown source, or a value the source needs is missing or bad
             (the message names the ``gps.`` key).
     """

@@ -4,7 +4,11 @@ Opt-in with ``[journal] path`` (issue 6, point 4). A :class:`Journal` subscribes
 events (:mod:`fanny_tui.events`) and appends one JSON object per line to the file, which
 ``fanny-tui report`` reads (:mod:`fanny_tui.report`). The file is created with mode 0600, opened
 for appending (a restarted device goes on in the same file, under the same device label),
-line-buffered and flushed after every line. A journal that cannot be opened or written is one
+line-buffered and flushed after every line. While a device runs it holds an exclusive
+:func:`fcntl.flock` on the file (as on its data directory, :mod:`fanny_tui.datadir`): two devices
+on one file would write under one device label, and the report would merge them as one device.
+``fanny-tui`` refuses at start a journal file that another device holds, or that is not a
+journal (:func:`check_path`). A journal that cannot be opened, locked or written is one
 ``error`` event and then stops; it never stops the engine.
 
 Every record::
@@ -85,6 +89,7 @@ import math
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -92,6 +97,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .config import Config
+from .datadir import try_lock
 from .events import (
     BrokerConnected,
     BrokerDisconnected,
@@ -165,7 +171,10 @@ class Journal:
 
     Args:
         path: the journal file (created 0600 if missing, appended to otherwise); its directory
-            must exist (it is not created).
+            must exist (it is not created). A file with data whose first line is not a journal
+            record (a config file, say) is left untouched: one ``on_error`` call. The file is
+            locked (flock) until :meth:`close`; a file another journal holds is one
+            ``on_error`` call.
         settings: the ``start`` record's fields (see :func:`settings_of`).
         on_error: called once with an :class:`~fanny_tui.events.EngineError` when the journal
             cannot be opened or written (then it writes nothing more).
@@ -196,9 +205,16 @@ class Journal:
         self._digests: dict[int, str] = {}
         self._unsubscribe: Callable[[], None] | None = None
         try:
+            if device is None and _not_a_journal(self.path):
+                self.device = "dev-unknown"
+                self._fail(None, f"journal {self.path}: not a journal (its first line is not a "
+                                 f"journal record), left untouched; no journal lines")
+                return
             self.device = device or _existing_label(self.path) or new_device_label()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         0o600)
+            fd = _open_for_append(self.path)
+            if not _lock(fd):
+                self._fail(None, f"journal {self.path}: {IN_USE}; no journal lines")
+                return
             self._file = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
             self.device = device or "dev-unknown"
@@ -332,7 +348,7 @@ class Journal:
         except OSError as exc:
             self._fail(exc)
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: Exception | None, message: str | None = None) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
@@ -340,8 +356,9 @@ class Journal:
         if self._failed:
             return
         self._failed = True
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        message = f"journal {self.path}: cannot be written ({reason}); no more journal lines"
+        if message is None:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            message = f"journal {self.path}: cannot be written ({reason}); no more journal lines"
         log.warning("%s", message)
         if self._on_error is not None:
             self._on_error(EngineError(message=message))
@@ -380,26 +397,86 @@ def settings_of(config: Config) -> dict[str, Any]:
 
 def check_path(path: Path) -> str | None:
     """What makes ``path`` unusable as a journal file, as one line naming ``journal.path``;
-    None when it can be opened for appending (its directory exists and is writable, and it is
-    not a directory). Checked at start, so that a typo in the path is not a journal silently
-    written elsewhere nor a directory tree created (directories are never created).
+    None when it can be opened for appending and holds no other data.
+
+    Checked at start, so that a typo in the path is not a journal silently written elsewhere
+    nor a directory tree created (directories are never created), and so that a file that is
+    not a journal (the config file, say) is never appended to. The file is really opened for
+    appending (a missing one is created and removed again): ``os.access`` answers yes to root
+    for every file, and knows nothing of names the file system refuses.
     """
     path = Path(path)
     parent = path.parent
-    if path.is_dir():
-        return f"journal.path: {path} is a directory, not a file"
-    if not parent.exists():
-        missing = parent
-        while not missing.parent.exists():
-            missing = missing.parent
-        return (f"journal.path: the directory {parent} does not exist ({missing} is missing); "
-                f"create it first or choose another path")
-    if not parent.is_dir():
-        return f"journal.path: {parent} is not a directory"
-    target = path if path.exists() else parent
-    if not os.access(target, os.W_OK):
-        return f"journal.path: {target} is not writable (permission denied)"
-    return None
+    try:
+        if path.is_dir():
+            return f"journal.path: {path} is a directory, not a file"
+        if not parent.exists():
+            missing = parent
+            while not missing.parent.exists():
+                missing = missing.parent
+            return (f"journal.path: the directory {parent} does not exist ({missing} is "
+                    f"missing); create it first or choose another path")
+        if not parent.is_dir():
+            return f"journal.path: {parent} is not a directory"
+        existed = path.exists()
+        if existed and _not_a_journal(path):
+            return (f"journal.path: {path} is not a journal (its first line is not a journal "
+                    f"record): choose a new file")
+    except OSError as exc:
+        return f"journal.path: {path} cannot be used ({exc.strerror or exc})"
+    try:
+        fd = _open_for_append(path, create=not existed, exclusive=not existed)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return f"journal.path: {path} cannot be opened for appending ({reason})"
+    try:
+        free = try_lock(fd)
+        if not existed:
+            path.unlink()
+    except OSError:
+        free = True   # no lock to be had here (ENOLCK): the journal works without one
+    finally:
+        os.close(fd)  # the probe's lock goes with it
+    return None if free else f"journal.path: {path}: {IN_USE}"
+
+
+IN_USE = ("in use by another running device (two devices must not share one journal: the "
+          "report would count them as one); give each device its own journal.path")
+
+
+def _lock(fd: int) -> bool:
+    """Lock the open journal ``fd`` for this device's run (False: another device holds it;
+    ``fd`` is then closed). A file system without locks: True, unlocked."""
+    try:
+        if try_lock(fd):
+            return True
+    except OSError:
+        return True
+    os.close(fd)
+    return False
+
+
+def _open_for_append(path: Path, *, create: bool = True, exclusive: bool = False) -> int:
+    """A file descriptor of ``path`` opened for appending (created 0600 when ``create``; a FIFO
+    is not waited on: O_NONBLOCK)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
+    if create:
+        flags |= os.O_CREAT | (os.O_EXCL if exclusive else 0)
+    fd = os.open(path, flags, 0o600)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _not_a_journal(path: Path) -> bool:
+    """True if ``path`` is a regular file with data whose first line is not a journal record
+    (appending to it would damage someone else's file)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+        return False  # a device such as /dev/full, or an empty file: nothing to damage
+    return _existing_label(path) is None
 
 
 def attach(engine: Engine) -> Journal | None:

@@ -40,8 +40,11 @@ and the time of its ``start`` record) already read from another file (one line o
 counted once). A device whose GPS source is not a receiver (``gps_source`` of its ``start``
 records, ``source`` of its fixes: anything but ``gpsd``, e.g. ``fixed`` or an ``nmea`` replay)
 has ``gps_receiver`` false, is marked in the tables and named on stderr: its fix and accuracy
-figures do not measure GPS in the field. These warnings (also in ``warnings``) leave the exit
-code as it is.
+figures do not measure GPS in the field. The settings of the ``start`` records (``radius_m``,
+``min_contact_s``, ...) are shown with the devices that ran with each value (``settings``);
+devices that ran with different settings (the GPS source aside) are one line on stderr, as
+their figures are merged as if they had not. These warnings (also in ``warnings``) leave the
+exit code as it is.
 
 ``--json`` schema (``v`` 1; seconds, metres; null where there is no value)::
 
@@ -75,6 +78,8 @@ code as it is.
                                    "match_to_token_s": float | null}]}],
       "accuracy_m": DIST,
       "polls": int, "alerts": int, "outages": int, "ids_rotated": int,
+      "settings": [{"setting": str,
+                    "values": [{"value": number | str | null, "devices": [str]}]}],
       "warnings": [str]
     }
 
@@ -329,6 +334,7 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
     reasons: Counter[str] = Counter()
     ice: Counter[str] = Counter()
     runs_seen: dict[tuple[str, datetime], str] = {}
+    settings_seen: dict[str, dict[str, tuple[Any, list[str]]]] = defaultdict(dict)
     warnings: list[str] = []
     for source in inputs:
         by_device: dict[str, list[Record]] = defaultdict(list)
@@ -393,6 +399,11 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
                     elif r.kind == "start":
                         device.settings = {k: v for k, v in r.data.items()
                                            if k not in _NOT_SETTINGS}
+                        for k, v in device.settings.items():
+                            users = settings_seen[k].setdefault(
+                                json.dumps(v, sort_keys=True), (v, []))[1]
+                            if name not in users:
+                                users.append(name)
                         if isinstance(r.data.get("gps_source"), str):
                             device.gps_sources.add(r.data["gps_source"])
                     elif r.kind == "gps" and isinstance(r.data.get("source"), str):
@@ -405,6 +416,13 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
             warnings.append(
                 f"{d.name}: GPS source {', '.join(sorted(d.gps_sources))}, not a receiver: its "
                 f"fix and accuracy figures do not measure GPS in the field")
+    settings = _settings_json(settings_seen)
+    differ = [f"{entry['setting']} " + ", ".join(
+        f"{_value(v['value'])} ({' '.join(v['devices'])})" for v in entry["values"])
+        for entry in settings if len(entry["values"]) > 1 and entry["setting"] != "gps_source"]
+    if differ:   # (a GPS source that is not a receiver has its own warning above)
+        warnings.append(f"the devices ran with different settings ({'; '.join(differ)}): "
+                        f"their figures are merged as if they had not")
     outcomes = Counter(outcome.values())
     stored, failed = outcomes["stored"], outcomes["failed"]
     measured = list(contacts.values())
@@ -443,8 +461,32 @@ def build_report(inputs: Sequence[Input]) -> dict[str, Any]:
         "alerts": sum(d.counts["alert"] for d in devices.values()),
         "outages": sum(d.counts["broker_down"] for d in devices.values()),
         "ids_rotated": sum(d.counts["ids_rotated"] for d in devices.values()),
+        "settings": settings,
         "warnings": warnings,
     }
+
+
+SETTINGS_ORDER = ("radius_m", "min_contact_s", "position_interval_s", "contact_gap_s",
+                  "max_contact_s", "rotation_interval_s", "gps_source", "gps_sample_s")
+"""The ``start`` record's settings in the order the report shows them (others after, sorted)."""
+
+
+def _settings_json(seen: dict[str, dict[str, tuple[Any, list[str]]]]) -> list[dict[str, Any]]:
+    """Per setting of the ``start`` records, each value and the devices that ran with it."""
+    order = {key: i for i, key in enumerate(SETTINGS_ORDER)}
+    return [{"setting": key,
+             "values": [{"value": value, "devices": sorted(users)}
+                        for value, users in seen[key].values()]}
+            for key in sorted(seen, key=lambda k: (order.get(k, len(order)), k))]
+
+
+def _value(value: Any) -> str:
+    """A setting's value as the report prints it (``15``, ``gpsd``, ``–`` for null)."""
+    if value is None:
+        return "–"
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -489,14 +531,20 @@ def _contact_json(group: list[_Side]) -> dict[str, Any]:
         "start": _iso(min(_side_start(s) for s in group)),
         "end": _iso(max(closed)) if closed else None,
         "duration_s": max(durations) if durations else None,
-        "closest_m": min(closest) if closest else None,
+        "closest_m": round(min(closest), 3) if closest else None,
         "median_m": round(sum(medians) / len(medians), 3) if medians else None,
         "match_to_token_s": max(latencies) if latencies else None,
         "sides": [{"device": s.device, "file": s.file, "run": s.run, "peer": s.peer,
                    "matched_at": _iso(s.matched_at), "closed_at": _iso(s.closed_at),
-                   **{k: None if s.contact is None else s.contact.get(k)
-                      for k in ("duration_s", "closest_m", "median_m")},
+                   "duration_s": None if s.contact is None else s.contact.get("duration_s"),
+                   **{k: _metres(None if s.contact is None else s.contact.get(k))
+                      for k in ("closest_m", "median_m")},
                    "match_to_token_s": s.match_to_token_s} for s in group]}
+
+
+def _metres(value: float | None) -> float | None:
+    """A distance of the contact list, rounded to the millimetre (None stays None)."""
+    return None if value is None else round(float(value), 3)
 
 
 def _runs(records: list[Record]) -> list[list[Record]]:
@@ -580,14 +628,20 @@ def _bar(count: int, most: int, width: int = 30) -> str:
 
 
 def print_report(report: dict[str, Any], out: TextIO) -> None:
-    """Print ``report`` as rich tables and histograms on ``out``."""
+    """Print ``report`` as rich tables and histograms on ``out``.
+
+    Raises:
+        BrokenPipeError: ``out``'s reader went away (``| head``; rich's own handling would
+            exit with status 1).
+    """
     from functools import partial
 
     from rich import box
-    from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console(file=out, highlight=False, emoji=False)
+    from .pipe import rich_console
+
+    console = rich_console(file=out, highlight=False, emoji=False)
     Table = partial(RichTable, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
 
     inputs = Table(title="Journals")
@@ -627,6 +681,24 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
         quality.caption_justify = "left"
     console.print(quality)
 
+    if report["settings"]:
+        settings = Table(title="Settings (start records)", show_header=False)
+        settings.add_column("setting", no_wrap=True)
+        settings.add_column("value")
+        differ = False
+        for entry in report["settings"]:
+            values = entry["values"]
+            if len(values) == 1:
+                settings.add_row(entry["setting"], _value(values[0]["value"]))
+                continue
+            differ = True
+            settings.add_row(entry["setting"] + " ≠", "\n".join(
+                f"{_value(v['value'])}: {', '.join(v['devices'])}" for v in values))
+        if differ:
+            settings.caption = "≠ differs between devices, whose figures are merged here"
+            settings.caption_justify = "left"
+        console.print(settings)
+
     hs = report["handshakes"]
     lat = report["match_to_token_s"]
     pairing = report["pairing"]
@@ -634,7 +706,7 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
     summary = Table(title="Witness exchanges", show_header=False)
     summary.add_column("what")
     summary.add_column("value", justify="right")
-    summary.add_row("matches", str(report["matches"]))
+    summary.add_row("matches (each device counts its own)", str(report["matches"]))
     summary.add_row("tokens stored / failed", f"{hs['stored']} / {hs['failed']}")
     summary.add_row("handshake success rate", "–" if rate is None else f"{rate:.1%}")
     summary.add_row("closed without token / unfinished",
@@ -720,6 +792,9 @@ def run_report(paths: Sequence[str], *, as_json: bool, out: TextIO | None = None
 
     Returns:
         The exit code: 0 all read, 1 some input skipped, 2 nothing readable.
+
+    Raises:
+        BrokenPipeError: ``out``'s reader went away (``fanny-tui`` then exits quietly, 141).
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -736,6 +811,9 @@ def run_report(paths: Sequence[str], *, as_json: bool, out: TextIO | None = None
     for source in inputs:
         for problem in source.problems:
             print(f"{prog}: {problem}", file=err)
+        if not source.records and not source.skipped and source.error is None:
+            print(f"{prog}: {source.file}: empty, no journal record (did the device run with "
+                  f"this [journal] path?)", file=err)
     if not any(source.records for source in inputs):
         print(f"{prog}: no journal record could be read", file=err)
         return EXIT_NOTHING

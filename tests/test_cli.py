@@ -25,6 +25,7 @@ import pytest
 import trustme
 
 from broker.server import BrokerSettings, start_broker
+from fanny_tui.journal import Journal
 
 from .helpers import LAT, LON, METRE_LAT, TIME_UNIT, free_port
 
@@ -268,7 +269,8 @@ def test_a_journal_path_in_a_missing_directory_is_refused_at_start(tmp_path):
     for journal, problem in (
             (tmp_path / "no" / "dir" / "j.jsonl",
              f"journal.path: the directory {tmp_path}/no/dir does not exist"),
-            (tmp_path / "file" / "j.jsonl", f"journal.path: {tmp_path}/file is not a directory")):
+            (tmp_path / "file" / "j.jsonl", f"journal.path: {tmp_path}/file is not a directory"),
+            (tmp_path / "c.toml", f"journal.path: {tmp_path}/c.toml is not a journal")):
         config = _write_config(tmp_path / "c.toml", free_port(), LAT)
         config.write_text(config.read_text() + f'\n[journal]\npath = "{journal}"\n')
         result = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
@@ -278,6 +280,24 @@ def test_a_journal_path_in_a_missing_directory_is_refused_at_start(tmp_path):
         assert result.stderr.startswith(f"fanny-tui: {problem}"), result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
     assert not (tmp_path / "no").exists()
+    assert "fanny-journal" not in config.read_text() and '"kind"' not in config.read_text()
+
+
+def test_a_second_device_on_one_journal_file_is_refused_at_start(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    holder = Journal(journal)   # the first device's journal, held while it runs
+    try:
+        config = _write_config(tmp_path / "c.toml", free_port(), LAT)
+        config.write_text(config.read_text() + f'\n[journal]\npath = "{journal}"\n')
+        result = subprocess.run([BIN / "fanny-tui", "--headless", "--config", config,
+                                 "--data-dir", tmp_path / "d"], capture_output=True, text=True,
+                                timeout=30)
+    finally:
+        holder.close()
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"fanny-tui: journal.path: {journal}: in use by another "
+                                    "running device"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_tokens_on_empty_dir(tmp_path):

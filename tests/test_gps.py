@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanny_tui.cli import EXIT_USAGE, main
-from fanny_tui.config import ConfigError, parse_config
+from fanny_tui.config import ConfigError, GpsConfig, parse_config
 from fanny_tui.events import GpsFix, GpsLost
 from fanny_tui.gps import (
     NMEA_LINE,
@@ -53,6 +53,7 @@ from tests.helpers import free_port
 
 DATA = Path(__file__).parent / "data"
 NMEA = DATA / "nmea"
+ROOT = Path(__file__).resolve().parents[1]
 CAPTURES = DATA / "gpsd-json"
 TOLERANCE_DEG = 1e-6
 LOGS = ["bu353s4.log", "garmin15x.log", "haicom-305N.log", "mt3339.log", "st-teseo-liv4f.log",
@@ -1150,7 +1151,6 @@ def test_make_source(tmp_path: Path) -> None:
                                               "longitude": 1.4, "accuracy_m": 7.0}}).gps)
     assert isinstance(fixed, FixedSource)
     assert (fixed.latitude, fixed.longitude, fixed.accuracy_m) == (43.6, 1.4, 7.0)
-    from fanny_tui.config import GpsConfig
     with pytest.raises(ValueError, match="gps.source"):
         make_source(GpsConfig(source="serial"))
     with pytest.raises(ValueError, match="gps.path"):
@@ -1176,6 +1176,36 @@ def test_make_source_refuses_a_missing_nmea_log_at_start(tmp_path: Path) -> None
         make_source(config.gps)
 
 
+def test_make_source_refuses_a_file_with_no_nmea_sentence_at_start(tmp_path: Path) -> None:
+    """trial: a GPX track as gps.path was retried forever ("no RMC or GGA sentence; retrying
+    in 5 s"); a file with no NMEA sentence at all is a config error naming gps.path."""
+    def refusal(name: str) -> str:
+        config = parse_config({"gps": {"source": "nmea", "path": name}}, base_dir=tmp_path)
+        with pytest.raises(ConfigError) as caught:
+            make_source(config.gps)
+        assert caught.value.key == "gps.path" and "\n" not in str(caught.value)
+        return str(caught.value)
+
+    shutil.copy(ROOT / "scenarios" / "street.gpx", tmp_path / "walk.gpx")
+    assert refusal("walk.gpx") == (
+        'gps.path: expected an NMEA 0183 log (it is a GPX track, which fanny-sim plays (a '
+        'scenario\'s [scenario] gpx), not [gps] source = "nmea"), got '
+        f"'{tmp_path / 'walk.gpx'}'")
+    (tmp_path / "notes.txt").write_text("lat 43.6 lon 1.44\n$GPRMC,no checksum\n")
+    assert "(it holds no NMEA sentence ($GPRMC,... with its checksum))" in refusal("notes.txt")
+    (tmp_path / "empty.nmea").write_bytes(b"")
+    assert "(it is empty)" in refusal("empty.nmea")
+    # an NMEA log, even one without RMC or GGA for now, is accepted (the source retries it)
+    for log_file in sorted(NMEA.glob("*.log")):
+        assert isinstance(make_source(GpsConfig(source="nmea", path=log_file)), NmeaReplaySource)
+    gsv_only = [line for line in (NMEA / "bu353s4.log").read_text().splitlines()
+                if line.startswith("$GPGSV")]
+    assert gsv_only
+    (tmp_path / "gsv.nmea").write_text("\n".join(gsv_only) + "\n")
+    assert isinstance(make_source(GpsConfig(source="nmea", path=tmp_path / "gsv.nmea")),
+                      NmeaReplaySource)
+
+
 def test_cli_says_in_one_line_that_the_nmea_log_is_missing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``fanny-tui --headless`` with a gps.path that does not exist: exit 2 and one line on
@@ -1192,6 +1222,20 @@ def test_cli_says_in_one_line_that_the_nmea_log_is_missing(
     assert "config error: gps.path: expected an NMEA log file" in lines[0]
     assert "no-such-log.nmea" in lines[0] and "Traceback" not in err
     assert "gps_fix" not in out and "gps_lost" not in out
+
+
+def test_cli_says_in_one_line_that_a_gpx_track_is_not_an_nmea_log(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(ROOT / "scenarios" / "street.gpx", tmp_path / "walk.gpx")
+    config = tmp_path / "fanny.toml"
+    config.write_text(f'[broker]\nurl = "ws://127.0.0.1:{free_port()}"\n'
+                      '[gps]\nsource = "nmea"\npath = "walk.gpx"\n')
+    code = main(["--headless", "--config", str(config), "--data-dir", str(tmp_path / "data")])
+    out, err = capsys.readouterr()
+    assert code == EXIT_USAGE
+    assert len(err.strip().splitlines()) == 1, err
+    assert "config error: gps.path: expected an NMEA 0183 log (it is a GPX track" in err
+    assert "fanny-sim" in err and "gps_fix" not in out and "gps_lost" not in out
 
 
 # -- property tests: hostile input never raises, never gives a false position -------------

@@ -304,6 +304,54 @@ def test_check_path_names_journal_path_and_what_is_wrong(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+def test_a_file_that_is_not_a_journal_is_refused_and_left_intact(tmp_path):
+    # trial: `[journal] path` set to the config file itself appended JSON lines to it
+    config = tmp_path / "device.toml"
+    config.write_text('[broker]\nurl = "ws://127.0.0.1:8765"\n')
+    before = config.read_bytes()
+    assert check_path(config) == (
+        f"journal.path: {config} is not a journal (its first line is not a journal record): "
+        "choose a new file")
+    errors: list[Event] = []
+    journal = Journal(config, on_error=errors.append)
+    journal.handle(MatchFound(peer=1, role="initiator"))
+    journal.close()
+    assert journal.failed and config.read_bytes() == before
+    assert len(errors) == 1 and "is not a journal" in errors[0].message  # type: ignore[attr-defined]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert check_path(empty) is None  # an empty file: nothing to damage
+
+
+def test_check_path_opens_the_file_instead_of_asking_os_access(tmp_path):
+    # os.access says yes to root for everything; opening tells the truth (here: a name longer
+    # than the file system takes, in a writable directory)
+    too_long = tmp_path / ("j" * 300)
+    problem = check_path(too_long)
+    assert problem is not None and problem.startswith(f"journal.path: {too_long} cannot be ")
+    assert "File name too long" in problem and "\n" not in problem
+    assert check_path(tmp_path / "new.jsonl") is None
+    assert not (tmp_path / "new.jsonl").exists()  # the check creates nothing
+
+
+def test_a_journal_file_is_held_by_one_device_at_a_time(tmp_path):
+    # trial: two devices on one file shared one label; the report merged them as one device
+    path = tmp_path / "j.jsonl"
+    first = Journal(path)
+    assert check_path(path) == (
+        f"journal.path: {path}: in use by another running device (two devices must not share "
+        "one journal: the report would count them as one); give each device its own "
+        "journal.path")
+    errors: list[Event] = []
+    second = Journal(path, on_error=errors.append)
+    second.handle(MatchFound(peer=1, role="initiator"))
+    assert second.failed and len(errors) == 1
+    assert "in use by another running device" in errors[0].message  # type: ignore[attr-defined]
+    first.close()
+    assert check_path(path) is None  # released at close
+    assert [r["kind"] for r in _records(path)] == ["start", "stop"]
+
+
 def test_a_journal_that_cannot_be_written_reports_once_and_stops(tmp_path):
     # Linux's /dev/full: every write fails with ENOSPC, as on a full disk
     errors: list[Event] = []

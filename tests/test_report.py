@@ -8,6 +8,9 @@ over the journals of a real two-device run.
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,11 @@ import pytest
 from fanny_tui.cli import main
 from fanny_tui.report import histogram, percentile
 
+from .helpers import TIME_UNIT
+
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 A, B = "dev-aaaaaa", "dev-bbbbbb"
+BIN = Path(sys.executable).parent
 
 
 def _line(device: str, at_s: float, kind: str, **fields: Any) -> str:
@@ -259,6 +265,76 @@ def test_a_device_without_a_gps_receiver_is_flagged(tmp_path, capsys):
     assert f"{B} *" in out and f"* GPS source not a receiver ({B}: fixed)" in out
 
 
+def test_devices_that_ran_with_different_settings_are_shown_and_warned_about(tmp_path, capsys):
+    # trial: devices with different radius_m / min_contact_s were merged without a word
+    other = [_line(B, 0, "start", radius_m=10.0, min_contact_s=60.0, position_interval_s=5.0,
+                   gps_source="gpsd", gps_sample_s=10.0), _line(B, 50, "stop")]
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    b = _write(tmp_path, "b.jsonl", other)
+    code, report, err = _report(capsys, a, b)
+    assert code == 0
+    warning = (f"the devices ran with different settings (radius_m 15 ({A}), 10 ({B}); "
+               f"min_contact_s 0 ({A}), 60 ({B})): their figures are merged as if they had not")
+    assert err == f"fanny-tui report: {warning}\n" and report["warnings"] == [warning]
+    assert report["settings"][:3] == [
+        {"setting": "radius_m", "values": [{"value": 15.0, "devices": [A]},
+                                           {"value": 10.0, "devices": [B]}]},
+        {"setting": "min_contact_s", "values": [{"value": 0.0, "devices": [A]},
+                                                {"value": 60.0, "devices": [B]}]},
+        {"setting": "position_interval_s", "values": [{"value": 5.0, "devices": [A, B]}]}]
+    capsys.readouterr()
+    assert main(["report", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "Settings (start records)" in out and "radius_m ≠" in out
+    assert f"15: {A}" in out and f"10: {B}" in out and "≠ differs between devices" in out
+    assert any(line.split() == ["position_interval_s", "5"] for line in out.splitlines())
+    assert max(len(line) for line in out.splitlines()) <= 80
+    # the same settings (the second file's device another run of the first's): no warning
+    capsys.readouterr()
+    assert main(["report", a, _write(tmp_path, "b2.jsonl", JOURNAL_B)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "≠" not in captured.out and "radius_m" in captured.out
+
+
+def test_a_long_report_piped_into_head_exits_quietly(tmp_path):
+    # trial: `fanny-tui report ... | head -2` exited 1 (rich's SystemExit on a broken pipe)
+    lines = [_start(A, 0)]
+    for peer in range(1, 2001):             # 2000 contact rows: far over a pipe's buffer
+        lines.append(_token(A, peer, peer, f"{peer:08x}", 1.0, _contact(30.0, 2.0, 3.0, 6)))
+    journal = _write(tmp_path, "a.jsonl", lines)
+    status = tmp_path / "status.txt"
+    command = (f"{shlex.quote(str(BIN / 'fanny-tui'))} report {shlex.quote(journal)} "
+               f"| head -n 2; echo ${{PIPESTATUS[0]}} >{shlex.quote(str(status))}")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            timeout=60 * TIME_UNIT)
+    assert result.stdout.startswith("Journals")
+    assert status.read_text().strip() == "141"
+    assert result.stderr == ""
+
+
+def test_an_empty_journal_is_a_note_on_stderr(tmp_path, capsys):
+    a = _write(tmp_path, "a.jsonl", JOURNAL_A)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, report, err = _report(capsys, a, str(empty))
+    assert code == 0 and report["inputs"][1]["records"] == 0
+    assert err == (f"fanny-tui report: {empty}: empty, no journal record (did the device run "
+                   "with this [journal] path?)\n")
+
+
+def test_contact_distances_are_rounded_alike_and_matches_say_whose(tmp_path, capsys):
+    lines = [_start(A, 0), _line(A, 1, "match", peer=1, role="initiator"),
+             _token(A, 2, 1, "12345678", 1.0, _contact(30.0, 1.23456789, 2.3456789, 6))]
+    journal = _write(tmp_path, "a.jsonl", lines)
+    code, report, _ = _report(capsys, journal)
+    [contact] = report["contact_list"]
+    assert (contact["closest_m"], contact["median_m"]) == (1.235, 2.346)
+    assert (contact["sides"][0]["closest_m"], contact["sides"][0]["median_m"]) == (1.235, 2.346)
+    capsys.readouterr()
+    assert main(["report", journal]) == 0
+    assert "matches (each device counts its own)" in capsys.readouterr().out
+
+
 def test_a_device_never_stopped_is_measured_to_its_last_record(tmp_path, capsys):
     lines = [_start(A, 0), _gps(A, 10, 3.0), _gps(A, 20, None), _line(A, 25, "broker_down",
                                                                       reason="x"),
@@ -275,7 +351,7 @@ def test_json_schema(tmp_path, capsys):
     assert set(report) == {"v", "inputs", "devices", "matches", "handshakes", "match_to_token_s",
                            "failure_reasons", "ice_candidates", "contacts", "pairing",
                            "accuracy_m", "polls", "alerts", "outages", "ids_rotated",
-                           "contact_list", "warnings"}
+                           "contact_list", "settings", "warnings"}
     assert report["v"] == 1
     assert set(report["inputs"][0]) == {"file", "records", "skipped", "error", "devices"}
     assert set(report["devices"][0]) == {
@@ -287,6 +363,8 @@ def test_json_schema(tmp_path, capsys):
                                          "success_rate"}
     assert set(report["contacts"]) == {"count", "duration_s", "closest_m", "median_m"}
     assert set(report["pairing"]) == {"both", "one", "without_token"}
+    assert report["settings"][0] == {"setting": "radius_m",
+                                     "values": [{"value": 15.0, "devices": [A]}]}
     for contact in report["contact_list"]:
         assert set(contact) == {"digest", "devices", "start", "end", "duration_s", "closest_m",
                                 "median_m", "match_to_token_s", "sides"}

@@ -1,15 +1,17 @@
 """``fanny-sim``: run scenarios with real engines and a real broker, judge them against the truth.
 
     fanny-sim SCENARIO.toml [SCENARIO.toml ...] [--speed K] [--sweep KEY=V1,V2 ...] [--json]
+    fanny-sim --version
 
 Every scenario is run once per setting of the sweep (the cartesian product of the ``--sweep``
-lists; keys: the devices' ``[protocol]`` keys and the ``[noise]`` keys). The table (rich) or the
-JSON list (``--json``) gives, per run: true pairs, detected pairs, precision, recall, detection
-latency percentiles (scenario seconds), and the run's real time and CPU use; with a closer tier
-of truth (``[truth] close_radius_m``), the recall on the close pairs too (``close recall``:
-detected close pairs / close pairs).
+lists; keys: the devices' ``[protocol]`` keys and the ``[noise]`` keys). The tables (rich, two
+that fit 80 columns: the runs, then their verdict) or the JSON list (``--json``) give, per run:
+true pairs, detected pairs, precision, recall, detection latency percentiles (scenario seconds),
+and the run's real time and CPU use; with a closer tier of truth (``[truth] close_radius_m``),
+the recall on the close pairs too (``close``: detected close pairs / close pairs).
 
-Exit status: 0 done, 1 a run failed, 2 bad arguments or scenario file (one line on stderr).
+Exit status: 0 done, 1 a run failed, 2 bad arguments or scenario file (one line on stderr),
+141 stdout closed by its reader (``| head``: nothing more is printed, no traceback).
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
+from .. import kit_version
 from ..config import ConfigError
+from ..pipe import EXIT_BROKEN_PIPE, rich_console, silence_stdout
 from .runner import SWEEP_KEYS, RunResult, SimError, grid, prepare, run_scenario
 from .scenario import Scenario, load_scenario
 
@@ -71,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log the engines' warnings to stderr")
+    parser.add_argument("--version", action="version", version=f"fanny-sim {kit_version()}",
+                        help="print the kit's version and exit")
     return parser
 
 
@@ -83,36 +90,58 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
-def results_table(results: Sequence[RunResult], swept: Sequence[str]) -> Table:
-    """The rich table of a set of runs (one row each)."""
-    table = Table(title="fanny-sim: pairs judged against the true contacts")
-    table.add_column("scenario")
-    columns = list(dict.fromkeys([*swept, "radius_m", "min_contact_s", "sigma_m"]))
-    for key in columns:
-        table.add_column(key, justify="right")
+def results_table(results: Sequence[RunResult], swept: Sequence[str]) -> Group:
+    """The results of a set of runs as two rich tables that fit 80 columns, one row per run
+    in each, joined by the run number ``#``: the runs (scenario, settings with the swept ones
+    first, real seconds, CPU %) and the verdict (true, detected pairs, hits, precision,
+    recall, close recall with a closer tier of truth, detection latency p50 / p90 in scenario
+    seconds; a caption says what the short headers mean). ``--json`` has every figure."""
+    runs = Table(title="fanny-sim: runs", title_justify="left")
+    runs.add_column("#", justify="right", no_wrap=True)
+    runs.add_column("scenario", overflow="fold")
+    runs.add_column("settings", overflow="fold")
+    runs.add_column("real s", justify="right", no_wrap=True)
+    runs.add_column("CPU %", justify="right", no_wrap=True)
+    keys = list(dict.fromkeys([*swept, "radius_m", "min_contact_s", "sigma_m"]))
     closer = any(r.close is not None for r in results)
-    names = ["true", "detected", "hits", "precision", "recall"]
-    names += ["close recall"] if closer else []
-    for name in (*names, "latency p50 s", "p90 s", "real s", "CPU %"):
-        table.add_column(name, justify="right")
-    for r in results:
+    verdict = Table(title="pairs judged against the true contacts", title_justify="left",
+                    caption=_caption(results, closer), caption_justify="left")
+    names = ["#", "true", "detected", "hits", "precision", "recall"]
+    names += ["close"] if closer else []
+    for name in (*names, "p50/p90 s"):
+        verdict.add_column(name, justify="right", no_wrap=True)
+    for number, r in enumerate(results, 1):
         values = {"radius_m": r.radius_m, "min_contact_s": r.min_contact_s,
                   "sigma_m": r.sigma_m, **r.settings}
+        runs.add_row(str(number), r.scenario, " ".join(f"{k}={values[k]:g}" for k in keys),
+                     f"{r.real_s:.1f}", f"{r.cpu_percent:.0f}")
         m = r.metrics
         close = [_close(r)] if closer else []
-        table.add_row(r.scenario, *(f"{values[k]:g}" for k in columns),
-                      str(m.true_pairs), str(m.detected_pairs), str(m.hits),
-                      _fmt(m.precision), _fmt(m.recall), *close, _fmt(m.latency(50), ".0f"),
-                      _fmt(m.latency(90), ".0f"), f"{r.real_s:.1f}", f"{r.cpu_percent:.0f}")
-    return table
+        verdict.add_row(str(number), str(m.true_pairs), str(m.detected_pairs), str(m.hits),
+                        _fmt(m.precision), _fmt(m.recall), *close,
+                        f"{_fmt(m.latency(50), '.0f')}/{_fmt(m.latency(90), '.0f')}")
+    return Group(runs, verdict)
 
 
-def _close(result: RunResult) -> str:
-    """``"0.86 (6/7 within 3 m)"``: the recall on the close pairs; ``"-"`` without a tier."""
+def _caption(results: Sequence[RunResult], closer: bool) -> Text:
+    """What the verdict's short headers mean."""
+    text = "p50/p90 s: detection latency, 50th / 90th percentile, scenario seconds"
+    if closer:
+        radii = sorted({r.close.radius_m for r in results if r.close is not None})
+        within = " or ".join(f"{radius:g} m" for radius in radii)
+        text += (f"; close: recall on the close pairs (within {within}, [truth] "
+                 f"close_radius_m): hits / close pairs")
+    return Text(text)
+
+
+def _close(result: RunResult, *, radius: bool = False) -> str:
+    """``"0.86 (6/7)"`` (``radius``: ``"0.86 (6/7 within 3 m)"``): the recall on the close
+    pairs; ``"-"`` without a tier."""
     c = result.close
     if c is None:
         return "-"
-    return f"{_fmt(c.recall)} ({c.hits}/{c.true_pairs} within {c.radius_m:g} m)"
+    within = f" within {c.radius_m:g} m" if radius else ""
+    return f"{_fmt(c.recall)} ({c.hits}/{c.true_pairs}{within})"
 
 
 async def _run_all(scenarios: Sequence[Scenario], settings: Sequence[dict[str, float]],
@@ -129,7 +158,8 @@ async def _run_all(scenarios: Sequence[Scenario], settings: Sequence[dict[str, f
                       f"{scenario.duration_s:g} s at speed {k:g}, {label}", highlight=False)
             with tempfile.TemporaryDirectory(prefix="fanny-sim-") as tmp:
                 result = await run_scenario(scenario, Path(tmp), speed=speed, settings=setting)
-            close = "" if result.close is None else f", close recall {_close(result)}"
+            close = ("" if result.close is None
+                     else f", close recall {_close(result, radius=True)}")
             err.print(f"    precision {_fmt(result.metrics.precision)}, recall "
                       f"{_fmt(result.metrics.recall)}{close}; real {result.real_s:.1f} s, CPU "
                       f"{result.cpu_percent:.0f} % of one core, late fixes "
@@ -166,13 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
-    else:
-        out = Console()
-        if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
-            out = Console(width=160)
-        out.print(results_table(results, list(sweep)))
+    try:
+        if args.json:
+            print(json.dumps([r.as_dict() for r in results], indent=2))
+        else:
+            out = rich_console()
+            if not out.is_terminal:  # a file or a pipe: as wide as the tables want
+                out = rich_console(width=160)
+            out.print(results_table(results, list(sweep)))
+        sys.stdout.flush()   # a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:  # stdout closed by its reader (| head): quiet, as fanny-tui
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
     wall = sum(r.real_s for r in results)
     print(f"fanny-sim: {len(results)} run(s), real time {wall:.1f} s in all", file=sys.stderr)
     return 0

@@ -107,19 +107,63 @@ def split_settings(settings: Mapping[str, float]
 
 
 def device_protocol(scenario_protocol: Mapping[str, float], overrides: Mapping[str, float],
-                    speed: float) -> dict[str, float]:
+                    speed: float, *, speed_name: str = "--speed") -> dict[str, float]:
     """The devices' ``[protocol]`` table in real seconds for a run at ``speed``.
 
+    Args:
+        speed_name: how the message of a speed that scales a value out of range names where
+            the speed came from (``--speed``, or the scenario's ``[scenario] speed``).
+
     Raises:
-        ConfigError: a value is out of range before or after scaling (names the key).
+        ConfigError: a value is out of range before scaling (names the key).
+        SimError: the speed scales a value out of range: one line in terms of the speed, e.g.
+            ``--speed 40: max_speed_mps 30 x 40 = 1200 is out of range (expected a number > 0
+            and <= 1000); the fastest speed for these settings is 33.3``.
     """
     merged = check_protocol({**scenario_protocol, **overrides})
     values = {key: float(getattr(merged, key)) for key in PROTOCOL_KEYS}
+    try:
+        return _scaled(values, speed)
+    except ConfigError as exc:
+        key = exc.key.removeprefix("protocol.")
+        op, scaled = ("x", values[key] * speed) if key == "max_speed_mps" else (
+            "/", values[key] / speed)
+        expected = str(exc).partition(": expected ")[2].partition(", got ")[0]
+        raise SimError(f"{speed_name} {speed:g}: {key} {values[key]:g} {op} {speed:g} = "
+                       f"{scaled:g} is out of range (expected {expected}); "
+                       f"{_speed_limit(values, speed)}") from None
+
+
+def _scaled(values: Mapping[str, float], speed: float) -> dict[str, float]:
+    """``values`` (scenario seconds) at ``speed``: durations divided, the speed bound
+    multiplied; checked (ConfigError names the key)."""
+    out = dict(values)
     for key in SCALED_DURATIONS:
-        values[key] /= speed
-    values["max_speed_mps"] *= speed
-    check_protocol(values)
-    return values
+        out[key] /= speed
+    out["max_speed_mps"] *= speed
+    check_protocol(out)
+    return out
+
+
+def _speed_limit(values: Mapping[str, float], speed: float) -> str:
+    """The fastest (or slowest) speed that keeps ``values`` in range, as a hint; ``values``
+    are in range at speed 1 (checked before), so the bound lies between 1 and ``speed``."""
+    def fits(k: float) -> bool:
+        try:
+            _scaled(values, k)
+        except ConfigError:
+            return False
+        return True
+
+    good, bad = 1.0, speed
+    for _ in range(60):
+        middle = (good + bad) / 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    faster = speed > 1.0
+    scale = 10.0 ** (2 - math.floor(math.log10(good)))   # 3 significant digits
+    rounded = (math.floor if faster else math.ceil)(good * scale) / scale
+    limit = rounded if fits(rounded) else good
+    return f"the {'fastest' if faster else 'slowest'} speed for these settings is {limit:g}"
 
 
 def prepare(scenario: Scenario, settings: Mapping[str, float], speed: float | None
@@ -129,13 +173,16 @@ def prepare(scenario: Scenario, settings: Mapping[str, float], speed: float | No
     Raises:
         SimError: a bad speed or setting (one line naming the key).
     """
+    given = speed is not None
     speed = float(scenario.speed if speed is None else speed)
     if not speed > 0:
         raise SimError(f"--speed: expected a number > 0, got {speed!r}")
     protocol_over, noise_over, privacy_over = split_settings(settings)
+    speed_name = "--speed" if given else f"{scenario.name}: [scenario] speed"
     try:
         noise = parse_noise({**asdict(scenario.noise), **noise_over})
-        protocol = device_protocol(scenario.protocol, protocol_over, speed)
+        protocol = device_protocol(scenario.protocol, protocol_over, speed,
+                                   speed_name=speed_name)
         parse_config({"privacy": {k: v / speed for k, v in privacy_over.items()}})
     except ConfigError as exc:
         raise SimError(f"{scenario.name}: {exc} (at speed {speed:g})") from None
@@ -230,24 +277,40 @@ def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair
     truth = scenario.truth
     out = []
     for key in sorted(set(first_token) | set(metrics.missed_pairs)):
-        intervals = close_intervals(tracks[key[0]], tracks[key[1]], truth.radius_m)
+        intervals = close_intervals(tracks[key[0]], tracks[key[1]], truth.radius_m,
+                                    until_s=scenario.duration_s)
         close = None
         if truth.close_radius_m is not None:
             close = key in true_pairs and any(
                 end - start >= truth.duration_s for start, end, _ in close_intervals(
-                    tracks[key[0]], tracks[key[1]], truth.close_radius_m))
+                    tracks[key[0]], tracks[key[1]], truth.close_radius_m,
+                    until_s=scenario.duration_s))
         spans = [end - start for start, end, _ in intervals]
         contacts = measured.get(key, ())
         durations = [c.duration_s for c in contacts]
         closest = [c.closest_m for c in contacts if c.closest_m is not None]
         out.append(PairReport(
             pair=key, true=key in true_pairs, detected=key in first_token,
-            true_closest_m=_closest_m(tracks[key[0]], tracks[key[1]]),
+            true_closest_m=_closest_m(tracks[key[0]], tracks[key[1]],
+                                      until_s=scenario.duration_s),
             true_within_s=sum(spans), true_longest_s=max(spans, default=0.0),
             first_token_s=first_token.get(key),
             measured_within_s=max(durations) if durations else None,
             measured_closest_m=min(closest) if closest else None, close=close))
     return tuple(out)
+
+
+def scenario_truth(scenario: Scenario, radius_m: float | None = None) -> list[TrueContact]:
+    """The scenario's true contacts (:func:`~fanny_tui.sim.truth.true_contacts`) over the
+    simulated time only: from second 0 to ``[scenario] duration_s``, however long the tracks.
+
+    Args:
+        scenario: its tracks, ``duration_s`` and ``[truth]``.
+        radius_m: the radius in metres (default ``[truth] radius_m``).
+    """
+    truth = scenario.truth
+    return true_contacts(scenario.tracks, truth.radius_m if radius_m is None else radius_m,
+                         truth.duration_s, until_s=scenario.duration_s)
 
 
 def judge_close(scenario: Scenario, detected: Mapping[Pair, float]) -> CloseRecall | None:
@@ -261,13 +324,16 @@ def judge_close(scenario: Scenario, detected: Mapping[Pair, float]) -> CloseReca
     truth = scenario.truth
     if truth.close_radius_m is None:
         return None
-    contacts = true_contacts(scenario.tracks, truth.close_radius_m, truth.duration_s)
+    contacts = scenario_truth(scenario, truth.close_radius_m)
     return close_recall(truth.close_radius_m, contacts, detected)
 
 
-def _closest_m(first: Track, second: Track, step_s: float = 1.0) -> float | None:
-    """The closest true distance of two tracks while both are present (sampled every second)."""
-    begin, end = max(first.start_s, second.start_s), min(first.end_s, second.end_s)
+def _closest_m(first: Track, second: Track, step_s: float = 1.0,
+               until_s: float = math.inf) -> float | None:
+    """The closest true distance of two tracks while both are present, up to scenario second
+    ``until_s`` (sampled every second)."""
+    begin = max(first.start_s, second.start_s)
+    end = min(first.end_s, second.end_s, until_s)
     if begin > end:
         return None
     best = math.inf
@@ -413,7 +479,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
     speed, protocol, noise = prepare(scenario, settings, speed)
     protocol_over, _, privacy_over = split_settings(settings)
     model = NoiseModel(noise)
-    contacts = true_contacts(scenario.tracks, scenario.truth.radius_m, scenario.truth.duration_s)
+    contacts = scenario_truth(scenario)
     clock = SimClock(speed)
     observations = [model.observe(track, scenario.duration_s, f"{scenario.seed}:{track.name}")
                     for track in scenario.tracks]

@@ -6,7 +6,9 @@ most ``radius_m``, lasting at least ``duration_s``. Tracks are sampled every ``s
 scenario seconds (default 1 s; tracks are linear between their points), and the edges of each
 interval are then refined by bisection to the instant the distance crosses ``radius_m``
 (to a millisecond); an encounter shorter than one step may be missed. A **true pair** is a
-pair of devices with at least one true contact.
+pair of devices with at least one true contact. Only the simulated time counts: with
+``until_s`` (the scenario's ``[scenario] duration_s``) a track ends there, and a contact still
+going on at that second ends with it.
 """
 
 from __future__ import annotations
@@ -48,18 +50,20 @@ class TrueContact:
         return self.end_s - self.start_s
 
 
-def close_intervals(first: Track, second: Track, radius_m: float, *, step_s: float = 1.0
-                    ) -> list[tuple[float, float, float]]:
-    """Every maximal interval with both tracks present and within ``radius_m`` metres.
+def close_intervals(first: Track, second: Track, radius_m: float, *, step_s: float = 1.0,
+                    until_s: float = math.inf) -> list[tuple[float, float, float]]:
+    """Every maximal interval with both tracks present and within ``radius_m`` metres, up to
+    scenario second ``until_s`` (default: the tracks' end).
 
     Returns:
         ``(start_s, end_s, closest_m)`` per interval, in time order (sampled every ``step_s``
-        from the later of the two starts).
+        from the later of the two starts; the last sample is ``until_s`` when it cuts the
+        tracks).
     """
     if not (math.isfinite(step_s) and step_s > 0):
         raise ValueError(f"step_s: expected a number > 0, got {step_s!r}")
     begin = max(first.start_s, second.start_s)
-    end = min(first.end_s, second.end_s)
+    end = min(first.end_s, second.end_s, until_s)
     out: list[tuple[float, float, float]] = []
     if begin > end:
         return out
@@ -81,8 +85,11 @@ def close_intervals(first: Track, second: Track, radius_m: float, *, step_s: flo
 
     run_start: float | None = None
     previous = last_in = closest = math.inf
-    for k in range(int(math.floor((end - begin) / step_s + 1e-9)) + 1):
-        t = begin + k * step_s
+    steps = int(math.floor((end - begin) / step_s + 1e-9))
+    times = [begin + k * step_s for k in range(steps + 1)]
+    if end - times[-1] > 1e-9 and end == until_s:
+        times.append(end)   # the simulated time's last second counts, not the step before
+    for k, t in enumerate(times):
         d = distance(t)
         if d <= radius_m:
             if run_start is None:
@@ -100,7 +107,7 @@ def close_intervals(first: Track, second: Track, radius_m: float, *, step_s: flo
 
 
 def true_contacts(tracks: Sequence[Track], radius_m: float, duration_s: float, *,
-                  step_s: float = 1.0) -> list[TrueContact]:
+                  step_s: float = 1.0, until_s: float = math.inf) -> list[TrueContact]:
     """The true contacts of every pair of tracks (see the module docstring).
 
     Args:
@@ -108,13 +115,16 @@ def true_contacts(tracks: Sequence[Track], radius_m: float, duration_s: float, *
         radius_m: the contact radius, metres.
         duration_s: the least duration of a contact, scenario seconds.
         step_s: the sampling step, scenario seconds.
+        until_s: the end of the simulated time, scenario seconds (the scenario's
+            ``duration_s``): nothing after it counts.
 
     Returns:
         The contacts, ordered by pair and start.
     """
     out = []
     for first, second in combinations(sorted(tracks, key=lambda t: t.name), 2):
-        for start, end, closest in close_intervals(first, second, radius_m, step_s=step_s):
+        for start, end, closest in close_intervals(first, second, radius_m, step_s=step_s,
+                                                   until_s=until_s):
             if end - start >= duration_s:
                 out.append(TrueContact(first.name, second.name, start, end, closest))
     return out

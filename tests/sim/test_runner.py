@@ -19,6 +19,7 @@ from fanny_tui.sim.runner import (
     pair_reports,
     prepare,
     run_scenario,
+    scenario_truth,
     split_settings,
 )
 from fanny_tui.sim.scenario import Scenario, TruthSpec, load_scenario
@@ -59,9 +60,21 @@ def test_a_swept_rotation_interval_is_scaled_like_the_default(small_scenario):
         prepare(scenario, {"rotation_interval_s": 5.0}, None)      # 0.5 s real: below 1 s
 
 
-def test_a_speed_that_pushes_a_setting_out_of_range_is_named():
-    with pytest.raises(ConfigError, match="protocol.max_speed_mps"):
-        device_protocol({}, {}, speed=100.0)
+def test_a_speed_that_pushes_a_setting_out_of_range_is_said_in_terms_of_the_speed():
+    # trial: --speed 40 blamed protocol.max_speed_mps, a setting the user never set
+    with pytest.raises(SimError) as raised:
+        device_protocol({}, {}, speed=40.0)
+    assert str(raised.value) == (
+        "--speed 40: max_speed_mps 30 x 40 = 1200 is out of range (expected a number > 0 and "
+        "<= 1000); the fastest speed for these settings is 33.3")
+    device_protocol({}, {}, speed=33.3)   # the speed it names works
+    with pytest.raises(SimError, match=r"^\[scenario\] speed 0.01: max_contact_s 3600 / 0.01 = "
+                                       r"360000 .* the slowest speed for these settings is "
+                                       r"0.0417$"):
+        device_protocol({}, {}, speed=0.01, speed_name="[scenario] speed")
+    device_protocol({}, {}, speed=0.0417)
+    with pytest.raises(ConfigError, match="protocol.max_speed_mps"):  # wrong before scaling
+        device_protocol({"max_speed_mps": 2000.0}, {}, speed=1.0)
 
 
 def test_settings_are_split_into_protocol_noise_and_privacy_keys():
@@ -171,6 +184,27 @@ def test_pair_reports_set_the_truth_beside_the_measures():
     assert false.true_closest_m == pytest.approx(40.0, abs=0.01) and false.true_within_s == 0
     assert (false.measured_within_s, false.measured_closest_m) == (90.0, 6.0)
     assert false.as_dict()["pair"] == ["a", "c"]
+
+
+def test_the_truth_covers_the_simulated_time_only():
+    # a-b stand 3 m apart for 400 s of track, but the scenario simulates 100 s of it
+    tracks = (standing("a", 0, 0, 0, 400), standing("b", 3, 0, 0, 400),
+              standing("c", 0, 20, 150, 400))
+    truth = TruthSpec(radius_m=10.0, duration_s=60.0, close_radius_m=5.0)
+    scenario = Scenario(name="t", tracks=tracks, duration_s=100.0, truth=truth)
+    [contact] = scenario_truth(scenario)
+    assert (contact.pair, contact.start_s, contact.end_s) == (("a", "b"), 0.0, 100.0)
+    short = Scenario(name="t", tracks=tracks, duration_s=50.0, truth=truth)
+    assert scenario_truth(short) == []          # 50 s < the truth's 60 s
+    close = judge_close(short, {})
+    assert close is not None and close.true_pairs == 0
+    metrics = evaluate(scenario_truth(scenario), {})
+    [report] = pair_reports(scenario, metrics, {}, {})
+    assert report.true_within_s == pytest.approx(100.0) == report.true_longest_s
+    # c is present only after the simulated time: no closest distance to a
+    metrics = evaluate([TrueContact("a", "c", 0.0, 1.0, 1.0)], {})
+    [report] = pair_reports(scenario, metrics, {}, {})
+    assert report.true_closest_m is None
 
 
 def test_a_true_contact_that_never_overlaps_in_time_has_no_closest_distance():

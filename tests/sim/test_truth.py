@@ -66,6 +66,18 @@ def test_only_the_time_both_are_present_counts():
     assert true_contacts([b, c], 10.0, 0.0) == []      # never present together
 
 
+def test_only_the_simulated_time_counts():
+    # trial: a GPX of 240 s run with [scenario] duration_s = 10 was judged on 240 s of truth
+    a = line("a", 0, 600, (0, 0), (0, 0))
+    b = line("b", 0, 600, (5, 0), (5, 0))
+    assert close_intervals(a, b, 10.0, until_s=10.0) == [(0.0, 10.0, pytest.approx(5.0, abs=0.01))]
+    assert true_contacts([a, b], 10.0, 300.0, until_s=10.0) == []
+    [cut] = true_contacts([a, b], 10.0, 300.0, until_s=450.5)
+    assert (cut.start_s, cut.end_s) == (0.0, 450.5)   # the last simulated second, not 450
+    late = line("c", 20, 600, (1, 0), (1, 0))
+    assert close_intervals(a, late, 10.0, until_s=10.0) == []
+
+
 def test_the_radius_is_inclusive():
     a = line("a", 0, 400, (0, 0), (0, 0))
     b = line("b", 0, 400, (0, 10), (0, 10))
