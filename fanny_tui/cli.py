@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from textual.app import App
 
     from .engine import Engine
+    from .gps import PositionSource
 
 APP_NAME = "fanny-tui"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -282,27 +283,51 @@ async def run_headless(engine: Engine) -> int:
     return EXIT_BROKEN_PIPE if out.broken else EXIT_OK
 
 
+def _position_source(config: Config, config_path: str | None) -> PositionSource:
+    """The ``[gps]`` source, built before anything is written (data directory, log file).
+
+    Args:
+        config: the configuration.
+        config_path: the ``--config`` argument (None: the default config file, if any).
+
+    Raises:
+        UsageError: ``source = "nmea"`` with a ``gps.path`` that cannot be read or holds no
+            NMEA sentence (:func:`fanny_tui.gps.make_source`): one line naming the config file
+            and ``gps.path``, and nothing created on disk.
+    """
+    from .gps import make_source
+
+    try:
+        return make_source(config.gps)
+    except ConfigError as exc:
+        if config_path is None and default_config_path().exists():
+            config_path = str(default_config_path())
+        where = f"{config_path}: " if config_path is not None else ""
+        raise UsageError(f"config error: {where}{exc}") from None
+
+
 def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str,
-             notice: str | None = None) -> int:
+             notice: str | None = None, source: PositionSource | None = None) -> int:
     if headless:
         from .engine import Engine
 
         _setup_logging(log_level)
         if notice:
             print(f"{APP_NAME}: {notice}", file=sys.stderr, flush=True)
-        engine = Engine(config, data_dir)
+        engine = Engine(config, data_dir, source=source)
         return asyncio.run(run_headless(engine))
     try:
         _setup_logging(log_level, to_file=data_dir / "fanny-tui.log")
     except OSError as exc:
         raise UsageError(f"cannot use the data directory {data_dir}: "
                          f"{exc.strerror or exc}") from None
-    app = tui_app(config, data_dir, notice=notice)
+    app = tui_app(config, data_dir, notice=notice, source=source)
     app.run()
     return int(app.return_code or 0)
 
 
-def tui_app(config: Config, data_dir: Path, *, notice: str | None = None) -> App[None]:
+def tui_app(config: Config, data_dir: Path, *, notice: str | None = None,
+            source: PositionSource | None = None) -> App[None]:
     """The Textual app that ``fanny-tui`` runs, around a new engine (not running yet).
 
     Args:
@@ -310,11 +335,12 @@ def tui_app(config: Config, data_dir: Path, *, notice: str | None = None) -> App
         data_dir: the data directory.
         notice: one line to show once, as a warning notification, when the engine has
             started (the missing config file), and to log.
+        source: the position source (None: the engine builds the one ``[gps]`` asks for).
     """
     from .engine import Engine
     from .ui.app import make_app
 
-    engine = Engine(config, data_dir)
+    engine = Engine(config, data_dir, source=source)
     app = make_app(engine)
     if notice:
         log.warning("%s", notice)
@@ -568,7 +594,8 @@ def _main(argv: Sequence[str] | None) -> int:
             problem = check_path(config.journal.path)
             if problem:
                 raise UsageError(problem)
-        return _cmd_run(config, data_dir, args.headless, log_level, notice)
+        source = _position_source(config, config_path)   # a bad gps.path: nothing created
+        return _cmd_run(config, data_dir, args.headless, log_level, notice, source)
     except ConfigError as exc:
         print(f"{APP_NAME}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
