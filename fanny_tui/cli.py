@@ -283,45 +283,35 @@ async def run_headless(engine: Engine) -> int:
     return EXIT_BROKEN_PIPE if out.broken else EXIT_OK
 
 
-def _position_source(config: Config, config_path: str | None) -> PositionSource:
+def _position_source(config: Config) -> PositionSource:
     """The ``[gps]`` source, built before anything is written (data directory, log file).
 
-    Args:
-        config: the configuration.
-        config_path: the ``--config`` argument (None: the default config file, if any).
-
     Raises:
-        UsageError: ``source = "nmea"`` with a ``gps.path`` that cannot be read or holds no
-            NMEA sentence (:func:`fanny_tui.gps.make_source`): one line naming the config file
-            and ``gps.path``, and nothing created on disk.
+        ConfigError: ``source = "nmea"`` with a ``gps.path`` that cannot be read or holds no
+            NMEA sentence (:func:`fanny_tui.gps.make_source`).
     """
     from .gps import make_source
 
-    try:
-        return make_source(config.gps)
-    except ConfigError as exc:
-        if config_path is None and default_config_path().exists():
-            config_path = str(default_config_path())
-        where = f"{config_path}: " if config_path is not None else ""
-        raise UsageError(f"config error: {where}{exc}") from None
+    return make_source(config.gps)
 
 
 def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str,
              notice: str | None = None, source: PositionSource | None = None) -> int:
-    if headless:
-        from .engine import Engine
+    from .engine import Engine
 
+    # Built first: a bad [broker] ca_file is a ConfigError before the log file is created.
+    engine = Engine(config, data_dir, source=source)
+    if headless:
         _setup_logging(log_level)
         if notice:
             print(f"{APP_NAME}: {notice}", file=sys.stderr, flush=True)
-        engine = Engine(config, data_dir, source=source)
         return asyncio.run(run_headless(engine))
     try:
         _setup_logging(log_level, to_file=data_dir / "fanny-tui.log")
     except OSError as exc:
         raise UsageError(f"cannot use the data directory {data_dir}: "
                          f"{exc.strerror or exc}") from None
-    app = tui_app(config, data_dir, notice=notice, source=source)
+    app = _app_around(engine, notice)
     app.run()
     return int(app.return_code or 0)
 
@@ -338,9 +328,14 @@ def tui_app(config: Config, data_dir: Path, *, notice: str | None = None,
         source: the position source (None: the engine builds the one ``[gps]`` asks for).
     """
     from .engine import Engine
+
+    return _app_around(Engine(config, data_dir, source=source), notice)
+
+
+def _app_around(engine: Engine, notice: str | None) -> App[None]:
+    """The Textual app around ``engine`` (not running yet), with ``notice`` (see tui_app)."""
     from .ui.app import make_app
 
-    engine = Engine(config, data_dir, source=source)
     app = make_app(engine)
     if notice:
         log.warning("%s", notice)
@@ -562,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     log_level = getattr(args, "log_level", "WARNING")
+    config_file: str | None = None    # named in a config error raised after parsing
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -573,6 +569,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _cmd_report(args.journals, args.json)
         config_path = getattr(args, "config", None)
         config = resolve_config(config_path)
+        config_file = config_path if config_path is not None else (
+            str(default_config_path()) if default_config_path().exists() else None)
         data_dir = resolve_data_dir(config, getattr(args, "data_dir", None))
         if args.command == "tokens":
             return _cmd_tokens(data_dir, args.json)
@@ -594,10 +592,11 @@ def _main(argv: Sequence[str] | None) -> int:
             problem = check_path(config.journal.path)
             if problem:
                 raise UsageError(problem)
-        source = _position_source(config, config_path)   # a bad gps.path: nothing created
+        source = _position_source(config)   # a bad gps.path: nothing created
         return _cmd_run(config, data_dir, args.headless, log_level, notice, source)
     except ConfigError as exc:
-        print(f"{APP_NAME}: config error: {exc}", file=sys.stderr)
+        where = f"{config_file}: " if exc.source is None and config_file is not None else ""
+        print(f"{APP_NAME}: config error: {where}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except DataDirBusy as exc:
         print(f"{APP_NAME}: {exc}", file=sys.stderr)
