@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from textual.app import App
 
     from .engine import Engine
+    from .gps import PositionSource
 
 APP_NAME = "fanny-tui"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -282,27 +283,41 @@ async def run_headless(engine: Engine) -> int:
     return EXIT_BROKEN_PIPE if out.broken else EXIT_OK
 
 
-def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str,
-             notice: str | None = None) -> int:
-    if headless:
-        from .engine import Engine
+def _position_source(config: Config) -> PositionSource:
+    """The ``[gps]`` source, built before anything is written (data directory, log file).
 
+    Raises:
+        ConfigError: ``source = "nmea"`` with a ``gps.path`` that cannot be read or holds no
+            NMEA sentence (:func:`fanny_tui.gps.make_source`).
+    """
+    from .gps import make_source
+
+    return make_source(config.gps)
+
+
+def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str,
+             notice: str | None = None, source: PositionSource | None = None) -> int:
+    from .engine import Engine
+
+    # Built first: a bad [broker] ca_file is a ConfigError before the log file is created.
+    engine = Engine(config, data_dir, source=source)
+    if headless:
         _setup_logging(log_level)
         if notice:
             print(f"{APP_NAME}: {notice}", file=sys.stderr, flush=True)
-        engine = Engine(config, data_dir)
         return asyncio.run(run_headless(engine))
     try:
         _setup_logging(log_level, to_file=data_dir / "fanny-tui.log")
     except OSError as exc:
         raise UsageError(f"cannot use the data directory {data_dir}: "
                          f"{exc.strerror or exc}") from None
-    app = tui_app(config, data_dir, notice=notice)
+    app = _app_around(engine, notice)
     app.run()
     return int(app.return_code or 0)
 
 
-def tui_app(config: Config, data_dir: Path, *, notice: str | None = None) -> App[None]:
+def tui_app(config: Config, data_dir: Path, *, notice: str | None = None,
+            source: PositionSource | None = None) -> App[None]:
     """The Textual app that ``fanny-tui`` runs, around a new engine (not running yet).
 
     Args:
@@ -310,11 +325,17 @@ def tui_app(config: Config, data_dir: Path, *, notice: str | None = None) -> App
         data_dir: the data directory.
         notice: one line to show once, as a warning notification, when the engine has
             started (the missing config file), and to log.
+        source: the position source (None: the engine builds the one ``[gps]`` asks for).
     """
     from .engine import Engine
+
+    return _app_around(Engine(config, data_dir, source=source), notice)
+
+
+def _app_around(engine: Engine, notice: str | None) -> App[None]:
+    """The Textual app around ``engine`` (not running yet), with ``notice`` (see tui_app)."""
     from .ui.app import make_app
 
-    engine = Engine(config, data_dir)
     app = make_app(engine)
     if notice:
         log.warning("%s", notice)
@@ -536,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     log_level = getattr(args, "log_level", "WARNING")
+    config_file: str | None = None    # named in a config error raised after parsing
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -547,6 +569,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _cmd_report(args.journals, args.json)
         config_path = getattr(args, "config", None)
         config = resolve_config(config_path)
+        config_file = config_path if config_path is not None else (
+            str(default_config_path()) if default_config_path().exists() else None)
         data_dir = resolve_data_dir(config, getattr(args, "data_dir", None))
         if args.command == "tokens":
             return _cmd_tokens(data_dir, args.json)
@@ -568,9 +592,11 @@ def _main(argv: Sequence[str] | None) -> int:
             problem = check_path(config.journal.path)
             if problem:
                 raise UsageError(problem)
-        return _cmd_run(config, data_dir, args.headless, log_level, notice)
+        source = _position_source(config)   # a bad gps.path: nothing created
+        return _cmd_run(config, data_dir, args.headless, log_level, notice, source)
     except ConfigError as exc:
-        print(f"{APP_NAME}: config error: {exc}", file=sys.stderr)
+        where = f"{config_file}: " if exc.source is None and config_file is not None else ""
+        print(f"{APP_NAME}: config error: {where}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except DataDirBusy as exc:
         print(f"{APP_NAME}: {exc}", file=sys.stderr)

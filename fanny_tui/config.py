@@ -30,6 +30,7 @@ class ConfigError(Exception):
         got_text = "" if got is ... else f", got {got!r}"
         super().__init__(f"{where}{key}: expected {expected}{got_text}")
         self.key = key
+        self.source = source
 
 
 MAIN_BROKER = "main"

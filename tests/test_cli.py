@@ -283,6 +283,31 @@ def test_a_journal_path_in_a_missing_directory_is_refused_at_start(tmp_path):
     assert "fanny-journal" not in config.read_text() and '"kind"' not in config.read_text()
 
 
+def test_an_unusable_nmea_log_or_ca_file_is_refused_before_anything_is_created(tmp_path):
+    """``[gps] source = "nmea"`` with a missing file or a GPX track, or a missing ``[broker]
+    ca_file``: the app and ``--headless`` both stop at once with one line naming the config
+    file and the key (exit 2), and no data directory (nor its log file) is created."""
+    (tmp_path / "walk.gpx").write_text('<?xml version="1.0"?>\n<gpx version="1.1"></gpx>\n')
+    config = tmp_path / "c.toml"
+    for text, why in (
+            ('[gps]\nsource = "nmea"\npath = "missing.log"\n',
+             "gps.path: expected an NMEA log file that can be read"),
+            ('[gps]\nsource = "nmea"\npath = "walk.gpx"\n',
+             "gps.path: expected an NMEA 0183 log (it is a GPX track"),
+            ('[broker]\nurl = "wss://127.0.0.1:1"\nca_file = "missing.pem"\n',
+             "broker.ca_file: expected a readable PEM file")):
+        config.write_text(text)
+        for mode in (["--headless"], []):
+            result = subprocess.run([BIN / "fanny-tui", *mode, "--config", config,
+                                     "--data-dir", tmp_path / "d"], capture_output=True,
+                                    text=True, timeout=30, stdin=subprocess.DEVNULL)
+            assert result.returncode == 2 and result.stdout == "", (mode, result)
+            assert result.stderr.startswith(f"fanny-tui: config error: {config}: {why}"), (
+                mode, result.stderr)
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert not (tmp_path / "d").exists(), mode
+
+
 def test_a_second_device_on_one_journal_file_is_refused_at_start(tmp_path):
     journal = tmp_path / "j.jsonl"
     holder = Journal(journal)   # the first device's journal, held while it runs
