@@ -145,7 +145,12 @@ def seconds_text(key: str, text: str) -> float:
 
 
 _positive_seconds = validate.argument_type(seconds_text)
-_at_least_one = validate.argument_type(validate.integer_text, 1)
+
+
+def _demo_devices(text: str) -> int:
+    from .demo import devices_argument  # the demo imports this module
+
+    return devices_argument(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,8 +186,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="give up waiting for the broker's ack after S seconds, or a "
                               "number with its unit: 90s, 2m (default 60)")
     demo = sub.add_parser("demo", help="broker + this app + simulated devices on loopback")
-    demo.add_argument("--devices", type=_at_least_one, default=3,
-                      help="simulated devices (default 3)")
+    from .demo import CONNECTIONS_PER_ADDRESS, MAX_DEVICES  # the demo imports this module
+
+    demo.add_argument("--devices", type=_demo_devices, default=3,
+                      help=f"simulated devices (default 3, at most {MAX_DEVICES}: the demo "
+                           f"broker takes {CONNECTIONS_PER_ADDRESS} connections from one "
+                           f"address)")
     demo.add_argument("--headless", action="store_true", dest="demo_headless",
                       help="print the tester's events as JSON lines instead of the UI")
     demo.add_argument("--duration", type=_positive_seconds, default=None, metavar="S",

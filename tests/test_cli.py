@@ -776,7 +776,11 @@ async def test_declare_positive_to_a_poll_only_broker_picked_by_name(tmp_path):
     (["declare-positive", "--timeout", "nan"], "argument --timeout: expected a finite number > 0"),
     (["demo", "--duration", "-1"], "argument --duration: expected a number > 0, got '-1'"),
     (["demo", "--duration", "inf"], "argument --duration: expected a finite number > 0"),
-    (["demo", "--devices", "0"], "argument --devices: expected an integer >= 1, got '0'"),
+    (["demo", "--devices", "0"], "argument --devices: expected an integer in [1, 63] (the demo "
+     "broker takes 128 connections from one address, up to two per device), got '0'"),
+    (["demo", "--devices", "64"], "argument --devices: expected an integer in [1, 63]"),
+    (["demo", "--devices", "500"], "argument --devices: expected an integer in [1, 63]"),
+    (["demo", "--devices", "many"], "argument --devices: expected an integer in [1, 63]"),
     (["declare-positive", "--timeout", "3x"],
      "argument --timeout: expected seconds > 0, as a number or with its unit (3s, 2m), got "
      "'3x'"),
