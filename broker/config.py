@@ -11,7 +11,8 @@ its meaning, unit and default::
     [limits]     position_rate_per_s, position_burst, ..., max_connections
 
 A key left out takes the default. Settings that may be "none" take ``""`` (paths and URLs:
-no TLS, embedded stores) or ``0`` (``route_ttl_s``: the cool-down; ``ping_*``: no keepalive).
+no TLS, embedded stores) or ``0`` (``route_ttl_s``: the cool-down; ``ping_*``: no keepalive;
+their range in the file is ``>= 0``, and their errors say so).
 Relative paths are resolved against the file's directory. An unknown table or key is refused
 by name.
 
@@ -65,6 +66,11 @@ NONE_VALUES: dict[str, object] = {
     "route_ttl_s": 0, "ping_interval_s": 0, "ping_timeout_s": 0,
 }
 """Settings that may be None, and the file value that means None (TOML has no null)."""
+
+ZERO_MEANS = {"route_ttl_s": "the same as cooldown_s", "ping_interval_s": "no pings",
+              "ping_timeout_s": "no timeout"}
+"""What the file's ``0`` means for each duration in :data:`NONE_VALUES`: in the file their
+range is ``>= 0`` (the settings' own check, ``> 0``, sees None instead of 0)."""
 
 PATHS = ("db_path", "certfile", "keyfile")
 """Settings that are file paths: relative ones are resolved against the config file's folder."""
@@ -144,6 +150,12 @@ def parse_broker_config(data: Mapping[str, Any], *, base_dir: Path | None = None
 
 
 def _typed(key: str, value: object, base_dir: Path | None) -> object:
+    if key in ZERO_MEANS:
+        try:
+            validate.number(key, value, low=0)
+        except validate.Invalid as exc:
+            raise validate.Invalid(key, f"{exc.expected} (0 = {ZERO_MEANS[key]})",
+                                   value) from None
     if key in NONE_VALUES and (value == "" if NONE_VALUES[key] == "" else (
             isinstance(value, int | float) and not isinstance(value, bool) and value == 0)):
         return None

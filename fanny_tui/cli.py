@@ -17,7 +17,8 @@ broker down) is one line on stderr and a non-zero exit code, never a traceback.
 Exit codes: 0 done; 1 failed (a declaration not acknowledged, the data directory in use by
 another process); 2 usage or configuration error (e.g. a ``[journal] path`` whose directory
 does not exist: it is never created; ``declare-positive`` on a data directory that holds no
-token store, a mistyped ``--data-dir``: nothing is created); 130 interrupted (SIGINT before the
+token store, a mistyped ``--data-dir``: nothing is created; ``tokens`` on a data directory
+that does not exist); 130 interrupted (SIGINT before the
 engine ran); 141 (128 + SIGPIPE, as Unix tools killed by SIGPIPE) when stdout was closed by its
 reader (``fanny-tui --headless | head -n 2``): the engine is stopped cleanly, nothing more is
 printed. The run and ``declare-positive`` hold the data directory's lock
@@ -144,7 +145,12 @@ def seconds_text(key: str, text: str) -> float:
 
 
 _positive_seconds = validate.argument_type(seconds_text)
-_at_least_one = validate.argument_type(validate.integer_text, 1)
+
+
+def _demo_devices(text: str) -> int:
+    from .demo import devices_argument  # the demo imports this module
+
+    return devices_argument(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,8 +186,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="give up waiting for the broker's ack after S seconds, or a "
                               "number with its unit: 90s, 2m (default 60)")
     demo = sub.add_parser("demo", help="broker + this app + simulated devices on loopback")
-    demo.add_argument("--devices", type=_at_least_one, default=3,
-                      help="simulated devices (default 3)")
+    from .demo import CONNECTIONS_PER_ADDRESS, MAX_DEVICES  # the demo imports this module
+
+    demo.add_argument("--devices", type=_demo_devices, default=3,
+                      help=f"simulated devices (default 3, at most {MAX_DEVICES}: the demo "
+                           f"broker takes {CONNECTIONS_PER_ADDRESS} connections from one "
+                           f"address)")
     demo.add_argument("--headless", action="store_true", dest="demo_headless",
                       help="print the tester's events as JSON lines instead of the UI")
     demo.add_argument("--duration", type=_positive_seconds, default=None, metavar="S",
@@ -365,8 +375,13 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
-def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
+def _cmd_tokens(data_dir: Path, as_json: bool, *, chosen: bool = True) -> int:
     """``fanny-tui tokens``: the token store and the exposure alerts already raised.
+
+    A data directory that exists without a store (a fresh device) lists nothing, exit 0; one
+    that does not exist is a mistake (:class:`UsageError`, exit 2) when it was ``chosen``
+    (``--data-dir`` or ``[storage] data_dir``), as in ``declare-positive``; the default one of
+    a device that never ran lists nothing.
 
     ``--json`` prints one object (times UTC, ISO 8601; seconds, metres)::
 
@@ -382,6 +397,9 @@ def _cmd_tokens(data_dir: Path, as_json: bool) -> int:
     if data_dir.exists() and not data_dir.is_dir():
         raise StoreError(f"no token store in {data_dir}: it is a file, not a directory "
                          f"(check --data-dir or [storage] data_dir)")
+    if chosen and not data_dir.exists():   # a typo: not "no tokens"
+        raise UsageError(f"no token store in {data_dir}: no such directory (check --data-dir "
+                         f"or [storage] data_dir)")
     if not (data_dir / "tokens.sqlite3").exists():
         if as_json:
             print(json.dumps({"tokens": [], "alerts": []}, indent=2))
@@ -573,7 +591,8 @@ def _main(argv: Sequence[str] | None) -> int:
             str(default_config_path()) if default_config_path().exists() else None)
         data_dir = resolve_data_dir(config, getattr(args, "data_dir", None))
         if args.command == "tokens":
-            return _cmd_tokens(data_dir, args.json)
+            chosen = bool(getattr(args, "data_dir", None)) or config.storage.data_dir is not None
+            return _cmd_tokens(data_dir, args.json, chosen=chosen)
         notice = missing_config_notice(config_path)
         if args.command == "declare-positive":
             code = _check_code(args.code)

@@ -27,7 +27,7 @@ class ConfigError(Exception):
 
     def __init__(self, key: str, expected: str, got: object = ..., *, source: str | None = None):
         where = f"{source}: " if source else ""
-        got_text = "" if got is ... else f", got {got!r}"
+        got_text = "" if got is ... else f", got {validate.shown(got)}"
         super().__init__(f"{where}{key}: expected {expected}{got_text}")
         self.key = key
         self.source = source

@@ -25,6 +25,7 @@ signal N stopped the demo before that (130 for Ctrl-C, 143 for SIGTERM, 129 for 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import math
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING
 from .cli import EXIT_BROKEN_PIPE, STOP_SIGNALS, JsonLinesOut
 from .config import Config, parse_config
 from .events import Event, ExposureAlert, TokenStored
+from .protocol import validate
 from .protocol.proximity import EARTH_RADIUS_M
 
 if TYPE_CHECKING:
@@ -55,6 +57,13 @@ WALK_START_OFFSET_M = 3.0
 """Each simulated device walks around its own point this far from the tester's (metres), so
 that no two walkers start at one spot; with walks of at most 6 m the tester and a device are
 never more than 15 m apart (the demo's radius)."""
+CONNECTIONS_PER_ADDRESS = 128
+"""The demo broker's ``max_connections_per_address`` (the broker's default): every engine of
+the demo connects from 127.0.0.1."""
+MAX_DEVICES = CONNECTIONS_PER_ADDRESS // 2 - 1
+"""The most simulated devices (``--devices``): each engine, the tester's included, holds its
+session link and, while it polls or declares, an anonymous connection: two connections each
+stay within :data:`CONNECTIONS_PER_ADDRESS`."""
 CODE_TTL = timedelta(hours=24)
 """How long the demo's declaration codes stay valid."""
 STOPPING_NOTICE_AFTER_S = 0.5
@@ -129,7 +138,8 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
     db = root / "broker.sqlite3"
     await asyncio.to_thread(create_board, db)  # as `fanny-broker create-board` does
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=db, cooldown_s=120.0,
-                              position_timeout_s=15.0)
+                              position_timeout_s=15.0,
+                              max_connections_per_address=CONNECTIONS_PER_ADDRESS)
     stopping: list[asyncio.TimerHandle] = []   # the "stopping..." notice, once stopping
     try:
         async with start_broker(settings) as broker:
@@ -252,14 +262,33 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def devices_range() -> str:
+    """What ``--devices`` takes, as said in its error (the reason for the upper bound too)."""
+    return (f"expected an integer in [1, {MAX_DEVICES}] (the demo broker takes "
+            f"{CONNECTIONS_PER_ADDRESS} connections from one address, up to two per device)")
+
+
+def devices_argument(text: str) -> int:
+    """``--devices``'s argparse type: an integer in [1, :data:`MAX_DEVICES`].
+
+    Raises:
+        argparse.ArgumentTypeError: one line, ``expected an integer in [1, 63] (...), got
+            '500'`` (argparse names the option).
+    """
+    try:
+        return validate.integer_text("", text, 1, MAX_DEVICES)
+    except validate.Invalid as exc:
+        raise argparse.ArgumentTypeError(f"{devices_range()}, got {exc.got!r}") from None
+
+
 def run_demo(*, devices: int = 3, headless: bool = False, duration_s: float | None = None) -> int:
     """Run the demo; returns the exit code (see the module docstring).
 
     The temporary directory is removed whatever ends the demo: SIGTERM and SIGHUP unwind
     (``SystemExit``) until the event loop takes them over, and are blocked while it is removed.
     """
-    if devices < 1:
-        print("fanny-tui demo: --devices must be at least 1", file=sys.stderr)
+    if not 1 <= devices <= MAX_DEVICES:
+        print(f"fanny-tui demo: --devices: {devices_range()}, got {devices}", file=sys.stderr)
         return 2
     previous = {sig: signal.signal(sig, _exit_on_signal)
                 for sig in STOP_SIGNALS if sig != signal.SIGINT}

@@ -148,6 +148,12 @@ def token_digest(token: str) -> str:
     return hashlib.sha256((DIGEST_PREFIX + token).encode()).hexdigest()[:8]
 
 
+def not_a_journal(path: Path | str) -> str:
+    """The words for a file whose first line is not a journal record (the config file, say),
+    shared by the device (``journal.path``) and ``fanny-tui report``."""
+    return f"{path} is not a journal (its first line is not a journal record)"
+
+
 def new_device_label() -> str:
     """A random label for a new journal: ``dev-`` and 6 hex digits (not a protocol ID)."""
     return f"dev-{secrets.token_hex(3)}"
@@ -420,8 +426,7 @@ def check_path(path: Path) -> str | None:
             return f"journal.path: {parent} is not a directory"
         existed = path.exists()
         if existed and _not_a_journal(path):
-            return (f"journal.path: {path} is not a journal (its first line is not a journal "
-                    f"record): choose a new file")
+            return f"journal.path: {not_a_journal(path)}: choose a new file"
     except OSError as exc:
         return f"journal.path: {path} cannot be used ({exc.strerror or exc})"
     try:

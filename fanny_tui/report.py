@@ -7,11 +7,14 @@ by both devices (paired by token digest) or by one, time without a GPS fix per d
 accuracy distribution, broker outages, polls and alerts. Printed as rich tables with terminal
 histograms, or with ``--json`` as one JSON object.
 
-Bad input never stops the report: a missing or unreadable file, or a line that is not a journal
-record (not JSON, missing ``v``/``at``/``device``/``kind``, a field of the wrong type), is one
-line on stderr naming the file and line number, and is skipped and counted. Records of an unknown
-``kind`` are ignored (a later journal version may add kinds). Exit code: 0 when every line was
-read, 1 when the report was made but some input was skipped, 2 when nothing was readable.
+Bad input never stops the report: a missing or unreadable file, or a file whose first line is not
+a journal record (a config file, a database: not a journal at all), is one line on stderr naming
+the file, and the file is skipped; a later line that is not a journal record (not JSON, missing
+``v``/``at``/``device``/``kind``, a field of the wrong type) is one line on stderr naming the
+file and line number (at most 20 per file, then their count), and is skipped and counted.
+Records of an unknown ``kind`` are ignored (a later journal version may add kinds). Exit code:
+0 when every line was read, 1 when the report was made but some input was skipped, 2 when
+nothing was readable.
 
 Handshake outcome of each ``match`` (per device, run and peer): ``stored`` (a ``token`` record
 followed), ``failed`` (a ``failure``), ``no_token`` (the contact closed without a token and
@@ -105,6 +108,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
+
+from .journal import not_a_journal
 
 MAX_PROBLEMS_PER_FILE = 20
 """Problem lines printed per file; the rest are only counted."""
@@ -228,7 +233,10 @@ def parse_record(text: str, file: str, line: int) -> Record:
 
 
 def read_journal(path: Path | str) -> Input:
-    """Read one journal file; bad lines are skipped and described in ``problems``."""
+    """Read one journal file; bad lines are skipped and described in ``problems``.
+
+    A file whose first non-blank line is not a journal record is not a journal: no
+    records, ``error`` ``"not a journal"`` and one line in ``problems``."""
     name = str(path)
     result = Input(name)
     try:
@@ -243,6 +251,10 @@ def read_journal(path: Path | str) -> Input:
         try:
             result.records.append(parse_record(line.decode("utf-8"), name, number))
         except (ValueError, UnicodeDecodeError) as exc:
+            if not result.records and not result.skipped:  # its first line
+                result.error = "not a journal"
+                result.problems.append(f"{not_a_journal(name)}; file skipped")
+                return result
             result.skipped += 1
             if len(result.problems) < MAX_PROBLEMS_PER_FILE:
                 why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)

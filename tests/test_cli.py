@@ -331,6 +331,28 @@ def test_tokens_on_empty_dir(tmp_path):
     assert json.loads(result.stdout) == {"tokens": [], "alerts": []}
 
 
+def test_tokens_from_a_data_dir_that_does_not_exist_is_refused(tmp_path):
+    # Trial finding: `tokens --data-dir nope` said "no token store in nope", exit 0, while
+    # declare-positive refused the same typo (exit 2).
+    typo = tmp_path / "nope"
+    for extra in ([], ["--json"]):
+        result = subprocess.run([BIN / "fanny-tui", "tokens", "--data-dir", typo, *extra],
+                                capture_output=True, text=True)
+        assert result.returncode == 2, result
+        assert result.stdout == ""
+        assert result.stderr == (f"fanny-tui: no token store in {typo}: no such directory "
+                                 "(check --data-dir or [storage] data_dir)\n")
+    assert not typo.exists()
+    # The default data directory of a device that never ran: nothing to list, not a mistake.
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path),
+           "XDG_CONFIG_HOME": str(tmp_path / "xdg-config")}
+    fresh = subprocess.run([BIN / "fanny-tui", "tokens"], capture_output=True, text=True,
+                           env=env)
+    assert fresh.returncode == 0, fresh
+    assert fresh.stdout == f"no token store in {tmp_path / 'xdg' / 'fanny-tui'}\n"
+    assert not (tmp_path / "xdg").exists()
+
+
 def test_a_data_dir_that_is_a_file_is_one_line(tmp_path):
     # trial6: `tokens --data-dir device.toml` said "no token store in device.toml" (exit 0)
     # and the run said "... File exists": both now name the mistake, in one line.
@@ -754,7 +776,11 @@ async def test_declare_positive_to_a_poll_only_broker_picked_by_name(tmp_path):
     (["declare-positive", "--timeout", "nan"], "argument --timeout: expected a finite number > 0"),
     (["demo", "--duration", "-1"], "argument --duration: expected a number > 0, got '-1'"),
     (["demo", "--duration", "inf"], "argument --duration: expected a finite number > 0"),
-    (["demo", "--devices", "0"], "argument --devices: expected an integer >= 1, got '0'"),
+    (["demo", "--devices", "0"], "argument --devices: expected an integer in [1, 63] (the demo "
+     "broker takes 128 connections from one address, up to two per device), got '0'"),
+    (["demo", "--devices", "64"], "argument --devices: expected an integer in [1, 63]"),
+    (["demo", "--devices", "500"], "argument --devices: expected an integer in [1, 63]"),
+    (["demo", "--devices", "many"], "argument --devices: expected an integer in [1, 63]"),
     (["declare-positive", "--timeout", "3x"],
      "argument --timeout: expected seconds > 0, as a number or with its unit (3s, 2m), got "
      "'3x'"),

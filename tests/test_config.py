@@ -138,6 +138,15 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(wrong)
 
 
+def test_a_boolean_where_a_number_goes_is_shown_as_written(tmp_path):
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[protocol]\nradius_m = true\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(wrong)
+    assert str(raised.value) == (f"{wrong}: protocol.radius_m: expected a finite number > 0 "
+                                 f"and <= 10000, got true")
+
+
 def test_tomllib_is_the_reader():
     # config.example.toml is plain TOML 1.0 (no tool-specific syntax)
     tomllib.loads((ROOT / "config.example.toml").read_text())

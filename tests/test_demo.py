@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from fanny_tui.demo import CONNECTIONS_PER_ADDRESS, MAX_DEVICES, run_demo
+
 from .helpers import LAT, TIME_UNIT
 from .test_cli import _stock, _tokens_json, _write_config
 
@@ -91,6 +93,18 @@ def test_headless_demo_reaches_the_exposure_alert(tmp_path):
     assert len(CODE_LINE.findall(result.stderr)) == 1, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["tmp"]   # nothing written where it runs
     assert _left_behind(tmp_path) == []
+
+
+@pytest.mark.parametrize("devices", [0, MAX_DEVICES + 1, 500])
+def test_more_devices_than_the_demo_broker_takes_are_refused_in_one_line(devices, capsys):
+    # Trial finding: `demo --devices 500` was accepted; the broker takes 128 connections
+    # from 127.0.0.1, and every engine holds its link and, polling, an anonymous connection.
+    assert (MAX_DEVICES + 1) * 2 <= CONNECTIONS_PER_ADDRESS < (MAX_DEVICES + 2) * 2
+    assert run_demo(devices=devices, headless=True, duration_s=1.0) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fanny-tui demo: --devices: expected an integer in [1, {MAX_DEVICES}] (the "
+                   f"demo broker takes 128 connections from one address, up to two per device),"
+                   f" got {devices}\n")
 
 
 def test_the_demo_code_declares_and_the_demo_broker_requires_one(tmp_path):

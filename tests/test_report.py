@@ -7,8 +7,10 @@ over the journals of a real two-device run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -414,15 +416,46 @@ def test_a_missing_file_is_one_line_and_the_others_are_reported(tmp_path, capsys
     assert report["matches"] == 3
 
 
-def test_nothing_readable_is_exit_2_and_many_bad_lines_are_capped(tmp_path, capsys):
+def test_nothing_readable_is_exit_2(tmp_path, capsys):
     junk = _write(tmp_path, "junk.jsonl", ["junk"] * 25)
     code, report, err = _report(capsys, junk, str(tmp_path / "nowhere"))
     assert code == 2 and report == {}
+    assert err.splitlines()[-1] == "fanny-tui report: no journal record could be read"
+
+
+def test_many_bad_lines_in_a_journal_are_capped(tmp_path, capsys):
+    journal = _write(tmp_path, "a.jsonl", [_start(A, 0), *["junk"] * 25])
+    code, report, err = _report(capsys, journal)
+    assert code == 1 and report["inputs"][0]["skipped"] == 25
     lines = err.splitlines()
-    assert len(lines) == 20 + 1 + 1 + 1
-    assert lines[0] == f"fanny-tui report: {junk}:1: not JSON (Expecting value); line skipped"
-    assert lines[20] == f"fanny-tui report: {junk}: 5 more bad lines skipped"
-    assert lines[-1] == "fanny-tui report: no journal record could be read"
+    assert len(lines) == 20 + 1
+    assert lines[0] == f"fanny-tui report: {journal}:2: not JSON (Expecting value); line skipped"
+    assert lines[20] == f"fanny-tui report: {journal}: 5 more bad lines skipped"
+
+
+@pytest.mark.parametrize("first", ["[device]", "SQLite format 3\x00", json.dumps({"v": 1})])
+def test_a_file_that_is_not_a_journal_is_one_line_and_skipped(tmp_path, capsys, first):
+    other = _write(tmp_path, "a.toml", ["", first, *["junk"] * 25, *JOURNAL_A])
+    b = _write(tmp_path, "b.jsonl", JOURNAL_B)
+    code, report, err = _report(capsys, other, b)
+    assert code == 1
+    assert err == (f"fanny-tui report: {other} is not a journal (its first line is not a "
+                   f"journal record); file skipped\n")
+    assert report["inputs"][0] == {"file": other, "records": 0, "skipped": 0,
+                                   "error": "not a journal", "devices": []}
+    assert report["matches"] == 3
+
+
+def test_a_database_is_not_a_journal(tmp_path, capsys):
+    database = tmp_path / "tokens.sqlite"
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("CREATE TABLE t (x BLOB)")
+        db.executemany("INSERT INTO t VALUES (?)", [(b"\n\xff junk\n" * 50,)] * 50)
+    code, _, err = _report(capsys, str(database))
+    assert code == 2
+    assert err.splitlines() == [
+        f"fanny-tui report: {database} is not a journal (its first line is not a journal "
+        f"record); file skipped", "fanny-tui report: no journal record could be read"]
 
 
 def test_tables_and_histograms_on_the_terminal(tmp_path, capsys):

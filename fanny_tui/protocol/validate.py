@@ -21,6 +21,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
+def shown(value: object) -> str:
+    """A refused value as an error shows it: ``repr``, but a bool as TOML spells it (``true``,
+    ``false``: what the user wrote in the file)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 class Invalid(ValueError):
     """A value of the wrong type or range.
 
@@ -29,8 +35,8 @@ class Invalid(ValueError):
         expected: what is accepted, e.g. ``"an integer in [1, 65535]"``.
         got: the value refused (``...`` when there is none to show).
 
-    ``str(error)`` is ``"{key}: expected {expected}, got {got!r}"``; :attr:`detail` is the same
-    without the key.
+    ``str(error)`` is ``"{key}: expected {expected}, got {got!r}"`` (a bool as TOML spells it:
+    ``got true``, not ``got True``); :attr:`detail` is the same without the key.
     """
 
     def __init__(self, key: str, expected: str, got: object = ...) -> None:
@@ -40,8 +46,9 @@ class Invalid(ValueError):
     @property
     def detail(self) -> str:
         """``"expected {expected}, got {got!r}"``: the message without the key."""
-        got = "" if self.got is ... else f", got {self.got!r}"
-        return f"expected {self.expected}{got}"
+        if self.got is ...:
+            return f"expected {self.expected}"
+        return f"expected {self.expected}, got {shown(self.got)}"
 
 
 def _show(bound: float) -> str:

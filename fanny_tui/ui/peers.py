@@ -145,8 +145,12 @@ class LivePeers:
 
     @property
     def peers(self) -> list[LivePeer]:
-        """The live peers, in the order they were matched."""
-        return sorted(self._peers.values(), key=lambda p: p.peer)
+        """The live peers: those in contact now (not ``closed`` nor ``failed``) first, then
+        those that ended (lingering :data:`LINGER_S`); each group in the order matched.
+
+        So that after an ID rotation, which closes every contact at once, the rows of the peers
+        met since are not pushed below the edge of a small terminal by the ended ones."""
+        return sorted(self._peers.values(), key=lambda p: (p.state in ENDED_STATES, p.peer))
 
     def _get(self, peer: int, now: datetime) -> LivePeer:
         known = self._peers.get(peer)

@@ -471,8 +471,8 @@ class PeersTable(DataTable[Text]):
             self.add_column(label, key=key, width=width)
 
     def show(self, peers: list[LivePeer]) -> None:
-        """Make the table show exactly ``peers`` (rows added or removed; only the cells that
-        changed are updated)."""
+        """Make the table show exactly ``peers``, in their order (rows added, removed or moved;
+        only the cells that changed are updated)."""
         wanted = {str(p.peer): p for p in peers}
         for key in [key for key in self._shown if key not in wanted]:
             del self._shown[key]
@@ -489,6 +489,9 @@ class PeersTable(DataTable[Text]):
                     if old != new:
                         self.update_cell(key, column, cell, update_width=column == "state")
             self._shown[key] = plain
+        if [row.key.value for row in self.ordered_rows] != list(wanted):  # a contact ended
+            place = {peer_name(p.peer): n for n, p in enumerate(peers)}
+            self.sort("peer", key=lambda cell: place[cell.plain])
         self._retitle()
 
     def _retitle(self) -> None:

@@ -16,9 +16,11 @@ from broker.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     NONE_VALUES,
+    TABLE_OF,
     TABLES,
     BrokerConfigError,
     broker_settings,
+    default_values,
     load_broker_config,
     parse_broker_config,
 )
@@ -151,6 +153,54 @@ def test_errors_are_one_line_naming_the_file_and_the_key(tmp_path, text, message
         broker_settings(load_broker_config(path), {"db_path": "b.sqlite3"}, source=str(path))
     assert str(raised.value).startswith(f"{path}: {message}")
     assert "\n" not in str(raised.value)
+
+
+def _file_error(key: str, value: object) -> str | None:
+    """The error the config file gives for ``key = value`` (None: accepted)."""
+    try:
+        broker_settings(parse_broker_config({TABLE_OF[key]: {key: value}}),
+                        {"db_path": "b.sqlite3"})
+    except BrokerConfigError as exc:
+        assert exc.key == f"{TABLE_OF[key]}.{key}", exc     # refused for this key, not another
+        return str(exc)
+    return None
+
+
+NUMBER_SETTINGS = sorted(key for key, value in default_values().items()
+                         if type(value) in (int, float) or NONE_VALUES.get(key) == 0)
+
+
+@pytest.mark.parametrize("key", NUMBER_SETTINGS)
+def test_every_number_settings_error_states_the_range_it_checks(key):
+    # Trial finding: route_ttl_s = -1 said "expected a number > 0", though 0 is valid there.
+    message = _file_error(key, -1)
+    assert message is not None
+    found = re.search(r"expected (a number|an integer) (?:(>=|>) (\S+?)(?: and <= (\S+?))?"
+                      r"|in \[(\S+), (\S+)\])(?: \(0 = [^)]+\))?, got -1$", message)
+    assert found, message
+    kind, op, low, high, int_low, int_high = found.groups()
+    if kind == "an integer":
+        op, low, high = ">=", int_low, int_high
+    convert = int if kind == "an integer" else float
+    low_value = convert(low)
+    if op == ">=":
+        assert _file_error(key, low_value) is None, message
+    else:
+        assert _file_error(key, low_value) is not None, message
+        assert _file_error(key, low_value + 0.5) is None, message
+    assert _file_error(key, low_value - 1) is not None, message
+    if high is not None:
+        assert _file_error(key, convert(high)) is None, message
+        assert _file_error(key, convert(high) + 1) is not None, message
+
+
+def test_a_zero_that_means_none_is_in_the_stated_range():
+    assert _file_error("route_ttl_s", -1) == ("matching.route_ttl_s: expected a number >= 0 "
+                                              "(0 = the same as cooldown_s), got -1")
+    assert _file_error("ping_interval_s", -0.5) == ("server.ping_interval_s: expected a number "
+                                                    ">= 0 (0 = no pings), got -0.5")
+    assert _file_error("ping_timeout_s", "1s") == ("server.ping_timeout_s: expected a finite "
+                                                   "number >= 0 (0 = no timeout), got '1s'")
 
 
 def test_a_missing_file_and_a_missing_board_path(tmp_path):

@@ -572,8 +572,10 @@ async def test_80x24_shows_every_peer_column_whole(quiet, data_dir, clock):
                    ChannelOpen(peer=3, local_candidate="relay", remote_candidate="srflx"),
                    TokenStored(peer=3, token=TOKENS[0], expires_at=expiry(5), new=False,
                                match_to_token_s=12.5),
-                   *(MatchFound(peer=n, role="answerer") for n in range(4, 12)))
+                   *(MatchFound(peer=n, role="answerer") for n in range(4, 12)),
+                   *(HandshakeFailed(peer=n, reason="timeout") for n in range(4, 12)))
         assert main.peers.row_count == 11               # more than fit: a scroll bar
+        # Shown (open first, then ended, each by peer number): peer 3, 1 and 2.
         shown = rendered(main.peers)
         assert "State (ICE): why ended" in shown
         for key in ("1", "2", "3"):
@@ -698,6 +700,39 @@ async def test_renewed_ids_show_the_new_session(quiet, data_dir, clock):
         assert session.session_short == engine.session_short
         assert f"Session {engine.session_short}" in rendered(session)
         assert "session and contact IDs renewed on schedule" in log_text(app)
+
+
+async def test_80x24_shows_the_peers_in_contact_above_those_ended_by_a_rotation(
+        quiet, data_dir, clock):
+    # Trial finding: after an ID rotation the "closed: IDs rotated" rows (lower peer numbers)
+    # filled the small table, and the peers met since were below its edge for LINGER_S.
+    app, _ = build(quiet, data_dir, clock=clock)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot, app)
+        main = app.main_screen
+        old = range(1, 9)
+        await post(pilot, app, *(MatchFound(peer=n, role="offerer") for n in old),
+                   *(update(n, 4.0, 90.0) for n in old))
+        await post(pilot, app, *(ContactClosed(peer=n, reason="rotated", contact=CONTACT,
+                                               token_stored=True) for n in old),
+                   IdsRotated(reason="schedule"))
+        await post(pilot, app, MatchFound(peer=9, role="answerer"), update(9, 3.0, 10.0),
+                   MatchFound(peer=10, role="offerer"),
+                   ChannelOpen(peer=10, local_candidate="host", remote_candidate="host"))
+        assert main.peers.row_count == 10 and main.peers.scroll_y == 0
+        shown = rendered(main.peers)
+        assert "closed: IDs rotated" in shown                  # not all ended rows fit
+        assert "peer 8 " not in shown, shown
+        lines = shown.splitlines()
+        first = [n for n, line in enumerate(lines) if "peer " in line]
+        assert "peer 9 " in lines[first[0]] and "open (host)" in lines[first[1]], shown
+        # A contact that ends now moves below those still open.
+        await post(pilot, app, HandshakeFailed(peer=9, reason="timeout"))
+        lines = rendered(main.peers).splitlines()
+        first = [line for line in lines if "peer " in line]
+        assert "peer 10 " in first[0] and "peer 1 " in first[1], lines
+        await tick(pilot, app, clock, LINGER_S)
+        assert [row.key.value for row in main.peers.ordered_rows] == ["10"]
 
 
 @pytest.mark.parametrize(("size", "offered"), [(SMALL, True), (WIDE, False)])
