@@ -1219,7 +1219,7 @@ def test_cli_says_in_one_line_that_the_nmea_log_is_missing(
     assert code == EXIT_USAGE
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert "config error: gps.path: expected an NMEA log file" in lines[0]
+    assert f"config error: {config}: gps.path: expected an NMEA log file" in lines[0]
     assert "no-such-log.nmea" in lines[0] and "Traceback" not in err
     assert "gps_fix" not in out and "gps_lost" not in out
 
@@ -1234,7 +1234,7 @@ def test_cli_says_in_one_line_that_a_gpx_track_is_not_an_nmea_log(
     out, err = capsys.readouterr()
     assert code == EXIT_USAGE
     assert len(err.strip().splitlines()) == 1, err
-    assert "config error: gps.path: expected an NMEA 0183 log (it is a GPX track" in err
+    assert f"config error: {config}: gps.path: expected an NMEA 0183 log (it is a GPX track" in err
     assert "fanny-sim" in err and "gps_fix" not in out and "gps_lost" not in out
 
 
