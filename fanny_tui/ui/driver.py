@@ -22,7 +22,8 @@ instead of failing, and does not resume on SIGCONT. The app exits on SIGHUP thro
 from __future__ import annotations
 
 import os
-from typing import IO, Any
+from io import TextIOWrapper
+from typing import IO, Any, cast
 
 from textual.drivers.linux_driver import LinuxDriver
 
@@ -36,27 +37,30 @@ class TerminalOutput:
     can block.
 
     Args:
-        file: the file Textual would write to (``sys.__stderr__``).
+        file: the file Textual would write to (``sys.__stderr__``; None when the process has
+            no stderr: everything is dropped).
     """
 
-    def __init__(self, file: IO[str]) -> None:
+    def __init__(self, file: IO[str] | None) -> None:
         self._file = file
-        self.gone = False
+        self.gone = file is None
 
     def write(self, text: str) -> int:
         """Write ``text`` (dropped once the terminal is gone). Returns ``len(text)``."""
-        if not self.gone:
+        file = self._file
+        if file is not None and not self.gone:
             try:
-                self._file.write(text)
+                file.write(text)
             except OSError:
                 self.gone = True
         return len(text)
 
     def flush(self) -> None:
         """Flush the file (nothing once the terminal is gone)."""
-        if not self.gone:
+        file = self._file
+        if file is not None and not self.gone:
             try:
-                self._file.flush()
+                file.flush()
             except OSError:
                 self.gone = True
 
@@ -72,7 +76,8 @@ class HangupSafeDriver(LinuxDriver):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.output = TerminalOutput(self._file)
-        self._file = self.output
+        # Textual's writer thread only calls write(), flush() and fileno() on it.
+        self._file = cast("TextIOWrapper", self.output)
 
     @property
     def terminal_gone(self) -> bool:
