@@ -21,7 +21,11 @@ token store, a mistyped ``--data-dir``: nothing is created; ``tokens`` on a data
 that does not exist); 130 interrupted (SIGINT before the
 engine ran); 141 (128 + SIGPIPE, as Unix tools killed by SIGPIPE) when stdout was closed by its
 reader (``fanny-tui --headless | head -n 2``): the engine is stopped cleanly, nothing more is
-printed. The run and ``declare-positive`` hold the data directory's lock
+printed. The app stops cleanly on SIGINT, SIGTERM or SIGHUP (its terminal closed) and exits
+128 + N (130, 143, 129); if its shutdown takes more than a few seconds after the signal, or a
+second signal comes meanwhile, the process ends at once (:mod:`fanny_tui.stopping`; nothing is
+lost: the store commits as it goes). ``--headless`` stops its engine on the same signals and
+exits 0. The run and ``declare-positive`` hold the data directory's lock
 (:mod:`fanny_tui.datadir`); ``tokens`` only reads. Without ``--config`` and without the default
 config file, the run and ``declare-positive`` say once on stderr (and the app in a
 notification) that they use the defaults, with the path they looked for.
@@ -33,7 +37,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -50,6 +53,8 @@ from .events import Event, SessionStarted, to_json_dict
 from .pipe import EXIT_BROKEN_PIPE as EXIT_BROKEN_PIPE
 from .pipe import silence_stdout
 from .protocol import validate
+from .stopping import STOP_SIGNALS as STOP_SIGNALS
+from .stopping import StopSignals
 from .store import StoreError, TokenStore
 
 if TYPE_CHECKING:
@@ -259,8 +264,6 @@ class JsonLinesOut:
             self._on_broken()
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-"""Signals on which a headless run stops its engine cleanly (SIGHUP: the terminal closed)."""
 
 
 async def run_headless(engine: Engine) -> int:
@@ -321,8 +324,20 @@ def _cmd_run(config: Config, data_dir: Path, headless: bool, log_level: str,
     except OSError as exc:
         raise UsageError(f"cannot use the data directory {data_dir}: "
                          f"{exc.strerror or exc}") from None
-    app = _app_around(engine, notice)
-    app.run()
+    return asyncio.run(run_app(_app_around(engine, notice)))
+
+
+async def run_app(app: App[None]) -> int:
+    """Run the app until it quits, or until SIGINT, SIGTERM or SIGHUP (the terminal closed),
+    which stop it as ``q`` does, within a bounded time (:class:`~fanny_tui.stopping.StopSignals`).
+
+    Returns:
+        The exit code: the app's, or 128 + N after signal N.
+    """
+    with StopSignals(asyncio.get_running_loop(), lambda signum: app.exit()) as signals:
+        await app.run_async()
+    if signals.signum is not None:
+        return 128 + signals.signum
     return int(app.return_code or 0)
 
 

@@ -15,8 +15,10 @@ with ``--headless`` (``fanny-tui demo: broker ws://127.0.0.1:PORT, declaration c
 demo: XXXX-XXXX-XXXX-XXXX ...``; stdout stays JSON lines only).
 
 Everything lives in a temporary directory removed at exit, however the demo ends: quit, Ctrl-C,
-SIGTERM, SIGHUP (the terminal closed) or a closed stdout (``--headless | head -3``). The demo
-never touches the tester's real token store.
+SIGTERM, SIGHUP (the terminal closed) or a closed stdout (``--headless | head -3``); a shutdown
+still running a few seconds after a signal, or a second signal meanwhile, removes it and ends
+the process at once (:mod:`fanny_tui.stopping`). The demo never touches the tester's real token
+store.
 
 Exit codes: the app's (0 after ``q``); headless, 0 once the exposure alert came, 1 when
 ``--duration`` ran out before it; 141 (128 + SIGPIPE) when stdout was closed; 128 + N when
@@ -45,6 +47,7 @@ from .config import Config, parse_config
 from .events import Event, ExposureAlert, TokenStored
 from .protocol import validate
 from .protocol.proximity import EARTH_RADIUS_M
+from .stopping import StopSignals
 
 if TYPE_CHECKING:
     from .engine import Engine  # imported when the demo runs (run_demo)
@@ -133,8 +136,11 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
 
     loop = asyncio.get_running_loop()
     stop = _Stop()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.on_signal, sig)
+    # Python-level handlers with a watchdog: a shutdown stuck after the signal (the terminal
+    # gone) still removes the temp dir and ends (fanny_tui.stopping).
+    signals = StopSignals(loop, stop.on_signal, name="fanny-tui demo",
+                          cleanup=lambda: shutil.rmtree(root, ignore_errors=True))
+    signals.install()
     db = root / "broker.sqlite3"
     await asyncio.to_thread(create_board, db)  # as `fanny-broker create-board` does
     settings = BrokerSettings(host="127.0.0.1", port=0, db_path=db, cooldown_s=120.0,
@@ -210,6 +216,7 @@ async def _run(devices: int, headless: bool, duration_s: float | None, root: Pat
     finally:
         for notice in stopping:                # the broker has stopped too by now
             notice.cancel()
+        signals.restore()
 
 
 async def _run_app(tester: Engine, hint: str, stop: _Stop, duration_s: float | None) -> int:

@@ -264,3 +264,69 @@ def test_no_two_walkers_start_at_one_spot(devices):
     # The tester and any device stay within the demo's radius: the demo still matches.
     radius = demo_config("ws://127.0.0.1:1").protocol.radius_m
     assert radius >= WALK_START_OFFSET_M + 2 * WALK_RADIUS_M
+
+
+DOWN = b"\x1b[B"
+
+
+def _hang_up_after_keys(fd: int, first: bytes, repeat: bytes, for_s: float) -> float:
+    """Type ``first``, then ``repeat`` again and again for ``for_s`` seconds, never reading
+    what the app draws (a terminal that stopped reading, as tmux being killed: the app's
+    writes back up), then close the terminal (the pty master: the kernel hangs the tty up,
+    SIGHUP and SIGCONT to the session leader). Returns the monotonic time of the hangup."""
+    os.write(fd, first)
+    deadline = time.monotonic() + for_s
+    while time.monotonic() < deadline:
+        _, writable, _ = select.select([], [fd], [], 0.05)
+        if writable:
+            os.write(fd, repeat)
+        time.sleep(0.02)
+    started = time.monotonic()
+    os.close(fd)
+    return started
+
+
+def _exit_status_within(pid: int, timeout: float) -> int | None:
+    """The child's wait status once it exits, or None if it still runs after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    return None
+
+
+@pytest.mark.parametrize("first", [b"?", DOWN])
+def test_the_demo_app_ends_when_its_terminal_closes(tmp_path, first):
+    """Trial (4 runs in 5): ``tmux new -d -x 80 -y 24 "./kit demo"``, 60x Down (after ``?`` or
+    not), ``tmux kill-session``: the demo stayed alive with no terminal, deaf to SIGTERM, and
+    kept its temp dir (Textual's writer thread died at the first EIO, its full queue blocked
+    the shutdown). The same in a pty, whose output nobody reads while Down keys come (``?``:
+    the help screen scrolls): the demo exits 129 (SIGHUP) within seconds, nothing left."""
+    env = {**_env(tmp_path), "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
+    pid, fd = pty.fork()
+    if pid == 0:                                           # the child: the demo, in the pty
+        os.chdir(tmp_path)
+        os.execve(str(BIN / "fanny-tui"), [str(BIN / "fanny-tui"), "demo"], env)
+    status: int | None = None
+    closed = False
+    try:
+        screen = _read_screen(fd, b"FANNY field kit: demo", 30 * TIME_UNIT)
+        assert b"FANNY field kit: demo" in screen, screen[-2000:]
+        _read_screen(fd, b"\0never\0", 2.0 * TIME_UNIT)   # matches, handshakes, tokens start
+        started = _hang_up_after_keys(fd, first, DOWN * 10, 1.5 * TIME_UNIT)
+        closed = True
+        status = _exit_status_within(pid, 30 * TIME_UNIT)
+        elapsed = time.monotonic() - started
+        assert status is not None, "the demo still runs after its terminal closed"
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if not closed:
+            os.close(fd)
+    print(f"demo ended {elapsed:.2f} s after the hangup")
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP
+    assert elapsed < QUICK_S * TIME_UNIT, f"ending took {elapsed:.1f} s"
+    assert _left_behind(tmp_path) == []

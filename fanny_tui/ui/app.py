@@ -16,6 +16,7 @@ from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.css.query import NoMatches
+from textual.driver import Driver
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.worker import Worker, WorkerCancelled, WorkerFailed, WorkerState
@@ -117,6 +118,18 @@ class FannyApp(App[None]):
     def engine_worker(self) -> Worker[None] | None:
         """The worker running :meth:`Engine.run` (None before the main screen is up)."""
         return self._worker
+
+    def get_driver_class(self) -> type[Driver]:
+        """Textual's driver for this platform; on Linux and macOS one that survives a closed
+        terminal (:class:`~fanny_tui.ui.driver.HangupSafeDriver`)."""
+        from textual.drivers.linux_driver import LinuxDriver
+
+        driver_class = super().get_driver_class()
+        if driver_class is LinuxDriver:
+            from .driver import HangupSafeDriver
+
+            return HangupSafeDriver
+        return driver_class
 
     def get_default_screen(self) -> Screen[None]:
         """The main screen is the first screen."""
