@@ -46,6 +46,7 @@ from ..events import (
 )
 from ..protocol.proximity import haversine_m
 from ..store import TokenStore
+from .history import History
 from .metrics import CloseRecall, Metrics, close_recall, detections, evaluate
 from .scenario import (
     NOISE_KEYS,
@@ -234,6 +235,10 @@ class PairReport:
         measured_within_s / measured_closest_m: the largest time within the radius and the
             smallest closest distance the two devices' stored contacts carried
             (``TokenStored.contact``, scenario seconds and metres; None: no measure).
+        history: the pair's matches as the engines saw them, in order of time
+            (:meth:`~fanny_tui.sim.history.History.pairs`: per match its scenario second,
+            channel open or failure reason, token, close reason and second, measures at the
+            close; ``{device: value}`` where the two sides differ).
     """
 
     pair: Pair
@@ -246,6 +251,7 @@ class PairReport:
     measured_within_s: float | None = None
     measured_closest_m: float | None = None
     close: bool | None = None
+    history: tuple[dict[str, Any], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready record (metres to 0.1, seconds to 1)."""
@@ -258,11 +264,14 @@ class PairReport:
                 "true_longest_s": r(self.true_longest_s, 0),
                 "first_token_s": r(self.first_token_s, 0),
                 "measured_within_s": r(self.measured_within_s, 0),
-                "measured_closest_m": r(self.measured_closest_m, 1)}
+                "measured_closest_m": r(self.measured_closest_m, 1),
+                "history": list(self.history)}
 
 
 def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair, float],
-                 measured: Mapping[Pair, Sequence[Contact]]) -> tuple[PairReport, ...]:
+                 measured: Mapping[Pair, Sequence[Contact]],
+                 history: Mapping[Pair, Sequence[dict[str, Any]]] | None = None
+                 ) -> tuple[PairReport, ...]:
     """The :class:`PairReport` of every detected pair and every missed true pair.
 
     Args:
@@ -271,6 +280,7 @@ def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair
         first_token: per detected pair, its first token (from :func:`detections`).
         measured: per detected pair, the contact measures stored with its tokens, in
             scenario seconds (either device's).
+        history: per pair, its matches (from :meth:`~fanny_tui.sim.history.History.pairs`).
     """
     tracks = {t.name: t for t in scenario.tracks}
     true_pairs = set(metrics.missed_pairs) | (set(first_token) - set(metrics.false_pairs))
@@ -296,7 +306,8 @@ def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair
             true_within_s=sum(spans), true_longest_s=max(spans, default=0.0),
             first_token_s=first_token.get(key),
             measured_within_s=max(durations) if durations else None,
-            measured_closest_m=min(closest) if closest else None, close=close))
+            measured_closest_m=min(closest) if closest else None, close=close,
+            history=tuple((history or {}).get(key, ()))))
     return tuple(out)
 
 
@@ -483,6 +494,8 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
     clock = SimClock(speed)
     observations = [model.observe(track, scenario.duration_s, f"{scenario.seed}:{track.name}")
                     for track in scenario.tracks]
+    history = History(clock.now_s, speed,
+                      position_interval_s=protocol["position_interval_s"] * speed)
     workdir.mkdir(parents=True, exist_ok=True)
     broker_settings = BrokerSettings(
         host="127.0.0.1", port=0, db_path=workdir / "broker.sqlite3",
@@ -504,6 +517,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
             engine = Engine(config, data_dir, source=source)
             recorder = _Recorder(clock)
             engine.subscribe(recorder)
+            engine.subscribe(history.recorder(track.name))
             sources.append(source)
             recorders.append(recorder)
             dirs.append(data_dir)
@@ -561,7 +575,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         tokens=len({t for tokens in stored.values() for t in tokens}),
         match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)),
         closes=dict(closes), rotations=dict(rotations),
-        pairs=pair_reports(scenario, metrics, first_token, measured),
+        pairs=pair_reports(scenario, metrics, first_token, measured, history.pairs()),
         close=judge_close(scenario, first_token))
 
 

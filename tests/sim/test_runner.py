@@ -132,6 +132,14 @@ async def test_a_small_scenario_with_real_engines_finds_the_one_true_pair(small_
     assert report.first_token_s == m.latencies_s[0]
     assert report.measured_closest_m is not None and report.measured_closest_m < 10.0
     assert record["pairs"][0]["pair"] == ["a", "b"]
+    # the pair's history from the engines' events: the match that made the token, its channel
+    # opened on both sides, and the contact's measures at the close (the end of the run)
+    first = report.history[0]
+    assert 0.0 <= first["match_s"] <= first["channel_s"] <= first["token_s"]
+    assert first["role"] in ({"a": "initiator", "b": "responder"},
+                             {"a": "responder", "b": "initiator"})
+    assert first["failure"] is None and first["token_s"] <= report.first_token_s + 1
+    assert record["pairs"][0]["history"] == list(report.history)
     # the closer tier ([truth] close_radius_m = 5): a and b, 3 m apart, are a close pair
     assert report.close is True and result.close is not None
     assert (result.close.true_pairs, result.close.hits, result.close.recall) == (1, 1, 1.0)
