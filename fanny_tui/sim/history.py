@@ -1,4 +1,4 @@
-"""Each pair's history in one run, as the engines saw it (``fanny-sim --json``: ``pairs[].history``).
+"""Each pair's history in a run, as the engines saw it: ``pairs[].history`` of ``fanny-sim --json``.
 
 Per match of a pair: the scenario second of the match, when the data channel opened or why the
 exchange failed, when the token was stored, why and when the channel closed, and the contact's
