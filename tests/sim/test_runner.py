@@ -10,6 +10,7 @@ from fanny_tui.config import ConfigError
 from fanny_tui.events import Contact, ContactClosed, IdsRotated, MatchFound, TokenStored
 from fanny_tui.sim.metrics import evaluate
 from fanny_tui.sim.runner import (
+    BROKER_COOLDOWN_S,
     SimError,
     _Recorder,
     device_config,
@@ -20,6 +21,7 @@ from fanny_tui.sim.runner import (
     prepare,
     run_scenario,
     scenario_truth,
+    simulated_broker,
     split_settings,
 )
 from fanny_tui.sim.scenario import Scenario, TruthSpec, load_scenario
@@ -77,11 +79,25 @@ def test_a_speed_that_pushes_a_setting_out_of_range_is_said_in_terms_of_the_spee
         device_protocol({"max_speed_mps": 2000.0}, {}, speed=1.0)
 
 
+def test_the_brokers_cooldown_is_swept_in_scenario_seconds_and_scaled(tmp_path):
+    protocol = device_protocol({}, {}, 10.0)
+    default = simulated_broker(tmp_path / "b.sqlite3", protocol, 10.0)
+    assert default.cooldown_s == BROKER_COOLDOWN_S / 10.0 == 30.0
+    _, _, _, broker = split_settings({"cooldown_s": 60.0})
+    swept = simulated_broker(tmp_path / "b.sqlite3", protocol, 10.0, **broker)
+    assert swept.cooldown_s == 6.0 and swept.host == "127.0.0.1"
+    assert swept.max_speed_mps == protocol["max_speed_mps"] == 300.0
+
+
 def test_settings_are_split_into_protocol_noise_and_privacy_keys():
-    assert split_settings({"radius_m": 15, "sigma_m": 3, "rotation_interval_s": 300}) == (
-        {"radius_m": 15.0}, {"sigma_m": 3.0}, {"rotation_interval_s": 300.0})
+    assert split_settings({"radius_m": 15, "sigma_m": 3, "rotation_interval_s": 300,
+                           "cooldown_s": 60}) == (
+        {"radius_m": 15.0}, {"sigma_m": 3.0}, {"rotation_interval_s": 300.0},
+        {"cooldown_s": 60.0})
     with pytest.raises(SimError, match="radius: not a setting"):
         split_settings({"radius": 15})
+    with pytest.raises(SimError, match="cooldown_s: expected a number of seconds > 0"):
+        split_settings({"cooldown_s": 0})
 
 
 def test_the_sweep_is_the_cartesian_product_in_order():
