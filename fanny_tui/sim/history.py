@@ -194,6 +194,13 @@ class History:
                 continue   # the other side could be another device's peer as well
             side.peer, other.peer = other.device, side.device
 
+    def unlinked(self) -> int:
+        """How many exchanges (one device's side of a match) no device could be told for
+        (they are in no pair's history)."""
+        self._link()
+        return sum(1 for sides in self._sides.values() for side in sides.values()
+                   if side.peer is None)
+
     def pairs(self) -> dict[Pair, list[dict[str, Any]]]:
         """Per pair of devices, its matches in order of time, each a merged record (see the
         module docstring); exchanges whose peer could not be told are left out."""

@@ -405,6 +405,8 @@ class RunResult:
             what the devices measured), sorted by pair.
         close: the recall on the close pairs (``[truth] close_radius_m``); None: no closer
             tier.
+        unlinked: exchanges (one device's side of a match) whose other device could not be
+            told from the events, so in no pair's ``history``.
     """
 
     scenario: str
@@ -428,6 +430,7 @@ class RunResult:
     rotations: dict[str, int] = field(default_factory=dict)
     pairs: tuple[PairReport, ...] = ()
     close: CloseRecall | None = None
+    unlinked: int = 0
 
     @property
     def cpu_percent(self) -> float:
@@ -448,6 +451,7 @@ class RunResult:
                 "closes": self.closes, "rotations": self.rotations,
                 "pairs": [p.as_dict() for p in self.pairs],
                 "close": None if self.close is None else self.close.as_dict(),
+                "unlinked": self.unlinked,
                 "late_fixes": self.late_fixes, "real_s": round(self.real_s, 2),
                 "cpu_s": round(self.cpu_s, 2), "cpu_percent": round(self.cpu_percent, 1)}
 
@@ -600,7 +604,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)),
         closes=dict(closes), rotations=dict(rotations),
         pairs=pair_reports(scenario, metrics, first_token, measured, history.pairs()),
-        close=judge_close(scenario, first_token))
+        close=judge_close(scenario, first_token), unlinked=history.unlinked())
 
 
 async def _all_connected(engines: Sequence[Any], tasks: Sequence[asyncio.Task[None]],

@@ -102,7 +102,7 @@ def test_a_side_whose_peer_cannot_be_told_is_left_out_and_one_side_alone_is_name
     a(MatchFound(peer=1, role="initiator"))
     b(MatchFound(peer=1, role="responder"))
     c(MatchFound(peer=1, role="responder"))
-    assert history.pairs() == {}
+    assert history.pairs() == {} and history.unlinked() == 3
     # a sample of a's explained by c's fix alone: the pair a-c, with b's side not known
     clock.t = 100.0
     fa, fc = fix(0, 0.5), fix(0, 2.5)
@@ -113,6 +113,7 @@ def test_a_side_whose_peer_cannot_be_told_is_left_out_and_one_side_alone_is_name
     a(update(2, fa, fc))
     [record] = history.pairs()[("a", "c")]
     assert record["match_s"] == {"a": 100.0} and record["role"] == {"a": "initiator"}
+    assert history.unlinked() == 3
 
 
 def test_a_token_stored_on_both_devices_links_two_sides_without_samples():
