@@ -10,7 +10,8 @@ device's token store.
 Time compression (``speed`` = K): the tracks play K times faster. Divided by K: every protocol
 duration given to the engines (``position_interval_s``, ``min_contact_s``, ``contact_gap_s``,
 ``max_contact_s``, ``poll_interval_s``), the ID rotation interval (``[privacy]
-rotation_interval_s``) and the broker's match cool-down, position time-out and housekeeping
+rotation_interval_s``) and the broker's match cool-down (300 s, or ``--sweep cooldown_s``),
+position time-out and housekeeping
 interval. Multiplied by K: ``max_speed_mps`` (the devices' and the broker's, which applies the
 devices' value) and the broker's position rate limit. Times measured on the engines are
 multiplied back by K: every figure reported is in scenario seconds. What is not compressed: the
@@ -46,6 +47,7 @@ from ..events import (
 )
 from ..protocol.proximity import haversine_m
 from ..store import TokenStore
+from .history import History
 from .metrics import CloseRecall, Metrics, close_recall, detections, evaluate
 from .scenario import (
     NOISE_KEYS,
@@ -64,8 +66,13 @@ log = logging.getLogger(__name__)
 #: The devices' [privacy] keys ``--sweep`` may vary (scenario seconds, divided by the speed).
 PRIVACY_KEYS = ("rotation_interval_s",)
 
-#: The settings ``--sweep`` may vary: the devices' [protocol] and [privacy] keys, the [noise] keys.
-SWEEP_KEYS = PROTOCOL_KEYS + PRIVACY_KEYS + NOISE_KEYS
+#: The broker's [matching] keys ``--sweep`` may vary (scenario seconds, divided by the speed):
+#: ``cooldown_s``, how long after a match the same pair is not matched again.
+BROKER_KEYS = ("cooldown_s",)
+
+#: The settings ``--sweep`` may vary: the devices' [protocol] and [privacy] keys, the [noise]
+#: keys and the broker's [matching] keys.
+SWEEP_KEYS = PROTOCOL_KEYS + PRIVACY_KEYS + NOISE_KEYS + BROKER_KEYS
 
 #: Protocol durations divided by the speed (scenario seconds -> real seconds).
 SCALED_DURATIONS = ("position_interval_s", "poll_interval_s", "min_contact_s", "contact_gap_s",
@@ -85,14 +92,15 @@ class SimError(Exception):
     """A run could not be carried out (one line saying why)."""
 
 
-def split_settings(settings: Mapping[str, float]
-                   ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """Split ``--sweep``/override settings into (protocol, noise, privacy) keys.
+def split_settings(settings: Mapping[str, float]) -> tuple[
+        dict[str, float], dict[str, float], dict[str, float], dict[str, float]]:
+    """Split ``--sweep``/override settings into (protocol, noise, privacy, broker) keys.
 
     Raises:
-        SimError: an unknown key (one line listing the known ones).
+        SimError: an unknown key (one line listing the known ones), or a broker key that is
+            not a number > 0 (named).
     """
-    protocol, noise, privacy = {}, {}, {}
+    protocol, noise, privacy, broker = {}, {}, {}, {}
     for key, value in settings.items():
         if key in PROTOCOL_KEYS:
             protocol[key] = float(value)
@@ -100,10 +108,14 @@ def split_settings(settings: Mapping[str, float]
             noise[key] = float(value)
         elif key in PRIVACY_KEYS:
             privacy[key] = float(value)
+        elif key in BROKER_KEYS:
+            if not (math.isfinite(float(value)) and float(value) > 0):
+                raise SimError(f"{key}: expected a number of seconds > 0, got {value!r}")
+            broker[key] = float(value)
         else:
             raise SimError(f"{key}: not a setting fanny-sim can vary; known: "
                            f"{', '.join(SWEEP_KEYS)}")
-    return protocol, noise, privacy
+    return protocol, noise, privacy, broker
 
 
 def device_protocol(scenario_protocol: Mapping[str, float], overrides: Mapping[str, float],
@@ -177,7 +189,7 @@ def prepare(scenario: Scenario, settings: Mapping[str, float], speed: float | No
     speed = float(scenario.speed if speed is None else speed)
     if not speed > 0:
         raise SimError(f"--speed: expected a number > 0, got {speed!r}")
-    protocol_over, noise_over, privacy_over = split_settings(settings)
+    protocol_over, noise_over, privacy_over, _ = split_settings(settings)
     speed_name = "--speed" if given else f"{scenario.name}: [scenario] speed"
     try:
         noise = parse_noise({**asdict(scenario.noise), **noise_over})
@@ -208,6 +220,23 @@ def device_config(broker_url: str, protocol: Mapping[str, float], speed: float,
     })
 
 
+def simulated_broker(db_path: Path, protocol: Mapping[str, float], speed: float,
+                     cooldown_s: float = BROKER_COOLDOWN_S) -> Any:
+    """The ``BrokerSettings`` of a run's broker: loopback, a free port, SQLite at ``db_path``,
+    open declarations; its time settings (scenario seconds: ``cooldown_s``, the match
+    cool-down, default :data:`BROKER_COOLDOWN_S`) divided by ``speed``, its position rate
+    multiplied by it, and the devices' scaled ``max_speed_mps`` (from ``protocol``, the
+    table of :func:`device_protocol`)."""
+    from broker.server import BrokerSettings
+
+    return BrokerSettings(
+        host="127.0.0.1", port=0, db_path=db_path, cooldown_s=cooldown_s / speed,
+        position_timeout_s=BROKER_POSITION_TIMEOUT_S / speed,
+        housekeeping_interval_s=BROKER_HOUSEKEEPING_S / speed,
+        position_rate_per_s=BROKER_POSITION_RATE_PER_S * speed, open_declarations=True,
+        max_speed_mps=protocol["max_speed_mps"], upload_answer_delay_s=0.0)
+
+
 def grid(sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
     """The cartesian product of a sweep, in the order given (one empty setting if none)."""
     keys = list(sweep)
@@ -234,6 +263,10 @@ class PairReport:
         measured_within_s / measured_closest_m: the largest time within the radius and the
             smallest closest distance the two devices' stored contacts carried
             (``TokenStored.contact``, scenario seconds and metres; None: no measure).
+        history: the pair's matches as the engines saw them, in order of time
+            (:meth:`~fanny_tui.sim.history.History.pairs`: per match its scenario second,
+            channel open or failure reason, token, close reason and second, measures at the
+            close; ``{device: value}`` where the two sides differ).
     """
 
     pair: Pair
@@ -246,6 +279,7 @@ class PairReport:
     measured_within_s: float | None = None
     measured_closest_m: float | None = None
     close: bool | None = None
+    history: tuple[dict[str, Any], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready record (metres to 0.1, seconds to 1)."""
@@ -258,11 +292,14 @@ class PairReport:
                 "true_longest_s": r(self.true_longest_s, 0),
                 "first_token_s": r(self.first_token_s, 0),
                 "measured_within_s": r(self.measured_within_s, 0),
-                "measured_closest_m": r(self.measured_closest_m, 1)}
+                "measured_closest_m": r(self.measured_closest_m, 1),
+                "history": list(self.history)}
 
 
 def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair, float],
-                 measured: Mapping[Pair, Sequence[Contact]]) -> tuple[PairReport, ...]:
+                 measured: Mapping[Pair, Sequence[Contact]],
+                 history: Mapping[Pair, Sequence[dict[str, Any]]] | None = None
+                 ) -> tuple[PairReport, ...]:
     """The :class:`PairReport` of every detected pair and every missed true pair.
 
     Args:
@@ -271,6 +308,7 @@ def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair
         first_token: per detected pair, its first token (from :func:`detections`).
         measured: per detected pair, the contact measures stored with its tokens, in
             scenario seconds (either device's).
+        history: per pair, its matches (from :meth:`~fanny_tui.sim.history.History.pairs`).
     """
     tracks = {t.name: t for t in scenario.tracks}
     true_pairs = set(metrics.missed_pairs) | (set(first_token) - set(metrics.false_pairs))
@@ -296,7 +334,8 @@ def pair_reports(scenario: Scenario, metrics: Metrics, first_token: Mapping[Pair
             true_within_s=sum(spans), true_longest_s=max(spans, default=0.0),
             first_token_s=first_token.get(key),
             measured_within_s=max(durations) if durations else None,
-            measured_closest_m=min(closest) if closest else None, close=close))
+            measured_closest_m=min(closest) if closest else None, close=close,
+            history=tuple((history or {}).get(key, ()))))
     return tuple(out)
 
 
@@ -366,6 +405,8 @@ class RunResult:
             what the devices measured), sorted by pair.
         close: the recall on the close pairs (``[truth] close_radius_m``); None: no closer
             tier.
+        unlinked: exchanges (one device's side of a match) whose other device could not be
+            told from the events, so in no pair's ``history``.
     """
 
     scenario: str
@@ -389,6 +430,7 @@ class RunResult:
     rotations: dict[str, int] = field(default_factory=dict)
     pairs: tuple[PairReport, ...] = ()
     close: CloseRecall | None = None
+    unlinked: int = 0
 
     @property
     def cpu_percent(self) -> float:
@@ -409,6 +451,7 @@ class RunResult:
                 "closes": self.closes, "rotations": self.rotations,
                 "pairs": [p.as_dict() for p in self.pairs],
                 "close": None if self.close is None else self.close.as_dict(),
+                "unlinked": self.unlinked,
                 "late_fixes": self.late_fixes, "real_s": round(self.real_s, 2),
                 "cpu_s": round(self.cpu_s, 2), "cpu_percent": round(self.cpu_percent, 1)}
 
@@ -457,8 +500,8 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         scenario: the loaded scenario.
         workdir: an empty directory for the broker's SQLite file and the devices' stores.
         speed: time compression K (default: the scenario's ``speed``).
-        settings: protocol, privacy or noise keys overriding the scenario's (see
-            :data:`SWEEP_KEYS`).
+        settings: protocol, privacy, noise or broker keys overriding the scenario's or the
+            broker's defaults (see :data:`SWEEP_KEYS`).
         connect_timeout_s: real seconds to wait for every engine to reach the broker.
 
     Returns:
@@ -471,25 +514,23 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
     # i.e. seconds of scenario time at speed K. Import it before the clock starts.
     import aiortc  # noqa: F401
 
-    from broker.server import BrokerSettings, start_broker
+    from broker.server import start_broker
 
     from ..engine import Engine
 
     settings = dict(settings or {})
     speed, protocol, noise = prepare(scenario, settings, speed)
-    protocol_over, _, privacy_over = split_settings(settings)
+    protocol_over, _, privacy_over, broker_over = split_settings(settings)
     model = NoiseModel(noise)
     contacts = scenario_truth(scenario)
     clock = SimClock(speed)
     observations = [model.observe(track, scenario.duration_s, f"{scenario.seed}:{track.name}")
                     for track in scenario.tracks]
+    history = History(clock.now_s, speed,
+                      position_interval_s=protocol["position_interval_s"] * speed)
     workdir.mkdir(parents=True, exist_ok=True)
-    broker_settings = BrokerSettings(
-        host="127.0.0.1", port=0, db_path=workdir / "broker.sqlite3",
-        cooldown_s=BROKER_COOLDOWN_S / speed, position_timeout_s=BROKER_POSITION_TIMEOUT_S / speed,
-        housekeeping_interval_s=BROKER_HOUSEKEEPING_S / speed,
-        position_rate_per_s=BROKER_POSITION_RATE_PER_S * speed, open_declarations=True,
-        max_speed_mps=protocol["max_speed_mps"], upload_answer_delay_s=0.0)
+    broker_settings = simulated_broker(workdir / "broker.sqlite3", protocol, speed,
+                                       **broker_over)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     sources: list[TrackSource] = []
     recorders: list[_Recorder] = []
@@ -504,6 +545,7 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
             engine = Engine(config, data_dir, source=source)
             recorder = _Recorder(clock)
             engine.subscribe(recorder)
+            engine.subscribe(history.recorder(track.name))
             sources.append(source)
             recorders.append(recorder)
             dirs.append(data_dir)
@@ -561,8 +603,8 @@ async def run_scenario(scenario: Scenario, workdir: Path, *, speed: float | None
         tokens=len({t for tokens in stored.values() for t in tokens}),
         match_to_token_s=tuple(sorted(s for r in recorders for s in r.match_to_token_s)),
         closes=dict(closes), rotations=dict(rotations),
-        pairs=pair_reports(scenario, metrics, first_token, measured),
-        close=judge_close(scenario, first_token))
+        pairs=pair_reports(scenario, metrics, first_token, measured, history.pairs()),
+        close=judge_close(scenario, first_token), unlinked=history.unlinked())
 
 
 async def _all_connected(engines: Sequence[Any], tasks: Sequence[asyncio.Task[None]],

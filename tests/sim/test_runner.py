@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,7 @@ from fanny_tui.config import ConfigError
 from fanny_tui.events import Contact, ContactClosed, IdsRotated, MatchFound, TokenStored
 from fanny_tui.sim.metrics import evaluate
 from fanny_tui.sim.runner import (
+    BROKER_COOLDOWN_S,
     SimError,
     _Recorder,
     device_config,
@@ -20,6 +22,7 @@ from fanny_tui.sim.runner import (
     prepare,
     run_scenario,
     scenario_truth,
+    simulated_broker,
     split_settings,
 )
 from fanny_tui.sim.scenario import Scenario, TruthSpec, load_scenario
@@ -77,11 +80,25 @@ def test_a_speed_that_pushes_a_setting_out_of_range_is_said_in_terms_of_the_spee
         device_protocol({"max_speed_mps": 2000.0}, {}, speed=1.0)
 
 
+def test_the_brokers_cooldown_is_swept_in_scenario_seconds_and_scaled(tmp_path):
+    protocol = device_protocol({}, {}, 10.0)
+    default = simulated_broker(tmp_path / "b.sqlite3", protocol, 10.0)
+    assert default.cooldown_s == BROKER_COOLDOWN_S / 10.0 == 30.0
+    _, _, _, broker = split_settings({"cooldown_s": 60.0})
+    swept = simulated_broker(tmp_path / "b.sqlite3", protocol, 10.0, **broker)
+    assert swept.cooldown_s == 6.0 and swept.host == "127.0.0.1"
+    assert swept.max_speed_mps == protocol["max_speed_mps"] == 300.0
+
+
 def test_settings_are_split_into_protocol_noise_and_privacy_keys():
-    assert split_settings({"radius_m": 15, "sigma_m": 3, "rotation_interval_s": 300}) == (
-        {"radius_m": 15.0}, {"sigma_m": 3.0}, {"rotation_interval_s": 300.0})
+    assert split_settings({"radius_m": 15, "sigma_m": 3, "rotation_interval_s": 300,
+                           "cooldown_s": 60}) == (
+        {"radius_m": 15.0}, {"sigma_m": 3.0}, {"rotation_interval_s": 300.0},
+        {"cooldown_s": 60.0})
     with pytest.raises(SimError, match="radius: not a setting"):
         split_settings({"radius": 15})
+    with pytest.raises(SimError, match="cooldown_s: expected a number of seconds > 0"):
+        split_settings({"cooldown_s": 0})
 
 
 def test_the_sweep_is_the_cartesian_product_in_order():
@@ -132,6 +149,18 @@ async def test_a_small_scenario_with_real_engines_finds_the_one_true_pair(small_
     assert report.first_token_s == m.latencies_s[0]
     assert report.measured_closest_m is not None and report.measured_closest_m < 10.0
     assert record["pairs"][0]["pair"] == ["a", "b"]
+    # the pair's history from the engines' events: the match that made the token, its channel
+    # opened on both sides, and the contact's measures at the close (the end of the run)
+    # (a second the two sides round apart is given per device: each() takes both)
+    first = report.history[0]
+    match_s, channel_s, token_s = (each(first[k]) for k in ("match_s", "channel_s", "token_s"))
+    assert min(match_s) >= 0.0 and max(match_s) <= min(channel_s) + 1
+    assert max(channel_s) <= min(token_s) + 1 and max(token_s) <= report.first_token_s + 1
+    assert first["role"] in ({"a": "initiator", "b": "responder"},
+                             {"a": "responder", "b": "initiator"})
+    assert first["failure"] is None
+    assert record["pairs"][0]["history"] == list(report.history)
+    assert result.unlinked == 0 == record["unlinked"]   # every exchange's peer was told
     # the closer tier ([truth] close_radius_m = 5): a and b, 3 m apart, are a close pair
     assert report.close is True and result.close is not None
     assert (result.close.true_pairs, result.close.hits, result.close.recall) == (1, 1, 1.0)
@@ -140,6 +169,11 @@ async def test_a_small_scenario_with_real_engines_finds_the_one_true_pair(small_
     # nothing rotates in 150 s (the interval is 900 s), and no contact was cut by a rotation
     assert result.rotations == {}
     assert set(result.closes) <= {"stopped", "peer_closed", "channel_lost"}, result.closes
+
+
+def each(value: Any) -> list[Any]:
+    """The values of a history field: one, or one per device where the two sides differ."""
+    return list(value.values()) if isinstance(value, dict) else [value]
 
 
 def test_the_recorder_counts_closes_and_rotations_and_scales_measures_back():
