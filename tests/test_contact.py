@@ -119,6 +119,27 @@ def test_no_sample_without_an_own_fix() -> None:
     assert sample is not None and sample.verdict == "in" and sample.samples == 1
 
 
+def test_no_sample_while_this_device_has_lost_its_fix() -> None:
+    """A device whose receiver lost the fix does not measure the peer against its last known
+    position (it may have walked away: the sim's queue-02 counted 323 s within the radius
+    against its peer's 238 s after leaving with no fix); samples resume with a fix, and the
+    jump rule keeps its anchor across the loss."""
+    m = meter(gap=10.0)
+    m.own(at(0), 0.0)
+    assert m.peer(at(2), 1.0) is not None
+    assert m.own(None, 2.0) is False
+    for t in (3.0, 4.0, 5.0):
+        assert m.peer(at(2), t) is None
+    assert m.within_s == 0.0 and m.measures().samples == 1
+    assert m.own(at(0.5), 6.0)                   # the fix is back, 0.5 m from the last one
+    sample = m.peer(at(2), 7.0)
+    assert sample is not None and sample.verdict == "in" and sample.samples == 2
+    assert m.within_s == 6.0
+    m.own(None, 8.0)
+    assert not m.own(at(5000), 9.0)              # a jump right after the loss is still one
+    assert m.peer(at(2), 10.0) is None
+
+
 def test_duration_bridges_gaps_shorter_than_contact_gap_s() -> None:
     m = meter(gap=10.0)
     m.own(at(0), 0.0)

@@ -332,6 +332,28 @@ def test_token_only_after_min_contact_within_the_radius() -> None:
     assert held.measures.duration_s >= 5.0  # type: ignore[union-attr]
 
 
+def test_a_device_that_lost_its_fix_measures_nothing_until_it_has_one_again() -> None:
+    """The responder's fix is lost (the adapter feeds None): it makes no sample from the
+    initiator's positions, so its time within the radius stops growing; a fix back resumes."""
+    pair = ConnectionPair(initiator=with_(min_contact_s=60.0),
+                          responder=with_(min_contact_s=60.0))
+    fixes: dict[str, Fix | None] = {"initiator": at(0), "responder": at(3)}
+    pair.fix("initiator", fixes["initiator"])
+    pair.fix("responder", fixes["responder"])
+    pair.start()
+    pair.advance(4.0, fixes=fixes)
+
+    def responder_samples() -> list[PeerSample]:
+        return [e for e in pair.events["responder"] if isinstance(e, PeerSample)]
+
+    before = len(responder_samples())
+    assert before and responder_samples()[-1].sample.within_s == pytest.approx(4.0, abs=1.0)
+    pair.advance(6.0, fixes={"initiator": at(0), "responder": None})
+    assert len(responder_samples()) == before, "a sample against the last known position"
+    pair.advance(2.0, fixes=fixes)
+    assert len(responder_samples()) > before
+
+
 def test_a_pair_that_parts_before_min_contact_leaves_nothing_on_either_device() -> None:
     pair = ConnectionPair(initiator=with_(min_contact_s=30.0),
                           responder=with_(min_contact_s=30.0))

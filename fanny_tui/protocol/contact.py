@@ -249,6 +249,7 @@ class ContactMeter:
         self.contact_gap_s = contact_gap_s
         self._own = JumpFilter(max_speed_mps)
         self._peer = JumpFilter(max_speed_mps)
+        self._mine: Fix | None = None     # this device's current fix (None: none now)
         self._distances: list[float] = []
         self._spans_s = 0.0           # closed spans
         self._span_start: float | None = None
@@ -268,10 +269,24 @@ class ContactMeter:
         return self._spans_s + (self.last_in - self._span_start)
 
     def own(self, fix: Fix | None, now: float) -> bool:
-        """This device's latest fix (None: no fix). Returns False for a rejected jump."""
+        """This device's latest fix (None: no fix now, e.g. the receiver lost it).
+
+        While this device has no fix, the peer's positions make no sample: the distance to a
+        last known position is not a measure of where the device is now (a device that left
+        with its fix lost would otherwise go on counting time within the radius). The jump
+        rule keeps its anchor across the loss.
+
+        Returns:
+            True when ``fix`` is this device's position from now on; False for None or a
+            rejected jump (the fix before it stays current).
+        """
         if fix is None:
+            self._mine = None
             return False
-        return self._own.accept(fix, now)
+        if not self._own.accept(fix, now):
+            return False
+        self._mine = fix
+        return True
 
     def peer(self, fix: Fix, now: float) -> Sample | None:
         """The peer's position, received at ``now``.
@@ -281,7 +296,7 @@ class ContactMeter:
         """
         if not self._peer.accept(fix, now):
             return None
-        mine = self._own.last
+        mine = self._mine
         if mine is None:
             return None
         distance = haversine_m(mine.latitude, mine.longitude, fix.latitude, fix.longitude)
@@ -304,6 +319,7 @@ class ContactMeter:
         """Drop both devices' last fixes (the contact ended); the measures stay."""
         self._own.forget()
         self._peer.forget()
+        self._mine = None
 
     def measures(self) -> ContactMeasures:
         """The contact's measures so far."""

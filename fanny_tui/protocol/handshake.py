@@ -295,6 +295,8 @@ class WitnessHandshake:
             return
         if fix is None:
             self._fix = None
+            if self.meter is not None:
+                self.meter.own(None, now)       # no sample until this device has a fix again
             return
         if self.meter is not None and not self.meter.own(fix, now):
             return
