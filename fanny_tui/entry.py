@@ -16,6 +16,7 @@ import importlib.util
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 TUI_MODULES = ("platformdirs", "aiortc", "textual", "rich", "pynmea2", "gpxpy", "dns")
 """The top-level modules of the ``tui`` extra's distributions (pyproject.toml), in that order;
@@ -67,33 +68,39 @@ def without_tui(command: str) -> str | None:
             f"{', '.join(missing)}); install them with: {INSTALL_TUI}")
 
 
-def tui() -> int:
-    """``fanny-tui``: :func:`fanny_tui.cli.main` once the ``tui`` extra is there; a Ctrl-C
-    while it starts (its imports, the arguments) exits 130 without a traceback."""
+def _run_with_tui(command: str, load_main: Callable[[], Callable[[], int]]) -> int:
+    """Run ``command``'s main (imported by ``load_main``) once the ``tui`` extra is there; a
+    Ctrl-C while it starts (its imports, the arguments) exits 130 without a traceback."""
     take_back_sigint()
     try:
-        message = without_tui("fanny-tui")
+        message = without_tui(command)
         if message is not None:
             print(message, file=sys.stderr)
             return EXIT_USAGE
-        from .cli import main
-
-        return main()
+        return load_main()()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _tui_main() -> Callable[[], int]:
+    from .cli import main
+
+    return main
+
+
+def _sim_main() -> Callable[[], int]:
+    from .sim.cli import main
+
+    return main
+
+
+def tui() -> int:
+    """``fanny-tui``: :func:`fanny_tui.cli.main` once the ``tui`` extra is there; a Ctrl-C
+    while it starts (its imports, the arguments) exits 130 without a traceback."""
+    return _run_with_tui("fanny-tui", _tui_main)
 
 
 def sim() -> int:
     """``fanny-sim``: :func:`fanny_tui.sim.cli.main` once the ``tui`` extra is there; a Ctrl-C
     while it starts exits 130 without a traceback."""
-    take_back_sigint()
-    try:
-        message = without_tui("fanny-sim")
-        if message is not None:
-            print(message, file=sys.stderr)
-            return EXIT_USAGE
-        from .sim.cli import main
-
-        return main()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return _run_with_tui("fanny-sim", _sim_main)
