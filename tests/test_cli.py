@@ -814,43 +814,29 @@ def test_the_app_stops_cleanly_when_its_terminal_closes_or_on_sigterm(tmp_path, 
     nobody reads the screen (the demo's trial hang, fanny_tui.ui.driver), or SIGTERM (before:
     killed at once by the default action, the engine never stopped). It exits 128 + N within
     seconds, the data directory's lock released, the stored token still there."""
-    import pty
-
     from fanny_tui.datadir import DataDirLock
 
-    from .test_demo import DOWN, _exit_status_within, _hang_up_after_keys, _read_screen
+    from .terminal import DOWN, NEVER, hang_up_after_keys, in_terminal, read_screen, wait_exit
 
     data_dir = tmp_path / "d"
     _stock(data_dir, "a" * 64)
     config = _write_config(tmp_path / "c.toml", free_port(), LAT)   # no broker: it retries
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
-    pid, fd = pty.fork()
-    if pid == 0:                                           # the child: the app, in the pty
-        os.execve(str(BIN / "fanny-tui"), [str(BIN / "fanny-tui"), "--config", str(config),
-                                           "--data-dir", str(data_dir)], env)
-    status: int | None = None
-    closed = False
-    try:
-        screen = _read_screen(fd, b"FANNY field kit", 30 * TIME_UNIT)
+    argv = [str(BIN / "fanny-tui"), "--config", str(config), "--data-dir", str(data_dir)]
+    with in_terminal(argv, os.environ) as app:
+        screen = read_screen(app.fd, b"FANNY field kit", 30 * TIME_UNIT)
         assert b"FANNY field kit" in screen, screen[-2000:]
-        _read_screen(fd, b"\0never\0", 1.0 * TIME_UNIT)    # the engine runs, retries
+        read_screen(app.fd, NEVER, 1.0 * TIME_UNIT)         # the engine runs, retries
         if how == "hangup":
-            started = _hang_up_after_keys(fd, b"?", DOWN * 10, 1.5 * TIME_UNIT)
-            closed = True
+            started = hang_up_after_keys(app.fd, b"?", DOWN * 10, 1.5 * TIME_UNIT)
+            app.closed = True
             signum = signal.SIGHUP
         else:
             started = time.monotonic()
-            os.kill(pid, signal.SIGTERM)
+            os.kill(app.pid, signal.SIGTERM)
             signum = signal.SIGTERM
-        status = _exit_status_within(pid, 30 * TIME_UNIT)
+        app.status = status = wait_exit(app.pid, 30 * TIME_UNIT)
         elapsed = time.monotonic() - started
         assert status is not None, "the app still runs"
-    finally:
-        if status is None:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        if not closed:
-            os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 128 + signum
     assert elapsed < 3 * TIME_UNIT, f"stopping took {elapsed:.1f} s"
     with DataDirLock(data_dir):                            # released

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import shlex
 import signal
 import subprocess
@@ -25,6 +23,7 @@ import pytest
 from fanny_tui.demo import CONNECTIONS_PER_ADDRESS, MAX_DEVICES, run_demo
 
 from .helpers import LAT, TIME_UNIT
+from .terminal import DOWN, NEVER, hang_up_after_keys, in_terminal, read_screen, wait_exit
 from .test_cli import _stock, _tokens_json, _write_config
 
 BIN = Path(sys.executable).parent
@@ -169,34 +168,6 @@ def test_the_demo_piped_into_head_stops_and_leaves_nothing(tmp_path):
     assert _left_behind(tmp_path) == []
 
 
-def _read_screen(fd: int, until: bytes, timeout: float) -> bytes:
-    """Read the terminal's output until ``until`` appears (or EOF / the timeout)."""
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while until not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if ready:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:           # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-    return seen
-
-
-def _wait_exit(pid: int, fd: int, timeout: float) -> int | None:
-    """Drain the terminal until the child exits; its wait status, or None on the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        _read_screen(fd, b"\0never\0", 0.05)
-    return None
-
-
 _A_TOKEN_SHOWN = re.compile(rb"Tokens \([1-9]")
 """The tokens panel's title once the app shows a stored token."""
 
@@ -206,34 +177,23 @@ def test_the_demo_app_quits_at_once(tmp_path, key, after_token):
     """In a real terminal (a pty, 80x24): ``q`` (or SIGINT, what Ctrl-C sends before the app
     takes the terminal) a few seconds in, while the scenario still waits, or once a token was
     shared (the ~15 s quit of issue 7, point 7): out in < 3 s."""
-    env = {**_env(tmp_path), "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
-    pid, fd = pty.fork()
-    if pid == 0:                                           # the child: the demo, in the pty
-        os.chdir(tmp_path)
-        os.execve(str(BIN / "fanny-tui"), [str(BIN / "fanny-tui"), "demo"], env)
-    status: int | None = None
-    try:
-        screen = _read_screen(fd, b"FANNY field kit: demo", 30 * TIME_UNIT)
+    with in_terminal([str(BIN / "fanny-tui"), "demo"], _env(tmp_path), tmp_path) as app:
+        screen = read_screen(app.fd, b"FANNY field kit: demo", 30 * TIME_UNIT)
         assert b"FANNY field kit: demo" in screen, screen[-2000:]
-        screen += _read_screen(fd, b"\0never\0", 1.0 * TIME_UNIT)  # matches, handshakes start
+        screen += read_screen(app.fd, NEVER, 1.0 * TIME_UNIT)  # matches, handshakes start
         if after_token:
             deadline = time.monotonic() + 60 * TIME_UNIT
             while not _A_TOKEN_SHOWN.search(screen) and time.monotonic() < deadline:
-                screen = screen[-4096:] + _read_screen(fd, b"\0never\0", 0.2)
+                screen = screen[-4096:] + read_screen(app.fd, NEVER, 0.2)
             assert _A_TOKEN_SHOWN.search(screen), "no token shown in the app"
         started = time.monotonic()
         if key is None:
-            os.kill(pid, signal.SIGINT)
+            os.kill(app.pid, signal.SIGINT)
         else:
-            os.write(fd, key)
-        status = _wait_exit(pid, fd, 30 * TIME_UNIT)
+            os.write(app.fd, key)
+        app.status = status = wait_exit(app.pid, 30 * TIME_UNIT, app.fd)
         elapsed = time.monotonic() - started
         assert status is not None, "the demo app did not quit"
-    finally:
-        if status is None:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(fd)
     print(f"demo app quit in {elapsed:.2f} s")
     assert elapsed < QUICK_S * TIME_UNIT, f"quitting took {elapsed:.1f} s"
     expected = 0 if key else 128 + signal.SIGINT
@@ -266,37 +226,6 @@ def test_no_two_walkers_start_at_one_spot(devices):
     assert radius >= WALK_START_OFFSET_M + 2 * WALK_RADIUS_M
 
 
-DOWN = b"\x1b[B"
-
-
-def _hang_up_after_keys(fd: int, first: bytes, repeat: bytes, for_s: float) -> float:
-    """Type ``first``, then ``repeat`` again and again for ``for_s`` seconds, never reading
-    what the app draws (a terminal that stopped reading, as tmux being killed: the app's
-    writes back up), then close the terminal (the pty master: the kernel hangs the tty up,
-    SIGHUP and SIGCONT to the session leader). Returns the monotonic time of the hangup."""
-    os.write(fd, first)
-    deadline = time.monotonic() + for_s
-    while time.monotonic() < deadline:
-        _, writable, _ = select.select([], [fd], [], 0.05)
-        if writable:
-            os.write(fd, repeat)
-        time.sleep(0.02)
-    started = time.monotonic()
-    os.close(fd)
-    return started
-
-
-def _exit_status_within(pid: int, timeout: float) -> int | None:
-    """The child's wait status once it exits, or None if it still runs after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.05)
-    return None
-
-
 @pytest.mark.parametrize("first", [b"?", DOWN])
 def test_the_demo_app_ends_when_its_terminal_closes(tmp_path, first):
     """Trial (4 runs in 5): ``tmux new -d -x 80 -y 24 "./kit demo"``, 60x Down (after ``?`` or
@@ -304,28 +233,15 @@ def test_the_demo_app_ends_when_its_terminal_closes(tmp_path, first):
     kept its temp dir (Textual's writer thread died at the first EIO, its full queue blocked
     the shutdown). The same in a pty, whose output nobody reads while Down keys come (``?``:
     the help screen scrolls): the demo exits 129 (SIGHUP) within seconds, nothing left."""
-    env = {**_env(tmp_path), "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
-    pid, fd = pty.fork()
-    if pid == 0:                                           # the child: the demo, in the pty
-        os.chdir(tmp_path)
-        os.execve(str(BIN / "fanny-tui"), [str(BIN / "fanny-tui"), "demo"], env)
-    status: int | None = None
-    closed = False
-    try:
-        screen = _read_screen(fd, b"FANNY field kit: demo", 30 * TIME_UNIT)
+    with in_terminal([str(BIN / "fanny-tui"), "demo"], _env(tmp_path), tmp_path) as app:
+        screen = read_screen(app.fd, b"FANNY field kit: demo", 30 * TIME_UNIT)
         assert b"FANNY field kit: demo" in screen, screen[-2000:]
-        _read_screen(fd, b"\0never\0", 2.0 * TIME_UNIT)   # matches, handshakes, tokens start
-        started = _hang_up_after_keys(fd, first, DOWN * 10, 1.5 * TIME_UNIT)
-        closed = True
-        status = _exit_status_within(pid, 30 * TIME_UNIT)
+        read_screen(app.fd, NEVER, 2.0 * TIME_UNIT)        # matches, handshakes, tokens start
+        started = hang_up_after_keys(app.fd, first, DOWN * 10, 1.5 * TIME_UNIT)
+        app.closed = True
+        app.status = status = wait_exit(app.pid, 30 * TIME_UNIT)
         elapsed = time.monotonic() - started
         assert status is not None, "the demo still runs after its terminal closed"
-    finally:
-        if status is None:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        if not closed:
-            os.close(fd)
     print(f"demo ended {elapsed:.2f} s after the hangup")
     assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP
     assert elapsed < QUICK_S * TIME_UNIT, f"ending took {elapsed:.1f} s"
